@@ -1,0 +1,1 @@
+"""Pure tensor kernels: functions from tensors to tensors, testable without Triton."""

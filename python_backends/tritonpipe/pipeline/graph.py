@@ -1,0 +1,307 @@
+"""Configurations -> a validated graph of nodes, each holding a resolved stage tree.
+
+Two forms are accepted:
+
+- a single node, torchpipe's dict::
+
+      {"backend": "S[DecodeMat,ResizeMat]", "instance_num": 2, "max": 4, "resize_h": 224, "resize_w": 224}
+
+- a graph: a dict of dicts (or TOML tables) whose nodes name their successor with ``next``;
+  top-level keys that are not tables apply to every node.
+
+Resolution looks every stage name up in the registry, hands each node key to the stages
+that declare it (``Stage::key`` scopes a key to one stage), coerces and range-checks every
+value, and checks the ``next`` links.  Nothing here touches the disk except reading files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..stages import load_plugin
+from ..stages.base import Param, Stage, check_params, did_you_mean, lookup, registered_names
+from .grammar import PipelineSyntaxError, StageNode, parse_backend
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: node keys that configure Triton rather than a stage
+TRITON_KEYS = {
+    "instance_num": Param(int, 1, low=1, high=1024, doc="instances of the model (instance_group.count)"),
+    "batching_timeout": Param(float, 0.0, low=0.0, high=60_000.0, doc="ms a batch waits to fill"),
+    "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size)"),
+    "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
+}
+#: graph-wide keys that are not node settings
+GRAPH_KEYS = ("name", "plugins")
+_STRUCTURE_KEYS = ("backend", "next")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+
+
+@dataclass
+class NodeSettings:
+    instance_num: int = 1
+    batching_timeout: float = 0.0
+    max: int = 1
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass
+class Node:
+    name: str
+    tree: StageNode  # names canonical, params coerced and complete
+    settings: NodeSettings
+    next: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: dict[str, Node]  # in topological order, entry first
+    plugins: list[Path] = field(default_factory=list)
+
+    @property
+    def entry(self) -> Node:
+        return next(iter(self.nodes.values()))
+
+    def successors(self, node: Node) -> list[Node]:
+        return [self.nodes[n] for n in node.next]
+
+
+def check_name(what: str, name: str) -> str:
+    """Model and node names become folder names: keep them plain."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what} {name!r} is not allowed: use letters, digits, '_' and '-' only "
+            "(no paths, '..', '/', or NUL), at most 128 characters"
+        )
+    return name
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON configuration; duplicate keys in JSON are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+
+        def no_duplicates(pairs):
+            seen: dict[str, Any] = {}
+            for key, value in pairs:
+                if key in seen:
+                    raise ConfigError(f"{path}: key {key!r} appears twice (duplicate node names are not allowed)")
+                seen[key] = value
+            return seen
+
+        try:
+            return json.loads(text, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_graph(
+    config: dict[str, Any] | str | Path,
+    *,
+    name: str | None = None,
+    plugins: list[str | Path] = (),
+    base_dir: str | Path | None = None,
+) -> Graph:
+    """Turn a configuration (dict, or a TOML/JSON path) into a validated :class:`Graph`.
+
+    Relative file parameters (``model=``) are resolved against ``base_dir``, which defaults
+    to the configuration file's folder, or the working directory for a dict.
+    """
+    if isinstance(config, (str, Path)):
+        base_dir = base_dir or Path(config).resolve().parent
+        config = read_config_file(config)
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
+    config = copy.deepcopy(config)
+    base = Path(base_dir or Path.cwd()).resolve()
+
+    plugin_list = [*_as_list(config.pop("plugins", [])), *plugins]
+    plugin_paths = [(base / p).resolve() if not Path(p).is_absolute() else Path(p) for p in plugin_list]
+    for plugin in plugin_paths:
+        load_plugin(plugin)
+
+    graph_name = check_name("pipeline name", name or config.pop("name", "pipeline"))
+    if "backend" in config:
+        raw_nodes = {graph_name: config}
+        shared: dict[str, Any] = {}
+    else:
+        raw_nodes = {k: v for k, v in config.items() if isinstance(v, dict)}
+        shared = {k: v for k, v in config.items() if not isinstance(v, dict)}
+        if not raw_nodes:
+            raise ConfigError("the configuration has no 'backend' key and no node tables; give at least one node")
+
+    nodes: dict[str, Node] = {}
+    for node_name, raw in raw_nodes.items():
+        check_name("node name", node_name)
+        merged = {**shared, **raw}
+        if "backend" not in merged:
+            raise ConfigError(f"node {node_name!r} has no 'backend' key")
+        nodes[node_name] = _resolve_node(node_name, merged, base)
+    ordered = _order(nodes)
+    return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value or [])
+
+
+def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
+    where = f"node {node_name!r}"
+    backend = raw["backend"]
+    tree = parse_backend(backend)
+    _attach_scoped_backends(tree, raw, where)
+    for stage_node in tree.walk():
+        _canonicalise(stage_node, backend)
+    _check_wrappers(tree, where)
+
+    stages = list(tree.walk())
+    stage_names = {s.name.lower(): s.name for s in stages}
+    given: dict[int, dict[str, Any]] = {id(s): dict(s.params) for s in stages}
+    settings_raw: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _STRUCTURE_KEYS or key.lower().endswith("::backend"):
+            continue
+        scope, _, scoped_key = key.partition("::")
+        if scoped_key and scope.lower() in stage_names:
+            targets = [s for s in stages if s.name.lower() == scope.lower()]
+            key = scoped_key
+        else:
+            targets = [s for s in stages if key in lookup(s.name).params]
+        taken = False
+        for stage_node in targets:
+            if key in lookup(stage_node.name).params:
+                given[id(stage_node)].setdefault(key, value)
+                taken = True
+        if key in TRITON_KEYS:
+            settings_raw[key] = value
+            taken = True
+        if not taken:
+            known = sorted({p for s in stages for p in lookup(s.name).params} | set(TRITON_KEYS))
+            raise ConfigError(f"{where}: no stage of {backend!r} takes parameter {key!r}{did_you_mean(key, known)}")
+
+    for stage_node in stages:
+        cls = lookup(stage_node.name)
+        try:
+            params = check_params(cls, given[id(stage_node)])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        for key, param in cls.params.items():
+            if param.file and params[key]:
+                path = Path(params[key])
+                params[key] = str(path if path.is_absolute() else (base / path).resolve())
+        stage_node.params = params
+
+    settings = NodeSettings()
+    for key, value in settings_raw.items():
+        try:
+            coerced = TRITON_KEYS[key].coerce(key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if key == "device_id":
+            settings.gpus = _parse_gpus(where, coerced)
+        else:
+            setattr(settings, key, coerced)
+    return Node(node_name, tree, settings, next=_as_list(raw.get("next", [])))
+
+
+def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
+    try:
+        gpus = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{where}: device_id must be GPU indices like 0 or 0,1, got {text!r}") from None
+    if any(g < 0 for g in gpus):
+        raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
+    return gpus
+
+
+def _attach_scoped_backends(tree: StageNode, raw: dict[str, Any], where: str) -> None:
+    """torchpipe's ``SyncTensor::backend = "X"`` is the same as writing ``SyncTensor[X]``."""
+    scoped = {k[: -len("::backend")].lower(): v for k, v in raw.items() if k.lower().endswith("::backend")}
+    used = set()
+    for stage_node in list(tree.walk()):
+        key = stage_node.name.lower()
+        if key in scoped and not stage_node.children:
+            stage_node.children.append(parse_backend(scoped[key]))
+            used.add(key)
+    unused = set(scoped) - used
+    if unused:
+        raise ConfigError(f"{where}: {', '.join(sorted(k + '::backend' for k in unused))} names no stage of the backend")
+
+
+def _canonicalise(stage_node: StageNode, text: str) -> None:
+    try:
+        cls = lookup(stage_node.name)
+    except KeyError:
+        reason = f"unknown stage {stage_node.name!r}{did_you_mean(stage_node.name, registered_names())}"
+        raise PipelineSyntaxError(reason, text, stage_node.position) from None
+    for key, position in stage_node.param_positions.items():
+        if key not in cls.params:
+            reason = f"stage {cls.name} takes no parameter {key!r}{did_you_mean(key, list(cls.params))}"
+            raise PipelineSyntaxError(reason, text, position)
+    stage_node.name = cls.name
+
+
+def _check_wrappers(tree: StageNode, where: str) -> None:
+    for stage_node in tree.walk():
+        cls: type[Stage] = lookup(stage_node.name)
+        if cls.role in ("wrapper", "sequence") and not stage_node.children:
+            raise ConfigError(
+                f"{where}: {cls.name} wraps other stages; write {cls.name}[A,B] "
+                f"or set {cls.name}::backend"
+            )
+        if cls.role not in ("wrapper", "sequence") and stage_node.children:
+            raise ConfigError(f"{where}: {cls.name} is not a wrapper and cannot take [...]")
+
+
+def _order(nodes: dict[str, Node]) -> dict[str, Node]:
+    """Topological order from the single entry node; rejects unknown targets and cycles."""
+    for node in nodes.values():
+        for target in node.next:
+            if target not in nodes:
+                raise ConfigError(
+                    f"node {node.name!r}: next = {target!r} names no node{did_you_mean(target, list(nodes))}"
+                )
+            if target == node.name:
+                raise ConfigError(f"node {node.name!r} names itself in next: cycles are not allowed")
+    incoming = {name: 0 for name in nodes}
+    for node in nodes.values():
+        for target in node.next:
+            incoming[target] += 1
+    entries = [n for n, count in incoming.items() if count == 0]
+    if not entries:
+        raise ConfigError(f"the graph has a cycle through 'next' (nodes: {', '.join(nodes)}); it needs one entry node")
+    if len(entries) > 1:
+        raise ConfigError(f"the graph has several entry nodes ({', '.join(entries)}); link them with 'next' into one")
+    ordered: dict[str, Node] = {}
+    ready = list(entries)
+    while ready:
+        current = ready.pop(0)
+        ordered[current] = nodes[current]
+        for target in nodes[current].next:
+            incoming[target] -= 1
+            if incoming[target] == 0:
+                ready.append(target)
+    if len(ordered) != len(nodes):
+        cyclic = sorted(set(nodes) - set(ordered))
+        raise ConfigError(f"the graph has a cycle through 'next' among: {', '.join(cyclic)}")
+    return ordered

@@ -1,0 +1,159 @@
+"""Model plans -> ``ModelConfig`` protobuf objects, and the checks Triton would make on load.
+
+Configs are built with Triton's own schema (``tritonclient.grpc.model_config_pb2``) so that
+every field name and enum is checked by protobuf itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ..errors import ConfigError
+from ..pipeline.grammar import render
+from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
+from .plan import ModelPlan, Port, RepositoryPlan
+
+DEVICES = ("auto", "gpu", "cpu")
+PARAM_PIPELINE = "tritonpipe.pipeline"
+PARAM_INPUTS = "tritonpipe.inputs"
+PARAM_OUTPUTS = "tritonpipe.outputs"
+PARAM_PLUGINS = "tritonpipe.plugins"
+
+
+def data_type(spec: TensorSpec) -> int:
+    return mc.DataType.Value(f"TYPE_{spec.dtype}")
+
+
+def _tensor(message, port: Port) -> None:
+    message.name = port.name
+    message.data_type = data_type(port.spec)
+    message.dims.extend(port.spec.triton_dims)
+
+
+def _set_param(config: mc.ModelConfig, key: str, value: str) -> None:
+    config.parameters[key].string_value = value
+
+
+def python_model_config(model: ModelPlan, device: str, plugins: list[str]) -> mc.ModelConfig:
+    """The config of one generic Python-backend model running ``model.tree``."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    config = mc.ModelConfig(name=model.name, backend="python", max_batch_size=model.settings.max)
+    for port in model.inputs:
+        _tensor(config.input.add(), port)
+        if port.spec == ENCODED_IMAGE:
+            # encoded files differ in length; each request then arrives as its own [1, nbytes] tensor
+            config.input[-1].allow_ragged_batch = True
+    for port in model.outputs:
+        _tensor(config.output.add(), port)
+
+    group = config.instance_group.add(count=model.settings.instance_num)
+    if model.wants_gpu and device != "cpu":
+        group.kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_AUTO
+        group.gpus.extend(model.settings.gpus)
+        # GPU tensors from the previous step arrive on the GPU instead of being copied to the host
+        _set_param(config, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    if model.settings.max > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = int(round(model.settings.batching_timeout * 1000))
+
+    _set_param(config, PARAM_PIPELINE, render(model.tree))
+    _set_param(config, PARAM_INPUTS, json.dumps({p.name: p.key for p in model.inputs}))
+    _set_param(config, PARAM_OUTPUTS, json.dumps({p.name: p.key for p in model.outputs}))
+    if plugins:
+        _set_param(config, PARAM_PLUGINS, json.dumps(plugins))
+    return config
+
+
+def ensemble_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> mc.ModelConfig:
+    config = mc.ModelConfig(
+        name=plan.name,
+        platform="ensemble",
+        max_batch_size=min(configs[step.model].max_batch_size for step in plan.steps),
+    )
+    for port in plan.ensemble_inputs:
+        _tensor(config.input.add(), port)
+    for port in plan.ensemble_outputs:
+        _tensor(config.output.add(), port)
+    public = {port.key: port.name for port in plan.ensemble_outputs}
+    for step in plan.steps:
+        message = config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+        for model_input, tensor in step.input_map.items():
+            message.input_map[model_input] = tensor
+        for model_output, tensor in step.output_map.items():
+            message.output_map[model_output] = public.get(tensor, tensor)
+    return config
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def from_text(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _io_table(config: mc.ModelConfig, field: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {t.name: (t.data_type, tuple(t.dims)) for t in getattr(config, field)}
+
+
+def _dims_match(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x < 0 or y < 0 or x == y for x, y in zip(a, b))
+
+
+def validate_repository(configs: dict[str, mc.ModelConfig]) -> None:
+    """Reject what would make Triton refuse the repository; ``ConfigError`` says what and where."""
+    for name, config in configs.items():
+        if config.name != name:
+            raise ConfigError(f"model folder {name!r} holds a config named {config.name!r}")
+        if config.max_batch_size < 0:
+            raise ConfigError(f"model {name!r}: max_batch_size must be >= 0, got {config.max_batch_size}")
+        for tensor in list(config.input) + list(config.output):
+            if not tensor.dims:
+                raise ConfigError(f"model {name!r}: tensor {tensor.name!r} has no dims")
+            if any(d == 0 or d < -1 for d in tensor.dims):
+                raise ConfigError(f"model {name!r}: tensor {tensor.name!r} has invalid dims {list(tensor.dims)}")
+        if config.platform == "ensemble":
+            _validate_ensemble(config, configs)
+
+
+def _validate_ensemble(config: mc.ModelConfig, configs: dict[str, mc.ModelConfig]) -> None:
+    where = f"ensemble {config.name!r}"
+    available = _io_table(config, "input")
+    for index, step in enumerate(config.ensemble_scheduling.step):
+        composing = configs.get(step.model_name)
+        if composing is None:
+            raise ConfigError(f"{where}: step {index} names model {step.model_name!r}, which is not in the repository")
+        if composing.max_batch_size < config.max_batch_size:
+            raise ConfigError(
+                f"{where}: max_batch_size {config.max_batch_size} exceeds {step.model_name!r}'s "
+                f"{composing.max_batch_size}; lower the ensemble's or raise the model's 'max'"
+            )
+        inputs, outputs = _io_table(composing, "input"), _io_table(composing, "output")
+        for model_input, tensor in step.input_map.items():
+            if model_input not in inputs:
+                raise ConfigError(f"{where}: {step.model_name!r} has no input {model_input!r}")
+            if tensor not in available:
+                raise ConfigError(f"{where}: tensor {tensor!r} is used by {step.model_name!r} before anything produces it")
+            if available[tensor][0] != inputs[model_input][0] or not _dims_match(available[tensor][1], inputs[model_input][1]):
+                have = f"{mc.DataType.Name(available[tensor][0])}{list(available[tensor][1])}"
+                need = f"{mc.DataType.Name(inputs[model_input][0])}{list(inputs[model_input][1])}"
+                raise ConfigError(f"{where}: {step.model_name!r} input {model_input!r} needs {need} but gets {have}")
+        missing = set(inputs) - set(step.input_map)
+        if missing:
+            raise ConfigError(f"{where}: {step.model_name!r} inputs {sorted(missing)} are not fed")
+        for model_output, tensor in step.output_map.items():
+            if model_output not in outputs:
+                raise ConfigError(f"{where}: {step.model_name!r} has no output {model_output!r}")
+            if tensor in available:
+                raise ConfigError(f"{where}: tensor {tensor!r} is produced twice")
+            available[tensor] = outputs[model_output]
+    for tensor in config.output:
+        if tensor.name not in available:
+            raise ConfigError(f"{where}: output {tensor.name!r} is never produced")
+        if available[tensor.name][0] != tensor.data_type or not _dims_match(available[tensor.name][1], tuple(tensor.dims)):
+            raise ConfigError(f"{where}: output {tensor.name!r} type or shape differs from its producer")

@@ -1,0 +1,95 @@
+"""The one generic Triton Python model: reads its stage chain from its config and runs it.
+
+Every generated Python model's ``model.py`` imports :class:`TritonPythonModel` from here.
+Tensors move in and out through DLPack only, so nothing is copied on the way and numpy's
+version does not matter.  Each request gets its own response or its own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from ..errors import StageError
+from ..pipeline.grammar import parse_backend
+from ..repository.configs import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
+from ..stages import build_stage, load_plugin
+from ..stages.control import run_chain
+
+log = logging.getLogger("tritonpipe")
+
+
+def _error(exc: BaseException) -> "pb_utils.TritonError":
+    bad_input = isinstance(exc, (StageError, ValueError, TypeError))
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad_input else "INTERNAL", None)
+    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        for plugin in json.loads(params.get(PARAM_PLUGINS, "[]")):
+            load_plugin(version_dir / plugin)
+
+        self.device = torch.device("cpu")
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+            torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.inputs: dict[str, str] = json.loads(params[PARAM_INPUTS])
+        self.outputs: dict[str, str] = json.loads(params[PARAM_OUTPUTS])
+        self.output_ranks = {o["name"]: len(o["dims"]) + 1 for o in config["output"]}
+        with self._on_stream():
+            self.root = build_stage(parse_backend(params[PARAM_PIPELINE]), self.device, version_dir)
+        log.info("%s: %s on %s", args["model_name"], params[PARAM_PIPELINE], self.device)
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _read(self, request) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        try:
+            for name, key in self.inputs.items():
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    raise StageError(f"input {name!r} is missing")
+                item[key] = torch.from_dlpack(tensor.to_dlpack())
+        except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
+            item["error"] = exc if isinstance(exc, StageError) else StageError(f"cannot read the request: {exc}")
+        return item
+
+    def _respond(self, item: dict[str, Any]):
+        if "error" in item:
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(item["error"]))
+        tensors = []
+        try:
+            for name, key in self.outputs.items():
+                value = item[key]
+                if value.dim() == self.output_ranks[name] - 1:
+                    value = value.unsqueeze(0)
+                tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))
+        except Exception as exc:  # noqa: BLE001
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(exc))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests):
+        items = [self._read(request) for request in requests]
+        with self._on_stream():
+            run_chain([self.root], items)
+        if self.stream is not None:
+            # one synchronisation per batch, after the whole chain
+            self.stream.synchronize()
+        return [self._respond(item) for item in items]
+
+    def finalize(self) -> None:
+        self.root = None

@@ -1,0 +1,72 @@
+"""Stages: the units a pipeline string is made of.
+
+Built-in stages live in the modules of this package; users add their own with
+``tritonpipe.register`` in a plugin file (``--plugin path.py``) or through the
+``tritonpipe.stages`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+_BUILTIN_MODULES = ("image", "control", "tensor_io", "model")
+_loaded = False
+_plugin_files: dict[Path, object] = {}
+
+
+def load_builtin_stages() -> None:
+    """Import the built-in stage modules and installed entry-point plugins, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    for entry in entry_points(group="tritonpipe.stages"):
+        entry.load()
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a user's stage file so that its ``@register`` calls take effect."""
+    from .base import ConfigError
+
+    load_builtin_stages()
+    path = Path(path).resolve()
+    if path in _plugin_files:
+        return
+    if not path.is_file():
+        raise ConfigError(f"plugin file {str(path)!r} does not exist")
+    module_name = f"tritonpipe_plugin_{path.stem}_{abs(hash(str(path))) & 0xFFFFFF:x}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"plugin file {str(path)!r} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    _plugin_files[path] = module
+
+
+def build_stage(node, device, base_dir: Path | None = None):
+    """Instantiate a resolved stage tree on ``device``.
+
+    Relative file parameters are resolved against ``base_dir`` (a model's version folder).
+    """
+    import torch
+
+    from .base import check_params, lookup
+
+    cls = lookup(node.name)
+    stage = cls()
+    stage.device = torch.device(device)
+    stage.children = [build_stage(child, device, base_dir) for child in node.children]
+    params = check_params(cls, node.params)
+    if base_dir is not None:
+        for key, param in cls.params.items():
+            if param.file and params[key] and not Path(params[key]).is_absolute():
+                params[key] = str(Path(base_dir) / params[key])
+    stage.init(params)
+    return stage

@@ -1,0 +1,255 @@
+"""The stage contract and the registry of stage names.
+
+A stage is a small class with torchpipe's contract::
+
+    class MyStage(Stage):
+        params = {"factor": Param(float, 2.0, low=0.0)}
+
+        def init(self, params):          # params: validated, defaults filled in
+            self.factor = params["factor"]
+
+        def forward(self, batch):        # batch: list of dicts, one per request
+            for item in batch:
+                item["result"] = item["data"] * self.factor
+
+``forward`` reads ``item["data"]`` and writes ``item["result"]``; it may read and write
+other keys (``"color"``, extra outputs).  Stages are registered under a name with
+:func:`register` and are then usable in pipeline strings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..errors import ConfigError, StageError
+from ..pipeline.spec import SpecError, TensorSpec
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a stage accepts, with its type, default and valid range."""
+
+    kind: type
+    default: Any = _REQUIRED
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+    #: the value names a file that the generator copies into the model repository
+    file: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def coerce(self, name: str, value: Any) -> Any:
+        """Convert ``value`` (possibly a string from a pipeline or CLI) and check its range."""
+        try:
+            if self.kind is bool:
+                if isinstance(value, str):
+                    lowered = value.strip().lower()
+                    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    value = lowered in ("1", "true", "yes", "on")
+                else:
+                    value = bool(value)
+            elif self.kind is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                if isinstance(value, bool):
+                    raise ValueError
+                value = int(str(value).strip()) if isinstance(value, str) else int(value)
+            elif self.kind is float:
+                value = float(value)
+            else:
+                value = str(value).strip()
+        except (TypeError, ValueError):
+            raise ConfigError(f"parameter {name!r} must be {self.kind.__name__}, got {value!r}") from None
+        if self.choices is not None and str(value).lower() not in self.choices:
+            raise ConfigError(f"parameter {name!r} must be one of {', '.join(self.choices)}; got {value!r}")
+        if self.choices is not None:
+            value = str(value).lower()
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise ConfigError(f"parameter {name!r} must be in [{_fmt(self.low)}, {_fmt(self.high)}], got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        parts = [self.kind.__name__]
+        if not self.required:
+            parts.append(f"default {self.default!r}")
+        if self.choices:
+            parts.append("|".join(self.choices))
+        if self.low is not None or self.high is not None:
+            parts.append(f"[{_fmt(self.low)}, {_fmt(self.high)}]")
+        return ", ".join(parts)
+
+
+def _fmt(bound: float | None) -> str:
+    return "-inf" if bound is None else str(bound)
+
+
+class Stage:
+    """Base class of every stage.
+
+    Class attributes describe the stage to the generator:
+
+    - ``params``: the parameters it takes;
+    - ``wants_gpu``: it runs on the GPU when the instance has one (it still runs on the CPU);
+    - ``role``: ``"process"`` (a preprocessing step fused with its neighbours into one model),
+      ``"model"`` (gets a Triton model of its own) or ``"wrapper"`` (wraps child stages,
+      like ``SyncTensor[...]``).
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+    wants_gpu: ClassVar[bool] = False
+    role: ClassVar[str] = "process"
+    #: ``device`` is set by the runner before ``init``; ``children`` only for wrappers.
+    device: torch.device = torch.device("cpu")
+    children: list["Stage"]
+
+    def init(self, params: dict[str, Any]) -> None:
+        """Prepare the stage; ``params`` holds every declared parameter."""
+
+    def forward(self, batch: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def max(self) -> int:
+        return 1
+
+    def min(self) -> int:
+        return 1
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        """What this stage produces from ``spec``; raise :class:`SpecError` if it cannot take it.
+
+        The default keeps the description, which suits stages that only move or copy data.
+        """
+        return spec
+
+    @classmethod
+    def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        """Outputs besides ``result`` that the stage writes into each item, by item key."""
+        return {}
+
+
+class MapStage(Stage):
+    """A stage that handles one request at a time; a failure stays with its request."""
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, batch: list[dict[str, Any]]) -> None:
+        for item in batch:
+            try:
+                item["result"] = self.apply(item["data"], item)
+            except Exception as exc:  # noqa: BLE001 - the error belongs to this request
+                item["error"] = exc
+
+
+# --- registry -------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Stage]] = {}
+_ORIGINS: dict[str, str] = {}
+_CANONICAL: dict[str, str] = {}
+
+
+def _origin(obj: Any) -> str:
+    try:
+        return f"{inspect.getsourcefile(obj)}:{inspect.getsourcelines(obj)[1]}"
+    except (OSError, TypeError):
+        return getattr(obj, "__module__", "?")
+
+
+def register(name: str, *aliases: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: make a stage usable in pipeline strings as ``name`` (and aliases).
+
+    Names match case-insensitively.  Registering a taken name raises ``ConfigError``
+    naming both definitions.
+    """
+
+    def decorate(cls: type[Stage]) -> type[Stage]:
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise TypeError(f"@register({name!r}) needs a subclass of tritonpipe.Stage, got {cls!r}")
+        here = _origin(cls)
+        for key in (name, *aliases):
+            folded = key.lower()
+            if folded in _REGISTRY and _REGISTRY[folded] is not cls:
+                raise ConfigError(
+                    f"stage name {key!r} is registered twice: first at {_ORIGINS[folded]}, again at {here}"
+                )
+        for key in (name, *aliases):
+            _REGISTRY[key.lower()] = cls
+            _ORIGINS[key.lower()] = here
+            _CANONICAL[key.lower()] = name
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def lookup(name: str) -> type[Stage]:
+    """The stage class registered as ``name``; ``KeyError`` with suggestions otherwise."""
+    from . import load_builtin_stages
+
+    load_builtin_stages()
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}{did_you_mean(name, registered_names())}") from None
+
+
+def registered_names() -> list[str]:
+    from . import load_builtin_stages
+
+    load_builtin_stages()
+    return sorted(set(_CANONICAL.values()))
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    folded = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(folded), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(folded[c]) for c in close) + "?"
+
+
+def check_params(cls: type[Stage], given: dict[str, Any]) -> dict[str, Any]:
+    """Coerce ``given`` against ``cls.params``, fill defaults, reject unknown or missing ones."""
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in cls.params:
+            raise ConfigError(
+                f"stage {cls.name} takes no parameter {key!r}{did_you_mean(key, list(cls.params))}"
+            )
+        out[key] = cls.params[key].coerce(key, value)
+    for key, param in cls.params.items():
+        if key not in out:
+            if param.required:
+                raise ConfigError(f"stage {cls.name} needs parameter {key!r} ({param.doc or param.describe()})")
+            out[key] = param.default
+    return out
+
+
+__all__ = [
+    "ConfigError",
+    "MapStage",
+    "Param",
+    "SpecError",
+    "Stage",
+    "StageError",
+    "TensorSpec",
+    "check_params",
+    "did_you_mean",
+    "lookup",
+    "register",
+    "registered_names",
+]

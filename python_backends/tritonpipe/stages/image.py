@@ -1,0 +1,332 @@
+"""Image stages with torchpipe's names: decode, colour, resize, layout conversion.
+
+``*Mat`` stages work on HxWxC uint8 CPU tensors (OpenCV's layout); ``*Tensor`` stages
+work on 1xCxHxW tensors and run on the instance's GPU when it has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import StageError
+from ..kernels import color as color_kernels
+from ..kernels import geometry, jpeg
+from ..kernels.pillow_resize import pillow_resize, pillow_resize_hwc
+from ..pipeline.spec import ENCODED_IMAGE, SpecError, TensorSpec
+from .base import MapStage, Param, Stage, register
+
+_SIDE = dict(low=1, high=geometry.MAX_SIDE)
+_COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of the output")
+
+
+def _tensor(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise StageError(f"{what} needs a tensor, got {type(data).__name__}")
+    if dtype is not None and data.dtype != dtype:
+        raise StageError(f"{what} needs {str(dtype).replace('torch.', '')} input, got {str(data.dtype).replace('torch.', '')}")
+    return data
+
+
+def _bytes(data: Any, what: str) -> torch.Tensor:
+    data = _tensor(data, what, torch.uint8)
+    if data.dim() == 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.dim() != 1:
+        raise StageError(f"{what} needs the encoded file as a 1-D uint8 tensor, got shape {tuple(data.shape)}")
+    return data
+
+
+def _nchw(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    data = _tensor(data, what, dtype)
+    try:
+        geometry.check_nchw(data, what)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    return data
+
+
+def _hwc(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    data = _tensor(data, what, dtype)
+    try:
+        geometry.check_hwc(data, what)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    return data
+
+
+def _expect(name: str, spec: TensorSpec, *, rank: int, batched: bool, dtype: str | None = None) -> None:
+    if len(spec.shape) != rank or spec.batched != batched or (dtype and spec.dtype != dtype):
+        layout = "a 1xCxHxW tensor" if batched else "an HxWxC mat"
+        need = f"{dtype} " if dtype else ""
+        raise SpecError(f"{name} needs {need}{layout}, but receives {spec.describe()}")
+
+
+# --- decode -----------------------------------------------------------------------------
+
+_DECODE_PARAMS = {
+    "apply_exif": Param(bool, False, doc="rotate/flip by the EXIF orientation tag"),
+}
+
+
+@register("DecodeMat")
+class DecodeMat(MapStage):
+    """JPEG bytes -> HxWx3 uint8 BGR mat, decoded by OpenCV on the CPU."""
+
+    params = _DECODE_PARAMS
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.apply_exif = params["apply_exif"]
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        image = jpeg.decode_jpeg_cpu(_bytes(data, self.name).cpu(), apply_exif=self.apply_exif)
+        item["color"] = "bgr"
+        return image
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        if not ENCODED_IMAGE.accepts(spec):
+            raise SpecError(f"{cls.name} needs encoded bytes UINT8[?], but receives {spec.describe()}")
+        return TensorSpec("UINT8", (-1, -1, 3))
+
+
+@register("DecodeTensor")
+class DecodeTensor(Stage):
+    """JPEG bytes -> 1x3xHxW uint8 tensor (or HxWx3 with ``data_format=hwc``).
+
+    On a GPU instance the whole batch is decoded by nvjpeg in one call.
+    """
+
+    wants_gpu = True
+    params = {
+        **_DECODE_PARAMS,
+        "color": _COLOR,
+        "data_format": Param(str, "nchw", choices=("nchw", "hwc"), doc="output layout"),
+    }
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.apply_exif = params["apply_exif"]
+        self.color = params["color"]
+        self.hwc = params["data_format"] == "hwc"
+
+    def forward(self, batch: list[dict[str, Any]]) -> None:
+        datas: list[torch.Tensor | None] = []
+        for item in batch:
+            try:
+                datas.append(_bytes(item["data"], self.name).cpu())
+            except StageError as exc:
+                item["error"] = exc
+                datas.append(None)
+        todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
+        decoded = jpeg.decode_jpeg_tensor([d for _, d in todo], self.device, apply_exif=self.apply_exif)
+        for (item, _), image in zip(todo, decoded):
+            if isinstance(image, Exception):
+                item["error"] = image
+                continue
+            image = color_kernels.convert_color(image, "rgb", self.color, channel_dim=0)
+            item["color"] = self.color
+            item["result"] = image.permute(1, 2, 0).contiguous() if self.hwc else image.unsqueeze(0)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        if not ENCODED_IMAGE.accepts(spec):
+            raise SpecError(f"{cls.name} needs encoded bytes UINT8[?], but receives {spec.describe()}")
+        if params["data_format"] == "hwc":
+            return TensorSpec("UINT8", (-1, -1, 3))
+        return TensorSpec("UINT8", (1, 3, -1, -1), batched=True)
+
+
+# --- colour -----------------------------------------------------------------------------
+
+
+class _CvtColor(MapStage):
+    params = {"color": _COLOR}
+    channel_dim = 1
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.color = params["color"]
+
+    def check(self, data: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        image = self.check(data)
+        source = item.get("color")
+        if source is None:
+            raise StageError(f"{self.name} needs to know the input's colour order; put a Decode stage before it")
+        out = color_kernels.convert_color(image, source, self.color, channel_dim=self.channel_dim)
+        item["color"] = self.color
+        return out
+
+
+@register("cvtColorTensor")
+class CvtColorTensor(_CvtColor):
+    """Reorders the channels of a 1x3xHxW tensor to ``color``."""
+
+    wants_gpu = True
+
+    def check(self, data: Any) -> torch.Tensor:
+        return _nchw(data, self.name)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True)
+        return spec
+
+
+@register("cvtColorMat")
+class CvtColorMat(_CvtColor):
+    """Reorders the channels of an HxWx3 mat to ``color``."""
+
+    channel_dim = 2
+
+    def check(self, data: Any) -> torch.Tensor:
+        return _hwc(data, self.name)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=3, batched=False)
+        return spec
+
+
+# --- resize -----------------------------------------------------------------------------
+
+_RESIZE = {
+    "resize_h": Param(int, **_SIDE, doc="output height"),
+    "resize_w": Param(int, **_SIDE, doc="output width"),
+}
+
+
+class _Resize(MapStage):
+    params = _RESIZE
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.height, self.width = params["resize_h"], params["resize_w"]
+
+
+@register("ResizeTensor")
+class ResizeTensor(_Resize):
+    """Bilinear resize of a 1x3xHxW tensor to float32 1x3x``resize_h``x``resize_w``."""
+
+    wants_gpu = True
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        image = _nchw(data, self.name).to(self.device, non_blocking=True)
+        return geometry.resize_bilinear(image, self.height, self.width)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True)
+        return TensorSpec("FP32", (1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
+
+
+@register("ResizeMat")
+class ResizeMat(_Resize):
+    """Bilinear resize of an HxWxC uint8 mat by OpenCV (INTER_LINEAR)."""
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        return geometry.resize_bilinear_mat(_hwc(data, self.name, torch.uint8).cpu(), self.height, self.width)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=3, batched=False, dtype="UINT8")
+        return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
+
+
+@register("PillowResizeTensor")
+class PillowResizeTensor(_Resize):
+    """Resize of a uint8 1x3xHxW tensor, bit-identical to Pillow's BILINEAR, on the instance's device."""
+
+    wants_gpu = True
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        image = _nchw(data, self.name, torch.uint8).to(self.device, non_blocking=True)
+        return pillow_resize(image[0], self.height, self.width).unsqueeze(0)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True, dtype="UINT8")
+        return TensorSpec("UINT8", (1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
+
+
+@register("PillowResizeMat")
+class PillowResizeMat(_Resize):
+    """Resize of a uint8 HxWx3 mat, bit-identical to Pillow's BILINEAR."""
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        return pillow_resize_hwc(_hwc(data, self.name, torch.uint8), self.height, self.width)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=3, batched=False, dtype="UINT8")
+        return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
+
+
+@register("ResizePadTensor")
+class ResizePadTensor(MapStage):
+    """Aspect-preserving resize into ``max_h``x``max_w``, top-left aligned, padded with ``pad_value``.
+
+    Also writes ``inverse_transform`` = ``[sx, sy, tx, ty]`` so that a point of the output maps
+    back to the input as ``x_in = sx * x_out + tx``, ``y_in = sy * y_out + ty``.
+    """
+
+    wants_gpu = True
+    params = {
+        "max_h": Param(int, **_SIDE, doc="output height"),
+        "max_w": Param(int, **_SIDE, doc="output width"),
+        "pad_value": Param(str, "0", doc="one number, or one per channel: 114,114,114"),
+    }
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.height, self.width = params["max_h"], params["max_w"]
+        self.pad_value = geometry.parse_pad_value(params["pad_value"])
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        image = _nchw(data, self.name).to(self.device, non_blocking=True)
+        out, inverse = geometry.resize_pad(image, self.height, self.width, self.pad_value)
+        item["inverse_transform"] = inverse
+        return out
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True)
+        geometry.parse_pad_value(params["pad_value"], spec.shape[1] if spec.shape[1] > 0 else 3)
+        return TensorSpec("FP32", (1, spec.shape[1], params["max_h"], params["max_w"]), batched=True)
+
+    @classmethod
+    def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        return {"inverse_transform": TensorSpec("FP32", (1, 4), batched=True)}
+
+
+# --- layout -----------------------------------------------------------------------------
+
+
+@register("Mat2Tensor")
+class Mat2Tensor(MapStage):
+    """HxWxC mat -> 1xCxHxW tensor on the instance's device (same dtype)."""
+
+    wants_gpu = True
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        return _hwc(data, self.name).to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=3, batched=False)
+        h, w, c = spec.shape
+        return TensorSpec(spec.dtype, (1, c, h, w), batched=True)
+
+
+@register("Tensor2Mat")
+class Tensor2Mat(MapStage):
+    """1xCxHxW uint8 tensor -> HxWxC uint8 mat on the CPU."""
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        return _nchw(data, self.name, torch.uint8)[0].permute(1, 2, 0).contiguous().cpu()
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True, dtype="UINT8")
+        _, c, h, w = spec.shape
+        return TensorSpec("UINT8", (h, w, c))
