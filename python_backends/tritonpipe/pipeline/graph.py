@@ -264,11 +264,8 @@ def _canonicalise(stage_node: StageNode, text: str) -> None:
 def _check_wrappers(tree: StageNode, where: str) -> None:
     for stage_node in tree.walk():
         cls: type[Stage] = lookup(stage_node.name)
-        if cls.role in ("wrapper", "sequence") and not stage_node.children:
-            raise ConfigError(
-                f"{where}: {cls.name} wraps other stages; write {cls.name}[A,B] "
-                f"or set {cls.name}::backend"
-            )
+        if cls.role == "sequence" and not stage_node.children:
+            raise ConfigError(f"{where}: {cls.name} chains other stages; write {cls.name}[A,B]")
         if cls.role not in ("wrapper", "sequence") and stage_node.children:
             raise ConfigError(f"{where}: {cls.name} is not a wrapper and cannot take [...]")
 

@@ -1,0 +1,93 @@
+"""tritonpipe-generate: write a Triton model repository from a torchpipe-style configuration."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository.configs import DEVICES, to_text
+from tritonpipe.repository.generate import build_repository, generate_repository
+
+from ._cli import run
+
+EPILOG = """examples:
+  tritonpipe-generate --backend "S[DecodeMat,ResizeMat]" --set resize_h=224 --set resize_w=224 -o model_repository
+  tritonpipe-generate examples/resnet18/pipeline.toml -o model_repository --force
+  tritonpipe-generate graph.json --plugin my_stages.py --dry-run
+
+A configuration is torchpipe's node dict ({"backend": ..., "instance_num": 2, "max": 4, ...})
+or a graph of such nodes linked by "next". Everything is checked before anything is written.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tritonpipe-generate",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="TOML or JSON configuration file")
+    parser.add_argument("--backend", help='backend string for a single node, e.g. "S[DecodeMat,ResizeMat]"')
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="set a node key (repeatable); with a file it overrides the file's top-level keys",
+    )
+    parser.add_argument("--name", help="name of the entry model clients call (default: the config's 'name' or 'pipeline')")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="Python file registering custom stages")
+    parser.add_argument("-o", "--output", default="model_repository", help="repository folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="where GPU-capable stages run: auto lets Triton pick the GPU when there is one (default: %(default)s)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
+    parser.add_argument("--dry-run", action="store_true", help="print the configs instead of writing them")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.backend):
+        parser.error("give either a configuration file or --backend")
+    return args
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --set takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        if args.backend:
+            config = {"backend": args.backend, **_settings(args.settings)}
+        else:
+            from tritonpipe.pipeline.graph import read_config_file
+            from pathlib import Path
+
+            config = {**read_config_file(args.config), **_settings(args.settings)}
+            base_dir = Path(args.config).resolve().parent
+        graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=None if args.backend else base_dir)
+        if args.dry_run:
+            _, configs, _ = build_repository(graph, args.device)
+            for name, config_proto in configs.items():
+                print(f"# {name}/config.pbtxt\n{to_text(config_proto)}")
+            return 0
+        repository = generate_repository(graph, args.output, device=args.device, overwrite=args.force)
+        print(f"wrote {repository.path}")
+        for name, config_proto in sorted(repository.configs.items()):
+            kind = config_proto.platform or config_proto.backend
+            print(f"  {name:<32} {kind:<9} max_batch_size={config_proto.max_batch_size}")
+        print(f"entry model: {repository.entry}")
+        print(f"serve it with: tritonpipe-serve {args.output}")
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
