@@ -45,7 +45,7 @@ class TritonServer:
     """A real ``tritonserver`` serving ``repository``.
 
     Args:
-        repository: the model repository folder.
+        repository: the model repository folder, or a list of them.
         host: address to bind; anything but loopback needs ``allow_remote=True``.
         http_port, grpc_port, metrics_port: 0 picks a free port.
         install: where Triton lives (default: :func:`locate_triton`).
@@ -55,7 +55,7 @@ class TritonServer:
 
     def __init__(
         self,
-        repository: str | os.PathLike,
+        repository: str | os.PathLike | list[str | os.PathLike],
         *,
         host: str = "127.0.0.1",
         http_port: int = 0,
@@ -67,9 +67,12 @@ class TritonServer:
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
     ):
-        self.repository = Path(repository).resolve()
-        if not self.repository.is_dir():
-            raise ConfigError(f"model repository {str(self.repository)!r} is not a folder")
+        folders = repository if isinstance(repository, (list, tuple)) else [repository]
+        self.repositories = [Path(folder).resolve() for folder in folders]
+        for folder in self.repositories:
+            if not folder.is_dir():
+                raise ConfigError(f"model repository {str(folder)!r} is not a folder")
+        self.repository = self.repositories[0]
         if host not in LOOPBACK and not allow_remote:
             raise ConfigError(
                 f"refusing to listen on {host!r}: the server would be reachable from other machines. "
@@ -112,7 +115,7 @@ class TritonServer:
         workdir = Path(self._workdir.name)
         return [
             str(self.install.server),
-            f"--model-repository={self.repository}",
+            *(f"--model-repository={folder}" for folder in self.repositories),
             f"--backend-directory={self.install.backend_dir(workdir)}",
             f"--cache-directory={self.install.caches}",
             f"--http-address={self.host}",

@@ -1,0 +1,45 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+
+def make_jpeg(height: int, width: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A smooth random picture, JPEG-encoded by OpenCV."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return encoded.tobytes()
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def export_tiny(path, size=32):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    torch.onnx.export(
+        model, (torch.randn(1, 3, size, size),), str(path), input_names=["x"], output_names=["scores"],
+        dynamic_axes={"x": {0: "n"}, "scores": {0: "n"}}, opset_version=17, dynamo=False,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """A small classifier: FP32 [n,3,32,32] -> FP32 [n,10]."""
+    return export_tiny(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def jpeg_factory():
+    return make_jpeg
