@@ -1,0 +1,310 @@
+"""JPEG header inspection and decoding (OpenCV on CPU, torchvision/nvjpeg on GPU).
+
+Every decode reads the marker structure first, so that malformed, truncated,
+non-JPEG or oversized inputs are refused with a clear StageError before any
+pixel memory is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torchvision.io as tvio
+
+from ..errors import StageError
+
+MAX_PIXELS = 5000 * 5000
+
+# Allowed absolute difference, per uint8 channel value, between these decoders and
+# Pillow's (libjpeg-turbo). Measured with tests/unit/test_jpeg.py on baseline,
+# progressive and restart-marker images, 4:4:4 to 4:1:1, grayscale and CMYK.
+DECODER_TOLERANCE = {
+    # OpenCV, torchvision and Pillow all wrap libjpeg-turbo with the same defaults
+    # (islow IDCT, fancy upsampling), so YCbCr and grayscale images match bit for bit
+    # (seen with two different sets of versions of the three libraries).
+    "cpu": {"max_abs": 0, "mean_abs": 0.0},
+    # OpenCV's CMYK->BGR conversion divides by 256 where Pillow and torchvision
+    # divide by 255: nearly every value comes out one lower (measured mean 0.99).
+    "cpu_cmyk": {"max_abs": 1, "mean_abs": 1.0},
+    # nvjpeg where no chroma interpolation is involved: 4:4:4 and grayscale match
+    # exactly (same IDCT results); 4:1:1, which libjpeg-turbo also upsamples by
+    # plain replication, measured max 3, mean 0.04.
+    "cuda": {"max_abs": 4, "mean_abs": 0.25},
+    # nvjpeg on 4:2:2 and 4:2:0: libjpeg-turbo interpolates the chroma ("fancy
+    # upsampling") and nvjpeg evidently does not, so sharp colour edges differ a
+    # lot while flat areas agree (measured on an H200: max 96, mean 4.2).
+    "cuda_upsampled": {"max_abs": 128, "mean_abs": 6.0},
+}
+
+# Writers may leave a few bytes (zeros, 0xFF fill, a newline) after EOI; files
+# with more than this after their last EOI are treated as truncated.
+_EOI_TAIL_SLACK = 1024
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+# SOF0..SOF15 minus DHT (C4), JPG (C8) and DAC (CC), which share the range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+# Markers that stand alone, without a length field.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class JpegInfo:
+    height: int
+    width: int
+    components: int
+    progressive: bool
+    orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
+
+
+def _as_bytes_view(data) -> memoryview:
+    if isinstance(data, torch.Tensor):
+        if data.device.type != "cpu":
+            raise StageError(f"encoded JPEG must be in CPU memory, got a tensor on {data.device}")
+        data = data.detach().numpy()
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise StageError(
+                f"encoded JPEG must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}"
+            )
+        return memoryview(np.ascontiguousarray(data)).cast("B")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).cast("B")
+    raise StageError(f"encoded JPEG must be bytes or a 1-D uint8 array, got {type(data).__name__}")
+
+
+def _not_jpeg(view: memoryview) -> StageError:
+    head = bytes(view[:16])
+    kind = next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is not None:
+        return StageError(f"got a {kind} image; this stage decodes JPEG only")
+    return StageError(
+        f"not a JPEG image: it does not start with the JPEG SOI marker FF D8 (first bytes: {head[:8].hex(' ')})"
+    )
+
+
+def _exif_orientation(payload: memoryview) -> int:
+    """Orientation from an APP1 payload; 1 when it is not EXIF or is malformed.
+
+    A broken EXIF block does not make the pixels unreadable, so it never fails the image.
+    """
+    if bytes(payload[:6]) != b"Exif\x00\x00":
+        return 1
+    tiff = payload[6:]
+    order = bytes(tiff[:2])
+    if order == b"II":
+        endian = "<"
+    elif order == b"MM":
+        endian = ">"
+    else:
+        return 1
+    try:
+        magic, ifd = struct.unpack_from(endian + "HI", tiff, 2)
+        if magic != 42:
+            return 1
+        (count,) = struct.unpack_from(endian + "H", tiff, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind, n = struct.unpack_from(endian + "HHI", tiff, entry)
+            if tag == _ORIENTATION_TAG:
+                # SHORT (type 3), value stored inline in the first two bytes.
+                (value,) = struct.unpack_from(endian + "H", tiff, entry + 8)
+                return value if kind == 3 and n >= 1 and 1 <= value <= 8 else 1
+    except struct.error:
+        pass
+    return 1
+
+
+def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
+    """Parse the JPEG headers (no pixel decoding) and validate size and integrity."""
+    view = _as_bytes_view(data)
+    size = len(view)
+    if size == 0:
+        raise StageError("empty input: expected JPEG bytes, got 0 bytes")
+    if size < 2 or view[0] != 0xFF or view[1] != 0xD8:
+        raise _not_jpeg(view)
+
+    orientation = 1
+    frame = None  # (SOF marker, height, width, components)
+    pos = 2
+    # Walk every header segment up to the first scan (SOS): a file whose headers
+    # end without one has no pixels, and nvjpeg crashes the process on it.
+    while True:
+        if pos >= size:
+            what = "frame header (SOF)" if frame is None else "image data (SOS)"
+            raise StageError(f"truncated JPEG: the {size}-byte input ends before the {what}")
+        if view[pos] != 0xFF:
+            raise StageError(f"corrupt JPEG header: expected a marker at byte {pos}, found 0x{view[pos]:02X}")
+        while pos < size and view[pos] == 0xFF:  # fill bytes may pad before a marker
+            pos += 1
+        if pos >= size:
+            continue  # reported as truncated at the top of the loop
+        marker = view[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker == 0xD9:
+            what = "frame header (SOF)" if frame is None else "image data (SOS)"
+            raise StageError(f"corrupt JPEG: end-of-image marker before any {what}")
+        if marker == 0xDA and frame is None:
+            raise StageError("corrupt JPEG header: image data (SOS) before the frame header (SOF)")
+        if pos + 2 > size:
+            raise StageError(f"truncated JPEG: the header is cut off at byte {size}")
+        (length,) = struct.unpack_from(">H", view, pos)
+        if length < 2:
+            raise StageError(f"corrupt JPEG header: segment FF {marker:02X} at byte {pos - 2} has length {length}")
+        if pos + length > size:
+            raise StageError(
+                f"truncated JPEG: segment FF {marker:02X} at byte {pos - 2} needs {length} bytes "
+                f"but the {size}-byte input ends first"
+            )
+        segment = view[pos + 2 : pos + length]
+        pos += length
+        if marker == 0xDA:
+            break
+        if marker == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(segment)
+        elif marker in _SOF_MARKERS and frame is None:
+            if len(segment) < 6:
+                raise StageError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes")
+            _precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            frame = (marker, height, width, components)
+
+    sof, height, width, components = frame
+    if height == 0 or width == 0:
+        raise StageError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})")
+    pixels = height * width
+    if pixels >= max_pixels:
+        raise StageError(f"image is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels")
+    tail = bytes(view[max(pos, size - _EOI_TAIL_SLACK) :])
+    if b"\xff\xd9" not in tail:
+        raise StageError(f"truncated JPEG: no end-of-image marker (FF D9) at the end of the {size}-byte input")
+    return JpegInfo(
+        height=height,
+        width=width,
+        components=components,
+        progressive=sof in _PROGRESSIVE_SOF,
+        orientation=orientation,
+    )
+
+
+def _orient(image: torch.Tensor, orientation: int, h_dim: int, w_dim: int) -> torch.Tensor:
+    """Apply EXIF orientation to a tensor whose rows/columns are dims h_dim/w_dim."""
+    if orientation <= 1 or orientation > 8:
+        return image
+    if orientation >= 5:  # 5..8 swap the axes first, then flip like 1..4
+        image = image.transpose(h_dim, w_dim)
+    flips = {
+        2: (w_dim,), 3: (h_dim, w_dim), 4: (h_dim,),
+        5: (), 6: (w_dim,), 7: (h_dim, w_dim), 8: (h_dim,),
+    }[orientation]
+    if flips:
+        image = image.flip(flips)
+    return image.contiguous()
+
+
+def decode_jpeg_cpu(data, *, apply_exif: bool = False, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Decode one JPEG with OpenCV into an HxWx3 uint8 BGR tensor."""
+    info = read_jpeg_info(data, max_pixels=max_pixels)
+    array = np.frombuffer(_as_bytes_view(data), dtype=np.uint8)
+    # Orientation is applied below from our own parse, so that it is the same for
+    # every decoder (and off unless asked for).
+    bgr = cv2.imdecode(array, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.size == 0:
+        raise StageError(f"JPEG data is corrupt: OpenCV could not decode the {info.width}x{info.height} image")
+    image = torch.from_numpy(bgr)
+    if apply_exif:
+        image = _orient(image, info.orientation, 0, 1)
+    return image
+
+
+def _reason(exc: Exception) -> str:
+    """First line of a torchvision error, without its C++ source location."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    return re.sub(r"^.*\.cpp:\d+, ", "", lines[0])
+
+
+def _decode_on_cpu(data: torch.Tensor) -> torch.Tensor:
+    """CHW RGB through torchvision's libjpeg-turbo decoder (handles grayscale, CMYK and YCCK)."""
+    try:
+        # torchvision hands back a CHW view of an HWC buffer; callers expect dense CHW.
+        return tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB).contiguous()
+    except RuntimeError as exc:
+        raise StageError(f"JPEG data is corrupt: {_reason(exc)}") from None
+
+
+def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """nvjpeg decode; None where nvjpeg could not decode an image."""
+    rgb = tvio.ImageReadMode.RGB
+    try:
+        # One batched call lets nvjpeg use the hardware decoder across the batch.
+        return list(tvio.decode_jpeg(datas, mode=rgb, device=device))
+    except RuntimeError:
+        pass
+    # A single undecodable image fails the whole batch: retry alone to isolate it.
+    results: list[torch.Tensor | None] = []
+    for data in datas:
+        try:
+            results.append(tvio.decode_jpeg(data, mode=rgb, device=device))
+        except RuntimeError:
+            results.append(None)
+    return results
+
+
+def decode_jpeg_tensor(
+    datas: list[torch.Tensor],
+    device: torch.device,
+    *,
+    apply_exif: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> list[torch.Tensor | StageError]:
+    """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input."""
+    device = torch.device(device)
+    results: list[torch.Tensor | StageError | None] = [None] * len(datas)
+    infos: list[JpegInfo | None] = [None] * len(datas)
+    for i, data in enumerate(datas):
+        try:
+            infos[i] = read_jpeg_info(data, max_pixels=max_pixels)
+        except StageError as exc:
+            results[i] = exc
+    valid = [i for i, info in enumerate(infos) if info is not None]
+
+    on_cpu = valid
+    if device.type == "cuda":
+        # torchvision does not enable nvjpeg's CMYK conversion, so 4-component
+        # images (CMYK/YCCK) always fail there; libjpeg-turbo reads them.
+        on_gpu = [i for i in valid if infos[i].components != 4]
+        on_cpu = [i for i in valid if infos[i].components == 4]
+        if on_gpu:
+            for i, image in zip(on_gpu, _decode_on_gpu([datas[i] for i in on_gpu], device)):
+                if image is None:
+                    on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
+                else:
+                    results[i] = image
+    for i in on_cpu:
+        try:
+            results[i] = _decode_on_cpu(datas[i]).to(device)
+        except StageError as exc:
+            results[i] = exc
+
+    if apply_exif:
+        for i in valid:
+            if isinstance(results[i], torch.Tensor):
+                results[i] = _orient(results[i], infos[i].orientation, 1, 2)
+    return results

@@ -1,0 +1,352 @@
+"""JPEG kernels: header parsing, CPU/GPU decoding against Pillow, and refusal of bad input."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps, features
+
+from tritonpipe.errors import StageError
+from tritonpipe.kernels import jpeg as J
+
+# torchvision 0.29 flags its image codecs as deprecated on every call.
+pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning:torchvision")
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# --------------------------------------------------------------------------- image makers
+
+
+def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """RGB test picture: smooth colour ramps, a hard-edged block and mild noise."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack(
+        [xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + 2 * yy) * 3 % 256], axis=-1
+    ).astype(np.int16)
+    rgb[height // 4 : height // 2, width // 4 : width // 2] = (230, 20, 40)
+    rgb += np.random.default_rng(seed).integers(-12, 13, rgb.shape, dtype=np.int16)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def _pil_jpeg(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+def _cv_jpeg(rgb: np.ndarray, *params: int) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90, *params])
+    assert ok
+    return encoded.tobytes()
+
+
+def _exif_block(orientation: int, big_endian: bool) -> bytes:
+    """A minimal APP1 EXIF payload holding only the orientation tag."""
+    e = ">" if big_endian else "<"
+    tiff = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
+    tiff += struct.pack(e + "H", 1) + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+    return b"Exif\x00\x00" + tiff
+
+
+def _segments(data: bytes):
+    """(marker, offset of its FF, payload) for each header segment up to SOS."""
+    pos = 2
+    while pos < len(data):
+        marker = data[pos + 1]
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        yield marker, pos, data[pos + 4 : pos + 2 + length]
+        if marker == 0xDA:
+            return
+        pos += 2 + length
+
+
+def _sof(data: bytes):
+    return next((m, off, p) for m, off, p in _segments(data) if m in (0xC0, 0xC1, 0xC2))
+
+
+def _luma_sampling(data: bytes) -> tuple[int, int]:
+    payload = _sof(data)[2]
+    factors = payload[7]  # first component: id, then H<<4|V
+    return factors >> 4, factors & 0x0F
+
+
+def _with_frame_size(data: bytes, height: int, width: int) -> bytes:
+    _, offset, _ = _sof(data)
+    patched = bytearray(data)
+    struct.pack_into(">HH", patched, offset + 5, height, width)
+    return bytes(patched)
+
+
+def _t(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+
+
+# name -> (jpeg bytes, expected JpegInfo)
+def _make_variants() -> dict[str, tuple[bytes, J.JpegInfo]]:
+    v = {}
+
+    def add(name, data, h, w, components=3, progressive=False, orientation=1):
+        v[name] = (data, J.JpegInfo(h, w, components, progressive, orientation))
+
+    add("444", _pil_jpeg(Image.fromarray(_picture(48, 64)), subsampling=0), 48, 64)
+    add("422", _pil_jpeg(Image.fromarray(_picture(45, 70, 1)), subsampling=1), 45, 70)
+    add("420", _pil_jpeg(Image.fromarray(_picture(64, 96, 2)), subsampling=2), 64, 96)
+    sampling_411 = (cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411)
+    add("411", _cv_jpeg(_picture(48, 80, 3), *sampling_411), 48, 80)
+    add("gray", _pil_jpeg(Image.fromarray(_picture(50, 66, 4)).convert("L")), 50, 66, components=1)
+    add("cmyk", _pil_jpeg(Image.fromarray(_picture(48, 64, 5)).convert("CMYK")), 48, 64, components=4)
+    add("progressive", _pil_jpeg(Image.fromarray(_picture(240, 320, 6)), progressive=True), 240, 320, progressive=True)
+    add("restart", _cv_jpeg(_picture(96, 128, 7), cv2.IMWRITE_JPEG_RST_INTERVAL, 2), 96, 128)
+    picture = Image.fromarray(_picture(40, 72, 8))
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        add(f"exif{o}", _pil_jpeg(picture, exif=exif), 40, 72, orientation=o)
+    add("exif6_motorola", _pil_jpeg(picture, exif=_exif_block(6, big_endian=True)), 40, 72, orientation=6)
+    return v
+
+
+VARIANTS = _make_variants()
+NAMES = sorted(VARIANTS)
+EXIF_NAMES = [n for n in NAMES if n.startswith("exif")]
+
+
+def _pil_rgb(data: bytes, apply_exif: bool) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    if apply_exif:
+        image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def _assert_matches_pil(rgb_hwc: np.ndarray, data: bytes, apply_exif: bool, tolerance: dict) -> None:
+    expected = _pil_rgb(data, apply_exif)
+    assert rgb_hwc.shape == expected.shape
+    diff = np.abs(rgb_hwc.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= tolerance["max_abs"], f"max abs diff {diff.max()}"
+    assert diff.mean() <= tolerance["mean_abs"], f"mean abs diff {diff.mean():.3f}"
+
+
+# --------------------------------------------------------------------------- read_jpeg_info
+
+
+def test_variants_are_what_they_claim():
+    assert _luma_sampling(VARIANTS["444"][0]) == (1, 1)
+    assert _luma_sampling(VARIANTS["422"][0]) == (2, 1)
+    assert _luma_sampling(VARIANTS["420"][0]) == (2, 2)
+    assert _luma_sampling(VARIANTS["411"][0]) == (4, 1)
+    restart = VARIANTS["restart"][0]
+    assert any(m == 0xDD for m, _, _ in _segments(restart))  # DRI: restart interval defined
+    assert b"\xff\xd0" in restart and b"\xff\xd1" in restart
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_read_jpeg_info(name):
+    data, expected = VARIANTS[name]
+    assert J.read_jpeg_info(data) == expected
+
+
+@pytest.mark.parametrize("convert", [bytes, memoryview, bytearray, lambda d: np.frombuffer(d, np.uint8), _t])
+def test_read_jpeg_info_input_types(convert):
+    data, expected = VARIANTS["exif6_motorola"]
+    assert J.read_jpeg_info(convert(data)) == expected
+
+
+def test_trailing_padding_is_accepted():
+    data, expected = VARIANTS["420"]
+    assert J.read_jpeg_info(data + b"\x00" * 32) == expected
+
+
+# --------------------------------------------------------------------------- decoding on CPU
+
+
+def _cpu_tolerance(name: str) -> dict:
+    return J.DECODER_TOLERANCE["cpu_cmyk" if name == "cmyk" else "cpu"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_jpeg_cpu_matches_pil(name):
+    data, info = VARIANTS[name]
+    bgr = J.decode_jpeg_cpu(_t(data))
+    assert bgr.dtype == torch.uint8 and bgr.is_contiguous()
+    assert tuple(bgr.shape) == (info.height, info.width, 3)
+    _assert_matches_pil(bgr.numpy()[..., ::-1], data, False, _cpu_tolerance(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_jpeg_tensor_cpu_matches_pil(name):
+    data, info = VARIANTS[name]
+    (chw,) = J.decode_jpeg_tensor([_t(data)], torch.device("cpu"))
+    assert chw.dtype == torch.uint8 and chw.device.type == "cpu" and chw.is_contiguous()
+    assert tuple(chw.shape) == (3, info.height, info.width)
+    _assert_matches_pil(chw.permute(1, 2, 0).numpy(), data, False, J.DECODER_TOLERANCE["cpu"])
+
+
+@pytest.mark.parametrize("name", EXIF_NAMES)
+def test_apply_exif(name):
+    data, _ = VARIANTS[name]
+    bgr = J.decode_jpeg_cpu(_t(data), apply_exif=True)
+    assert bgr.is_contiguous()
+    _assert_matches_pil(bgr.numpy()[..., ::-1], data, True, J.DECODER_TOLERANCE["cpu"])
+    (chw,) = J.decode_jpeg_tensor([_t(data)], torch.device("cpu"), apply_exif=True)
+    assert chw.is_contiguous()
+    assert torch.equal(chw, bgr.flip(-1).permute(2, 0, 1))
+
+
+def test_exif_is_ignored_by_default():
+    data, info = VARIANTS["exif6"]
+    assert tuple(J.decode_jpeg_cpu(_t(data)).shape) == (info.height, info.width, 3)
+    assert tuple(J.decode_jpeg_tensor([_t(data)], "cpu")[0].shape) == (3, info.height, info.width)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _other_format(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(_picture(16, 16)).save(out, fmt)
+    return out.getvalue()
+
+
+def _headers_only() -> bytes:
+    """Tables and frame header, then EOI without any scan (this crashes nvjpeg)."""
+    data = VARIANTS["444"][0]
+    sos = next(off for m, off, _ in _segments(data) if m == 0xDA)
+    return data[:sos] + b"\xff\xd9"
+
+
+def _bad_huffman() -> bytes:
+    """Well-formed marker structure, but a Huffman table no decoder accepts."""
+    data = bytearray(VARIANTS["420"][0])
+    dht = next(off for m, off, _ in _segments(bytes(data)) if m == 0xC4)
+    data[dht + 5 : dht + 21] = b"\xff" * 16  # code counts per length: far too many codes
+    return bytes(data)
+
+
+BAD_INPUTS = {
+    "empty": (b"", "empty"),
+    "truncated": (VARIANTS["420"][0][: len(VARIANTS["420"][0]) // 2], "truncated"),
+    "header cut off": (VARIANTS["420"][0][:30], "truncated"),
+    "headers only": (_headers_only(), "image data"),
+    "random bytes": (np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes(), "not a JPEG"),
+    "png": (_other_format("PNG"), "PNG"),
+    "gif": (_other_format("GIF"), "GIF"),
+    "bmp": (_other_format("BMP"), "BMP"),
+    "huge": (_with_frame_size(VARIANTS["444"][0], 60000, 60000), "60000x60000 (3600000000 pixels)"),
+    "zero height": (_with_frame_size(VARIANTS["444"][0], 0, 64), "zero"),
+}
+if features.check("webp"):
+    BAD_INPUTS["webp"] = (_other_format("WEBP"), "WebP")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_everywhere(case):
+    data, words = BAD_INPUTS[case]
+    with pytest.raises(StageError, match=re.escape(words)):
+        J.read_jpeg_info(data)
+    with pytest.raises(StageError, match=re.escape(words)):
+        J.decode_jpeg_cpu(_t(data))
+    (result,) = J.decode_jpeg_tensor([_t(data)], "cpu")
+    assert isinstance(result, StageError) and words in str(result)
+
+
+def test_other_formats_are_named():
+    with pytest.raises(StageError, match="got a PNG image; this stage decodes JPEG only"):
+        J.read_jpeg_info(_other_format("PNG"))
+
+
+def test_size_limit_is_checked_before_decoding(monkeypatch):
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoder was called")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    monkeypatch.setattr(J.tvio, "decode_jpeg", no_decode)
+    huge = _t(BAD_INPUTS["huge"][0])
+    with pytest.raises(StageError, match=r"the limit is 25000000 pixels"):
+        J.decode_jpeg_cpu(huge)
+    assert isinstance(J.decode_jpeg_tensor([huge], "cpu")[0], StageError)
+    with pytest.raises(StageError, match="limit"):
+        J.read_jpeg_info(VARIANTS["444"][0], max_pixels=48 * 64)
+    J.read_jpeg_info(VARIANTS["444"][0], max_pixels=48 * 64 + 1)
+
+
+def test_undecodable_image_raises_not_empty_tensor():
+    data = _bad_huffman()
+    J.read_jpeg_info(data)  # the damage is past what the header check looks at
+    with pytest.raises(StageError, match="corrupt"):
+        J.decode_jpeg_cpu(_t(data))
+    (result,) = J.decode_jpeg_tensor([_t(data)], "cpu")
+    assert isinstance(result, StageError) and "Huffman" in str(result)
+
+
+def test_wrong_dtype_is_refused():
+    with pytest.raises(StageError, match="uint8"):
+        J.read_jpeg_info(torch.zeros(10, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("bad", ["truncated", "bad huffman table"])
+def test_mixed_list_fails_only_the_bad_image(bad):
+    good = [VARIANTS["420"], VARIANTS["gray"]]
+    bad_data = BAD_INPUTS["truncated"][0] if bad == "truncated" else _bad_huffman()
+    results = J.decode_jpeg_tensor([_t(good[0][0]), _t(bad_data), _t(good[1][0])], torch.device("cpu"))
+    assert len(results) == 3
+    assert isinstance(results[1], StageError)
+    for (data, info), result in zip(good, (results[0], results[2])):
+        assert isinstance(result, torch.Tensor)
+        assert tuple(result.shape) == (3, info.height, info.width)
+
+
+# --------------------------------------------------------------------------- decoding on GPU
+
+
+def _cuda_tolerance(data: bytes) -> dict:
+    interpolated_chroma = _luma_sampling(data) in ((2, 1), (2, 2))
+    return J.DECODER_TOLERANCE["cuda_upsampled" if interpolated_chroma else "cuda"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_jpeg_tensor_cuda_matches_pil(name):
+    data, info = VARIANTS[name]
+    (chw,) = J.decode_jpeg_tensor([_t(data)], torch.device("cuda"))
+    assert chw.device.type == "cuda" and chw.is_contiguous()
+    assert tuple(chw.shape) == (3, info.height, info.width)
+    _assert_matches_pil(chw.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_batch_matches_single_and_applies_exif():
+    datas = [_t(VARIANTS[n][0]) for n in NAMES]
+    batch = J.decode_jpeg_tensor(datas, torch.device("cuda"), apply_exif=True)
+    for name, data, image in zip(NAMES, datas, batch):
+        (single,) = J.decode_jpeg_tensor([data], torch.device("cuda"), apply_exif=True)
+        assert torch.equal(image, single), name
+        encoded = VARIANTS[name][0]
+        _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), encoded, True, _cuda_tolerance(encoded))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bad", ["truncated", "headers only", "png", "bad huffman table"])
+def test_cuda_mixed_list_fails_only_the_bad_image(bad):
+    bad_data = {
+        "truncated": BAD_INPUTS["truncated"][0],
+        "headers only": BAD_INPUTS["headers only"][0],
+        "png": BAD_INPUTS["png"][0],
+        "bad huffman table": _bad_huffman(),  # passes the header check: nvjpeg itself fails the batch
+    }[bad]
+    good = [VARIANTS["420"], VARIANTS["cmyk"], VARIANTS["progressive"]]
+    datas = [_t(good[0][0]), _t(bad_data), _t(good[1][0]), _t(good[2][0])]
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"))
+    assert isinstance(results[1], StageError)
+    for (data, info), result in zip(good, (results[0], results[2], results[3])):
+        assert isinstance(result, torch.Tensor) and result.device.type == "cuda"
+        _assert_matches_pil(result.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))
