@@ -8,6 +8,8 @@ import sys
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.configs import DEVICES, to_text
 from tritonpipe.repository.generate import build_repository, generate_repository
+from tritonpipe.stages import load_plugin
+from tritonpipe.stages.catalog import stage_table_markdown
 
 from ._cli import run
 
@@ -43,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     parser.add_argument("--dry-run", action="store_true", help="print the configs instead of writing them")
+    parser.add_argument("--list-stages", action="store_true", help="print the table of stages (with --plugin ones) and exit")
     args = parser.parse_args(argv)
+    if args.list_stages:
+        return args
     if bool(args.config) == bool(args.backend):
         parser.error("give either a configuration file or --backend")
     return args
@@ -63,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        if args.list_stages:
+            for plugin in args.plugin:
+                load_plugin(plugin)
+            print(stage_table_markdown())
+            return 0
         if args.backend:
             config = {"backend": args.backend, **_settings(args.settings)}
         else:

@@ -85,7 +85,7 @@ class Param:
         if not self.required:
             parts.append(f"default {self.default!r}")
         if self.choices:
-            parts.append("|".join(self.choices))
+            parts.append("/".join(self.choices))
         if self.low is not None or self.high is not None:
             parts.append(f"[{_fmt(self.low)}, {_fmt(self.high)}]")
         return ", ".join(parts)
@@ -108,9 +108,13 @@ class Stage:
     """
 
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[dict[str, Param]] = {}
     wants_gpu: ClassVar[bool] = False
     role: ClassVar[str] = "process"
+    #: what the stage reads from ``data`` and writes to ``result``, for the stage table
+    input_doc: ClassVar[str] = "any"
+    output_doc: ClassVar[str] = "same as input"
     #: ``device`` is set by the runner before ``init``; ``children`` only for wrappers.
     device: torch.device = torch.device("cpu")
     children: list["Stage"]
@@ -191,6 +195,7 @@ def register(name: str, *aliases: str) -> Callable[[type[Stage]], type[Stage]]:
             _ORIGINS[key.lower()] = here
             _CANONICAL[key.lower()] = name
         cls.name = name
+        cls.aliases = tuple(aliases)
         return cls
 
     return decorate

@@ -62,6 +62,9 @@ class Container(Stage):
 class Sequential(Container):
     """Runs its children one after another."""
 
+    input_doc = "the first child's input"
+    output_doc = "the last child's output"
+
     role = "sequence"
 
 
@@ -73,12 +76,18 @@ class SyncTensor(Container):
     SyncTensor adds no extra synchronisation.
     """
 
+    input_doc = "the wrapped stage's input"
+    output_doc = "the wrapped stage's output (Identity when bare)"
+
     wants_gpu = True
 
 
 @register("Torch")
 class Torch(Container):
     """Moves each input tensor to ``cuda:device_id`` (when that GPU exists), then runs its children."""
+
+    input_doc = "tensor"
+    output_doc = "the wrapped stage's output"
 
     wants_gpu = True
     params = {"device_id": Param(int, 0, low=0, high=1023, doc="GPU index")}
@@ -106,6 +115,9 @@ class Identity(MapStage):
 @register("C10Exception", "FailStage")
 class C10Exception(MapStage):
     """Fails every request on purpose, to exercise error paths."""
+
+    input_doc = "any"
+    output_doc = "an INVALID_ARG error"
 
     params = {"message": Param(str, "deliberate failure", doc="the error text each request gets")}
 

@@ -74,6 +74,9 @@ _DECODE_PARAMS = {
 class DecodeMat(MapStage):
     """JPEG bytes -> HxWx3 uint8 BGR mat, decoded by OpenCV on the CPU."""
 
+    input_doc = "JPEG bytes, UINT8[n]"
+    output_doc = "HxWx3 uint8 BGR mat; sets color=bgr"
+
     params = _DECODE_PARAMS
 
     def init(self, params: dict[str, Any]) -> None:
@@ -97,6 +100,9 @@ class DecodeTensor(Stage):
 
     On a GPU instance the whole batch is decoded by nvjpeg in one call.
     """
+
+    input_doc = "JPEG bytes, UINT8[n]"
+    output_doc = "1x3xHxW uint8 (nchw) or HxWx3 (hwc); sets color"
 
     wants_gpu = True
     params = {
@@ -164,6 +170,9 @@ class _CvtColor(MapStage):
 class CvtColorTensor(_CvtColor):
     """Reorders the channels of a 1x3xHxW tensor to ``color``."""
 
+    input_doc = "1x3xHxW tensor"
+    output_doc = "same shape, channels in `color` order"
+
     wants_gpu = True
 
     def check(self, data: Any) -> torch.Tensor:
@@ -178,6 +187,9 @@ class CvtColorTensor(_CvtColor):
 @register("cvtColorMat")
 class CvtColorMat(_CvtColor):
     """Reorders the channels of an HxWx3 mat to ``color``."""
+
+    input_doc = "HxWx3 mat"
+    output_doc = "same shape, channels in `color` order"
 
     channel_dim = 2
 
@@ -209,6 +221,9 @@ class _Resize(MapStage):
 class ResizeTensor(_Resize):
     """Bilinear resize of a 1x3xHxW tensor to float32 1x3x``resize_h``x``resize_w``."""
 
+    input_doc = "1xCxHxW tensor (any dtype)"
+    output_doc = "float32 1xCx`resize_h`x`resize_w`"
+
     wants_gpu = True
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
@@ -225,6 +240,9 @@ class ResizeTensor(_Resize):
 class ResizeMat(_Resize):
     """Bilinear resize of an HxWxC uint8 mat by OpenCV (INTER_LINEAR)."""
 
+    input_doc = "HxWxC uint8 mat"
+    output_doc = "uint8 `resize_h`x`resize_w`xC"
+
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         return geometry.resize_bilinear_mat(_hwc(data, self.name, torch.uint8).cpu(), self.height, self.width)
 
@@ -237,6 +255,9 @@ class ResizeMat(_Resize):
 @register("PillowResizeTensor")
 class PillowResizeTensor(_Resize):
     """Resize of a uint8 1x3xHxW tensor, bit-identical to Pillow's BILINEAR, on the instance's device."""
+
+    input_doc = "1x3xHxW uint8 tensor"
+    output_doc = "uint8 1x3x`resize_h`x`resize_w`"
 
     wants_gpu = True
 
@@ -254,6 +275,9 @@ class PillowResizeTensor(_Resize):
 class PillowResizeMat(_Resize):
     """Resize of a uint8 HxWx3 mat, bit-identical to Pillow's BILINEAR."""
 
+    input_doc = "HxWx3 uint8 mat"
+    output_doc = "uint8 `resize_h`x`resize_w`x3"
+
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         return pillow_resize_hwc(_hwc(data, self.name, torch.uint8), self.height, self.width)
 
@@ -270,6 +294,9 @@ class ResizePadTensor(MapStage):
     Also writes ``inverse_transform`` = ``[sx, sy, tx, ty]`` so that a point of the output maps
     back to the input as ``x_in = sx * x_out + tx``, ``y_in = sy * y_out + ty``.
     """
+
+    input_doc = "1xCxHxW tensor"
+    output_doc = "float32 1xCx`max_h`x`max_w`; `inverse_transform` float32 1x4"
 
     wants_gpu = True
     params = {
@@ -306,6 +333,9 @@ class ResizePadTensor(MapStage):
 class Mat2Tensor(MapStage):
     """HxWxC mat -> 1xCxHxW tensor on the instance's device (same dtype)."""
 
+    input_doc = "HxWxC mat"
+    output_doc = "1xCxHxW tensor, same dtype"
+
     wants_gpu = True
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
@@ -321,6 +351,9 @@ class Mat2Tensor(MapStage):
 @register("Tensor2Mat")
 class Tensor2Mat(MapStage):
     """1xCxHxW uint8 tensor -> HxWxC uint8 mat on the CPU."""
+
+    input_doc = "1xCxHxW uint8 tensor"
+    output_doc = "HxWxC uint8 mat (CPU)"
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         return _nchw(data, self.name, torch.uint8)[0].permute(1, 2, 0).contiguous().cpu()

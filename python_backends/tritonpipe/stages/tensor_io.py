@@ -19,6 +19,9 @@ class SaveTensor(MapStage):
     File names are generated here, never taken from a request, so files land only inside ``save_dir``.
     """
 
+    input_doc = "tensor"
+    output_doc = "the input, unchanged; `saved_path` set"
+
     params = {"save_dir": Param(str, doc="an existing folder")}
 
     def init(self, params: dict[str, Any]) -> None:
@@ -36,6 +39,9 @@ class SaveTensor(MapStage):
 @register("LoadTensor")
 class LoadTensor(MapStage):
     """Answers every request with the tensor stored in ``tensor_name`` (loaded once, tensors only)."""
+
+    input_doc = "ignored"
+    output_doc = "the stored tensor"
 
     params = {"tensor_name": Param(str, doc="path of a .pt file holding one tensor", file=True)}
 
