@@ -50,10 +50,20 @@ class LoadTensor(MapStage):
         if not path.is_file():
             raise ConfigError(f"LoadTensor: tensor_name {str(path)!r} is not a file")
         # weights_only refuses arbitrary pickled objects, so a crafted file cannot run code
-        value = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - refused pickles and broken files alike
+            raise ConfigError(f"LoadTensor: cannot load {str(path)!r} as plain tensors: {exc}") from None
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"LoadTensor: {str(path)!r} holds a {type(value).__name__}, not a tensor")
         self.value = value.to(self.device)
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         return self.value
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec):
+        from ..pipeline.spec import TORCH_TO_TRITON, TensorSpec
+
+        value = torch.load(params["tensor_name"], map_location="cpu", weights_only=True)
+        return TensorSpec(TORCH_TO_TRITON[value.dtype], tuple(value.shape), batched=value.dim() == 4)

@@ -1,0 +1,280 @@
+"""Bilinear resize that reproduces ``PIL.Image.resize(..., Image.BILINEAR)`` exactly.
+
+Pillow resamples 8-bit images with a separable, two-pass, fixed-point
+convolution whose first pass is rounded to 8-bit storage before the second
+pass reads it.  Each pass uses a triangle filter widened by the downscale factor, normalised per
+output sample in double precision and then quantised to integers with
+``PRECISION_BITS`` fractional bits.  This module rebuilds those integer
+coefficients bit for bit and applies them with torch operations on whatever
+device holds the image, so a CUDA tensor never leaves the GPU.
+
+Channels are resampled independently, which is what Pillow does for "L",
+"RGB", "RGBX" and "CMYK".  (Pillow premultiplies alpha for "RGBA" and "LA"
+before resizing, so 4-channel parity holds against "RGBX"/"CMYK", not "RGBA".)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["pillow_resize", "pillow_resize_hwc", "MAX_SIDE"]
+
+MAX_SIDE = 1024 * 1024
+"""Largest accepted output height or width."""
+
+# Pillow keeps 32 - 8 - 2 fractional bits so that an 8-bit sample times a
+# coefficient, plus headroom for negative filter lobes, fits in an int32.
+_PRECISION_BITS = 22
+_ONE = 1 << _PRECISION_BITS
+_HALF = 1 << (_PRECISION_BITS - 1)
+_BILINEAR_SUPPORT = 1.0
+
+# A dense (in x out) float64 matrix turns a pass into one GEMM, which suits
+# GPUs; above this many entries the banded form is used to bound memory.
+_DENSE_MAX_ENTRIES = 1 << 21
+# Below this many elements per tap the banded form batches several taps per
+# step, trading a small temporary for fewer kernel launches.
+_BAND_CHUNK_ELEMENTS = 1 << 16
+
+
+class _AxisCoeffs(NamedTuple):
+    """Integer resampling weights for one axis, on one device."""
+
+    index: torch.Tensor  # int64 [out, ksize]: source sample of each tap
+    taps: torch.Tensor  # int32 [out, ksize]: fixed-point weight of each tap
+    dense: Optional[torch.Tensor]  # float64 [in, out], or None
+
+
+def _check_side(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r}")
+    try:
+        side = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r} "
+            f"of type {type(value).__name__}"
+        ) from None
+    if not 1 <= side <= MAX_SIDE:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {side}")
+    return side
+
+
+def _build_cpu(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for one axis.
+
+    Computed on the CPU in float64 so that every operation is the same IEEE
+    double operation Pillow performs, in the same order.
+    """
+    f64 = torch.float64
+    # Pillow's box is float32, but (in_size - 0) is exact there for every
+    # size below 2**24, so the scale is just this double division.
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = _BILINEAR_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    inv_filterscale = 1.0 / filterscale
+
+    center = (torch.arange(out_size, dtype=f64) + 0.5) * scale
+    # C casts with truncation toward zero, not floor.
+    first = torch.trunc(center - support + 0.5).clamp_(min=0.0)
+    count = torch.trunc(center + support + 0.5).clamp_(max=float(in_size)) - first
+
+    offsets = torch.arange(ksize, dtype=f64)
+    position = offsets.unsqueeze(0) + first.unsqueeze(1)  # exact small integers
+    arg = ((position - center.unsqueeze(1)) + 0.5) * inv_filterscale
+    weight = (1.0 - arg.abs()).clamp_(min=0.0)
+    weight = torch.where(offsets.unsqueeze(0) < count.unsqueeze(1), weight, 0.0)
+
+    # The normaliser must be summed tap by tap, left to right, as Pillow does:
+    # a tree reduction can round differently.  CPU cumsum is sequential.
+    total = torch.cumsum(weight, dim=1)[:, -1:]
+    normalised = torch.where(total != 0.0, weight / total, weight)
+
+    # Pillow rounds half away from zero, then truncates toward zero.
+    scaled = normalised * float(_ONE)
+    fixed = torch.where(scaled < 0, torch.trunc(scaled - 0.5), torch.trunc(scaled + 0.5))
+
+    index = (position.to(torch.int64)).clamp_(max=in_size - 1)  # padding taps weigh 0
+    return index, fixed.to(torch.int64)
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_coeffs(in_size: int, out_size: int, device: torch.device, dense: bool) -> _AxisCoeffs:
+    index, taps = _build_cpu(in_size, out_size)
+    matrix = None
+    if dense:
+        # scatter_add, not scatter: clamped padding indices may repeat (weight 0).
+        rows = torch.zeros(out_size, in_size, dtype=torch.float64)
+        rows.scatter_add_(1, index, taps.to(torch.float64))
+        matrix = rows.t().contiguous().to(device)
+    # Blocking copies: the cached tensors are then valid on every stream.
+    return _AxisCoeffs(index.to(device), taps.to(device=device, dtype=torch.int32), matrix)
+
+
+def _use_dense(in_size: int, out_size: int, device: torch.device) -> bool:
+    # On CPU the banded form does far less arithmetic and wins; on GPU one
+    # float64 GEMM beats a chain of gathers until the matrix gets large.
+    return device.type == "cuda" and in_size * out_size <= _DENSE_MAX_ENTRIES
+
+
+def _to_uint8(acc: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 on an accumulator that already holds the rounding half."""
+    if acc.is_floating_point():
+        # acc holds exact integers; scaling by a power of two and flooring
+        # is the same as an arithmetic right shift.
+        shifted = torch.floor(acc * (1.0 / _ONE))
+    else:
+        shifted = acc >> _PRECISION_BITS
+    return shifted.clamp_(0, 255).to(torch.uint8)
+
+
+def _resample_dense(image: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
+    # Every product and partial sum is an integer below 2**31, so float64
+    # GEMM is exact whatever order the library accumulates in.
+    x = image.to(torch.float64)
+    if dim == 2:
+        c, h, w = x.shape
+        acc = (x.reshape(c * h, w) @ matrix).reshape(c, h, -1)
+    else:
+        acc = torch.matmul(matrix.t(), x)
+    # Pillow rounds before shifting: its accumulator starts at one half.
+    return _to_uint8(acc.add_(float(_HALF)))
+
+
+def _accumulate_band(x: torch.Tensor, coeffs: _AxisCoeffs) -> torch.Tensor:
+    """int32 ``[A, out, B]`` sums over taps of ``x[A, L, B]`` resampled along dim 1."""
+    # int32 suffices: Pillow itself accumulates in an int, and every partial
+    # sum of non-negative bilinear terms is bounded by the full sum.
+    out_size, ksize = coeffs.taps.shape
+    a, _, b = x.shape
+    # Pillow rounds before shifting: its accumulator starts at one half.
+    acc = torch.full((a, out_size, b), _HALF, dtype=torch.int32, device=x.device)
+    # Taps are applied one (or, for tiny planes, a few) at a time: gathering
+    # whole rows along dim 1 keeps every memory access contiguous.
+    step = max(1, min(ksize, _BAND_CHUNK_ELEMENTS // (a * out_size * b)))
+    for start in range(0, ksize, step):
+        stop = min(ksize, start + step)
+        gathered = x.index_select(1, coeffs.index[:, start:stop].reshape(-1))
+        if stop - start == 1:
+            acc.addcmul_(gathered, coeffs.taps[:, start:stop].view(1, out_size, 1))
+        else:
+            terms = gathered.view(a, out_size, stop - start, b).to(torch.int32)
+            terms = terms * coeffs.taps[:, start:stop].view(1, out_size, stop - start, 1)
+            acc.add_(terms.sum(2, dtype=torch.int32))
+    return acc
+
+
+def _resample_band(image: torch.Tensor, dim: int, coeffs: _AxisCoeffs) -> torch.Tensor:
+    c, h, w = image.shape
+    if dim == 1:
+        return _to_uint8(_accumulate_band(image, coeffs))
+    # Put the columns first so that each tap gathers contiguous rows.
+    columns = image.permute(2, 0, 1).reshape(1, w, c * h)
+    acc = _accumulate_band(columns, coeffs)
+    return _to_uint8(acc).view(-1, c, h).permute(1, 2, 0)
+
+
+def _resample_axis(
+    image: torch.Tensor, dim: int, out_size: int, method: Optional[str]
+) -> torch.Tensor:
+    in_size = image.shape[dim]
+    dense = _use_dense(in_size, out_size, image.device) if method is None else method == "dense"
+    coeffs = _axis_coeffs(in_size, out_size, image.device, dense)
+    if coeffs.dense is not None:
+        return _resample_dense(image, dim, coeffs.dense)
+    return _resample_band(image, dim, coeffs)
+
+
+def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    # Pillow 13 runs the vertical pass first when the height shrinks by more
+    # than twice as many pixels as the width does.  The 8-bit rounding between
+    # the passes makes the order visible in the output.
+    shrink_h = in_h - out_h
+    return shrink_h > 0 and shrink_h > 2 * (in_w - out_w)
+
+
+def _resize(
+    image: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    *,
+    legacy_pass_order: bool = False,
+    method: Optional[str] = None,
+) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise ValueError(f"image dtype must be torch.uint8, got {image.dtype}")
+    if image.dim() != 3:
+        raise ValueError(
+            f"image must have rank 3 [C, H, W], got rank {image.dim()} "
+            f"with shape {tuple(image.shape)}"
+        )
+    if image.numel() == 0:
+        raise ValueError(
+            f"image must be non-empty (C, H and W in [1, inf)), got shape {tuple(image.shape)}"
+        )
+    out_h = _check_side("out_h", out_h)
+    out_w = _check_side("out_w", out_w)
+    if method not in (None, "dense", "band"):
+        raise ValueError(f"method must be None, 'dense' or 'band', got {method!r}")
+
+    _, in_h, in_w = image.shape
+    passes = [(2, out_w), (1, out_h)]
+    if not legacy_pass_order and _vertical_first(in_h, in_w, out_h, out_w):
+        passes.reverse()
+    result = image
+    for dim, size in passes:
+        # Pillow skips a pass whose size is unchanged; each pass that runs
+        # stores its rounded, clipped 8-bit result before the next one reads it.
+        if size != result.shape[dim]:
+            result = _resample_axis(result, dim, size, method)
+    if result is image:
+        return image.clone()
+    return result.contiguous()
+
+
+def pillow_resize(
+    image: torch.Tensor, out_h: int, out_w: int, *, legacy_pass_order: bool = False
+) -> torch.Tensor:
+    """Resize a uint8 ``[C, H, W]`` tensor to ``[C, out_h, out_w]`` on its own device.
+
+    The result is bit-identical to
+    ``PIL.Image.fromarray(hwc).resize((out_w, out_h), Image.BILINEAR)`` for the
+    same pixels (every channel is filtered independently, as Pillow does for
+    "L", "RGB", "RGBX" and "CMYK" images).
+
+    Pillow 13 chose to run the vertical pass first when the height shrinks
+    much more than the width; earlier releases always ran the horizontal pass
+    first.  The default follows Pillow 13 and later; pass
+    ``legacy_pass_order=True`` to match images preprocessed with Pillow 12 or
+    older.
+
+    Raises:
+        ValueError: if the dtype is not uint8, the rank is not 3, the tensor is
+            empty, or ``out_h``/``out_w`` are not integers in ``[1, 1024*1024]``.
+    """
+    return _resize(image, out_h, out_w, legacy_pass_order=legacy_pass_order)
+
+
+def pillow_resize_hwc(
+    image_hwc: torch.Tensor, out_h: int, out_w: int, *, legacy_pass_order: bool = False
+) -> torch.Tensor:
+    """Same as :func:`pillow_resize` for an ``[H, W, C]`` tensor; returns ``[out_h, out_w, C]``."""
+    if not isinstance(image_hwc, torch.Tensor):
+        raise TypeError(f"image_hwc must be a torch.Tensor, got {type(image_hwc).__name__}")
+    if image_hwc.dim() != 3:
+        raise ValueError(
+            f"image_hwc must have rank 3 [H, W, C], got rank {image_hwc.dim()} "
+            f"with shape {tuple(image_hwc.shape)}"
+        )
+    resized = pillow_resize(
+        image_hwc.permute(2, 0, 1), out_h, out_w, legacy_pass_order=legacy_pass_order
+    )
+    return resized.permute(1, 2, 0).contiguous()

@@ -1,0 +1,177 @@
+"""Each stage against an independent reference: OpenCV, PIL, or torch directly."""
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tritonpipe.errors import ConfigError, StageError
+from tritonpipe.pipeline.grammar import parse_backend
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.stages import build_stage
+from tritonpipe.stages.control import run_chain
+
+
+def run(backend: str, data, **params):
+    """Build a node's resolved tree on the CPU and run one item through it."""
+    tree = load_graph({"backend": backend, **params}).entry.tree
+    stage = build_stage(tree, "cpu")
+    item = {"data": data}
+    run_chain([stage], [item])
+    if "error" in item:
+        raise item["error"]
+    return item
+
+
+def jpeg_tensor(jpeg: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+
+
+def test_decode_mat_equals_opencv(jpeg_factory):
+    jpeg = jpeg_factory(70, 90, seed=1)
+    got = run("DecodeMat", jpeg_tensor(jpeg))
+    want = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(got["data"].numpy(), want)
+    assert got["color"] == "bgr"
+
+
+@pytest.mark.parametrize("color, data_format", [("rgb", "nchw"), ("bgr", "nchw"), ("rgb", "hwc")])
+def test_decode_tensor_equals_pil(jpeg_factory, color, data_format):
+    jpeg = jpeg_factory(64, 48, seed=2)
+    got = run("DecodeTensor", jpeg_tensor(jpeg), color=color, data_format=data_format)["data"]
+    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    want = rgb if color == "rgb" else rgb[:, :, ::-1]
+    if data_format == "nchw":
+        assert got.shape == (1, 3, 64, 48)
+        got = got[0].permute(1, 2, 0)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_cvt_color_mat_equals_opencv(jpeg_factory):
+    jpeg = jpeg_factory(40, 50, seed=3)
+    got = run("S[DecodeMat,cvtColorMat]", jpeg_tensor(jpeg), color="rgb")["data"]
+    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_cvt_color_tensor_swaps_channels(jpeg_factory):
+    jpeg = jpeg_factory(40, 50, seed=3)
+    got = run("S[DecodeTensor(color=rgb),cvtColorTensor(color=bgr)]", jpeg_tensor(jpeg))["data"]
+    want = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)  # BGR
+    np.testing.assert_array_equal(got[0].permute(1, 2, 0).numpy(), want)
+
+
+def test_cvt_color_needs_a_known_source():
+    with pytest.raises(StageError, match="colour order"):
+        run("cvtColorTensor", torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (17, 301), (1, 1), (500, 40)])
+def test_resize_tensor_equals_opencv_float_bilinear(jpeg_factory, size):
+    jpeg = jpeg_factory(120, 160, seed=4)
+    got = run("S[DecodeTensor,ResizeTensor]", jpeg_tensor(jpeg), resize_h=size[0], resize_w=size[1])["data"]
+    assert got.dtype == torch.float32 and got.shape == (1, 3, *size)
+    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float32)
+    want = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    if want.ndim == 2:
+        want = want[:, :, None]
+    np.testing.assert_allclose(got[0].permute(1, 2, 0).numpy(), want, atol=2e-3)
+
+
+def test_resize_mat_equals_opencv(jpeg_factory):
+    jpeg = jpeg_factory(120, 160, seed=5)
+    got = run("S[DecodeMat,ResizeMat]", jpeg_tensor(jpeg), resize_h=50, resize_w=70)["data"]
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(got.numpy(), cv2.resize(bgr, (70, 50), interpolation=cv2.INTER_LINEAR))
+
+
+def test_pillow_resize_stages_equal_pil(jpeg_factory):
+    jpeg = jpeg_factory(97, 131, seed=6)
+    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    want = np.asarray(Image.fromarray(rgb).resize((45, 60), Image.BILINEAR))
+    tensor = run("S[DecodeTensor,PillowResizeTensor]", jpeg_tensor(jpeg), resize_h=60, resize_w=45)["data"]
+    np.testing.assert_array_equal(tensor[0].permute(1, 2, 0).numpy(), want)
+    mat = run("S[DecodeMat,cvtColorMat,PillowResizeMat]", jpeg_tensor(jpeg), color="rgb", resize_h=60, resize_w=45)["data"]
+    np.testing.assert_array_equal(mat.numpy(), want)
+
+
+def test_mat_tensor_round_trip():
+    mat = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    item = run("S[Mat2Tensor,Tensor2Mat]", mat)
+    np.testing.assert_array_equal(item["data"].numpy(), mat.numpy())
+    tensor = run("Mat2Tensor", mat)["data"]
+    np.testing.assert_array_equal(tensor.numpy(), mat.numpy().transpose(2, 0, 1)[None])
+
+
+@pytest.mark.parametrize("height, width", [(100, 200), (300, 150), (64, 64)])
+def test_resize_pad_output_padding_and_inverse(height, width):
+    image = torch.rand(1, 3, height, width) * 255
+    item = run("ResizePadTensor", image, max_h=128, max_w=96, pad_value="1,2,3")
+    out, inverse = item["data"], item["inverse_transform"]
+    assert out.shape == (1, 3, 128, 96) and inverse.shape == (1, 4)
+    scale = min(128 / height, 96 / width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    want = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[:, :, :new_h, :new_w], want)
+    for channel, value in enumerate((1.0, 2.0, 3.0)):
+        assert torch.all(out[0, channel, new_h:, :] == value) and torch.all(out[0, channel, :, new_w:] == value)
+    sx, sy, tx, ty = inverse[0].tolist()
+    # corners and the centre of the resized content map back onto the original image
+    for x_out, y_out, x_in, y_in in [(0, 0, 0, 0), (new_w, new_h, width, height), (new_w / 2, new_h / 2, width / 2, height / 2)]:
+        assert sx * x_out + tx == pytest.approx(x_in, abs=1e-3) and sy * y_out + ty == pytest.approx(y_in, abs=1e-3)
+
+
+def test_resize_pad_rejects_bad_pad_value():
+    with pytest.raises(ValueError, match="pad_value"):
+        run("ResizePadTensor", torch.zeros(1, 3, 4, 4), max_h=8, max_w=8, pad_value="1,2")
+
+
+def test_wrong_rank_is_a_stage_error():
+    with pytest.raises(StageError, match="1xCxHxW"):
+        run("ResizeTensor", torch.zeros(3, 4, 4), resize_h=2, resize_w=2)
+    with pytest.raises(StageError, match="uint8"):
+        run("DecodeMat", torch.zeros(10, dtype=torch.float32))
+
+
+def test_fail_stage_and_batch_isolation(jpeg_factory):
+    stage = build_stage(load_graph({"backend": "S[DecodeMat,Identity]"}).entry.tree, "cpu")
+    good = jpeg_tensor(jpeg_factory(20, 20))
+    items = [{"data": good}, {"data": good[:30]}, {"data": good}]
+    run_chain([stage], items)
+    assert "error" not in items[0] and "error" not in items[2] and isinstance(items[1]["error"], StageError)
+    with pytest.raises(StageError, match="C10Exception"):
+        run("C10Exception", good)
+
+
+def test_save_and_load_tensor(tmp_path):
+    value = torch.arange(12, dtype=torch.float32).view(1, 3, 2, 2)
+    item = run("SaveTensor", value, save_dir=str(tmp_path))
+    saved = list(tmp_path.glob("*.pt"))
+    assert len(saved) == 1 and item["saved_path"] == str(saved[0])
+    loaded = run("LoadTensor", torch.zeros(1), tensor_name=str(saved[0]))["data"]
+    torch.testing.assert_close(loaded, value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run("SaveTensor", value, save_dir=str(tmp_path / "missing"))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_load_tensor_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ConfigError, match="cannot load"):
+        run("LoadTensor", torch.zeros(1), tensor_name=str(path))
+
+
+def test_parsed_tree_builds_stages():
+    stage = build_stage(parse_backend("S[Identity,SyncTensor]"), "cpu")
+    item = {"data": torch.ones(2)}
+    run_chain([stage], [item])
+    torch.testing.assert_close(item["data"], torch.ones(2))
