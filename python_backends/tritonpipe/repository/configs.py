@@ -14,13 +14,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
+from .keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
-PARAM_PIPELINE = "tritonpipe.pipeline"
-PARAM_INPUTS = "tritonpipe.inputs"
-PARAM_OUTPUTS = "tritonpipe.outputs"
-PARAM_PLUGINS = "tritonpipe.plugins"
 
 
 def data_type(spec: TensorSpec) -> int:

@@ -19,7 +19,7 @@ from torch.utils.dlpack import to_dlpack
 
 from ..errors import StageError
 from ..pipeline.grammar import parse_backend
-from ..repository.configs import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
+from ..repository.keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
 from ..stages import build_stage, load_plugin
 from ..stages.control import run_chain
 
