@@ -47,7 +47,16 @@ def server(tmp_path_factory, tiny_onnx):
         {"backend": "S[DecodeMat,ResizeMat,cvtColorMat]", "resize_h": 40, "resize_w": 56, "color": "rgb", "max": 4},
         name="mat",
     )
-    repos = [generate_repository(g, root / g.name).path for g in (classifier, mats)]
+    fused = load_graph(
+        {
+            "backend": "S[DecodeTensor,ResizeTensor,cvtColorTensor,SyncTensor[TensorrtTensor]]",
+            "resize_h": 32, "resize_w": 32, "color": "rgb", "model": str(tiny_onnx),
+            "mean": ",".join(map(str, MEAN.ravel())), "std": ",".join(map(str, STD.ravel())),
+            "max": 4, "fuse": True,
+        },
+        name="fused",
+    )
+    repos = [generate_repository(g, root / g.name).path for g in (classifier, mats, fused)]
     with TritonServer(repos) as running:
         yield running
 
@@ -79,6 +88,12 @@ def test_classifier_matches_onnxruntime(server, session, jpeg_factory, protocol)
         want = reference_logits(session, jpeg)
         assert got.shape == (1, 10)
         np.testing.assert_allclose(got, want, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_fused_model_matches_onnxruntime(server, session, jpeg_factory):
+    client = PipelineClient(server.grpc_url, protocol="grpc", model="fused")
+    jpeg = jpeg_factory(77, 55, seed=9)
+    np.testing.assert_allclose(client.infer(jpeg)["scores"], reference_logits(session, jpeg), atol=LOGIT_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

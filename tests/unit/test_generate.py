@@ -125,3 +125,12 @@ def test_checked_in_example_is_current(tmp_path, tiny_onnx):
         }
 
     assert text_files(fresh) == text_files(checked_in)
+
+
+def test_fuse_keeps_the_model_in_the_preprocessing_model(tiny_onnx):
+    _, configs, _ = build_repository(load_graph(model_chain(tiny_onnx, fuse=True, max=4), name="cls"))
+    assert list(configs) == ["cls"]
+    config = configs["cls"]
+    assert config.backend == "python" and [o.name for o in config.output] == ["scores"]
+    assert list(config.output[0].dims) == [10]
+    assert "TensorrtTensor(" in config.parameters["tritonpipe.pipeline"].string_value

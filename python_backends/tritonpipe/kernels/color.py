@@ -17,4 +17,4 @@ def convert_color(image: torch.Tensor, source: str, target: str, channel_dim: in
     if source == target:
         return image
     # rgb <-> bgr is the same swap both ways
-    return image.flip(channel_dim).contiguous()
+    return image.flip(channel_dim)  # flip copies, so the result is already contiguous

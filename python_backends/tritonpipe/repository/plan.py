@@ -65,13 +65,14 @@ def _contains_model(node: StageNode) -> bool:
     return any(lookup(n.name).role == "model" for n in node.walk())
 
 
-def _segments(tree: StageNode) -> list[tuple[bool, list[StageNode]]]:
-    """Split a node's top-level chain into (is_model, stages) runs."""
+def _segments(tree: StageNode, fuse: bool = False) -> list[tuple[bool, list[StageNode]]]:
+    """Split a node's top-level chain into (is_model, stages) runs; ``fuse`` keeps it whole."""
     chain = tree.children if lookup(tree.name).role == "sequence" else [tree]
     segments: list[tuple[bool, list[StageNode]]] = []
     for child in chain:
         if _contains_model(child):
             _check_model_branch(child)
+        if _contains_model(child) and not fuse:
             segments.append((True, [child]))
         elif segments and not segments[-1][0]:
             segments[-1][1].append(child)
@@ -146,7 +147,7 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
 
     for node in graph.nodes.values():
         source_tensor, spec = produced.get(predecessors.get(node.name, ""), ("INPUT", ENCODED_IMAGE))
-        segments = _segments(node.tree)
+        segments = _segments(node.tree, node.settings.fuse)
         for index, (is_model, stages) in enumerate(segments):
             name = _segment_name(node, index, len(segments), is_model, used_names)
             if name in used_names:
@@ -200,16 +201,13 @@ def _plan_model(
         return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, True), out_spec
     out_spec = infer_tree(tree, spec)
     inputs = [Port("INPUT", spec, PRIMARY_KEY)]
-    outputs = [Port("OUTPUT", out_spec, PRIMARY_KEY)]
-    outputs += [Port(key.upper(), extra, key) for key, extra in extra_outputs(tree).items()]
+    primary = "OUTPUT"
+    if _contains_model(tree):  # a fused model stage keeps its model's output names
+        stage = _model_stage(tree)
+        primary = lookup(stage.name).io(stage.params)[1][0].name
+    outputs = [Port(primary, out_spec, PRIMARY_KEY)]
+    outputs += [Port(key, extra, key) for key, extra in extra_outputs(tree).items()]
     return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, False), out_spec
-
-
-def check_io(model: ModelPlan) -> None:
-    """Every port must be expressible in a Triton config."""
-    for port in model.inputs + model.outputs:
-        if not port.spec.triton_dims:
-            raise ConfigError(f"model {model.name!r}: tensor {port.name!r} has no per-request dimensions")
 
 
 __all__ = ["ModelPlan", "Port", "RepositoryPlan", "Step", "TensorIO", "plan_repository"]
