@@ -43,10 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", choices=DEVICES, default="auto",
         help="where GPU-capable stages run: auto lets Triton pick the GPU when there is one (default: %(default)s)",
     )
+    parser.add_argument(
+        "--native", default="", metavar="ENGINES",
+        help="serve model steps of these engines (tensorrt,onnxruntime) with Triton's own backends instead of "
+        "the Python runner; TensorRT needs a .plan (see tritonpipe-build-engine)",
+    )
     parser.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     parser.add_argument("--dry-run", action="store_true", help="print the configs instead of writing them")
     parser.add_argument("--list-stages", action="store_true", help="print the table of stages (with --plugin ones) and exit")
     args = parser.parse_args(argv)
+    args.native = tuple(e.strip().lower() for e in args.native.split(",") if e.strip())
     if args.list_stages:
         return args
     if bool(args.config) == bool(args.backend):
@@ -83,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             base_dir = Path(args.config).resolve().parent
         graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=None if args.backend else base_dir)
         if args.dry_run:
-            _, configs, _ = build_repository(graph, args.device)
+            _, configs, _ = build_repository(graph, args.device, args.native)
             for name, config_proto in configs.items():
                 print(f"# {name}/config.pbtxt\n{to_text(config_proto)}")
             return 0
-        repository = generate_repository(graph, args.output, device=args.device, overwrite=args.force)
+        repository = generate_repository(graph, args.output, device=args.device, overwrite=args.force, native=args.native)
         print(f"wrote {repository.path}")
         for name, config_proto in sorted(repository.configs.items()):
             kind = config_proto.platform or config_proto.backend
-            print(f"  {name:<32} {kind:<9} max_batch_size={config_proto.max_batch_size}")
+            print(f"  {name:<32} {kind:<16} max_batch_size={config_proto.max_batch_size}")
         print(f"entry model: {repository.entry}")
         print(f"serve it with: tritonpipe-serve {args.output}")
         return 0

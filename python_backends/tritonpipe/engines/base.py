@@ -54,3 +54,14 @@ def describe_onnx(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
     inputs = [convert(v) for v in model.graph.input if v.name not in initializers]
     outputs = [convert(v) for v in model.graph.output]
     return inputs, outputs
+
+
+@dataclass(frozen=True)
+class NativeModel:
+    """A model step that Triton serves with one of its own backends instead of the Python runner."""
+
+    platform: str  # "tensorrt_plan" or "onnxruntime_onnx"
+    source: Path  # the file copied into the version folder
+    filename: str  # its name there (default_model_filename)
+    max_batch: int | None = None  # None: the node's ``max``
+    cuda_graphs: bool = False

@@ -165,7 +165,12 @@ def render(node: StageNode) -> str:
 def _quote(value: object) -> str:
     text = str(value)
     if any(c in text for c in ",()[]'\"") or text != text.strip() or not text:
-        if '"' in text:
+        if '"' not in text:
+            return '"' + text + '"'
+        if "'" not in text:
             return "'" + text + "'"
-        return '"' + text + '"'
+        # the grammar has no escapes: a value with both quotes can only be written bare
+        if text == text.strip() and text[0] not in "'\"" and not any(c in text for c in ",()[]"):
+            return text
+        raise ConfigError(f"value {text!r} holds both quote characters and cannot be written in a pipeline string")
     return text

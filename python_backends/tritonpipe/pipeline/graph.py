@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages import load_plugin
 from ..stages.base import Param, Stage, check_params, did_you_mean, lookup, registered_names
@@ -38,8 +39,9 @@ else:  # pragma: no cover
 TRITON_KEYS = {
     "instance_num": Param(int, 1, low=1, high=1024, doc="instances of the model (instance_group.count)"),
     "batching_timeout": Param(float, 0.0, low=0.0, high=60_000.0, doc="ms a batch waits to fill"),
-    "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size)"),
+    "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size); of shapes, the largest first dim"),
     "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
+    "fuse": Param(bool, False, doc="run the model stage inside the preprocessing model: one model, no ensemble hop"),
 }
 #: graph-wide keys that are not node settings
 GRAPH_KEYS = ("name", "plugins")
@@ -53,6 +55,7 @@ class NodeSettings:
     batching_timeout: float = 0.0
     max: int = 1
     gpus: tuple[int, ...] = ()
+    fuse: bool = False
 
 
 @dataclass
@@ -133,7 +136,7 @@ def load_graph(
     config = copy.deepcopy(config)
     base = Path(base_dir or Path.cwd()).resolve()
 
-    plugin_list = [*_as_list(config.pop("plugins", [])), *plugins]
+    plugin_list = [*_as_list(config.pop("plugins", []), "plugins"), *plugins]
     plugin_paths = [(base / p).resolve() if not Path(p).is_absolute() else Path(p) for p in plugin_list]
     for plugin in plugin_paths:
         load_plugin(plugin)
@@ -159,10 +162,19 @@ def load_graph(
     return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
 
 
-def _as_list(value: Any) -> list[str]:
+def _as_list(value: Any, what: str = "a list") -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> names; anything else (numbers, tables, NUL bytes) is a ConfigError."""
     if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return list(value or [])
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif value is None:
+        items = []
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, Path)) for v in value):
+        items = [str(v) for v in value]
+    else:
+        raise ConfigError(f"{what} must be a name or a list of names, got {value!r}")
+    if any("\x00" in v for v in items):
+        raise ConfigError(f"{what} must not contain NUL bytes, got {value!r}")
+    return items
 
 
 def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
@@ -214,6 +226,8 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     settings = NodeSettings()
     for key, value in settings_raw.items():
         try:
+            if key == "max" and isinstance(value, str) and any(c in value for c in "xX,;"):
+                value = largest_batch(value)  # shapes like 4x3x224x224: Triton takes the batch dim
             coerced = TRITON_KEYS[key].coerce(key, value)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -221,7 +235,7 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
             settings.gpus = _parse_gpus(where, coerced)
         else:
             setattr(settings, key, coerced)
-    return Node(node_name, tree, settings, next=_as_list(raw.get("next", [])))
+    return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"))
 
 
 def _parse_gpus(where: str, text: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import json
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
@@ -18,6 +19,8 @@ from .keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
+#: engines whose model steps Triton can serve with its own backend (``--native``)
+NATIVE = ("tensorrt", "onnxruntime")
 
 
 def data_type(spec: TensorSpec) -> int:
@@ -63,6 +66,41 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str]) -> mc
     _set_param(config, PARAM_OUTPUTS, json.dumps({p.name: p.key for p in model.outputs}))
     if plugins:
         _set_param(config, PARAM_PLUGINS, json.dumps(plugins))
+    return config
+
+
+def native_model_config(model: ModelPlan, native: NativeModel, device: str) -> mc.ModelConfig:
+    """The config of a model step served by Triton's own TensorRT or ONNX Runtime backend."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    max_batch = native.max_batch or model.settings.max
+    if model.settings.max > max_batch:
+        raise ConfigError(
+            f"model {model.name!r}: max={model.settings.max} exceeds the plan's largest profile batch {max_batch}; "
+            "rebuild the plan with a larger --max or lower max"
+        )
+    config = mc.ModelConfig(
+        name=model.name, platform=native.platform, default_model_filename=native.filename, max_batch_size=max_batch
+    )
+    for port in model.inputs:
+        _tensor(config.input.add(), port)
+    for port in model.outputs:
+        _tensor(config.output.add(), port)
+    group = config.instance_group.add(count=model.settings.instance_num, gpus=model.settings.gpus)
+    if native.platform == "tensorrt_plan":
+        if device == "cpu":
+            raise ConfigError(f"model {model.name!r}: a TensorRT plan needs a GPU; drop --device cpu or --native tensorrt")
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+    else:
+        group.kind = {"gpu": mc.ModelInstanceGroup.KIND_GPU, "cpu": mc.ModelInstanceGroup.KIND_CPU}.get(
+            device, mc.ModelInstanceGroup.KIND_AUTO
+        )
+        if device == "cpu":
+            del group.gpus[:]
+    if max_batch > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = int(round(model.settings.batching_timeout * 1000))
+    if native.cuda_graphs:
+        config.optimization.cuda.graphs = True
     return config
 
 

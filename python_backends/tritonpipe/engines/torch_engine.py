@@ -1,0 +1,200 @@
+"""Torch engine: TorchScript (``.ts``/``.pt``/``.pth``/``.jit``) and ``torch.export`` (``.pt2``) files.
+
+On a GPU the model runs in FP16 unless ``precision=fp32``: floating inputs are cast to the model's
+dtype and floating outputs back to their declared type, so the served types do not change.  When
+every per-request dimension is fixed, each batch size is captured once as a CUDA graph and replayed
+afterwards.  On the CPU the model runs eagerly in FP32.
+
+Inputs and outputs: a ``torch.export`` file describes itself (names and shapes from its signature
+and example values; outputs are called ``output0``, ``output1``...).  A TorchScript file cannot,
+so it needs ``inputs``; its outputs come from one dry run on the CPU unless ``outputs`` is given.
+Both take ``"name:TYPE:DIMS[,name:TYPE:DIMS...]"`` with per-request DIMS (no batch), e.g.
+``inputs="x:FP32:3x224x224"``; ``-1`` marks a free dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..pipeline.spec import TORCH_TO_TRITON, TRITON_TO_TORCH, TensorSpec
+from .base import TensorIO
+
+log = logging.getLogger(__name__)
+
+TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".pth", ".jit")
+EXPORT_SUFFIXES = (".pt2",)
+TORCH_SUFFIXES = TORCHSCRIPT_SUFFIXES + EXPORT_SUFFIXES
+
+
+def parse_io(what: str, text: str) -> list[TensorIO]:
+    """``"x:FP32:3x224x224,mask:INT64:-1"`` -> TensorIO list (shapes get a leading free batch dim)."""
+    ios: list[TensorIO] = []
+    for entry in str(text).split(","):
+        parts = [p.strip() for p in entry.split(":")]
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError(f"{what}: {entry.strip()!r} should look like name:FP32:3x224x224")
+        name, dtype, dims = parts[0], parts[1].upper(), parts[2].lower()
+        if dtype not in TRITON_TO_TORCH:
+            raise ConfigError(f"{what}: {name!r} has unknown type {parts[1]!r}; use one of {', '.join(TRITON_TO_TORCH)}")
+        try:
+            shape = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            raise ConfigError(f"{what}: {name!r} has dims {parts[2]!r}; write them like 3x224x224") from None
+        if any(d == 0 or d < -1 for d in shape):
+            raise ConfigError(f"{what}: {name!r} dims must be positive or -1, got {parts[2]!r}")
+        if any(io.name == name for io in ios):
+            raise ConfigError(f"{what}: {name!r} is given twice")
+        ios.append(TensorIO(name, TensorSpec(dtype, (-1, *shape), batched=True)))
+    return ios
+
+
+def _spec(value: Any, what: str) -> TensorSpec:
+    if not isinstance(value, torch.Tensor) or value.dtype not in TORCH_TO_TRITON:
+        raise ConfigError(f"{what} is {type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' ' + str(value.dtype)}, not a tensor Triton can carry")
+    shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)  # symbolic dims are free
+    return TensorSpec(TORCH_TO_TRITON[value.dtype], shape, batched=True)
+
+
+def _as_list(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return list(result.values())
+    if isinstance(result, (list, tuple)):
+        return list(result)
+    raise ConfigError(f"the model returned {type(result).__name__}; return a tensor, a tuple or a dict of tensors")
+
+
+def _export_io(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
+    program = torch.export.load(str(path))
+    signature = program.graph_signature
+    nodes = list(program.graph.nodes)
+    user_inputs = set(signature.user_inputs)
+    inputs = [TensorIO(n.name, _spec(n.meta.get("val"), f"input {n.name!r}")) for n in nodes if n.op == "placeholder" and n.name in user_inputs]
+    returned = next(n for n in nodes if n.op == "output").args[0]
+    user_outputs = [a for a in returned if getattr(a, "name", None) in set(signature.user_outputs)]
+    outputs = [TensorIO(f"output{i}", _spec(a.meta.get("val"), f"output {i}")) for i, a in enumerate(user_outputs)]
+    return inputs, outputs
+
+
+def _dry_run_outputs(path: Path, inputs: list[TensorIO]) -> list[TensorIO]:
+    free = [io.name for io in inputs if any(d < 0 for d in io.spec.shape[1:])]
+    if free:
+        raise ConfigError(f"inputs {', '.join(free)} have free dims, so the outputs cannot be found by a dry run; give outputs=")
+    dummy = [torch.zeros((1, *io.spec.shape[1:]), dtype=TRITON_TO_TORCH[io.spec.dtype]) for io in inputs]
+    with torch.inference_mode():
+        results = _as_list(load_module(path, torch.device("cpu"))(*dummy))
+    specs = [_spec(r, f"output {i}") for i, r in enumerate(results)]
+    return [TensorIO(f"output{i}", TensorSpec(s.dtype, (-1, *s.shape[1:]), batched=True)) for i, s in enumerate(specs)]
+
+
+@functools.lru_cache(maxsize=32)
+def _describe(path: str, mtime: int, inputs_text: str, outputs_text: str) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
+    file = Path(path)
+    if file.suffix.lower() in EXPORT_SUFFIXES:
+        found_in, found_out = _export_io(file)
+        inputs = parse_io("inputs", inputs_text) if inputs_text else found_in
+        if len(inputs) != len(found_in):
+            raise ConfigError(f"inputs names {len(inputs)} tensors but {file.name} takes {len(found_in)}")
+        outputs = parse_io("outputs", outputs_text) if outputs_text else found_out
+    else:
+        if not inputs_text:
+            raise ConfigError(
+                f"{file.name} is TorchScript, which does not describe its inputs; give inputs=\"x:FP32:3x224x224\" "
+                "(per-request dims), or export the model with torch.export to a .pt2 file"
+            )
+        inputs = parse_io("inputs", inputs_text)
+        outputs = parse_io("outputs", outputs_text) if outputs_text else _dry_run_outputs(file, inputs)
+    return tuple(inputs), tuple(outputs)
+
+
+def describe_torch(path: Path, inputs_text: str = "", outputs_text: str = "") -> tuple[list[TensorIO], list[TensorIO]]:
+    """Inputs and outputs of a torch model file (see the module doc for ``inputs``/``outputs``)."""
+    try:
+        inputs, outputs = _describe(str(path), path.stat().st_mtime_ns, inputs_text.strip(), outputs_text.strip())
+    except (RuntimeError, ValueError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read torch model {path.name}: {exc}") from None
+    return list(inputs), list(outputs)
+
+
+def load_module(path: Path, device: torch.device) -> Any:
+    if path.suffix.lower() in EXPORT_SUFFIXES:
+        return torch.export.load(str(path)).module().to(device)  # exported modules refuse .eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still loads
+        module = torch.jit.load(str(path), map_location=device)
+    return module.eval()
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        path: Path,
+        device: torch.device,
+        inputs_text: str = "",
+        outputs_text: str = "",
+        precision: str = "fp16",
+        cuda_graph: bool = True,
+    ):
+        self.inputs, self.outputs = describe_torch(path, inputs_text, outputs_text)
+        self.device = device
+        half = device.type == "cuda" and precision != "fp32"
+        if half and precision in ("int8", "best"):
+            log.info("the torch engine has no INT8; %s runs in FP16", path.name)
+        self.compute = torch.float16 if half else torch.float32
+        module = load_module(path, device)
+        self.module = module.half() if half else module
+        static = all(d >= 0 for io in self.inputs for d in io.spec.shape[1:])
+        self.use_graphs = cuda_graph and device.type == "cuda" and static
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        kind = "torch.export" if path.suffix.lower() in EXPORT_SUFFIXES else "TorchScript"
+        self.description = f"torch ({kind}, {device}, {'fp16' if half else 'fp32'}{', CUDA graphs' if self.use_graphs else ''})"
+
+    def _feed(self, tensor: torch.Tensor, io: TensorIO) -> torch.Tensor:
+        dtype = TRITON_TO_TORCH[io.spec.dtype]
+        return tensor.to(self.device, self.compute if dtype.is_floating_point else dtype)
+
+    def _call(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _as_list(self.module(*inputs))
+
+    def _replay(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple(tuple(t.shape) for t in inputs)
+        if key not in self.graphs:
+            static_in = [t.clone() for t in inputs]
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm up off the capture, as CUDA graphs require
+                for _ in range(2):
+                    self._call(static_in)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self._call(static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+            log.info("captured a CUDA graph for input shapes %s", key)
+        graph, static_in, static_out = self.graphs[key]
+        for target, source in zip(static_in, inputs):
+            target.copy_(source)
+        graph.replay()
+        return [t.clone() for t in static_out]  # the next replay overwrites the static outputs
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        feeds = [self._feed(t, io) for t, io in zip(inputs, self.inputs)]
+        with torch.no_grad():
+            results = self._replay(feeds) if self.use_graphs else self._call(feeds)
+        if len(results) != len(self.outputs):
+            raise ConfigError(f"the model returned {len(results)} tensors but {len(self.outputs)} outputs are declared")
+        return [
+            r.to(TRITON_TO_TORCH[io.spec.dtype]) if r.is_floating_point() else r for r, io in zip(results, self.outputs)
+        ]
