@@ -6,8 +6,6 @@
 """
 
 from .errors import ConfigError, StageError
-from .pipeline.graph import load_graph
-from .repository.generate import generate_repository
 from .stages.base import MapStage, Param, Stage, register
 
 __all__ = [
@@ -24,9 +22,17 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # the serving layer imports tritonclient; load it only when asked for
+    # these import tritonclient; served models import this package and must not need it
     if name == "pipe":
         from .serving.pipe import pipe
 
         return pipe
-    raise AttributeError(name)
+    if name == "load_graph":
+        from .pipeline.graph import load_graph
+
+        return load_graph
+    if name == "generate_repository":
+        from .repository.generate import generate_repository
+
+        return generate_repository
+    raise AttributeError(f"module 'tritonpipe' has no attribute {name!r}")

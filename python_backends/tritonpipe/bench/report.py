@@ -1,0 +1,191 @@
+"""Results -> CSV files, a markdown report and an optional plot."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .stats import StepTimes
+
+SYSTEMS = ("ensemble", "baseline", "inprocess")
+TITLES = {
+    "ensemble": "tritonpipe ensemble",
+    "baseline": "PIL baseline ensemble",
+    "inprocess": "in-process (no server)",
+}
+
+
+@dataclass
+class Row:
+    system: str
+    concurrency: int  # requests in flight; the batch size for the in-process run
+    throughput: float | None  # images per second
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    gpu_mem_before_mb: float | None = None
+    gpu_mem_mb: float | None = None  # after the level
+    note: str = ""
+
+
+ROW_COLUMNS = [f.name for f in fields(Row)]
+BREAKDOWN_COLUMNS = [
+    "system", "model", "requests", "executions", "avg_batch",
+    "total_ms", "queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms", "other_ms",
+]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def fmt_mem(before: float | None, after: float | None) -> str:
+    if before is None and after is None:
+        return "—"
+    return f"{before or 0:.0f}→{after or 0:.0f}"
+
+
+def write_rows(rows: list[Row], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ROW_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+    return path
+
+
+def _breakdown_values(step: StepTimes) -> list:
+    return [
+        step.system, step.model, step.requests, step.executions, step.avg_batch,
+        step.total_ms, step.queue_ms, step.compute_input_ms, step.compute_infer_ms, step.compute_output_ms, step.other_ms,
+    ]  # None stays empty in the CSV
+
+
+def write_breakdown(steps: list[StepTimes], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BREAKDOWN_COLUMNS)
+        for step in steps:
+            writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in _breakdown_values(step)])
+    return path
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return out
+
+
+def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) -> str:
+    by = {(r.system, r.concurrency): r for r in rows if r.system != "inprocess"}
+    present = [s for s in ("ensemble", "baseline") if any(r.system == s for r in rows)]
+    inproc = next((r for r in rows if r.system == "inprocess"), None)
+    has_mem = any(r.gpu_mem_mb is not None or r.gpu_mem_before_mb is not None for r in rows)
+    levels = sorted({c for (_, c) in by})
+
+    out = ["# tritonpipe-bench", ""]
+    out += [f"- {key}: {value}" for key, value in header.items()]
+    out += ["", "## Throughput (images/s) and latency (ms) by concurrency", ""]
+    columns = ["concurrency"]
+    for system in present:
+        columns += [f"{system} img/s", f"{system} p50", f"{system} p99"]
+        if has_mem:
+            columns.append(f"{system} GPU MiB")
+    if "baseline" in present and "ensemble" in present:
+        columns.append("ensemble/baseline")
+    if inproc is not None and "ensemble" in present:
+        columns.append("ensemble/in-process")
+    lines = []
+    for level in levels:
+        line = [str(level)]
+        for system in present:
+            row = by.get((system, level))
+            line += [fmt_rate(row and row.throughput), fmt_ms(row and row.p50_ms), fmt_ms(row and row.p99_ms)]
+            if has_mem:
+                line.append(fmt_mem(row and row.gpu_mem_before_mb, row and row.gpu_mem_mb))
+        ensemble = by.get(("ensemble", level))
+        if "baseline" in present and "ensemble" in present:
+            line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get(("baseline", level)) or Row("", 0, None)).throughput)))
+        if inproc is not None and "ensemble" in present:
+            line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, inproc.throughput)))
+        lines.append(line)
+    if levels:
+        out += _table(columns, lines)
+    if inproc is not None:
+        out += ["", f"In-process limit ({inproc.note or 'no server'}):", ""]
+        out += _table(
+            ["batch", "img/s", "batch p50 ms", "batch p99 ms"] + (["GPU MiB"] if has_mem else []),
+            [[str(inproc.concurrency), fmt_rate(inproc.throughput), fmt_ms(inproc.p50_ms), fmt_ms(inproc.p99_ms)]
+             + ([fmt_mem(inproc.gpu_mem_before_mb, inproc.gpu_mem_mb)] if has_mem else [])],
+        )
+    failed = [r for r in rows if r.throughput is None and r.note]
+    if failed:
+        out += ["", "Failed measurements:", ""] + [f"- {r.system} at {r.concurrency}: {r.note}" for r in failed]
+    if steps:
+        out += [
+            "", "## Where the time goes (ms per request, averaged over each system's whole sweep)", "",
+            "Server rows come from Triton's model statistics. An ensemble's row is its end-to-end server time, "
+            "and its `other` is the ensemble's own overhead (total minus its steps' totals); a model's `other` "
+            "is time no phase accounts for. In-process rows are wall time per image of each model's stage tree.", "",
+        ]
+        out += _table(
+            ["system", "model", "requests", "avg batch", "total", "queue", "compute input", "compute infer", "compute output", "other"],
+            [
+                [s.system, s.model, str(s.requests), f"{s.avg_batch:.1f}", fmt_ms(s.total_ms), fmt_ms(s.queue_ms),
+                 fmt_ms(s.compute_input_ms), fmt_ms(s.compute_infer_ms), fmt_ms(s.compute_output_ms), fmt_ms(s.other_ms)]
+                for s in steps
+            ],
+        )
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[Row], path: Path) -> Path | None:
+    """Throughput and p99 against concurrency, two panels; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in ("ensemble", "baseline"):
+        points = sorted((r.concurrency, r.throughput, r.p99_ms) for r in rows if r.system == system and r.throughput)
+        if points:
+            xs = [p[0] for p in points]
+            left.plot(xs, [p[1] for p in points], marker="o", label=TITLES[system])
+            right.plot(xs, [p[2] for p in points], marker="o", label=TITLES[system])
+    for row in rows:
+        if row.system == "inprocess" and row.throughput:
+            left.axhline(row.throughput, linestyle="--", color="gray", label=f"{TITLES['inprocess']}, batch {row.concurrency}")
+    levels = sorted({r.concurrency for r in rows if r.system != "inprocess"})
+    for axis, label in ((left, "images / s"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        if levels:
+            axis.set_xticks(levels, [str(level) for level in levels])
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    left.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

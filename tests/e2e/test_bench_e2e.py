@@ -1,0 +1,56 @@
+"""tritonpipe-bench end to end at tiny scale: real tritonserver, real perf_analyzer, CPU only.
+
+Only that it measures and reports is checked; speeds are never asserted.
+"""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from tritonpipe.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS
+
+pytestmark = pytest.mark.server
+
+
+def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'name = "cls"\n'
+        'backend = "S[DecodeTensor,ResizeTensor,cvtColorTensor,SyncTensor[TensorrtTensor]]"\n'
+        f'resize_h = 32\nresize_w = 32\nmodel = "{tiny_onnx}"\nmax = 4\nbatching_timeout = 1\n'
+    )
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "tritonpipe_tools.bench", "--config", str(config), "--corpus-count", "3",
+        "--concurrency", "1,2", "--measurement-interval", "1000", "--stability-percentage", "100",
+        "--baseline-instances", "1", "--inprocess-batch", "4", "--inprocess-seconds", "1",
+        "--device", "cpu", "--no-progress", "-o", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    with open(out / "results.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ROW_COLUMNS
+        rows = list(reader)
+    assert [(r["system"], r["concurrency"]) for r in rows] == [
+        ("ensemble", "1"), ("ensemble", "2"), ("baseline", "1"), ("baseline", "2"), ("inprocess", "4"),
+    ]
+    for row in rows:
+        assert float(row["throughput"]) > 0, row
+        assert 0 < float(row["p50_ms"]) <= float(row["p99_ms"]), row
+
+    with open(out / "breakdown.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == BREAKDOWN_COLUMNS
+        models = {(r["system"], r["model"]) for r in reader if int(r["requests"]) > 0}
+    assert {("ensemble", "cls_pre"), ("ensemble", "cls_model"), ("baseline", "baseline_pre"), ("baseline", "cls_model")} <= models
+    assert ("inprocess", "cls_pre") in models
+
+    report = (out / "report.md").read_text()
+    assert "| concurrency | ensemble img/s |" in report and "ensemble/baseline" in report and "ensemble/in-process" in report
+    assert "## Where the time goes" in report and "- corpus: 3 synthetic JPEGs" in report
+    assert report.strip() in done.stdout
+    assert (out / "perf_logs" / "ensemble_c2.log").is_file()

@@ -1,0 +1,132 @@
+"""tritonpipe-bench: measure a generated ensemble against a hand-written PIL baseline and the in-process limit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from tritonpipe.bench import DEFAULT_CONCURRENCY, SYSTEMS, BenchOptions, PerfSettings, run_bench
+from tritonpipe.bench.perf import MEASUREMENT_MODES, SHARED_MEMORY, PerfError
+from tritonpipe.repository.configs import DEVICES
+from tritonpipe.serving.server import ServerError
+from tritonpipe.stages.model import ENGINES
+
+from ._cli import run
+
+EPILOG = """systems (all measured on the same corpus and the same model-stage model):
+  ensemble   the repository tritonpipe generates for the pipeline
+  baseline   a hand-written PIL preprocessing model (one image per call, CPU instances) in front of it
+  inprocess  the same stage trees called directly in this process at one batch, no server
+
+examples:
+  tritonpipe-bench                                   # the resnet18 example, default sweep
+  tritonpipe-bench --concurrency 1,4,8 --measurement-interval 3000
+  tritonpipe-bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
+
+Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _systems(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in values if v not in SYSTEMS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(SYSTEMS)}, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tritonpipe-bench", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--config", type=Path, help="pipeline TOML/JSON (default: the resnet18 example's pipeline)")
+    what.add_argument("--model", type=Path, help="model file for the model stage (overrides the config's)")
+    what.add_argument("--engine", choices=ENGINES, help="engine for the model stage (passed to the config)")
+    what.add_argument("--systems", type=_systems, default=SYSTEMS, help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    what.add_argument("--corpus", type=Path, help="folder of JPEGs (default: synthetic images)")
+    what.add_argument("--corpus-count", type=int, default=48, help="synthetic images (default: %(default)s)")
+    what.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default: %(default)s)")
+    what.add_argument("--device", choices=DEVICES, default="auto", help="where GPU-capable stages run (default: %(default)s)")
+
+    tuning = parser.add_argument_group("serving settings (applied to the generated config)")
+    tuning.add_argument("--instances", type=int, help="instance_num of every node")
+    tuning.add_argument("--max-batch", type=int, help="max (max_batch_size) of every node")
+    tuning.add_argument("--batching-timeout", type=float, help="batching_timeout (ms) of every node")
+    tuning.add_argument("--baseline-instances", type=int, default=os.cpu_count(), help="CPU instances of the PIL model (default: %(default)s)")
+
+    perf = parser.add_argument_group("perf_analyzer")
+    perf.add_argument(
+        "--concurrency", type=_ints, default=DEFAULT_CONCURRENCY,
+        help=f"levels, e.g. 1,8,32 (default: {','.join(map(str, DEFAULT_CONCURRENCY))})",
+    )
+    perf.add_argument("--measurement-interval", type=int, default=5000, help="window in ms (default: %(default)s)")
+    perf.add_argument("--measurement-mode", choices=MEASUREMENT_MODES, default="time_windows")
+    perf.add_argument("--measurement-request-count", type=int, default=50, help="requests per window in count_windows mode")
+    perf.add_argument("--stability-percentage", type=float, default=10.0, help="allowed variation between windows (default: %(default)s)")
+    perf.add_argument("--max-trials", type=int, default=10, help="windows before a level is given up (default: %(default)s)")
+    perf.add_argument("--percentile", type=int, help="stabilise on this latency percentile instead of the average")
+    perf.add_argument("--shared-memory", choices=SHARED_MEMORY, default="none", help="client-side shared memory for inputs/outputs")
+    perf.add_argument("--perf-arg", action="append", default=[], metavar="ARG", help="extra perf_analyzer argument (repeatable), e.g. --perf-arg=--async")
+    perf.add_argument("--perf-timeout", type=float, default=1200, help="seconds one level may take (default: %(default)s)")
+
+    other = parser.add_argument_group("in-process run and the rest")
+    other.add_argument("--inprocess-batch", type=int, default=64, help="batch of the in-process run (default: %(default)s)")
+    other.add_argument("--inprocess-seconds", type=float, default=10.0, help="how long it runs (default: %(default)s)")
+    other.add_argument("--triton-home", help="folder of an unpacked tritonpipe-bundle (else the nvidia-pytriton wheel)")
+    other.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for the models to load")
+    other.add_argument("-o", "--output", type=Path, default=Path("bench_results"), help="results folder (default: %(default)s)")
+    other.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
+    return BenchOptions(
+        config=args.config, model=args.model, engine=args.engine, corpus=args.corpus,
+        corpus_count=args.corpus_count, seed=args.seed, systems=args.systems, concurrency=args.concurrency,
+        perf=PerfSettings(
+            measurement_interval_ms=args.measurement_interval, measurement_mode=args.measurement_mode,
+            measurement_request_count=args.measurement_request_count, stability_percentage=args.stability_percentage,
+            max_trials=args.max_trials, percentile=args.percentile, shared_memory=args.shared_memory,
+            extra_args=tuple(args.perf_arg), timeout_s=args.perf_timeout,
+        ),
+        instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
+        baseline_instances=args.baseline_instances, device=args.device, triton_home=args.triton_home,
+        output=args.output, inprocess_batch=args.inprocess_batch, inprocess_seconds=args.inprocess_seconds,
+        server_timeout=args.server_timeout, progress=not args.no_progress, command=command,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    args = parse_args(raw)
+
+    def body() -> int:
+        options = options_from(args, shlex.join(["tritonpipe-bench", *raw]))
+        from tqdm import tqdm
+
+        # tqdm.write keeps the progress lines clear of the bars
+        result = run_bench(options, say=lambda line: tqdm.write(line, file=sys.stdout))
+        print()
+        print(result.markdown)
+        for kind, path in result.files.items():
+            print(f"{kind}: {path}")
+        return 0 if all(r.throughput for r in result.rows) else 1
+
+    return run(body, expected=(ServerError, PerfError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
