@@ -252,8 +252,27 @@ class ResizeMat(_Resize):
         return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
 
 
+class _PillowResize(_Resize):
+    params = {
+        **_RESIZE,
+        "pass_order": Param(
+            str, "auto", choices=("auto", "pillow13", "legacy"),
+            doc="Pillow 13 runs the height pass first when it shrinks most; auto follows the installed Pillow",
+        ),
+    }
+
+    def init(self, params: dict[str, Any]) -> None:
+        super().init(params)
+        order = params["pass_order"]
+        if order == "auto":
+            import PIL
+
+            order = "legacy" if int(PIL.__version__.split(".")[0]) < 13 else "pillow13"
+        self.legacy = order == "legacy"
+
+
 @register("PillowResizeTensor")
-class PillowResizeTensor(_Resize):
+class PillowResizeTensor(_PillowResize):
     """Resize of a uint8 1x3xHxW tensor, bit-identical to Pillow's BILINEAR, on the instance's device."""
 
     input_doc = "1x3xHxW uint8 tensor"
@@ -263,7 +282,7 @@ class PillowResizeTensor(_Resize):
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         image = _nchw(data, self.name, torch.uint8).to(self.device, non_blocking=True)
-        return pillow_resize(image[0], self.height, self.width).unsqueeze(0)
+        return pillow_resize(image[0], self.height, self.width, legacy_pass_order=self.legacy).unsqueeze(0)
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
@@ -272,14 +291,14 @@ class PillowResizeTensor(_Resize):
 
 
 @register("PillowResizeMat")
-class PillowResizeMat(_Resize):
+class PillowResizeMat(_PillowResize):
     """Resize of a uint8 HxWx3 mat, bit-identical to Pillow's BILINEAR."""
 
     input_doc = "HxWx3 uint8 mat"
     output_doc = "uint8 `resize_h`x`resize_w`x3"
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
-        return pillow_resize_hwc(_hwc(data, self.name, torch.uint8), self.height, self.width)
+        return pillow_resize_hwc(_hwc(data, self.name, torch.uint8), self.height, self.width, legacy_pass_order=self.legacy)
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
