@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
+
 import dataclasses
 import datetime
 import os
@@ -236,7 +239,34 @@ def _sweep(
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble)
 
 
-def _served_systems(repo: GeneratedRepository, options: BenchOptions, say) -> dict[str, tuple[str, list[str]]]:
+def _unfused_repository(graph: Graph, workdir: Path, device: str) -> GeneratedRepository | None:
+    """For a fused pipeline, a repository holding its model stage as a model of its own.
+
+    The baseline is ensembled with the same model stage, which a fused pipeline has no
+    separate model for; only the model-stage model is kept.
+    """
+    if not any(node.settings.fuse for node in graph.nodes.values()):
+        return None
+    unfused = copy.deepcopy(graph)
+    unfused.name = f"{graph.name}_unfused"
+    unfused.nodes = {}
+    for node in graph.nodes.values():
+        twin = copy.deepcopy(node)
+        twin.name = f"{node.name}_unfused"
+        twin.next = [f"{n}_unfused" for n in node.next]
+        twin.settings.fuse = False
+        unfused.nodes[twin.name] = twin
+    repo = generate_repository(unfused, workdir / "unfused_repository", device=device)
+    for model in [m.name for m in repo.plan.models if not m.is_model_stage] + [repo.plan.name]:
+        if model in repo.configs:
+            shutil.rmtree(repo.path / model, ignore_errors=True)
+            del repo.configs[model]
+    return repo
+
+
+def _served_systems(
+    repo: GeneratedRepository, options: BenchOptions, say, baseline_repo: GeneratedRepository | None = None
+) -> dict[str, tuple[str, list[str]]]:
     """system -> (model perf_analyzer calls, models whose statistics matter)."""
     from .baseline import add_baseline
 
@@ -245,13 +275,15 @@ def _served_systems(repo: GeneratedRepository, options: BenchOptions, say) -> di
         steps = [s.model for s in repo.plan.steps] if repo.plan.needs_ensemble else []
         systems["ensemble"] = (repo.entry, [repo.entry, *steps])
     if "baseline" in options.systems:
-        baseline = add_baseline(repo, options.baseline_instances)
+        baseline = add_baseline(baseline_repo or repo, options.baseline_instances)
         say(f"baseline: {baseline.pre} ({options.baseline_instances or os.cpu_count()} CPU instances, PIL) -> {baseline.model}")
         systems["baseline"] = (baseline.ensemble, baseline.models)
     return systems
 
 
-def _measure_served(repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say) -> tuple[list[Row], list[StepTimes]]:
+def _measure_served(
+    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say, extra_repos: tuple[Path, ...] = ()
+) -> tuple[list[Row], list[StepTimes]]:
     from ..serving.install import locate_triton
     from ..serving.server import TritonServer
 
@@ -260,7 +292,7 @@ def _measure_served(repo, served, corpus: Corpus, options: BenchOptions, workdir
     install = locate_triton(options.triton_home)
     input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
     say(f"starting tritonserver on {repo.path} ...")
-    server = TritonServer(repo.path, install=install)
+    server = TritonServer([repo.path, *extra_repos], install=install)
     try:
         server.start(timeout=options.server_timeout)
         for system, (model, models) in served.items():
@@ -336,9 +368,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         workdir = Path(tmp)
         repo = generate_repository(graph, workdir / "repository", device=options.device)
         say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
-        served = _served_systems(repo, options, say)
+        baseline_repo = _unfused_repository(graph, workdir, options.device) if "baseline" in options.systems else None
+        served = _served_systems(repo, options, say, baseline_repo)
         if served:
-            rows, steps = _measure_served(repo, served, corpus, options, workdir, say)
+            extra = (baseline_repo.path,) if baseline_repo else ()
+            rows, steps = _measure_served(repo, served, corpus, options, workdir, say, extra)
         if "inprocess" in options.systems:
             more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows

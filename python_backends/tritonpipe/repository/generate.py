@@ -7,6 +7,7 @@ repository behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -84,6 +85,7 @@ def build_repository(
     ``native`` names engines ("tensorrt", "onnxruntime") whose model steps Triton serves with its
     own backend instead of the Python runner.
     """
+    graph = copy.deepcopy(graph)  # file parameters are rewritten to their copies below
     unknown = set(native) - set(NATIVE)
     if unknown:
         raise ConfigError(f"native takes {', '.join(NATIVE)}; got {', '.join(sorted(unknown))}")
