@@ -150,6 +150,16 @@ class _PythonStep:
         return out
 
 
+def _served_device(config: dict) -> str:
+    """Where the server runs this model, so the reference uses the same decoder and kernels."""
+    import torch
+
+    kinds = {group.get("kind", "KIND_AUTO") for group in config.get("instance_group", [])}
+    if kinds & {"KIND_GPU", "KIND_AUTO"} and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 class Reference:
     """Expected answers for ``model``, computed by the same stage trees in this process.
 
@@ -160,7 +170,9 @@ class Reference:
             (a model stage's weights).
     """
 
-    def __init__(self, config: Callable[[str], dict], model: str, repository: Path | None = None, device: str = "cpu"):
+    def __init__(
+        self, config: Callable[[str], dict], model: str, repository: Path | None = None, device: str | None = None
+    ):
         top = config(model)
         self.input_names = [t["name"] for t in top.get("input", [])]
         self.output_names = [t["name"] for t in top.get("output", [])]
@@ -178,10 +190,10 @@ class Reference:
         self._cache: dict[bytes, Expected] = {}
 
     @staticmethod
-    def _runner(config: dict, name: str, repository: Path | None, device: str):
+    def _runner(config: dict, name: str, repository: Path | None, device: str | None):
         version = Path(repository) / name / VERSION if repository else None
         if config.get("backend") == "python" and PARAM_PIPELINE in config.get("parameters", {}):
-            return _PythonStep(config, version, device)
+            return _PythonStep(config, version, device or _served_device(config))
         raise ConfigError(
             f"cannot build an in-process reference for model {name!r} "
             f"(backend {config.get('backend') or config.get('platform')!r}): only tritonpipe Python models are supported"
