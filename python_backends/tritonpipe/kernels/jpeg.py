@@ -267,15 +267,61 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torc
     return results
 
 
+GPU_DECODERS = ("torchvision", "nvimgcodec")
+_nvimgcodec_decoders: dict[int, object] = {}
+
+
+def nvimgcodec_available() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_on_gpu_nvimgcodec(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """nvImageCodec decode, which can use the GPU's hardware JPEG engine; None where it failed."""
+    from nvidia import nvimgcodec
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    decoder = _nvimgcodec_decoders.get(index)
+    if decoder is None:
+        decoder = _nvimgcodec_decoders[index] = nvimgcodec.Decoder(device_id=index)
+    # orientation is applied by this module for every decoder alike
+    params = nvimgcodec.DecodeParams(
+        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.SampleFormat.P_RGB
+    )
+    streams = [nvimgcodec.CodeStream(data.numpy().tobytes()) for data in datas]
+    images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+    results: list[torch.Tensor | None] = []
+    for image in images:
+        if image is None:
+            results.append(None)
+            continue
+        planar = torch.from_dlpack(image)  # P_RGB asks for 3xHxW, the layout the stages use
+        if planar.dim() != 3 or planar.shape[0] != 3:
+            results.append(None)
+            continue
+        results.append(planar)
+    return results
+
+
 def decode_jpeg_tensor(
     datas: list[torch.Tensor],
     device: torch.device,
     *,
     apply_exif: bool = False,
     max_pixels: int = MAX_PIXELS,
+    gpu_decoder: str = "torchvision",
 ) -> list[torch.Tensor | StageError]:
-    """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input."""
+    """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input.
+
+    ``gpu_decoder`` picks nvjpeg through torchvision or nvImageCodec on CUDA devices.
+    """
+    if gpu_decoder not in GPU_DECODERS:
+        raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
     device = torch.device(device)
+    decode_on_gpu = _decode_on_gpu_nvimgcodec if gpu_decoder == "nvimgcodec" else _decode_on_gpu
     results: list[torch.Tensor | StageError | None] = [None] * len(datas)
     infos: list[JpegInfo | None] = [None] * len(datas)
     for i, data in enumerate(datas):
@@ -292,7 +338,7 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
-            for i, image in zip(on_gpu, _decode_on_gpu([datas[i] for i in on_gpu], device)):
+            for i, image in zip(on_gpu, decode_on_gpu([datas[i] for i in on_gpu], device)):
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import StageError
+from ..errors import ConfigError, StageError
 from ..kernels import color as color_kernels
 from ..kernels import geometry, jpeg
 from ..kernels.pillow_resize import pillow_resize, pillow_resize_hwc
@@ -109,12 +109,22 @@ class DecodeTensor(Stage):
         **_DECODE_PARAMS,
         "color": _COLOR,
         "data_format": Param(str, "nchw", choices=("nchw", "hwc"), doc="output layout"),
+        "decoder": Param(
+            str, "torchvision", choices=jpeg.GPU_DECODERS,
+            doc="GPU decoder: nvjpeg through torchvision, or nvImageCodec (hardware JPEG engine where the GPU has one)",
+        ),
     }
 
     def init(self, params: dict[str, Any]) -> None:
         self.apply_exif = params["apply_exif"]
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
+        self.decoder = params["decoder"]
+        if self.decoder == "nvimgcodec" and not jpeg.nvimgcodec_available():
+            raise ConfigError(
+                "DecodeTensor(decoder=nvimgcodec) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
+                "(or -cu13) and nvidia-nvjpeg for the same CUDA, or use decoder=torchvision"
+            )
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
         datas: list[torch.Tensor | None] = []
@@ -125,7 +135,9 @@ class DecodeTensor(Stage):
                 item["error"] = exc
                 datas.append(None)
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
-        decoded = jpeg.decode_jpeg_tensor([d for _, d in todo], self.device, apply_exif=self.apply_exif)
+        decoded = jpeg.decode_jpeg_tensor(
+            [d for _, d in todo], self.device, apply_exif=self.apply_exif, gpu_decoder=self.decoder
+        )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
                 item["error"] = image
