@@ -16,7 +16,7 @@ def test_stage_table_is_current():
 
 
 def test_every_tritonpipe_command_in_the_readme_is_installed():
-    commands = set(re.findall(r"\b(tritonpipe-[a-z-]+)", README))
+    commands = set(re.findall(r"(?<![/\w.-])(tritonpipe-[a-z-]+)", README))
     venv_bin = Path(__file__).resolve().parents[2] / ".venv" / "bin"
     missing = [c for c in commands if not (venv_bin / c).exists() and not shutil.which(c)]
     assert not missing, f"README names commands that are not installed: {missing}"

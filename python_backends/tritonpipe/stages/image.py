@@ -38,22 +38,22 @@ def _bytes(data: Any, what: str) -> torch.Tensor:
     return data
 
 
-def _nchw(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    data = _tensor(data, what, dtype)
-    try:
-        geometry.check_nchw(data, what)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-    return data
+def _layout(check) -> Any:
+    """A request-input checker from a kernel's layout check: its ValueError becomes a StageError."""
+
+    def checked(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        data = _tensor(data, what, dtype)
+        try:
+            check(data, what)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        return data
+
+    return checked
 
 
-def _hwc(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    data = _tensor(data, what, dtype)
-    try:
-        geometry.check_hwc(data, what)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-    return data
+_nchw = _layout(geometry.check_nchw)
+_hwc = _layout(geometry.check_hwc)
 
 
 def _expect(name: str, spec: TensorSpec, *, rank: int, batched: bool, dtype: str | None = None) -> None:
@@ -222,6 +222,17 @@ _RESIZE = {
 }
 
 
+def _resized_tensor(name: str, params: dict[str, Any], spec: TensorSpec, dtype: str | None) -> TensorSpec:
+    """What a resize of a 1xCxHxW tensor produces; ``dtype`` None means FP32 from any input."""
+    _expect(name, spec, rank=4, batched=True, dtype=dtype)
+    return TensorSpec(dtype or "FP32", (1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
+
+
+def _resized_mat(name: str, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+    _expect(name, spec, rank=3, batched=False, dtype="UINT8")
+    return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
+
+
 class _Resize(MapStage):
     params = _RESIZE
 
@@ -244,8 +255,7 @@ class ResizeTensor(_Resize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        _expect(cls.name, spec, rank=4, batched=True)
-        return TensorSpec("FP32", (1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
+        return _resized_tensor(cls.name, params, spec, None)
 
 
 @register("ResizeMat")
@@ -260,8 +270,7 @@ class ResizeMat(_Resize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        _expect(cls.name, spec, rank=3, batched=False, dtype="UINT8")
-        return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
+        return _resized_mat(cls.name, params, spec)
 
 
 class _PillowResize(_Resize):
@@ -298,8 +307,7 @@ class PillowResizeTensor(_PillowResize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        _expect(cls.name, spec, rank=4, batched=True, dtype="UINT8")
-        return TensorSpec("UINT8", (1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
+        return _resized_tensor(cls.name, params, spec, "UINT8")
 
 
 @register("PillowResizeMat")
@@ -314,8 +322,7 @@ class PillowResizeMat(_PillowResize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        _expect(cls.name, spec, rank=3, batched=False, dtype="UINT8")
-        return TensorSpec("UINT8", (params["resize_h"], params["resize_w"], spec.shape[2]))
+        return _resized_mat(cls.name, params, spec)
 
 
 @register("ResizePadTensor")
