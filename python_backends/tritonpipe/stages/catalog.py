@@ -5,14 +5,19 @@ from __future__ import annotations
 from .base import lookup, registered_names
 
 
-def stage_table_markdown() -> str:
-    """A markdown table of every registered stage, for the README and ``--list-stages``."""
+def stage_table_markdown(include_plugins: bool = True) -> str:
+    """A markdown table of the registered stages, for the README and ``--list-stages``.
+
+    ``include_plugins=False`` lists only the stages that ship with tritonpipe.
+    """
     rows = [
         "| stage | parameters (default, range) | input (`data`) | output (`result`) | GPU | notes |",
         "|---|---|---|---|---|---|",
     ]
     for name in registered_names():
         cls = lookup(name)
+        if not include_plugins and not cls.__module__.startswith("tritonpipe."):
+            continue
         params = "<br>".join(
             f"`{key}`: {param.describe()}" + (f" — {param.doc}" if param.doc else "") for key, param in cls.params.items()
         ) or "—"
