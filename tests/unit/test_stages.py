@@ -175,3 +175,13 @@ def test_parsed_tree_builds_stages():
     item = {"data": torch.ones(2)}
     run_chain([stage], [item])
     torch.testing.assert_close(item["data"], torch.ones(2))
+
+
+def test_tensor2vector_splits_along_the_batch():
+    tensor = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    vector = run("Tensor2Vector", tensor)["data"]
+    assert isinstance(vector, list) and len(vector) == 2
+    for index, part in enumerate(vector):
+        np.testing.assert_array_equal(part.numpy(), tensor.numpy()[index])
+    with pytest.raises(StageError, match="NxCxHxW"):
+        run("Tensor2Vector", torch.zeros(3, 4))

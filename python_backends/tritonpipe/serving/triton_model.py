@@ -75,6 +75,8 @@ class TritonPythonModel:
         try:
             for name, key in self.outputs.items():
                 value = item[key]
+                if isinstance(value, (list, tuple)):  # a vector of per-image tensors (Tensor2Vector)
+                    value = torch.stack(list(value))
                 if value.dim() == self.output_ranks[name] - 1:
                     value = value.unsqueeze(0)
                 tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))

@@ -401,3 +401,25 @@ class Tensor2Mat(MapStage):
         _expect(cls.name, spec, rank=4, batched=True, dtype="UINT8")
         _, c, h, w = spec.shape
         return TensorSpec("UINT8", (h, w, c))
+
+
+@register("Tensor2Vector")
+class Tensor2Vector(MapStage):
+    """Splits an NxCxHxW tensor into a list of its N CxHxW tensors, for stages that take one image at a time.
+
+    A list that reaches the end of a served model is stacked back into one output tensor.
+    """
+
+    input_doc = "NxCxHxW tensor"
+    output_doc = "list of N CxHxW tensors"
+
+    def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        tensor = _tensor(data, self.name)
+        if tensor.dim() != 4:
+            raise StageError(f"{self.name} needs an NxCxHxW tensor, got shape {tuple(tensor.shape)}")
+        return list(tensor.unbind(0))
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True)
+        return spec
