@@ -33,6 +33,22 @@ def _error(exc: BaseException) -> "pb_utils.TritonError":
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
+def _share_cores(config: dict[str, Any]) -> None:
+    """Split the host's cores between this model's CPU instances.
+
+    Every instance is its own process; left alone, each would start a thread per core in torch
+    and OpenCV, and the instances would fight over the same cores.
+    """
+    import os
+
+    import cv2
+
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+    threads = max(1, (os.cpu_count() or 1) // instances)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
@@ -46,6 +62,8 @@ class TritonPythonModel:
             self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
             torch.cuda.set_device(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cpu":
+            _share_cores(config)
         self.inputs: dict[str, str] = json.loads(params[PARAM_INPUTS])
         self.outputs: dict[str, str] = json.loads(params[PARAM_OUTPUTS])
         self.output_ranks = {o["name"]: len(o["dims"]) + 1 for o in config["output"]}
