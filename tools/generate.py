@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.pipeline.graph import compose_config, load_graph, parse_overrides
 from tritonpipe.repository.configs import DEVICES, to_text
 from tritonpipe.repository.generate import build_repository, generate_repository
 from tritonpipe.stages import load_plugin
@@ -60,16 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _settings(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"error: --set takes KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -79,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 load_plugin(plugin)
             print(stage_table_markdown())
             return 0
-        if args.backend:
-            config = {"backend": args.backend, **_settings(args.settings)}
-        else:
-            from tritonpipe.pipeline.graph import read_config_file
-            from pathlib import Path
-
-            config = {**read_config_file(args.config), **_settings(args.settings)}
-            base_dir = Path(args.config).resolve().parent
-        graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=None if args.backend else base_dir)
+        config, base_dir = compose_config(args.config, args.backend, parse_overrides(args.settings))
+        graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=base_dir)
         if args.dry_run:
             _, configs, _ = build_repository(graph, args.device, args.native)
             for name, config_proto in configs.items():

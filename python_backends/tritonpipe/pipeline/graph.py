@@ -43,8 +43,6 @@ TRITON_KEYS = {
     "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
     "fuse": Param(bool, False, doc="run the model stage inside the preprocessing model: one model, no ensemble hop"),
 }
-#: graph-wide keys that are not node settings
-GRAPH_KEYS = ("name", "plugins")
 _STRUCTURE_KEYS = ("backend", "next")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 
@@ -75,9 +73,6 @@ class Graph:
     @property
     def entry(self) -> Node:
         return next(iter(self.nodes.values()))
-
-    def successors(self, node: Node) -> list[Node]:
-        return [self.nodes[n] for n in node.next]
 
 
 def check_name(what: str, name: str) -> str:
@@ -114,6 +109,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["resize_h=224", ...]`` (the CLI's ``--set``) -> a dict of node keys."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def compose_config(
+    path: str | Path | None, backend: str | None, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], Path | None]:
+    """A configuration from a file or a backend string, with top-level keys overridden.
+
+    Returns the configuration and the folder its relative file names are resolved against.
+    """
+    if bool(path) == bool(backend):
+        raise ConfigError("give either a configuration file or a backend string")
+    if backend:
+        return {"backend": backend, **overrides}, None
+    return {**read_config_file(path), **overrides}, Path(path).resolve().parent
 
 
 def load_graph(

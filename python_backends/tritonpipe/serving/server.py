@@ -8,7 +8,6 @@ environment's ``bin/`` comes first on its ``PATH``.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -172,11 +171,6 @@ class TritonServer:
             return exc.code
         except (urllib.error.URLError, OSError):
             return None
-
-    def model_states(self) -> list[dict]:
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
 
     def _failure_message(self, headline: str) -> str:
         lines = self.logs().splitlines()
