@@ -7,3 +7,8 @@ class StageError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration that cannot be served; raised before anything is written."""
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """Whether a stage's exception blames the request (INVALID_ARG) rather than the server (INTERNAL)."""
+    return isinstance(exc, (StageError, ValueError, TypeError))

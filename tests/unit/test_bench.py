@@ -316,7 +316,7 @@ def test_inprocess_feeds_the_model_stage_at_most_its_max_batch(tmp_path, tiny_on
     chunked, whole = inprocess.Chain(small, torch.device("cpu")), inprocess.Chain(large, torch.device("cpu"))
     assert chunked.chunks() == {"cls_model": 2}
     calls = []
-    model_stage = chunked.models[1][1]
+    model_stage = chunked.models[1][1].root
     original = model_stage.forward
     model_stage.forward = lambda batch: (calls.append(len(batch)), original(batch))[1]
     got, want = chunked.run(inputs), whole.run(inputs)

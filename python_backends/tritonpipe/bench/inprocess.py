@@ -8,13 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf import json_format
 
 from ..errors import ConfigError
-from ..pipeline.grammar import parse_backend
-from ..repository.configs import PARAM_PIPELINE
 from ..repository.generate import VERSION, GeneratedRepository
-from ..stages import build_stage
-from ..stages.control import run_chain
+from ..serving.runtime import ModelRuntime
 
 
 def pick_device(device: str) -> torch.device:
@@ -57,20 +55,20 @@ class Chain:
         names = [step.model for step in plan.steps] if plan.needs_ensemble else [plan.name]
         model_stages = {m.name if plan.needs_ensemble else plan.name for m in plan.models if m.is_model_stage}
         self.device = device
-        self.models: list[tuple[str, Any, int, int]] = []  # name, stage tree, output rank, largest call
+        self.models: list[tuple[str, ModelRuntime, int]] = []  # name, its chain, largest call
         for name in names:
             config = repo.configs[name]
             if config.backend != "python":
                 raise ConfigError(f"model {name!r} is not a Python model; the in-process run cannot call it")
-            tree = parse_backend(config.parameters[PARAM_PIPELINE].string_value)
-            stage = build_stage(tree, device, repo.path / name / VERSION)
+            as_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
+            runtime = ModelRuntime(as_json, repo.path / name / VERSION, device)
             # an engine's profiles stop at max_batch_size, as the server's batches do
             largest = config.max_batch_size if name in model_stages and config.max_batch_size > 0 else 0
-            self.models.append((name, stage, len(config.output[0].dims) + 1, largest))
+            self.models.append((name, runtime, largest))
 
     def chunks(self) -> dict[str, int]:
         """Models that are called with at most this many images at a time."""
-        return {name: largest for name, _, _, largest in self.models if largest}
+        return {name: largest for name, _, largest in self.models if largest}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -79,18 +77,18 @@ class Chain:
     def run(self, inputs: list[torch.Tensor], timings: dict[str, float] | None = None) -> list[torch.Tensor]:
         """The last model's primary output per input, as the server would return it."""
         items: list[dict[str, Any]] = [{"data": tensor} for tensor in inputs]
-        for name, stage, rank, largest in self.models:
+        for name, runtime, largest in self.models:
             start = time.perf_counter()
             step = largest or len(items)
             for first in range(0, len(items), step):
-                run_chain([stage], items[first : first + step])
+                runtime.run(items[first : first + step])
             failed = next((item["error"] for item in items if "error" in item), None)
             if failed is not None:
                 raise RuntimeError(f"in-process {name}: {failed}") from failed
+            primary = next(iter(runtime.outputs))
             for item in items:
                 # what the model's response and the next model's request do to the shape
-                if item["data"].dim() == rank - 1:
-                    item["data"] = item["data"].unsqueeze(0)
+                item["data"] = runtime.output(item, primary)
             if timings is not None:
                 self.sync()
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - start

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -30,13 +29,11 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import ConfigError, StageError
-from ..pipeline.grammar import parse_backend
-from ..repository.configs import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE
+from ..errors import ConfigError, is_bad_input
 from ..repository.generate import VERSION
-from ..stages import build_stage
-from ..stages.control import run_chain
+from ..repository.keys import PARAM_PIPELINE
 from .client import PROTOCOLS, PipelineClient
+from .runtime import ModelRuntime
 from .server import TritonServer
 
 BAD_KINDS = ("truncated", "random", "png", "empty")
@@ -122,32 +119,18 @@ class Expected:
     message: str = ""
 
 
-def _dims(tensor: dict) -> list[int]:
-    return [int(d) for d in tensor.get("dims", [])]
-
-
 class _PythonStep:
     """One generated Python model, run here exactly as ``TritonPythonModel.execute`` runs it."""
 
     def __init__(self, config: dict, base_dir: Path | None, device: str):
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.inputs: dict[str, str] = json.loads(params[PARAM_INPUTS])
-        self.outputs: dict[str, str] = json.loads(params[PARAM_OUTPUTS])
-        self.ranks = {o["name"]: len(_dims(o)) + 1 for o in config.get("output", [])}
-        self.root = build_stage(parse_backend(params[PARAM_PIPELINE]), device, base_dir)
+        self.runtime = ModelRuntime(config, base_dir, device)
 
     def __call__(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        item: dict[str, Any] = {key: torch.from_numpy(np.array(tensors[name])) for name, key in self.inputs.items()}
-        run_chain([self.root], [item])
+        item: dict[str, Any] = {key: torch.from_numpy(np.array(tensors[name])) for name, key in self.runtime.inputs.items()}
+        self.runtime.run([item])
         if "error" in item:
             raise item["error"]
-        out = {}
-        for name, key in self.outputs.items():
-            value = item[key]
-            if value.dim() == self.ranks[name] - 1:
-                value = value.unsqueeze(0)
-            out[name] = value.detach().cpu().contiguous().numpy()
-        return out
+        return {name: self.runtime.output(item, name).detach().cpu().numpy() for name in self.runtime.outputs}
 
 
 def _served_device(config: dict) -> str:
@@ -211,9 +194,8 @@ class Reference:
             for runner, input_map, output_map in self.steps:
                 produced = runner({inner: tensors[outer] for inner, outer in input_map.items()})
                 tensors.update({output_map[name]: value for name, value in produced.items() if name in output_map})
-        except Exception as exc:  # noqa: BLE001 - the same rule as triton_model._error
-            bad = isinstance(exc, (StageError, ValueError, TypeError))
-            return Expected(error="INVALID_ARG" if bad else "INTERNAL", message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - classified as the served model classifies it
+            return Expected(error="INVALID_ARG" if is_bad_input(exc) else "INTERNAL", message=str(exc))
         return Expected(outputs={name: tensors[name] for name in self.output_names})
 
 

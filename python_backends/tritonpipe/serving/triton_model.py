@@ -17,18 +17,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from ..errors import StageError
-from ..pipeline.grammar import parse_backend
-from ..repository.keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
-from ..stages import build_stage, load_plugin
-from ..stages.control import run_chain
+from ..errors import StageError, is_bad_input
+from .runtime import ModelRuntime
 
 log = logging.getLogger("tritonpipe")
 
 
 def _error(exc: BaseException) -> "pb_utils.TritonError":
-    bad_input = isinstance(exc, (StageError, ValueError, TypeError))
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad_input else "INTERNAL", None)
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if is_bad_input(exc) else "INTERNAL", None)
     message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
@@ -52,11 +48,7 @@ def _share_cores(config: dict[str, Any]) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        for plugin in json.loads(params.get(PARAM_PLUGINS, "[]")):
-            load_plugin(version_dir / plugin)
-
         self.device = torch.device("cpu")
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
@@ -64,12 +56,9 @@ class TritonPythonModel:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             _share_cores(config)
-        self.inputs: dict[str, str] = json.loads(params[PARAM_INPUTS])
-        self.outputs: dict[str, str] = json.loads(params[PARAM_OUTPUTS])
-        self.output_ranks = {o["name"]: len(o["dims"]) + 1 for o in config["output"]}
         with self._on_stream():
-            self.root = build_stage(parse_backend(params[PARAM_PIPELINE]), self.device, version_dir)
-        log.info("%s: %s on %s", args["model_name"], params[PARAM_PIPELINE], self.device)
+            self.runtime = ModelRuntime(config, version_dir, self.device)
+        log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -77,7 +66,7 @@ class TritonPythonModel:
     def _read(self, request) -> dict[str, Any]:
         item: dict[str, Any] = {}
         try:
-            for name, key in self.inputs.items():
+            for name, key in self.runtime.inputs.items():
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
                     raise StageError(f"input {name!r} is missing")
@@ -91,13 +80,8 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(item["error"]))
         tensors = []
         try:
-            for name, key in self.outputs.items():
-                value = item[key]
-                if isinstance(value, (list, tuple)):  # a vector of per-image tensors (Tensor2Vector)
-                    value = torch.stack(list(value))
-                if value.dim() == self.output_ranks[name] - 1:
-                    value = value.unsqueeze(0)
-                tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))
+            for name in self.runtime.outputs:
+                tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(self.runtime.output(item, name))))
         except Exception as exc:  # noqa: BLE001
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(exc))
         return pb_utils.InferenceResponse(output_tensors=tensors)
@@ -105,11 +89,11 @@ class TritonPythonModel:
     def execute(self, requests):
         items = [self._read(request) for request in requests]
         with self._on_stream():
-            run_chain([self.root], items)
+            self.runtime.run(items)
         if self.stream is not None:
             # one synchronisation per batch, after the whole chain
             self.stream.synchronize()
         return [self._respond(item) for item in items]
 
     def finalize(self) -> None:
-        self.root = None
+        self.runtime = None
