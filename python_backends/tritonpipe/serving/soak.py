@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..bench.corpus import load_corpus
+from ..bench.perf import gpu_memory_mb
 from ..errors import ConfigError, is_bad_input
 from ..repository.generate import VERSION
 from ..repository.keys import PARAM_PIPELINE
@@ -55,17 +56,6 @@ def synthetic_corpus(count: int = 32, seed: int = 0) -> list[bytes]:
         picture = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
         images.append(cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 70 + index % 30])[1].tobytes())
     return images
-
-
-def load_corpus(folder: str | Path) -> list[bytes]:
-    """Every ``*.jpg``/``*.jpeg`` file of ``folder``, in name order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"corpus folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") and p.is_file())
-    if not files:
-        raise ConfigError(f"corpus folder {str(folder)!r} holds no .jpg or .jpeg files")
-    return [p.read_bytes() for p in files]
 
 
 def bad_input(kind: str, index: int, corpus: list[bytes], seed: int = 0) -> bytes:
@@ -305,20 +295,6 @@ def find_server_pid(url: str) -> int | None:
             if any(os.readlink(fd) in sockets for fd in (entry / "fd").iterdir()):
                 return int(entry.name)
     return None
-
-
-def gpu_memory_mb() -> float | None:
-    """GPU memory in use on all GPUs by nvidia-smi's count, or None without nvidia-smi."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-        return float(sum(float(v) for v in out.split()))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
 
 
 @dataclass
@@ -625,7 +601,7 @@ def run_soak(options: SoakOptions, server: TritonServer | None = None) -> SoakRe
     call = _Caller(url, options.protocol, client.model, client.inputs[0].name, [o.name for o in client.outputs],
                    options.timeout)
     client.connection.close()  # an idle HTTP connection would hold up a server's shutdown
-    corpus = load_corpus(options.corpus) if options.corpus else synthetic_corpus(seed=options.seed)
+    corpus = load_corpus(options.corpus).images if options.corpus else synthetic_corpus(seed=options.seed)
 
     warmup = plan_requests(options.warmup, 0.0, corpus, options.seed + 1, start=-options.warmup)
     requests = plan_requests(options.requests, options.bad_fraction, corpus, options.seed)
