@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ import pytest
 from tritonpipe.errors import ConfigError
 from tritonpipe.serving import bundle as B
 from tritonpipe.serving.install import TritonInstall, locate_triton
+from tritonpipe.serving.server import TritonServer
 
 THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 FAST_PRESET = 1  # ~20 s instead of ~2 min at the default level, and still under the size limit
@@ -181,58 +177,13 @@ def test_bundled_tritonserver_prints_usage(root):
     assert "Usage: tritonserver" in output
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.mark.server
 def test_bundled_server_starts_on_an_empty_repository(root, tmp_path):
-    install = TritonInstall(root)
     repo = tmp_path / "models"
     repo.mkdir()
-    work = tmp_path / "work"
-    http, grpc, metrics = _free_ports(3)
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = install.library_path(work)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    command = [
-        str(install.server),
-        "--model-repository", str(repo),
-        "--http-port", str(http),
-        "--grpc-port", str(grpc),
-        "--metrics-port", str(metrics),
-        "--backend-directory", str(install.backend_dir(work)),
-    ]
-    log_path = tmp_path / "tritonserver.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = TritonServer(repo, install=TritonInstall(root))
     try:
-        deadline = time.monotonic() + 60
-        ready = False
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as reply:
-                    if reply.status == 200:
-                        ready = True
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.25)
-        log_tail = log_path.read_text(errors="replace")[-3000:]
-        assert process.poll() is None, f"tritonserver exited with {process.returncode}:\n{log_tail}"
-        assert ready, f"tritonserver was not ready within 60 s:\n{log_tail}"
+        server.start(timeout=60)  # raises with the server's log if it exits or is not ready in time
+        assert server.is_alive(), server.logs()[-3000:]
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        server.close()
