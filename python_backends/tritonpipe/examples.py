@@ -41,10 +41,11 @@ def sample_jpeg(height: int = 480, width: int = 640, seed: int = 0, quality: int
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=2)
+    largest = max(2, min(height, width) // 4)  # circle radii; tiny images get tiny circles
     for _ in range(12):
         center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        cv2.circle(image, center, int(rng.integers(10, min(height, width) // 4)), color, -1)
+        cv2.circle(image, center, int(rng.integers(min(10, largest - 1), largest)), color, -1)
     image += rng.normal(0, 6, image.shape)
     ok, encoded = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:

@@ -40,7 +40,7 @@ DEFAULT_PIPELINE: dict[str, Any] = {
     "std": "58.395,57.12,57.375",
     "instance_num": 2,
     "max": 8,
-    "batching_timeout": 2,
+    "batching_timeout": 0,
 }
 
 

@@ -42,6 +42,10 @@ TRITON_KEYS = {
     "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size); of shapes, the largest first dim"),
     "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
     "fuse": Param(bool, False, doc="run the model stage inside the preprocessing model: one model, no ensemble hop"),
+    "warmup": Param(
+        str, "1080x1920",
+        doc="GPU instances run their chain at load on a sample JPEG of this HxW, once per batch bucket; off to skip",
+    ),
 }
 _STRUCTURE_KEYS = ("backend", "next")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
@@ -54,6 +58,8 @@ class NodeSettings:
     max: int = 1
     gpus: tuple[int, ...] = ()
     fuse: bool = False
+    #: (height, width) of the load-time sample image, or None for no warm-up
+    warmup: tuple[int, int] | None = (1080, 1920)
 
 
 @dataclass
@@ -253,9 +259,24 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
             raise ConfigError(f"{where}: {exc}") from None
         if key == "device_id":
             settings.gpus = _parse_gpus(where, coerced)
+        elif key == "warmup":
+            settings.warmup = parse_warmup(coerced, where)
         else:
             setattr(settings, key, coerced)
     return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"))
+
+
+def parse_warmup(text: str, where: str = "warmup") -> tuple[int, int] | None:
+    """``"off"`` -> None, ``"1080x1920"`` -> (1080, 1920)."""
+    text = str(text).strip().lower()
+    if text in ("off", "none", "no", "false", "0"):
+        return None
+    match = re.fullmatch(r"(\d+)\s*x\s*(\d+)", text)
+    if not match or not all(1 <= int(v) <= 16384 for v in match.groups()):
+        raise ConfigError(
+            f"{where}: warmup must be off or a sample image size HxW (each side 1-16384) like 1080x1920, got {text!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 def _parse_gpus(where: str, text: str) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
-from .keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS
+from .keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -56,6 +56,8 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str]) -> mc
         group.gpus.extend(model.settings.gpus)
         # GPU tensors from the previous step arrive on the GPU instead of being copied to the host
         _set_param(config, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
+        if model.settings.warmup is not None:
+            _set_param(config, PARAM_WARMUP, "x".join(map(str, model.settings.warmup)))
     else:
         group.kind = mc.ModelInstanceGroup.KIND_CPU
     if model.settings.max > 1:

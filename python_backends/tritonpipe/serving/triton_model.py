@@ -59,6 +59,20 @@ class TritonPythonModel:
         with self._on_stream():
             self.runtime = ModelRuntime(config, version_dir, self.device)
         log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)
+        if self.stream is not None:
+            self._warm_up(args["model_name"])
+
+    def _warm_up(self, name: str) -> None:
+        try:
+            with self._on_stream():
+                count, problem = self.runtime.warm_up()
+            self.stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up must not keep the model from loading
+            count, problem = 0, f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            log.warning("%s: warm-up stopped after %d sample requests (%s); set warmup = off to skip it", name, count, problem)
+        elif count:
+            log.info("%s: warmed up with %d sample requests", name, count)
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
