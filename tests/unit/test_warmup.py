@@ -73,6 +73,15 @@ def test_runtime_runs_every_batch_bucket_largest_first(tmp_path, tiny_onnx, monk
     assert seen == [12, 8, 4, 2, 1]
 
 
+def test_small_pool_sample_size():
+    from tritonpipe.serving.runtime import SMALL_BLOCK, _small_pool_size
+
+    assert _small_pool_size((40, 56)) is None  # already small
+    height, width = _small_pool_size((1080, 1920))
+    assert 0.9 * SMALL_BLOCK < 3 * height * width < SMALL_BLOCK
+    assert abs(width / height - 1920 / 1080) < 0.01
+
+
 def test_runtime_sample_is_a_decodable_jpeg_of_the_asked_size(tmp_path, tiny_onnx):
     import cv2
     import numpy as np
@@ -109,7 +118,8 @@ def test_warm_up_captures_every_graph_and_keeps_memory_flat(tmp_path):
         torch.jit.trace(net, torch.randn(1, 3, 32, 32)).save(str(tmp_path / "net.ts"))
     device = torch.device("cuda", 0)
     runtime = runtime_for(tmp_path, tmp_path / "net.ts", device, max=16, warmup="720x1280", inputs="x:FP32:3x32x32")
-    assert runtime.warm_up() == (16 + 8 + 4 + 2 + 1, None)
+    # each bucket runs the 720x1280 sample and one scaled to just under 1 MiB decoded
+    assert runtime.warm_up() == (2 * (16 + 8 + 4 + 2 + 1), None)
     torch.cuda.synchronize()
     engine = runtime.root.children[-1].children[-1].engine
     assert sorted(key[0][0] for key in engine.graphs) == [1, 2, 4, 8, 16]

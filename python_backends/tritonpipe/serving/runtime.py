@@ -14,10 +14,26 @@ from typing import Any
 import torch
 
 from ..pipeline.grammar import parse_backend
+from ..pipeline.graph import parse_warmup
 from ..pipeline.spec import TRITON_TO_TORCH
 from ..repository.keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
 from ..stages import build_stage, load_plugin
 from ..stages.control import run_chain
+
+
+#: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
+RESERVE_FACTOR = 4
+#: torch's caching allocator serves blocks below 1 MiB from a separate pool of small segments
+SMALL_BLOCK = 1 << 20
+
+
+def _small_pool_size(size: tuple[int, int]) -> tuple[int, int] | None:
+    """The configured sample scaled down until its decoded RGB image just fits a small block."""
+    height, width = size
+    scale = (0.95 * SMALL_BLOCK / (3 * height * width)) ** 0.5
+    if scale >= 1:
+        return None
+    return max(1, int(height * scale)), max(1, int(width * scale))
 
 
 class ModelRuntime:
@@ -43,6 +59,7 @@ class ModelRuntime:
         self.input_configs = {i["name"]: i for i in config.get("input", [])}
         self.max_batch = int(config.get("max_batch_size", 0))
         self.warmup = params.get(PARAM_WARMUP, "")
+        self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
 
     def run(self, items: list[dict[str, Any]]) -> None:
@@ -55,34 +72,58 @@ class ModelRuntime:
         Every allocation a full batch needs (decoder buffers, the caching allocator's blocks, one
         CUDA graph per power-of-two batch) then happens before the first request, so memory stays
         flat while traffic grows and no request pays for a graph capture.  Encoded-image inputs get
-        a synthetic JPEG of the configured size, other inputs zeros.  Returns the number of sample
-        requests run and, if the chain refused the samples, why (the model still serves).
+        a synthetic JPEG of the configured size and, for the allocator's pool of small blocks, one
+        just under 1 MiB decoded; other inputs get zeros.  Returns the number of sample requests
+        run and, if the chain refused the samples, why (the model still serves).
         """
-        if not self.warmup:
-            return 0, None
-        from ..pipeline.graph import parse_warmup
-
-        size = parse_warmup(self.warmup)
+        size = parse_warmup(self.warmup) if self.warmup else None
         if size is None:
             return 0, None
-        sample = {key: self._sample(name, size) for name, key in self.inputs.items()}
+        sizes = [size] + ([small] if (small := _small_pool_size(size)) else [])
+        samples = [{key: self._sample(name, s) for name, key in self.inputs.items()} for s in sizes]
+        if not any(dims == [-1] for dims in self._input_dims().values()):
+            samples = samples[:1]  # no image input: the size makes no difference
         batches = [self.max_batch] if self.max_batch > 1 else []
         batches += [1 << k for k in range(max(1, self.max_batch).bit_length() - 1, -1, -1) if 1 << k < self.max_batch]
-        batches = batches or [1]
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         count = 0
-        for batch in batches:
-            items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
-            self.run(items)
-            count += batch
-            failed = next((item["error"] for item in items if "error" in item), None)
-            if failed is not None:
-                return count, f"{type(failed).__name__}: {failed}"
+        for batch in batches or [1]:
+            for sample in samples:
+                items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
+                self.run(items)
+                count += batch
+                failed = next((item["error"] for item in items if "error" in item), None)
+                if failed is not None:
+                    return count, f"{type(failed).__name__}: {failed}"
+        if on_gpu:
+            self._keep_working_set()
         return count, None
+
+    def _keep_working_set(self) -> None:
+        """Leave the caching allocator one free block big enough for a batch's temporaries.
+
+        Decoded images differ in size from batch to batch.  Carved out of one large cached block,
+        which coalesces again once the batch is freed, they do not make the allocator ask the
+        driver for new segments each time the mix of sizes changes.
+        """
+        torch.cuda.synchronize(self.device)
+        held = torch.cuda.memory_allocated(self.device)
+        working = torch.cuda.max_memory_allocated(self.device) - held
+        extra = held + RESERVE_FACTOR * working - torch.cuda.memory_reserved(self.device)
+        if extra > 2 << 20:
+            block = torch.empty(extra, dtype=torch.uint8, device=self.device)
+            del block  # freed to the cache, not to the driver
+
+    def _input_dims(self) -> dict[str, list[int]]:
+        return {name: [int(d) for d in config.get("dims", [-1])] for name, config in self.input_configs.items()}
 
     def _sample(self, name: str, size: tuple[int, int]) -> torch.Tensor:
         config = self.input_configs.get(name, {})
         dtype = str(config.get("data_type", "TYPE_UINT8")).removeprefix("TYPE_")
-        dims = [int(d) for d in config.get("dims", [-1])]
+        dims = self._input_dims().get(name, [-1])
         lead = [1] if self.max_batch > 0 else []
         if dtype == "UINT8" and dims == [-1]:
             from ..examples import sample_jpeg
