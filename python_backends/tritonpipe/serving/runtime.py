@@ -103,19 +103,22 @@ class ModelRuntime:
         return count, None
 
     def _keep_working_set(self) -> None:
-        """Leave the caching allocator one free block big enough for a batch's temporaries.
+        """Leave the caching allocator enough free cached memory for any batch.
 
-        Decoded images differ in size from batch to batch.  Carved out of one large cached block,
-        which coalesces again once the batch is freed, they do not make the allocator ask the
-        driver for new segments each time the mix of sizes changes.
+        Decoded images differ in size from batch to batch.  Blocks of 1 MiB and more are carved
+        out of one large cached block, which coalesces again once the batch is freed; smaller ones
+        come from 2 MiB segments, of which every image of the largest batch gets one (room for
+        its decoded image and its resized copy).  The allocator then has no reason to ask the
+        driver for new segments when the mix of sizes changes.
         """
         torch.cuda.synchronize(self.device)
         held = torch.cuda.memory_allocated(self.device)
         working = torch.cuda.max_memory_allocated(self.device) - held
         extra = held + RESERVE_FACTOR * working - torch.cuda.memory_reserved(self.device)
-        if extra > 2 << 20:
-            block = torch.empty(extra, dtype=torch.uint8, device=self.device)
-            del block  # freed to the cache, not to the driver
+        blocks = [torch.empty(SMALL_BLOCK - 512, dtype=torch.uint8, device=self.device) for _ in range(2 * max(1, self.max_batch))]
+        if extra > 2 * SMALL_BLOCK:
+            blocks.append(torch.empty(extra, dtype=torch.uint8, device=self.device))
+        del blocks  # freed to the cache, not to the driver
 
     def _input_dims(self) -> dict[str, list[int]]:
         return {name: [int(d) for d in config.get("dims", [-1])] for name, config in self.input_configs.items()}
