@@ -186,8 +186,9 @@ def _versions() -> str:
         except Exception:  # noqa: BLE001 - informational only
             return "?"
 
+    own = version("tritonpipe")
     return (
-        f"tritonpipe {version('tritonpipe')}, torch {torch.__version__}, "
+        f"tritonpipe {own if own != '?' else '(source tree)'}, torch {torch.__version__}, "
         f"tritonclient {version('tritonclient')}, Python {platform.python_version()}"
     )
 
