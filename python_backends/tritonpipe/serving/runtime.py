@@ -81,7 +81,7 @@ class ModelRuntime:
             return 0, None
         sizes = [size] + ([small] if (small := _small_pool_size(size)) else [])
         samples = [{key: self._sample(name, s) for name, key in self.inputs.items()} for s in sizes]
-        if not any(dims == [-1] for dims in self._input_dims().values()):
+        if not any(self._is_encoded(name) for name in self.inputs):
             samples = samples[:1]  # no image input: the size makes no difference
         batches = [self.max_batch] if self.max_batch > 1 else []
         batches += [1 << k for k in range(max(1, self.max_batch).bit_length() - 1, -1, -1) if 1 << k < self.max_batch]
@@ -115,20 +115,24 @@ class ModelRuntime:
         held = torch.cuda.memory_allocated(self.device)
         working = torch.cuda.max_memory_allocated(self.device) - held
         extra = held + RESERVE_FACTOR * working - torch.cuda.memory_reserved(self.device)
-        blocks = [torch.empty(SMALL_BLOCK - 512, dtype=torch.uint8, device=self.device) for _ in range(2 * max(1, self.max_batch))]
+        small = SMALL_BLOCK - 512  # two fit one 2 MiB segment
+        blocks = [torch.empty(small, dtype=torch.uint8, device=self.device) for _ in range(2 * max(1, self.max_batch))]
         if extra > 2 * SMALL_BLOCK:
             blocks.append(torch.empty(extra, dtype=torch.uint8, device=self.device))
         del blocks  # freed to the cache, not to the driver
 
-    def _input_dims(self) -> dict[str, list[int]]:
-        return {name: [int(d) for d in config.get("dims", [-1])] for name, config in self.input_configs.items()}
+    def _dtype_dims(self, name: str) -> tuple[str, list[int]]:
+        config = self.input_configs.get(name, {})
+        dims = [int(d) for d in config.get("dims", [-1])]  # int64 dims may arrive as strings
+        return str(config.get("data_type", "TYPE_UINT8")).removeprefix("TYPE_"), dims
+
+    def _is_encoded(self, name: str) -> bool:
+        return self._dtype_dims(name) == ("UINT8", [-1])
 
     def _sample(self, name: str, size: tuple[int, int]) -> torch.Tensor:
-        config = self.input_configs.get(name, {})
-        dtype = str(config.get("data_type", "TYPE_UINT8")).removeprefix("TYPE_")
-        dims = self._input_dims().get(name, [-1])
+        dtype, dims = self._dtype_dims(name)
         lead = [1] if self.max_batch > 0 else []
-        if dtype == "UINT8" and dims == [-1]:
+        if self._is_encoded(name):
             from ..examples import sample_jpeg
 
             data = sample_jpeg(*size, seed=0)
