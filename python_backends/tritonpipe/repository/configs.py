@@ -15,7 +15,7 @@ from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
-from .keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
+from .keys import PARAM_HOST_OUTPUTS, PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -37,8 +37,11 @@ def _set_param(config: mc.ModelConfig, key: str, value: str) -> None:
     config.parameters[key].string_value = value
 
 
-def python_model_config(model: ModelPlan, device: str, plugins: list[str]) -> mc.ModelConfig:
-    """The config of one generic Python-backend model running ``model.tree``."""
+def python_model_config(model: ModelPlan, device: str, plugins: list[str], terminal: bool = False) -> mc.ModelConfig:
+    """The config of one generic Python-backend model running ``model.tree``.
+
+    ``terminal``: no other model reads this model's outputs, so they only go back to clients.
+    """
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     config = mc.ModelConfig(name=model.name, backend="python", max_batch_size=model.settings.max)
@@ -58,6 +61,10 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str]) -> mc
         _set_param(config, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
         if model.settings.warmup is not None:
             _set_param(config, PARAM_WARMUP, "x".join(map(str, model.settings.warmup)))
+        if terminal:
+            # responses go to the client through host memory anyway: one copy per batch is
+            # cheaper than Triton fetching each response's GPU tensor on its own
+            _set_param(config, PARAM_HOST_OUTPUTS, "yes")
     else:
         group.kind = mc.ModelInstanceGroup.KIND_CPU
     if model.settings.max > 1:

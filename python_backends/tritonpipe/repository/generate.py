@@ -91,6 +91,8 @@ def build_repository(
         raise ConfigError(f"native takes {', '.join(NATIVE)}; got {', '.join(sorted(unknown))}")
     plan = plan_repository(graph)
     plugin_names = [f"plugins/{p.name}" for p in graph.plugins]
+    read = {tensor for step in plan.steps for tensor in step.input_map.values()}
+    terminal = {step.model for step in plan.steps if not read & set(step.output_map.values())}
     configs: dict[str, mc.ModelConfig] = {}
     files: dict[str, dict[str, Path]] = {}
     for model in plan.models:
@@ -101,7 +103,9 @@ def build_repository(
             continue
         files[model.name] = _bundle_files(model.tree)
         uses_plugin = bool(graph.plugins)
-        configs[model.name] = python_model_config(model, device, plugin_names if uses_plugin else [])
+        configs[model.name] = python_model_config(
+            model, device, plugin_names if uses_plugin else [], terminal=model.name in terminal
+        )
         if uses_plugin:
             for plugin in graph.plugins:
                 files[model.name][f"plugins/{plugin.name}"] = plugin

@@ -16,7 +16,7 @@ import torch
 from ..pipeline.grammar import parse_backend
 from ..pipeline.graph import parse_warmup
 from ..pipeline.spec import TRITON_TO_TORCH
-from ..repository.keys import PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
+from ..repository.keys import PARAM_HOST_OUTPUTS, PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
 from ..stages import build_stage, load_plugin
 from ..stages.control import run_chain
 
@@ -34,6 +34,16 @@ def _small_pool_size(size: tuple[int, int]) -> tuple[int, int] | None:
     if scale >= 1:
         return None
     return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in CPU memory: one device-to-host copy when they share a dtype and device."""
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return [t.cpu() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class ModelRuntime:
@@ -59,6 +69,7 @@ class ModelRuntime:
         self.input_configs = {i["name"]: i for i in config.get("input", [])}
         self.max_batch = int(config.get("max_batch_size", 0))
         self.warmup = params.get(PARAM_WARMUP, "")
+        self.host_outputs = params.get(PARAM_HOST_OUTPUTS) == "yes"
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
 
@@ -138,6 +149,27 @@ class ModelRuntime:
             data = sample_jpeg(*size, seed=0)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(*lead, len(data))
         return torch.zeros(*lead, *[max(d, 1) for d in dims], dtype=TRITON_TO_TORCH[dtype])
+
+    def responses(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor] | BaseException]:
+        """Each finished item's output tensors by Triton name, or the error it failed with.
+
+        With host outputs, each output comes to the CPU in one transfer for the whole batch.
+        """
+        results: list[dict[str, torch.Tensor] | BaseException] = []
+        for item in items:
+            if "error" in item:
+                results.append(item["error"])
+                continue
+            try:
+                results.append({name: self.output(item, name) for name in self.outputs})
+            except Exception as exc:  # noqa: BLE001 - an output that cannot be shaped fails its request alone
+                results.append(exc)
+        if self.host_outputs:
+            done = [r for r in results if isinstance(r, dict)]
+            for name in self.outputs:
+                for r, tensor in zip(done, _to_host([r[name] for r in done])):
+                    r[name] = tensor
+        return results
 
     def output(self, item: dict[str, Any], name: str) -> torch.Tensor:
         """Output ``name`` of a finished item, shaped as the response carries it."""

@@ -89,13 +89,11 @@ class TritonPythonModel:
             item["error"] = exc if isinstance(exc, StageError) else StageError(f"cannot read the request: {exc}")
         return item
 
-    def _respond(self, item: dict[str, Any]):
-        if "error" in item:
-            return pb_utils.InferenceResponse(output_tensors=[], error=_error(item["error"]))
-        tensors = []
+    def _respond(self, result: dict[str, torch.Tensor] | BaseException):
+        if isinstance(result, BaseException):
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(result))
         try:
-            for name in self.runtime.outputs:
-                tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(self.runtime.output(item, name))))
+            tensors = [pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor)) for name, tensor in result.items()]
         except Exception as exc:  # noqa: BLE001
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(exc))
         return pb_utils.InferenceResponse(output_tensors=tensors)
@@ -104,10 +102,11 @@ class TritonPythonModel:
         items = [self._read(request) for request in requests]
         with self._on_stream():
             self.runtime.run(items)
+            results = self.runtime.responses(items)
         if self.stream is not None:
             # one synchronisation per batch, after the whole chain
             self.stream.synchronize()
-        return [self._respond(item) for item in items]
+        return [self._respond(result) for result in results]
 
     def finalize(self) -> None:
         self.runtime = None

@@ -1,4 +1,4 @@
-"""Load-time warm-up: the `warmup` key, its config parameter, and the runtime that runs it."""
+"""The generic model's runtime: load-time warm-up (the `warmup` key) and host outputs for clients."""
 
 import json
 import warnings
@@ -134,3 +134,53 @@ def test_warm_up_captures_every_graph_and_keeps_memory_flat(tmp_path):
         assert all("error" not in item for item in items)
     torch.cuda.synchronize()
     assert torch.cuda.memory_reserved(device) == reserved
+
+
+# --- outputs that only go back to clients --------------------------------------------------
+
+
+def test_only_models_whose_outputs_nobody_reads_return_host_outputs(tiny_onnx):
+    split = dict(chain(tiny_onnx), fuse=False)
+    _, configs, _ = build_repository(load_graph(split, name="cls"), "gpu")
+    assert "tritonpipe.host_outputs" not in configs["cls_pre"].parameters  # feeds cls_model on the GPU
+    assert configs["cls_model"].parameters["tritonpipe.host_outputs"].string_value == "yes"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "gpu")
+    assert configs["cls"].parameters["tritonpipe.host_outputs"].string_value == "yes"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "cpu")
+    assert "tritonpipe.host_outputs" not in configs["cls"].parameters
+
+
+def test_responses_keep_each_items_outputs_and_errors(tmp_path, tiny_onnx):
+    import cv2
+    import numpy as np
+
+    runtime = runtime_for(tmp_path, tiny_onnx, max=4, warmup="off")
+    assert runtime.host_outputs
+    (key,) = runtime.inputs.values()
+    rng = np.random.default_rng(0)
+    jpegs = [cv2.imencode(".jpg", rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8))[1].tobytes() for i in range(3)]
+    items = [{key: torch.frombuffer(bytearray(j), dtype=torch.uint8).reshape(1, -1)} for j in jpegs]
+    items.insert(1, {key: torch.frombuffer(bytearray(b"not a jpeg"), dtype=torch.uint8).reshape(1, -1)})
+    runtime.run(items)
+    results = runtime.responses(items)
+    assert isinstance(results[1], Exception) and "JPEG" in str(results[1])
+    for item, result in zip(items, results):
+        if "error" not in item:
+            assert list(result) == ["scores"] and result["scores"].device.type == "cpu"
+            torch.testing.assert_close(result["scores"], runtime.output(item, "scores"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_outputs_arrive_on_the_cpu_in_one_copy():
+    from tritonpipe.serving.runtime import _to_host
+
+    device = torch.device("cuda", 0)
+    tensors = [torch.randn(n, 7, device=device) for n in (1, 3, 2)]
+    host = _to_host(tensors)
+    assert [t.device.type for t in host] == ["cpu"] * 3
+    for a, b in zip(host, tensors):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b.cpu())
+    mixed = _to_host([tensors[0], tensors[1].half()])
+    assert [t.dtype for t in mixed] == [torch.float32, torch.float16]
