@@ -118,9 +118,10 @@ class _PythonStep:
     def __call__(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         item: dict[str, Any] = {key: torch.from_numpy(np.array(tensors[name])) for name, key in self.runtime.inputs.items()}
         self.runtime.run([item])
-        if "error" in item:
-            raise item["error"]
-        return {name: self.runtime.output(item, name).detach().cpu().numpy() for name in self.runtime.outputs}
+        (result,) = self.runtime.responses([item])  # shaped as the served model answers
+        if isinstance(result, BaseException):
+            raise result
+        return {name: tensor.detach().cpu().numpy() for name, tensor in result.items()}
 
 
 def _served_device(config: dict) -> str:
