@@ -11,20 +11,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from tritonpipe.serving import bundle
-from tritonpipe.serving.install import HOME_ENV
+from tritonpipe.server import bundle
+from tritonpipe.server.install import HOME_ENV
 
 from ._cli import run
 
-_DESCRIPTION = """\
+_DESCRIPTION = f"""\
 Make a relocatable offline bundle of the Triton Inference Server (from the nvidia-pytriton
 wheel), its Python backend stubs and perf_analyzer, as one .tar.xz of at most 40 MB.
 
 On the build host:     tritonpipe-bundle pack triton.tar.xz --python 3.12
 On the target host:    tritonpipe-bundle unpack triton.tar.xz /opt
                        (or: tar xf triton.tar.xz -C /opt)
-                       export {home}=/opt/{top}
-""".format(home=HOME_ENV, top=bundle.BUNDLE_DIR)
+                       export {HOME_ENV}=/opt/{bundle.BUNDLE_DIR}
+"""
 
 _EPILOG = """\
 The target host needs glibc 2.35 or newer (Ubuntu 22.04+, Debian 12+), libstdc++ and zlib,
@@ -137,7 +137,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return run(lambda: _dispatch(args), expected=(OSError,))
+    return run(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

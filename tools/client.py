@@ -6,8 +6,8 @@ import argparse
 import contextlib
 import sys
 
-from tritonpipe.serving.client import PROTOCOLS, InferError, PipelineClient, summarize
-from tritonpipe.serving.server import ServerError, TritonServer
+from tritonpipe.client.client import PROTOCOLS, InferError, PipelineClient, summarize
+from tritonpipe.server.owner import TritonServer
 
 from ._cli import run
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {path}\n    error: {exc}")
             return 1 if failures else 0
 
-    return run(body, expected=(ServerError, InferError, ConnectionError))
+    return run(body)
 
 
 if __name__ == "__main__":

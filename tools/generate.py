@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="serve model steps of these engines (tensorrt,onnxruntime) with Triton's own backends instead of "
         "the Python runner; TensorRT needs a .plan (see tritonpipe-build-engine)",
     )
+    parser.add_argument(
+        "--k8s", metavar="DIR",
+        help="also write Kubernetes manifests for the repository to DIR (kustomize base and cpu/gpu/mig overlays)",
+    )
     parser.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     parser.add_argument("--dry-run", action="store_true", help="print the configs instead of writing them")
     parser.add_argument("--list-stages", action="store_true", help="print the table of stages (with --plugin ones) and exit")
@@ -57,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if bool(args.config) == bool(args.backend):
         parser.error("give either a configuration file or --backend")
+    if args.k8s is not None and (args.dry_run or not args.k8s.strip()):
+        parser.error("--k8s needs a folder and writes files; it cannot go with --dry-run")
     return args
 
 
@@ -76,8 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, config_proto in configs.items():
                 print(f"# {name}/config.pbtxt\n{to_text(config_proto)}")
             return 0
+        if args.k8s:
+            from tritonpipe.deploy import k8s
+
+            k8s.check_target(args.k8s, args.output, args.force)  # before anything is written
         repository = generate_repository(graph, args.output, device=args.device, overwrite=args.force, native=args.native)
         print(f"wrote {repository.path}")
+        if args.k8s:
+            manifests = k8s.build_manifests(repository.configs, repository.path, repository.entry)
+            print(f"wrote {k8s.write_manifests(manifests, args.k8s, overwrite=args.force)}")
+            print("\n".join(k8s.summary(manifests)))
         for name, config_proto in sorted(repository.configs.items()):
             kind = config_proto.platform or config_proto.backend
             print(f"  {name:<32} {kind:<16} max_batch_size={config_proto.max_batch_size}")

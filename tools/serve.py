@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 
-from tritonpipe.serving.install import HOME_ENV, locate_triton
-from tritonpipe.serving.server import ServerError, TritonServer
+from tritonpipe.server.install import HOME_ENV, locate_triton
+from tritonpipe.server.owner import TritonServer
 
 from ._cli import run
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    return run(body, expected=(ServerError,))
+    return run(body)
 
 
 if __name__ == "__main__":

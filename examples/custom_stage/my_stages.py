@@ -6,8 +6,7 @@ dicts, one per request: read `item["data"]`, write `item["result"]`.
 
 import torch
 
-from tritonpipe import Param, Stage, register
-from tritonpipe.pipeline.spec import TensorSpec
+from tritonpipe import Param, Stage, TensorSpec, register
 
 
 @register("Brightness")

@@ -5,8 +5,12 @@
 - :class:`pipe` runs a configuration on a real server from Python.
 """
 
+from . import _moved
 from .errors import ConfigError, StageError
+from .spec import TensorSpec
 from .stages.base import MapStage, Param, Stage, register
+
+_moved.install()
 
 __all__ = [
     "ConfigError",
@@ -14,6 +18,7 @@ __all__ = [
     "Param",
     "Stage",
     "StageError",
+    "TensorSpec",
     "generate_repository",
     "load_graph",
     "pipe",
@@ -24,7 +29,7 @@ __all__ = [
 def __getattr__(name: str):
     # these import tritonclient; served models import this package and must not need it
     if name == "pipe":
-        from .serving.pipe import pipe
+        from .client.pipe import pipe
 
         return pipe
     if name == "load_graph":

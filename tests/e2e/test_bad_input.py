@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tritonpipe import load_graph
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.serving.server import TritonServer
+from tritonpipe.server.owner import TritonServer
 
 pytestmark = pytest.mark.server
 

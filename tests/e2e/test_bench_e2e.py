@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tritonpipe.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS
+from tritonpipe.harness.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS
 
 pytestmark = pytest.mark.server
 

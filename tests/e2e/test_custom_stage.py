@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from tritonpipe.client.client import PipelineClient
 from tritonpipe.errors import ConfigError
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.serving.client import PipelineClient
-from tritonpipe.serving.server import TritonServer
+from tritonpipe.server.owner import TritonServer
 from tritonpipe.stages import load_plugin
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_stage"

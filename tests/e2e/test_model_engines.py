@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tritonpipe import load_graph
+from tritonpipe.client.client import PipelineClient
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.serving.client import PipelineClient
-from tritonpipe.serving.server import TritonServer
+from tritonpipe.server.owner import TritonServer
 
 pytestmark = pytest.mark.server
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tritonpipe import load_graph
+from tritonpipe.client.client import InferError, PipelineClient
+from tritonpipe.client.pipe import pipe
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.serving.client import InferError, PipelineClient
-from tritonpipe.serving.pipe import pipe
-from tritonpipe.serving.server import ServerError, TritonServer
+from tritonpipe.server.owner import ServerError, TritonServer
 
 pytestmark = pytest.mark.server
 

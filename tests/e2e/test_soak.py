@@ -9,9 +9,10 @@ import time
 import pytest
 
 from tritonpipe import load_graph
+from tritonpipe.harness.soak import BAD_KINDS, SoakOptions, format_report, run_soak
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.serving.server import TritonServer
-from tritonpipe.serving.soak import BAD_KINDS, SoakOptions, format_report, is_running, run_soak
+from tritonpipe.server.owner import TritonServer
+from tritonpipe.server.procs import is_running
 from tritonpipe_tools.soak import main
 
 pytestmark = pytest.mark.server

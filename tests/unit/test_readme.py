@@ -20,3 +20,22 @@ def test_every_tritonpipe_command_in_the_readme_is_installed():
     venv_bin = Path(__file__).resolve().parents[2] / ".venv" / "bin"
     missing = [c for c in commands if not (venv_bin / c).exists() and not shutil.which(c)]
     assert not missing, f"README names commands that are not installed: {missing}"
+
+
+def test_custom_stage_listing_is_the_example_file():
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "examples" / "custom_stage" / "my_stages.py").read_text()
+    start = "```python\n# examples/custom_stage/my_stages.py\n"
+    listing = README[README.index(start) + len(start) :].split("```\n", 1)[0]
+    assert listing == source
+
+
+def test_every_module_path_in_the_layout_exists():
+    root = Path(__file__).resolve().parents[2]
+    layout = README[README.index("## Layout") :]
+    paths = re.findall(r"`(python_backends/tritonpipe/[\w/.]*)`", layout)
+    assert paths and all((root / p).exists() for p in paths), [p for p in paths if not (root / p).exists()]
+    for row in re.findall(r"^\| `(python_backends/tritonpipe/[^|]*)\|", layout, re.M):
+        folder = re.match(r"[\w/]+/", row.split("`")[0]).group(0)
+        for name in re.findall(r"`([\w]+\.py)`", row):
+            assert (root / folder / name).exists() or (root / "python_backends/tritonpipe" / name).exists(), name

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from ..errors import ConfigError
-from ..pipeline.spec import TensorSpec
+from ..spec import TensorSpec
 
 # onnx.TensorProto element types -> Triton type names
 _ONNX_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 5: "INT16", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "FP64"}

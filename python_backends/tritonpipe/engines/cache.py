@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import ConfigError
-from ..pipeline.spec import TensorSpec
+from ..spec import TensorSpec
 from .base import TensorIO
 from .profiles import Profile
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.spec import TRITON_TO_TORCH
+from ..spec import TRITON_TO_TORCH
 from .base import TensorIO, describe_onnx
 
 _NUMPY = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in TRITON_TO_TORCH.items()}

@@ -17,15 +17,14 @@ and its class index, exact as a float below 2**24 classes).
 
 from __future__ import annotations
 
-import difflib
-import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..errors import ConfigError
-from ..pipeline.spec import TensorSpec
+from ..registry import Registry, did_you_mean, origin
+from ..spec import TensorSpec
 from .base import TensorIO
 
 Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -40,19 +39,12 @@ class Postprocessor:
     origin: str
 
 
-_REGISTRY: dict[str, Postprocessor] = {}
+_POSTPROCESSORS: Registry[Postprocessor] = Registry("postprocessor")
 NONE = ("", "none")
 
 
 def _same(outputs: list[TensorIO]) -> list[TensorIO]:
     return outputs
-
-
-def _origin(fn: Callable) -> str:
-    try:
-        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
-    except (OSError, TypeError):
-        return getattr(fn, "__module__", "?")
 
 
 def register_postprocessor(name: str, specs: Specs | None = None) -> Callable[[Run], Run]:
@@ -63,13 +55,10 @@ def register_postprocessor(name: str, specs: Specs | None = None) -> Callable[[R
     """
 
     def decorate(fn: Run) -> Run:
-        key, here = name.lower(), _origin(fn)
-        if key in NONE:
+        here = origin(fn)
+        if name.lower() in NONE:
             raise ConfigError(f"postprocessor name {name!r} is reserved for 'no postprocessor'")
-        old = _REGISTRY.get(key)
-        if old is not None and old.run is not fn:
-            raise ConfigError(f"postprocessor {name!r} is registered twice: first at {old.origin}, again at {here}")
-        _REGISTRY[key] = Postprocessor(name, fn, specs or _same, here)
+        _POSTPROCESSORS.add((name,), Postprocessor(name, fn, specs or _same, here), here, same=fn)
         return fn
 
     return decorate
@@ -79,20 +68,18 @@ def lookup_postprocessor(name: str) -> Postprocessor | None:
     """The postprocessor called ``name``; None for ``""``/``"none"``; ``ConfigError`` if unknown."""
     if name.strip().lower() in NONE:
         return None
-    try:
-        return _REGISTRY[name.strip().lower()]
-    except KeyError:
-        names = sorted(p.name for p in _REGISTRY.values())
-        close = difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=2, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(n) for n in names if n.lower() in close)}?" if close else ""
+    found = _POSTPROCESSORS.get(name.strip())
+    if found is None:
+        names = _POSTPROCESSORS.names()
         raise ConfigError(
-            f"unknown postprocessor {name!r}{hint} (known: none, {', '.join(names)}; "
+            f"unknown postprocessor {name!r}{did_you_mean(name.strip(), names)} (known: none, {', '.join(names)}; "
             "register your own with tritonpipe.engines.postprocess.register_postprocessor in a plugin)"
-        ) from None
+        )
+    return found
 
 
 def postprocessor_names() -> list[str]:
-    return sorted(p.name for p in _REGISTRY.values())
+    return _POSTPROCESSORS.names()
 
 
 # --- built-ins ----------------------------------------------------------------------------

@@ -12,8 +12,9 @@ A single ``min`` applies to every ``max`` profile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 from .base import TensorIO
@@ -51,7 +52,7 @@ class Profile:
         return {"min": [list(s) for s in self.min], "max": [list(s) for s in self.max]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Profile":
+    def from_json(cls, data: dict[str, Any]) -> Profile:
         return cls(tuple(tuple(s) for s in data["min"]), tuple(tuple(s) for s in data["max"]))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, StageError
-from ..pipeline.spec import TRITON_TO_TORCH, TensorSpec
+from ..spec import TRITON_TO_TORCH, TensorSpec
 from . import cache
 from .base import TensorIO, describe_onnx
 from .profiles import Profile, fmt, pick_profile

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..pipeline.spec import TORCH_TO_TRITON, TRITON_TO_TORCH, TensorSpec
+from ..errors import ConfigError, InternalError
+from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH, TensorSpec
 from .base import TensorIO
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class TorchEngine:
         with torch.no_grad():
             results = self._replay(feeds) if self.use_graphs else self._call(feeds)
         if len(results) != len(self.outputs):
-            raise ConfigError(f"the model returned {len(results)} tensors but {len(self.outputs)} outputs are declared")
+            raise InternalError(f"the model returned {len(results)} tensors but {len(self.outputs)} outputs are declared")
         return [
             r.to(TRITON_TO_TORCH[io.spec.dtype]) if r.is_floating_point() else r for r, io in zip(results, self.outputs)
         ]

@@ -34,7 +34,7 @@ class StageNode:
 
     name: str
     params: dict[str, str] = field(default_factory=dict)
-    children: list["StageNode"] = field(default_factory=list)
+    children: list[StageNode] = field(default_factory=list)
     position: int = 0
     #: positions of each inline parameter's key, for error messages
     param_positions: dict[str, int] = field(default_factory=dict)

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract import parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages import load_plugin
-from ..stages.base import Param, Stage, check_params, did_you_mean, lookup, registered_names
+from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, lookup, registered_names
 from .grammar import PipelineSyntaxError, StageNode, parse_backend
 
 if sys.version_info >= (3, 11):
@@ -159,6 +160,7 @@ def load_graph(
         config = read_config_file(config)
     if not isinstance(config, dict) or not config:
         raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
+    _check_keys(config)
     config = copy.deepcopy(config)
     base = Path(base_dir or Path.cwd()).resolve()
 
@@ -186,6 +188,15 @@ def load_graph(
         nodes[node_name] = _resolve_node(node_name, merged, base)
     ordered = _order(nodes)
     return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
+
+
+def _check_keys(config: dict[str, Any], where: str = "the configuration") -> None:
+    """Every key is a string, in every table (a Python dict may hold anything)."""
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {key!r} is a {type(key).__name__}; keys must be strings")
+        if isinstance(value, dict):
+            _check_keys(value, f"table {key!r}")
 
 
 def _as_list(value: Any, what: str = "a list") -> list[str]:
@@ -266,19 +277,6 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"))
 
 
-def parse_warmup(text: str, where: str = "warmup") -> tuple[int, int] | None:
-    """``"off"`` -> None, ``"1080x1920"`` -> (1080, 1920)."""
-    text = str(text).strip().lower()
-    if text in ("off", "none", "no", "false", "0"):
-        return None
-    match = re.fullmatch(r"(\d+)\s*x\s*(\d+)", text)
-    if not match or not all(1 <= int(v) <= 16384 for v in match.groups()):
-        raise ConfigError(
-            f"{where}: warmup must be off or a sample image size HxW (each side 1-16384) like 1080x1920, got {text!r}"
-        )
-    return int(match.group(1)), int(match.group(2))
-
-
 def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     try:
         gpus = tuple(int(v) for v in str(text).split(",") if v.strip())
@@ -304,9 +302,8 @@ def _attach_scoped_backends(tree: StageNode, raw: dict[str, Any], where: str) ->
 
 
 def _canonicalise(stage_node: StageNode, text: str) -> None:
-    try:
-        cls = lookup(stage_node.name)
-    except KeyError:
+    cls = find_stage(stage_node.name)
+    if cls is None:
         reason = f"unknown stage {stage_node.name!r}{did_you_mean(stage_node.name, registered_names())}"
         raise PipelineSyntaxError(reason, text, stage_node.position) from None
     for key, position in stage_node.param_positions.items():

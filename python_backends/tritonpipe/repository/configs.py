@@ -6,16 +6,14 @@ every field name and enum is checked by protobuf itself.
 
 from __future__ import annotations
 
-import json
-
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..contract import ModelParams
 from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
-from ..pipeline.spec import ENCODED_IMAGE, TensorSpec
-from .keys import PARAM_HOST_OUTPUTS, PARAM_INPUTS, PARAM_OUTPUTS, PARAM_PIPELINE, PARAM_PLUGINS, PARAM_WARMUP
+from ..spec import ENCODED_IMAGE, TensorSpec
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -59,22 +57,24 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         group.gpus.extend(model.settings.gpus)
         # GPU tensors from the previous step arrive on the GPU instead of being copied to the host
         _set_param(config, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
-        if model.settings.warmup is not None:
-            _set_param(config, PARAM_WARMUP, "x".join(map(str, model.settings.warmup)))
-        if terminal:
-            # responses go to the client through host memory anyway: one copy per batch is
-            # cheaper than Triton fetching each response's GPU tensor on its own
-            _set_param(config, PARAM_HOST_OUTPUTS, "yes")
     else:
         group.kind = mc.ModelInstanceGroup.KIND_CPU
     if model.settings.max > 1:
         config.dynamic_batching.max_queue_delay_microseconds = int(round(model.settings.batching_timeout * 1000))
 
-    _set_param(config, PARAM_PIPELINE, render(model.tree))
-    _set_param(config, PARAM_INPUTS, json.dumps({p.name: p.key for p in model.inputs}))
-    _set_param(config, PARAM_OUTPUTS, json.dumps({p.name: p.key for p in model.outputs}))
-    if plugins:
-        _set_param(config, PARAM_PLUGINS, json.dumps(plugins))
+    on_gpu = config.instance_group[0].kind != mc.ModelInstanceGroup.KIND_CPU
+    params = ModelParams(
+        pipeline=render(model.tree),
+        inputs={p.name: p.key for p in model.inputs},
+        outputs={p.name: p.key for p in model.outputs},
+        plugins=list(plugins),
+        warmup=model.settings.warmup if on_gpu else None,
+        # responses go to the client through host memory anyway: one copy per batch is
+        # cheaper than Triton fetching each response's GPU tensor on its own
+        host_outputs=on_gpu and terminal,
+    )
+    for key, value in params.encode().items():
+        _set_param(config, key, value)
     return config
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from ..engines.base import TensorIO
 from ..errors import ConfigError
-from ..pipeline.graph import Graph, Node, NodeSettings
 from ..pipeline.grammar import StageNode
-from ..pipeline.spec import ENCODED_IMAGE, SpecError, TensorSpec
+from ..pipeline.graph import Graph, Node, NodeSettings
+from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from ..stages.base import lookup
 
 PRIMARY_KEY = "data"

@@ -19,15 +19,15 @@ other keys (``"color"``, extra outputs).  Stages are registered under a name wit
 
 from __future__ import annotations
 
-import difflib
-import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError, StageError
-from ..pipeline.spec import SpecError, TensorSpec
+from ..registry import Registry, did_you_mean, origin
+from ..spec import SpecError, TensorSpec
 
 _REQUIRED = object()
 
@@ -68,6 +68,8 @@ class Param:
                 value = int(str(value).strip()) if isinstance(value, str) else int(value)
             elif self.kind is float:
                 value = float(value)
+                if value != value:  # NaN passes every range check
+                    raise ValueError
             else:
                 value = str(value).strip()
         except (TypeError, ValueError):
@@ -117,7 +119,7 @@ class Stage:
     output_doc: ClassVar[str] = "same as input"
     #: ``device`` is set by the runner before ``init``; ``children`` only for wrappers.
     device: torch.device = torch.device("cpu")
-    children: list["Stage"]
+    children: list[Stage]
 
     def init(self, params: dict[str, Any]) -> None:
         """Prepare the stage; ``params`` holds every declared parameter."""
@@ -161,16 +163,7 @@ class MapStage(Stage):
 
 # --- registry -------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[Stage]] = {}
-_ORIGINS: dict[str, str] = {}
-_CANONICAL: dict[str, str] = {}
-
-
-def _origin(obj: Any) -> str:
-    try:
-        return f"{inspect.getsourcefile(obj)}:{inspect.getsourcelines(obj)[1]}"
-    except (OSError, TypeError):
-        return getattr(obj, "__module__", "?")
+_STAGES: Registry[type[Stage]] = Registry("stage")
 
 
 def register(name: str, *aliases: str) -> Callable[[type[Stage]], type[Stage]]:
@@ -182,18 +175,8 @@ def register(name: str, *aliases: str) -> Callable[[type[Stage]], type[Stage]]:
 
     def decorate(cls: type[Stage]) -> type[Stage]:
         if not (isinstance(cls, type) and issubclass(cls, Stage)):
-            raise TypeError(f"@register({name!r}) needs a subclass of tritonpipe.Stage, got {cls!r}")
-        here = _origin(cls)
-        for key in (name, *aliases):
-            folded = key.lower()
-            if folded in _REGISTRY and _REGISTRY[folded] is not cls:
-                raise ConfigError(
-                    f"stage name {key!r} is registered twice: first at {_ORIGINS[folded]}, again at {here}"
-                )
-        for key in (name, *aliases):
-            _REGISTRY[key.lower()] = cls
-            _ORIGINS[key.lower()] = here
-            _CANONICAL[key.lower()] = name
+            raise ConfigError(f"@register({name!r}) needs a subclass of tritonpipe.Stage, got {cls!r}")
+        _STAGES.add((name, *aliases), cls, origin(cls))
         cls.name = name
         cls.aliases = tuple(aliases)
         return cls
@@ -201,30 +184,27 @@ def register(name: str, *aliases: str) -> Callable[[type[Stage]], type[Stage]]:
     return decorate
 
 
-def lookup(name: str) -> type[Stage]:
-    """The stage class registered as ``name``; ``KeyError`` with suggestions otherwise."""
+def find_stage(name: str) -> type[Stage] | None:
+    """The stage class registered as ``name``, or None."""
     from . import load_builtin_stages
 
     load_builtin_stages()
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        raise KeyError(f"unknown stage {name!r}{did_you_mean(name, registered_names())}") from None
+    return _STAGES.get(name)
+
+
+def lookup(name: str) -> type[Stage]:
+    """The stage class registered as ``name``; ``ConfigError`` with suggestions otherwise."""
+    from . import load_builtin_stages
+
+    load_builtin_stages()
+    return _STAGES.find(name)
 
 
 def registered_names() -> list[str]:
     from . import load_builtin_stages
 
     load_builtin_stages()
-    return sorted(set(_CANONICAL.values()))
-
-
-def did_you_mean(word: str, candidates: list[str]) -> str:
-    folded = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(word.lower(), list(folded), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(repr(folded[c]) for c in close) + "?"
+    return _STAGES.names()
 
 
 def check_params(cls: type[Stage], given: dict[str, Any]) -> dict[str, Any]:

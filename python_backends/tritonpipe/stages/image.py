@@ -14,7 +14,7 @@ from ..errors import ConfigError, StageError
 from ..kernels import color as color_kernels
 from ..kernels import geometry, jpeg
 from ..kernels.pillow_resize import pillow_resize, pillow_resize_hwc
-from ..pipeline.spec import ENCODED_IMAGE, SpecError, TensorSpec
+from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
 
 _SIDE = dict(low=1, high=geometry.MAX_SIDE)

@@ -7,8 +7,9 @@ a GPU, torch for TorchScript/``torch.export`` files, and ONNX Runtime for ONNX f
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from ..engines.base import NativeModel, TensorIO, describe_onnx
 from ..engines.postprocess import lookup_postprocessor
 from ..engines.profiles import largest_batch, resolve_profiles
 from ..errors import ConfigError, StageError
-from ..pipeline.spec import SpecError, TensorSpec
+from ..spec import SpecError, TensorSpec
 from .base import Param, Stage, register
 
 log = logging.getLogger(__name__)

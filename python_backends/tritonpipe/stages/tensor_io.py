@@ -63,7 +63,7 @@ class LoadTensor(MapStage):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec):
-        from ..pipeline.spec import TORCH_TO_TRITON, TensorSpec
+        from ..spec import TORCH_TO_TRITON, TensorSpec
 
         value = torch.load(params["tensor_name"], map_location="cpu", weights_only=True)
         return TensorSpec(TORCH_TO_TRITON[value.dtype], tuple(value.shape), batched=value.dim() == 4)

@@ -1,0 +1,394 @@
+"""One benchmark run: build the repository, measure each system, write the report."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError
+from ...examples import EXAMPLE_DIR, export_classifier
+from ...pipeline.grammar import parse_backend
+from ...pipeline.graph import Graph, load_graph, read_config_file
+from ...repository.generate import GeneratedRepository, generate_repository
+from ...stages import load_builtin_stages
+from ...stages.base import find_stage
+from ..corpus import Corpus, load_corpus, synthetic_corpus, write_input_data
+from ..probe import gpu_memory_mb
+from .perf import PerfError, PerfSettings, is_unstable, run_perf
+from .report import SYSTEMS, Row, markdown, plot, write_breakdown, write_rows
+from .stats import StepTimes, breakdown, fetch_stats
+
+DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
+
+#: the shipped example (examples/resnet18/pipeline.toml) without its model file
+DEFAULT_PIPELINE: dict[str, Any] = {
+    "name": "resnet18",
+    "backend": "S[DecodeTensor,ResizeTensor,cvtColorTensor,SyncTensor[TensorrtTensor]]",
+    "resize_h": 224,
+    "resize_w": 224,
+    "color": "rgb",
+    "mean": "123.675,116.28,103.53",
+    "std": "58.395,57.12,57.375",
+    "instance_num": 2,
+    "max": 8,
+    "batching_timeout": 0,
+}
+
+
+@dataclass
+class BenchOptions:
+    config: Path | None = None
+    model: Path | None = None
+    engine: str | None = None
+    corpus: Path | None = None
+    corpus_count: int = 48
+    seed: int = 0
+    systems: tuple[str, ...] = SYSTEMS
+    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
+    perf: PerfSettings = field(default_factory=PerfSettings)
+    instances: int | None = None
+    max_batch: int | None = None
+    batching_timeout: float | None = None
+    baseline_instances: int | None = None
+    device: str = "auto"
+    triton_home: str | None = None
+    output: Path = Path("bench_results")
+    inprocess_batch: int = 64
+    inprocess_seconds: float = 10.0
+    server_timeout: float = 600.0
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class BenchResult:
+    rows: list[Row]
+    steps: list[StepTimes]
+    markdown: str
+    files: dict[str, Path]
+
+
+def _tables(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dicts whose keys reach each node: the config itself, or each node table."""
+    if "backend" in config:
+        return [config]
+    return [value for value in config.values() if isinstance(value, dict)]
+
+
+def _stage_takes(table: dict[str, Any], shared: dict[str, Any], key: str) -> bool:
+    """Whether a stage of this node's backend declares ``key`` (unknown names are skipped)."""
+    texts = [table.get("backend", shared.get("backend", ""))]
+    texts += [v for k, v in {**shared, **table}.items() if k.lower().endswith("::backend")]
+    for text in filter(None, texts):
+        for node in parse_backend(str(text)).walk():
+            cls = find_stage(node.name)
+            if cls is not None and key in cls.params:
+                return True
+    return False
+
+
+def apply_overrides(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Set ``model``/``engine`` on the nodes whose stages take them, Triton keys on every node."""
+    load_builtin_stages()
+    config = dict(config)
+    tables = _tables(config)
+    if tables and tables[0] is not config:
+        tables = [dict(t) for t in tables]
+        names = [k for k, v in config.items() if isinstance(v, dict)]
+        config.update(zip(names, tables))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("model", "engine"):
+            hits = [t for t in tables if _stage_takes(t, config, key)]
+            if not hits:
+                raise ConfigError(f"--{key} given, but no stage of the pipeline takes {key!r}")
+        else:
+            hits = tables
+        for table in hits:
+            table[key] = value
+    return config
+
+
+def default_model(output: Path) -> Path:
+    """The example's classifier: the checkout's file, else exported once into ``output``."""
+    shipped = EXAMPLE_DIR / "resnet18.onnx"
+    if shipped.is_file():
+        return shipped
+    cached = output / "model" / "resnet18.onnx"
+    if not cached.is_file():
+        print(f"exporting the example classifier to {cached} ...", flush=True)
+        export_classifier(cached)
+    return cached
+
+
+def load_pipeline(options: BenchOptions) -> tuple[Graph, str]:
+    """The graph to benchmark and a one-line description of it."""
+    if options.config is not None:
+        config, base_dir = read_config_file(options.config), Path(options.config).resolve().parent
+        model = options.model.resolve() if options.model else None
+        what = str(options.config)
+    else:
+        config, base_dir = dict(DEFAULT_PIPELINE), Path.cwd()
+        model = (options.model or default_model(options.output)).resolve()
+        what = "built-in default (the resnet18 example)"
+    config = apply_overrides(
+        config, model=str(model) if model else None, engine=options.engine,
+        instance_num=options.instances, max=options.max_batch, batching_timeout=options.batching_timeout,
+    )
+    graph = load_graph(config, base_dir=base_dir)
+    backends = "; ".join(f"{n.name}: {_outline(n.tree)}" for n in graph.nodes.values())
+    return graph, f"{what} -> {backends}"
+
+
+def _outline(node) -> str:
+    """A stage tree by names only: S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]."""
+    name = "S" if node.name == "Sequential" else node.name
+    return f"{name}[{','.join(_outline(c) for c in node.children)}]" if node.children else name
+
+
+def _device_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{', '.join(names)}; {os.cpu_count()} CPU cores"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU only: {os.cpu_count()} cores, {cpu}"
+
+
+def _versions() -> str:
+    import torch
+
+    def version(package: str) -> str:
+        try:
+            from importlib.metadata import version as lookup_version
+
+            return lookup_version(package)
+        except Exception:  # noqa: BLE001 - informational only
+            return "?"
+
+    own = version("tritonpipe")
+    return (
+        f"tritonpipe {own if own != '?' else '(source tree)'}, torch {torch.__version__}, "
+        f"tritonclient {version('tritonclient')}, Python {platform.python_version()}"
+    )
+
+
+def _sweep(
+    system: str,
+    model: str,
+    models: list[str],
+    server,
+    install,
+    input_json: Path,
+    options: BenchOptions,
+    workdir: Path,
+    say: Callable[[str], None],
+) -> tuple[list[Row], list[StepTimes]]:
+    from tqdm import tqdm
+
+    rows = []
+    before = fetch_stats(server.grpc_url)
+    levels = tqdm(options.concurrency, desc=system, unit="level", disable=not options.progress, leave=False)
+    for concurrency in levels:
+        levels.set_postfix_str(f"concurrency {concurrency}")
+        say(f"[{system}] concurrency {concurrency}: perf_analyzer on {model!r} ...")
+        log = options.output / "perf_logs" / f"{system}_c{concurrency}.log"
+        mem_before = gpu_memory_mb()
+        settings = options.perf
+        try:
+            try:
+                measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+            except PerfError as exc:
+                if not is_unstable(exc):
+                    raise
+                # one retry with longer windows before giving the level up
+                settings = dataclasses.replace(settings, measurement_interval_ms=settings.measurement_interval_ms * 2)
+                say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
+                measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+        except PerfError as exc:
+            rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(), note=str(exc).splitlines()[0][:200]))
+            say(f"[{system}] concurrency {concurrency}: FAILED: {exc}")
+            continue
+        row = Row(
+            system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
+            gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(),
+        )
+        rows.append(row)
+        say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
+    levels.close()
+    ensemble = models[0] if len(models) > 1 else None
+    return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble)
+
+
+def _unfused_repository(graph: Graph, workdir: Path, device: str) -> GeneratedRepository | None:
+    """For a fused pipeline, a repository holding its model stage as a model of its own.
+
+    The baseline is ensembled with the same model stage, which a fused pipeline has no
+    separate model for; only the model-stage model is kept.
+    """
+    if not any(node.settings.fuse for node in graph.nodes.values()):
+        return None
+    unfused = copy.deepcopy(graph)
+    unfused.name = f"{graph.name}_unfused"
+    unfused.nodes = {}
+    for node in graph.nodes.values():
+        twin = copy.deepcopy(node)
+        twin.name = f"{node.name}_unfused"
+        twin.next = [f"{n}_unfused" for n in node.next]
+        twin.settings.fuse = False
+        unfused.nodes[twin.name] = twin
+    repo = generate_repository(unfused, workdir / "unfused_repository", device=device)
+    for model in [m.name for m in repo.plan.models if not m.is_model_stage] + [repo.plan.name]:
+        if model in repo.configs:
+            shutil.rmtree(repo.path / model, ignore_errors=True)
+            del repo.configs[model]
+    return repo
+
+
+def _served_systems(
+    repo: GeneratedRepository, options: BenchOptions, say, baseline_repo: GeneratedRepository | None = None
+) -> dict[str, tuple[str, list[str]]]:
+    """system -> (model perf_analyzer calls, models whose statistics matter)."""
+    from .baseline import add_baseline
+
+    systems: dict[str, tuple[str, list[str]]] = {}
+    if "ensemble" in options.systems:
+        steps = [s.model for s in repo.plan.steps] if repo.plan.needs_ensemble else []
+        systems["ensemble"] = (repo.entry, [repo.entry, *steps])
+    if "baseline" in options.systems:
+        baseline = add_baseline(baseline_repo or repo, options.baseline_instances)
+        say(f"baseline: {baseline.pre} ({options.baseline_instances or os.cpu_count()} CPU instances, PIL) -> {baseline.model}")
+        systems["baseline"] = (baseline.ensemble, baseline.models)
+    return systems
+
+
+def _measure_served(
+    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say, extra_repos: tuple[Path, ...] = ()
+) -> tuple[list[Row], list[StepTimes]]:
+    from ...server.install import locate_triton
+    from ...server.owner import TritonServer
+
+    rows: list[Row] = []
+    steps: list[StepTimes] = []
+    install = locate_triton(options.triton_home)
+    input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
+    say(f"starting tritonserver on {repo.path} ...")
+    server = TritonServer([repo.path, *extra_repos], install=install)
+    try:
+        server.start(timeout=options.server_timeout)
+        for system, (model, models) in served.items():
+            system_rows, system_steps = _sweep(system, model, models, server, install, input_json, options, workdir, say)
+            rows += system_rows
+            steps += system_steps
+    finally:
+        server.close()
+    return rows, steps
+
+
+def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tuple[list[Row], list[StepTimes]]:
+    from ..chain import run_inprocess
+
+    say(f"[inprocess] batch {options.inprocess_batch} for {options.inprocess_seconds:g} s ...")
+    try:
+        result = run_inprocess(
+            repo, corpus.images, device=options.device, batch=options.inprocess_batch,
+            seconds=options.inprocess_seconds, progress=options.progress, gpu_memory=gpu_memory_mb,
+        )
+    except Exception as exc:  # noqa: BLE001 - the other systems' results still count
+        say(f"[inprocess] FAILED: {exc}")
+        return [Row("inprocess", options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200])], []
+    note = f"batch {result.batch} on {result.device}, {len(result.batch_ms)} batches, no server"
+    split = [f"{name} takes ≤{n} per call" for name, n in result.chunks.items() if n < result.batch]
+    if split:
+        note += f"; {', '.join(split)} (its max_batch_size; raise it with --max-batch)"
+    row = Row(
+        "inprocess", result.batch, result.throughput, result.percentile_ms(50), result.percentile_ms(90),
+        result.percentile_ms(95), result.percentile_ms(99), result.gpu_mem_before_mb, result.gpu_mem_after_mb, note,
+    )
+    say(f"[inprocess] {result.throughput:,.1f} img/s on {result.device}")
+    steps = [StepTimes("inprocess", name, result.images, len(result.batch_ms), ms) for name, ms in result.model_ms.items()]
+    return [row], steps
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
+
+
+def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> BenchResult:
+    """Measure the selected systems on one corpus and write the report into ``options.output``."""
+    started = time.monotonic()
+    plain_say = say
+
+    def say(line: str) -> None:
+        plain_say(f"[{time.monotonic() - started:5.0f} s] {line}")
+
+    unknown = set(options.systems) - set(SYSTEMS)
+    if unknown or not options.systems:
+        raise ConfigError(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}, got {', '.join(options.systems)}")
+    output = options.output
+    output.mkdir(parents=True, exist_ok=True)
+    corpus: Corpus = load_corpus(options.corpus) if options.corpus else synthetic_corpus(options.corpus_count, options.seed)
+    say(f"corpus: {corpus.description}")
+    graph, pipeline = load_pipeline(options)
+    say(f"pipeline: {pipeline}")
+    header = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": _device_line(),
+        "versions": _versions(),
+        "corpus": corpus.description,
+        "pipeline": pipeline,
+        "command": f"`{options.command}`" if options.command else "(library call)",
+    }
+    load_at_start = _load()
+    rows: list[Row] = []
+    steps: list[StepTimes] = []
+    with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
+        workdir = Path(tmp)
+        repo = generate_repository(graph, workdir / "repository", device=options.device)
+        say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
+        baseline_repo = _unfused_repository(graph, workdir, options.device) if "baseline" in options.systems else None
+        served = _served_systems(repo, options, say, baseline_repo)
+        if served:
+            extra = (baseline_repo.path,) if baseline_repo else ()
+            rows, steps = _measure_served(repo, served, corpus, options, workdir, say, extra)
+        if "inprocess" in options.systems:
+            more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
+            rows += more_rows
+            steps += more_steps
+    # other work on the host skews every number; this makes a busy host visible
+    header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
+    text = markdown(rows, steps, header)
+    files = {
+        "csv": write_rows(rows, output / "results.csv"),
+        "breakdown": write_breakdown(steps, output / "breakdown.csv"),
+        "markdown": output / "report.md",
+    }
+    files["markdown"].write_text(text)
+    png = plot(rows, output / "throughput_p99.png")
+    if png is None:
+        say("matplotlib is not importable: no plot (pip install matplotlib, or the 'bench' extra)")
+    else:
+        files["plot"] = png
+    return BenchResult(rows, steps, text, files)

@@ -1,0 +1,178 @@
+"""A generated Python model's stage chain, built from its config as Triton's stub builds it.
+
+The generic Triton model and the soak tool's in-process reference both run models through
+this class, so the reference computes exactly what the server does.  Nothing here imports
+Triton or tritonclient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..contract import ModelParams
+from ..pipeline.grammar import parse_backend
+from ..spec import TRITON_TO_TORCH
+from ..stages import build_stage, load_plugin
+from ..stages.control import run_chain
+
+#: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
+RESERVE_FACTOR = 4
+#: torch's caching allocator serves blocks below 1 MiB from a separate pool of small segments
+SMALL_BLOCK = 1 << 20
+
+
+def _small_pool_size(size: tuple[int, int]) -> tuple[int, int] | None:
+    """The configured sample scaled down until its decoded RGB image just fits a small block."""
+    height, width = size
+    scale = (0.95 * SMALL_BLOCK / (3 * height * width)) ** 0.5
+    if scale >= 1:
+        return None
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in CPU memory: one device-to-host copy when they share a dtype and device."""
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return [t.cpu() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+class ModelRuntime:
+    """Builds the chain of one generated model and shapes its outputs per request.
+
+    Args:
+        config: the model's config in Triton's JSON form.
+        version_dir: the model's version folder (plugins and model files live there), or None.
+        device: where the stages run.
+    """
+
+    def __init__(self, config: dict[str, Any], version_dir: Path | None, device: torch.device | str):
+        params = ModelParams.from_config(config)
+        if version_dir is not None:
+            for plugin in params.plugins:
+                load_plugin(version_dir / plugin)
+        self.pipeline = params.pipeline
+        #: Triton tensor name -> item key
+        self.inputs: dict[str, str] = params.inputs
+        self.outputs: dict[str, str] = params.outputs
+        # a response tensor carries the request's batch dimension before the config's dims
+        self.output_ranks = {o["name"]: len(o.get("dims", [])) + 1 for o in config.get("output", [])}
+        self.input_configs = {i["name"]: i for i in config.get("input", [])}
+        self.max_batch = int(config.get("max_batch_size", 0))
+        self.warmup = params.warmup
+        self.host_outputs = params.host_outputs
+        self.device = torch.device(device)
+        self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
+
+    def run(self, items: list[dict[str, Any]]) -> None:
+        """Run the chain; each item ends with its result under its output keys, or an ``error``."""
+        run_chain([self.root], items)
+
+    def warm_up(self) -> tuple[int, str | None]:
+        """Run the chain on sample requests at load, once per batch bucket, largest first.
+
+        Every allocation a full batch needs (decoder buffers, the caching allocator's blocks, one
+        CUDA graph per power-of-two batch) then happens before the first request, so memory stays
+        flat while traffic grows and no request pays for a graph capture.  Encoded-image inputs get
+        a synthetic JPEG of the configured size and, for the allocator's pool of small blocks, one
+        just under 1 MiB decoded; other inputs get zeros.  Returns the number of sample requests
+        run and, if the chain refused the samples, why (the model still serves).
+        """
+        size = self.warmup
+        if size is None:
+            return 0, None
+        sizes = [size] + ([small] if (small := _small_pool_size(size)) else [])
+        samples = [{key: self._sample(name, s) for name, key in self.inputs.items()} for s in sizes]
+        if not any(self._is_encoded(name) for name in self.inputs):
+            samples = samples[:1]  # no image input: the size makes no difference
+        batches = [self.max_batch] if self.max_batch > 1 else []
+        batches += [1 << k for k in range(max(1, self.max_batch).bit_length() - 1, -1, -1) if 1 << k < self.max_batch]
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        count = 0
+        for batch in batches or [1]:
+            for sample in samples:
+                items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
+                self.run(items)
+                count += batch
+                failed = next((item["error"] for item in items if "error" in item), None)
+                if failed is not None:
+                    return count, f"{type(failed).__name__}: {failed}"
+        if on_gpu:
+            self._keep_working_set()
+        return count, None
+
+    def _keep_working_set(self) -> None:
+        """Leave the caching allocator enough free cached memory for any batch.
+
+        Decoded images differ in size from batch to batch.  Blocks of 1 MiB and more are carved
+        out of one large cached block, which coalesces again once the batch is freed; smaller ones
+        come from 2 MiB segments, of which every image of the largest batch gets one (room for
+        its decoded image and its resized copy).  The allocator then has no reason to ask the
+        driver for new segments when the mix of sizes changes.
+        """
+        torch.cuda.synchronize(self.device)
+        held = torch.cuda.memory_allocated(self.device)
+        working = torch.cuda.max_memory_allocated(self.device) - held
+        extra = held + RESERVE_FACTOR * working - torch.cuda.memory_reserved(self.device)
+        small = SMALL_BLOCK - 512  # two fit one 2 MiB segment
+        blocks = [torch.empty(small, dtype=torch.uint8, device=self.device) for _ in range(2 * max(1, self.max_batch))]
+        if extra > 2 * SMALL_BLOCK:
+            blocks.append(torch.empty(extra, dtype=torch.uint8, device=self.device))
+        del blocks  # freed to the cache, not to the driver
+
+    def _dtype_dims(self, name: str) -> tuple[str, list[int]]:
+        config = self.input_configs.get(name, {})
+        dims = [int(d) for d in config.get("dims", [-1])]  # int64 dims may arrive as strings
+        return str(config.get("data_type", "TYPE_UINT8")).removeprefix("TYPE_"), dims
+
+    def _is_encoded(self, name: str) -> bool:
+        return self._dtype_dims(name) == ("UINT8", [-1])
+
+    def _sample(self, name: str, size: tuple[int, int]) -> torch.Tensor:
+        dtype, dims = self._dtype_dims(name)
+        lead = [1] if self.max_batch > 0 else []
+        if self._is_encoded(name):
+            from ..examples import sample_jpeg
+
+            data = sample_jpeg(*size, seed=0)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(*lead, len(data))
+        return torch.zeros(*lead, *[max(d, 1) for d in dims], dtype=TRITON_TO_TORCH[dtype])
+
+    def responses(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor] | BaseException]:
+        """Each finished item's output tensors by Triton name, or the error it failed with.
+
+        With host outputs, each output comes to the CPU in one transfer for the whole batch.
+        """
+        results: list[dict[str, torch.Tensor] | BaseException] = []
+        for item in items:
+            if "error" in item:
+                results.append(item["error"])
+                continue
+            try:
+                results.append({name: self.output(item, name) for name in self.outputs})
+            except Exception as exc:  # noqa: BLE001 - an output that cannot be shaped fails its request alone
+                results.append(exc)
+        if self.host_outputs:
+            done = [r for r in results if isinstance(r, dict)]
+            for name in self.outputs:
+                for r, tensor in zip(done, _to_host([r[name] for r in done])):
+                    r[name] = tensor
+        return results
+
+    def output(self, item: dict[str, Any], name: str) -> torch.Tensor:
+        """Output ``name`` of a finished item, shaped as the response carries it."""
+        value = item[self.outputs[name]]
+        if isinstance(value, (list, tuple)):  # a vector of per-image tensors (Tensor2Vector)
+            value = torch.stack(list(value))
+        if value.dim() == self.output_ranks[name] - 1:
+            value = value.unsqueeze(0)
+        return value.contiguous()

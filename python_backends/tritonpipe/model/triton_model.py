@@ -1,0 +1,112 @@
+"""The one generic Triton Python model: reads its stage chain from its config and runs it.
+
+Every generated Python model's ``model.py`` imports :class:`TritonPythonModel` from here.
+Tensors move in and out through DLPack only, so nothing is copied on the way and numpy's
+version does not matter.  Each request gets its own response or its own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from ..errors import StageError, is_bad_input
+from .runtime import ModelRuntime
+
+log = logging.getLogger("tritonpipe")
+
+
+def _error(exc: BaseException) -> pb_utils.TritonError:
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if is_bad_input(exc) else "INTERNAL", None)
+    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def _share_cores(config: dict[str, Any]) -> None:
+    """Split the host's cores between this model's CPU instances.
+
+    Every instance is its own process; left alone, each would start a thread per core in torch
+    and OpenCV, and the instances would fight over the same cores.
+    """
+    import os
+
+    import cv2
+
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+    threads = max(1, (os.cpu_count() or 1) // instances)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.device = torch.device("cpu")
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+            torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cpu":
+            _share_cores(config)
+        with self._on_stream():
+            self.runtime = ModelRuntime(config, version_dir, self.device)
+        log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)
+        if self.stream is not None:
+            self._warm_up(args["model_name"])
+
+    def _warm_up(self, name: str) -> None:
+        try:
+            with self._on_stream():
+                count, problem = self.runtime.warm_up()
+            self.stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up must not keep the model from loading
+            count, problem = 0, f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            log.warning("%s: warm-up stopped after %d sample requests (%s); set warmup = off to skip it", name, count, problem)
+        elif count:
+            log.info("%s: warmed up with %d sample requests", name, count)
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _read(self, request) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        try:
+            for name, key in self.runtime.inputs.items():
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    raise StageError(f"input {name!r} is missing")
+                item[key] = torch.from_dlpack(tensor.to_dlpack())
+        except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
+            item["error"] = exc if isinstance(exc, StageError) else StageError(f"cannot read the request: {exc}")
+        return item
+
+    def _respond(self, result: dict[str, torch.Tensor] | BaseException):
+        if isinstance(result, BaseException):
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(result))
+        try:
+            tensors = [pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor)) for name, tensor in result.items()]
+        except Exception as exc:  # noqa: BLE001
+            return pb_utils.InferenceResponse(output_tensors=[], error=_error(exc))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests):
+        items = [self._read(request) for request in requests]
+        with self._on_stream():
+            self.runtime.run(items)
+            results = self.runtime.responses(items)
+        if self.stream is not None:
+            # one synchronisation per batch, after the whole chain
+            self.stream.synchronize()
+        return [self._respond(result) for result in results]
+
+    def finalize(self) -> None:
+        self.runtime = None

@@ -1,0 +1,349 @@
+"""The benchmark's pieces without a server: CSV parsing, input data, configs, report."""
+
+import base64
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tritonpipe.errors import ConfigError
+from tritonpipe.harness import chain as inprocess
+from tritonpipe.harness import corpus, probe
+from tritonpipe.harness.bench import baseline, perf, report, runner, stats
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository.configs import from_text, to_text, validate_repository
+from tritonpipe.repository.generate import generate_repository
+from tritonpipe_tools import bench as cli
+
+# written by perf_analyzer 2.51 (-f), trimmed to two levels
+PERF_CSV = """\
+Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
+1,239.36,5,2577,2,61,1306,213,2,3917,4182,5111,8141
+2,422.442,5,2583,2,75,1740,315,1,4521,5201,6378,8809
+
+Concurrency,Avg GPU Utilization,Avg GPU Power Usage
+1,0,0
+"""
+
+
+def model_chain(tiny_onnx, **extra):
+    return {
+        "backend": "S[DecodeTensor,ResizeTensor,cvtColorTensor,SyncTensor[TensorrtTensor]]",
+        "resize_h": 32, "resize_w": 32, "model": str(tiny_onnx), "max": 8, **extra,
+    }
+
+
+# --- perf_analyzer ------------------------------------------------------------------------
+
+
+def test_perf_csv_is_parsed_into_milliseconds():
+    rows = perf.parse_perf_csv(PERF_CSV)
+    assert [r.concurrency for r in rows] == [1, 2]
+    first = rows[0]
+    assert first.throughput == pytest.approx(239.36)
+    assert (first.p50_ms, first.p90_ms, first.p95_ms, first.p99_ms) == pytest.approx((3.917, 4.182, 5.111, 8.141))
+    assert first.columns["Server Compute Infer"] == "1306"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "Concurrency,Inferences/Second\n1,2\n"])
+def test_perf_csv_without_the_needed_columns_is_an_error(text):
+    with pytest.raises(perf.PerfError):
+        perf.parse_perf_csv(text)
+
+
+def test_perf_command_has_grpc_input_data_and_passthroughs(tmp_path):
+    settings = perf.PerfSettings(
+        measurement_interval_ms=2000, measurement_mode="count_windows", measurement_request_count=80,
+        percentile=99, shared_memory="system", extra_args=("--async",),
+    )
+    command = perf.perf_command("/bin/pa", "cls", "127.0.0.1:8001", tmp_path / "in.json", 32, tmp_path / "o.csv", settings)
+    joined = " ".join(command)
+    assert command[0] == "/bin/pa"
+    assert "-i grpc" in joined and "-m cls" in joined and "-u 127.0.0.1:8001" in joined
+    assert f"--input-data {tmp_path / 'in.json'}" in joined and f"-f {tmp_path / 'o.csv'}" in joined
+    assert "--concurrency-range 32:32:1" in joined
+    assert "--measurement-interval 2000" in joined and "--measurement-mode count_windows" in joined
+    assert "--measurement-request-count 80" in joined and "--percentile 99" in joined
+    assert "--shared-memory system" in joined and command[-1] == "--async"
+    plain = perf.perf_command("pa", "m", "u", "i", 1, "o", perf.PerfSettings())
+    assert "--shared-memory" not in plain and "--percentile" not in plain and "--measurement-request-count" not in plain
+
+
+def test_gpu_memory_is_none_without_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(probe.shutil, "which", lambda name: None)
+    assert probe.gpu_memory_mb() is None
+
+
+def test_gpu_memory_sums_every_gpu(monkeypatch):
+    monkeypatch.setattr(probe.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(probe.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "1024\n512\n", ""))
+    assert probe.gpu_memory_mb() == 1536.0
+
+
+# --- corpus and input data ------------------------------------------------------------------
+
+
+def test_input_data_round_trips_through_base64(tmp_path):
+    images = [b"\xff\xd8abc", bytes(range(256)) * 3, b"\xff\xd8"]
+    path = corpus.write_input_data(images, tmp_path / "in.json")
+    raw = json.loads(path.read_text())
+    assert set(raw) == {"data"} and len(raw["data"]) == 3
+    step = raw["data"][1]["INPUT"]
+    assert step["shape"] == [768] and base64.b64decode(step["content"]["b64"]) == images[1]
+    assert corpus.read_input_data(path) == images
+
+
+def test_synthetic_corpus_is_deterministic_and_mixes_sizes():
+    import cv2
+    import numpy as np
+
+    first, again = corpus.synthetic_corpus(4, seed=3), corpus.synthetic_corpus(4, seed=3)
+    assert first.images == again.images
+    assert corpus.synthetic_corpus(4, seed=4).images != first.images
+    shapes = [cv2.imdecode(np.frombuffer(i, np.uint8), cv2.IMREAD_COLOR).shape[:2] for i in first.images]
+    assert shapes == [(480, 640), (720, 1280), (1080, 1920), (480, 640)]
+    assert "4 synthetic JPEGs" in first.description
+
+
+def test_corpus_folder(tmp_path, jpeg_factory):
+    (tmp_path / "b.JPG").write_bytes(jpeg_factory(20, 30))
+    (tmp_path / "a.jpeg").write_bytes(jpeg_factory(10, 10))
+    (tmp_path / "notes.txt").write_text("skip me")
+    loaded = corpus.load_corpus(tmp_path)
+    assert loaded.images == [(tmp_path / "a.jpeg").read_bytes(), (tmp_path / "b.JPG").read_bytes()]
+    (tmp_path / "c.jpg").write_bytes(b"PNG?")
+    with pytest.raises(ConfigError, match="c.jpg"):
+        corpus.load_corpus(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no .jpg"):
+        corpus.load_corpus(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="does not exist"):
+        corpus.load_corpus(tmp_path / "missing")
+
+
+# --- baseline repository --------------------------------------------------------------------
+
+
+def test_baseline_configs_parse_and_validate(tmp_path, tiny_onnx):
+    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="cls"), tmp_path / "repo")
+    added = baseline.add_baseline(repo, instances=3)
+    assert added.models == ["baseline", "baseline_pre", "cls_model"]
+    on_disk = {p.parent.name: from_text(p.read_text()) for p in repo.path.glob("*/config.pbtxt")}
+    assert set(on_disk) == {"cls", "cls_pre", "cls_model", "baseline", "baseline_pre"}
+    validate_repository(on_disk)
+    pre, ensemble = on_disk["baseline_pre"], on_disk["baseline"]
+    assert pre.backend == "python" and pre.max_batch_size == 8
+    assert pre.instance_group[0].count == 3 and pre.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert list(pre.output[0].dims) == [3, 32, 32] and pre.output[0].data_type == mc.TYPE_FP32
+    assert (pre.parameters["height"].string_value, pre.parameters["width"].string_value) == ("32", "32")
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["baseline_pre", "cls_model"]
+    assert steps[1].input_map["x"] == steps[0].output_map["OUTPUT"]
+    assert [o.name for o in ensemble.output] == [o.name for o in on_disk["cls"].output] == ["scores"]
+    model_py = (repo.path / "baseline_pre" / "1" / "model.py").read_text()
+    assert "PIL" in model_py and "tritonpipe" not in model_py.split('"""')[2]
+    # the shared model stage is untouched
+    assert to_text(on_disk["cls_model"]) == to_text(repo.configs["cls_model"])
+
+
+def test_baseline_needs_a_model_stage(tmp_path):
+    repo = generate_repository(load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}), tmp_path / "r")
+    with pytest.raises(ConfigError, match="exactly one model stage"):
+        baseline.add_baseline(repo)
+
+
+def test_baseline_name_clash_is_reported(tmp_path, tiny_onnx):
+    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="baseline"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="rename the pipeline"):
+        baseline.add_baseline(repo)
+
+
+# --- overrides ------------------------------------------------------------------------------
+
+
+def test_overrides_reach_single_node_configs(tiny_onnx, tmp_path):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(Path(tiny_onnx).read_bytes())
+    config = runner.apply_overrides(model_chain(tiny_onnx), model=str(other), engine="onnxruntime", instance_num=3, max=16, batching_timeout=None)
+    graph = load_graph(config)
+    node = graph.entry
+    assert (node.settings.instance_num, node.settings.max) == (3, 16)
+    model = next(s for s in node.tree.walk() if s.name == "TensorrtTensor")
+    assert model.params["model"] == str(other) and model.params["engine"] == "onnxruntime" and str(model.params["max"]) == "16"
+
+
+def test_overrides_reach_each_node_of_a_graph(tiny_onnx):
+    config = {
+        "pre": {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 32, "resize_w": 32, "instance_num": 1, "next": "net"},
+        "net": {"backend": "S[Mat2Tensor,ResizeTensor,SyncTensor[TensorrtTensor]]", "model": "missing.onnx", "resize_h": 32, "resize_w": 32},
+    }
+    updated = runner.apply_overrides(config, model=str(tiny_onnx), instance_num=4)
+    assert config["pre"]["instance_num"] == 1, "the caller's dict is not changed"
+    assert "model" not in updated["pre"] and updated["net"]["model"] == str(tiny_onnx)
+    graph = load_graph(updated)
+    assert [n.settings.instance_num for n in graph.nodes.values()] == [4, 4]
+
+
+def test_model_override_without_a_model_stage_is_an_error():
+    with pytest.raises(ConfigError, match="no stage"):
+        runner.apply_overrides({"backend": "S[DecodeMat]"}, model="x.onnx")
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def _stats(entries):
+    return {
+        "model_stats": [
+            {
+                "name": name, "inference_count": str(n), "execution_count": str(e),
+                "inference_stats": {
+                    "success": {"count": str(n), "ns": str(int(total))}, "queue": {"count": str(n), "ns": str(int(q))},
+                    "compute_input": {"count": str(n), "ns": str(int(ci))}, "compute_infer": {"count": str(n), "ns": str(int(cf))},
+                    "compute_output": {"count": str(n), "ns": str(int(co))}, "fail": {},
+                },
+            }
+            for name, n, e, total, q, ci, cf, co in entries
+        ]
+    }
+
+
+def test_breakdown_is_per_request_over_the_sweep_only():
+    before = stats.parse_stats(_stats([("e", 10, 10, 10e6, 0, 0, 0, 0), ("pre", 10, 5, 5e6, 1e6, 0, 3e6, 0)]))
+    after = stats.parse_stats(_stats([
+        ("e", 110, 110, 10e6 + 100 * 9e6, 0, 0, 0, 0),
+        ("pre", 110, 30, 5e6 + 100 * 8e6, 1e6 + 100 * 2e6, 100 * 0.5e6, 3e6 + 100 * 5e6, 100 * 0.25e6),
+    ]))
+    rows = stats.breakdown("ensemble", ["e", "pre"], before, after, ensemble="e")
+    e, pre = rows
+    assert (pre.requests, pre.executions, pre.avg_batch) == (100, 25, 4.0)
+    assert (pre.total_ms, pre.queue_ms, pre.compute_input_ms, pre.compute_infer_ms, pre.compute_output_ms) == pytest.approx((8, 2, 0.5, 5, 0.25))
+    assert pre.other_ms == pytest.approx(0.25)
+    assert e.total_ms == pytest.approx(9) and e.queue_ms is None and e.other_ms == pytest.approx(1)
+    missing = stats.breakdown("x", ["gone"], before, after)
+    assert missing[0].requests == 0 and missing[0].total_ms == 0
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _rows(with_memory=False):
+    mem = {"gpu_mem_before_mb": 1000.0, "gpu_mem_mb": 1010.0} if with_memory else {}
+    return [
+        report.Row("ensemble", 1, 200.0, 5.0, 6.0, 7.0, 8.0, **mem),
+        report.Row("ensemble", 8, 800.0, 10.0, 12.0, 13.0, 150.0, **mem),
+        report.Row("baseline", 1, 100.0, 10.0, 11.0, 12.0, 13.0, **mem),
+        report.Row("baseline", 8, None, note="perf_analyzer exited with code 2"),
+        report.Row("inprocess", 64, 1000.0, 60.0, 61.0, 62.0, 63.0, note="batch 64 on cpu"),
+    ]
+
+
+def test_ratios_and_formatting():
+    assert report.ratio(200, 100) == 2.0 and report.ratio(None, 1) is None and report.ratio(1, 0) is None
+    assert report.fmt_ratio(2.0) == "2.00×" and report.fmt_ratio(None) == "—"
+    assert report.fmt_rate(1234.56) == "1,234.6" and report.fmt_ms(123.4) == "123"
+    assert report.fmt_ms(12.34) == "12.3" and report.fmt_ms(1.234) == "1.23" and report.fmt_ms(None) == "—"
+
+
+def test_markdown_has_header_ratios_and_breakdown():
+    steps = [stats.StepTimes("ensemble", "e", 100, 100, 9.0, other_ms=1.0), stats.StepTimes("ensemble", "pre", 100, 25, 8.0, 2.0, 0.5, 5.0, 0.25, 0.25)]
+    text = report.markdown(_rows(), steps, {"device": "CPU only", "command": "`tritonpipe-bench`"})
+    lines = text.splitlines()
+    assert "- device: CPU only" in lines and "- command: `tritonpipe-bench`" in lines
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0] == (
+        "| concurrency | ensemble img/s | ensemble p50 | ensemble p99 | baseline img/s | baseline p50 | baseline p99 "
+        "| ensemble/baseline | ensemble/in-process |"
+    )
+    assert table[1] == "| 1 | 200.0 | 5.00 | 8.00 | 100.0 | 10.0 | 13.0 | 2.00× | 0.20× |"
+    assert table[2] == "| 8 | 800.0 | 10.0 | 150 | — | — | — | — | 0.80× |"
+    assert "- baseline at 8: perf_analyzer exited with code 2" in lines
+    assert "| 64 | 1,000.0 | 60.0 | 63.0 |" in lines
+    assert "| ensemble | e | 100 | 1.0 | 9.00 | — | — | — | — | 1.00 |" in lines
+    assert "| ensemble | pre | 100 | 4.0 | 8.00 | 2.00 | 0.50 | 5.00 | 0.25 | 0.25 |" in lines
+    assert "GPU MiB" not in text
+
+
+def test_markdown_shows_gpu_memory_when_measured():
+    text = report.markdown(_rows(with_memory=True), [], {})
+    assert "ensemble GPU MiB" in text and "1000→1010" in text
+
+
+def test_csv_files_have_the_expected_columns(tmp_path):
+    path = report.write_rows(_rows(), tmp_path / "results.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["system", "concurrency", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "gpu_mem_before_mb", "gpu_mem_mb", "note"]
+    assert rows[0]["throughput"] == "200.0000" and rows[3]["throughput"] == "" and rows[0]["gpu_mem_mb"] == ""
+    steps = [stats.StepTimes("inprocess", "cls_pre", 64, 1, 3.5)]
+    rows = list(csv.DictReader(report.write_breakdown(steps, tmp_path / "b.csv").open()))
+    assert list(rows[0]) == report.BREAKDOWN_COLUMNS and rows[0]["total_ms"] == "3.5000" and rows[0]["queue_ms"] == ""
+
+
+def test_plot_is_written_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert report.plot(_rows(), tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
+    assert report.plot(_rows(), tmp_path / "p.png") is None
+    assert not (tmp_path / "p.png").exists()
+
+
+# --- in-process chain and CLI ----------------------------------------------------------------
+
+
+def test_inprocess_chain_runs_the_generated_models(tmp_path, tiny_onnx, jpeg_factory):
+    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="cls"), tmp_path / "repo")
+    images = [jpeg_factory(40, 60, seed=i) for i in range(3)]
+    result = inprocess.run_inprocess(repo, images, device="cpu", batch=4, seconds=0.0, warmup=1, min_batches=2, progress=False)
+    assert result.images == 8 and len(result.batch_ms) == 2 and result.throughput > 0
+    assert set(result.model_ms) == {"cls_pre", "cls_model"} and result.device == "cpu"
+    assert result.chunks == {"cls_model": 8}
+    chain = inprocess.Chain(repo, torch.device("cpu"))
+    first = torch.frombuffer(bytearray(images[0]), dtype=torch.uint8)[None]
+    with pytest.raises(RuntimeError, match="cls_pre"):
+        chain.run([first[:, :20]])
+
+
+def test_inprocess_feeds_the_model_stage_at_most_its_max_batch(tmp_path, tiny_onnx, jpeg_factory):
+    small = generate_repository(load_graph(model_chain(tiny_onnx, max=2), name="cls"), tmp_path / "small")
+    large = generate_repository(load_graph(model_chain(tiny_onnx, max=8), name="cls"), tmp_path / "large")
+    inputs = [torch.frombuffer(bytearray(jpeg_factory(40, 60, seed=i)), dtype=torch.uint8)[None] for i in range(5)]
+    chunked, whole = inprocess.Chain(small, torch.device("cpu")), inprocess.Chain(large, torch.device("cpu"))
+    assert chunked.chunks() == {"cls_model": 2}
+    calls = []
+    model_stage = chunked.models[1][1].root
+    original = model_stage.forward
+    model_stage.forward = lambda batch: (calls.append(len(batch)), original(batch))[1]
+    got, want = chunked.run(inputs), whole.run(inputs)
+    assert calls == [2, 2, 1]
+    assert all(g.shape == (1, 10) for g in got)
+    torch.testing.assert_close(torch.cat(got), torch.cat(want))
+
+
+def test_device_choice():
+    assert inprocess.pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert inprocess.pick_device("auto").type == "cpu"
+        with pytest.raises(ConfigError):
+            inprocess.pick_device("gpu")
+
+
+def test_cli_parses_lists_and_builds_options(tmp_path):
+    args = cli.parse_args(["--concurrency", "1,8,32", "--systems", "ensemble,inprocess", "--shared-memory", "system",
+                           "--perf-arg=--async", "--instances", "2", "-o", str(tmp_path)])
+    options = cli.options_from(args, "cmd")
+    assert options.concurrency == (1, 8, 32) and options.systems == ("ensemble", "inprocess")
+    assert options.perf.shared_memory == "system" and options.perf.extra_args == ("--async",)
+    assert options.instances == 2 and options.output == tmp_path and options.command == "cmd"
+    defaults = cli.options_from(cli.parse_args([]))
+    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "inprocess")
+    for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--systems", "ensemble,triton"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)

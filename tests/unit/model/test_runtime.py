@@ -1,0 +1,187 @@
+"""The generic model's runtime: load-time warm-up (the `warmup` key) and host outputs for clients."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from google.protobuf import json_format
+
+from tritonpipe.contract import parse_warmup
+from tritonpipe.errors import ConfigError
+from tritonpipe.model.runtime import ModelRuntime
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository.generate import build_repository, generate_repository
+
+
+def chain(model, **extra):
+    return {
+        "backend": "S[DecodeTensor,ResizeTensor,cvtColorTensor,SyncTensor[TensorrtTensor]]",
+        "resize_h": 32, "resize_w": 32, "model": str(model), "fuse": True, **extra,
+    }
+
+
+def triton_json(config) -> dict:
+    """The model config as Triton hands it to a Python model (int64 dims come as strings)."""
+    return json.loads(json_format.MessageToJson(config, preserving_proto_field_name=True))
+
+
+def test_warmup_values():
+    assert parse_warmup("1080x1920") == (1080, 1920)
+    assert parse_warmup(" 48 X 64 ") == (48, 64)
+    for off in ("off", "OFF", "none", "false", "0"):
+        assert parse_warmup(off) is None
+    for bad in ("big", "1080", "0x10", "10x99999", "1080x1920x3"):
+        with pytest.raises(ConfigError, match="warmup must be off or a sample image size HxW"):
+            parse_warmup(bad)
+
+
+def test_warmup_reaches_gpu_configs_only(tiny_onnx):
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "gpu")
+    assert configs["cls"].parameters["tritonpipe.warmup"].string_value == "1080x1920"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx, warmup="480x640"), name="cls"), "gpu")
+    assert configs["cls"].parameters["tritonpipe.warmup"].string_value == "480x640"
+    for device, extra in (("gpu", {"warmup": "off"}), ("cpu", {})):
+        _, configs, _ = build_repository(load_graph(chain(tiny_onnx, **extra), name="cls"), device)
+        assert "tritonpipe.warmup" not in configs["cls"].parameters
+
+
+def test_bad_warmup_is_rejected_before_writing(tmp_path, tiny_onnx):
+    with pytest.raises(ConfigError, match="warmup must be off"):
+        generate_repository(load_graph(chain(tiny_onnx, warmup="huge")), tmp_path / "repo", device="gpu")
+    assert not (tmp_path / "repo").exists()
+
+
+def runtime_for(tmp_path, model, device="cpu", **extra) -> ModelRuntime:
+    repo = generate_repository(load_graph(chain(model, **extra), name="cls"), tmp_path / "repo", device="gpu")
+    config = triton_json(repo.configs["cls"])
+    return ModelRuntime(config, repo.path / "cls" / "1", device)
+
+
+def test_runtime_runs_every_batch_bucket_largest_first(tmp_path, tiny_onnx, monkeypatch):
+    runtime = runtime_for(tmp_path, tiny_onnx, max=12, warmup="40x56")
+    seen = []
+    run = runtime.run
+
+    def spy(items):
+        run(items)
+        seen.append(len(items))
+        # every sample went through the whole chain: the classifier's scores came out
+        assert all("error" not in item and tuple(runtime.output(item, "scores").shape) == (1, 10) for item in items)
+
+    monkeypatch.setattr(runtime, "run", spy)
+    assert runtime.warm_up() == (12 + 8 + 4 + 2 + 1, None)
+    assert seen == [12, 8, 4, 2, 1]
+
+
+def test_small_pool_sample_size():
+    from tritonpipe.model.runtime import SMALL_BLOCK, _small_pool_size
+
+    assert _small_pool_size((40, 56)) is None  # already small
+    height, width = _small_pool_size((1080, 1920))
+    assert 0.9 * SMALL_BLOCK < 3 * height * width < SMALL_BLOCK
+    assert abs(width / height - 1920 / 1080) < 0.01
+
+
+def test_runtime_sample_is_a_decodable_jpeg_of_the_asked_size(tmp_path, tiny_onnx):
+    import cv2
+    import numpy as np
+
+    runtime = runtime_for(tmp_path, tiny_onnx, warmup="40x56")
+    (name,) = runtime.inputs
+    sample = runtime._sample(name, (40, 56))
+    assert sample.dtype == torch.uint8 and sample.dim() == 2 and sample.shape[0] == 1
+    decoded = cv2.imdecode(np.frombuffer(sample.numpy().tobytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (40, 56, 3)
+
+
+def test_runtime_reports_a_chain_that_refuses_the_samples(tmp_path, tiny_onnx, monkeypatch):
+    runtime = runtime_for(tmp_path, tiny_onnx, max=4, warmup="40x56")
+    png = torch.frombuffer(bytearray(b"\x89PNG\r\n\x1a\n" + bytes(64)), dtype=torch.uint8).reshape(1, -1)
+    monkeypatch.setattr(runtime, "_sample", lambda name, size: png)
+    count, problem = runtime.warm_up()
+    assert count == 4  # stops at the first refused batch
+    assert problem.startswith("RequestError") and "PNG" in problem
+
+
+def test_runtime_without_warmup_runs_nothing(tmp_path, tiny_onnx):
+    runtime = runtime_for(tmp_path, tiny_onnx, warmup="off")
+    assert runtime.warm_up() == (0, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warm_up_captures_every_graph_and_keeps_memory_flat(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, torch.randn(1, 3, 32, 32)).save(str(tmp_path / "net.ts"))
+    device = torch.device("cuda", 0)
+    runtime = runtime_for(tmp_path, tmp_path / "net.ts", device, max=16, warmup="720x1280", inputs="x:FP32:3x32x32")
+    # each bucket runs the 720x1280 sample and one scaled to just under 1 MiB decoded
+    assert runtime.warm_up() == (2 * (16 + 8 + 4 + 2 + 1), None)
+    torch.cuda.synchronize()
+    engine = runtime.root.children[-1].children[-1].engine
+    assert sorted(key[0][0] for key in engine.graphs) == [1, 2, 4, 8, 16]
+    reserved = torch.cuda.memory_reserved(device)
+    from tritonpipe.examples import sample_jpeg
+
+    jpeg = torch.frombuffer(bytearray(sample_jpeg(480, 640, seed=1)), dtype=torch.uint8).reshape(1, -1)
+    (name,) = runtime.inputs
+    for size in (3, 16, 1, 9, 5):
+        items = [{runtime.inputs[name]: jpeg.clone()} for _ in range(size)]
+        runtime.run(items)
+        assert all("error" not in item for item in items)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved(device) == reserved
+
+
+# --- outputs that only go back to clients --------------------------------------------------
+
+
+def test_only_models_whose_outputs_nobody_reads_return_host_outputs(tiny_onnx):
+    split = dict(chain(tiny_onnx), fuse=False)
+    _, configs, _ = build_repository(load_graph(split, name="cls"), "gpu")
+    assert "tritonpipe.host_outputs" not in configs["cls_pre"].parameters  # feeds cls_model on the GPU
+    assert configs["cls_model"].parameters["tritonpipe.host_outputs"].string_value == "yes"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "gpu")
+    assert configs["cls"].parameters["tritonpipe.host_outputs"].string_value == "yes"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "cpu")
+    assert "tritonpipe.host_outputs" not in configs["cls"].parameters
+
+
+def test_responses_keep_each_items_outputs_and_errors(tmp_path, tiny_onnx):
+    import cv2
+    import numpy as np
+
+    runtime = runtime_for(tmp_path, tiny_onnx, max=4, warmup="off")
+    assert runtime.host_outputs
+    (key,) = runtime.inputs.values()
+    rng = np.random.default_rng(0)
+    jpegs = [cv2.imencode(".jpg", rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8))[1].tobytes() for i in range(3)]
+    items = [{key: torch.frombuffer(bytearray(j), dtype=torch.uint8).reshape(1, -1)} for j in jpegs]
+    items.insert(1, {key: torch.frombuffer(bytearray(b"not a jpeg"), dtype=torch.uint8).reshape(1, -1)})
+    runtime.run(items)
+    results = runtime.responses(items)
+    assert isinstance(results[1], Exception) and "JPEG" in str(results[1])
+    for item, result in zip(items, results):
+        if "error" not in item:
+            assert list(result) == ["scores"] and result["scores"].device.type == "cpu"
+            torch.testing.assert_close(result["scores"], runtime.output(item, "scores"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_outputs_arrive_on_the_cpu_in_one_copy():
+    from tritonpipe.model.runtime import _to_host
+
+    device = torch.device("cuda", 0)
+    tensors = [torch.randn(n, 7, device=device) for n in (1, 3, 2)]
+    host = _to_host(tensors)
+    assert [t.device.type for t in host] == ["cpu"] * 3
+    for a, b in zip(host, tensors):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b.cpu())
+    mixed = _to_host([tensors[0], tensors[1].half()])
+    assert [t.dtype for t in mixed] == [torch.float32, torch.float16]
