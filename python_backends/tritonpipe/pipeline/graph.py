@@ -16,7 +16,6 @@ value, and checks the ``next`` links.  Nothing here touches the disk except read
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import sys
@@ -28,8 +27,9 @@ from ..contract import parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages import load_plugin
-from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, lookup, registered_names
+from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, registered_names
 from .grammar import PipelineSyntaxError, StageNode, parse_backend
+from .resolved import ResolvedStage
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +47,10 @@ TRITON_KEYS = {
         str, "1080x1920",
         doc="GPU instances run their chain at load on a sample JPEG of this HxW, once per batch bucket; off to skip",
     ),
+    "execution_timeout": Param(
+        float, 60.0, low=0.0, high=86_400.0,
+        doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
+    ),
 }
 _STRUCTURE_KEYS = ("backend", "next")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
@@ -61,12 +65,14 @@ class NodeSettings:
     fuse: bool = False
     #: (height, width) of the load-time sample image, or None for no warm-up
     warmup: tuple[int, int] | None = (1080, 1920)
+    #: seconds a batch may run before the instance gives up on it; 0 for no limit
+    execution_timeout: float = 60.0
 
 
 @dataclass
 class Node:
     name: str
-    tree: StageNode  # names canonical, params coerced and complete
+    tree: ResolvedStage
     settings: NodeSettings
     next: list[str] = field(default_factory=list)
 
@@ -161,11 +167,11 @@ def load_graph(
     if not isinstance(config, dict) or not config:
         raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
     _check_keys(config)
-    config = copy.deepcopy(config)
+    config = dict(config)  # the keys taken out below stay in the caller's dict
     base = Path(base_dir or Path.cwd()).resolve()
 
-    plugin_list = [*_as_list(config.pop("plugins", []), "plugins"), *plugins]
-    plugin_paths = [(base / p).resolve() if not Path(p).is_absolute() else Path(p) for p in plugin_list]
+    plugin_paths = [_config_plugin(base, p) for p in _as_list(config.pop("plugins", []), "plugins")]
+    plugin_paths += [Path(p).resolve() for p in plugins]
     for plugin in plugin_paths:
         load_plugin(plugin)
 
@@ -188,6 +194,21 @@ def load_graph(
         nodes[node_name] = _resolve_node(node_name, merged, base)
     ordered = _order(nodes)
     return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
+
+
+def _config_plugin(base: Path, name: str) -> Path:
+    """A plugin named by a configuration: a file in the configuration's own folder tree.
+
+    A configuration is often passed around as data; a plugin is code.  Code from elsewhere is
+    loaded only when the command line names it (``--plugin``).
+    """
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise ConfigError(
+            f"plugin {name!r} is outside the configuration's folder {str(base)!r}; a configuration may only name "
+            "plugins beside it or below it: pass --plugin PATH to load one from elsewhere"
+        )
+    return path
 
 
 def _check_keys(config: dict[str, Any], where: str = "the configuration") -> None:
@@ -217,49 +238,45 @@ def _as_list(value: Any, what: str = "a list") -> list[str]:
 def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     where = f"node {node_name!r}"
     backend = raw["backend"]
-    tree = parse_backend(backend)
-    _attach_scoped_backends(tree, raw, where)
-    for stage_node in tree.walk():
-        _canonicalise(stage_node, backend)
-    _check_wrappers(tree, where)
-
-    stages = list(tree.walk())
-    stage_names = {s.name.lower(): s.name for s in stages}
-    given: dict[int, dict[str, Any]] = {id(s): dict(s.params) for s in stages}
+    skeleton = _skeleton(parse_backend(backend), backend, _scoped_backends(raw), where)
+    stages = list(_flatten(skeleton))
+    stage_names = {cls.name.lower() for cls, _, _ in stages}
+    given: dict[int, dict[str, Any]] = {id(node): dict(node.params) for _, node, _ in stages}
     settings_raw: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _STRUCTURE_KEYS or key.lower().endswith("::backend"):
             continue
         scope, _, scoped_key = key.partition("::")
         if scoped_key and scope.lower() in stage_names:
-            targets = [s for s in stages if s.name.lower() == scope.lower()]
+            targets = [(cls, node) for cls, node, _ in stages if cls.name.lower() == scope.lower()]
             key = scoped_key
         else:
-            targets = [s for s in stages if key in lookup(s.name).params]
+            targets = [(cls, node) for cls, node, _ in stages if key in cls.params]
         taken = False
-        for stage_node in targets:
-            if key in lookup(stage_node.name).params:
-                given[id(stage_node)].setdefault(key, value)
+        for cls, node in targets:
+            if key in cls.params:
+                given[id(node)].setdefault(key, value)
                 taken = True
         if key in TRITON_KEYS:
             settings_raw[key] = value
             taken = True
         if not taken:
-            known = sorted({p for s in stages for p in lookup(s.name).params} | set(TRITON_KEYS))
+            known = sorted({p for cls, _, _ in stages for p in cls.params} | set(TRITON_KEYS))
             raise ConfigError(f"{where}: no stage of {backend!r} takes parameter {key!r}{did_you_mean(key, known)}")
 
-    for stage_node in stages:
-        cls = lookup(stage_node.name)
+    def build(entry: _Skeleton) -> ResolvedStage:
+        cls, node, children = entry
         try:
-            params = check_params(cls, given[id(stage_node)])
+            params = check_params(cls, given[id(node)])
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         for key, param in cls.params.items():
             if param.file and params[key]:
                 path = Path(params[key])
                 params[key] = str(path if path.is_absolute() else (base / path).resolve())
-        stage_node.params = params
+        return ResolvedStage(cls, params, tuple(build(child) for child in children))
 
+    tree = build(skeleton)
     settings = NodeSettings()
     for key, value in settings_raw.items():
         try:
@@ -277,6 +294,48 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"))
 
 
+#: a stage class, the parsed node it came from (for its inline parameters), and its children
+_Skeleton = tuple[type[Stage], StageNode, list]
+
+
+def _flatten(entry: _Skeleton):
+    yield entry
+    for child in entry[2]:
+        yield from _flatten(child)
+
+
+def _scoped_backends(raw: dict[str, Any]) -> dict[str, str]:
+    """torchpipe's ``SyncTensor::backend = "X"`` is the same as writing ``SyncTensor[X]``."""
+    return {k[: -len("::backend")].lower(): v for k, v in raw.items() if k.lower().endswith("::backend")}
+
+
+def _skeleton(node: StageNode, text: str, scoped: dict[str, str], where: str, used: set[str] | None = None) -> _Skeleton:
+    """Look every stage up and attach ``X::backend`` children, without changing the parsed tree."""
+    top = used is None
+    used = set() if top else used
+    cls = find_stage(node.name)
+    if cls is None:
+        reason = f"unknown stage {node.name!r}{did_you_mean(node.name, registered_names())}"
+        raise PipelineSyntaxError(reason, text, node.position)
+    for key, position in node.param_positions.items():
+        if key not in cls.params:
+            reason = f"stage {cls.name} takes no parameter {key!r}{did_you_mean(key, list(cls.params))}"
+            raise PipelineSyntaxError(reason, text, position)
+    children = [_skeleton(child, text, scoped, where, used) for child in node.children]
+    filled = scoped.get(node.name.lower()) if not node.children else None
+    if filled is not None:
+        used.add(node.name.lower())
+        children = [_skeleton(parse_backend(filled), filled, scoped, where, used)]
+    if cls.role == "sequence" and not children:
+        raise ConfigError(f"{where}: {cls.name} chains other stages; write {cls.name}[A,B]")
+    if cls.role not in ("wrapper", "sequence") and children:
+        raise ConfigError(f"{where}: {cls.name} is not a wrapper and cannot take [...]")
+    if top and set(scoped) - used:
+        unused = sorted(k + "::backend" for k in set(scoped) - used)
+        raise ConfigError(f"{where}: {', '.join(unused)} names no stage of the backend")
+    return cls, node, children
+
+
 def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     try:
         gpus = tuple(int(v) for v in str(text).split(",") if v.strip())
@@ -285,41 +344,6 @@ def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     if any(g < 0 for g in gpus):
         raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
     return gpus
-
-
-def _attach_scoped_backends(tree: StageNode, raw: dict[str, Any], where: str) -> None:
-    """torchpipe's ``SyncTensor::backend = "X"`` is the same as writing ``SyncTensor[X]``."""
-    scoped = {k[: -len("::backend")].lower(): v for k, v in raw.items() if k.lower().endswith("::backend")}
-    used = set()
-    for stage_node in list(tree.walk()):
-        key = stage_node.name.lower()
-        if key in scoped and not stage_node.children:
-            stage_node.children.append(parse_backend(scoped[key]))
-            used.add(key)
-    unused = set(scoped) - used
-    if unused:
-        raise ConfigError(f"{where}: {', '.join(sorted(k + '::backend' for k in unused))} names no stage of the backend")
-
-
-def _canonicalise(stage_node: StageNode, text: str) -> None:
-    cls = find_stage(stage_node.name)
-    if cls is None:
-        reason = f"unknown stage {stage_node.name!r}{did_you_mean(stage_node.name, registered_names())}"
-        raise PipelineSyntaxError(reason, text, stage_node.position) from None
-    for key, position in stage_node.param_positions.items():
-        if key not in cls.params:
-            reason = f"stage {cls.name} takes no parameter {key!r}{did_you_mean(key, list(cls.params))}"
-            raise PipelineSyntaxError(reason, text, position)
-    stage_node.name = cls.name
-
-
-def _check_wrappers(tree: StageNode, where: str) -> None:
-    for stage_node in tree.walk():
-        cls: type[Stage] = lookup(stage_node.name)
-        if cls.role == "sequence" and not stage_node.children:
-            raise ConfigError(f"{where}: {cls.name} chains other stages; write {cls.name}[A,B]")
-        if cls.role not in ("wrapper", "sequence") and stage_node.children:
-            raise ConfigError(f"{where}: {cls.name} is not a wrapper and cannot take [...]")
 
 
 def _order(nodes: dict[str, Node]) -> dict[str, Node]:

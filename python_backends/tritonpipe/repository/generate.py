@@ -7,7 +7,7 @@ repository behind.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +20,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..engines.base import NativeModel
 from ..errors import ConfigError
-from ..pipeline.grammar import StageNode
 from ..pipeline.graph import Graph
-from ..stages.base import lookup
+from ..pipeline.resolved import ResolvedStage
 from .configs import NATIVE, ensemble_config, native_model_config, python_model_config, to_text, validate_repository
 from .plan import ModelPlan, RepositoryPlan, plan_repository
 
@@ -44,35 +43,37 @@ class GeneratedRepository:
         return self.plan.name
 
 
-def _bundle_files(tree: StageNode) -> dict[str, Path]:
-    """Point file parameters at copies inside the model's version folder; return what to copy."""
-    copies: dict[str, Path] = {}
-    for node in tree.walk():
-        for key, param in lookup(node.name).params.items():
-            value = node.params.get(key)
-            if not (param.file and value):
-                continue
-            source = Path(value)
-            if not source.is_file():
-                raise ConfigError(f"{node.name}: {key} = {str(source)!r} does not exist")
-            name = source.name
-            if name in copies and copies[name] != source:
-                raise ConfigError(f"two files named {name!r} would land in the same model folder")
-            copies[name] = source
-            node.params[key] = name
-    return copies
+def _bundle_files(tree: ResolvedStage, copies: dict[str, Path]) -> ResolvedStage:
+    """The tree with file parameters pointing at copies in the model's version folder.
+
+    ``copies`` collects what to copy there: file name -> source.
+    """
+    changes: dict[str, str] = {}
+    for key, param in tree.cls.params.items():
+        value = tree.params.get(key)
+        if not (param.file and value):
+            continue
+        source = Path(value)
+        if not source.is_file():
+            raise ConfigError(f"{tree.name}: {key} = {str(source)!r} does not exist")
+        if copies.get(source.name, source) != source:
+            raise ConfigError(f"two files named {source.name!r} would land in the same model folder")
+        copies[source.name] = source
+        changes[key] = source.name
+    children = tuple(_bundle_files(child, copies) for child in tree.children)
+    return tree.with_params(**changes).with_children(children)
 
 
 def _native_model(model: ModelPlan, native: Collection[str]) -> NativeModel | None:
     """What Triton backend serves this model step natively, if ``native`` asks for its engine."""
     if not (native and model.is_model_stage):
         return None
-    stage = next(n for n in model.tree.walk() if lookup(n.name).role == "model")
-    describe = getattr(lookup(stage.name), "native_model", None)
+    stage = model.tree.find("model")
+    describe = getattr(stage.cls, "native_model", None)
     if describe is None:
         return None
     try:
-        return describe(stage.params, native)
+        return describe(dict(stage.params), native)
     except ConfigError as exc:
         raise ConfigError(f"model {model.name!r}: {exc}") from None
 
@@ -85,7 +86,6 @@ def build_repository(
     ``native`` names engines ("tensorrt", "onnxruntime") whose model steps Triton serves with its
     own backend instead of the Python runner.
     """
-    graph = copy.deepcopy(graph)  # file parameters are rewritten to their copies below
     unknown = set(native) - set(NATIVE)
     if unknown:
         raise ConfigError(f"native takes {', '.join(NATIVE)}; got {', '.join(sorted(unknown))}")
@@ -101,10 +101,11 @@ def build_repository(
             configs[model.name] = native_model_config(model, native_model, device)
             files[model.name] = {native_model.filename: native_model.source}
             continue
-        files[model.name] = _bundle_files(model.tree)
+        files[model.name] = {}
+        bundled = dataclasses.replace(model, tree=_bundle_files(model.tree, files[model.name]))
         uses_plugin = bool(graph.plugins)
         configs[model.name] = python_model_config(
-            model, device, plugin_names if uses_plugin else [], terminal=model.name in terminal
+            bundled, device, plugin_names if uses_plugin else [], terminal=model.name in terminal
         )
         if uses_plugin:
             for plugin in graph.plugins:
@@ -123,17 +124,60 @@ def build_repository(
     return plan, configs, files
 
 
-def generate_repository(
-    graph: Graph, output: str | Path, *, device: str = "auto", overwrite: bool = False, native: Collection[str] = ()
-) -> GeneratedRepository:
-    """Write the repository for ``graph`` to ``output`` (a folder that becomes the model repository)."""
-    output = Path(output).resolve()
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output} exists and is not a folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"{output} is not empty; pass overwrite (--force) to replace it")
-    plan, configs, files = build_repository(graph, device, native)
+#: written into every generated repository: what it holds, and the mark that ``--force`` may replace it
+MARKER = "tritonpipe.json"
+ModelFiles = dict[str, dict[str, Path]]
 
+
+def read_marker(repository: str | Path) -> dict | None:
+    """The marker of a repository tritonpipe generated (its ``entry`` and ``models``), or None."""
+    try:
+        marker = json.loads((Path(repository) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("entry"), str) else None
+
+
+def check_target(output: Path, overwrite: bool) -> None:
+    """Refuse an output that is not a folder we may fill or replace, before anything is built.
+
+    ``overwrite`` (``--force``) replaces an empty folder or a repository tritonpipe generated (it
+    holds the marker), never a symbolic link, the root, the home folder, or the current folder or
+    one of its parents.
+    """
+    if output.is_symlink():
+        raise ConfigError(f"{output} is a symbolic link; give the folder it points to, or another path")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"{output} exists and is not a folder")
+    if not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{output} is not empty; pass overwrite (--force) to replace it")
+    resolved, here = output.resolve(), Path.cwd().resolve()
+    if resolved in {Path("/"), Path.home().resolve(), here, *here.parents}:
+        raise ConfigError(
+            f"refusing to replace {resolved}: it is the root, the home folder, or the current folder or one of its parents"
+        )
+    if read_marker(resolved) is None:
+        raise ConfigError(
+            f"{resolved} is not empty and is not a repository tritonpipe generated (it has no {MARKER}); "
+            "--force replaces only those: choose an empty or a new folder"
+        )
+
+
+def write_repository(
+    configs: dict[str, mc.ModelConfig], files: ModelFiles, output: str | Path, *, entry: str, overwrite: bool = False
+) -> Path:
+    """Write configs and files as a model repository, atomically.
+
+    ``files`` maps a model to ``{path in its version folder: source file}``; a Python model
+    without its own ``model.py`` gets the generic shim.  The repository is written beside
+    ``output`` and moved into place, so a failed run leaves the previous one untouched.
+    """
+    output = Path(output).absolute()
+    check_target(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -142,17 +186,19 @@ def generate_repository(
             version_dir = model_dir / VERSION
             version_dir.mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(to_text(config))
-            if config.backend == "python":
+            model_files = files.get(name, {})
+            if config.backend == "python" and "model.py" not in model_files:
                 (version_dir / "model.py").write_text(SHIM)
-            else:
+            elif config.backend != "python":
                 (version_dir / ".gitkeep").write_text("")
-            for relative, source in files.get(name, {}).items():
+            for relative, source in model_files.items():
                 target = version_dir / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
-        (staging / "tritonpipe.json").write_text(
-            json.dumps({"entry": plan.name, "models": sorted(configs)}, indent=2) + "\n"
-        )
+        (staging / MARKER).write_text(json.dumps({"entry": entry, "models": sorted(configs)}, indent=2) + "\n")
+        # mkdtemp makes 0700 folders; a server running as another user must be able to read them
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             os.replace(output, trash / "old")
@@ -163,4 +209,15 @@ def generate_repository(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return GeneratedRepository(output, plan, configs)
+    return output
+
+
+def generate_repository(
+    graph: Graph, output: str | Path, *, device: str = "auto", overwrite: bool = False, native: Collection[str] = ()
+) -> GeneratedRepository:
+    """Write the repository for ``graph`` to ``output`` (a folder that becomes the model repository)."""
+    output = Path(output).absolute()
+    check_target(output, overwrite)
+    plan, configs, files = build_repository(graph, device, native)
+    path = write_repository(configs, files, output, entry=plan.name, overwrite=overwrite)
+    return GeneratedRepository(path, plan, configs)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from ..engines.base import TensorIO
 from ..errors import ConfigError
-from ..pipeline.grammar import StageNode
 from ..pipeline.graph import Graph, Node, NodeSettings
+from ..pipeline.resolved import ResolvedStage
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
-from ..stages.base import lookup
+from ..stages.control import Sequential
 
 PRIMARY_KEY = "data"
 
@@ -33,7 +33,7 @@ class Port:
 class ModelPlan:
     name: str
     node: str
-    tree: StageNode  # always a Sequential
+    tree: ResolvedStage  # always a Sequential
     settings: NodeSettings
     inputs: list[Port]
     outputs: list[Port]
@@ -61,18 +61,14 @@ class RepositoryPlan:
         return len(self.models) > 1
 
 
-def _contains_model(node: StageNode) -> bool:
-    return any(lookup(n.name).role == "model" for n in node.walk())
-
-
-def _segments(tree: StageNode, fuse: bool = False) -> list[tuple[bool, list[StageNode]]]:
+def _segments(tree: ResolvedStage, fuse: bool = False) -> list[tuple[bool, list[ResolvedStage]]]:
     """Split a node's top-level chain into (is_model, stages) runs; ``fuse`` keeps it whole."""
-    chain = tree.children if lookup(tree.name).role == "sequence" else [tree]
-    segments: list[tuple[bool, list[StageNode]]] = []
+    chain = tree.children if tree.role == "sequence" else (tree,)
+    segments: list[tuple[bool, list[ResolvedStage]]] = []
     for child in chain:
-        if _contains_model(child):
+        if child.contains("model"):
             _check_model_branch(child)
-        if _contains_model(child) and not fuse:
+        if child.contains("model") and not fuse:
             segments.append((True, [child]))
         elif segments and not segments[-1][0]:
             segments[-1][1].append(child)
@@ -81,10 +77,10 @@ def _segments(tree: StageNode, fuse: bool = False) -> list[tuple[bool, list[Stag
     return segments
 
 
-def _check_model_branch(node: StageNode) -> None:
+def _check_model_branch(node: ResolvedStage) -> None:
     """A model stage may only be wrapped (SyncTensor[Torch[TensorrtTensor]]), not mixed with other work."""
     current = node
-    while lookup(current.name).role != "model":
+    while current.role != "model":
         if len(current.children) != 1:
             raise ConfigError(
                 f"{current.name}[...] mixes a model stage with other stages; put the model stage in its own "
@@ -93,27 +89,22 @@ def _check_model_branch(node: StageNode) -> None:
         current = current.children[0]
 
 
-def _model_stage(node: StageNode) -> StageNode:
-    return next(n for n in node.walk() if lookup(n.name).role == "model")
-
-
-def infer_tree(node: StageNode, spec: TensorSpec) -> TensorSpec:
+def infer_tree(node: ResolvedStage, spec: TensorSpec) -> TensorSpec:
     """Propagate a tensor description through a stage tree."""
-    cls = lookup(node.name)
     for child in node.children:
         spec = infer_tree(child, spec)
-    return cls.infer(node.params, spec)
+    return node.cls.infer(dict(node.params), spec)
 
 
-def extra_outputs(node: StageNode) -> dict[str, TensorSpec]:
+def extra_outputs(node: ResolvedStage) -> dict[str, TensorSpec]:
     extras: dict[str, TensorSpec] = {}
     for n in node.walk():
-        extras.update(lookup(n.name).extra_outputs(n.params))
+        extras.update(n.cls.extra_outputs(dict(n.params)))
     return extras
 
 
-def _sequence(children: list[StageNode]) -> StageNode:
-    return StageNode(name="Sequential", children=children)
+def _sequence(children: list[ResolvedStage]) -> ResolvedStage:
+    return ResolvedStage(Sequential, {}, tuple(children))
 
 
 def _segment_name(node: Node, index: int, count: int, is_model: bool, used: set[str]) -> str:
@@ -183,12 +174,12 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
 
 
 def _plan_model(
-    name: str, node: Node, tree: StageNode, spec: TensorSpec, is_model: bool
+    name: str, node: Node, tree: ResolvedStage, spec: TensorSpec, is_model: bool
 ) -> tuple[ModelPlan, TensorSpec]:
-    wants_gpu = any(lookup(n.name).wants_gpu for n in tree.walk())
+    wants_gpu = any(n.cls.wants_gpu for n in tree.walk())
     if is_model:
-        stage = _model_stage(tree)
-        model_inputs, model_outputs = lookup(stage.name).io(stage.params)
+        stage = tree.find("model")
+        model_inputs, model_outputs = stage.cls.io(dict(stage.params))
         if len(model_inputs) != 1:
             raise ConfigError(
                 f"node {node.name!r}: the model has {len(model_inputs)} inputs "
@@ -202,9 +193,9 @@ def _plan_model(
     out_spec = infer_tree(tree, spec)
     inputs = [Port("INPUT", spec, PRIMARY_KEY)]
     primary = "OUTPUT"
-    if _contains_model(tree):  # a fused model stage keeps its model's output names
-        stage = _model_stage(tree)
-        primary = lookup(stage.name).io(stage.params)[1][0].name
+    stage = tree.find("model")
+    if stage is not None:  # a fused model stage keeps its model's output names
+        primary = stage.cls.io(dict(stage.params))[1][0].name
     outputs = [Port(primary, out_spec, PRIMARY_KEY)]
     outputs += [Port(key, extra, key) for key, extra in extra_outputs(tree).items()]
     return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, False), out_spec
