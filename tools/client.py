@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import sys
 
+from tritonclient.utils import InferenceServerException
+
 from tritonpipe.client.client import PROTOCOLS, InferError, PipelineClient, summarize
 from tritonpipe.server.owner import TritonServer
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     url = server.grpc_url if protocol == "grpc" else server.http_url
                 else:
                     url = args.url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
-                client = PipelineClient(url, protocol=protocol, model=args.model)
+                client = _connect(url, protocol, args.model)
                 print(f"[{protocol} {url}] model {client.model}")
                 for path in args.files:
                     try:
@@ -60,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failures else 0
 
     return run(body)
+
+
+def _connect(url: str, protocol: str, model: str | None) -> PipelineClient:
+    try:
+        return PipelineClient(url, protocol=protocol, model=model)
+    except (InferenceServerException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InferError(f"no server answers at {url} over {protocol} ({reason}); start one with tritonpipe-serve, "
+                         "or pass --serve REPOSITORY", "UNAVAILABLE") from None
 
 
 if __name__ == "__main__":

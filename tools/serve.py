@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
 
+from tritonpipe.server.heal import HealPolicy
 from tritonpipe.server.install import HOME_ENV, locate_triton
 from tritonpipe.server.owner import TritonServer
 
@@ -14,6 +16,13 @@ from ._cli import run
 
 EPILOG = f"""The server binds 127.0.0.1 by default. To listen on other addresses pass --host and
 --allow-remote: anyone who can reach the port can then send it images.
+
+A Python stub that dies, or a model whose requests stop finishing for --hang-timeout seconds,
+is replaced by reloading that model; a crashed tritonserver is restarted. Each heal is logged as
+"heal model=... instance=... took=...s".
+
+More tritonserver flags go after "--", e.g.
+  tritonpipe-serve repo -- --http-restricted-api=inference:key=secret
 
 The server comes from the nvidia-pytriton package, or from an unpacked tritonpipe-bundle
 named by --triton-home or ${HOME_ENV}."""
@@ -30,43 +39,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--no-http", action="store_true", help="serve gRPC (and metrics) only; the HTTP port stays closed")
     parser.add_argument("--triton-home", help="folder of an unpacked tritonpipe-bundle")
     parser.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain in-flight requests on stop")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models to load")
-    return parser.parse_args(argv)
+    parser.add_argument("--hang-timeout", type=float, default=60,
+                        help="seconds a model may have requests waiting and finish none before its stubs are replaced; "
+                             "0 turns this off (default: %(default)s)")
+    parser.add_argument("--no-heal", action="store_true", help="do not replace dead stubs or restart a crashed server")
+    parser.add_argument("--log-file", help="write the server's log here and keep it (default: a temporary file, kept on failure)")
+    parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG", help="more tritonserver flags, after --")
+    args = parser.parse_args(argv)
+    if args.hang_timeout < 0:
+        parser.error(f"--hang-timeout must be 0 (off) or more seconds, got {args.hang_timeout}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+
     def body() -> int:
+        heal = False if args.no_heal else HealPolicy(hang_timeout_s=args.hang_timeout or None)
         server = TritonServer(
-            args.repository, host=args.host, allow_remote=args.allow_remote,
+            args.repository, host=args.host, allow_remote=args.allow_remote, http=not args.no_http,
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             install=locate_triton(args.triton_home), exit_timeout=args.exit_timeout, log_verbose=args.log_verbose,
+            heal=heal, log_file=args.log_file, extra_args=tuple(args.triton_args),
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        print(f"loading {server.repository} ...", flush=True)
+        print(f"loading {server.repository} ...\n  log      {server.log_path}", flush=True)
         try:
             server.start(timeout=args.timeout)
-            print(f"ready\n  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}")
-            print("Ctrl-C stops the server", flush=True)
-            while not stop.is_set() and server.is_alive():
+            http = server.http_url if server.http else "off (--no-http)"
+            print(f"ready\n  HTTP     {http}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}")
+            print(f"  log      {server.log_path}\nCtrl-C stops the server", flush=True)
+            while not stop.is_set() and _serving(server):
                 stop.wait(0.5)
         except KeyboardInterrupt:
             pass
         finally:
             print("stopping ...", flush=True)
             code = server.stop()
+            log = server.logs()  # before close(), which may remove a clean run's log
             server.close()
         if code not in (0, None, -signal.SIGINT):
-            print(f"tritonserver exited with code {code}; log:\n{server.logs()[-4000:]}", file=sys.stderr)
+            print(f"tritonserver exited with code {code}; the end of its log ({server.log_path}):\n{log[-4000:]}",
+                  file=sys.stderr)
             return 1
         return 0
 
     return run(body)
+
+
+def _serving(server: TritonServer) -> bool:
+    """Alive, or down while its supervisor is bringing it back."""
+    supervising = server.supervisor is not None and server.supervisor.is_running()
+    return server.is_alive() or supervising
 
 
 if __name__ == "__main__":

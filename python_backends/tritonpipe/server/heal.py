@@ -1,0 +1,232 @@
+"""Self-healing for a running ``tritonserver``: replace dead or hung Python stubs, restart a crashed server.
+
+Triton 2.51's Python backend does not restart a stub that died: the instance stays in rotation and
+its batches fail with ``Stub process ... is not healthy`` while the model reports READY. In explicit
+model-control mode a ``load`` request for a loaded model builds fresh instances (fresh stubs) beside
+the old ones and swaps them in, so the model's other instances and every other model keep serving;
+an ensemble keeps calling the reloaded model by name.
+
+Each heal is one WARNING line on the ``tritonpipe.server`` logger, in this form::
+
+    heal model=cls_pre instance=cls_pre_0_1 pid=4711 reason=exited new_pids=4790,4791 took=6.42s
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from .procs import Stub, is_running, python_stubs
+
+log = logging.getLogger("tritonpipe.server")
+
+_METRIC = re.compile(r'^(nv_inference_pending_request_count|nv_inference_request_success|nv_inference_request_failure)'
+                     r'\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.M)
+
+
+@dataclass
+class HealPolicy:
+    """How the owner heals.
+
+    Args:
+        poll_s: how often stubs and the server are checked.
+        hang_timeout_s: a model with requests pending and none finished for this long is hung;
+            ``None`` turns hang detection off.
+        reload_attempts: loads tried for one heal, with ``backoff_s`` doubling between them.
+        max_restarts: how many times a crashed ``tritonserver`` is started again.
+    """
+
+    poll_s: float = 0.5
+    hang_timeout_s: float | None = 60.0
+    reload_attempts: int = 3
+    backoff_s: float = 1.0
+    max_restarts: int = 3
+
+
+@dataclass
+class Heal:
+    model: str
+    instance: str
+    pid: int
+    reason: str  # "exited", "unready" or "hung"
+    new_pids: list[int]
+    took_s: float
+    ok: bool
+
+
+@dataclass
+class _Progress:
+    finished: float = -1.0
+    since: float = field(default_factory=time.monotonic)
+
+
+def parse_progress(metrics: str) -> dict[str, tuple[float, float]]:
+    """Per model, from Triton's Prometheus text: (requests pending, requests finished)."""
+    pending: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    for name, model, value in _METRIC.findall(metrics):
+        target = pending if name == "nv_inference_pending_request_count" else finished
+        target[model] = target.get(model, 0.0) + float(value)
+    return {model: (pending.get(model, 0.0), finished.get(model, 0.0)) for model in pending.keys() | finished.keys()}
+
+
+class Supervisor:
+    """A thread that watches one :class:`~tritonpipe.server.owner.TritonServer` and heals it.
+
+    Args:
+        server: the owner; the supervisor calls its ``control()`` client, ``metrics_url``,
+            ``process`` and ``restart()``.
+        policy: timings and limits.
+    """
+
+    def __init__(self, server: Any, policy: HealPolicy):
+        self.server = server
+        self.policy = policy
+        self.heals: list[Heal] = []
+        self.restarts = 0
+        self.failed_models: set[str] = set()
+        self._stubs: dict[str, list[Stub]] = {}
+        self._progress: dict[str, _Progress] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tritonpipe-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._rebase()
+        self._thread.start()
+
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.poll_s):
+            try:
+                if self.server.process.poll() is not None:
+                    if not self._restart_server():
+                        return
+                    continue
+                self._check_models()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad check
+                log.exception("supervisor check failed")
+
+    def _rebase(self) -> None:
+        self._stubs = {}
+        for stub in python_stubs(self.server.process.pid):
+            self._stubs.setdefault(stub.model, []).append(stub)
+        self._progress = {}
+
+    def _check_models(self) -> None:
+        states = self._model_states()
+        progress = self._read_progress() if self.policy.hang_timeout_s else {}
+        for model, stubs in list(self._stubs.items()):
+            if model in self.failed_models or self._stop.is_set():
+                continue
+            dead = [s for s in stubs if not is_running(s.pid)]
+            if dead:
+                self._heal(model, dead[0], "exited")
+            elif states.get(model, "READY") != "READY":
+                self._heal(model, stubs[0], "unready")
+            elif model in progress and self._is_hung(model, *progress[model]):
+                for stub in stubs:  # its in-flight requests fail with INTERNAL instead of waiting forever
+                    _kill(stub.pid)
+                self._heal(model, stubs[0], "hung")
+
+    def _model_states(self) -> dict[str, str]:
+        index = self.server.control().get_model_repository_index(headers=self.server.control_headers, as_json=True)
+        return {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
+
+    def _read_progress(self) -> dict[str, tuple[float, float]]:
+        try:
+            with urllib.request.urlopen(self.server.metrics_url, timeout=2) as response:
+                return parse_progress(response.read().decode(errors="replace"))
+        except OSError:
+            return {}
+
+    def _is_hung(self, model: str, pending: float, finished: float) -> bool:
+        now = time.monotonic()
+        seen = self._progress.setdefault(model, _Progress(finished, now))
+        if finished != seen.finished or pending == 0:
+            seen.finished, seen.since = finished, now
+            return False
+        return now - seen.since > self.policy.hang_timeout_s
+
+    # --- healing -------------------------------------------------------------------------
+
+    def _heal(self, model: str, culprit: Stub, reason: str) -> None:
+        started = time.monotonic()
+        old = {s.pid for s in self._stubs[model]}
+        ok = self._reload(model)
+        fresh = [s for s in python_stubs(self.server.process.pid) if s.model == model and s.pid not in old]
+        took = time.monotonic() - started
+        heal = Heal(model, culprit.instance, culprit.pid, reason, [s.pid for s in fresh], took, ok)
+        self.heals.append(heal)
+        self._progress.pop(model, None)
+        if ok:
+            self._stubs[model] = fresh
+            log.warning("heal model=%s instance=%s pid=%d reason=%s new_pids=%s took=%.2fs", model, culprit.instance,
+                        culprit.pid, reason, ",".join(map(str, heal.new_pids)), took)
+            return
+        self.failed_models.add(model)
+        log.error("HEAL FAILED model=%s instance=%s pid=%d reason=%s after %d attempts in %.2fs: the model is unloaded "
+                  "and stays unready; see %s", model, culprit.instance, culprit.pid, reason, self.policy.reload_attempts,
+                  took, self.server.log_path)
+        self.server.keep_log = True
+
+    def _reload(self, model: str) -> bool:
+        client, headers = self.server.control(), self.server.control_headers
+        delay = self.policy.backoff_s
+        for attempt in range(1, self.policy.reload_attempts + 1):
+            try:
+                client.load_model(model, headers=headers)
+                if client.is_model_ready(model):
+                    return True
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own error type for every failure
+                log.warning("reload of %s failed (attempt %d of %d): %s", model, attempt, self.policy.reload_attempts, exc)
+            if attempt < self.policy.reload_attempts and not self._stop.wait(delay):
+                delay *= 2
+        # a model whose reload failed may still hold the broken instances: unload it so it is plainly unready
+        try:
+            client.unload_model(model, headers=headers)
+        except Exception as exc:  # noqa: BLE001
+            log.error("unloading %s after its failed reload failed too: %s", model, exc)
+        return False
+
+    def _restart_server(self) -> bool:
+        code = self.server.process.returncode
+        self.server.keep_log = True
+        if self.restarts >= self.policy.max_restarts:
+            log.error("TRITONSERVER EXITED with code %s and was restarted %d times already: giving up; see %s",
+                      code, self.restarts, self.server.log_path)
+            return False
+        self.restarts += 1
+        delay = self.policy.backoff_s * 2 ** (self.restarts - 1)
+        log.error("tritonserver exited with code %s; restarting in %.1fs (restart %d of %d); see %s",
+                  code, delay, self.restarts, self.policy.max_restarts, self.server.log_path)
+        if self._stop.wait(delay):
+            return False
+        started = time.monotonic()
+        self.server.restart()
+        self.failed_models.clear()
+        self._rebase()
+        log.warning("restart of tritonserver done pid=%d took=%.2fs", self.server.process.pid, time.monotonic() - started)
+        return True
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,170 @@
+"""The server owner: ports, addresses, logs that survive a failure, and a parent that outlives its threads."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tritonpipe.errors import ConfigError
+from tritonpipe.server import owner
+from tritonpipe.server.heal import parse_progress
+from tritonpipe.server.owner import ServerError, TritonServer
+
+
+class KernelLikeSocket:
+    """Binding port 0 gets the lowest port not bound right now, as a kernel may hand a just-closed port out again."""
+
+    bound: set[int] = set()
+
+    def __init__(self, *args):
+        self.port = None
+
+    def bind(self, address):
+        self.port = min(set(range(40000, 40010)) - self.bound)
+        self.bound.add(self.port)
+
+    def getsockname(self):
+        return ("127.0.0.1", self.port)
+
+    def close(self):
+        self.bound.discard(self.port)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_the_three_chosen_ports_differ_even_when_the_kernel_reuses_closed_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(owner.socket, "socket", KernelLikeSocket)
+    server = TritonServer(tmp_path, heal=False)
+    server.close()
+    assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+
+
+def test_given_ports_keep_their_values_and_must_differ(tmp_path):
+    server = TritonServer(tmp_path, http_port=18000, grpc_port=0, metrics_port=18002)
+    server.close()
+    assert (server.http_port, server.metrics_port) == (18000, 18002) and server.grpc_port not in (18000, 18002, 0)
+    with pytest.raises(ConfigError, match="must differ"):
+        TritonServer(tmp_path, http_port=18000, grpc_port=18000)
+
+
+def _flags(server):
+    return dict(arg.split("=", 1) for arg in server.command()[1:])
+
+
+@pytest.mark.parametrize(
+    "host, web, grpc, url",
+    [
+        ("localhost", "127.0.0.1", "127.0.0.1", "127.0.0.1:"),
+        ("::1", "ipv6:::1", "[::1]", "[::1]:"),
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1:"),
+    ],
+)
+def test_hosts_are_resolved_and_ipv6_addresses_bracketed(tmp_path, host, web, grpc, url):
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    server = TritonServer(tmp_path)
+    server.close()
+    server = TritonServer(tmp_path, host=host)
+    server.close()
+    flags = _flags(server)
+    assert flags["--http-address"] == flags["--metrics-address"] == web and flags["--grpc-address"] == grpc
+    assert server.grpc_url == f"{url}{server.grpc_port}" and server.metrics_url.startswith(f"http://{url}")
+
+
+def test_remote_hosts_still_need_allow_remote(tmp_path):
+    with pytest.raises(ConfigError, match="allow-remote"):
+        TritonServer(tmp_path, host="0.0.0.0")
+    server = TritonServer(tmp_path, host="0.0.0.0", allow_remote=True)
+    server.close()
+    assert server.grpc_url.startswith("127.0.0.1:")
+
+
+def test_no_http_closes_the_http_port_and_pass_through_flags_cannot_override_the_owner(tmp_path):
+    server = TritonServer(tmp_path, http=False, extra_args=("--http-thread-count=2",))
+    server.close()
+    flags = _flags(server)
+    assert flags["--allow-http"] == "false" and "--http-address" not in flags and flags["--http-thread-count"] == "2"
+    with pytest.raises(ConfigError, match="--grpc-port"):
+        TritonServer(tmp_path, extra_args=("--grpc-port=9",))
+
+
+def test_healing_runs_the_server_in_explicit_mode_with_the_control_api_kept_to_the_owner(tmp_path):
+    server = TritonServer(tmp_path)
+    server.close()
+    flags = _flags(server)
+    ((header, token),) = server.control_headers.items()
+    assert flags["--model-control-mode"] == "explicit" and flags["--load-model"] == "*"
+    assert header == f"triton-grpc-protocol-{owner.CONTROL_HEADER}"
+    assert flags["--http-restricted-api"] == flags["--grpc-restricted-protocol"] == f"model-repository:{owner.CONTROL_HEADER}={token}"
+    assert "--model-control-mode" not in _flags(TritonServer(tmp_path, heal=False))
+
+
+def test_a_failed_start_shows_the_log_and_keeps_the_file_it_names(tmp_path):
+    server = TritonServer(tmp_path, extra_args=("--no-such-flag=1",))
+    with pytest.raises(ServerError) as info:
+        server.start(timeout=60)
+    server.close()
+    message = str(info.value)
+    assert "exited with code 1" in message and "no-such-flag" in message
+    assert f"(full log: {server.log_path})" in message and "no-such-flag" in server.log_path.read_text()
+    server.log_path.unlink()
+
+
+def test_a_clean_run_removes_its_log_unless_one_was_asked_for(tmp_path):
+    server = TritonServer(tmp_path).start(timeout=60)
+    server.close()
+    assert not server.log_path.exists()
+    kept = tmp_path / "logs" / "server.log"
+    kept.parent.mkdir()
+    TritonServer(tmp_path / "logs", log_file=kept).start(timeout=60).close()
+    assert "Started GRPCInferenceService" in kept.read_text()
+
+
+def test_the_server_outlives_the_thread_that_started_it(tmp_path):
+    servers = []
+    worker = threading.Thread(target=lambda: servers.append(TritonServer(tmp_path).start(timeout=60)))
+    worker.start()
+    worker.join()
+    (server,) = servers
+    try:
+        time.sleep(2)  # PR_SET_PDEATHSIG would have sent SIGTERM when the worker ended
+        assert server.is_alive() and server._get(owner.READY_PATH) == 200
+    finally:
+        server.close()
+
+
+def test_a_crashed_server_is_restarted_on_the_same_ports(tmp_path):
+    with TritonServer(tmp_path) as server:
+        assert server.control().get_model_repository_index(headers=server.control_headers, as_json=True) == {}
+        with pytest.raises(Exception, match="restricted"):
+            server.control().get_model_repository_index()
+        first = server.process.pid
+        os.kill(first, signal.SIGABRT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (server.process.pid != first and server._get(owner.READY_PATH) == 200):
+            time.sleep(0.2)
+        assert server.process.pid != first and server._get(owner.READY_PATH) == 200
+        assert server.supervisor.restarts == 1 and server.keep_log
+    log = server.log_path.read_text()
+    assert log.count("Started GRPCInferenceService") == 2
+    server.log_path.unlink()
+
+
+def test_progress_is_read_per_model_from_tritons_metrics():
+    text = "\n".join([
+        '# HELP nv_inference_request_success Number of successful inference requests',
+        'nv_inference_request_success{model="a",version="1"} 7',
+        'nv_inference_request_failure{model="a",reason="BACKEND",version="1"} 2',
+        'nv_inference_request_failure{model="a",reason="REJECTED",version="1"} 1',
+        'nv_inference_pending_request_count{model="a",version="1"} 3',
+        'nv_inference_request_success{model="b",version="1"} 0',
+        'nv_inference_count{model="a",version="1"} 99',
+    ])
+    assert parse_progress(text) == {"a": (3.0, 10.0), "b": (0.0, 0.0)}
