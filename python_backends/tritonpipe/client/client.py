@@ -9,13 +9,49 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TritonpipeError
+from ..errors import ConfigError, TritonpipeError
 
 PROTOCOLS = ("grpc", "http")
 
+#: tritonclient's status per protocol -> one name for both
+_STATUS_NAMES = {
+    "StatusCode.INVALID_ARGUMENT": "INVALID_ARG", "400": "INVALID_ARG",
+    "StatusCode.DEADLINE_EXCEEDED": "TIMEOUT",
+    "StatusCode.UNAVAILABLE": "UNAVAILABLE", "503": "UNAVAILABLE",
+    "StatusCode.INTERNAL": "INTERNAL", "500": "INTERNAL",
+    "StatusCode.NOT_FOUND": "NOT_FOUND", "404": "NOT_FOUND",
+}
+
 
 class InferError(TritonpipeError):
-    """The server answered a request with an error."""
+    """A request failed: the server answered with an error, or no answer came in time.
+
+    ``status`` names the failure alike for both protocols: ``INVALID_ARG``, ``INTERNAL``,
+    ``UNAVAILABLE``, ``NOT_FOUND``, ``TIMEOUT``, or the name of an unexpected exception.
+    """
+
+    def __init__(self, message: str, status: str = "ERROR"):
+        super().__init__(message)
+        self.status = status
+
+
+def status_of(exc: BaseException) -> str:
+    """The protocol-neutral status of a failed tritonclient call."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        raw = str(exc.status() or "")
+        if raw in _STATUS_NAMES:
+            return _STATUS_NAMES[raw]
+        if "timed out" in str(exc).lower() or "deadline" in str(exc).lower():
+            return "TIMEOUT"
+        return raw.replace("StatusCode.", "") or "ERROR"
+    # the HTTP client's sockets raise TimeoutError or gevent's own Timeout
+    if isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
+        return "TIMEOUT"
+    if isinstance(exc, ConnectionError):
+        return "UNAVAILABLE"
+    return type(exc).__name__
 
 
 def _module(protocol: str):
@@ -24,7 +60,7 @@ def _module(protocol: str):
     elif protocol == "http":
         import tritonclient.http as module
     else:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     return module
 
 
@@ -42,6 +78,8 @@ class PipelineClient:
         url: ``host:port`` of the server's HTTP or gRPC endpoint.
         protocol: ``"grpc"`` or ``"http"``.
         model: the model to call; by default the one entry point of the repository.
+        timeout: seconds one request may take; a request that takes longer fails with
+            :class:`InferError` status ``TIMEOUT``.
     """
 
     def __init__(self, url: str, protocol: str = "grpc", model: str | None = None, timeout: float = 60.0):
@@ -55,12 +93,22 @@ class PipelineClient:
     def connection(self):
         if not hasattr(self._local, "client"):
             if self.protocol == "http":
-                self._local.client = self._module.InferenceServerClient(self.url, network_timeout=self.timeout)
+                self._local.client = self._module.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
+                )
             else:
                 self._local.client = self._module.InferenceServerClient(self.url)
         return self._local.client
 
-    def _config(self, name: str) -> dict:
+    def close(self) -> None:
+        """Close this thread's connection: Triton's shutdown waits for open HTTP connections."""
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
+            del self._local.client
+
+    def config(self, name: str) -> dict:
+        """A served model's config in Triton's JSON form."""
         if self.protocol == "grpc":
             return self.connection.get_model_config(name, as_json=True)["config"]
         return self.connection.get_model_config(name)
@@ -72,15 +120,15 @@ class PipelineClient:
         names = [m["name"] for m in models if m.get("state", "READY") == "READY"]
         used: set[str] = set()
         for name in names:
-            for step in self._config(name).get("ensemble_scheduling", {}).get("step", []):
-                used.add(step.get("model_name", step.get("modelName", "")))
+            for step in self.config(name).get("ensemble_scheduling", {}).get("step", []):
+                used.add(step["model_name"])
         entries = [n for n in names if n not in used]
         if len(entries) != 1:
             raise InferError(f"cannot tell which model to call (candidates: {', '.join(entries) or 'none'}); pass model=")
         return entries[0]
 
     def _io(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
-        config = self._config(self.model)
+        config = self.config(self.model)
 
         def infos(key: str) -> list[TensorInfo]:
             return [
@@ -90,23 +138,36 @@ class PipelineClient:
 
         return infos("input"), infos("output")
 
-    def infer(self, data: bytes | np.ndarray, input_name: str | None = None) -> dict[str, np.ndarray]:
-        """Send one request (an encoded image or an array) and return every output by name."""
-        name = input_name or self.inputs[0].name
-        array = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
-        if array.ndim == len(self.inputs[0].dims):
-            array = array[None]  # the request's batch dimension
-        tensor = self._module.InferInput(name, list(array.shape), _triton_type(array.dtype))
-        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+    def infer(
+        self, data: bytes | np.ndarray, input_name: str | None = None, extra: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Send one request and return every output by name.
+
+        ``data`` (an encoded image or an array) goes to the first input, or to ``input_name``;
+        ``extra`` holds the arrays of the model's other inputs, by input name.
+        """
+        tensors = [self._input(input_name or self.inputs[0].name, data)]
+        tensors += [self._input(name, value) for name, value in (extra or {}).items()]
         outputs = [self._module.InferRequestedOutput(o.name) for o in self.outputs]
+        deadline = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}  # HTTP's is the socket's
         try:
-            result = self.connection.infer(self.model, [tensor], outputs=outputs)
+            result = self.connection.infer(self.model, tensors, outputs=outputs, **deadline)
         except Exception as exc:  # tritonclient raises its own exception type per protocol
-            raise InferError(str(exc)) from None
+            raise InferError(str(exc) or type(exc).__name__, status_of(exc)) from None
         return {o.name: result.as_numpy(o.name) for o in self.outputs}
 
     def infer_file(self, path: str | Path) -> dict[str, np.ndarray]:
         return self.infer(Path(path).read_bytes())
+
+    def _input(self, name: str, data: bytes | np.ndarray):
+        """One input of a request, with the request's batch dimension added where ``data`` lacks it."""
+        array = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+        dims = next((i.dims for i in self.inputs if i.name == name), None)
+        if dims is not None and array.ndim == len(dims):
+            array = array[None]
+        tensor = self._module.InferInput(name, list(array.shape), _triton_type(array.dtype))
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        return tensor
 
 
 def _triton_type(dtype: np.dtype) -> str:

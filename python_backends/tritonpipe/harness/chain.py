@@ -1,29 +1,30 @@
-"""The in-process limit: the generated models' stage trees called directly, no server."""
+"""A generated repository's Python models run in this process, as the server would run them.
+
+The benchmark times this chain (the in-process limit, no server); the soak computes every
+request's expected answer with it.  Each model is built by :class:`ModelRuntime` as Triton's
+stub builds it and answers through ``ModelRuntime.responses`` as the served model does, and
+tensors pass between models along the ensemble's own input and output maps.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from google.protobuf import json_format
 
+from ..contract import PARAM_PIPELINE
 from ..errors import ConfigError
-from ..model.runtime import ModelRuntime
+from ..model.runtime import ModelRuntime, pick_device
 from ..repository.generate import VERSION, GeneratedRepository
 
-
-def pick_device(device: str) -> torch.device:
-    """``auto``: the GPU when there is one; ``gpu`` insists on it."""
-    if device == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if device == "gpu":
-        raise ConfigError("--device gpu was asked for, but torch sees no CUDA GPU")
-    return torch.device("cpu")
+#: a request's tensors by name, or the error the chain failed it with
+Answer = dict[str, torch.Tensor] | BaseException
 
 
 @dataclass
@@ -47,53 +48,111 @@ class InprocessResult:
         return float(np.percentile(self.batch_ms, q)) if self.batch_ms else 0.0
 
 
-class Chain:
-    """The repository's Python models in ensemble order, each built as Triton would build it."""
+@dataclass
+class Step:
+    """One model of the chain and how the ensemble wires it."""
 
-    def __init__(self, repo: GeneratedRepository, device: torch.device):
-        plan = repo.plan
-        names = [step.model for step in plan.steps] if plan.needs_ensemble else [plan.name]
-        model_stages = {m.name if plan.needs_ensemble else plan.name for m in plan.models if m.is_model_stage}
-        self.device = device
-        self.models: list[tuple[str, ModelRuntime, int]] = []  # name, its chain, largest call
-        for name in names:
-            config = repo.configs[name]
-            if config.backend != "python":
-                raise ConfigError(f"model {name!r} is not a Python model; the in-process run cannot call it")
-            as_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
-            runtime = ModelRuntime(as_json, repo.path / name / VERSION, device)
-            # an engine's profiles stop at max_batch_size, as the server's batches do
-            largest = config.max_batch_size if name in model_stages and config.max_batch_size > 0 else 0
-            self.models.append((name, runtime, largest))
+    name: str
+    runtime: ModelRuntime
+    input_map: dict[str, str]  # model input -> pipeline tensor
+    output_map: dict[str, str]  # model output -> pipeline tensor
+    largest: int = 0  # items per call at most; 0: any number
+
+
+class Chain:
+    """The models behind ``entry`` (a tritonpipe Python model or an ensemble of them), in step order.
+
+    Args:
+        config: returns a model's config in Triton's JSON form by name.
+        entry: the model a client calls.
+        repository: the repository folder, needed only when a stage reads files (a model's weights).
+        device: where every model runs; by default each where its instance group puts it.
+        chunked: models fed at most their ``max_batch_size`` items per call, as the server's
+            batches are (an engine's profiles stop there).
+    """
+
+    def __init__(
+        self,
+        config: Callable[[str], dict],
+        entry: str,
+        repository: Path | None = None,
+        device: torch.device | None = None,
+        chunked: Collection[str] = (),
+    ):
+        top = config(entry)
+        self.inputs = [t["name"] for t in top.get("input", [])]
+        self.outputs = [t["name"] for t in top.get("output", [])]
+        if top.get("platform") == "ensemble":
+            wiring = [(s["model_name"], s.get("input_map", {}), s.get("output_map", {}))
+                      for s in top["ensemble_scheduling"]["step"]]
+        else:
+            wiring = [(entry, {n: n for n in self.inputs}, {n: n for n in self.outputs})]
+        self.steps: list[Step] = []
+        for name, input_map, output_map in wiring:
+            model = config(name)
+            if model.get("backend") != "python" or PARAM_PIPELINE not in model.get("parameters", {}):
+                raise ConfigError(
+                    f"cannot run model {name!r} in this process (backend "
+                    f"{model.get('backend') or model.get('platform')!r}): only tritonpipe Python models are supported"
+                )
+            version = Path(repository) / name / VERSION if repository else None
+            runtime = ModelRuntime(model, version, device or served_device(model))
+            largest = int(model.get("max_batch_size", 0)) if name in chunked else 0
+            self.steps.append(Step(name, runtime, input_map, output_map, largest))
+        self.devices = {step.runtime.device for step in self.steps}
+
+    @classmethod
+    def of_repository(cls, repo: GeneratedRepository, device: torch.device) -> Chain:
+        """The chain of a repository generated in this process; its model stage is chunked."""
+        configs = {name: json_format.MessageToDict(c, preserving_proto_field_name=True) for name, c in repo.configs.items()}
+        model_stages = {m.name if repo.plan.needs_ensemble else repo.plan.name for m in repo.plan.models if m.is_model_stage}
+        return cls(configs.__getitem__, repo.entry, repo.path, device, model_stages)
 
     def chunks(self) -> dict[str, int]:
-        """Models that are called with at most this many images at a time."""
-        return {name: largest for name, _, largest in self.models if largest}
+        """Models that are called with at most this many items at a time."""
+        return {step.name: step.largest for step in self.steps if step.largest}
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
-    def run(self, inputs: list[torch.Tensor], timings: dict[str, float] | None = None) -> list[torch.Tensor]:
-        """The last model's primary output per input, as the server would return it."""
-        items: list[dict[str, Any]] = [{"data": tensor} for tensor in inputs]
-        for name, runtime, largest in self.models:
+    def run(self, requests: list[dict[str, torch.Tensor]], timings: dict[str, float] | None = None) -> list[Answer]:
+        """Each request's outputs by name, or the error the server would answer it with.
+
+        ``requests`` hold the entry's inputs by name, shaped as a client sends them (batch
+        dimension first).  ``timings`` gathers seconds per model.
+        """
+        tensors = [dict(request) for request in requests]  # every pipeline tensor so far, per request
+        failed: dict[int, BaseException] = {}
+        for step in self.steps:
             start = time.perf_counter()
-            step = largest or len(items)
-            for first in range(0, len(items), step):
-                runtime.run(items[first : first + step])
-            failed = next((item["error"] for item in items if "error" in item), None)
-            if failed is not None:
-                raise RuntimeError(f"in-process {name}: {failed}") from failed
-            primary = next(iter(runtime.outputs))
-            for item in items:
-                # what the model's response and the next model's request do to the shape
-                item["data"] = runtime.output(item, primary)
+            alive = [i for i in range(len(tensors)) if i not in failed]
+            items: list[dict[str, Any]] = [
+                {key: tensors[i][step.input_map[name]] for name, key in step.runtime.inputs.items()} for i in alive
+            ]
+            size = step.largest or max(1, len(items))
+            answers: list[Answer] = []
+            for first in range(0, len(items), size):
+                batch = items[first : first + size]
+                step.runtime.run(batch)
+                answers += step.runtime.responses(batch)
+            for i, answer in zip(alive, answers):
+                if isinstance(answer, BaseException):
+                    failed[i] = answer
+                else:
+                    tensors[i].update({step.output_map[n]: v for n, v in answer.items() if n in step.output_map})
             if timings is not None:
                 self.sync()
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+                timings[step.name] = timings.get(step.name, 0.0) + time.perf_counter() - start
         self.sync()
-        return [item["data"] for item in items]
+        return [failed[i] if i in failed else {n: t[n] for n in self.outputs} for i, t in enumerate(tensors)]
+
+
+def served_device(config: dict) -> torch.device:
+    """Where the server runs a model (its first instance group's kind), so this process decodes alike."""
+    groups = config.get("instance_group") or [{}]
+    return pick_device(groups[0].get("kind", "KIND_AUTO"))
 
 
 def run_inprocess(
@@ -111,14 +170,20 @@ def run_inprocess(
     """Decode and infer the corpus in batches of ``batch`` for about ``seconds``; images/s and batch times."""
     from tqdm import tqdm
 
-    target = pick_device(device)
-    # requests arrive as [1, nbytes] uint8 host tensors, as in the server
-    tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
-    batches = [[tensors[(start + i) % len(tensors)] for i in range(batch)] for start in range(0, len(tensors), batch)]
+    target = pick_device(device, strict=True)
     with torch.inference_mode():
-        chain = Chain(repo, target)
+        chain = Chain.of_repository(repo, target)
+        # requests arrive as [1, nbytes] uint8 host tensors, as in the server
+        tensors = [{chain.inputs[0]: torch.frombuffer(bytearray(image), dtype=torch.uint8)[None]} for image in images]
+        batches = [[tensors[(start + i) % len(tensors)] for i in range(batch)] for start in range(0, len(tensors), batch)]
+
+        def run(requests: list[dict[str, torch.Tensor]], timings: dict[str, float] | None = None) -> None:
+            failed = next((a for a in chain.run(requests, timings) if isinstance(a, BaseException)), None)
+            if failed is not None:
+                raise RuntimeError(f"the in-process chain failed a corpus image: {failed}") from failed
+
         for index in range(warmup):
-            chain.run(batches[index % len(batches)])
+            run(batches[index % len(batches)])
         before = gpu_memory() if gpu_memory else None
         batch_ms: list[float] = []
         timings: dict[str, float] = {}
@@ -127,7 +192,7 @@ def run_inprocess(
         while len(batch_ms) < min_batches or time.perf_counter() - started < seconds:
             tick = time.perf_counter()
             # timing each model adds one sync between models, which the server also has
-            chain.run(batches[len(batch_ms) % len(batches)], timings)
+            run(batches[len(batch_ms) % len(batches)], timings)
             batch_ms.append((time.perf_counter() - tick) * 1000.0)
             bar.update(batch)
         elapsed = time.perf_counter() - started

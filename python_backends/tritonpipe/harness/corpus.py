@@ -26,16 +26,19 @@ class Corpus:
         return sum(len(image) for image in self.images)
 
 
-def synthetic_corpus(count: int = 48, seed: int = 0, quality: int = 90) -> Corpus:
-    """``count`` deterministic photo-like JPEGs cycling through :data:`SIZES`."""
+def synthetic_corpus(
+    count: int = 48, seed: int = 0, quality: int = 90, sizes: tuple[tuple[int, int], ...] = SIZES
+) -> Corpus:
+    """``count`` deterministic photo-like JPEGs cycling through ``sizes`` ((height, width) pairs)."""
     if count < 1:
         raise ConfigError(f"the corpus needs at least one image, got {count}")
+    if not sizes:
+        raise ConfigError("the corpus needs at least one image size")
     images = []
     for index in range(count):
-        height, width = SIZES[index % len(SIZES)]
+        height, width = sizes[index % len(sizes)]
         images.append(sample_jpeg(height, width, seed=seed * 100_003 + index, quality=quality))
-    sizes = Counter(SIZES[i % len(SIZES)] for i in range(count))
-    mix = ", ".join(f"{n}x {w}x{h}" for (h, w), n in sizes.items())
+    mix = ", ".join(f"{n}x {w}x{h}" for (h, w), n in Counter(sizes[i % len(sizes)] for i in range(count)).items())
     mb = sum(map(len, images)) / 1e6
     return Corpus(images, f"{count} synthetic JPEGs (quality {quality}, seed {seed}: {mix}), {mb:.1f} MB")
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..contract import ModelParams
+from ..errors import ConfigError
 from ..pipeline.grammar import parse_backend
 from ..spec import TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
@@ -22,6 +23,21 @@ from ..stages.control import run_chain
 RESERVE_FACTOR = 4
 #: torch's caching allocator serves blocks below 1 MiB from a separate pool of small segments
 SMALL_BLOCK = 1 << 20
+
+
+def pick_device(kind: str, index: int = 0, *, strict: bool = False) -> torch.device:
+    """Where a chain runs for an instance kind: ``cpu``, or ``gpu`` / ``auto`` (the GPU when torch sees one).
+
+    Triton's spellings (``GPU``, ``KIND_GPU``, ``KIND_AUTO``) are accepted, so the served model,
+    the soak's reference and the benchmark decide alike.  Without a GPU, ``gpu`` falls back to the
+    CPU as Triton's ``KIND_AUTO`` does, unless ``strict``.
+    """
+    wanted = kind.lower().removeprefix("kind_")
+    if wanted in ("gpu", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", index)
+    if wanted == "gpu" and strict:
+        raise ConfigError("a GPU was asked for (device gpu), but torch sees no CUDA GPU")
+    return torch.device("cpu")
 
 
 def _small_pool_size(size: tuple[int, int]) -> tuple[int, int] | None:

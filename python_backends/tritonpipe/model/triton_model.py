@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from ..errors import StageError, is_bad_input
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, pick_device
 
 log = logging.getLogger("tritonpipe")
 
@@ -49,9 +49,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.device = torch.device("cpu")
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+        self.device = pick_device(args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)))
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cpu":

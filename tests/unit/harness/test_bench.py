@@ -11,10 +11,11 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonpipe.errors import ConfigError
+from tritonpipe.errors import ConfigError, is_bad_input
 from tritonpipe.harness import chain as inprocess
 from tritonpipe.harness import corpus, probe
-from tritonpipe.harness.bench import baseline, perf, report, runner, stats
+from tritonpipe.harness.bench import perf, report, runner, stats
+from tritonpipe.model.runtime import pick_device
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.configs import from_text, to_text, validate_repository
 from tritonpipe.repository.generate import generate_repository
@@ -129,9 +130,13 @@ def test_corpus_folder(tmp_path, jpeg_factory):
 # --- baseline repository --------------------------------------------------------------------
 
 
-def test_baseline_configs_parse_and_validate(tmp_path, tiny_onnx):
-    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="cls"), tmp_path / "repo")
-    added = baseline.add_baseline(repo, instances=3)
+def bench_options(tmp_path, **changes):
+    return runner.BenchOptions(output=tmp_path, device="cpu", baseline_instances=3, **changes)
+
+
+def test_baseline_joins_the_repository_written_once(tmp_path, tiny_onnx):
+    graph = load_graph(model_chain(tiny_onnx), name="cls")
+    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
     assert added.models == ["baseline", "baseline_pre", "cls_model"]
     on_disk = {p.parent.name: from_text(p.read_text()) for p in repo.path.glob("*/config.pbtxt")}
     assert set(on_disk) == {"cls", "cls_pre", "cls_model", "baseline", "baseline_pre"}
@@ -147,20 +152,39 @@ def test_baseline_configs_parse_and_validate(tmp_path, tiny_onnx):
     assert [o.name for o in ensemble.output] == [o.name for o in on_disk["cls"].output] == ["scores"]
     model_py = (repo.path / "baseline_pre" / "1" / "model.py").read_text()
     assert "PIL" in model_py and "tritonpipe" not in model_py.split('"""')[2]
-    # the shared model stage is untouched
-    assert to_text(on_disk["cls_model"]) == to_text(repo.configs["cls_model"])
+    # the shared model stage is the pipeline's own, and the repository is the atomic writer's
+    alone = generate_repository(graph, tmp_path / "alone", device="cpu")
+    assert to_text(on_disk["cls_model"]) == to_text(alone.configs["cls_model"])
+    assert json.loads((repo.path / "tritonpipe.json").read_text())["entry"] == "cls"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+def test_fused_pipeline_gets_its_unfused_model_stage_and_nothing_else(tmp_path, tiny_onnx):
+    graph = load_graph(model_chain(tiny_onnx, fuse=True), name="cls")
+    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
+    assert added.model == "cls_unfused_model"
+    assert sorted(p.name for p in repo.path.iterdir() if p.is_dir()) == ["baseline", "baseline_pre", "cls", "cls_unfused_model"]
+    assert (repo.path / "cls_unfused_model" / "1" / Path(tiny_onnx).name).is_file()
+    assert graph.entry.settings.fuse and graph.name == "cls", "the graph itself is not changed"
+
+
+def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
+    graph = load_graph(model_chain(tiny_onnx), name="cls")
+    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path, systems=("ensemble",)))
+    assert added is None and sorted(repo.configs) == ["cls", "cls_model", "cls_pre"]
 
 
 def test_baseline_needs_a_model_stage(tmp_path):
-    repo = generate_repository(load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}), tmp_path / "r")
+    graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8})
     with pytest.raises(ConfigError, match="exactly one model stage"):
-        baseline.add_baseline(repo)
+        runner.build_bench_repository(graph, tmp_path / "r", bench_options(tmp_path))
+    assert not (tmp_path / "r").exists(), "a refused configuration writes nothing"
 
 
 def test_baseline_name_clash_is_reported(tmp_path, tiny_onnx):
-    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="baseline"), tmp_path / "r")
+    graph = load_graph(model_chain(tiny_onnx), name="baseline")
     with pytest.raises(ConfigError, match="rename the pipeline"):
-        baseline.add_baseline(repo)
+        runner.build_bench_repository(graph, tmp_path / "r", bench_options(tmp_path))
 
 
 # --- overrides ------------------------------------------------------------------------------
@@ -305,34 +329,41 @@ def test_inprocess_chain_runs_the_generated_models(tmp_path, tiny_onnx, jpeg_fac
     assert result.images == 8 and len(result.batch_ms) == 2 and result.throughput > 0
     assert set(result.model_ms) == {"cls_pre", "cls_model"} and result.device == "cpu"
     assert result.chunks == {"cls_model": 8}
-    chain = inprocess.Chain(repo, torch.device("cpu"))
+    chain = inprocess.Chain.of_repository(repo, torch.device("cpu"))
     first = torch.frombuffer(bytearray(images[0]), dtype=torch.uint8)[None]
-    with pytest.raises(RuntimeError, match="cls_pre"):
-        chain.run([first[:, :20]])
+    truncated, whole = chain.run([{"INPUT": first[:, :20]}, {"INPUT": first}])
+    assert isinstance(truncated, BaseException) and is_bad_input(truncated), "a bad image fails alone"
+    assert set(whole) == {"scores"} and whole["scores"].shape == (1, 10)
+    with pytest.raises(RuntimeError, match="corpus image"):
+        inprocess.run_inprocess(repo, [images[0][:20]], device="cpu", batch=1, seconds=0.0, progress=False)
 
 
 def test_inprocess_feeds_the_model_stage_at_most_its_max_batch(tmp_path, tiny_onnx, jpeg_factory):
     small = generate_repository(load_graph(model_chain(tiny_onnx, max=2), name="cls"), tmp_path / "small")
     large = generate_repository(load_graph(model_chain(tiny_onnx, max=8), name="cls"), tmp_path / "large")
     inputs = [torch.frombuffer(bytearray(jpeg_factory(40, 60, seed=i)), dtype=torch.uint8)[None] for i in range(5)]
-    chunked, whole = inprocess.Chain(small, torch.device("cpu")), inprocess.Chain(large, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    chunked, whole = inprocess.Chain.of_repository(small, cpu), inprocess.Chain.of_repository(large, cpu)
     assert chunked.chunks() == {"cls_model": 2}
     calls = []
-    model_stage = chunked.models[1][1].root
+    model_stage = chunked.steps[1].runtime.root
     original = model_stage.forward
     model_stage.forward = lambda batch: (calls.append(len(batch)), original(batch))[1]
-    got, want = chunked.run(inputs), whole.run(inputs)
+    requests = [{"INPUT": tensor} for tensor in inputs]
+    got, want = chunked.run(requests), whole.run(requests)
     assert calls == [2, 2, 1]
-    assert all(g.shape == (1, 10) for g in got)
-    torch.testing.assert_close(torch.cat(got), torch.cat(want))
+    assert all(g["scores"].shape == (1, 10) for g in got)
+    torch.testing.assert_close(torch.cat([g["scores"] for g in got]), torch.cat([w["scores"] for w in want]))
 
 
 def test_device_choice():
-    assert inprocess.pick_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        assert inprocess.pick_device("auto").type == "cpu"
-        with pytest.raises(ConfigError):
-            inprocess.pick_device("gpu")
+    assert pick_device("cpu").type == pick_device("KIND_CPU").type == "cpu"
+    if torch.cuda.is_available():
+        assert pick_device("GPU", 0) == pick_device("auto") == torch.device("cuda", 0)
+    else:
+        assert pick_device("auto").type == pick_device("KIND_GPU").type == "cpu"
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            pick_device("gpu", strict=True)
 
 
 def test_cli_parses_lists_and_builds_options(tmp_path):

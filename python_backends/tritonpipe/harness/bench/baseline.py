@@ -1,21 +1,20 @@
 """The baseline system: a hand-written PIL preprocessing model in front of the pack's model stage.
 
-It is added to the repository generated for the pipeline, so both ensembles share one
+Its models join the repository built for the pipeline, so both ensembles share one
 model-stage model (the same file, instances and batching) and differ only before it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ...errors import ConfigError
-from ...repository.configs import to_text, validate_repository
-from ...repository.generate import VERSION, GeneratedRepository
+from ...repository.generate import ModelFiles
+from ...repository.plan import RepositoryPlan
 
 ENSEMBLE = "baseline"
 PRE = "baseline_pre"
@@ -33,20 +32,20 @@ class Baseline:
         return [self.ensemble, self.pre, self.model]
 
 
-def model_stage_name(repo: GeneratedRepository) -> str:
+def model_stage_name(plan: RepositoryPlan) -> str:
     """The repository's one model-stage model, by its Triton name."""
-    names = [m.name for m in repo.plan.models if m.is_model_stage]
+    names = [m.name for m in plan.models if m.is_model_stage]
     if len(names) != 1:
         raise ConfigError(
             f"the baseline needs a pipeline with exactly one model stage, this one has {len(names)}; "
             "leave 'baseline' out of --systems"
         )
-    return names[0] if repo.plan.needs_ensemble else repo.plan.name
+    return names[0] if plan.needs_ensemble else plan.name
 
 
-def _image_size(repo: GeneratedRepository, model: str) -> tuple[int, int]:
+def _image_size(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], model: str) -> tuple[int, int]:
     """(height, width) the model stage takes: its own dims, else what the pack's step feeds it."""
-    config = repo.configs[model]
+    config = configs[model]
     first = config.input[0]
     if first.data_type != mc.TYPE_FP32 or len(first.dims) != 3 or first.dims[0] not in (3, -1):
         raise ConfigError(
@@ -54,11 +53,11 @@ def _image_size(repo: GeneratedRepository, model: str) -> tuple[int, int]:
             f"{mc.DataType.Name(first.data_type)}{list(first.dims)}"
         )
     height, width = first.dims[1], first.dims[2]
-    if (height < 0 or width < 0) and repo.plan.needs_ensemble:
-        feed = next(s for s in repo.plan.steps if s.model == model).input_map[first.name]
-        for step in repo.plan.steps:
+    if (height < 0 or width < 0) and plan.needs_ensemble:
+        feed = next(s for s in plan.steps if s.model == model).input_map[first.name]
+        for step in plan.steps:
             for port, tensor in step.output_map.items():
-                dims = next((o.dims for o in repo.configs[step.model].output if o.name == port), [])
+                dims = next((o.dims for o in configs[step.model].output if o.name == port), [])
                 if tensor == feed and len(dims) == 3:
                     height, width = dims[1], dims[2]
     if height < 0 or width < 0:
@@ -90,20 +89,18 @@ def baseline_configs(model_config: mc.ModelConfig, height: int, width: int, inst
     return {PRE: pre, ENSEMBLE: ensemble}
 
 
-def add_baseline(repo: GeneratedRepository, instances: int | None = None) -> Baseline:
-    """Write the baseline's two models into ``repo`` and validate the whole repository."""
-    model = model_stage_name(repo)
-    clash = {PRE, ENSEMBLE} & set(repo.configs)
+def add_baseline(
+    plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], instances: int | None = None
+) -> tuple[Baseline, dict[str, mc.ModelConfig], ModelFiles]:
+    """The baseline's two models for the repository built from ``plan``: their configs and files.
+
+    Nothing is written; the caller adds them (and the shared model-stage model) to the
+    repository it writes.
+    """
+    model = model_stage_name(plan)
+    clash = {PRE, ENSEMBLE} & set(configs)
     if clash:
         raise ConfigError(f"the pipeline already has models named {sorted(clash)}; rename the pipeline")
-    height, width = _image_size(repo, model)
-    configs = baseline_configs(repo.configs[model], height, width, instances or os.cpu_count() or 1)
-    validate_repository({**repo.configs, **configs})
-    for name, config in configs.items():
-        version_dir = repo.path / name / VERSION
-        version_dir.mkdir(parents=True, exist_ok=True)
-        (repo.path / name / "config.pbtxt").write_text(to_text(config))
-        if config.backend == "python":
-            shutil.copyfile(MODEL_SOURCE, version_dir / "model.py")
-    repo.configs.update(configs)
-    return Baseline(ENSEMBLE, PRE, model)
+    height, width = _image_size(plan, configs, model)
+    models = baseline_configs(configs[model], height, width, instances or os.cpu_count() or 1)
+    return Baseline(ENSEMBLE, PRE, model), models, {PRE: {"model.py": MODEL_SOURCE}}

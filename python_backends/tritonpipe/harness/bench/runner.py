@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +17,13 @@ from ...errors import ConfigError
 from ...examples import EXAMPLE_DIR, export_classifier
 from ...pipeline.grammar import parse_backend
 from ...pipeline.graph import Graph, load_graph, read_config_file
-from ...repository.generate import GeneratedRepository, generate_repository
+from ...repository.configs import validate_repository
+from ...repository.generate import GeneratedRepository, build_repository, write_repository
 from ...stages import load_builtin_stages
 from ...stages.base import find_stage
 from ..corpus import Corpus, load_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
+from .baseline import Baseline, add_baseline
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .report import SYSTEMS, Row, markdown, plot, write_breakdown, write_rows
 from .stats import StepTimes, breakdown, fetch_stats
@@ -239,50 +239,63 @@ def _sweep(
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble)
 
 
-def _unfused_repository(graph: Graph, workdir: Path, device: str) -> GeneratedRepository | None:
-    """For a fused pipeline, a repository holding its model stage as a model of its own.
+def _unfused(graph: Graph) -> Graph:
+    """The graph with every node unfused and renamed ``<name>_unfused``."""
+    nodes = {
+        f"{node.name}_unfused": dataclasses.replace(
+            node, name=f"{node.name}_unfused", next=[f"{n}_unfused" for n in node.next],
+            settings=dataclasses.replace(node.settings, fuse=False),
+        )
+        for node in graph.nodes.values()
+    }
+    return dataclasses.replace(graph, name=f"{graph.name}_unfused", nodes=nodes)
 
-    The baseline is ensembled with the same model stage, which a fused pipeline has no
-    separate model for; only the model-stage model is kept.
+
+def build_bench_repository(
+    graph: Graph, output: Path, options: BenchOptions
+) -> tuple[GeneratedRepository, Baseline | None]:
+    """The pipeline's repository, with the baseline's models beside it when it is measured; written once.
+
+    The baseline is ensembled with the pipeline's own model-stage model.  A fused pipeline has
+    none of its own, so the model stage of its unfused twin joins the repository instead.
     """
-    if not any(node.settings.fuse for node in graph.nodes.values()):
-        return None
-    unfused = copy.deepcopy(graph)
-    unfused.name = f"{graph.name}_unfused"
-    unfused.nodes = {}
-    for node in graph.nodes.values():
-        twin = copy.deepcopy(node)
-        twin.name = f"{node.name}_unfused"
-        twin.next = [f"{n}_unfused" for n in node.next]
-        twin.settings.fuse = False
-        unfused.nodes[twin.name] = twin
-    repo = generate_repository(unfused, workdir / "unfused_repository", device=device)
-    for model in [m.name for m in repo.plan.models if not m.is_model_stage] + [repo.plan.name]:
-        if model in repo.configs:
-            shutil.rmtree(repo.path / model, ignore_errors=True)
-            del repo.configs[model]
-    return repo
+    plan, configs, files = build_repository(graph, options.device)
+    everything, all_files = dict(configs), dict(files)
+    baseline = None
+    if "baseline" in options.systems:
+        fused = any(node.settings.fuse for node in graph.nodes.values())
+        source_plan, source_configs, source_files = (
+            build_repository(_unfused(graph), options.device) if fused else (plan, configs, files)
+        )
+        baseline, models, model_files = add_baseline(source_plan, source_configs, options.baseline_instances)
+        models[baseline.model] = source_configs[baseline.model]
+        model_files[baseline.model] = source_files.get(baseline.model, {})
+        clash = sorted(name for name, config in models.items() if everything.get(name, config) is not config)
+        if clash:
+            raise ConfigError(f"the pipeline already has models named {clash}; rename the pipeline")
+        everything.update(models)
+        all_files.update(model_files)
+        validate_repository(everything)
+    path = write_repository(everything, all_files, output, entry=plan.name)
+    return GeneratedRepository(path, plan, everything), baseline
 
 
 def _served_systems(
-    repo: GeneratedRepository, options: BenchOptions, say, baseline_repo: GeneratedRepository | None = None
+    repo: GeneratedRepository, baseline: Baseline | None, options: BenchOptions, say
 ) -> dict[str, tuple[str, list[str]]]:
     """system -> (model perf_analyzer calls, models whose statistics matter)."""
-    from .baseline import add_baseline
-
     systems: dict[str, tuple[str, list[str]]] = {}
     if "ensemble" in options.systems:
         steps = [s.model for s in repo.plan.steps] if repo.plan.needs_ensemble else []
         systems["ensemble"] = (repo.entry, [repo.entry, *steps])
-    if "baseline" in options.systems:
-        baseline = add_baseline(baseline_repo or repo, options.baseline_instances)
+    if baseline is not None:
         say(f"baseline: {baseline.pre} ({options.baseline_instances or os.cpu_count()} CPU instances, PIL) -> {baseline.model}")
         systems["baseline"] = (baseline.ensemble, baseline.models)
     return systems
 
 
 def _measure_served(
-    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say, extra_repos: tuple[Path, ...] = ()
+    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say
 ) -> tuple[list[Row], list[StepTimes]]:
     from ...server.install import locate_triton
     from ...server.owner import TritonServer
@@ -292,7 +305,7 @@ def _measure_served(
     install = locate_triton(options.triton_home)
     input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
     say(f"starting tritonserver on {repo.path} ...")
-    server = TritonServer([repo.path, *extra_repos], install=install)
+    server = TritonServer(repo.path, install=install)
     try:
         server.start(timeout=options.server_timeout)
         for system, (model, models) in served.items():
@@ -366,13 +379,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     steps: list[StepTimes] = []
     with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
         workdir = Path(tmp)
-        repo = generate_repository(graph, workdir / "repository", device=options.device)
+        repo, baseline = build_bench_repository(graph, workdir / "repository", options)
         say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
-        baseline_repo = _unfused_repository(graph, workdir, options.device) if "baseline" in options.systems else None
-        served = _served_systems(repo, options, say, baseline_repo)
+        served = _served_systems(repo, baseline, options, say)
         if served:
-            extra = (baseline_repo.path,) if baseline_repo else ()
-            rows, steps = _measure_served(repo, served, corpus, options, workdir, say, extra)
+            rows, steps = _measure_served(repo, served, corpus, options, workdir, say)
         if "inprocess" in options.systems:
             more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows
