@@ -19,6 +19,7 @@ EPILOG = """systems (all measured on the same corpus and the same model-stage mo
   ensemble   the repository tritonpipe generates for the pipeline
   baseline   a hand-written PIL preprocessing model (one image per call, CPU instances) in front of it
   inprocess  the same stage trees called directly in this process at one batch, no server
+  dali       DALI's GPU preprocessing in this process (where nvidia-dali imports), alone and followed by the same model stage
 
 examples:
   tritonpipe-bench                                   # the resnet18 example, default sweep

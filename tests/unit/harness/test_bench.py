@@ -374,7 +374,7 @@ def test_cli_parses_lists_and_builds_options(tmp_path):
     assert options.perf.shared_memory == "system" and options.perf.extra_args == ("--async",)
     assert options.instances == 2 and options.output == tmp_path and options.command == "cmd"
     defaults = cli.options_from(cli.parse_args([]))
-    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "inprocess")
+    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "inprocess", "dali")
     for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--systems", "ensemble,triton"]):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from .stats import StepTimes
 
-SYSTEMS = ("ensemble", "baseline", "inprocess")
+SYSTEMS = ("ensemble", "baseline", "inprocess", "dali")
 TITLES = {
     "ensemble": "tritonpipe ensemble",
     "baseline": "PIL baseline ensemble",
     "inprocess": "in-process (no server)",
+    "dali": "DALI in-process preprocessing",
 }
+#: the in-process rows: tritonpipe's own chain and DALI's, with and without the model stage
+INPROCESS_ROWS = ("inprocess", "inprocess-pre", "dali", "dali-hw-only", "dali+model")
 
 
 @dataclass
@@ -93,9 +96,10 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) -> str:
-    by = {(r.system, r.concurrency): r for r in rows if r.system != "inprocess"}
+    by = {(r.system, r.concurrency): r for r in rows if r.system not in INPROCESS_ROWS}
     present = [s for s in ("ensemble", "baseline") if any(r.system == s for r in rows)]
     inproc = next((r for r in rows if r.system == "inprocess"), None)
+    dali = next((r for r in rows if r.system == "dali" and r.throughput), None)
     has_mem = any(r.gpu_mem_mb is not None or r.gpu_mem_before_mb is not None for r in rows)
     levels = sorted({c for (_, c) in by})
 
@@ -111,6 +115,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) ->
         columns.append("ensemble/baseline")
     if inproc is not None and "ensemble" in present:
         columns.append("ensemble/in-process")
+    if dali is not None and "ensemble" in present:
+        columns.append("ensemble/DALI")
     lines = []
     for level in levels:
         line = [str(level)]
@@ -124,6 +130,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) ->
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get(("baseline", level)) or Row("", 0, None)).throughput)))
         if inproc is not None and "ensemble" in present:
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, inproc.throughput)))
+        if dali is not None and "ensemble" in present:
+            line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, dali.throughput)))
         lines.append(line)
     if levels:
         out += _table(columns, lines)
@@ -133,6 +141,14 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) ->
             ["batch", "img/s", "batch p50 ms", "batch p99 ms"] + (["GPU MiB"] if has_mem else []),
             [[str(inproc.concurrency), fmt_rate(inproc.throughput), fmt_ms(inproc.p50_ms), fmt_ms(inproc.p99_ms)]
              + ([fmt_mem(inproc.gpu_mem_before_mb, inproc.gpu_mem_mb)] if has_mem else [])],
+        )
+    side = [r for r in rows if r.system in INPROCESS_ROWS[1:]]
+    if side:
+        out += ["", "Preprocessing in one process, same corpus and GPU (DALI is measured in the same run):", ""]
+        out += _table(
+            ["system", "batch", "img/s", "vs DALI", "what"],
+            [[r.system, str(r.concurrency), fmt_rate(r.throughput),
+              fmt_ratio(ratio(r.throughput, dali.throughput if dali else None)), r.note] for r in side],
         )
     failed = [r for r in rows if r.throughput is None and r.note]
     if failed:

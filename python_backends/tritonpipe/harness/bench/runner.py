@@ -15,6 +15,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...examples import EXAMPLE_DIR, export_classifier
+from ...model.runtime import pick_device
 from ...pipeline.grammar import parse_backend
 from ...pipeline.graph import Graph, load_graph, read_config_file
 from ...repository.configs import validate_repository
@@ -342,6 +343,87 @@ def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tupl
     return [row], steps
 
 
+def _measure_dali(
+    repo, baseline: Baseline | None, corpus: Corpus, inproc: list[Row], steps: list[StepTimes], options: BenchOptions, say
+) -> list[Row]:
+    """DALI's preprocessing beside tritonpipe's own, and DALI followed by the same model stage."""
+    from .dali import dali_available, run_dali
+
+    rows: list[Row] = []
+    stage_models = _model_stage_models(repo)
+    pre = [s for s in steps if s.system == "inprocess" and s.model not in stage_models]
+    whole = next((r for r in inproc if r.system == "inprocess" and r.throughput), None)
+    if whole is not None and pre and stage_models:
+        per_image_ms = sum(s.total_ms for s in pre)
+        rows.append(Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms if per_image_ms else None,
+                        note="tritonpipe's preprocessing model alone, from the in-process run's per-model times"))
+    missing = dali_available()
+    if missing is not None:
+        say(f"[dali] not measured: {missing}")
+        return rows + [Row("dali", options.inprocess_batch, None, note=missing)]
+    if pick_device(options.device).type != "cuda":
+        say("[dali] not measured: DALI's mixed decoder needs a GPU")
+        return rows
+    size = _model_input_size(repo)
+    try:
+        model_step = _model_step(repo, baseline)
+    except ConfigError as exc:
+        say(f"[dali+model] not measured: {exc}")
+        model_step = None
+    runs = [("dali", 0.65, None, "decoders.image mixed, hw_decoder_load 0.65, resize antialias off, FP16 CHW normalise"),
+            ("dali-hw-only", 1.0, None, "the same, hw_decoder_load 1.0: the hardware engines' share of the corpus"),
+            ("dali+model", 0.65, model_step, "DALI (0.65) followed by the served pipeline's model stage")]
+    for name, load, model, what in runs:
+        if name == "dali+model" and model is None:
+            continue
+        say(f"[{name}] batch {options.inprocess_batch} for {options.inprocess_seconds:g} s ...")
+        try:
+            result = run_dali(corpus.images, batch=options.inprocess_batch, hw_decoder_load=load, size=size,
+                              seconds=options.inprocess_seconds, model=model, name=name)
+        except Exception as exc:  # noqa: BLE001 - the other systems' results still count
+            say(f"[{name}] FAILED: {exc}")
+            rows.append(Row(name, options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200]))
+            continue
+        say(f"[{name}] {result.throughput:,.1f} img/s")
+        rows.append(Row(name, result.batch, result.throughput, note=what))
+    return rows
+
+
+def _model_input_size(repo) -> tuple[int, int]:
+    """The model stage's input height and width, which DALI resizes to."""
+    for model in repo.plan.models:
+        if model.is_model_stage:
+            dims = model.inputs[0].spec.shape
+            if len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
+                return dims[2], dims[3]
+    return 224, 224
+
+
+def _model_stage_models(repo) -> set[str]:
+    """Names of the models that run the model stage alone (none when it is fused)."""
+    if not repo.plan.needs_ensemble:
+        return set()
+    return {m.name for m in repo.plan.models if m.is_model_stage}
+
+
+def _model_step(repo, baseline: Baseline | None):
+    """A callable running a model-stage model of the repository on a batched tensor, as the server does."""
+    from google.protobuf import json_format
+
+    from ..chain import Chain
+
+    names = [baseline.model] if baseline else sorted(_model_stage_models(repo))
+    if not names:
+        raise ConfigError("DALI + model needs the model stage in a model of its own: add the baseline system or set fuse = false")
+    configs = {n: json_format.MessageToDict(c, preserving_proto_field_name=True) for n, c in repo.configs.items()}
+    chain = Chain(configs.__getitem__, names[0], repo.path, pick_device("gpu"), chunked=names)
+
+    def model(batch) -> None:
+        chain.run([{chain.inputs[0]: image[None].float()} for image in batch])
+
+    return model
+
+
 def _load() -> str:
     try:
         return f"{os.getloadavg()[0]:.2f}"
@@ -388,6 +470,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows
             steps += more_steps
+        if "dali" in options.systems:
+            rows += _measure_dali(repo, baseline, corpus, rows, steps, options, say)
     # other work on the host skews every number; this makes a busy host visible
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
     text = markdown(rows, steps, header)

@@ -1,0 +1,77 @@
+"""nvImageCodec decode with the batch split between the hardware engines and the CUDA decoder.
+
+Every split must give the same pixels as Pillow within the nvjpeg tolerances of the README, keep
+the batch's order, and fail a bad image alone.  Runs where a GPU and nvImageCodec are present.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tritonpipe.errors import StageError
+from tritonpipe.kernels import jpeg as J
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not J.nvimgcodec_available(), reason="needs nvImageCodec (nvidia-nvimgcodec-cu12/-cu13)"),
+    pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning:torchvision"),
+]
+
+
+def _jpeg(height: int, width: int, seed: int, **options) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1).astype(np.int16)
+    rgb += rng.integers(-10, 11, rgb.shape, dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+CASES = {
+    "444": (_jpeg(96, 128, 0, subsampling=0), "cuda"),
+    "420": (_jpeg(120, 160, 1, subsampling=2), "cuda_upsampled"),
+    "422": (_jpeg(64, 80, 2, subsampling=1), "cuda_upsampled"),
+    "progressive": (_jpeg(72, 100, 3, progressive=True, subsampling=0), "cuda"),
+    "odd size": (_jpeg(37, 53, 4, subsampling=0), "cuda"),
+}
+
+
+def _tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _check(image: torch.Tensor, data: bytes, tolerance: str) -> None:
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+    got = image.permute(1, 2, 0).cpu().numpy().astype(np.int16)
+    assert got.shape == reference.shape
+    diff = np.abs(got - reference)
+    limits = J.DECODER_TOLERANCE[tolerance]
+    assert diff.max() <= limits["max_abs"] and diff.mean() <= limits["mean_abs"], (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("hw_load", [0.0, 0.65, 1.0])
+def test_every_split_matches_pillow_in_order(hw_load):
+    names = list(CASES) * 4  # a batch large enough for both decoders to take a share
+    datas = [_tensor(CASES[n][0]) for n in names]
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvimgcodec", hw_decoder_load=hw_load)
+    for name, image in zip(names, results):
+        assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
+        _check(image, *CASES[name])
+
+
+def test_a_bad_image_fails_alone():
+    good = CASES["420"][0]
+    truncated = good[: len(good) // 3]
+    results = J.decode_jpeg_tensor(
+        [_tensor(good), _tensor(truncated), _tensor(good)], torch.device("cuda"), gpu_decoder="nvimgcodec"
+    )
+    assert isinstance(results[1], StageError)
+    for image in (results[0], results[2]):
+        _check(image, good, "cuda_upsampled")
