@@ -168,3 +168,13 @@ def test_progress_is_read_per_model_from_tritons_metrics():
         'nv_inference_count{model="a",version="1"} 99',
     ])
     assert parse_progress(text) == {"a": (3.0, 10.0), "b": (0.0, 0.0)}
+
+
+@pytest.mark.parametrize("host", ["localhost", "::1"])
+def test_a_server_on_a_named_or_ipv6_host_answers_on_every_port(tmp_path, host):
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with TritonServer(tmp_path, host=host) as server:
+        assert server._get(owner.READY_PATH) == 200 and server.control().is_server_ready()
+        with owner.urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+            assert response.status == 200
