@@ -43,3 +43,28 @@ def tiny_onnx(tmp_path_factory):
 @pytest.fixture(scope="session")
 def jpeg_factory():
     return make_jpeg
+
+
+class PairNet(torch.nn.Module):
+    """Two inputs and two outputs: scores from an image and a 4-vector, and the vector shifted."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = TinyNet()
+        self.vector = torch.nn.Linear(4, 10, bias=False)
+
+    def forward(self, x, y):
+        return self.image(x) + self.vector(y), y + 1.0
+
+
+@pytest.fixture(scope="session")
+def pair_onnx(tmp_path_factory):
+    """FP32 x [n,3,32,32] and y [n,4] -> scores FP32 [n,10] and shifted FP32 [n,4]."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pair") / "pair.onnx"
+    torch.onnx.export(
+        PairNet().eval(), (torch.randn(1, 3, 32, 32), torch.randn(1, 4)), str(path),
+        input_names=["x", "y"], output_names=["scores", "shifted"],
+        dynamic_axes={name: {0: "n"} for name in ("x", "y", "scores", "shifted")}, opset_version=17, dynamo=False,
+    )
+    return path

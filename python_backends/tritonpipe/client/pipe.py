@@ -4,6 +4,10 @@
     item = {"data": open("cat.jpg", "rb").read()}
     models(item)             # item["result"] now holds the output tensor
 
+``data`` is encoded bytes, or a torch tensor (CPU or GPU), a numpy array, or a list of them
+(their rows make one request); a model's other inputs are read from the item under their
+names.  Results are torch tensors on the device ``data`` came from.
+
 Without ``url`` the configuration is generated into a temporary repository and served by a
 server that lives as long as the ``pipe`` object (or its ``with`` block). With ``url`` an
 already running server is called.  Calls are safe from many threads.
@@ -22,7 +26,7 @@ import torch
 from ..pipeline.graph import load_graph
 from ..repository.generate import generate_repository
 from ..server.owner import TritonServer
-from .client import PipelineClient
+from .client import InferError, PipelineClient, TensorInfo
 
 
 class pipe:  # noqa: N801 - torchpipe's spelling
@@ -60,14 +64,22 @@ class pipe:  # noqa: N801 - torchpipe's spelling
             with ThreadPoolExecutor(max_workers=min(32, max(1, len(inputs)))) as pool:
                 list(pool.map(self, inputs))
             return
+        first, *named = self.client.inputs
+        missing = [info.name for info in named if info.name not in inputs]
+        if missing:
+            raise InferError(
+                f"the model also takes {', '.join(map(repr, missing))}; put each in the dict under its name",
+                "INVALID_ARG",
+            )
         data = inputs["data"]
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu().numpy()
-        outputs = self.client.infer(data)
+        outputs = self.client.infer(
+            request_array(data, first), extra={info.name: request_array(inputs[info.name], info) for info in named}
+        )
+        device = _device_of(data)
         primary, *extras = self.client.outputs
-        inputs["result"] = torch.from_numpy(np.ascontiguousarray(outputs[primary.name]))
+        inputs["result"] = _tensor(outputs[primary.name], device)
         for extra in extras:
-            inputs[extra.name.lower()] = torch.from_numpy(np.ascontiguousarray(outputs[extra.name]))
+            inputs[extra.name.lower()] = _tensor(outputs[extra.name], device)
 
     def close(self) -> None:
         if self.server is not None:
@@ -88,3 +100,33 @@ class pipe:  # noqa: N801 - torchpipe's spelling
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def request_array(value: Any, info: TensorInfo) -> bytes | np.ndarray:
+    """One input of a request: bytes as they are, tensors and arrays as numpy, a list as its rows together."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in value):
+            raise InferError(f"input {info.name!r}: a list must hold tensors or arrays, got {value!r:.80}", "INVALID_ARG")
+        # each element is one request's rows; those without the batch dimension are one row
+        rows = [part if part.ndim > len(info.dims) else part[None] for part in map(_host_array, value)]
+        return np.concatenate(rows)
+    return _host_array(value)
+
+
+def _host_array(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # responses arrive in read-only buffers; the caller owns its result and may write to it
+    return torch.from_numpy(np.require(array, requirements=("C", "W"))).to(device)
+
+
+def _device_of(data: Any) -> torch.device:
+    """Where results go back: the device of ``data``, or of the first tensor of a list; else the CPU."""
+    first = data[0] if isinstance(data, (list, tuple)) and data else data
+    return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")

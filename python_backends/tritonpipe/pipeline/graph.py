@@ -7,11 +7,12 @@ Two forms are accepted:
       {"backend": "S[DecodeMat,ResizeMat]", "instance_num": 2, "max": 4, "resize_h": 224, "resize_w": 224}
 
 - a graph: a dict of dicts (or TOML tables) whose nodes name their successor with ``next``;
-  top-level keys that are not tables apply to every node.
+  top-level keys that are not tables, and the keys of a ``[global]`` table, apply to every node.
+  ``map = "decode[result:data]"`` routes outputs of earlier nodes to a node's inputs.
 
 Resolution looks every stage name up in the registry, hands each node key to the stages
 that declare it (``Stage::key`` scopes a key to one stage), coerces and range-checks every
-value, and checks the ``next`` links.  Nothing here touches the disk except reading files.
+value, and checks the ``next`` and ``map`` links.  Nothing here touches the disk except reading files.
 """
 
 from __future__ import annotations
@@ -52,7 +53,21 @@ TRITON_KEYS = {
         doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
     ),
 }
-_STRUCTURE_KEYS = ("backend", "next")
+_STRUCTURE_KEYS = ("backend", "next", "map")
+#: torchpipe's table of keys for every node
+GLOBAL_TABLE = "global"
+#: torchpipe keys with no counterpart here -> what to do instead
+TORCHPIPE_ONLY = {
+    "filter": "Triton runs every step of an ensemble; a stage that refuses a request (C10Exception) ends it instead",
+    "interpreter::backend": "Triton schedules the nodes itself (dynamic batching and ensembles); drop it",
+    "pipelinev3::backend": "Triton schedules the nodes itself (dynamic batching and ensembles); drop it",
+    "baselineschedule::backend": "Triton batches and runs instances itself: set instance_num, max and batching_timeout",
+    "precision::output::fp32": "precision::fp32 keeps named layers in FP32",
+    "precision::output::fp16": "precision::fp16 runs named layers in FP16",
+}
+#: keys whose torchpipe values may combine several settings with '&'
+_NO_AMPERSAND = ("backend", "model", "max", "min", "instance_num")
+_MAP_ENTRY_RE = re.compile(r"\s*([A-Za-z0-9_\-]*)\s*\[([^\[\]]*)\]\s*(?:,|$)")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 
 
@@ -69,12 +84,23 @@ class NodeSettings:
     execution_timeout: float = 60.0
 
 
+@dataclass(frozen=True)
+class MapLink:
+    """``map = "source[source_key:target_key]"``: the node reads ``target_key`` from ``source``'s ``source_key``."""
+
+    source: str
+    source_key: str
+    target_key: str
+
+
 @dataclass
 class Node:
     name: str
     tree: ResolvedStage
     settings: NodeSettings
     next: list[str] = field(default_factory=list)
+    #: where the node's inputs come from; empty: ``data`` is its one predecessor's ``result``
+    map: list[MapLink] = field(default_factory=list)
 
 
 @dataclass
@@ -167,7 +193,7 @@ def load_graph(
     if not isinstance(config, dict) or not config:
         raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
     _check_keys(config)
-    config = dict(config)  # the keys taken out below stay in the caller's dict
+    config = _merge_global(config)  # a new dict: the keys taken out below stay in the caller's
     base = Path(base_dir or Path.cwd()).resolve()
 
     plugin_paths = [_config_plugin(base, p) for p in _as_list(config.pop("plugins", []), "plugins")]
@@ -193,7 +219,19 @@ def load_graph(
             raise ConfigError(f"node {node_name!r} has no 'backend' key")
         nodes[node_name] = _resolve_node(node_name, merged, base)
     ordered = _order(nodes)
+    _link_maps(ordered)
     return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
+
+
+def _merge_global(config: dict[str, Any]) -> dict[str, Any]:
+    """torchpipe's ``[global]`` table read as top-level keys; top-level keys win over it."""
+    table = config.get(GLOBAL_TABLE)
+    if table is None:
+        return dict(config)
+    if not isinstance(table, dict) or any(isinstance(v, dict) for v in table.values()):
+        raise ConfigError(f"[{GLOBAL_TABLE}] holds keys for every node (instance_num = 2, ...), not nodes or values")
+    rest = {k: v for k, v in config.items() if k != GLOBAL_TABLE}
+    return {**table, **rest}
 
 
 def _config_plugin(base: Path, name: str) -> Path:
@@ -237,6 +275,7 @@ def _as_list(value: Any, what: str = "a list") -> list[str]:
 
 def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     where = f"node {node_name!r}"
+    _refuse_torchpipe_only(where, raw)
     backend = raw["backend"]
     skeleton = _skeleton(parse_backend(backend), backend, _scoped_backends(raw), where)
     stages = list(_flatten(skeleton))
@@ -291,7 +330,49 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
             settings.warmup = parse_warmup(coerced, where)
         else:
             setattr(settings, key, coerced)
-    return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"))
+    links = parse_map(raw["map"], where) if "map" in raw else []
+    return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"), map=links)
+
+
+def _refuse_torchpipe_only(where: str, raw: dict[str, Any]) -> None:
+    """torchpipe keys that mean nothing to Triton get told what to use instead, not "unknown key"."""
+    for key, value in raw.items():
+        instead = TORCHPIPE_ONLY.get(key.lower())
+        if instead:
+            raise ConfigError(f"{where}: {key!r} is torchpipe's and has no counterpart here: {instead}")
+        if key in _NO_AMPERSAND and "&" in str(value):
+            raise ConfigError(
+                f"{where}: {key} = {value!r} combines settings with '&', which torchpipe uses to join models of "
+                "fixed batch sizes; here a node serves one model: export it with a dynamic batch dimension "
+                "and set min and max (e.g. min = 1, max = 8)"
+            )
+
+
+def parse_map(text: Any, where: str) -> list[MapLink]:
+    """``"a[result:data,box:box],b[result:extra]"`` -> links; the node name may be left out (``[result:data]``)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: map must be a string like \"decode[result:data]\", got {text!r}")
+    links: list[MapLink] = []
+    position = 0
+    for match in _MAP_ENTRY_RE.finditer(text):
+        if match.start() != position:
+            break
+        position = match.end()
+        for pair in match.group(2).split(","):
+            source_key, sep, target_key = (part.strip() for part in pair.partition(":"))
+            if not (sep and source_key and target_key):
+                raise ConfigError(f"{where}: map entry {pair.strip()!r} should be SOURCE_KEY:TARGET_KEY, e.g. result:data")
+            links.append(MapLink(match.group(1), source_key, target_key))
+    if position != len(text) or not links:
+        raise ConfigError(
+            f"{where}: cannot read map = {text!r} past character {position}; write NODE[SOURCE_KEY:TARGET_KEY,...] "
+            "separated by commas, e.g. \"decode[result:data],detect[boxes:boxes]\""
+        )
+    targets = [link.target_key for link in links]
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise ConfigError(f"{where}: map feeds {', '.join(map(repr, twice))} more than once")
+    return links
 
 
 #: a stage class, the parsed node it came from (for its inline parameters), and its children
@@ -344,6 +425,43 @@ def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     if any(g < 0 for g in gpus):
         raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
     return gpus
+
+
+def _link_maps(nodes: dict[str, Node]) -> None:
+    """Name every map source and check it runs before the node that reads it (nodes in topological order)."""
+    before: dict[str, set[str]] = {name: set() for name in nodes}
+    predecessors: dict[str, list[str]] = {name: [] for name in nodes}
+    for node in nodes.values():
+        for target in node.next:
+            before[target] |= before[node.name] | {node.name}
+            predecessors[target].append(node.name)
+    for node in nodes.values():
+        where = f"node {node.name!r}"
+        links = []
+        for link in node.map:
+            source = link.source
+            if not source:
+                if len(predecessors[node.name]) != 1:
+                    found = ", ".join(predecessors[node.name]) or "none"
+                    raise ConfigError(
+                        f"{where}: map [{link.source_key}:{link.target_key}] names no node, which is only allowed "
+                        f"with exactly one predecessor (it has: {found}); write NODE[{link.source_key}:{link.target_key}]"
+                    )
+                source = predecessors[node.name][0]
+            if source not in nodes:
+                raise ConfigError(f"{where}: map names node {source!r}, which does not exist{did_you_mean(source, list(nodes))}")
+            if source not in before[node.name]:
+                raise ConfigError(
+                    f"{where}: map reads node {source!r}, which does not run before it; link {source!r} to it "
+                    "through next first"
+                )
+            links.append(MapLink(source, link.source_key, link.target_key))
+        if links and "data" not in {link.target_key for link in links}:
+            raise ConfigError(
+                f"{where}: map must feed 'data', the input of the node's first stage; add e.g. "
+                f"{links[0].source}[result:data]"
+            )
+        node.map = links
 
 
 def _order(nodes: dict[str, Node]) -> dict[str, Node]:

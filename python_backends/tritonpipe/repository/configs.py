@@ -123,11 +123,12 @@ def ensemble_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) ->
         _tensor(config.input.add(), port)
     for port in plan.ensemble_outputs:
         _tensor(config.output.add(), port)
+    # tensors clients receive go by their public names, also where a later step reads them (map)
     public = {port.key: port.name for port in plan.ensemble_outputs}
     for step in plan.steps:
         message = config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
         for model_input, tensor in step.input_map.items():
-            message.input_map[model_input] = tensor
+            message.input_map[model_input] = public.get(tensor, tensor)
         for model_output, tensor in step.output_map.items():
             message.output_map[model_output] = public.get(tensor, tensor)
     return config

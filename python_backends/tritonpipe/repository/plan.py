@@ -4,6 +4,10 @@ Each node's chain is cut where a model stage stands: the preprocessing stages on
 side become one fused Python model each, the model stage becomes a model of its own, and an
 ensemble joins everything when there is more than one model.  Tensor descriptions are
 propagated through every stage so that a type or shape mismatch is found here.
+
+The pipeline's input is what its first stage takes (:meth:`Stage.entry_spec`): encoded images
+for decoders, a model's first input for a model stage.  A model's other inputs are read by
+name, from a node's ``map`` or else from the request, which then carries them.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from ..engines.base import TensorIO
 from ..errors import ConfigError
 from ..pipeline.graph import Graph, Node, NodeSettings
 from ..pipeline.resolved import ResolvedStage
-from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
+from ..registry import did_you_mean
+from ..spec import SpecError, TensorSpec
 from ..stages.control import Sequential
 
 PRIMARY_KEY = "data"
+#: the item key of a node's primary output, as ``map`` names it
+RESULT_KEY = "result"
+#: the Triton name of a preprocessing model's primary input
+PYTHON_INPUT = "INPUT"
 
 
 @dataclass
@@ -89,6 +98,23 @@ def _check_model_branch(node: ResolvedStage) -> None:
         current = current.children[0]
 
 
+def entry_spec(tree: ResolvedStage) -> TensorSpec:
+    """What a chain takes as ``data``: the first stage's :meth:`~Stage.entry_spec`, past wrappers."""
+    node = tree
+    while node.role in ("wrapper", "sequence") and node.children:
+        node = node.children[0]
+    return node.cls.entry_spec(dict(node.params))
+
+
+def named_inputs(tree: ResolvedStage) -> list[TensorIO]:
+    """Inputs besides ``data`` that the model stages of a chain read from their items, by name."""
+    ios: list[TensorIO] = []
+    for node in tree.walk():
+        if node.role == "model":
+            ios += node.cls.io(dict(node.params))[0][1:]
+    return ios
+
+
 def infer_tree(node: ResolvedStage, spec: TensorSpec) -> TensorSpec:
     """Propagate a tensor description through a stage tree."""
     for child in node.children:
@@ -120,25 +146,19 @@ def _segment_name(node: Node, index: int, count: int, is_model: bool, used: set[
 def plan_repository(graph: Graph) -> RepositoryPlan:
     """Cut every node into models, propagate descriptions, and wire the ensemble."""
     plan = RepositoryPlan(name=graph.name, models=[])
-    produced: dict[str, tuple[str, TensorSpec]] = {}  # node name -> (ensemble tensor, spec) of its result
-    plan.ensemble_inputs = [Port("INPUT", ENCODED_IMAGE, PRIMARY_KEY)]
+    #: node name -> its outputs by item key ("result" and extra outputs): (ensemble tensor, spec)
+    produced: dict[str, dict[str, tuple[str, TensorSpec]]] = {}
+    requested: dict[str, Port] = {}  # ensemble inputs by name
     used_names: set[str] = set()
     terminal_ports: list[tuple[str, Port]] = []
     extra_ports: list[tuple[str, Port]] = []
-
-    predecessors: dict[str, str] = {}
-    for node in graph.nodes.values():
-        for target in node.next:
-            if target in predecessors:
-                raise ConfigError(
-                    f"node {target!r} has several predecessors ({predecessors[target]!r}, {node.name!r}); "
-                    "each node takes one input"
-                )
-            predecessors[target] = node.name
+    predecessors = _predecessors(graph)
 
     for node in graph.nodes.values():
-        source_tensor, spec = produced.get(predecessors.get(node.name, ""), ("INPUT", ENCODED_IMAGE))
+        fed = _node_inputs(node, predecessors[node.name], produced)
         segments = _segments(node.tree, node.settings.fuse)
+        outputs: dict[str, tuple[str, TensorSpec]] = {}
+        read_by_name: set[str] = set()
         for index, (is_model, stages) in enumerate(segments):
             name = _segment_name(node, index, len(segments), is_model, used_names)
             if name in used_names:
@@ -146,22 +166,35 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
             used_names.add(name)
             tree = _sequence(stages)
             try:
-                model, spec = _plan_model(name, node, tree, spec, is_model)
+                if fed is None:  # the pipeline's entry: the request brings what the first stage takes
+                    fed = {PRIMARY_KEY: ("", entry_spec(tree))}
+                model, spec = _plan_model(name, node, tree, fed[PRIMARY_KEY][1], is_model)
             except SpecError as exc:
                 raise ConfigError(f"node {node.name!r}, model {name!r}: {exc}") from None
             plan.models.append(model)
-            step = Step(model=name, input_map={model.inputs[0].name: source_tensor}, output_map={})
+            step = Step(model=name, input_map={}, output_map={})
+            for port in model.inputs:
+                read_by_name.add(port.key)
+                step.input_map[port.name] = _input_tensor(node, port, fed, requested, plan)
             for port in model.outputs:
                 tensor = f"{name}.{port.name}"
                 step.output_map[port.name] = tensor
                 if port.key != PRIMARY_KEY:
                     extra_ports.append((tensor, port))
+                    outputs[port.key] = (tensor, port.spec)
             plan.steps.append(step)
-            source_tensor = step.output_map[model.outputs[0].name]
-        produced[node.name] = (source_tensor, spec)
+            fed = {**fed, PRIMARY_KEY: (step.output_map[model.outputs[0].name], spec)}
+        unread = sorted({link.target_key for link in node.map} - read_by_name)
+        if unread:
+            raise ConfigError(
+                f"node {node.name!r}: map feeds {', '.join(map(repr, unread))}, which no stage of the node reads"
+                f"{did_you_mean(unread[0], sorted(read_by_name - {PRIMARY_KEY}))}; it reads "
+                f"{', '.join(map(repr, sorted(read_by_name)))}"
+            )
+        produced[node.name] = {**outputs, RESULT_KEY: fed[PRIMARY_KEY]}
         if not node.next:
-            last = plan.models[-1]
-            terminal_ports.append((source_tensor, last.outputs[0]))
+            terminal_ports.append((fed[PRIMARY_KEY][0], plan.models[-1].outputs[0]))
+    plan.ensemble_inputs = list(requested.values())
 
     names: set[str] = set()
     for tensor, port in terminal_ports + extra_ports:
@@ -170,28 +203,84 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
             public = tensor.replace(".", "_")
         names.add(public)
         plan.ensemble_outputs.append(Port(public, port.spec, tensor))
+    both = sorted(names & set(requested))
+    if both:
+        raise ConfigError(f"the pipeline would have an input and an output both named {both[0]!r}; rename the model's")
     return plan
+
+
+def _predecessors(graph: Graph) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {name: [] for name in graph.nodes}
+    for node in graph.nodes.values():
+        for target in node.next:
+            found[target].append(node.name)
+    for node in graph.nodes.values():
+        if len(found[node.name]) > 1 and not node.map:
+            raise ConfigError(
+                f"node {node.name!r} has several predecessors ({', '.join(map(repr, found[node.name]))}); say which "
+                f"gives its data with map, e.g. map = \"{found[node.name][0]}[result:data]\""
+            )
+    return found
+
+
+def _node_inputs(
+    node: Node, predecessors: list[str], produced: dict[str, dict[str, tuple[str, TensorSpec]]]
+) -> dict[str, tuple[str, TensorSpec]] | None:
+    """A node's inputs by item key: (ensemble tensor, spec); None for the entry node, fed by the request."""
+    if not node.map:
+        return {PRIMARY_KEY: produced[predecessors[0]][RESULT_KEY]} if predecessors else None
+    fed = {}
+    for link in node.map:
+        outputs = produced[link.source]
+        if link.source_key not in outputs:
+            raise ConfigError(
+                f"node {node.name!r}: map reads {link.source}[{link.source_key}], but node {link.source!r} gives "
+                f"{', '.join(map(repr, sorted(outputs)))}{did_you_mean(link.source_key, list(outputs))}"
+            )
+        fed[link.target_key] = outputs[link.source_key]
+    return fed
+
+
+def _input_tensor(
+    node: Node, port: Port, fed: dict[str, tuple[str, TensorSpec]], requested: dict[str, Port], plan: RepositoryPlan
+) -> str:
+    """The ensemble tensor feeding ``port``: what the node is fed under its key, else an input of the request."""
+    if port.key in fed and fed[port.key][0]:
+        tensor, spec = fed[port.key]
+        if not port.spec.accepts(spec):
+            raise ConfigError(
+                f"node {node.name!r}: input {port.name!r} expects {port.spec.describe()}, but map gives it "
+                f"{spec.describe()} from {tensor!r}"
+            )
+        return tensor
+    known = requested.get(port.name)
+    if known is not None and known.spec != port.spec:
+        raise ConfigError(
+            f"node {node.name!r}: request input {port.name!r} is {known.spec.describe()} for one model and "
+            f"{port.spec.describe()} for another; rename one model's input"
+        )
+    requested[port.name] = port
+    return port.name
 
 
 def _plan_model(
     name: str, node: Node, tree: ResolvedStage, spec: TensorSpec, is_model: bool
 ) -> tuple[ModelPlan, TensorSpec]:
     wants_gpu = any(n.cls.wants_gpu for n in tree.walk())
+    named = [Port(io.name, io.spec, io.name) for io in named_inputs(tree)]
     if is_model:
         stage = tree.find("model")
         model_inputs, model_outputs = stage.cls.io(dict(stage.params))
-        if len(model_inputs) != 1:
-            raise ConfigError(
-                f"node {node.name!r}: the model has {len(model_inputs)} inputs "
-                f"({', '.join(io.name for io in model_inputs)}); a pipeline step feeds exactly one"
-            )
         out_spec = infer_tree(tree, spec)
-        inputs = [Port(model_inputs[0].name, model_inputs[0].spec, PRIMARY_KEY)]
+        inputs = [Port(model_inputs[0].name, model_inputs[0].spec, PRIMARY_KEY), *named]
         outputs = [Port(model_outputs[0].name, model_outputs[0].spec, PRIMARY_KEY)]
         outputs += [Port(io.name, io.spec, io.name) for io in model_outputs[1:]]
         return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, True), out_spec
     out_spec = infer_tree(tree, spec)
-    inputs = [Port("INPUT", spec, PRIMARY_KEY)]
+    inputs = [Port(PYTHON_INPUT, spec, PRIMARY_KEY), *named]
+    taken = [port.name for port in inputs]
+    if len(set(taken)) != len(taken):
+        raise ConfigError(f"node {node.name!r}: model {name!r} would have two inputs named {PYTHON_INPUT!r}; rename the model's")
     primary = "OUTPUT"
     stage = tree.find("model")
     if stage is not None:  # a fused model stage keeps its model's output names

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, StageError
 from ..registry import Registry, did_you_mean, origin
-from ..spec import SpecError, TensorSpec
+from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 
 _REQUIRED = object()
 
@@ -148,6 +148,14 @@ class Stage:
 
 
 class MapStage(Stage):
+    @classmethod
+    def entry_spec(cls, params: dict[str, Any]) -> TensorSpec:
+        """What the request carries as ``data`` when this stage comes first in a pipeline.
+
+        Encoded images by default; a stage that takes tensors from the request says which.
+        """
+        return ENCODED_IMAGE
+
     """A stage that handles one request at a time; a failure stays with its request."""
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:

@@ -103,6 +103,18 @@ def pick_engine(kind: str, requested: str, *, tensorrt: bool, cuda: bool, onnxru
     raise ConfigError(f"no engine can run this ONNX model here: pip install onnxruntime, or {tensorrt_engine.INSTALL_HINT}")
 
 
+def _mismatch_hint(wanted: TensorSpec, given: TensorSpec) -> str:
+    """What to change when the stage before the model gives the wrong kind of tensor."""
+    if given.dtype == "UINT8" and len(given.shape) == 1:
+        return (
+            "; encoded images need a decoder and preprocessing before the model, e.g. "
+            "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]; for tensor requests put the model first"
+        )
+    if wanted.dtype != given.dtype:
+        return f"; add a stage that gives {wanted.dtype} before the model (ResizeTensor and ResizePadTensor give FP32)"
+    return "; resize or reshape before the model to match its input"
+
+
 def _beside_model(params: dict[str, Any], key: str) -> Path | None:
     """A path parameter; relative paths are taken from the model file's folder."""
     text = str(params[key]).strip()
@@ -170,11 +182,16 @@ class TensorrtTensor(Stage):
         tensorrt_engine.parse_layer_precisions(params["precision::fp32"], params["precision::fp16"])
         first = inputs[0].spec
         if not first.accepts(spec):
-            hint = " (ResizeTensor gives FP32)" if first.dtype != spec.dtype else ""
             raise SpecError(
-                f"model input {inputs[0].name!r} expects {first.describe()}, but receives {spec.describe()}{hint}"
+                f"model input {inputs[0].name!r} expects {first.describe()}, but receives {spec.describe()}"
+                f"{_mismatch_hint(first, spec)}"
             )
         return outputs[0].spec
+
+    @classmethod
+    def entry_spec(cls, params: dict[str, Any]) -> TensorSpec:
+        """First in a pipeline, the model's first input comes straight from the request."""
+        return cls.io(params)[0][0].spec
 
     @classmethod
     def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
