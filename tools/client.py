@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     url = server.grpc_url if protocol == "grpc" else server.http_url
                 else:
                     url = args.url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
-                client = _connect(url, protocol, args.model)
+                client = _connect(url, protocol, args.model or (server.entry if server else None))
                 print(f"[{protocol} {url}] model {client.model}")
                 for path in args.files:
                     try:

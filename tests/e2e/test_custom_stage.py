@@ -24,7 +24,7 @@ def test_custom_stage_served_end_to_end(tmp_path, jpeg_factory):
     assert (repo.path / "bright" / "1" / "plugins" / "my_stages.py").is_file()
     jpeg = jpeg_factory(90, 120, seed=5)
     with TritonServer(repo.path) as server:
-        got = PipelineClient(server.grpc_url, protocol="grpc").infer(jpeg)["OUTPUT"]
+        got = PipelineClient(server.grpc_url, protocol="grpc", model=server.entry).infer(jpeg)["OUTPUT"]
     decoded = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
     want = (F.interpolate(decoded[None].float(), size=(64, 64), mode="bilinear", align_corners=False) * 1.25).clamp(0, 255)
     assert got.shape == (1, 3, 64, 64) and got.dtype == np.float32

@@ -115,7 +115,19 @@ class PipelineClient:
 
     def entry_model(self) -> str:
         """The model that no ensemble uses as a step: the pipeline's entry point."""
-        index = self.connection.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            index = self.connection.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+        except InferenceServerException as exc:
+            text = str(exc).lower()
+            if not any(word in text for word in ("restricted", "header", "403", "forbidden")):
+                raise
+            raise InferError(
+                f"the server at {self.url} does not list its models to clients ({status_of(exc)}: tritonpipe-serve keeps "
+                "its model-repository API to itself); pass the model to call: model= (--model), the entry model "
+                "tritonpipe-generate printed", "UNAVAILABLE",
+            ) from None
         models = index["models"] if isinstance(index, dict) else index
         names = [m["name"] for m in models if m.get("state", "READY") == "READY"]
         used: set[str] = set()

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import ConfigError, TritonpipeError
+from ..repository.generate import read_marker
 from .heal import HealPolicy, Supervisor
 from .install import TritonInstall, locate_triton
 
@@ -155,6 +156,15 @@ class TritonServer:
             self.log_path, self.keep_log = Path(log_file).resolve(), True
 
     # --- addresses ---------------------------------------------------------------------
+
+    @property
+    def entry(self) -> str | None:
+        """The model clients call, from the marker tritonpipe wrote into the repository; None without one.
+
+        Clients cannot list the models themselves: the owner keeps the model-repository API to itself.
+        """
+        marker = read_marker(self.repository)
+        return marker["entry"] if marker else None
 
     @property
     def client_host(self) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...client.client import PipelineClient
 from ...errors import ConfigError
+from ...repository.generate import read_marker
 from ...server.owner import TritonServer
 from ...server.procs import find_server_pid
 from ..chain import Chain
@@ -51,7 +52,9 @@ def run_soak(options: SoakOptions, server: TritonServer | None = None) -> SoakRe
     repository = options.repository or (server.repository if server else None)
     server_pid = server.process.pid if server and server.process else options.server_pid or find_server_pid(url)
 
-    client = PipelineClient(url, protocol=options.protocol, model=options.model, timeout=options.timeout)
+    marker = read_marker(repository) if repository else None
+    model = options.model or (marker["entry"] if marker else None)
+    client = PipelineClient(url, protocol=options.protocol, model=model, timeout=options.timeout)
     reference = Reference(Chain(client.config, client.model, repository))
     client.close()  # an idle HTTP connection would hold up a server's shutdown
     corpus = soak_images(options.corpus, options.seed)
