@@ -11,6 +11,10 @@ device holds the image, so a CUDA tensor never leaves the GPU.
 Channels are resampled independently, which is what Pillow does for "L",
 "RGB", "RGBX" and "CMYK".  (Pillow premultiplies alpha for "RGBA" and "LA"
 before resizing, so 4-channel parity holds against "RGBX"/"CMYK", not "RGBA".)
+
+The 8-bit arithmetic (coefficients, precision, rounding, clipping) is the same
+in every release from 9.0 to 13.0; what changed is which pass runs first, and
+:data:`RELEASES` records that per release line.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import re
 from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["pillow_resize", "pillow_resize_hwc", "MAX_SIDE"]
+__all__ = ["pillow_resize", "pillow_resize_hwc", "release_line", "MAX_SIDE", "NEWEST", "RELEASES", "Release"]
 
 MAX_SIDE = 1024 * 1024
 """Largest accepted output height or width."""
@@ -40,6 +45,69 @@ _DENSE_MAX_ENTRIES = 1 << 21
 # Below this many elements per tap the banded form batches several taps per
 # step, trading a small temporary for fewer kernel launches.
 _BAND_CHUNK_ELEMENTS = 1 << 16
+
+
+class Release(NamedTuple):
+    """How one Pillow release line orders the two passes of a resize.
+
+    Every release skips a pass whose size is unchanged and otherwise runs the
+    horizontal pass first, except where one of these rules sends the vertical
+    pass first (both only when the height shrinks).
+    """
+
+    first: tuple[int, int]  # (major, minor) of the first release with this behaviour
+    tall_ratio: Optional[int]  # vertical first when in_h > tall_ratio * in_w
+    shrink_ratio: Optional[int]  # vertical first when in_h - out_h > shrink_ratio * (in_w - out_w)
+
+
+_HORIZONTAL_FIRST = dict(tall_ratio=None, shrink_ratio=None)
+RELEASES: dict[str, Release] = {
+    # 9.0 - 12.1: ImagingResampleInner always runs the horizontal pass first
+    # https://github.com/python-pillow/Pillow/blob/12.1.0/src/libImaging/Resample.c#L750
+    "9": Release((9, 0), **_HORIZONTAL_FIRST),
+    "10": Release((10, 0), **_HORIZONTAL_FIRST),
+    "11": Release((11, 0), **_HORIZONTAL_FIRST),
+    "12.0": Release((12, 0), **_HORIZONTAL_FIRST),
+    "12.1": Release((12, 1), **_HORIZONTAL_FIRST),
+    # 12.2 - 12.3: Image.resize splits images over 100 times taller than wide
+    # into a height-only then a width-only resize ("Resize tall images
+    # vertically first", 4ef0ac611)
+    # https://github.com/python-pillow/Pillow/blob/12.2.0/src/PIL/Image.py#L2431
+    "12.2": Release((12, 2), tall_ratio=100, shrink_ratio=None),
+    "12.3": Release((12, 3), tall_ratio=100, shrink_ratio=None),
+    # 13.0: the tall-image branch left Image.py; libImaging runs the vertical
+    # pass first when the height loses over twice as many pixels as the width
+    "13": Release((13, 0), tall_ratio=None, shrink_ratio=2),
+}
+NEWEST = "13"
+"""The release line reproduced by default, and for Pillow versions newer than it."""
+
+
+def release_line(version: str) -> str:
+    """The :data:`RELEASES` key whose behaviour a Pillow version string has.
+
+    ``"12.3.0"`` gives ``"12.3"``, ``"9.5.0"`` gives ``"9"``; versions newer
+    than the newest line known here are taken to behave like it.
+
+    Raises:
+        ValueError: if ``version`` does not start with ``MAJOR.MINOR`` or is
+            older than 9.0.
+    """
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None:
+        raise ValueError(f"Pillow version must look like MAJOR.MINOR[.PATCH], got {version!r}")
+    wanted = (int(match.group(1)), int(match.group(2)))
+    eligible = [key for key, release in RELEASES.items() if release.first <= wanted]
+    if not eligible:
+        raise ValueError(f"Pillow version must be 9.0 or newer, got {version!r}")
+    return max(eligible, key=lambda key: RELEASES[key].first)
+
+
+def _check_release(pillow_version: str) -> Release:
+    release = RELEASES.get(pillow_version) if isinstance(pillow_version, str) else None
+    if release is None:
+        raise ValueError(f"pillow_version must be one of {', '.join(RELEASES)}, got {pillow_version!r}")
+    return release
 
 
 class _AxisCoeffs(NamedTuple):
@@ -191,12 +259,15 @@ def _resample_axis(
     return _resample_band(image, dim, coeffs)
 
 
-def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
-    # Pillow 13 runs the vertical pass first when the height shrinks by more
-    # than twice as many pixels as the width does.  The 8-bit rounding between
-    # the passes makes the order visible in the output.
-    shrink_h = in_h - out_h
-    return shrink_h > 0 and shrink_h > 2 * (in_w - out_w)
+def _vertical_first(release: Release, in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    # The 8-bit rounding between the passes makes the order visible in the output.
+    if out_h >= in_h:
+        return False
+    if release.tall_ratio is not None:
+        return in_h > release.tall_ratio * in_w
+    if release.shrink_ratio is not None:
+        return in_h - out_h > release.shrink_ratio * (in_w - out_w)
+    return False
 
 
 def _resize(
@@ -204,7 +275,7 @@ def _resize(
     out_h: int,
     out_w: int,
     *,
-    legacy_pass_order: bool = False,
+    pillow_version: str = NEWEST,
     method: Optional[str] = None,
 ) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
@@ -224,10 +295,11 @@ def _resize(
     out_w = _check_side("out_w", out_w)
     if method not in (None, "dense", "band"):
         raise ValueError(f"method must be None, 'dense' or 'band', got {method!r}")
+    release = _check_release(pillow_version)
 
     _, in_h, in_w = image.shape
     passes = [(2, out_w), (1, out_h)]
-    if not legacy_pass_order and _vertical_first(in_h, in_w, out_h, out_w):
+    if _vertical_first(release, in_h, in_w, out_h, out_w):
         passes.reverse()
     result = image
     for dim, size in passes:
@@ -241,30 +313,27 @@ def _resize(
 
 
 def pillow_resize(
-    image: torch.Tensor, out_h: int, out_w: int, *, legacy_pass_order: bool = False
+    image: torch.Tensor, out_h: int, out_w: int, *, pillow_version: str = NEWEST
 ) -> torch.Tensor:
     """Resize a uint8 ``[C, H, W]`` tensor to ``[C, out_h, out_w]`` on its own device.
 
     The result is bit-identical to
-    ``PIL.Image.fromarray(hwc).resize((out_w, out_h), Image.BILINEAR)`` for the
-    same pixels (every channel is filtered independently, as Pillow does for
-    "L", "RGB", "RGBX" and "CMYK" images).
-
-    Pillow 13 chose to run the vertical pass first when the height shrinks
-    much more than the width; earlier releases always ran the horizontal pass
-    first.  The default follows Pillow 13 and later; pass
-    ``legacy_pass_order=True`` to match images preprocessed with Pillow 12 or
-    older.
+    ``PIL.Image.fromarray(hwc).resize((out_w, out_h), Image.BILINEAR)`` under
+    the Pillow release line ``pillow_version`` (a key of :data:`RELEASES`;
+    :func:`release_line` maps a full version string to one) for the same
+    pixels (every channel is filtered independently, as Pillow does for "L",
+    "RGB", "RGBX" and "CMYK" images).
 
     Raises:
         ValueError: if the dtype is not uint8, the rank is not 3, the tensor is
-            empty, or ``out_h``/``out_w`` are not integers in ``[1, 1024*1024]``.
+            empty, ``out_h``/``out_w`` are not integers in ``[1, 1024*1024]``,
+            or ``pillow_version`` is not a key of :data:`RELEASES`.
     """
-    return _resize(image, out_h, out_w, legacy_pass_order=legacy_pass_order)
+    return _resize(image, out_h, out_w, pillow_version=pillow_version)
 
 
 def pillow_resize_hwc(
-    image_hwc: torch.Tensor, out_h: int, out_w: int, *, legacy_pass_order: bool = False
+    image_hwc: torch.Tensor, out_h: int, out_w: int, *, pillow_version: str = NEWEST
 ) -> torch.Tensor:
     """Same as :func:`pillow_resize` for an ``[H, W, C]`` tensor; returns ``[out_h, out_w, C]``."""
     if not isinstance(image_hwc, torch.Tensor):
@@ -274,7 +343,5 @@ def pillow_resize_hwc(
             f"image_hwc must have rank 3 [H, W, C], got rank {image_hwc.dim()} "
             f"with shape {tuple(image_hwc.shape)}"
         )
-    resized = pillow_resize(
-        image_hwc.permute(2, 0, 1), out_h, out_w, legacy_pass_order=legacy_pass_order
-    )
+    resized = pillow_resize(image_hwc.permute(2, 0, 1), out_h, out_w, pillow_version=pillow_version)
     return resized.permute(1, 2, 0).contiguous()

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError, StageError
 from ..kernels import color as color_kernels
 from ..kernels import geometry, jpeg
-from ..kernels.pillow_resize import pillow_resize, pillow_resize_hwc
+from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
 
@@ -273,23 +273,60 @@ class ResizeMat(_Resize):
         return _resized_mat(cls.name, params, spec)
 
 
+#: what the deprecated ``pass_order`` values stand for: "legacy" always ran the width pass first
+_PASS_ORDER_RELEASES = {"legacy": "12.1", "pillow13": "13"}
+
+
 class _PillowResize(_Resize):
     params = {
         **_RESIZE,
+        "pillow_version": Param(
+            str, "auto", choices=("auto", *RELEASES),
+            doc="the Pillow release line to match; auto: the Pillow installed where the model runs"
+            f" ({NEWEST} when there is none, or a newer one)",
+        ),
         "pass_order": Param(
-            str, "auto", choices=("auto", "pillow13", "legacy"),
-            doc="Pillow 13 runs the height pass first when it shrinks most; auto follows the installed Pillow",
+            str, "auto", choices=("auto", *_PASS_ORDER_RELEASES),
+            doc="deprecated: legacy is pillow_version=12.1, pillow13 is pillow_version=13",
         ),
     }
 
+    @staticmethod
+    def _requested(params: dict[str, Any]) -> str:
+        """``pillow_version``, or the release the deprecated ``pass_order`` stands for."""
+        version, order = params["pillow_version"], params["pass_order"]
+        if order == "auto":
+            return version
+        if version != "auto":
+            raise ConfigError(
+                f"pass_order={order!r} and pillow_version={version!r} both choose the Pillow behaviour; "
+                "drop pass_order, which is deprecated"
+            )
+        import warnings
+
+        warnings.warn(
+            f"pass_order={order!r} is deprecated; write pillow_version={_PASS_ORDER_RELEASES[order]!r}",
+            DeprecationWarning, stacklevel=3,
+        )
+        return _PASS_ORDER_RELEASES[order]
+
+    @staticmethod
+    def _installed_release() -> str:
+        try:
+            import PIL
+        except ImportError:
+            return NEWEST
+        try:
+            return release_line(PIL.__version__)
+        except ValueError as exc:
+            raise ConfigError(
+                f"pillow_version=auto: the installed {exc}; set pillow_version to one of {', '.join(RELEASES)}"
+            ) from None
+
     def init(self, params: dict[str, Any]) -> None:
         super().init(params)
-        order = params["pass_order"]
-        if order == "auto":
-            import PIL
-
-            order = "legacy" if int(PIL.__version__.split(".")[0]) < 13 else "pillow13"
-        self.legacy = order == "legacy"
+        requested = self._requested(params)
+        self.pillow_version = self._installed_release() if requested == "auto" else requested
 
 
 @register("PillowResizeTensor")
@@ -303,10 +340,11 @@ class PillowResizeTensor(_PillowResize):
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         image = _nchw(data, self.name, torch.uint8).to(self.device, non_blocking=True)
-        return pillow_resize(image[0], self.height, self.width, legacy_pass_order=self.legacy).unsqueeze(0)
+        return pillow_resize(image[0], self.height, self.width, pillow_version=self.pillow_version).unsqueeze(0)
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        cls._requested(params)
         return _resized_tensor(cls.name, params, spec, "UINT8")
 
 
@@ -318,10 +356,12 @@ class PillowResizeMat(_PillowResize):
     output_doc = "uint8 `resize_h`x`resize_w`x3"
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
-        return pillow_resize_hwc(_hwc(data, self.name, torch.uint8), self.height, self.width, legacy_pass_order=self.legacy)
+        image = _hwc(data, self.name, torch.uint8)
+        return pillow_resize_hwc(image, self.height, self.width, pillow_version=self.pillow_version)
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        cls._requested(params)
         return _resized_mat(cls.name, params, spec)
 
 

@@ -9,14 +9,15 @@ import torch
 from PIL import Image
 
 from tritonpipe.kernels import pillow_resize as kernel
-from tritonpipe.kernels.pillow_resize import MAX_SIDE, pillow_resize, pillow_resize_hwc
+from tritonpipe.kernels.pillow_resize import MAX_SIDE, pillow_resize, pillow_resize_hwc, release_line
 
 BILINEAR = Image.Resampling.BILINEAR
 CUDA = torch.cuda.is_available()
 
 
-# Pillow 13 changed the order of the two passes; the kernel reproduces either
-LEGACY_PILLOW = int(PIL.__version__.split(".")[0]) < 13
+# Releases differ in the order of the two passes; compare with the Pillow installed here
+# (tests/unit/kernels/test_pillow_releases.py covers the others)
+INSTALLED = release_line(PIL.__version__)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +51,7 @@ def pil_reference(hwc: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def torch_resize(hwc: np.ndarray, out_h: int, out_w: int, device="cpu", **kwargs) -> np.ndarray:
     chw = torch.from_numpy(hwc).permute(2, 0, 1).to(device)
-    kwargs.setdefault("legacy_pass_order", LEGACY_PILLOW)  # compare with the Pillow installed here
+    kwargs.setdefault("pillow_version", INSTALLED)
     if "method" in kwargs:
         out = kernel._resize(chw, out_h, out_w, **kwargs)
     else:
@@ -200,12 +201,12 @@ def test_pass_order_rule_matches_pillow(case):
 
 @pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "{}x{}->{}x{}".format(*c))
 def test_legacy_order_matches_two_single_axis_pillow_resizes(case):
-    # Pillow <= 12 always ran the horizontal pass first; chaining a width-only
+    # Pillow 9.0 - 12.1 always ran the horizontal pass first; chaining a width-only
     # and a height-only Pillow resize reproduces that exactly.
     in_h, in_w, out_h, out_w = case
     hwc = noise(98, in_h, in_w)
     ref = pil_reference(pil_reference(hwc, in_h, out_w), out_h, out_w)
-    assert_same(torch_resize(hwc, out_h, out_w, legacy_pass_order=True), ref, case)
+    assert_same(torch_resize(hwc, out_h, out_w, pillow_version="12.1"), ref, case)
 
 
 def test_pass_order_is_observable():
@@ -214,8 +215,8 @@ def test_pass_order_is_observable():
     for case in ORDER_CASES:
         if _vertical_first(*case):
             hwc = noise(97, case[0], case[1])
-            new = torch_resize(hwc, case[2], case[3], legacy_pass_order=False)
-            old = torch_resize(hwc, case[2], case[3], legacy_pass_order=True)
+            new = torch_resize(hwc, case[2], case[3], pillow_version="13")
+            old = torch_resize(hwc, case[2], case[3], pillow_version="12.1")
             differing += int(not np.array_equal(new, old))
     assert differing >= 2
 
@@ -360,5 +361,5 @@ def test_pass_orders_match_pillow_cuda(case):
     hwc = noise(96, in_h, in_w)
     assert_same(torch_resize(hwc, out_h, out_w, device="cuda"), pil_reference(hwc, out_h, out_w), case)
     legacy = pil_reference(pil_reference(hwc, in_h, out_w), out_h, out_w)
-    ours = torch_resize(hwc, out_h, out_w, device="cuda", legacy_pass_order=True)
+    ours = torch_resize(hwc, out_h, out_w, device="cuda", pillow_version="12.1")
     assert_same(ours, legacy, ("legacy",) + case)
