@@ -20,6 +20,7 @@ PARAM_OUTPUTS = "tritonpipe.outputs"
 PARAM_PLUGINS = "tritonpipe.plugins"
 PARAM_WARMUP = "tritonpipe.warmup"
 PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
+PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 
 _WARMUP_OFF = ("off", "none", "no", "false", "0")
 _MAX_SIDE = 16384
@@ -50,6 +51,8 @@ class ModelParams:
         plugins: files of custom stages, relative to the model's version folder.
         warmup: (height, width) of the load-time sample image, or None for no warm-up.
         host_outputs: copy outputs to the host once per batch (no other model reads them).
+        execution_timeout: seconds one batch may run before its requests fail and the stub
+            exits, so that it is replaced; 0 for no limit.
     """
 
     pipeline: str
@@ -58,6 +61,7 @@ class ModelParams:
     plugins: list[str] = field(default_factory=list)
     warmup: tuple[int, int] | None = None
     host_outputs: bool = False
+    execution_timeout: float = 0.0
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -72,6 +76,8 @@ class ModelParams:
             params[PARAM_WARMUP] = "x".join(map(str, self.warmup))
         if self.host_outputs:
             params[PARAM_HOST_OUTPUTS] = "yes"
+        if self.execution_timeout > 0:
+            params[PARAM_EXECUTION_TIMEOUT] = repr(float(self.execution_timeout))
         return params
 
     @classmethod
@@ -87,6 +93,13 @@ class ModelParams:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"a tritonpipe parameter of the model config is not valid JSON: {exc}") from None
         warmup = params.get(PARAM_WARMUP, "")
+        try:
+            execution_timeout = float(params.get(PARAM_EXECUTION_TIMEOUT, "0"))
+        except ValueError:
+            raise ConfigError(
+                f"parameter {PARAM_EXECUTION_TIMEOUT!r} must be a number of seconds, "
+                f"got {params[PARAM_EXECUTION_TIMEOUT]!r}"
+            ) from None
         return cls(
             pipeline=pipeline,
             inputs=inputs,
@@ -94,6 +107,7 @@ class ModelParams:
             plugins=plugins,
             warmup=parse_warmup(warmup, PARAM_WARMUP) if warmup else None,
             host_outputs=params.get(PARAM_HOST_OUTPUTS) == "yes",
+            execution_timeout=execution_timeout,
         )
 
     @classmethod

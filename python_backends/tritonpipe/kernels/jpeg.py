@@ -72,27 +72,34 @@ class JpegInfo:
     orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
 
 
-def _as_bytes_view(data) -> memoryview:
+def bytes_view(data) -> memoryview:
     if isinstance(data, torch.Tensor):
         if data.device.type != "cpu":
-            raise StageError(f"encoded JPEG must be in CPU memory, got a tensor on {data.device}")
+            raise StageError(f"encoded image must be in CPU memory, got a tensor on {data.device}")
         data = data.detach().numpy()
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 1:
             raise StageError(
-                f"encoded JPEG must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}"
+                f"encoded image must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}"
             )
         return memoryview(np.ascontiguousarray(data)).cast("B")
     if isinstance(data, (bytes, bytearray, memoryview)):
         return memoryview(data).cast("B")
-    raise StageError(f"encoded JPEG must be bytes or a 1-D uint8 array, got {type(data).__name__}")
+    raise StageError(f"encoded image must be bytes or a 1-D uint8 array, got {type(data).__name__}")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format that a file's first bytes announce (JPEG, PNG, GIF, BMP, TIFF, WebP), or None."""
+    if head.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
 
 
 def _not_jpeg(view: memoryview) -> StageError:
     head = bytes(view[:16])
-    kind = next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
-    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        kind = "WebP"
+    kind = sniff_format(head)
     if kind is not None:
         return StageError(f"got a {kind} image; this stage decodes JPEG only")
     return StageError(
@@ -133,7 +140,7 @@ def _exif_orientation(payload: memoryview) -> int:
 
 def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
     """Parse the JPEG headers (no pixel decoding) and validate size and integrity."""
-    view = _as_bytes_view(data)
+    view = bytes_view(data)
     size = len(view)
     if size == 0:
         raise StageError("empty input: expected JPEG bytes, got 0 bytes")
@@ -222,7 +229,7 @@ def _orient(image: torch.Tensor, orientation: int, h_dim: int, w_dim: int) -> to
 def decode_jpeg_cpu(data, *, apply_exif: bool = False, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode one JPEG with OpenCV into an HxWx3 uint8 BGR tensor."""
     info = read_jpeg_info(data, max_pixels=max_pixels)
-    array = np.frombuffer(_as_bytes_view(data), dtype=np.uint8)
+    array = np.frombuffer(bytes_view(data), dtype=np.uint8)
     # Orientation is applied below from our own parse, so that it is the same for
     # every decoder (and off unless asked for).
     bgr = cv2.imdecode(array, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)

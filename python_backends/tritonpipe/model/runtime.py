@@ -7,15 +7,19 @@ Triton or tritonclient.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..contract import ModelParams
-from ..errors import ConfigError
+from ..errors import ConfigError, InternalError
 from ..pipeline.grammar import parse_backend
-from ..spec import TRITON_TO_TORCH
+from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
 from ..stages.control import run_chain
 
@@ -23,6 +27,8 @@ from ..stages.control import run_chain
 RESERVE_FACTOR = 4
 #: torch's caching allocator serves blocks below 1 MiB from a separate pool of small segments
 SMALL_BLOCK = 1 << 20
+#: item key holding how many rows the request brought, so each response is checked to carry as many
+REQUEST_ROWS = "tritonpipe.request_rows"
 
 
 def pick_device(kind: str, index: int = 0, *, strict: bool = False) -> torch.device:
@@ -77,17 +83,30 @@ class ModelRuntime:
         #: Triton tensor name -> item key
         self.inputs: dict[str, str] = params.inputs
         self.outputs: dict[str, str] = params.outputs
-        # a response tensor carries the request's batch dimension before the config's dims
-        self.output_ranks = {o["name"]: len(o.get("dims", [])) + 1 for o in config.get("output", [])}
+        #: Triton output name -> (dtype, per-request dims) from the config, which every response must match
+        self.output_specs = {
+            o["name"]: (
+                TRITON_TO_TORCH.get(str(o.get("data_type", "")).removeprefix("TYPE_")),
+                [int(d) for d in o.get("dims", [])],  # int64 dims may arrive as strings
+            )
+            for o in config.get("output", [])
+        }
         self.input_configs = {i["name"]: i for i in config.get("input", [])}
         self.max_batch = int(config.get("max_batch_size", 0))
         self.warmup = params.warmup
         self.host_outputs = params.host_outputs
+        self.execution_timeout = params.execution_timeout
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
+        self.last_stage = _last_leaf(self.root).name
 
     def run(self, items: list[dict[str, Any]]) -> None:
         """Run the chain; each item ends with its result under its output keys, or an ``error``."""
+        first = next(iter(self.inputs.values()), None)
+        for item in items:
+            data = item.get(first)
+            if self.max_batch > 0 and isinstance(data, torch.Tensor) and data.dim() > 0:
+                item[REQUEST_ROWS] = data.shape[0]
         run_chain([self.root], items)
 
     def warm_up(self) -> tuple[int, str | None]:
@@ -185,10 +204,85 @@ class ModelRuntime:
         return results
 
     def output(self, item: dict[str, Any], name: str) -> torch.Tensor:
-        """Output ``name`` of a finished item, shaped as the response carries it."""
-        value = item[self.outputs[name]]
-        if isinstance(value, (list, tuple)):  # a vector of per-image tensors (Tensor2Vector)
-            value = torch.stack(list(value))
-        if value.dim() == self.output_ranks[name] - 1:
-            value = value.unsqueeze(0)
+        """Output ``name`` of a finished item, shaped as the response carries it.
+
+        Raises :class:`InternalError` when it is not what the model config declares: a stage that
+        answers with another dtype, shape or number of rows would otherwise be served as success.
+        """
+        key = self.outputs[name]
+        # the chain leaves its last stage's result under "data"; extra outputs keep their own keys
+        producer = f"stage {self.last_stage}" if key == "data" else f"the stage writing {key!r}"
+        if key not in item:
+            raise InternalError(f"{producer} wrote no {key!r} for output {name!r}")
+        value = item[key]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+            value = torch.stack(list(value))  # a vector of per-image tensors (Tensor2Vector)
+        if not isinstance(value, torch.Tensor):
+            raise InternalError(f"{producer} gave output {name!r} as a {type(value).__name__}, not a tensor")
+        dtype, dims = self.output_specs[name]
+        if self.max_batch > 0:
+            if value.dim() == len(dims):
+                value = value.unsqueeze(0)
+            dims = [item.get(REQUEST_ROWS, -1), *dims]
+        if (
+            (dtype is not None and value.dtype != dtype)
+            or value.dim() != len(dims)
+            or any(want >= 0 and want != got for want, got in zip(dims, value.shape))
+        ):
+            raise InternalError(
+                f"{producer} gave output {name!r} as {_describe(value.dtype, list(value.shape))}, but the model "
+                f"config declares {_describe(dtype, dims)} for this request"
+            )
         return value.contiguous()
+
+
+def _describe(dtype: torch.dtype | None, dims: list[int]) -> str:
+    name = TORCH_TO_TRITON.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else "any type"
+    return f"{name}[{'x'.join('?' if d < 0 else str(d) for d in dims)}]"
+
+
+def _last_leaf(stage: Any) -> Any:
+    """The stage that writes a chain's ``result``: the last one that wraps nothing."""
+    children = getattr(stage, "children", None) or []
+    return _last_leaf(children[-1]) if children else stage
+
+
+class Watchdog:
+    """Calls ``on_expire(context)`` from its own thread when a watched block runs past ``timeout`` s.
+
+    Python cannot interrupt a running torch op or a stuck plugin, so only another thread can
+    notice; the generic model then fails the batch's requests and exits its stub, which the
+    server owner replaces.
+
+    Args:
+        timeout: seconds one watched block may take.
+        on_expire: called once per block that overran, with the context given to :meth:`watch`.
+    """
+
+    def __init__(self, timeout: float, on_expire: Callable[[Any], None]):
+        self.timeout = timeout
+        self.on_expire = on_expire
+        self._changed = threading.Condition()
+        self._watched: tuple[float, Any] | None = None  # (deadline, context)
+        threading.Thread(target=self._watch, name="tritonpipe-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watch(self, context: Any) -> Iterator[None]:
+        with self._changed:
+            self._watched = (time.monotonic() + self.timeout, context)
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._watched = None
+                self._changed.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self._changed:
+                while self._watched is None or self._watched[0] > time.monotonic():
+                    self._changed.wait(None if self._watched is None else max(0.0, self._watched[0] - time.monotonic()))
+                context = self._watched[1]
+                self._watched = None
+            self.on_expire(context)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from ..errors import StageError, is_bad_input
-from .runtime import ModelRuntime, pick_device
+from .runtime import ModelRuntime, Watchdog, pick_device
 
 log = logging.getLogger("tritonpipe")
 
@@ -35,8 +37,6 @@ def _share_cores(config: dict[str, Any]) -> None:
     Every instance is its own process; left alone, each would start a thread per core in torch
     and OpenCV, and the instances would fight over the same cores.
     """
-    import os
-
     import cv2
 
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
@@ -60,6 +60,9 @@ class TritonPythonModel:
         log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)
         if self.stream is not None:
             self._warm_up(args["model_name"])
+        self.instance_name = args.get("model_instance_name", args["model_name"])
+        timeout = self.runtime.execution_timeout
+        self.watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
 
     def _warm_up(self, name: str) -> None:
         try:
@@ -98,14 +101,37 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests):
-        items = [self._read(request) for request in requests]
-        with self._on_stream():
-            self.runtime.run(items)
-            results = self.runtime.responses(items)
-        if self.stream is not None:
-            # one synchronisation per batch, after the whole chain
-            self.stream.synchronize()
-        return [self._respond(result) for result in results]
+        with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
+            items = [self._read(request) for request in requests]
+            with self._on_stream():
+                self.runtime.run(items)
+                results = self.runtime.responses(items)
+            if self.stream is not None:
+                # one synchronisation per batch, after the whole chain
+                self.stream.synchronize()
+            return [self._respond(result) for result in results]
+
+    def _give_up(self, requests) -> None:
+        """A batch ran past ``execution_timeout``: answer its requests with an error, then exit the stub.
+
+        The stuck call cannot be interrupted from Python, and this instance would hold every later
+        batch behind it; the exited stub is what the server owner reloads.
+        """
+        message = (
+            f"{self.instance_name}: the batch of {len(requests)} request(s) ran past execution_timeout="
+            f"{self.runtime.execution_timeout:g}s; the instance's stub exits so that it is replaced"
+        )
+        log.error(message)
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+        for request in requests:
+            with contextlib.suppress(Exception):  # the process ends next whatever happens here
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(output_tensors=[], error=error),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     def finalize(self) -> None:
         self.runtime = None

@@ -45,6 +45,8 @@ class StageNode:
             yield from child.walk()
 
 
+#: deeper nesting than any real pipeline; it keeps hostile strings from exhausting Python's stack
+MAX_DEPTH = 64
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
@@ -107,8 +109,10 @@ class _Parser:
             raise self.error("expected a value after '='")
         return raw
 
-    def stage(self) -> StageNode:
+    def stage(self, depth: int = 1) -> StageNode:
         name, position = self.word("a stage name")
+        if depth > MAX_DEPTH:
+            raise self.error(f"stages are nested more than {MAX_DEPTH} deep", position)
         node = StageNode(name=name, position=position)
         if self.peek() == "(":
             opened = self.pos
@@ -128,10 +132,10 @@ class _Parser:
         if self.peek() == "[":
             opened = self.pos
             self.pos += 1
-            node.children.append(self.stage())
+            node.children.append(self.stage(depth + 1))
             while self.peek() == ",":
                 self.pos += 1
-                node.children.append(self.stage())
+                node.children.append(self.stage(depth + 1))
             self.expect("]", opened)
         return node
 

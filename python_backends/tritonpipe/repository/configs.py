@@ -72,6 +72,7 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # responses go to the client through host memory anyway: one copy per batch is
         # cheaper than Triton fetching each response's GPU tensor on its own
         host_outputs=on_gpu and terminal,
+        execution_timeout=model.settings.execution_timeout,
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)

@@ -46,7 +46,14 @@ def load_plugin(path: str | Path) -> None:
         raise ConfigError(f"plugin file {str(path)!r} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        del sys.modules[module_name]
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of user code at import is a bad configuration
+        del sys.modules[module_name]
+        raise ConfigError(f"plugin file {str(path)!r} raised on import: {type(exc).__name__}: {exc}") from None
     _plugin_files[path] = module
 
 

@@ -117,6 +117,10 @@ class Stage:
     #: what the stage reads from ``data`` and writes to ``result``, for the stage table
     input_doc: ClassVar[str] = "any"
     output_doc: ClassVar[str] = "same as input"
+    #: ``forward`` changes tensors of its items in place; the runner then hands it copies, so that a
+    #: failed batch can be retried from untouched inputs (a stage caught doing it undeclared is
+    #: switched to copies)
+    mutates_inputs: bool = False
     #: ``device`` is set by the runner before ``init``; ``children`` only for wrappers.
     device: torch.device = torch.device("cpu")
     children: list[Stage]

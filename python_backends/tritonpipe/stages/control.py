@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
-from ..errors import StageError
+from ..errors import InternalError, StageError
 from .base import MapStage, Param, Stage, register
+
+log = logging.getLogger("tritonpipe")
+
+
+def _versions(item: dict[str, Any]) -> list[int]:
+    """The version counters of an item's tensors: torch bumps them on every in-place change.
+
+    Tensors made under ``torch.inference_mode`` keep no counter and are left out.
+    """
+    return [value._version for value in item.values() if isinstance(value, torch.Tensor) and not value.is_inference()]
 
 
 def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
@@ -15,19 +26,48 @@ def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
 
     A batch-level exception cannot say which request caused it, so the retry pins the
     failure on the request(s) that fail alone and lets the rest of the batch succeed.
+    Each retry starts from the item as it was before the batch: keys the stage set are undone,
+    and a request whose tensors the stage changed in place is not retried (its answer would be
+    computed twice over) but fails with an InternalError.  A stage seen changing its inputs
+    in place is given copies from then on, as one that declares ``mutates_inputs`` is always.
     """
+    before = [dict(item) for item in items]
+    if stage.mutates_inputs:
+        for item in items:
+            for key, value in item.items():
+                if isinstance(value, torch.Tensor):
+                    item[key] = value.clone()
+    versions = [_versions(item) for item in before]
     try:
         stage.forward(items)
     except Exception as exc:  # noqa: BLE001 - attributed to requests below
         if len(items) == 1:
             items[0]["error"] = exc
             return
-        for item in items:
-            item.pop("result", None)
+        for item, original, version in zip(items, before, versions):
+            item.clear()
+            item.update(original)
+            if _versions(item) != version:
+                _caught_mutating(stage)
+                item["error"] = InternalError(
+                    f"stage {stage.name} changed this request's input in place and then failed on its batch "
+                    f"({type(exc).__name__}: {exc}); it is not retried from a changed input. Stages must not "
+                    "modify their inputs in place, or must declare mutates_inputs = True"
+                )
+                continue
             try:
                 stage.forward([item])
             except Exception as single_exc:  # noqa: BLE001
                 item["error"] = single_exc
+        return
+    if any(_versions(original) != version for original, version in zip(before, versions)):
+        _caught_mutating(stage)
+
+
+def _caught_mutating(stage: Stage) -> None:
+    if not stage.mutates_inputs:
+        log.warning("stage %s changed its inputs in place; it gets copies of them from now on", stage.name)
+        stage.mutates_inputs = True
 
 
 def run_chain(stages: list[Stage], batch: list[dict[str, Any]]) -> None:

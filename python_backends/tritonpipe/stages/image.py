@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, StageError
 from ..kernels import color as color_kernels
-from ..kernels import geometry, jpeg
+from ..kernels import decode, geometry, jpeg
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
@@ -66,24 +66,31 @@ def _expect(name: str, spec: TensorSpec, *, rank: int, batched: bool, dtype: str
 # --- decode -----------------------------------------------------------------------------
 
 _DECODE_PARAMS = {
-    "apply_exif": Param(bool, False, doc="rotate/flip by the EXIF orientation tag"),
+    "apply_exif": Param(bool, False, doc="rotate/flip JPEGs by their EXIF orientation tag"),
+    "max_pixels": Param(
+        int, jpeg.MAX_PIXELS, low=1, high=1 << 40,
+        doc="images of this many pixels (width x height) or more are refused, from the header, before decoding",
+    ),
 }
 
 
 @register("DecodeMat")
 class DecodeMat(MapStage):
-    """JPEG bytes -> HxWx3 uint8 BGR mat, decoded by OpenCV on the CPU."""
+    """JPEG, PNG, BMP or WebP bytes -> HxWx3 uint8 BGR mat, decoded by OpenCV on the CPU."""
 
-    input_doc = "JPEG bytes, UINT8[n]"
+    input_doc = "JPEG, PNG, BMP or WebP bytes, UINT8[n]"
     output_doc = "HxWx3 uint8 BGR mat; sets color=bgr"
 
     params = _DECODE_PARAMS
 
     def init(self, params: dict[str, Any]) -> None:
         self.apply_exif = params["apply_exif"]
+        self.max_pixels = params["max_pixels"]
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
-        image = jpeg.decode_jpeg_cpu(_bytes(data, self.name).cpu(), apply_exif=self.apply_exif)
+        image = decode.decode_image_cpu(
+            _bytes(data, self.name).cpu(), apply_exif=self.apply_exif, max_pixels=self.max_pixels
+        )
         item["color"] = "bgr"
         return image
 
@@ -98,7 +105,8 @@ class DecodeMat(MapStage):
 class DecodeTensor(Stage):
     """JPEG bytes -> 1x3xHxW uint8 tensor (or HxWx3 with ``data_format=hwc``).
 
-    On a GPU instance the whole batch is decoded by nvjpeg in one call.
+    On a GPU instance the whole batch is decoded by nvjpeg in one call.  JPEG only: other
+    formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
     """
 
     input_doc = "JPEG bytes, UINT8[n]"
@@ -117,6 +125,7 @@ class DecodeTensor(Stage):
 
     def init(self, params: dict[str, Any]) -> None:
         self.apply_exif = params["apply_exif"]
+        self.max_pixels = params["max_pixels"]
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.decoder = params["decoder"]
@@ -136,7 +145,8 @@ class DecodeTensor(Stage):
                 datas.append(None)
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
         decoded = jpeg.decode_jpeg_tensor(
-            [d for _, d in todo], self.device, apply_exif=self.apply_exif, gpu_decoder=self.decoder
+            [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
+            gpu_decoder=self.decoder,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):

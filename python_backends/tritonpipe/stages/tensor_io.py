@@ -8,8 +8,27 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InternalError, StageError
+from ..spec import TORCH_TO_TRITON, TensorSpec
 from .base import MapStage, Param, register
+
+#: folders SaveTensor refuses to write into: the root, the home folder and the system's own trees
+_SYSTEM_ROOTS = tuple(
+    Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+)
+_MIB = 1 << 20
+
+
+def _check_save_dir(text: str) -> Path:
+    """The resolved ``save_dir``; ConfigError for a missing folder or one of the system's own."""
+    path = Path(text).expanduser().resolve()
+    if path == Path(path.anchor) or path == Path.home().resolve() or any(
+        path == root or root in path.parents for root in _SYSTEM_ROOTS
+    ):
+        raise ConfigError(f"SaveTensor: save_dir {str(path)!r} is a system folder; give a folder of its own")
+    if not path.is_dir():
+        raise ConfigError(f"SaveTensor: save_dir {str(path)!r} does not exist; create it first")
+    return path
 
 
 @register("SaveTensor")
@@ -17,23 +36,65 @@ class SaveTensor(MapStage):
     """Writes each input to a new uniquely named ``.pt`` file in ``save_dir``; passes it on unchanged.
 
     File names are generated here, never taken from a request, so files land only inside ``save_dir``.
+    What it writes is capped per file and in total (the ``.pt`` files already in ``save_dir`` count);
+    a request over a cap fails alone and nothing is written for it.
     """
 
     input_doc = "tensor"
     output_doc = "the input, unchanged; `saved_path` set"
 
-    params = {"save_dir": Param(str, doc="an existing folder")}
+    params = {
+        "save_dir": Param(str, doc="an existing folder of its own (not /, the home folder or a system folder)"),
+        "max_file_mb": Param(float, 64.0, low=0.0, high=1 << 20, doc="largest tensor written, in MiB"),
+        "max_total_mb": Param(
+            float, 1024.0, low=0.0, high=1 << 30, doc="MiB of .pt files save_dir may hold, per instance"
+        ),
+    }
 
     def init(self, params: dict[str, Any]) -> None:
-        self.save_dir = Path(params["save_dir"]).resolve()
-        if not self.save_dir.is_dir():
-            raise ConfigError(f"SaveTensor: save_dir {str(self.save_dir)!r} does not exist; create it first")
+        self.save_dir = _check_save_dir(params["save_dir"])
+        self.max_file = int(params["max_file_mb"] * _MIB)
+        self.max_total = int(params["max_total_mb"] * _MIB)
+        self.written = sum(f.stat().st_size for f in self.save_dir.glob("*.pt") if f.is_file())
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
+        if not isinstance(data, torch.Tensor):
+            raise StageError(f"SaveTensor needs a tensor, got {type(data).__name__}")
+        size = data.nelement() * data.element_size()
+        if size > self.max_file:
+            raise StageError(f"SaveTensor: the tensor is {size} bytes; max_file_mb allows {self.max_file}")
+        if self.written + size > self.max_total:
+            raise InternalError(
+                f"SaveTensor: {self.save_dir} holds {self.written} bytes of .pt files; writing {size} more would pass "
+                f"max_total_mb ({self.max_total} bytes)"
+            )
         path = self.save_dir / f"{uuid.uuid4().hex}.pt"
-        torch.save(data.detach().cpu() if isinstance(data, torch.Tensor) else data, path)
+        torch.save(data.detach().cpu(), path)
+        self.written += path.stat().st_size
         item["saved_path"] = str(path)
         return data
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _check_save_dir(params["save_dir"])  # refused before anything is generated
+        return spec
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    """The one tensor stored in ``path``; ConfigError for anything else."""
+    if not path.is_file():
+        raise ConfigError(f"LoadTensor: tensor_name {str(path)!r} is not a file")
+    # weights_only refuses arbitrary pickled objects, so a crafted file cannot run code
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - refused pickles and broken files alike
+        raise ConfigError(
+            f"LoadTensor: cannot load {str(path)!r} as a torch.save file of plain tensors ({type(exc).__name__}); "
+            "files holding other objects are refused, so that loading one cannot run code"
+        ) from None
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"LoadTensor: {str(path)!r} holds a {type(value).__name__}, not a tensor")
+    return value
 
 
 @register("LoadTensor")
@@ -46,24 +107,12 @@ class LoadTensor(MapStage):
     params = {"tensor_name": Param(str, doc="path of a .pt file holding one tensor", file=True)}
 
     def init(self, params: dict[str, Any]) -> None:
-        path = Path(params["tensor_name"])
-        if not path.is_file():
-            raise ConfigError(f"LoadTensor: tensor_name {str(path)!r} is not a file")
-        # weights_only refuses arbitrary pickled objects, so a crafted file cannot run code
-        try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - refused pickles and broken files alike
-            raise ConfigError(f"LoadTensor: cannot load {str(path)!r} as plain tensors: {exc}") from None
-        if not isinstance(value, torch.Tensor):
-            raise ConfigError(f"LoadTensor: {str(path)!r} holds a {type(value).__name__}, not a tensor")
-        self.value = value.to(self.device)
+        self.value = _load_tensor(Path(params["tensor_name"])).to(self.device)
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         return self.value
 
     @classmethod
-    def infer(cls, params: dict[str, Any], spec):
-        from ..spec import TORCH_TO_TRITON, TensorSpec
-
-        value = torch.load(params["tensor_name"], map_location="cpu", weights_only=True)
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        value = _load_tensor(Path(params["tensor_name"]))
         return TensorSpec(TORCH_TO_TRITON[value.dtype], tuple(value.shape), batched=value.dim() == 4)
