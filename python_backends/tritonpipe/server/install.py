@@ -129,8 +129,9 @@ def locate_triton(home: str | os.PathLike | None = None) -> TritonInstall:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "no Triton server found: install the package (pip install nvidia-pytriton==0.7.0, "
-            f"a dependency of tritonpipe) or set {HOME_ENV} to an unpacked tritonpipe-bundle"
+            "no Triton server found: install its wheel without its numpy<2 pin "
+            f"(pip install --no-deps nvidia-pytriton==0.7.0, as tools/install.sh does) or set {HOME_ENV} "
+            "to an unpacked tritonpipe-bundle"
         )
     root = Path(next(iter(spec.submodule_search_locations))).parent
     install = TritonInstall(root)
