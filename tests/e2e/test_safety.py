@@ -81,3 +81,9 @@ def test_a_hung_batch_fails_with_the_timeout_instead_of_blocking(server):
     assert "ran past execution_timeout=2s; the instance's stub exits so that it is replaced" in str(info.value)
     assert time.monotonic() - started < 100  # answered, not left waiting for the hour
     assert "hang_0_0: the batch of 1 request(s) ran past execution_timeout=2s" in server.logs()
+    # the exited stub is replaced by the owner, and the model answers again
+    deadline = time.monotonic() + 120
+    while server.heals < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.heals >= 1
+    np.testing.assert_array_equal(infer(server, "hang", bytes([0, 1, 2, 3])), np.full((1, 4), 4, np.float32))

@@ -196,3 +196,19 @@ def test_damaged_files_only_raise_stage_errors(name):
         except StageError:
             continue
         assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[2] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_tensor_on_the_gpu_keeps_the_limit_and_names_other_formats(jpeg_factory):
+    stage = build_stage(parse_backend("DecodeTensor(max_pixels=1961)"), "cuda")
+    small = jpeg_factory(36, 53)
+    items = [{"data": t(jpeg_factory(37, 53))}, {"data": t(small)}, {"data": t(CASES["PNG"])}]
+    stage.forward(items)
+    assert "the limit is 1961 pixels" in str(items[0]["error"])
+    assert str(items[2]["error"]) == "got a PNG image; this stage decodes JPEG only"
+    decoded = items[1]["result"]
+    assert decoded.device.type == "cuda" and tuple(decoded.shape) == (1, 3, 36, 53)
+    want = cv2.imdecode(np.frombuffer(small, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].transpose(2, 0, 1)
+    # nvjpeg's chroma upsampling differs from libjpeg-turbo's (README: decoder tolerance)
+    assert np.abs(decoded[0].cpu().numpy().astype(int) - want).mean() <= 6.0
