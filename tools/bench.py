@@ -1,4 +1,4 @@
-"""tritonpipe-bench: measure a generated ensemble against a hand-written PIL baseline and the in-process limit."""
+"""tritonpipe bench: measure a generated ensemble against a hand-written PIL baseline and the in-process limit."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ import os
 import shlex
 import sys
 from pathlib import Path
-
-from tritonpipe.harness.bench import DEFAULT_CONCURRENCY, SYSTEMS, BenchOptions, PerfSettings, run_bench
-from tritonpipe.harness.bench.perf import MEASUREMENT_MODES, SHARED_MEMORY
-from tritonpipe.repository.configs import DEVICES
-from tritonpipe.stages.model import ENGINES
+from typing import TYPE_CHECKING
 
 from ._cli import run
+from ._literals import literal
+
+DEFAULT_CONCURRENCY = literal("tritonpipe.harness.bench.runner", "DEFAULT_CONCURRENCY")
+SYSTEMS = literal("tritonpipe.harness.bench.report", "SYSTEMS")
+MEASUREMENT_MODES = literal("tritonpipe.harness.bench.perf", "MEASUREMENT_MODES")
+SHARED_MEMORY = literal("tritonpipe.harness.bench.perf", "SHARED_MEMORY")
+DEVICES = literal("tritonpipe.repository.configs", "DEVICES")
+ENGINES = literal("tritonpipe.stages.model", "ENGINES")
+
+if TYPE_CHECKING:
+    from tritonpipe.harness.bench import BenchOptions
 
 EPILOG = """systems (all measured on the same corpus and the same model-stage model):
   ensemble   the repository tritonpipe generates for the pipeline
@@ -22,9 +29,9 @@ EPILOG = """systems (all measured on the same corpus and the same model-stage mo
   dali       DALI's GPU preprocessing in this process (where nvidia-dali imports), alone and followed by the same model stage
 
 examples:
-  tritonpipe-bench                                   # the resnet18 example, default sweep
-  tritonpipe-bench --concurrency 1,4,8 --measurement-interval 3000
-  tritonpipe-bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
+  tritonpipe bench                                   # the resnet18 example, default sweep
+  tritonpipe bench --concurrency 1,4,8 --measurement-interval 3000
+  tritonpipe bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
 
 Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output."""
 
@@ -49,7 +56,7 @@ def _systems(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-bench", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tritonpipe bench", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = parser.add_argument_group("what to measure")
     what.add_argument("--config", type=Path, help="pipeline TOML/JSON (default: the resnet18 example's pipeline)")
@@ -85,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     other = parser.add_argument_group("in-process run and the rest")
     other.add_argument("--inprocess-batch", type=int, default=64, help="batch of the in-process run (default: %(default)s)")
     other.add_argument("--inprocess-seconds", type=float, default=10.0, help="how long it runs (default: %(default)s)")
-    other.add_argument("--triton-home", help="folder of an unpacked tritonpipe-bundle (else the nvidia-pytriton wheel)")
+    other.add_argument("--triton-home", help="folder of a bundle unpacked by tritonpipe bundle (else the nvidia-pytriton wheel)")
     other.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for the models to load")
     other.add_argument("-o", "--output", type=Path, default=Path("bench_results"), help="results folder (default: %(default)s)")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -93,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
+    from tritonpipe.harness.bench import BenchOptions, PerfSettings
+
     return BenchOptions(
         config=args.config, model=args.model, engine=args.engine, corpus=args.corpus,
         corpus_count=args.corpus_count, seed=args.seed, systems=args.systems, concurrency=args.concurrency,
@@ -114,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw)
 
     def body() -> int:
-        options = options_from(args, shlex.join(["tritonpipe-bench", *raw]))
         from tqdm import tqdm
+
+        from tritonpipe.harness.bench import run_bench
+
+        options = options_from(args, shlex.join(["tritonpipe", "bench", *raw]))
 
         # tqdm.write keeps the progress lines clear of the bars
         result = run_bench(options, say=lambda line: tqdm.write(line, file=sys.stdout))

@@ -1,7 +1,7 @@
-"""tritonpipe-build-engine: build a TensorRT plan from an ONNX model, ahead of serving.
+"""tritonpipe build-engine: build a TensorRT plan from an ONNX model, ahead of serving.
 
 Beside the plan it writes PLAN.json: the fingerprint the plan was built for (model hash, GPU,
-TensorRT version, settings) and its inputs, outputs and profiles, which lets tritonpipe-generate
+TensorRT version, settings) and its inputs, outputs and profiles, which lets tritonpipe generate
 describe the plan (and write native tensorrt_plan configs) on a host without TensorRT.
 """
 
@@ -11,23 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from tritonpipe.engines.base import describe_onnx
-from tritonpipe.engines.profiles import fmt, resolve_profiles
-from tritonpipe.engines.tensorrt_engine import (
-    PRECISIONS,
-    BuildSettings,
-    build_plan_file,
-    import_tensorrt,
-    parse_layer_precisions,
-)
 from tritonpipe.errors import ConfigError
 
 from ._cli import run
+from ._literals import literal
+
+PRECISIONS = literal("tritonpipe.engines.tensorrt_engine", "PRECISIONS")
 
 EPILOG = """examples:
-  tritonpipe-build-engine model.onnx -o model.plan --max 8x3x224x224 --min 1x3x224x224 --precision fp16
-  tritonpipe-build-engine model.onnx --max "4;16" --fp32-layers /head/Softmax
-  tritonpipe-build-engine model.onnx --precision int8 --calibrate-input calib/ --calibrate-cache calib.cache
+  tritonpipe build-engine model.onnx -o model.plan --max 8x3x224x224 --min 1x3x224x224 --precision fp16
+  tritonpipe build-engine model.onnx --max "4;16" --fp32-layers /head/Softmax
+  tritonpipe build-engine model.onnx --precision int8 --calibrate-input calib/ --calibrate-cache calib.cache
 
 --max/--min take a batch size (4), a shape (4x3x224x224), one per input (4x3x224x224,4x10),
 and one setting per optimization profile separated by ';'.
@@ -36,7 +30,7 @@ and one setting per optimization profile separated by ';'.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-build-engine", description=__doc__, epilog=EPILOG,
+        prog="tritonpipe build-engine", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="ONNX model file")
@@ -59,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from tritonpipe.engines.base import describe_onnx
+        from tritonpipe.engines.profiles import fmt, resolve_profiles
+        from tritonpipe.engines.tensorrt_engine import BuildSettings, build_plan_file, import_tensorrt, parse_layer_precisions
+
         onnx = Path(args.model)
         if onnx.suffix.lower() != ".onnx" or not onnx.is_file():
             raise ConfigError(f"{args.model!r} is not an ONNX file")

@@ -1,4 +1,4 @@
-"""tritonpipe-bundle: pack, unpack and check an offline bundle of the Triton server.
+"""tritonpipe bundle: pack, unpack and check an offline bundle of the Triton server.
 
 The bundle is one .tar.xz (at most 40 MB) holding the Triton server, the Python backend
 stubs for chosen Python versions, perf_analyzer and only the shared libraries they need,
@@ -11,19 +11,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from tritonpipe.server import bundle
-from tritonpipe.server.install import HOME_ENV
-
 from ._cli import run
+from ._literals import literal
+
+HOME_ENV = literal("tritonpipe.server.install", "HOME_ENV")
+BUNDLE_DIR = literal("tritonpipe.server.bundle", "BUNDLE_DIR")
+DEFAULT_PRESET = literal("tritonpipe.server.bundle", "DEFAULT_PRESET")
 
 _DESCRIPTION = f"""\
 Make a relocatable offline bundle of the Triton Inference Server (from the nvidia-pytriton
 wheel), its Python backend stubs and perf_analyzer, as one .tar.xz of at most 40 MB.
 
-On the build host:     tritonpipe-bundle pack triton.tar.xz --python 3.12
-On the target host:    tritonpipe-bundle unpack triton.tar.xz /opt
+On the build host:     tritonpipe bundle pack triton.tar.xz --python 3.12
+On the target host:    tritonpipe bundle unpack triton.tar.xz /opt
                        (or: tar xf triton.tar.xz -C /opt)
-                       export {HOME_ENV}=/opt/{bundle.BUNDLE_DIR}
+                       export {HOME_ENV}=/opt/{BUNDLE_DIR}
 """
 
 _EPILOG = """\
@@ -36,7 +38,7 @@ libpythonX.Y.so.1.0. Everything else is inside the bundle. Exit status: 0 on suc
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-bundle",
+        prog="tritonpipe bundle",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,17 +69,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=range(10),
         metavar="0-9",
         default=None,
-        help=f"xz compression level (default {bundle.DEFAULT_PRESET}; lower is faster and larger)",
+        help=f"xz compression level (default {DEFAULT_PRESET}; lower is faster and larger)",
     )
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
 
     unpack = commands.add_parser(
         "unpack",
         help="unpack a bundle safely",
-        description=f"Unpack ARCHIVE into DEST/{bundle.BUNDLE_DIR}, refusing members that would land "
+        description=f"Unpack ARCHIVE into DEST/{BUNDLE_DIR}, refusing members that would land "
         "outside DEST, and print the line that points tritonpipe at it.",
     )
-    unpack.add_argument("archive", metavar="ARCHIVE", type=Path, help="a .tar.xz made by 'tritonpipe-bundle pack'")
+    unpack.add_argument("archive", metavar="ARCHIVE", type=Path, help="a .tar.xz made by 'tritonpipe bundle pack'")
     unpack.add_argument("dest", metavar="DEST", type=Path, help="folder to unpack into (created if missing)")
 
     verify = commands.add_parser(
@@ -86,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run ldd on every binary and library of an unpacked bundle and report what "
         "is missing or comes from outside the bundle. Exit status 1 when there are problems.",
     )
-    verify.add_argument("root", metavar="ROOT", type=Path, help=f"the unpacked {bundle.BUNDLE_DIR} folder")
+    verify.add_argument("root", metavar="ROOT", type=Path, help=f"the unpacked {BUNDLE_DIR} folder")
     return parser
 
 
@@ -98,6 +100,8 @@ def _usage_lines(root: str) -> list[str]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from tritonpipe.server import bundle
+
     if args.command == "pack":
         report = bundle.pack(
             args.output,
@@ -115,8 +119,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if report.over_limit:
             print(f"warning: larger than {bundle.SIZE_LIMIT_BYTES / 1e6:.0f} MB", file=sys.stderr)
         print("on the target host:")
-        print(f"  tritonpipe-bundle unpack {report.path.name} /opt   (or: tar xf {report.path.name} -C /opt)")
-        for line in _usage_lines(f"/opt/{bundle.BUNDLE_DIR}"):
+        print(f"  tritonpipe bundle unpack {report.path.name} /opt   (or: tar xf {report.path.name} -C /opt)")
+        for line in _usage_lines(f"/opt/{BUNDLE_DIR}"):
             print(line)
         return 0
     if args.command == "unpack":

@@ -1,28 +1,30 @@
-"""tritonpipe-client: send image files to a served pipeline and print what comes back."""
+"""tritonpipe client: send image files to a served pipeline and print what comes back."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
-
-from tritonclient.utils import InferenceServerException
-
-from tritonpipe.client.client import PROTOCOLS, InferError, PipelineClient, summarize
-from tritonpipe.server.owner import TritonServer
+from typing import TYPE_CHECKING
 
 from ._cli import run
+from ._literals import literal
+
+PROTOCOLS = literal("tritonpipe.client.client", "PROTOCOLS")
+
+if TYPE_CHECKING:
+    from tritonpipe.client.client import PipelineClient
 
 EPILOG = """examples:
-  tritonpipe-client cat.jpg dog.jpg                       # gRPC on 127.0.0.1:8001
-  tritonpipe-client cat.jpg --protocol http --url 127.0.0.1:8000
-  tritonpipe-client cat.jpg --serve model_repository --protocol all   # start a server just for this call
+  tritonpipe client cat.jpg dog.jpg                       # gRPC on 127.0.0.1:8001
+  tritonpipe client cat.jpg --protocol http --url 127.0.0.1:8000
+  tritonpipe client cat.jpg --serve model_repository --protocol all   # start a server just for this call
 """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-client", description=__doc__, epilog=EPILOG,
+        prog="tritonpipe client", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", help="JPEG files to send, one request each")
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
 
     def body() -> int:
+        from tritonpipe.client.client import InferError, summarize
+        from tritonpipe.server.owner import TritonServer
+
         with contextlib.ExitStack() as stack:
             server = None
             if args.serve:
@@ -65,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _connect(url: str, protocol: str, model: str | None) -> PipelineClient:
+    from tritonclient.utils import InferenceServerException
+
+    from tritonpipe.client.client import InferError, PipelineClient
+
     try:
         return PipelineClient(url, protocol=protocol, model=model)
     except (InferenceServerException, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InferError(f"no server answers at {url} over {protocol} ({reason}); start one with tritonpipe-serve, "
+        raise InferError(f"no server answers at {url} over {protocol} ({reason}); start one with tritonpipe serve, "
                          "or pass --serve REPOSITORY", "UNAVAILABLE") from None
 
 

@@ -1,4 +1,4 @@
-"""tritonpipe-export-example: make the example's ResNet-18-shaped ONNX classifier and sample JPEG."""
+"""tritonpipe export-example: make the example's ResNet-18-shaped ONNX classifier and sample JPEG."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ._cli import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonpipe-export-example", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tritonpipe export-example", description=__doc__)
     parser.add_argument("--output", type=Path, default=EXAMPLE_DIR, help="folder to write into (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="export again even if the files exist")

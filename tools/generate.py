@@ -1,22 +1,22 @@
-"""tritonpipe-generate: write a Triton model repository from a torchpipe-style configuration."""
+"""tritonpipe generate: write a Triton model repository from a torchpipe-style configuration."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
-from tritonpipe.pipeline.graph import compose_config, load_graph, parse_overrides
-from tritonpipe.repository.configs import DEVICES, to_text
-from tritonpipe.repository.generate import build_repository, generate_repository
-from tritonpipe.stages import load_plugin
-from tritonpipe.stages.catalog import stage_table_markdown
-
 from ._cli import run
+from ._literals import literal
+
+DEVICES = literal("tritonpipe.repository.configs", "DEVICES")
 
 EPILOG = """examples:
-  tritonpipe-generate --backend "S[DecodeMat,ResizeMat]" --set resize_h=224 --set resize_w=224 -o model_repository
-  tritonpipe-generate examples/resnet18/pipeline.toml -o model_repository --force
-  tritonpipe-generate graph.json --plugin my_stages.py --dry-run
+  tritonpipe generate --backend "S[DecodeMat,ResizeMat]" --set resize_h=224 --set resize_w=224 -o model_repository
+  tritonpipe generate examples/resnet18/pipeline.toml -o model_repository --force
+  tritonpipe generate graph.json --plugin my_stages.py --dry-run
+  tritonpipe generate --list-stages                  # every stage and its parameters
+  tritonpipe generate --reference > docs/CONFIG.md   # every configuration key
 
 A configuration is torchpipe's node dict ({"backend": ..., "instance_num": 2, "max": 4, ...})
 or a graph of such nodes linked by "next". Everything is checked before anything is written.
@@ -25,7 +25,7 @@ or a graph of such nodes linked by "next". Everything is checked before anything
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-generate",
+        prog="tritonpipe generate",
         description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--native", default="", metavar="ENGINES",
         help="serve model steps of these engines (tensorrt,onnxruntime) with Triton's own backends instead of "
-        "the Python runner; TensorRT needs a .plan (see tritonpipe-build-engine)",
+        "the Python runner; TensorRT needs a .plan (see tritonpipe build-engine)",
     )
     parser.add_argument(
         "--k8s", metavar="DIR",
@@ -54,10 +54,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     parser.add_argument("--dry-run", action="store_true", help="print the configs instead of writing them")
-    parser.add_argument("--list-stages", action="store_true", help="print the table of stages (with --plugin ones) and exit")
+    parser.add_argument("--list-stages", action="store_true", help="print every stage (with --plugin ones) and its parameters, and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --list-stages: as the README's Markdown table")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the configuration reference (docs/CONFIG.md: every key, its type, default, range, an example) and exit")
     args = parser.parse_args(argv)
     args.native = tuple(e.strip().lower() for e in args.native.split(",") if e.strip())
-    if args.list_stages:
+    if args.markdown and not args.list_stages:
+        parser.error("--markdown goes with --list-stages")
+    if args.list_stages and args.reference:
+        parser.error("give --list-stages or --reference, not both")
+    if args.list_stages or args.reference:
         return args
     if bool(args.config) == bool(args.backend):
         parser.error("give either a configuration file or --backend")
@@ -71,10 +78,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.list_stages:
+            from tritonpipe.stages import load_plugin
+            from tritonpipe.stages.catalog import stage_listing, stage_table_markdown
+
             for plugin in args.plugin:
                 load_plugin(plugin)
-            print(stage_table_markdown())
+            print(stage_table_markdown() if args.markdown else stage_listing(shutil.get_terminal_size().columns))
             return 0
+        if args.reference:
+            from tritonpipe.pipeline.reference import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
+
+        from tritonpipe.pipeline.graph import compose_config, load_graph, parse_overrides
+        from tritonpipe.repository.configs import to_text
+        from tritonpipe.repository.generate import build_repository, generate_repository
+
         config, base_dir = compose_config(args.config, args.backend, parse_overrides(args.settings))
         graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=base_dir)
         if args.dry_run:
@@ -96,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = config_proto.platform or config_proto.backend
             print(f"  {name:<32} {kind:<16} max_batch_size={config_proto.max_batch_size}")
         print(f"entry model: {repository.entry}")
-        print(f"serve it with: tritonpipe-serve {args.output}")
+        print(f"serve it with: tritonpipe serve {args.output}")
         return 0
 
     return run(body)

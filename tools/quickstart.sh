@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
-.venv/bin/tritonpipe-export-example
-.venv/bin/tritonpipe-generate examples/resnet18/pipeline.toml -o model_repository --force
-.venv/bin/tritonpipe-client examples/resnet18/sample.jpg --serve model_repository --protocol all
+.venv/bin/tritonpipe export-example
+.venv/bin/tritonpipe generate examples/resnet18/pipeline.toml -o model_repository --force
+.venv/bin/tritonpipe client examples/resnet18/sample.jpg --serve model_repository --protocol all

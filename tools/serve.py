@@ -1,4 +1,4 @@
-"""tritonpipe-serve: run a real Triton server on a model repository until Ctrl-C."""
+"""tritonpipe serve: run a real Triton server on a model repository until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import logging
 import signal
 import sys
 import threading
-
-from tritonpipe.server.heal import HealPolicy
-from tritonpipe.server.install import HOME_ENV, locate_triton
-from tritonpipe.server.owner import TritonServer
+from typing import TYPE_CHECKING
 
 from ._cli import run
+from ._literals import literal
+
+HOME_ENV = literal("tritonpipe.server.install", "HOME_ENV")
+
+if TYPE_CHECKING:
+    from tritonpipe.server.owner import TritonServer
 
 EPILOG = f"""The server binds 127.0.0.1 by default. To listen on other addresses pass --host and
 --allow-remote: anyone who can reach the port can then send it images.
@@ -22,15 +25,15 @@ is replaced by reloading that model; a crashed tritonserver is restarted. Each h
 "heal model=... instance=... took=...s".
 
 More tritonserver flags go after "--", e.g.
-  tritonpipe-serve repo -- --http-restricted-api=inference:key=secret
+  tritonpipe serve repo -- --http-restricted-api=inference:key=secret
 
-The server comes from the nvidia-pytriton package, or from an unpacked tritonpipe-bundle
+The server comes from the nvidia-pytriton package, or from a bundle unpacked by tritonpipe bundle,
 named by --triton-home or ${HOME_ENV}."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-serve", description=__doc__, epilog=EPILOG,
+        prog="tritonpipe serve", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("repository", nargs="?", default="model_repository", help="model repository (default: %(default)s)")
@@ -40,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--no-http", action="store_true", help="serve gRPC (and metrics) only; the HTTP port stays closed")
-    parser.add_argument("--triton-home", help="folder of an unpacked tritonpipe-bundle")
+    parser.add_argument("--triton-home", help="folder of a bundle unpacked by tritonpipe bundle")
     parser.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain in-flight requests on stop")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models to load")
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
 
     def body() -> int:
+        from tritonpipe.server.heal import HealPolicy
+        from tritonpipe.server.install import locate_triton
+        from tritonpipe.server.owner import TritonServer
+
         heal = False if args.no_heal else HealPolicy(hang_timeout_s=args.hang_timeout or None)
         server = TritonServer(
             args.repository, host=args.host, allow_remote=args.allow_remote, http=not args.no_http,

@@ -1,4 +1,4 @@
-"""tritonpipe-soak: load a served pipeline with good and bad inputs and check every answer."""
+"""tritonpipe soak: load a served pipeline with good and bad inputs and check every answer."""
 
 from __future__ import annotations
 
@@ -8,22 +8,19 @@ import json
 import sys
 from pathlib import Path
 
-from tritonclient.utils import InferenceServerException
-
-from tritonpipe.client.client import PROTOCOLS
-from tritonpipe.harness.soak import SoakOptions, format_report, run_soak
-from tritonpipe.server.owner import TritonServer
-
 from ._cli import run
+from ._literals import literal
+
+PROTOCOLS = literal("tritonpipe.client.client", "PROTOCOLS")
 
 EPILOG = """Every response is compared with the same stage chain run in this process; bad inputs
 (truncated JPEG, random bytes, PNG, empty) must come back as INVALID_ARG.
 
 examples:
-  tritonpipe-soak --serve model_repository --requests 5000 --concurrency 16
-  tritonpipe-soak --url 127.0.0.1:8001 --bad-fraction 0.1 --json soak.json
-  tritonpipe-soak --serve repo --kill-stub-after 500       # SIGKILL one Python stub during the load
-  tritonpipe-soak --serve repo --stop-server-after 500     # SIGINT the server; in-flight requests drain
+  tritonpipe soak --serve model_repository --requests 5000 --concurrency 16
+  tritonpipe soak --url 127.0.0.1:8001 --bad-fraction 0.1 --json soak.json
+  tritonpipe soak --serve repo --kill-stub-after 500       # SIGKILL one Python stub during the load
+  tritonpipe soak --serve repo --stop-server-after 500     # SIGINT the server; in-flight requests drain
 
 exit status: 0 when nothing was wrong or lost (with a fault injected: nothing wrong and nothing hung),
 1 otherwise, 2 on a usage or server error."""
@@ -52,7 +49,7 @@ def _fraction(text: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tritonpipe-soak", description=__doc__, epilog=EPILOG,
+        prog="tritonpipe soak", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     target = parser.add_mutually_exclusive_group()
@@ -85,7 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    from tritonclient.utils import InferenceServerException
+
     def body() -> int:
+        from tritonpipe.harness.soak import SoakOptions, format_report, run_soak
+        from tritonpipe.server.owner import TritonServer
+
         with contextlib.ExitStack() as stack:
             server = None
             if args.serve:

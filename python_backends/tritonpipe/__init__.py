@@ -7,37 +7,34 @@
 
 from . import _moved
 from .errors import ConfigError, StageError
-from .spec import TensorSpec
-from .stages.base import MapStage, Param, Stage, register
 
 _moved.install()
 
-__all__ = [
-    "ConfigError",
-    "MapStage",
-    "Param",
-    "Stage",
-    "StageError",
-    "TensorSpec",
-    "generate_repository",
-    "load_graph",
-    "pipe",
-    "register",
-]
+# Imported on first use: the stages pull in torch and the rest tritonclient, and neither is needed
+# to read a command's arguments or to import a light submodule; served models must not need tritonclient.
+_LAZY = {
+    "MapStage": "stages.base",
+    "Param": "stages.base",
+    "Stage": "stages.base",
+    "register": "stages.base",
+    "TensorSpec": "spec",
+    "load_graph": "pipeline.graph",
+    "generate_repository": "repository.generate",
+    "pipe": "client.pipe",
+}
+
+__all__ = ["ConfigError", "StageError", *_LAZY]
 
 
 def __getattr__(name: str):
-    # these import tritonclient; served models import this package and must not need it
-    if name == "pipe":
-        from .client.pipe import pipe
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tritonpipe' has no attribute {name!r}")
+    import importlib
 
-        return pipe
-    if name == "load_graph":
-        from .pipeline.graph import load_graph
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return load_graph
-    if name == "generate_repository":
-        from .repository.generate import generate_repository
 
-        return generate_repository
-    raise AttributeError(f"module 'tritonpipe' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from tritonpipe.stages.catalog import stage_table_markdown
+from tritonpipe_tools.main import VERBS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -12,14 +13,25 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 def test_stage_table_is_current():
     start, end = "<!-- stage-table:start -->", "<!-- stage-table:end -->"
     table = README[README.index(start) + len(start) : README.index(end)].strip()
-    assert table == stage_table_markdown(include_plugins=False), "refresh it with: tritonpipe-generate --list-stages"
+    assert table == stage_table_markdown(include_plugins=False), "refresh it with: tritonpipe generate --list-stages --markdown"
 
 
-def test_every_tritonpipe_command_in_the_readme_is_installed():
-    commands = set(re.findall(r"(?<![/\w.-])(tritonpipe-[a-z-]+)", README))
+def _code(text: str) -> str:
+    """The README's code: fenced blocks and inline spans."""
+    return "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text))
+
+
+def test_every_tritonpipe_command_in_the_readme_is_a_verb_of_the_installed_command():
     venv_bin = Path(__file__).resolve().parents[2] / ".venv" / "bin"
-    missing = [c for c in commands if not (venv_bin / c).exists() and not shutil.which(c)]
-    assert not missing, f"README names commands that are not installed: {missing}"
+    assert (venv_bin / "tritonpipe").exists() or shutil.which("tritonpipe"), "the tritonpipe command is not installed"
+    verbs = re.findall(r"(?<![\w.-])(?<!from )(?<!import )tritonpipe ([a-z][\w-]*)", _code(README))
+    assert verbs, "the README shows no tritonpipe command"
+    assert sorted(set(verbs) - set(VERBS)) == [], f"README names verbs that tritonpipe does not have; it has {VERBS}"
+
+
+def test_the_readme_uses_the_one_command_not_the_old_names():
+    old = sorted({f"tritonpipe-{verb}" for verb in VERBS if re.search(rf"tritonpipe-{verb}\b", README)})
+    assert old == [], f"write `tritonpipe VERB` instead of {old}"
 
 
 def test_custom_stage_listing_is_the_example_file():
