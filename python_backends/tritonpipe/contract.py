@@ -21,6 +21,7 @@ PARAM_PLUGINS = "tritonpipe.plugins"
 PARAM_WARMUP = "tritonpipe.warmup"
 PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
+PARAM_CORES = "tritonpipe.cores"
 
 _WARMUP_OFF = ("off", "none", "no", "false", "0")
 _MAX_SIDE = 16384
@@ -41,6 +42,33 @@ def parse_warmup(text: str, where: str = "warmup") -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True)
+class CpuCores:
+    """The CPU share of one model's instances, decided by the generator across the whole repository.
+
+    Attributes:
+        threads: torch and OpenCV threads of each instance.
+        sets: the cores each instance is pinned to, by instance index; empty: not pinned.
+    """
+
+    threads: int
+    sets: tuple[tuple[int, ...], ...] = ()
+
+    def encode(self) -> str:
+        return json.dumps({"threads": self.threads, "sets": [list(cores) for cores in self.sets]})
+
+    @classmethod
+    def decode(cls, text: str) -> CpuCores:
+        try:
+            raw = json.loads(text)
+            cores = cls(int(raw["threads"]), tuple(tuple(int(c) for c in cores) for cores in raw["sets"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"parameter {PARAM_CORES!r} must be {{\"threads\": N, \"sets\": [[cores], ...]}}, got {text!r}") from None
+        if cores.threads < 1:
+            raise ConfigError(f"parameter {PARAM_CORES!r}: threads must be at least 1, got {cores.threads}")
+        return cores
+
+
+@dataclass(frozen=True)
 class ModelParams:
     """What one generated Python model is told through its config's ``parameters``.
 
@@ -53,6 +81,7 @@ class ModelParams:
         host_outputs: copy outputs to the host once per batch (no other model reads them).
         execution_timeout: seconds one batch may run before its requests fail and the stub
             exits, so that it is replaced; 0 for no limit.
+        cores: the threads and cores of each CPU instance; None: the instance decides.
     """
 
     pipeline: str
@@ -62,6 +91,7 @@ class ModelParams:
     warmup: tuple[int, int] | None = None
     host_outputs: bool = False
     execution_timeout: float = 0.0
+    cores: CpuCores | None = None
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -78,6 +108,8 @@ class ModelParams:
             params[PARAM_HOST_OUTPUTS] = "yes"
         if self.execution_timeout > 0:
             params[PARAM_EXECUTION_TIMEOUT] = repr(float(self.execution_timeout))
+        if self.cores is not None:
+            params[PARAM_CORES] = self.cores.encode()
         return params
 
     @classmethod
@@ -108,6 +140,7 @@ class ModelParams:
             warmup=parse_warmup(warmup, PARAM_WARMUP) if warmup else None,
             host_outputs=params.get(PARAM_HOST_OUTPUTS) == "yes",
             execution_timeout=execution_timeout,
+            cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
         )
 
     @classmethod

@@ -8,6 +8,12 @@
 (their rows make one request); a model's other inputs are read from the item under their
 names.  Results are torch tensors on the device ``data`` came from.
 
+A list of ``(name, stage, config)`` entries builds a pipeline of Python objects, each entry a node
+linked to the next (see :func:`tritonpipe.load_graph`); ``run`` sends many inputs at once::
+
+    pipeline = pipe([("preprocess", preprocess, {"worker_num": 4}), ("inference", model, {"inputs": "input:FP32:3x224x224"})])
+    outputs = pipeline.run([open(p, "rb").read() for p in paths])   # or pipeline([...])
+
 Without ``url`` the configuration is generated into a temporary repository and served by a
 server that lives as long as the ``pipe`` object (or its ``with`` block). With ``url`` an
 already running server is called.  Calls are safe from many threads.
@@ -16,6 +22,7 @@ already running server is called.  Calls are safe from many threads.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,7 @@ from .client import InferError, PipelineClient, TensorInfo
 class pipe:  # noqa: N801 - torchpipe's spelling
     def __init__(
         self,
-        config: dict[str, Any] | str | Path | None = None,
+        config: dict[str, Any] | list | str | Path | None = None,
         *,
         url: str | None = None,
         protocol: str = "grpc",
@@ -58,12 +65,17 @@ class pipe:  # noqa: N801 - torchpipe's spelling
             model = model or repository.entry
         self.client = PipelineClient(url, protocol=protocol, model=model)
 
-    def __call__(self, inputs: dict[str, Any] | list[dict[str, Any]]) -> None:
-        """Run one dict (or a list of dicts, concurrently); results are written back into them."""
+    def __call__(self, inputs: dict[str, Any] | list[Any]) -> list[torch.Tensor] | None:
+        """Run one dict (or a list of dicts, concurrently); results are written back into them.
+
+        A list of anything else is :meth:`run`: its results are returned.
+        """
         if isinstance(inputs, list):
-            with ThreadPoolExecutor(max_workers=min(32, max(1, len(inputs)))) as pool:
+            if not all(isinstance(item, dict) for item in inputs):
+                return self.run(inputs)
+            with ThreadPoolExecutor(max_workers=_in_flight(inputs)) as pool:
                 list(pool.map(self, inputs))
-            return
+            return None
         first, *named = self.client.inputs
         missing = [info.name for info in named if info.name not in inputs]
         if missing:
@@ -80,6 +92,29 @@ class pipe:  # noqa: N801 - torchpipe's spelling
         inputs["result"] = _tensor(outputs[primary.name], device)
         for extra in extras:
             inputs[extra.name.lower()] = _tensor(outputs[extra.name], device)
+
+    def run(self, samples: Iterable[Any]) -> list[torch.Tensor]:
+        """The result of each sample, in input order; many are in flight at once, so every stage works.
+
+        A sample is what ``data`` may be: bytes, a tensor or an array.  When samples fail, the others
+        still finish, then the first failure is raised with its index.
+        """
+        items = [{"data": sample} for sample in samples]
+        failures: dict[int, InferError] = {}
+
+        def send(index: int) -> None:
+            try:
+                self(items[index])
+            except InferError as exc:
+                failures[index] = exc
+
+        with ThreadPoolExecutor(max_workers=_in_flight(items)) as pool:
+            list(pool.map(send, range(len(items))))
+        if failures:
+            first = min(failures)
+            more = f" ({len(failures) - 1} more of {len(items)} failed)" if len(failures) > 1 else ""
+            raise InferError(f"input {first}: {failures[first]}{more}", failures[first].status)
+        return [item["result"] for item in items]
 
     def close(self) -> None:
         if self.server is not None:
@@ -100,6 +135,11 @@ class pipe:  # noqa: N801 - torchpipe's spelling
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _in_flight(inputs: list) -> int:
+    """Requests sent at once: enough to keep dozens of instances busy, without a thread per input."""
+    return min(32, max(1, len(inputs)))
 
 
 def request_array(value: Any, info: TensorInfo) -> bytes | np.ndarray:

@@ -14,6 +14,7 @@ from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..spec import ENCODED_IMAGE, TensorSpec
+from .cores import host_cores, share_cores
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -73,6 +74,8 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # cheaper than Triton fetching each response's GPU tensor on its own
         host_outputs=on_gpu and terminal,
         execution_timeout=model.settings.execution_timeout,
+        # decided over every model at once: each instance is a process with threads of its own
+        cores=share_cores(model.peers, device, host_cores()).get(model.name),
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)

@@ -21,6 +21,7 @@ from ..pipeline.resolved import ResolvedStage
 from ..registry import did_you_mean
 from ..spec import SpecError, TensorSpec
 from ..stages.control import Sequential
+from .cores import Workers
 
 PRIMARY_KEY = "data"
 #: the item key of a node's primary output, as ``map`` names it
@@ -48,6 +49,8 @@ class ModelPlan:
     outputs: list[Port]
     wants_gpu: bool
     is_model_stage: bool
+    #: every model of the repository, among which the host's cores are shared out
+    peers: tuple[Workers, ...] = ()
 
 
 @dataclass
@@ -195,6 +198,9 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
         if not node.next:
             terminal_ports.append((fed[PRIMARY_KEY][0], plan.models[-1].outputs[0]))
     plan.ensemble_inputs = list(requested.values())
+    peers = tuple(Workers(model.name, model.settings, model.wants_gpu) for model in plan.models)
+    for model in plan.models:
+        model.peers = peers
 
     names: set[str] = set()
     for tensor, port in terminal_ports + extra_ports:

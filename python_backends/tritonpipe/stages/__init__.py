@@ -13,9 +13,11 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-_BUILTIN_MODULES = ("image", "control", "tensor_io", "model")
+_BUILTIN_MODULES = ("image", "control", "tensor_io", "model", "function")
 _loaded = False
 _plugin_files: dict[Path, object] = {}
+#: the user files being imported right now, innermost last
+_importing: list[Path] = []
 
 
 def load_builtin_stages() -> None:
@@ -30,14 +32,22 @@ def load_builtin_stages() -> None:
         entry.load()
 
 
-def load_plugin(path: str | Path) -> None:
-    """Import a user's stage file so that its ``@register`` calls take effect."""
+def importing_file() -> Path | None:
+    """The user file whose import is running now, if any (a file must not build pipelines when imported)."""
+    return _importing[-1] if _importing else None
+
+
+def load_plugin(path: str | Path):
+    """Import a user's file (custom stages, functions) once, so that its ``@register`` calls take effect.
+
+    Returns the module.
+    """
     from .base import ConfigError
 
     load_builtin_stages()
     path = Path(path).resolve()
     if path in _plugin_files:
-        return
+        return _plugin_files[path]
     if not path.is_file():
         raise ConfigError(f"plugin file {str(path)!r} does not exist")
     module_name = f"tritonpipe_plugin_{path.stem}_{abs(hash(str(path))) & 0xFFFFFF:x}"
@@ -46,6 +56,7 @@ def load_plugin(path: str | Path) -> None:
         raise ConfigError(f"plugin file {str(path)!r} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    _importing.append(path)
     try:
         spec.loader.exec_module(module)
     except ConfigError:
@@ -54,7 +65,10 @@ def load_plugin(path: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure of user code at import is a bad configuration
         del sys.modules[module_name]
         raise ConfigError(f"plugin file {str(path)!r} raised on import: {type(exc).__name__}: {exc}") from None
+    finally:
+        _importing.pop()
     _plugin_files[path] = module
+    return module
 
 
 def build_stage(node, device, base_dir: Path | None = None):
