@@ -13,6 +13,7 @@ from ._cli import run
 from ._literals import literal
 
 HOME_ENV = literal("tritonpipe.server.install", "HOME_ENV")
+MODEL_CONTROL = literal("tritonpipe.server.owner", "MODEL_CONTROL")
 
 if TYPE_CHECKING:
     from tritonpipe.server.owner import TritonServer
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds a model may have requests waiting and finish none before its stubs are replaced; "
                              "0 turns this off (default: %(default)s)")
     parser.add_argument("--no-heal", action="store_true", help="do not replace dead stubs or restart a crashed server")
+    parser.add_argument("--model-control", choices=MODEL_CONTROL, default="owner",
+                        help="owner: only the owner loads and unloads models (default); explicit: any client that "
+                             "reaches the ports may, through Triton's model-repository API, and healing is off")
     parser.add_argument("--log-file", help="write the server's log here and keep it (default: a temporary file, kept on failure)")
     parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             args.repository, host=args.host, allow_remote=args.allow_remote, http=not args.no_http,
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             install=locate_triton(args.triton_home), exit_timeout=args.exit_timeout, log_verbose=args.log_verbose,
-            heal=heal, log_file=args.log_file, extra_args=tuple(args.triton_args),
+            heal=heal, log_file=args.log_file, extra_args=tuple(args.triton_args), model_control=args.model_control,
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

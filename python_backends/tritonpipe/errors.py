@@ -19,7 +19,15 @@ class ConfigError(TritonpipeError):
 
 
 class RequestError(TritonpipeError):
-    """Bad input for one request: reported to that request's client as INVALID_ARG."""
+    """Bad input for one request: reported to that request's client as INVALID_ARG.
+
+    ``reason`` names the kind of fault for counting (``not_jpeg``, ``truncated``, ``too_large``, ...);
+    it is the ``reason`` label of the ``tritonpipe_stage_rejects`` metric.
+    """
+
+    def __init__(self, message: str = "", reason: str = "bad_input"):
+        super().__init__(message)
+        self.reason = reason
 
 
 #: the name stages have always used for bad request input

@@ -75,17 +75,17 @@ class JpegInfo:
 def bytes_view(data) -> memoryview:
     if isinstance(data, torch.Tensor):
         if data.device.type != "cpu":
-            raise StageError(f"encoded image must be in CPU memory, got a tensor on {data.device}")
+            raise StageError(f"encoded image must be in CPU memory, got a tensor on {data.device}", reason="not_bytes")
         data = data.detach().numpy()
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 1:
             raise StageError(
-                f"encoded image must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}"
+                f"encoded image must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}", reason="not_bytes"
             )
         return memoryview(np.ascontiguousarray(data)).cast("B")
     if isinstance(data, (bytes, bytearray, memoryview)):
         return memoryview(data).cast("B")
-    raise StageError(f"encoded image must be bytes or a 1-D uint8 array, got {type(data).__name__}")
+    raise StageError(f"encoded image must be bytes or a 1-D uint8 array, got {type(data).__name__}", reason="not_bytes")
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -101,9 +101,9 @@ def _not_jpeg(view: memoryview) -> StageError:
     head = bytes(view[:16])
     kind = sniff_format(head)
     if kind is not None:
-        return StageError(f"got a {kind} image; this stage decodes JPEG only")
+        return StageError(f"got a {kind} image; this stage decodes JPEG only", reason="not_jpeg")
     return StageError(
-        f"not a JPEG image: it does not start with the JPEG SOI marker FF D8 (first bytes: {head[:8].hex(' ')})"
+        f"not a JPEG image: it does not start with the JPEG SOI marker FF D8 (first bytes: {head[:8].hex(' ')})", reason="not_jpeg"
     )
 
 
@@ -143,7 +143,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
     view = bytes_view(data)
     size = len(view)
     if size == 0:
-        raise StageError("empty input: expected JPEG bytes, got 0 bytes")
+        raise StageError("empty input: expected JPEG bytes, got 0 bytes", reason="empty")
     if size < 2 or view[0] != 0xFF or view[1] != 0xD8:
         raise _not_jpeg(view)
 
@@ -155,9 +155,9 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
     while True:
         if pos >= size:
             what = "frame header (SOF)" if frame is None else "image data (SOS)"
-            raise StageError(f"truncated JPEG: the {size}-byte input ends before the {what}")
+            raise StageError(f"truncated JPEG: the {size}-byte input ends before the {what}", reason="truncated")
         if view[pos] != 0xFF:
-            raise StageError(f"corrupt JPEG header: expected a marker at byte {pos}, found 0x{view[pos]:02X}")
+            raise StageError(f"corrupt JPEG header: expected a marker at byte {pos}, found 0x{view[pos]:02X}", reason="corrupt")
         while pos < size and view[pos] == 0xFF:  # fill bytes may pad before a marker
             pos += 1
         if pos >= size:
@@ -168,18 +168,18 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
             continue
         if marker == 0xD9:
             what = "frame header (SOF)" if frame is None else "image data (SOS)"
-            raise StageError(f"corrupt JPEG: end-of-image marker before any {what}")
+            raise StageError(f"corrupt JPEG: end-of-image marker before any {what}", reason="corrupt")
         if marker == 0xDA and frame is None:
-            raise StageError("corrupt JPEG header: image data (SOS) before the frame header (SOF)")
+            raise StageError("corrupt JPEG header: image data (SOS) before the frame header (SOF)", reason="corrupt")
         if pos + 2 > size:
-            raise StageError(f"truncated JPEG: the header is cut off at byte {size}")
+            raise StageError(f"truncated JPEG: the header is cut off at byte {size}", reason="truncated")
         (length,) = struct.unpack_from(">H", view, pos)
         if length < 2:
-            raise StageError(f"corrupt JPEG header: segment FF {marker:02X} at byte {pos - 2} has length {length}")
+            raise StageError(f"corrupt JPEG header: segment FF {marker:02X} at byte {pos - 2} has length {length}", reason="corrupt")
         if pos + length > size:
             raise StageError(
                 f"truncated JPEG: segment FF {marker:02X} at byte {pos - 2} needs {length} bytes "
-                f"but the {size}-byte input ends first"
+                f"but the {size}-byte input ends first", reason="truncated"
             )
         segment = view[pos + 2 : pos + length]
         pos += length
@@ -189,19 +189,19 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
             orientation = _exif_orientation(segment)
         elif marker in _SOF_MARKERS and frame is None:
             if len(segment) < 6:
-                raise StageError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes")
+                raise StageError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
             _precision, height, width, components = struct.unpack_from(">BHHB", segment)
             frame = (marker, height, width, components)
 
     sof, height, width, components = frame
     if height == 0 or width == 0:
-        raise StageError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})")
+        raise StageError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})", reason="zero_size")
     pixels = height * width
     if pixels >= max_pixels:
-        raise StageError(f"image is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels")
+        raise StageError(f"image is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels", reason="too_large")
     tail = bytes(view[max(pos, size - _EOI_TAIL_SLACK) :])
     if b"\xff\xd9" not in tail:
-        raise StageError(f"truncated JPEG: no end-of-image marker (FF D9) at the end of the {size}-byte input")
+        raise StageError(f"truncated JPEG: no end-of-image marker (FF D9) at the end of the {size}-byte input", reason="truncated")
     return JpegInfo(
         height=height,
         width=width,
@@ -234,7 +234,7 @@ def decode_jpeg_cpu(data, *, apply_exif: bool = False, max_pixels: int = MAX_PIX
     # every decoder (and off unless asked for).
     bgr = cv2.imdecode(array, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None or bgr.size == 0:
-        raise StageError(f"JPEG data is corrupt: OpenCV could not decode the {info.width}x{info.height} image")
+        raise StageError(f"JPEG data is corrupt: OpenCV could not decode the {info.width}x{info.height} image", reason="corrupt")
     image = torch.from_numpy(bgr)
     if apply_exif:
         image = _orient(image, info.orientation, 0, 1)

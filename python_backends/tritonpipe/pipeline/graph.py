@@ -8,8 +8,6 @@ Two forms are accepted:
 
 - a graph: a dict of dicts (or TOML tables) whose nodes name their successor with ``next``;
   top-level keys that are not tables, and the keys of a ``[global]`` table, apply to every node.
-- a list of ``(name, stage, config)`` entries, each a node linked to the next; a stage is a
-  pipeline string, a function or a ``torch.nn.Module`` (see :mod:`.objects`).
   ``map = "decode[result:data]"`` routes outputs of earlier nodes to a node's inputs.
 
 Resolution looks every stage name up in the registry, hands each node key to the stages
@@ -22,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +27,9 @@ from typing import Any
 from ..contract import parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
-from ..stages import importing_file, load_plugin
+from ..stages import load_plugin
 from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, registered_names
 from .grammar import PipelineSyntaxError, StageNode, parse_backend
-from .objects import node_tables
 from .resolved import ResolvedStage
 
 if sys.version_info >= (3, 11):
@@ -44,14 +40,6 @@ else:  # pragma: no cover
 #: node keys that configure Triton rather than a stage
 TRITON_KEYS = {
     "instance_num": Param(int, 1, low=1, high=1024, doc="instances of the model (instance_group.count)"),
-    "worker_num": Param(int, 1, low=1, high=1024, doc="another name for instance_num"),
-    "cores_per_worker": Param(
-        int, 0, low=0, high=4096,
-        doc="cores of each CPU instance: its torch and OpenCV threads, and the cores it is pinned to, disjoint across "
-        "the repository; 0: the instances share the cores left",
-    ),
-    "pin_cores": Param(bool, True, doc="with cores_per_worker: pin each CPU instance to its own cores"),
-    "oversubscribe": Param(bool, False, doc="with cores_per_worker: allow more cores in all than the host has"),
     "batching_timeout": Param(float, 0.0, low=0.0, high=60_000.0, doc="ms a batch waits to fill"),
     "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size); of shapes, the largest first dim"),
     "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
@@ -63,6 +51,30 @@ TRITON_KEYS = {
     "execution_timeout": Param(
         float, 60.0, low=0.0, high=86_400.0,
         doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
+    ),
+    "instances_per_gpu": Param(
+        str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id",
+    ),
+    "preferred_batch_size": Param(
+        str, "", doc="batch sizes the dynamic batcher forms as soon as it can, e.g. 4 or 4,8; each at most max",
+    ),
+    "max_queue_size": Param(
+        int, 0, low=0, high=1 << 31, doc="requests a model queues before it rejects more with UNAVAILABLE; 0: no limit",
+    ),
+    "queue_timeout": Param(
+        float, 0.0, low=0.0, high=86_400_000.0, doc="ms a request may wait in the queue (default_timeout_microseconds); 0: forever",
+    ),
+    "timeout_action": Param(
+        str, "reject", choices=("reject", "delay"),
+        doc="what a request past queue_timeout gets: reject (UNAVAILABLE) or delay (runs after the others)",
+    ),
+    "allow_timeout_override": Param(bool, False, doc="a request's own timeout may replace queue_timeout"),
+    "priority_levels": Param(int, 0, low=0, high=1 << 16, doc="request priority levels (1 is the highest); 0: none"),
+    "default_priority_level": Param(
+        int, 0, low=0, high=1 << 16, doc="priority of a request that names none; 0: the lowest, priority_levels",
+    ),
+    "response_cache": Param(
+        bool, False, doc="Triton answers repeated identical requests from its cache (the server's cache is turned on)",
     ),
 }
 _STRUCTURE_KEYS = ("backend", "next", "map")
@@ -86,10 +98,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 @dataclass
 class NodeSettings:
     instance_num: int = 1
-    #: threads (and pinned cores) of each CPU instance; 0: a share of the cores nobody asked for
-    cores_per_worker: int = 0
-    pin_cores: bool = True
-    oversubscribe: bool = False
     batching_timeout: float = 0.0
     max: int = 1
     gpus: tuple[int, ...] = ()
@@ -98,6 +106,23 @@ class NodeSettings:
     warmup: tuple[int, int] | None = (1080, 1920)
     #: seconds a batch may run before the instance gives up on it; 0 for no limit
     execution_timeout: float = 60.0
+    #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
+    gpu_instances: tuple[tuple[int, int], ...] = ()
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0
+    #: ms, 0 for no queue timeout
+    queue_timeout: float = 0.0
+    timeout_action: str = "reject"
+    allow_timeout_override: bool = False
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    response_cache: bool = False
+
+    @property
+    def queue_policy(self) -> bool:
+        """Whether any setting needs Triton's dynamic batcher, the scheduler that owns queues and priorities."""
+        return bool(self.max_queue_size or self.queue_timeout or self.priority_levels or self.allow_timeout_override)
+
 
 
 @dataclass(frozen=True)
@@ -124,8 +149,6 @@ class Graph:
     name: str
     nodes: dict[str, Node]  # in topological order, entry first
     plugins: list[Path] = field(default_factory=list)
-    #: the folder of the models exported from a pipeline list; it lives as long as the graph
-    exports: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def entry(self) -> Node:
@@ -194,37 +217,22 @@ def compose_config(
 
 
 def load_graph(
-    config: dict[str, Any] | list | str | Path,
+    config: dict[str, Any] | str | Path,
     *,
     name: str | None = None,
     plugins: list[str | Path] = (),
     base_dir: str | Path | None = None,
 ) -> Graph:
-    """Turn a configuration (dict, ``(name, stage, config)`` list, or a TOML/JSON path) into a validated :class:`Graph`.
+    """Turn a configuration (dict, or a TOML/JSON path) into a validated :class:`Graph`.
 
     Relative file parameters (``model=``) are resolved against ``base_dir``, which defaults
     to the configuration file's folder, or the working directory for a dict.
     """
-    source = importing_file()
-    if source is not None:
-        raise ConfigError(
-            f"{source} builds a pipeline when it is imported, and the server imports it for its stages; "
-            "put that code under if __name__ == \"__main__\":"
-        )
-    if isinstance(config, (list, tuple)):
-        exports = tempfile.TemporaryDirectory(prefix="tritonpipe-exports-")
-        try:
-            graph = load_graph(node_tables(config, Path(exports.name)), name=name, plugins=plugins, base_dir=base_dir)
-        except BaseException:
-            exports.cleanup()
-            raise
-        graph.exports = exports
-        return graph
     if isinstance(config, (str, Path)):
         base_dir = base_dir or Path(config).resolve().parent
         config = read_config_file(config)
     if not isinstance(config, dict) or not config:
-        raise ConfigError("a configuration must be a non-empty dict, a list of (name, stage, config) or a TOML/JSON file")
+        raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
     _check_keys(config)
     config = _merge_global(config)  # a new dict: the keys taken out below stay in the caller's
     base = Path(base_dir or Path.cwd()).resolve()
@@ -361,10 +369,15 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
             settings.gpus = _parse_gpus(where, coerced)
         elif key == "warmup":
             settings.warmup = parse_warmup(coerced, where)
+        elif key == "instances_per_gpu":
+            settings.gpu_instances = _parse_gpu_instances(where, coerced)
+        elif key == "preferred_batch_size":
+            settings.preferred_batch_sizes = _parse_batch_sizes(where, coerced)
         elif key == "worker_num":
             settings.instance_num = coerced
         else:
             setattr(settings, key, coerced)
+    _check_scheduling(where, settings)
     _check_workers(where, settings_raw)
     links = parse_map(raw["map"], where) if "map" in raw else []
     return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"), map=links)
@@ -463,6 +476,33 @@ def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     return gpus
 
 
+def _parse_gpu_instances(where: str, text: str) -> tuple[tuple[int, int], ...]:
+    pairs: dict[int, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        gpu, colon, count = item.partition(":")
+        try:
+            gpu_index, instances = int(gpu), int(count)
+        except ValueError:
+            gpu_index = instances = -1
+        if not colon or gpu_index < 0 or not 1 <= instances <= 1024 or gpu_index in pairs:
+            raise ConfigError(
+                f"{where}: instances_per_gpu must be distinct GPU:count pairs like 0:2,1:1 "
+                f"(count 1-1024), got {text!r}"
+            )
+        pairs[gpu_index] = instances
+    return tuple(pairs.items())
+
+
+def _parse_batch_sizes(where: str, text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = (0,)
+    if any(size < 1 for size in sizes):
+        raise ConfigError(f"{where}: preferred_batch_size must be batch sizes like 4 or 4,8, got {text!r}")
+    return tuple(sorted(set(sizes)))
+
+
 def _check_workers(where: str, raw: dict[str, Any]) -> None:
     """``worker_num`` (BigDL-Nano's name) and ``instance_num`` may both be given only if they agree."""
     if "worker_num" in raw and "instance_num" in raw:
@@ -472,6 +512,18 @@ def _check_workers(where: str, raw: dict[str, Any]) -> None:
                 f"{where}: worker_num = {workers} and instance_num = {instances} disagree; worker_num is another "
                 "name for instance_num: give one of them"
             )
+
+
+def _check_scheduling(where: str, settings: NodeSettings) -> None:
+    """The rules Triton checks on load, caught here with the keys' names."""
+    too_big = [size for size in settings.preferred_batch_sizes if size > settings.max]
+    if too_big:
+        raise ConfigError(f"{where}: preferred_batch_size {too_big[0]} exceeds max={settings.max}; lower it or raise max")
+    if settings.default_priority_level > settings.priority_levels:
+        raise ConfigError(
+            f"{where}: default_priority_level must be in [1, priority_levels={settings.priority_levels}], "
+            f"got {settings.default_priority_level}"
+        )
 
 
 def _link_maps(nodes: dict[str, Node]) -> None:

@@ -13,8 +13,8 @@ from ..contract import ModelParams
 from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.grammar import render
+from ..pipeline.graph import NodeSettings
 from ..spec import ENCODED_IMAGE, TensorSpec
-from .cores import host_cores, share_cores
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -52,16 +52,14 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
     for port in model.outputs:
         _tensor(config.output.add(), port)
 
-    group = config.instance_group.add(count=model.settings.instance_num)
     if model.wants_gpu and device != "cpu":
-        group.kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_AUTO
-        group.gpus.extend(model.settings.gpus)
+        kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_AUTO
+        _instance_groups(config, model.settings, kind)
         # GPU tensors from the previous step arrive on the GPU instead of being copied to the host
         _set_param(config, "FORCE_CPU_ONLY_INPUT_TENSORS", "no")
     else:
-        group.kind = mc.ModelInstanceGroup.KIND_CPU
-    if model.settings.max > 1:
-        config.dynamic_batching.max_queue_delay_microseconds = int(round(model.settings.batching_timeout * 1000))
+        config.instance_group.add(count=model.settings.instance_num, kind=mc.ModelInstanceGroup.KIND_CPU)
+    _schedule(config, model)
 
     on_gpu = config.instance_group[0].kind != mc.ModelInstanceGroup.KIND_CPU
     params = ModelParams(
@@ -74,8 +72,6 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # cheaper than Triton fetching each response's GPU tensor on its own
         host_outputs=on_gpu and terminal,
         execution_timeout=model.settings.execution_timeout,
-        # decided over every model at once: each instance is a process with threads of its own
-        cores=share_cores(model.peers, device, host_cores()).get(model.name),
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)
@@ -99,22 +95,52 @@ def native_model_config(model: ModelPlan, native: NativeModel, device: str) -> m
         _tensor(config.input.add(), port)
     for port in model.outputs:
         _tensor(config.output.add(), port)
-    group = config.instance_group.add(count=model.settings.instance_num, gpus=model.settings.gpus)
-    if native.platform == "tensorrt_plan":
-        if device == "cpu":
-            raise ConfigError(f"model {model.name!r}: a TensorRT plan needs a GPU; drop --device cpu or --native tensorrt")
-        group.kind = mc.ModelInstanceGroup.KIND_GPU
+    if native.platform == "tensorrt_plan" and device == "cpu":
+        raise ConfigError(f"model {model.name!r}: a TensorRT plan needs a GPU; drop --device cpu or --native tensorrt")
+    if device == "cpu":
+        config.instance_group.add(count=model.settings.instance_num, kind=mc.ModelInstanceGroup.KIND_CPU)
+    elif native.platform == "tensorrt_plan" or device == "gpu":
+        _instance_groups(config, model.settings, mc.ModelInstanceGroup.KIND_GPU)
     else:
-        group.kind = {"gpu": mc.ModelInstanceGroup.KIND_GPU, "cpu": mc.ModelInstanceGroup.KIND_CPU}.get(
-            device, mc.ModelInstanceGroup.KIND_AUTO
-        )
-        if device == "cpu":
-            del group.gpus[:]
-    if max_batch > 1:
-        config.dynamic_batching.max_queue_delay_microseconds = int(round(model.settings.batching_timeout * 1000))
+        _instance_groups(config, model.settings, mc.ModelInstanceGroup.KIND_AUTO)
+    _schedule(config, model)
     if native.cuda_graphs:
         config.optimization.cuda.graphs = True
     return config
+
+
+def _instance_groups(config: mc.ModelConfig, settings: NodeSettings, kind: int) -> None:
+    """Triton's ``count`` is per listed GPU: uneven counts need one group per GPU."""
+    if settings.gpu_instances:
+        for gpu, count in settings.gpu_instances:
+            config.instance_group.add(count=count, kind=kind, gpus=[gpu])
+    else:
+        config.instance_group.add(count=settings.instance_num, kind=kind, gpus=settings.gpus)
+
+
+def _schedule(config: mc.ModelConfig, model: ModelPlan) -> None:
+    """Dynamic batching, queue policy, priorities and the response cache of one composing model."""
+    settings = model.settings
+    too_big = [size for size in settings.preferred_batch_sizes if size > config.max_batch_size]
+    if too_big:
+        raise ConfigError(
+            f"model {model.name!r}: preferred_batch_size {too_big[0]} exceeds its max_batch_size {config.max_batch_size}"
+        )
+    if config.max_batch_size > 1 or settings.queue_policy or settings.preferred_batch_sizes:
+        batching = config.dynamic_batching
+        batching.max_queue_delay_microseconds = int(round(settings.batching_timeout * 1000))
+        batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
+        if settings.priority_levels:
+            batching.priority_levels = settings.priority_levels
+            batching.default_priority_level = settings.default_priority_level or settings.priority_levels
+        if settings.queue_policy:
+            policy = batching.default_queue_policy
+            policy.max_queue_size = settings.max_queue_size
+            policy.default_timeout_microseconds = int(round(settings.queue_timeout * 1000))
+            policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value(settings.timeout_action.upper())
+            policy.allow_timeout_override = settings.allow_timeout_override
+    if settings.response_cache:
+        config.response_cache.enable = True
 
 
 def ensemble_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> mc.ModelConfig:
@@ -123,6 +149,11 @@ def ensemble_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) ->
         platform="ensemble",
         max_batch_size=min(configs[step.model].max_batch_size for step in plan.steps),
     )
+    if all(configs[step.model].response_cache.enable for step in plan.steps):
+        # every step would cache: one entry per request at the ensemble answers it before any step runs
+        config.response_cache.enable = True
+        for step in plan.steps:
+            configs[step.model].ClearField("response_cache")
     for port in plan.ensemble_inputs:
         _tensor(config.input.add(), port)
     for port in plan.ensemble_outputs:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -39,6 +40,11 @@ OWNED_FLAGS = (
     "--http-port", "--grpc-port", "--metrics-port", "--allow-http", "--exit-timeout-secs", "--log-verbose",
     "--model-control-mode", "--load-model",
 )
+#: who may load and unload models through Triton's model-repository API
+MODEL_CONTROL = ("owner", "explicit")
+#: the local response cache, turned on when a model asks for it (``response_cache: { enable: true }``)
+RESPONSE_CACHE_CONFIG = "--cache-config=local,size=268435456"
+_CACHE_ENABLED_RE = re.compile(r"response_cache\s*\{\s*enable\s*:\s*true\b")
 # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so every server is forked from this
 # one thread, which lives as long as the process
 _LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonpipe-launcher")
@@ -91,6 +97,10 @@ class TritonServer:
         exit_timeout: seconds the server gets to drain in-flight requests on stop.
         heal: replace dead or hung stubs and restart a crashed server (``True``: the default
             :class:`HealPolicy`); ``False`` leaves the server in Triton's default model control.
+        model_control: ``"owner"`` keeps the model-repository API to the owner (clients' load and
+            unload are refused); ``"explicit"`` leaves it open to every client that reaches the
+            ports, for loading and unloading models by hand, and turns healing off (a model unloaded
+            by hand would look like dead stubs to it).
         log_file: where the server's log goes; the default is a temporary file, deleted on
             :meth:`close` unless something went wrong (then its path was reported and it stays).
         extra_args: more ``tritonserver`` flags.
@@ -112,6 +122,7 @@ class TritonServer:
         heal: HealPolicy | bool = True,
         log_file: str | os.PathLike | None = None,
         extra_args: tuple[str, ...] = (),
+        model_control: str = "owner",
     ):
         folders = repository if isinstance(repository, (list, tuple)) else [repository]
         self.repositories = [Path(folder).resolve() for folder in folders]
@@ -134,11 +145,14 @@ class TritonServer:
         for flag in extra_args:
             if flag.split("=", 1)[0] in OWNED_FLAGS:
                 raise ConfigError(f"{flag!r}: tritonpipe sets {flag.split('=', 1)[0]} itself; remove it from the Triton flags")
+        if model_control not in MODEL_CONTROL:
+            raise ConfigError(f"model_control must be one of {', '.join(MODEL_CONTROL)}, got {model_control!r}")
+        self.model_control = model_control
         self.http = http
         self.install = install or locate_triton()
         self.exit_timeout = exit_timeout
         self.log_verbose = log_verbose
-        self.heal_policy = HealPolicy() if heal is True else heal or None
+        self.heal_policy = None if model_control == "explicit" else HealPolicy() if heal is True else heal or None
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
         self.supervisor: Supervisor | None = None
@@ -202,12 +216,12 @@ class TritonServer:
         web_host = f"ipv6:{self.host}" if ipv6 else self.host
         http = [f"--http-address={web_host}", f"--http-port={self.http_port}"] if self.http else ["--allow-http=false"]
         control = []
+        if self.heal_policy is not None or self.model_control == "explicit":
+            control = ["--model-control-mode=explicit", "--load-model=*"]
         if self.heal_policy is not None:
             restriction = f"model-repository:{CONTROL_HEADER}={self._control_token}"
-            control = [
-                "--model-control-mode=explicit", "--load-model=*",
-                f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
-            ]
+            control += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+        cache = [RESPONSE_CACHE_CONFIG] if self._wants_cache() else []
         return [
             str(self.install.server),
             *(f"--model-repository={folder}" for folder in self.repositories),
@@ -221,8 +235,19 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={self.log_verbose}",
             *control,
+            *cache,
             *self.extra_args,
         ]
+
+    def _wants_cache(self) -> bool:
+        """A model enables the response cache, and the pass-through flags do not configure one."""
+        if any(flag.startswith("--cache-config") for flag in self.extra_args):
+            return False
+        return any(
+            _CACHE_ENABLED_RE.search(config.read_text(errors="replace"))
+            for folder in self.repositories
+            for config in folder.glob("*/config.pbtxt")
+        )
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

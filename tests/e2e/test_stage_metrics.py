@@ -1,0 +1,68 @@
+"""Per-stage metrics on Triton's /metrics after known traffic: counts checked exactly."""
+
+import re
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from tritonpipe import load_graph
+from tritonpipe.client.client import InferError, PipelineClient
+from tritonpipe.model.metrics import BATCH_SECONDS, DURATION_US, IMAGES, REJECTS
+from tritonpipe.repository.generate import generate_repository
+from tritonpipe.server.owner import TritonServer
+
+pytestmark = pytest.mark.server
+
+SAMPLE_RE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a Prometheus text page, keyed by name and labels."""
+    samples = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        match = SAMPLE_RE.match(line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_stage_counts_and_rejects_by_reason(tmp_path, jpeg_factory):
+    make_jpeg = jpeg_factory
+    # max=1: one request per batch, so every count below is exact whatever the timing
+    graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 16, "resize_w": 16, "max_pixels": 10_000},
+                       name="metered")
+    repo = generate_repository(graph, tmp_path / "repo").path
+    good = [make_jpeg(48, 64, seed=i) for i in range(5)]
+    truncated = [jpeg[: len(jpeg) // 2] for jpeg in good[:2]]
+    too_large = [make_jpeg(100, 200, seed=9)] * 2  # 20,000 pixels against max_pixels=10,000
+    gif = [b"GIF89a" + bytes(64)]
+    expected_rejects = {"truncated": 2, "too_large": 2, "unsupported_format": 1}
+    with TritonServer(repo) as server:
+        client = PipelineClient(server.grpc_url, model="metered")
+        for jpeg in good:
+            reference = cv2.resize(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), (16, 16))
+            np.testing.assert_array_equal(next(iter(client.infer(jpeg).values()))[0], reference)
+        for bad in truncated + too_large + gif:
+            with pytest.raises(InferError) as failure:
+                client.infer(bad)
+            assert failure.value.status == "INVALID_ARG"
+        samples = scrape(server.metrics_url)
+
+    decode, resize = {"model": "metered", "stage": "DecodeMat"}, {"model": "metered", "stage": "ResizeMat"}
+    sent = len(good) + sum(expected_rejects.values())
+    assert value(samples, IMAGES, **decode) == sent
+    assert value(samples, IMAGES, **resize) == len(good)
+    for reason, count in expected_rejects.items():
+        assert value(samples, REJECTS, **decode, reason=reason) == count, reason
+    assert not [key for key in samples if key[0] == REJECTS and ("stage", "ResizeMat") in key[1]]
+    assert value(samples, f"{BATCH_SECONDS}_count", **decode) == sent
+    assert value(samples, f"{BATCH_SECONDS}_count", **resize) == len(good)
+    assert value(samples, f"{BATCH_SECONDS}_bucket", **decode, le="+Inf") == sent
+    assert 0 < value(samples, f"{BATCH_SECONDS}_sum", **decode) * 1e6 <= value(samples, DURATION_US, **decode) * 1.001

@@ -1,0 +1,64 @@
+"""The stage timing hook in run_chain and the sink that turns it into Triton metrics."""
+
+import pytest
+from tests.unit.model.fake_metrics import FakeMetricsModule
+
+from tritonpipe.errors import InternalError, RequestError
+from tritonpipe.kernels.jpeg import read_jpeg_info
+from tritonpipe.model.metrics import IMAGES, REJECTS, StageMetrics, reject_reason
+from tritonpipe.pipeline.grammar import parse_backend
+from tritonpipe.stages import build_stage
+from tritonpipe.stages.control import run_chain, set_stage_sink
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def record(self, stage, seconds, images, errors):
+        self.calls.append((stage, images, [type(e).__name__ for e in errors]))
+
+
+@pytest.fixture
+def recorder():
+    sink = Recorder()
+    set_stage_sink(sink)
+    yield sink
+    set_stage_sink(None)
+
+
+def test_run_chain_reports_each_leaf_stage_once_with_its_rejects(recorder):
+    chain = build_stage(parse_backend("S[Identity,S[Identity,C10Exception]]"), "cpu")
+    run_chain([chain], [{"data": 1}])
+    assert recorder.calls == [("Identity", 1, []), ("Identity", 1, []), ("C10Exception", 1, ["RequestError"])]
+
+
+def test_no_sink_no_reports():
+    chain = build_stage(parse_backend("S[Identity]"), "cpu")
+    items = [{"data": 1}]
+    run_chain([chain], items)  # nothing to report to: must not fail
+    assert items[0]["data"] == 1
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"), (b"\x89PNG\r\n\x1a\n" + bytes(16), "not_jpeg"), (b"\xff\xd8\xff", "truncated"),
+])
+def test_decoder_refusals_carry_a_reason(data, reason):
+    with pytest.raises(RequestError) as refused:
+        read_jpeg_info(data)
+    assert refused.value.reason == reason and reject_reason(refused.value) == reason
+
+
+def test_reasons_of_other_failures():
+    assert reject_reason(RequestError("bad")) == "bad_input"
+    assert reject_reason(InternalError("broken")) == "internal" == reject_reason(RuntimeError("x"))
+
+
+def test_stage_metrics_label_and_count():
+    module = FakeMetricsModule()
+    metrics = StageMetrics(module, "m")
+    metrics.record("DecodeMat", 0.002, 3, [RequestError("x", reason="truncated"), RuntimeError("y")])
+    metrics.record("DecodeMat", 0.001, 1, [])
+    assert module.value(IMAGES, model="m", stage="DecodeMat") == 4
+    assert module.value(REJECTS, model="m", stage="DecodeMat", reason="truncated") == 1
+    assert module.value(REJECTS, model="m", stage="DecodeMat", reason="internal") == 1
