@@ -33,18 +33,42 @@ def _error(exc: BaseException) -> pb_utils.TritonError:
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
-def _share_cores(config: dict[str, Any]) -> None:
-    """Split the host's cores between this model's CPU instances.
+def _share_cores(config: dict[str, Any], instance_name: str) -> None:
+    """Take this CPU instance's threads, and its cores, from the generator's share of the host.
 
     Every instance is its own process; left alone, each would start a thread per core in torch
     and OpenCV, and the instances would fight over the same cores.
     """
     import cv2
 
-    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-    threads = max(1, (os.cpu_count() or 1) // instances)
+    from ..contract import ModelParams
+
+    cores = ModelParams.from_config(config).cores
+    if cores is None:
+        # a model the generator expected on a GPU (KIND_AUTO) that found none: split with its own instances
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        threads = max(1, len(os.sched_getaffinity(0)) // instances)
+    else:
+        threads = cores.threads
+        if cores.sets:
+            _pin(cores.sets, instance_name)
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
+
+
+def _pin(sets: tuple[tuple[int, ...], ...], instance_name: str) -> None:
+    """Pin every thread of this process to the cores of its instance (Triton names it ``<group>_<index>``)."""
+    index = instance_name.rsplit("_", 1)[-1]
+    wanted = set(sets[int(index) % len(sets)] if index.isdigit() else sets[0])
+    usable = wanted & os.sched_getaffinity(0)
+    if not usable:
+        log.warning("%s: none of its cores %s is allowed here; it runs unpinned", instance_name, sorted(wanted))
+        return
+    # the stub started threads of its own before initialize; threads started later inherit the mask
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread may have ended meanwhile
+            os.sched_setaffinity(int(task), usable)
+    log.info("%s: pinned to cores %s", instance_name, sorted(usable))
 
 
 class TritonPythonModel:
@@ -56,7 +80,7 @@ class TritonPythonModel:
             torch.cuda.set_device(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cpu":
-            _share_cores(config)
+            _share_cores(config, args.get("model_instance_name", args["model_name"]))
         with self._on_stream():
             self.runtime = ModelRuntime(config, version_dir, self.device)
         log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)

@@ -8,6 +8,8 @@ Two forms are accepted:
 
 - a graph: a dict of dicts (or TOML tables) whose nodes name their successor with ``next``;
   top-level keys that are not tables, and the keys of a ``[global]`` table, apply to every node.
+- a list of ``(name, stage, config)`` entries, each a node linked to the next; a stage is a
+  pipeline string, a function or a ``torch.nn.Module`` (see :mod:`.objects`).
   ``map = "decode[result:data]"`` routes outputs of earlier nodes to a node's inputs.
 
 Resolution looks every stage name up in the registry, hands each node key to the stages
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,10 @@ from typing import Any
 from ..contract import parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
-from ..stages import load_plugin
+from ..stages import importing_file, load_plugin
 from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, registered_names
 from .grammar import PipelineSyntaxError, StageNode, parse_backend
+from .objects import node_tables
 from .resolved import ResolvedStage
 
 if sys.version_info >= (3, 11):
@@ -40,6 +44,14 @@ else:  # pragma: no cover
 #: node keys that configure Triton rather than a stage
 TRITON_KEYS = {
     "instance_num": Param(int, 1, low=1, high=1024, doc="instances of the model (instance_group.count)"),
+    "worker_num": Param(int, 1, low=1, high=1024, doc="another name for instance_num"),
+    "cores_per_worker": Param(
+        int, 0, low=0, high=4096,
+        doc="cores of each CPU instance: its torch and OpenCV threads, and the cores it is pinned to, disjoint across "
+        "the repository; 0: the instances share the cores left",
+    ),
+    "pin_cores": Param(bool, True, doc="with cores_per_worker: pin each CPU instance to its own cores"),
+    "oversubscribe": Param(bool, False, doc="with cores_per_worker: allow more cores in all than the host has"),
     "batching_timeout": Param(float, 0.0, low=0.0, high=60_000.0, doc="ms a batch waits to fill"),
     "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size); of shapes, the largest first dim"),
     "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
@@ -98,6 +110,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 @dataclass
 class NodeSettings:
     instance_num: int = 1
+    #: threads (and pinned cores) of each CPU instance; 0: a share of the cores nobody asked for
+    cores_per_worker: int = 0
+    pin_cores: bool = True
+    oversubscribe: bool = False
     batching_timeout: float = 0.0
     max: int = 1
     gpus: tuple[int, ...] = ()
@@ -149,6 +165,8 @@ class Graph:
     name: str
     nodes: dict[str, Node]  # in topological order, entry first
     plugins: list[Path] = field(default_factory=list)
+    #: the folder of the models exported from a pipeline list; it lives as long as the graph
+    exports: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def entry(self) -> Node:
@@ -217,22 +235,37 @@ def compose_config(
 
 
 def load_graph(
-    config: dict[str, Any] | str | Path,
+    config: dict[str, Any] | list | str | Path,
     *,
     name: str | None = None,
     plugins: list[str | Path] = (),
     base_dir: str | Path | None = None,
 ) -> Graph:
-    """Turn a configuration (dict, or a TOML/JSON path) into a validated :class:`Graph`.
+    """Turn a configuration (dict, ``(name, stage, config)`` list, or a TOML/JSON path) into a validated :class:`Graph`.
 
     Relative file parameters (``model=``) are resolved against ``base_dir``, which defaults
     to the configuration file's folder, or the working directory for a dict.
     """
+    source = importing_file()
+    if source is not None:
+        raise ConfigError(
+            f"{source} builds a pipeline when it is imported, and the server imports it for its stages; "
+            "put that code under if __name__ == \"__main__\":"
+        )
+    if isinstance(config, (list, tuple)):
+        exports = tempfile.TemporaryDirectory(prefix="tritonpipe-exports-")
+        try:
+            graph = load_graph(node_tables(config, Path(exports.name)), name=name, plugins=plugins, base_dir=base_dir)
+        except BaseException:
+            exports.cleanup()
+            raise
+        graph.exports = exports
+        return graph
     if isinstance(config, (str, Path)):
         base_dir = base_dir or Path(config).resolve().parent
         config = read_config_file(config)
     if not isinstance(config, dict) or not config:
-        raise ConfigError("a configuration must be a non-empty dict or a TOML/JSON file")
+        raise ConfigError("a configuration must be a non-empty dict, a list of (name, stage, config) or a TOML/JSON file")
     _check_keys(config)
     config = _merge_global(config)  # a new dict: the keys taken out below stay in the caller's
     base = Path(base_dir or Path.cwd()).resolve()
@@ -474,6 +507,17 @@ def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     if any(g < 0 for g in gpus):
         raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
     return gpus
+
+
+def _check_workers(where: str, raw: dict[str, Any]) -> None:
+    """``worker_num`` (BigDL-Nano's name) and ``instance_num`` may both be given only if they agree."""
+    if "worker_num" in raw and "instance_num" in raw:
+        workers, instances = (TRITON_KEYS[key].coerce(key, raw[key]) for key in ("worker_num", "instance_num"))
+        if workers != instances:
+            raise ConfigError(
+                f"{where}: worker_num = {workers} and instance_num = {instances} disagree; worker_num is another "
+                "name for instance_num: give one of them"
+            )
 
 
 def _parse_gpu_instances(where: str, text: str) -> tuple[tuple[int, int], ...]:

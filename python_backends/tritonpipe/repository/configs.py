@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..pipeline.grammar import render
 from ..pipeline.graph import NodeSettings
 from ..spec import ENCODED_IMAGE, TensorSpec
+from .cores import host_cores, share_cores
 from .plan import ModelPlan, Port, RepositoryPlan
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -72,6 +73,8 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # cheaper than Triton fetching each response's GPU tensor on its own
         host_outputs=on_gpu and terminal,
         execution_timeout=model.settings.execution_timeout,
+        # decided over every model at once: each instance is a process with threads of its own
+        cores=share_cores(model.peers, device, host_cores()).get(model.name),
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)
