@@ -37,6 +37,27 @@ def resize_bilinear(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor
     return F.interpolate(image.float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
 
 
+def resize_bilinear_many(images: list[torch.Tensor], out_h: int, out_w: int) -> list[torch.Tensor]:
+    """``resize_bilinear`` of each image, with one kernel per distinct input shape, dtype and device.
+
+    A batch of decoded photos holds a few sizes; stacking each size cuts the launches from one
+    per image to one per size.  Each result equals ``resize_bilinear`` of its image.
+    """
+    check_side("resize_h", out_h)
+    check_side("resize_w", out_w)
+    groups: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        check_nchw(image, "resize_bilinear_many")
+        groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(index)
+    results: list[torch.Tensor | None] = [None] * len(images)
+    for indices in groups.values():
+        stacked = torch.cat([images[i] for i in indices]) if len(indices) > 1 else images[indices[0]]
+        resized = F.interpolate(stacked.float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
+        for row, index in enumerate(indices):
+            results[index] = resized[row : row + 1]
+    return results
+
+
 def resize_bilinear_mat(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """HxWxC uint8 CPU tensor -> HxWxC uint8, OpenCV's INTER_LINEAR."""
     check_hwc(image, "resize_bilinear_mat")

@@ -140,7 +140,6 @@ class NodeSettings:
         return bool(self.max_queue_size or self.queue_timeout or self.priority_levels or self.allow_timeout_override)
 
 
-
 @dataclass(frozen=True)
 class MapLink:
     """``map = "source[source_key:target_key]"``: the node reads ``target_key`` from ``source``'s ``source_key``."""
@@ -507,17 +506,6 @@ def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
     if any(g < 0 for g in gpus):
         raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
     return gpus
-
-
-def _check_workers(where: str, raw: dict[str, Any]) -> None:
-    """``worker_num`` (BigDL-Nano's name) and ``instance_num`` may both be given only if they agree."""
-    if "worker_num" in raw and "instance_num" in raw:
-        workers, instances = (TRITON_KEYS[key].coerce(key, raw[key]) for key in ("worker_num", "instance_num"))
-        if workers != instances:
-            raise ConfigError(
-                f"{where}: worker_num = {workers} and instance_num = {instances} disagree; worker_num is another "
-                "name for instance_num: give one of them"
-            )
 
 
 def _parse_gpu_instances(where: str, text: str) -> tuple[tuple[int, int], ...]:

@@ -12,7 +12,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..contract import ModelParams
 from ..engines.base import NativeModel
 from ..errors import ConfigError
-from ..pipeline.grammar import render
 from ..pipeline.graph import NodeSettings
 from ..spec import ENCODED_IMAGE, TensorSpec
 from .cores import host_cores, share_cores
@@ -64,7 +63,7 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
 
     on_gpu = config.instance_group[0].kind != mc.ModelInstanceGroup.KIND_CPU
     params = ModelParams(
-        pipeline=render(model.tree),
+        pipeline=model.tree.render(),
         inputs={p.name: p.key for p in model.inputs},
         outputs={p.name: p.key for p in model.outputs},
         plugins=list(plugins),

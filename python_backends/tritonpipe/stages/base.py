@@ -30,6 +30,8 @@ from ..registry import Registry, did_you_mean, origin
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 
 _REQUIRED = object()
+#: ``Stage.max()`` of a stage that takes batches of any size
+UNBOUNDED = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,11 @@ class Stage:
         raise NotImplementedError
 
     def max(self) -> int:
-        return 1
+        """The most items one ``forward`` call takes; a chain splits larger batches to fit.
 
-    def min(self) -> int:
-        return 1
+        Unbounded by default; a stage that handles one item at a time returns 1.
+        """
+        return UNBOUNDED
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
@@ -146,13 +149,6 @@ class Stage:
         return spec
 
     @classmethod
-    def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
-        """Outputs besides ``result`` that the stage writes into each item, by item key."""
-        return {}
-
-
-class MapStage(Stage):
-    @classmethod
     def entry_spec(cls, params: dict[str, Any]) -> TensorSpec:
         """What the request carries as ``data`` when this stage comes first in a pipeline.
 
@@ -160,6 +156,13 @@ class MapStage(Stage):
         """
         return ENCODED_IMAGE
 
+    @classmethod
+    def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        """Outputs besides ``result`` that the stage writes into each item, by item key."""
+        return {}
+
+
+class MapStage(Stage):
     """A stage that handles one request at a time; a failure stays with its request."""
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:

@@ -121,6 +121,10 @@ class DecodeTensor(Stage):
             str, "torchvision", choices=jpeg.GPU_DECODERS,
             doc="GPU decoder: nvjpeg through torchvision, or nvImageCodec (hardware JPEG engine where the GPU has one)",
         ),
+        "hw_decoder_load": Param(
+            float, jpeg.HW_DECODER_LOAD, low=0.0, high=1.0,
+            doc="with decoder=nvimgcodec: share of a batch the hardware JPEG engines take; the CUDA decoder takes the rest",
+        ),
     }
 
     def init(self, params: dict[str, Any]) -> None:
@@ -129,6 +133,7 @@ class DecodeTensor(Stage):
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.decoder = params["decoder"]
+        self.hw_decoder_load = params["hw_decoder_load"]
         if self.decoder == "nvimgcodec" and not jpeg.nvimgcodec_available():
             raise ConfigError(
                 "DecodeTensor(decoder=nvimgcodec) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
@@ -146,7 +151,7 @@ class DecodeTensor(Stage):
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
         decoded = jpeg.decode_jpeg_tensor(
             [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
-            gpu_decoder=self.decoder,
+            gpu_decoder=self.decoder, hw_decoder_load=self.hw_decoder_load,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
@@ -262,6 +267,22 @@ class ResizeTensor(_Resize):
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         image = _nchw(data, self.name).to(self.device, non_blocking=True)
         return geometry.resize_bilinear(image, self.height, self.width)
+
+    def forward(self, batch: list[dict[str, Any]]) -> None:
+        # the batch's images of one size are resized together; a bad one still fails alone
+        good: list[tuple[dict[str, Any], torch.Tensor]] = []
+        for item in batch:
+            try:
+                good.append((item, _nchw(item["data"], self.name).to(self.device, non_blocking=True)))
+            except Exception as exc:  # noqa: BLE001 - the error belongs to this request
+                item["error"] = exc
+        try:
+            resized = geometry.resize_bilinear_many([image for _, image in good], self.height, self.width)
+        except Exception:  # noqa: BLE001 - find the one image at fault, one by one
+            super().forward([item for item, _ in good])
+            return
+        for (item, _), image in zip(good, resized):
+            item["result"] = image
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:

@@ -10,6 +10,7 @@ from tritonpipe.kernels.geometry import (
     MAX_SIDE,
     parse_pad_value,
     resize_bilinear,
+    resize_bilinear_many,
     resize_bilinear_mat,
     resize_pad,
 )
@@ -109,3 +110,20 @@ def test_resize_pad_fits_top_left_and_pads(device, source, box, fitted):
     sx, sy, tx, ty = inverse[0].tolist()
     assert inverse.shape == (1, 4) and inverse.device.type == device
     assert (sx * fitted[1] + tx, sy * fitted[0] + ty) == pytest.approx((source[1], source[0]))
+
+
+def test_resize_many_equals_one_by_one_across_sizes_and_dtypes():
+    rng = torch.Generator().manual_seed(0)
+    shapes = [(1, 3, 37, 53), (1, 3, 64, 48), (1, 3, 37, 53), (1, 1, 20, 20), (1, 3, 64, 48), (1, 3, 37, 53)]
+    images = [torch.randint(0, 256, s, generator=rng, dtype=torch.uint8) for s in shapes]
+    images[3] = images[3].float()
+    many = resize_bilinear_many(images, 24, 32)
+    for image, got in zip(images, many):
+        assert torch.equal(got, resize_bilinear(image, 24, 32))
+
+
+def test_resize_many_checks_its_arguments():
+    with pytest.raises(ValueError, match="resize_h"):
+        resize_bilinear_many([torch.zeros(1, 3, 4, 4)], 0, 4)
+    with pytest.raises(ValueError, match="1xCxHxW"):
+        resize_bilinear_many([torch.zeros(3, 4, 4)], 4, 4)
