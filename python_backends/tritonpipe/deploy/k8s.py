@@ -32,6 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..errors import ConfigError
 from ..pipeline.grammar import parse_backend
+from ..repository.generate import swap_into_place
 
 try:
     from ..contract import PARAM_PIPELINE, PARAM_WARMUP
@@ -752,13 +753,7 @@ def write_manifests(manifests: Manifests, folder: str | os.PathLike, overwrite: 
             target = staging / manifest.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(manifest.text())
-        if folder.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, trash / "old")
-            os.replace(staging, folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        swap_into_place(staging, folder)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"cannot write the manifests to {folder}: {exc}") from None

@@ -167,6 +167,20 @@ def check_target(output: Path, overwrite: bool) -> None:
         )
 
 
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Move a finished folder to ``target``, replacing what is there with two renames.
+
+    ``staging`` must sit beside ``target`` (same file system), so readers never see half of it.
+    """
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, trash / "old")
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
 def write_repository(
     configs: dict[str, mc.ModelConfig], files: ModelFiles, output: str | Path, *, entry: str, overwrite: bool = False
 ) -> Path:
@@ -199,13 +213,7 @@ def write_repository(
         # mkdtemp makes 0700 folders; a server running as another user must be able to read them
         for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
             folder.chmod(0o755)
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(staging, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        swap_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

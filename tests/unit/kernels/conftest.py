@@ -1,3 +1,5 @@
+import torch
+
 """A per-release parity table at the end of the run (filled by test_pillow_releases.py)."""
 
 import pytest
@@ -20,3 +22,13 @@ def pytest_terminal_summary(terminalreporter):
     rows = sorted(_ROWS, key=lambda row: (tuple(int(part) for part in row[0].split(".")), row[2]))
     for row in (_HEADER, *rows):
         terminalreporter.write_line("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # kernel tests run hundreds of small tensor ops; on a busy 2-core box intra-op threads only add
+    # contention and make the run erratic
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

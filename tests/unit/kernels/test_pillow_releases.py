@@ -54,14 +54,6 @@ CUDA = torch.cuda.is_available()
 WHEELS = ("9.5.0", "10.4.0", "11.3.0", "12.0.0", "12.1.1", "12.2.0", "12.3.0", "13.0.0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Hundreds of small resizes: on a 2-core box intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------- cases
 

@@ -20,15 +20,6 @@ CUDA = torch.cuda.is_available()
 INSTALLED = release_line(PIL.__version__)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are small; on a busy 2-core box intra-op threads only add
-    # contention and make the timings erratic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------- helpers
 
