@@ -1,8 +1,7 @@
-import torch
-
-"""A per-release parity table at the end of the run (filled by test_pillow_releases.py)."""
+"""A per-release parity table at the end of the run (filled by test_pillow_releases.py); one torch thread."""
 
 import pytest
+import torch
 
 _ROWS: list[tuple[str, ...]] = []
 _HEADER = ("Pillow", "line", "device", "exact pairs", "max |diff|")
