@@ -21,7 +21,6 @@ PARAM_PLUGINS = "tritonpipe.plugins"
 PARAM_WARMUP = "tritonpipe.warmup"
 PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
-PARAM_PREFETCH_CHUNK = "tritonpipe.prefetch_chunk"
 PARAM_CORES = "tritonpipe.cores"
 
 _WARMUP_OFF = ("off", "none", "no", "false", "0")
@@ -83,8 +82,6 @@ class ModelParams:
         execution_timeout: seconds one batch may run before its requests fail and the stub
             exits, so that it is replaced; 0 for no limit.
         cores: the threads and cores of each CPU instance; None: the instance decides.
-        prefetch_chunk: a GPU instance runs the chain's first stage on the next chunk of this many
-            requests while the rest works on the current one; 0 runs the batch whole.
     """
 
     pipeline: str
@@ -95,7 +92,6 @@ class ModelParams:
     host_outputs: bool = False
     execution_timeout: float = 0.0
     cores: CpuCores | None = None
-    prefetch_chunk: int = 0
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -114,8 +110,6 @@ class ModelParams:
             params[PARAM_EXECUTION_TIMEOUT] = repr(float(self.execution_timeout))
         if self.cores is not None:
             params[PARAM_CORES] = self.cores.encode()
-        if self.prefetch_chunk > 0:
-            params[PARAM_PREFETCH_CHUNK] = str(int(self.prefetch_chunk))
         return params
 
     @classmethod
@@ -132,12 +126,6 @@ class ModelParams:
             raise ConfigError(f"a tritonpipe parameter of the model config is not valid JSON: {exc}") from None
         warmup = params.get(PARAM_WARMUP, "")
         try:
-            prefetch_chunk = int(params.get(PARAM_PREFETCH_CHUNK, "0"))
-        except ValueError:
-            raise ConfigError(
-                f"parameter {PARAM_PREFETCH_CHUNK!r} must be a whole number, got {params[PARAM_PREFETCH_CHUNK]!r}"
-            ) from None
-        try:
             execution_timeout = float(params.get(PARAM_EXECUTION_TIMEOUT, "0"))
         except ValueError:
             raise ConfigError(
@@ -153,7 +141,6 @@ class ModelParams:
             host_outputs=params.get(PARAM_HOST_OUTPUTS) == "yes",
             execution_timeout=execution_timeout,
             cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
-            prefetch_chunk=prefetch_chunk,
         )
 
     @classmethod

@@ -184,8 +184,7 @@ class TorchEngine:
                     self._call(static_in)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: a decoder running ahead on another thread and stream may keep working
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool):
                 static_out = self._call(static_in)
             self.graphs[key] = (graph, static_in, static_out)
             log.info("captured a CUDA graph for input shapes %s", key)

@@ -11,7 +11,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..errors import ConfigError, InternalError
 from ..pipeline.grammar import parse_backend
 from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
-from ..stages.control import Sequential, run_chain, run_chain_ahead
+from ..stages.control import run_chain
 
 #: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
 RESERVE_FACTOR = 4
@@ -97,14 +96,8 @@ class ModelRuntime:
         self.warmup = params.warmup
         self.host_outputs = params.host_outputs
         self.execution_timeout = params.execution_timeout
-        self.prefetch_chunk = params.prefetch_chunk
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
-        #: the thread that runs the chain's first stage ahead (prefetch_chunk), or None
-        self._ahead = None
-        chained = isinstance(self.root, Sequential) and len(self.root.children) > 1
-        if self.prefetch_chunk and self.device.type == "cuda" and chained:
-            self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonpipe-prefetch")
         self.last_stage = _last_leaf(self.root).name
 
     def run(self, items: list[dict[str, Any]]) -> None:
@@ -114,10 +107,7 @@ class ModelRuntime:
             data = item.get(first)
             if self.max_batch > 0 and isinstance(data, torch.Tensor) and data.dim() > 0:
                 item[REQUEST_ROWS] = data.shape[0]
-        if self._ahead is not None:
-            run_chain_ahead(self.root.children, items, self.prefetch_chunk, self._ahead)
-        else:
-            run_chain([self.root], items)
+        run_chain([self.root], items)
 
     def warm_up(self) -> tuple[int, str | None]:
         """Run the chain on sample requests at load, once per batch bucket, largest first.

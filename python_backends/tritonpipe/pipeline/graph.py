@@ -64,11 +64,6 @@ TRITON_KEYS = {
         float, 60.0, low=0.0, high=86_400.0,
         doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
     ),
-    "prefetch_chunk": Param(
-        int, 0, low=0, high=1 << 20,
-        doc="GPU instances decode the next chunk of this many requests while the rest of the chain works on "
-        "the current one, on a CUDA stream of their own; 0: the batch runs whole",
-    ),
     "instances_per_gpu": Param(
         str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id",
     ),
@@ -127,8 +122,6 @@ class NodeSettings:
     warmup: tuple[int, int] | None = (1080, 1920)
     #: seconds a batch may run before the instance gives up on it; 0 for no limit
     execution_timeout: float = 60.0
-    #: requests per chunk when the first stage runs ahead of the rest (GPU instances); 0: off
-    prefetch_chunk: int = 0
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = ()
     preferred_batch_sizes: tuple[int, ...] = ()

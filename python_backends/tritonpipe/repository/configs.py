@@ -72,7 +72,6 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # cheaper than Triton fetching each response's GPU tensor on its own
         host_outputs=on_gpu and terminal,
         execution_timeout=model.settings.execution_timeout,
-        prefetch_chunk=model.settings.prefetch_chunk if on_gpu else 0,
         # decided over every model at once: each instance is a process with threads of its own
         cores=share_cores(model.peers, device, host_cores()).get(model.name),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from typing import Any, Protocol
 
@@ -87,18 +86,14 @@ def _caught_mutating(stage: Stage) -> None:
         stage.mutates_inputs = True
 
 
-def run_chain(stages: list[Stage], batch: list[dict[str, Any]], sink: StageSink | None = None) -> None:
-    """Feed each stage's ``result`` to the next as ``data``; failed items drop out.
-
-    Each leaf stage's time goes to ``sink``, by default the one :func:`set_stage_sink` set.
-    """
-    sink_for_chain = _sink if sink is None else sink
+def run_chain(stages: list[Stage], batch: list[dict[str, Any]]) -> None:
+    """Feed each stage's ``result`` to the next as ``data``; failed items drop out."""
     for stage in stages:
         alive = [item for item in batch if "error" not in item]
         if not alive:
             return
         # wrappers are timed through their children, so each second is counted once
-        sink = sink_for_chain if not getattr(stage, "children", None) else None
+        sink = _sink if not getattr(stage, "children", None) else None
         started = time.perf_counter() if sink is not None else 0.0
         # as torchpipe's Sequential: a stage never gets more items at once than its max() says
         size = max(1, stage.max())
@@ -114,64 +109,6 @@ def run_chain(stages: list[Stage], batch: list[dict[str, Any]], sink: StageSink 
         if sink is not None:
             # the time of the stage's Python calls: GPU work it only queued counts where it is waited for
             sink.record(stage.name, time.perf_counter() - started, len(alive), [i["error"] for i in alive if "error" in i])
-
-
-class _Held:
-    """Stage records taken on the prefetch thread, handed to the real sink on the chain's thread."""
-
-    def __init__(self) -> None:
-        self.records: queue.SimpleQueue = queue.SimpleQueue()
-
-    def record(self, stage: str, seconds: float, images: int, errors: list[BaseException]) -> None:
-        self.records.put((stage, seconds, images, errors))
-
-    def flush(self, sink: StageSink) -> None:
-        while not self.records.empty():
-            sink.record(*self.records.get_nowait())
-
-
-def run_chain_ahead(stages: list[Stage], batch: list[dict[str, Any]], chunk: int, pool) -> None:
-    """``run_chain`` with the first stage one chunk ahead of the others, on a CUDA stream of its own.
-
-    The first stage (a decoder) of chunk k+1 runs on ``pool``'s thread while this thread runs the
-    other stages on chunk k, so the decoder's host work (parsing, Huffman decoding, submitting)
-    overlaps the GPU work of the rest.  Each chunk's tensors are handed over through an event, and
-    marked as used on this thread's stream so the allocator does not reuse them early.  The
-    results are the same as ``run_chain``'s.
-    """
-    first, rest = stages[0], stages[1:]
-    device = first.device
-    if device.type != "cuda" or not rest or chunk <= 0 or len(batch) <= chunk:
-        run_chain(stages, batch)
-        return
-    main = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(main)  # the requests' tensors may still be arriving on the main stream
-    parts = [batch[start : start + chunk] for start in range(0, len(batch), chunk)]
-
-    report = _sink
-    held = _Held()  # the metrics sink is called from this thread only
-
-    def head(part: list[dict[str, Any]]) -> torch.cuda.Event:
-        with torch.cuda.stream(side):
-            run_chain([first], part, sink=held if report is not None else None)
-            done = torch.cuda.Event()
-            done.record(side)
-        return done
-
-    ahead = pool.submit(head, parts[0])
-    for index, part in enumerate(parts):
-        done = ahead.result()
-        if index + 1 < len(parts):
-            ahead = pool.submit(head, parts[index + 1])
-        if report is not None:
-            held.flush(report)
-        main.wait_event(done)
-        for item in part:
-            for value in item.values():
-                if isinstance(value, torch.Tensor) and value.is_cuda:
-                    value.record_stream(main)
-        run_chain(rest, part)
 
 
 class Container(Stage):
