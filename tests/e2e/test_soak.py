@@ -57,7 +57,8 @@ def test_soak_loses_nothing_and_does_not_leak(server):
 
 def test_cli_against_a_running_server(server, tmp_path, capsys):
     out = tmp_path / "soak.json"
-    argv = ["--url", server.http_url, "--protocol", "http", "--requests", "300", "--concurrency", "8",
+    # an owned server does not list its models to clients: name the entry model
+    argv = ["--url", server.http_url, "--model", server.entry, "--protocol", "http", "--requests", "300", "--concurrency", "8",
             "--warmup", "20", "--bad-fraction", "0.1", "--json", str(out), "--no-progress"]
     assert main(argv) == 0
     assert "rejected as expected" in capsys.readouterr().out

@@ -125,8 +125,9 @@ class PipelineClient:
                 raise
             raise InferError(
                 f"the server at {self.url} does not list its models to clients ({status_of(exc)}: tritonpipe-serve keeps "
-                "its model-repository API to itself); pass the model to call: model= (--model), the entry model "
-                "tritonpipe-generate printed", "UNAVAILABLE",
+                "its model-repository API to itself); name the model to call: model= or --model (the entry model "
+                "tritonpipe generate printed), or give the repository folder where the tool takes one (--repository)",
+                "UNAVAILABLE",
             ) from None
         models = index["models"] if isinstance(index, dict) else index
         names = [m["name"] for m in models if m.get("state", "READY") == "READY"]

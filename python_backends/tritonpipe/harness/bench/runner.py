@@ -344,7 +344,8 @@ def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tupl
 
 
 def _measure_dali(
-    repo, baseline: Baseline | None, corpus: Corpus, inproc: list[Row], steps: list[StepTimes], options: BenchOptions, say
+    repo, baseline: Baseline | None, corpus: Corpus, inproc: list[Row], steps: list[StepTimes], options: BenchOptions,
+    header: dict[str, str], say,
 ) -> list[Row]:
     """DALI's preprocessing beside tritonpipe's own, and DALI followed by the same model stage."""
     from .dali import dali_available, run_dali
@@ -358,11 +359,12 @@ def _measure_dali(
         rows.append(Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms if per_image_ms else None,
                         note="tritonpipe's preprocessing model alone, from the in-process run's per-model times"))
     missing = dali_available()
+    if missing is None and pick_device(options.device).type != "cuda":
+        missing = "DALI's mixed decoder needs a GPU"
     if missing is not None:
+        # not a failed measurement: the report says once why DALI is absent, and the rest stands
         say(f"[dali] not measured: {missing}")
-        return rows + [Row("dali", options.inprocess_batch, None, note=missing)]
-    if pick_device(options.device).type != "cuda":
-        say("[dali] not measured: DALI's mixed decoder needs a GPU")
+        header["DALI"] = f"not measured: {missing}"
         return rows
     size = _model_input_size(repo)
     try:
@@ -471,7 +473,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             rows += more_rows
             steps += more_steps
         if "dali" in options.systems:
-            rows += _measure_dali(repo, baseline, corpus, rows, steps, options, say)
+            rows += _measure_dali(repo, baseline, corpus, rows, steps, options, header, say)
     # other work on the host skews every number; this makes a busy host visible
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
     text = markdown(rows, steps, header)
