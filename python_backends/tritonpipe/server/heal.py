@@ -114,7 +114,12 @@ class Supervisor:
     def _run(self) -> None:
         while not self._stop.wait(self.policy.poll_s):
             try:
-                if self.server.process.poll() is not None:
+                code = self.server.process.poll()
+                if code == 0:
+                    # a clean exit: someone stopped the server (SIGINT, SIGTERM) and it drained; not a crash
+                    log.info("tritonserver exited cleanly; not restarting it")
+                    return
+                if code is not None:
                     if not self._restart_server():
                         return
                     continue

@@ -157,6 +157,15 @@ def test_a_crashed_server_is_restarted_on_the_same_ports(tmp_path):
     server.log_path.unlink()
 
 
+def test_a_server_stopped_from_outside_is_not_restarted(tmp_path):
+    with TritonServer(tmp_path) as server:
+        first = server.process
+        first.send_signal(signal.SIGINT)  # as an operator or an orchestrator stops it
+        assert first.wait(60) == 0
+        time.sleep(3 * server.supervisor.policy.poll_s + server.supervisor.policy.backoff_s)
+        assert server.process is first and server.supervisor.restarts == 0
+
+
 def test_progress_is_read_per_model_from_tritons_metrics():
     text = "\n".join([
         '# HELP nv_inference_request_success Number of successful inference requests',
