@@ -57,25 +57,22 @@ def describe_model(path: Path, params: dict[str, Any]) -> tuple[list[TensorIO], 
     """The model file's own inputs and outputs (before any postprocessor)."""
     if not path.is_file():
         raise ConfigError(f"model file {str(path)!r} does not exist")
-    if model_kind(path) == "plan":  # described by its sidecar file, which may change on its own
+    kind = model_kind(path)
+    if kind == "plan":  # described by its sidecar file, which may change on its own
         inputs, outputs, _ = tensorrt_engine.describe_plan(path)
         return inputs, outputs
+    if kind != "onnx":  # the torch engine keeps its own cache of what each file version holds
+        return torch_engine.describe_torch(path, params.get("inputs", ""), params.get("outputs", ""))
     stat = path.stat()
-    inputs, outputs = _describe_file(str(path), stat.st_mtime_ns, stat.st_size, params.get("inputs", ""), params.get("outputs", ""))
+    inputs, outputs = _describe_onnx_file(str(path), stat.st_mtime_ns, stat.st_size)
     return list(inputs), list(outputs)
 
 
 @functools.lru_cache(maxsize=64)
-def _describe_file(
-    name: str, mtime_ns: int, size: int, inputs: str, outputs: str
-) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
+def _describe_onnx_file(name: str, mtime_ns: int, size: int) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
     """Planning asks for a model's tensors several times; the file is opened once per version of it."""
-    path = Path(name)
-    if model_kind(path) == "onnx":
-        ins, outs = describe_onnx(path)
-    else:
-        ins, outs = torch_engine.describe_torch(path, inputs, outputs)
-    return tuple(ins), tuple(outs)
+    inputs, outputs = describe_onnx(Path(name))
+    return tuple(inputs), tuple(outputs)
 
 
 def pick_engine(kind: str, requested: str, *, tensorrt: bool, cuda: bool, onnxruntime: bool) -> tuple[str, str]:
