@@ -17,6 +17,7 @@ import torch
 import torchvision.io as tvio
 
 from ..errors import StageError
+from . import nvimgcodec
 
 MAX_PIXELS = 5000 * 5000
 
@@ -39,6 +40,9 @@ DECODER_TOLERANCE = {
     # upsampling") and nvjpeg evidently does not, so sharp colour edges differ a
     # lot while flat areas agree (measured on an H200: max 96, mean 4.2).
     "cuda_upsampled": {"max_abs": 128, "mean_abs": 6.0},
+    # nvImageCodec with fancy_upsampling: nvjpeg interpolates 4:2:0 and 4:2:2 chroma as
+    # libjpeg-turbo does.
+    "cuda_fancy": {"max_abs": 4, "mean_abs": 0.25},
 }
 
 # Writers may leave a few bytes (zeros, 0xFF fill, a newline) after EOI; files
@@ -275,59 +279,20 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torc
 
 
 GPU_DECODERS = ("torchvision", "nvimgcodec")
-#: one decoder per (device, hardware share): creating one allocates the engines' buffers
-_nvimgcodec_decoders: dict[tuple[int, float], object] = {}
-#: share of a batch sent to the hardware JPEG engines by default; the rest goes to the CUDA
-#: decoder at the same time (0.65 was DALI's best on an H200, where its 7 engines saturate first)
-HW_DECODER_LOAD = 0.65
-
-
-def nvimgcodec_available() -> bool:
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _nvimgcodec_decoder(index: int, hw_load: float):
-    from nvidia import nvimgcodec
-
-    decoder = _nvimgcodec_decoders.get((index, hw_load))
-    if decoder is None:
-        kinds = nvimgcodec.BackendKind
-        backends = [nvimgcodec.Backend(kinds.HYBRID_CPU_GPU), nvimgcodec.Backend(kinds.CPU_ONLY)]
-        if hw_load > 0:
-            # the engines take their share and the CUDA decoder the rest of the same batch, at once
-            backends.insert(0, nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=hw_load))
-        decoder = _nvimgcodec_decoders[(index, hw_load)] = nvimgcodec.Decoder(device_id=index, backends=backends)
-    return decoder
 
 
 def _decode_on_gpu_nvimgcodec(
-    datas: list[torch.Tensor], device: torch.device, hw_load: float = HW_DECODER_LOAD
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, settings: nvimgcodec.Settings
 ) -> list[torch.Tensor | None]:
-    """nvImageCodec decode, splitting the batch between the hardware JPEG engines and the CUDA decoder.
-
-    None where it failed.
-    """
-    from nvidia import nvimgcodec
-
+    """nvImageCodec decode (see :mod:`.nvimgcodec`); None where it failed or gave the wrong shape."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    decoder = _nvimgcodec_decoder(index, hw_load)
-    # orientation is applied by this module for every decoder alike
-    params = nvimgcodec.DecodeParams(
-        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.SampleFormat.P_RGB
-    )
-    streams = [nvimgcodec.CodeStream(data.numpy()) for data in datas]  # reads the request's bytes in place
-    images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+    stream = torch.cuda.current_stream(device)
+    images = nvimgcodec.decode([data.numpy() for data in datas], index, stream.cuda_stream, settings)
     results: list[torch.Tensor | None] = []
-    for image in images:
-        if image is None:
-            results.append(None)
-            continue
-        planar = torch.from_dlpack(image)  # P_RGB asks for 3xHxW, the layout the stages use
-        if planar.dim() != 3 or planar.shape[0] != 3:
+    for image, info in zip(images, infos):
+        # DLPack orders the tensor on this thread's current stream, after the decode
+        planar = torch.from_dlpack(image) if image is not None else None
+        if planar is None or tuple(planar.shape) != (3, info.height, info.width):
             results.append(None)
             continue
         results.append(planar)
@@ -341,20 +306,24 @@ def decode_jpeg_tensor(
     apply_exif: bool = False,
     max_pixels: int = MAX_PIXELS,
     gpu_decoder: str = "torchvision",
-    hw_decoder_load: float = HW_DECODER_LOAD,
+    settings: nvimgcodec.Settings | None = None,
 ) -> list[torch.Tensor | StageError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input.
 
-    ``gpu_decoder`` picks nvjpeg through torchvision or nvImageCodec on CUDA devices.
+    ``gpu_decoder`` picks nvjpeg through torchvision or nvImageCodec (with ``settings``) on CUDA
+    devices.
     """
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
     device = torch.device(device)
     if gpu_decoder == "nvimgcodec":
-        def decode_on_gpu(batch, dev):
-            return _decode_on_gpu_nvimgcodec(batch, dev, hw_decoder_load)
+        chosen = settings or nvimgcodec.Settings()
+
+        def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
+            return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, chosen)
     else:
-        decode_on_gpu = _decode_on_gpu
+        def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
+            return _decode_on_gpu([datas[i] for i in indices], device)
     results: list[torch.Tensor | StageError | None] = [None] * len(datas)
     infos: list[JpegInfo | None] = [None] * len(datas)
     for i, data in enumerate(datas):
@@ -371,7 +340,7 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
-            for i, image in zip(on_gpu, decode_on_gpu([datas[i] for i in on_gpu], device)):
+            for i, image in zip(on_gpu, decode_on_gpu(on_gpu)):
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:

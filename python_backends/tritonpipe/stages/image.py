@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, StageError
 from ..kernels import color as color_kernels
-from ..kernels import decode, geometry, jpeg
+from ..kernels import decode, geometry, jpeg, nvimgcodec
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
@@ -122,8 +122,20 @@ class DecodeTensor(Stage):
             doc="GPU decoder: nvjpeg through torchvision, or nvImageCodec (hardware JPEG engine where the GPU has one)",
         ),
         "hw_decoder_load": Param(
-            float, jpeg.HW_DECODER_LOAD, low=0.0, high=1.0,
+            float, nvimgcodec.HW_DECODER_LOAD, low=0.0, high=1.0,
             doc="with decoder=nvimgcodec: share of a batch the hardware JPEG engines take; the CUDA decoder takes the rest",
+        ),
+        "decode_threads": Param(
+            int, 1, low=1, high=nvimgcodec.MAX_THREADS,
+            doc="with decoder=nvimgcodec: decoders that share out each batch and work on it at once, one thread each",
+        ),
+        "decode_cpu_threads": Param(
+            int, 0, low=0, high=1024,
+            doc="with decoder=nvimgcodec: host threads of each decoder (parsing, Huffman decoding); 0: one per core",
+        ),
+        "fancy_upsampling": Param(
+            bool, False,
+            doc="with decoder=nvimgcodec: interpolate 4:2:0/4:2:2 chroma as libjpeg-turbo and Pillow do, instead of replicating it",
         ),
     }
 
@@ -133,8 +145,18 @@ class DecodeTensor(Stage):
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.decoder = params["decoder"]
-        self.hw_decoder_load = params["hw_decoder_load"]
-        if self.decoder == "nvimgcodec" and not jpeg.nvimgcodec_available():
+        self.settings = nvimgcodec.Settings(
+            hw_load=params["hw_decoder_load"],
+            threads=params["decode_threads"],
+            cpu_threads=params["decode_cpu_threads"],
+            fancy_upsampling=params["fancy_upsampling"],
+        )
+        if self.decoder != "nvimgcodec" and params["fancy_upsampling"]:
+            raise ConfigError(
+                "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
+                "on the CPU every decoder already interpolates it"
+            )
+        if self.decoder == "nvimgcodec" and not nvimgcodec.available():
             raise ConfigError(
                 "DecodeTensor(decoder=nvimgcodec) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
                 "(or -cu13) and nvidia-nvjpeg for the same CUDA, or use decoder=torchvision"
@@ -151,7 +173,7 @@ class DecodeTensor(Stage):
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
         decoded = jpeg.decode_jpeg_tensor(
             [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
-            gpu_decoder=self.decoder, hw_decoder_load=self.hw_decoder_load,
+            gpu_decoder=self.decoder, settings=self.settings,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):

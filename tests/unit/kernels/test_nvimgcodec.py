@@ -15,11 +15,12 @@ from PIL import Image
 
 from tritonpipe.errors import StageError
 from tritonpipe.kernels import jpeg as J
+from tritonpipe.kernels import nvimgcodec
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not J.nvimgcodec_available(), reason="needs nvImageCodec (nvidia-nvimgcodec-cu12/-cu13)"),
+    pytest.mark.skipif(not nvimgcodec.available(), reason="needs nvImageCodec (nvidia-nvimgcodec-cu12/-cu13)"),
     pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning:torchvision"),
 ]
 
@@ -56,11 +57,13 @@ def _check(image: torch.Tensor, data: bytes, tolerance: str) -> None:
     assert diff.max() <= limits["max_abs"] and diff.mean() <= limits["mean_abs"], (diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("hw_load", [0.0, 0.65, 1.0])
-def test_every_split_matches_pillow_in_order(hw_load):
+def test_every_split_matches_pillow_in_order(hw_load, threads):
     names = list(CASES) * 4  # a batch large enough for both decoders to take a share
     datas = [_tensor(CASES[n][0]) for n in names]
-    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvimgcodec", hw_decoder_load=hw_load)
+    settings = nvimgcodec.Settings(hw_load=hw_load, threads=threads)
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvimgcodec", settings=settings)
     for name, image in zip(names, results):
         assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
         _check(image, *CASES[name])
@@ -75,3 +78,39 @@ def test_a_bad_image_fails_alone():
     assert isinstance(results[1], StageError)
     for image in (results[0], results[2]):
         _check(image, good, "cuda_upsampled")
+
+
+@pytest.mark.parametrize("hw_load", [0.0, 1.0])
+@pytest.mark.parametrize("name", ["420", "422"])
+def test_fancy_upsampling_matches_pillow_chroma(name, hw_load):
+    data, _ = CASES[name]
+    settings = nvimgcodec.Settings(hw_load=hw_load, fancy_upsampling=True)
+    (image,) = J.decode_jpeg_tensor([_tensor(data)] * 1, torch.device("cuda"), gpu_decoder="nvimgcodec", settings=settings)
+    _check(image, data, "cuda_fancy")
+
+
+def _damaged(data: bytes, how: str) -> bytes:
+    """Headers and end marker intact, the entropy-coded data spoiled in the middle."""
+    middle = len(data) // 2
+    if how == "zeros":
+        return data[:middle] + bytes(2000) + data[middle + 2000 :]
+    if how == "noise":
+        noise = np.random.default_rng(7).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+        return data[:middle] + noise + data[middle + 2000 :]
+    return data[:middle] + b"\xff\xd9" + data[middle:]  # an early end marker, the rest after it
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_damaged_scans_among_good_images_keep_every_image_in_its_place(threads):
+    """Images of different sizes around damaged ones: a shifted result would show in size or pixels."""
+    goods = [_jpeg(96, 128, 10, subsampling=0), _jpeg(72, 100, 11, subsampling=0), _jpeg(40, 60, 12, subsampling=0)]
+    source = _jpeg(120, 160, 13, subsampling=0)
+    batch = [goods[0], _damaged(source, "zeros"), goods[1], _damaged(source, "noise"), goods[2], _damaged(source, "eoi")]
+    settings = nvimgcodec.Settings(hw_load=0.65, threads=threads)
+    results = J.decode_jpeg_tensor([_tensor(d) for d in batch], torch.device("cuda"), gpu_decoder="nvimgcodec", settings=settings)
+    for index in (0, 2, 4):
+        _check(results[index], batch[index], "cuda")
+    for index in (1, 3, 5):
+        result = results[index]
+        # nvjpeg and libjpeg-turbo may refuse a damaged scan or decode it with errors; either way at its own size
+        assert isinstance(result, StageError) or tuple(result.shape) == (3, 120, 160), (index, result)
