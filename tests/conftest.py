@@ -68,3 +68,27 @@ def pair_onnx(tmp_path_factory):
         dynamic_axes={name: {0: "n"} for name in ("x", "y", "scores", "shifted")}, opset_version=17, dynamo=False,
     )
     return path
+
+
+_FAKE_MPS_CONTROL = """#!/bin/sh
+echo "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY stdin=$(cat)" >> "{record}"
+{behaviour}
+"""
+
+
+@pytest.fixture
+def fake_mps_control(tmp_path):
+    """Makes a stand-in nvidia-cuda-mps-control in tmp_path: ``(program, record)``.
+
+    The stand-in appends its arguments, the MPS variables it was given and its stdin to ``record``
+    as one line per call, then runs ``behaviour`` (shell).
+    """
+
+    def make(behaviour: str = "exit 0"):
+        record = tmp_path / "mps-calls.txt"
+        program = tmp_path / "nvidia-cuda-mps-control"
+        program.write_text(_FAKE_MPS_CONTROL.format(record=record, behaviour=behaviour))
+        program.chmod(0o755)
+        return program, record
+
+    return make

@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     other.add_argument("--inprocess-batch", type=int, default=64, help="batch of the in-process run (default: %(default)s)")
     other.add_argument("--inprocess-seconds", type=float, default=10.0, help="how long it runs (default: %(default)s)")
     other.add_argument("--triton-home", help="folder of a bundle unpacked by tritonpipe bundle (else the nvidia-pytriton wheel)")
+    other.add_argument("--mps", action="store_true",
+                       help="serve under a CUDA MPS daemon of the server's own (see tritonpipe serve --mps)")
     other.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for the models to load")
     other.add_argument("-o", "--output", type=Path, default=Path("bench_results"), help="results folder (default: %(default)s)")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,7 +116,7 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
         instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
         baseline_instances=args.baseline_instances, device=args.device, triton_home=args.triton_home,
         output=args.output, inprocess_batch=args.inprocess_batch, inprocess_seconds=args.inprocess_seconds,
-        server_timeout=args.server_timeout, progress=not args.no_progress, command=command,
+        server_timeout=args.server_timeout, mps=args.mps, progress=not args.no_progress, command=command,
     )
 
 

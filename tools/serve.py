@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="owner: only the owner loads and unloads models (default); explicit: any client that "
                              "reaches the ports may, through Triton's model-repository API, and healing is off")
     parser.add_argument("--log-file", help="write the server's log here and keep it (default: a temporary file, kept on failure)")
+    parser.add_argument("--mps", action="store_true",
+                        help="run the GPU instances under a CUDA MPS daemon of the server's own, so that they share the "
+                             "GPU at once instead of in turns (needs nvidia-cuda-mps-control; see the README)")
     parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG", help="more tritonserver flags, after --")
     args = parser.parse_args(argv)
     if args.hang_timeout < 0:
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             install=locate_triton(args.triton_home), exit_timeout=args.exit_timeout, log_verbose=args.log_verbose,
             heal=heal, log_file=args.log_file, extra_args=tuple(args.triton_args), model_control=args.model_control,
+            mps=args.mps,
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

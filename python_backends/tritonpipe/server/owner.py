@@ -30,6 +30,7 @@ from ..errors import ConfigError, TritonpipeError
 from ..repository.generate import read_marker
 from .heal import HealPolicy, Supervisor
 from .install import TritonInstall, locate_triton
+from .mps import MpsDaemon, find_control
 
 READY_PATH = "/v2/health/ready"
 #: the header that opens Triton's model-control API, which the owner keeps to itself
@@ -104,6 +105,8 @@ class TritonServer:
         log_file: where the server's log goes; the default is a temporary file, deleted on
             :meth:`close` unless something went wrong (then its path was reported and it stays).
         extra_args: more ``tritonserver`` flags.
+        mps: run the server's CUDA processes under a CUDA MPS daemon of its own, so that its GPU
+            instances (each a process) share the GPU at once instead of in turns (see :mod:`.mps`).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class TritonServer:
         log_file: str | os.PathLike | None = None,
         extra_args: tuple[str, ...] = (),
         model_control: str = "owner",
+        mps: bool = False,
     ):
         folders = repository if isinstance(repository, (list, tuple)) else [repository]
         self.repositories = [Path(folder).resolve() for folder in folders]
@@ -161,6 +165,8 @@ class TritonServer:
         self.control_headers = {f"triton-grpc-protocol-{CONTROL_HEADER}": self._control_token}
         self._control = None
         self._start_timeout = 240.0
+        self._mps_control = find_control() if mps else None  # a missing tool is refused before anything starts
+        self.mps: MpsDaemon | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="tritonpipe-server-")
         if log_file is None:
             handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
@@ -255,6 +261,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = self.install.library_path(Path(self._workdir.name))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.mps is not None:
+            env.update(self.mps.environment())
         return env
 
     def start(self, timeout: float = 240.0) -> TritonServer:
@@ -262,6 +270,8 @@ class TritonServer:
         if self.process is not None:
             raise ServerError("the server is already started")
         self._start_timeout = timeout
+        if self._mps_control is not None and self.mps is None:
+            self.mps = MpsDaemon(Path(self._workdir.name), self._mps_control).start()
         self._launch()
         self.wait_ready(timeout)
         if self.heal_policy is not None:
@@ -332,6 +342,7 @@ class TritonServer:
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.process is None:
+            self._stop_mps()
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -342,7 +353,14 @@ class TritonServer:
                 self.process.wait()
         if self.process.returncode not in (0, -signal.SIGINT):
             self.keep_log = True
+        self._stop_mps()
         return self.process.returncode
+
+    def _stop_mps(self) -> None:
+        """After the server's processes are gone: the daemon's MPS server has no client left."""
+        if self.mps is not None:
+            mps, self.mps = self.mps, None
+            mps.stop()
 
     @property
     def heals(self) -> int:

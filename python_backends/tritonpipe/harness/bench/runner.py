@@ -67,6 +67,7 @@ class BenchOptions:
     inprocess_batch: int = 64
     inprocess_seconds: float = 10.0
     server_timeout: float = 600.0
+    mps: bool = False  # serve under a CUDA MPS daemon of the server's own
     progress: bool = True
     command: str = ""
 
@@ -306,7 +307,7 @@ def _measure_served(
     install = locate_triton(options.triton_home)
     input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
     say(f"starting tritonserver on {repo.path} ...")
-    server = TritonServer(repo.path, install=install)
+    server = TritonServer(repo.path, install=install, mps=options.mps)
     try:
         server.start(timeout=options.server_timeout)
         for system, (model, models) in served.items():
