@@ -41,8 +41,9 @@ DECODER_TOLERANCE = {
     # lot while flat areas agree (measured on an H200: max 96, mean 4.2).
     "cuda_upsampled": {"max_abs": 128, "mean_abs": 6.0},
     # nvImageCodec with fancy_upsampling: nvjpeg interpolates 4:2:0 and 4:2:2 chroma as
-    # libjpeg-turbo does.
-    "cuda_fancy": {"max_abs": 4, "mean_abs": 0.25},
+    # libjpeg-turbo does (measured on an H200: the hardware engines max 1, mean 0.0002;
+    # the CUDA decoder max 3, mean 0.034, the same as on 4:4:4).
+    "cuda_fancy": {"max_abs": 4, "mean_abs": 0.1},
 }
 
 # Writers may leave a few bytes (zeros, 0xFF fill, a newline) after EOI; files
