@@ -7,8 +7,10 @@ pixel memory is allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -282,13 +284,14 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torc
 GPU_DECODERS = ("torchvision", "nvimgcodec")
 
 
-def _decode_on_gpu_nvimgcodec(
-    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, settings: nvimgcodec.Settings
-) -> list[torch.Tensor | None]:
-    """nvImageCodec decode (see :mod:`.nvimgcodec`); None where it failed or gave the wrong shape."""
+def _nvimgcodec_images(datas: list[torch.Tensor], device: torch.device, stream: int, settings: nvimgcodec.Settings) -> list:
+    """nvImageCodec's images for ``datas`` (see :mod:`.nvimgcodec`); safe to call from any thread."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(device)
-    images = nvimgcodec.decode([data.numpy() for data in datas], index, stream.cuda_stream, settings)
+    return nvimgcodec.decode([data.numpy() for data in datas], index, stream, settings)
+
+
+def _as_tensors(images: list, infos: list[JpegInfo]) -> list[torch.Tensor | None]:
+    """3xHxW tensors of nvImageCodec images; None where one failed or has the wrong shape."""
     results: list[torch.Tensor | None] = []
     for image, info in zip(images, infos):
         # DLPack orders the tensor on this thread's current stream, after the decode
@@ -300,6 +303,43 @@ def _decode_on_gpu_nvimgcodec(
     return results
 
 
+def _decode_on_gpu_nvimgcodec(
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, settings: nvimgcodec.Settings
+) -> list[torch.Tensor | None]:
+    """nvImageCodec decode; None where it failed or gave the wrong shape."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return _as_tensors(_nvimgcodec_images(datas, device, stream, settings), infos)
+
+
+def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]]:
+    """Indices into (rest, side): ``side`` holds about ``share`` of the bytes, largest images first.
+
+    Each image goes to the side while the side stays within its share, so the side never holds
+    more than ``share`` of the bytes, and holds nothing when ``share`` is 0.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share!r}")
+    budget = share * sum(sizes)
+    side: list[int] = []
+    taken = 0
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if taken + sizes[index] <= budget:
+            side.append(index)
+            taken += sizes[index]
+    chosen = set(side)
+    return [i for i in range(len(sizes)) if i not in chosen], sorted(side)
+
+
+_side_thread: ThreadPoolExecutor | None = None
+
+
+def _side_executor() -> ThreadPoolExecutor:
+    global _side_thread
+    if _side_thread is None:
+        _side_thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-decoder-share")
+    return _side_thread
+
+
 def decode_jpeg_tensor(
     datas: list[torch.Tensor],
     device: torch.device,
@@ -308,11 +348,15 @@ def decode_jpeg_tensor(
     max_pixels: int = MAX_PIXELS,
     gpu_decoder: str = "torchvision",
     settings: nvimgcodec.Settings | None = None,
+    cuda_decoder_share: float = 0.0,
 ) -> list[torch.Tensor | StageError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision or nvImageCodec (with ``settings``) on CUDA
-    devices.
+    devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
+    while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
+    the same time.
     """
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
@@ -341,7 +385,20 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
-            for i, image in zip(on_gpu, decode_on_gpu(on_gpu)):
+            positions, side_positions = split_by_bytes([len(datas[i]) for i in on_gpu], cuda_decoder_share)
+            side = [on_gpu[p] for p in side_positions]
+            main = [on_gpu[p] for p in positions]
+            pending = None
+            if side:
+                share_settings = dataclasses.replace(settings or nvimgcodec.Settings(), hw_load=0.0, threads=1)
+                stream = torch.cuda.current_stream(device).cuda_stream
+                pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, share_settings)
+            try:
+                decoded = list(zip(main, decode_on_gpu(main))) if main else []
+            finally:
+                side_images = pending.result() if pending is not None else []
+            decoded += zip(side, _as_tensors(side_images, [infos[i] for i in side]))
+            for i, image in decoded:
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:

@@ -129,9 +129,14 @@ class DecodeTensor(Stage):
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
             doc="with decoder=nvimgcodec: decoders that share out each batch and work on it at once, one thread each",
         ),
+        "cuda_decoder_share": Param(
+            float, 0.0, low=0.0, high=1.0,
+            doc="share of each batch's bytes that nvImageCodec's CUDA decoder takes, on a thread of its own, while the "
+                "decoder above decodes the rest (the hardware engines and the CUDA decoder at once); needs nvImageCodec",
+        ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,
-            doc="with decoder=nvimgcodec: host threads of each decoder (parsing, Huffman decoding); 0: one per core",
+            doc="host threads of each nvImageCodec decoder (parsing, Huffman decoding); 0: one per core",
         ),
         "fancy_upsampling": Param(
             bool, False,
@@ -156,10 +161,12 @@ class DecodeTensor(Stage):
                 "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
                 "on the CPU every decoder already interpolates it"
             )
-        if self.decoder == "nvimgcodec" and not nvimgcodec.available():
+        self.cuda_decoder_share = params["cuda_decoder_share"]
+        wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share" if self.cuda_decoder_share else None
+        if wants and not nvimgcodec.available():
             raise ConfigError(
-                "DecodeTensor(decoder=nvimgcodec) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
-                "(or -cu13) and nvidia-nvjpeg for the same CUDA, or use decoder=torchvision"
+                f"DecodeTensor({wants}) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
+                "(or -cu13) and nvidia-nvjpeg for the same CUDA, or leave it out"
             )
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
@@ -173,7 +180,7 @@ class DecodeTensor(Stage):
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
         decoded = jpeg.decode_jpeg_tensor(
             [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
-            gpu_decoder=self.decoder, settings=self.settings,
+            gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):

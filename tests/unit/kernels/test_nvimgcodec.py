@@ -114,3 +114,13 @@ def test_damaged_scans_among_good_images_keep_every_image_in_its_place(threads):
         result = results[index]
         # nvjpeg and libjpeg-turbo may refuse a damaged scan or decode it with errors; either way at its own size
         assert isinstance(result, StageError) or tuple(result.shape) == (3, 120, 160), (index, result)
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_a_share_for_the_cuda_decoder_keeps_pixels_and_order(decoder):
+    names = list(CASES) * 4
+    datas = [_tensor(CASES[n][0]) for n in names]
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder=decoder, cuda_decoder_share=0.4)
+    for name, image in zip(names, results):
+        assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
+        _check(image, *CASES[name])

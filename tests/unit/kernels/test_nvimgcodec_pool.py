@@ -117,3 +117,20 @@ def test_a_decoder_that_raises_raises_after_every_share_is_done():
     with pytest.raises(RuntimeError, match="decoder broke"):
         pool.decode(_arrays([1, 2, 3, 4]), 7)
     assert slow.busy == 0  # the other share had finished before the error left the pool
+
+
+def test_split_by_bytes_keeps_the_side_within_its_share():
+    from tritonpipe.kernels.jpeg import split_by_bytes
+
+    rng = np.random.default_rng(1)
+    sizes = [int(s) for s in rng.integers(100, 5000, 40)]
+    for share in (0.0, 0.1, 0.25, 0.5, 1.0):
+        rest, side = split_by_bytes(sizes, share)
+        assert sorted(rest + side) == list(range(40)) and not set(rest) & set(side)
+        taken = sum(sizes[i] for i in side)
+        assert taken <= share * sum(sizes)
+        # nothing left over would still fit: the side is as full as largest-first filling makes it
+        assert all(taken + sizes[i] > share * sum(sizes) for i in rest) or share == 0.0
+    assert split_by_bytes(sizes, 1.0) == ([], list(range(40)))
+    with pytest.raises(ValueError, match="share must be in"):
+        split_by_bytes(sizes, 1.5)
