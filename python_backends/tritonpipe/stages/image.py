@@ -156,11 +156,7 @@ class DecodeTensor(Stage):
             cpu_threads=params["decode_cpu_threads"],
             fancy_upsampling=params["fancy_upsampling"],
         )
-        if self.decoder != "nvimgcodec" and params["fancy_upsampling"]:
-            raise ConfigError(
-                "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
-                "on the CPU every decoder already interpolates it"
-            )
+        self._check_decoder_keys(params)
         self.cuda_decoder_share = params["cuda_decoder_share"]
         wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share" if self.cuda_decoder_share else None
         if wants and not nvimgcodec.available():
@@ -190,10 +186,19 @@ class DecodeTensor(Stage):
             item["color"] = self.color
             item["result"] = image.permute(1, 2, 0).contiguous() if self.hwc else image.unsqueeze(0)
 
+    @staticmethod
+    def _check_decoder_keys(params: dict[str, Any]) -> None:
+        if params["decoder"] != "nvimgcodec" and params["fancy_upsampling"]:
+            raise ConfigError(
+                "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
+                "on the CPU every decoder already interpolates it"
+            )
+
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
         if not ENCODED_IMAGE.accepts(spec):
             raise SpecError(f"{cls.name} needs encoded bytes UINT8[?], but receives {spec.describe()}")
+        cls._check_decoder_keys(params)  # before anything is written
         if params["data_format"] == "hwc":
             return TensorSpec("UINT8", (-1, -1, 3))
         return TensorSpec("UINT8", (1, 3, -1, -1), batched=True)

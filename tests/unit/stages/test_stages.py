@@ -185,3 +185,12 @@ def test_tensor2vector_splits_along_the_batch():
         np.testing.assert_array_equal(part.numpy(), tensor.numpy()[index])
     with pytest.raises(StageError, match="NxCxHxW"):
         run("Tensor2Vector", torch.zeros(3, 4))
+
+
+def test_fancy_upsampling_with_torchvision_is_refused_before_anything_is_written(tmp_path):
+    from tritonpipe.repository.generate import generate_repository
+
+    with pytest.raises(ConfigError, match="fancy_upsampling needs decoder=nvimgcodec"):
+        graph = load_graph({"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "fancy_upsampling": True})
+        generate_repository(graph, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
