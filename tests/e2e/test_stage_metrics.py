@@ -1,6 +1,7 @@
 """Per-stage metrics on Triton's /metrics after known traffic: counts checked exactly."""
 
 import re
+import time
 import urllib.request
 
 import cv2
@@ -33,6 +34,16 @@ def value(samples, name, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scrape_when(url: str, ready, timeout: float = 15.0) -> dict[tuple[str, frozenset], float]:
+    """The page once ``ready(samples)`` holds: instances hand their tallies over every FLUSH_SECONDS."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
 def test_stage_counts_and_rejects_by_reason(tmp_path, jpeg_factory):
     make_jpeg = jpeg_factory
     # max=1: one request per batch, so every count below is exact whatever the timing
@@ -53,10 +64,10 @@ def test_stage_counts_and_rejects_by_reason(tmp_path, jpeg_factory):
             with pytest.raises(InferError) as failure:
                 client.infer(bad)
             assert failure.value.status == "INVALID_ARG"
-        samples = scrape(server.metrics_url)
+        decode, resize = {"model": "metered", "stage": "DecodeMat"}, {"model": "metered", "stage": "ResizeMat"}
+        sent = len(good) + sum(expected_rejects.values())
+        samples = scrape_when(server.metrics_url, lambda got: value(got, f"{BATCH_SECONDS}_count", **decode) >= sent)
 
-    decode, resize = {"model": "metered", "stage": "DecodeMat"}, {"model": "metered", "stage": "ResizeMat"}
-    sent = len(good) + sum(expected_rejects.values())
     assert value(samples, IMAGES, **decode) == sent
     assert value(samples, IMAGES, **resize) == len(good)
     for reason, count in expected_rejects.items():

@@ -1,21 +1,28 @@
 """A stand-in for the stub's ``MetricFamily``, recording what StageMetrics adds."""
 
 
+import threading
+
+
 class _Metric:
-    def __init__(self):
+    def __init__(self, callers):
         self.total = 0.0
         self.observed = []
+        self.callers = callers
 
     def increment(self, amount):
+        self.callers.add(threading.current_thread().name)
         self.total += amount
 
     def observe(self, seconds):
+        self.callers.add(threading.current_thread().name)
         self.observed.append(seconds)
 
 
 class FakeMetricsModule:
     def __init__(self):
         self.metrics = {}
+        self.callers: set[str] = set()  # threads that updated a metric
         module = self
 
         class MetricFamily:
@@ -25,7 +32,7 @@ class FakeMetricsModule:
                 self.name = name
 
             def Metric(self, labels, buckets=None):  # noqa: N802 - the stub's spelling
-                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric())
+                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module.callers))
 
         self.MetricFamily = MetricFamily
 

@@ -56,9 +56,28 @@ def test_reasons_of_other_failures():
 
 def test_stage_metrics_label_and_count():
     module = FakeMetricsModule()
-    metrics = StageMetrics(module, "m")
+    metrics = StageMetrics(module, "m", flush_seconds=0)
     metrics.record("DecodeMat", 0.002, 3, [RequestError("x", reason="truncated"), RuntimeError("y")])
     metrics.record("DecodeMat", 0.001, 1, [])
     assert module.value(IMAGES, model="m", stage="DecodeMat") == 4
     assert module.value(REJECTS, model="m", stage="DecodeMat", reason="truncated") == 1
     assert module.value(REJECTS, model="m", stage="DecodeMat", reason="internal") == 1
+
+
+def test_tallies_reach_triton_from_their_own_thread_and_all_of_them_by_close():
+    import time
+
+    module = FakeMetricsModule()
+    metrics = StageMetrics(module, "m", flush_seconds=0.05)
+    for _ in range(200):
+        metrics.record("ResizeMat", 0.001, 2, [RequestError("x", reason="too_large")])
+    deadline = time.monotonic() + 10
+    while not module.callers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert module.callers == {"tritonpipe-metrics"}  # record itself never waits on the server
+    metrics.record("ResizeMat", 0.001, 2, [])
+    metrics.close()  # hands over what the thread had not sent yet
+    assert module.value(IMAGES, model="m", stage="ResizeMat") == 402
+    assert module.value(REJECTS, model="m", stage="ResizeMat", reason="too_large") == 200
+    histogram = module.metrics[("tritonpipe_stage_batch_duration_seconds", frozenset({"model": "m", "stage": "ResizeMat"}.items()))]
+    assert histogram.observed == [0.001] * 201  # one observation per batch, none lost or merged
