@@ -105,8 +105,9 @@ class DecodeMat(MapStage):
 class DecodeTensor(Stage):
     """JPEG bytes -> 1x3xHxW uint8 tensor (or HxWx3 with ``data_format=hwc``).
 
-    On a GPU instance the whole batch is decoded by nvjpeg in one call.  JPEG only: other
-    formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
+    On a GPU instance a batch is decoded by nvjpeg through torchvision or by nvImageCodec, on the
+    hardware JPEG engines where the GPU has them (the README's "GPU decoding" says which key does
+    what).  JPEG only: other formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
     """
 
     input_doc = "JPEG bytes, UINT8[n]"
