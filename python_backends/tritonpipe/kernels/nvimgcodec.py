@@ -2,9 +2,9 @@
 
 A batch is dealt out to ``threads`` decoders, balanced by bytes, and each decodes its share on a
 thread of its own.  nvImageCodec releases the GIL while it decodes, so the parsing and Huffman
-work of one share runs while the engines and the GPU work on another: one synchronous call per
-batch leaves the engines idle while the host parses.  Every decoder orders its output on the
-caller's CUDA stream.
+work of one share can run while the engines and the GPU work on another, where one synchronous
+call per batch leaves the engines idle while the host parses (what that bought, per host, is in
+docs/BENCHMARKS.md).  Every decoder orders its output on the caller's CUDA stream.
 """
 
 from __future__ import annotations
