@@ -340,6 +340,28 @@ def _side_executor() -> ThreadPoolExecutor:
     return _side_thread
 
 
+def _with_cuda_decoder_share(
+    indices: list[int], datas: list[torch.Tensor], infos: list[JpegInfo | None], device: torch.device,
+    settings: nvimgcodec.Settings, share: float, decode_on_gpu,
+) -> list[tuple[int, torch.Tensor | None]]:
+    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which nvImageCodec's CUDA
+    decoder decodes meanwhile on a thread of its own; (index, image or None) pairs."""
+    if share <= 0:
+        return list(zip(indices, decode_on_gpu(indices)))
+    rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share)
+    rest, side = [indices[p] for p in rest_positions], [indices[p] for p in side_positions]
+    pending = None
+    if side:
+        side_settings = dataclasses.replace(settings, hw_load=0.0, threads=1)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, side_settings)
+    try:
+        decoded = list(zip(rest, decode_on_gpu(rest))) if rest else []
+    finally:
+        side_images = pending.result() if pending is not None else []
+    return decoded + list(zip(side, _as_tensors(side_images, [infos[i] for i in side])))
+
+
 def decode_jpeg_tensor(
     datas: list[torch.Tensor],
     device: torch.device,
@@ -361,14 +383,7 @@ def decode_jpeg_tensor(
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
     device = torch.device(device)
-    if gpu_decoder == "nvimgcodec":
-        chosen = settings or nvimgcodec.Settings()
-
-        def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
-            return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, chosen)
-    else:
-        def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
-            return _decode_on_gpu([datas[i] for i in indices], device)
+    settings = settings or nvimgcodec.Settings()
     results: list[torch.Tensor | StageError | None] = [None] * len(datas)
     infos: list[JpegInfo | None] = [None] * len(datas)
     for i, data in enumerate(datas):
@@ -378,6 +393,11 @@ def decode_jpeg_tensor(
             results[i] = exc
     valid = [i for i, info in enumerate(infos) if info is not None]
 
+    def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
+        if gpu_decoder == "nvimgcodec":
+            return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
+        return _decode_on_gpu([datas[i] for i in indices], device)
+
     on_cpu = valid
     if device.type == "cuda":
         # torchvision does not enable nvjpeg's CMYK conversion, so 4-component
@@ -385,19 +405,7 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
-            positions, side_positions = split_by_bytes([len(datas[i]) for i in on_gpu], cuda_decoder_share)
-            side = [on_gpu[p] for p in side_positions]
-            main = [on_gpu[p] for p in positions]
-            pending = None
-            if side:
-                share_settings = dataclasses.replace(settings or nvimgcodec.Settings(), hw_load=0.0, threads=1)
-                stream = torch.cuda.current_stream(device).cuda_stream
-                pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, share_settings)
-            try:
-                decoded = list(zip(main, decode_on_gpu(main))) if main else []
-            finally:
-                side_images = pending.result() if pending is not None else []
-            decoded += zip(side, _as_tensors(side_images, [infos[i] for i in side]))
+            decoded = _with_cuda_decoder_share(on_gpu, datas, infos, device, settings, cuda_decoder_share, decode_on_gpu)
             for i, image in decoded:
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient

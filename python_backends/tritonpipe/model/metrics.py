@@ -69,8 +69,8 @@ class StageMetrics:
     def record(self, stage: str, seconds: float, images: int, errors: list[BaseException]) -> None:
         with self._lock:
             counts = self._counts
-            for key, amount in ((self._images, images), (self._duration, seconds * 1e6)):
-                counts[(key, stage, ())] = counts.get((key, stage, ()), 0.0) + amount
+            for family, amount in ((self._images, images), (self._duration, seconds * 1e6)):
+                counts[(family, stage, ())] = counts.get((family, stage, ()), 0.0) + amount
             for exc in errors:
                 key = (self._rejects, stage, (("reason", reject_reason(exc)),))
                 counts[key] = counts.get(key, 0.0) + 1

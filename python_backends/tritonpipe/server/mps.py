@@ -68,10 +68,13 @@ class MpsDaemon:
         except subprocess.TimeoutExpired:
             raise MpsError(f"{self.control} {' '.join(args)} did not finish within {timeout:g} s; see {self.log_dir}") from None
 
-    def _log_tail(self) -> str:
-        log = self.log_dir / "control.log"
+    def _why(self, result: subprocess.CompletedProcess) -> str:
+        """What the control program said, else the end of its log."""
+        said = (result.stderr or result.stdout).strip()
+        if said:
+            return said
         try:
-            return "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            return "\n".join((self.log_dir / "control.log").read_text(errors="replace").splitlines()[-5:])
         except OSError:
             return ""
 
@@ -81,8 +84,7 @@ class MpsDaemon:
             folder.chmod(0o700)
         result = self._run(["-d"])
         if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip() or self._log_tail()
-            raise MpsError(f"the MPS daemon did not start ({self.control} -d exited with {result.returncode}): {detail}")
+            raise MpsError(f"the MPS daemon did not start ({self.control} -d exited with {result.returncode}): {self._why(result)}")
         self.running = True
         return self
 
@@ -93,5 +95,4 @@ class MpsDaemon:
         self.running = False
         result = self._run([], stdin="quit\n")
         if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip() or self._log_tail()
-            raise MpsError(f"the MPS daemon did not stop: {detail}")
+            raise MpsError(f"the MPS daemon did not stop: {self._why(result)}")

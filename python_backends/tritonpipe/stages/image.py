@@ -159,8 +159,8 @@ class DecodeTensor(Stage):
         )
         self._check_decoder_keys(params)
         self.cuda_decoder_share = params["cuda_decoder_share"]
-        wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share" if self.cuda_decoder_share else None
-        if wants and not nvimgcodec.available():
+        if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
+            wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
             raise ConfigError(
                 f"DecodeTensor({wants}) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
                 "(or -cu13) and nvidia-nvjpeg for the same CUDA, or leave it out"
