@@ -134,3 +134,36 @@ def test_split_by_bytes_keeps_the_side_within_its_share():
     assert split_by_bytes(sizes, 1.0) == ([], list(range(40)))
     with pytest.raises(ValueError, match="share must be in"):
         split_by_bytes(sizes, 1.5)
+
+
+def test_the_cuda_decoder_share_and_the_rest_come_back_for_every_index(monkeypatch):
+    """The split around the GPU calls, with stand-ins for them: each index once, with its own image."""
+    import types
+
+    import torch
+
+    from tritonpipe.kernels import jpeg as J
+
+    sizes = [900, 100, 500, 300, 700, 200]
+    datas = [torch.full((size,), i, dtype=torch.uint8) for i, size in enumerate(sizes)]
+    infos = [None] * len(datas)
+    side_calls = []
+
+    def side_images(batch, device, stream, settings):
+        side_calls.append((settings.hw_load, settings.threads))
+        return [("side", int(data[0])) for data in batch]
+
+    monkeypatch.setattr(J, "_nvimgcodec_images", side_images)
+    monkeypatch.setattr(J, "_as_tensors", lambda images, infos: list(images))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=7))
+    rest = lambda indices: [("rest", int(datas[i][0])) for i in indices]
+    settings = N.Settings(hw_load=0.8, threads=4)
+
+    decoded = dict(J._with_cuda_decoder_share(list(range(6)), datas, infos, torch.device("cpu"), settings, 0.4, rest))
+    assert sorted(decoded) == list(range(6)) and all(decoded[i][1] == i for i in range(6))
+    side = sorted(i for i, (who, _) in decoded.items() if who == "side")
+    assert side == J.split_by_bytes(sizes, 0.4)[1] and side_calls == [(0.0, 1)]  # the CUDA decoder alone, one decoder
+
+    side_calls.clear()
+    assert J._with_cuda_decoder_share([2, 5], datas, infos, torch.device("cpu"), settings, 0.0, rest) == [(2, ("rest", 2)), (5, ("rest", 5))]
+    assert side_calls == []
