@@ -12,6 +12,8 @@ from tritonpipe.client.client import InferError
 from tritonpipe.errors import ConfigError
 from tritonpipe.harness.chain import Chain
 from tritonpipe.harness.soak import Expected, Reference, Request, judge, matches
+from tritonpipe.harness.soak.faults import FaultReport, summarise_fault
+from tritonpipe.harness.soak.load import LoadRun
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import build_repository
 
@@ -76,6 +78,24 @@ def test_refusals_after_a_stop_are_counted_apart():
     assert judge(GOOD, good, failing("NOT_FOUND"), stopped=stopped).verdict == "refused"
     assert judge(GOOD, good, failing("TIMEOUT"), stopped=stopped).verdict == "lost"
     assert judge(GOOD, good, failing("UNAVAILABLE"), stopped=threading.Event()).verdict == "lost"
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+
+def test_a_request_taken_before_the_stop_and_refused_after_it_counts_as_in_flight_and_refused():
+    state = LoadRun([GOOD, BAD], _Bar())
+    request, started = state.take()
+    at_s, not_sent = state.stop()
+    assert (state.take(), not_sent) == (None, 1)
+    outcome = judge(request, Expected(outputs=WANT), failing("UNAVAILABLE"), stopped=state.stopping, started=started)
+    assert outcome.verdict == "refused" and outcome.started <= state.t0 + at_s <= outcome.ended
+    state.done(outcome)
+    fault = FaultReport(kind="stop-server", after=1, at_s=at_s, target="tritonserver")
+    summarise_fault(fault, state.outcomes, state.t0)
+    assert (fault.in_flight, fault.completed, fault.refused, fault.errors, fault.hung) == (1, 0, 1, 0, 0)
 
 
 def test_an_outcome_keeps_status_first_line_and_timing():

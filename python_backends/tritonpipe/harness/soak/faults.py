@@ -39,7 +39,7 @@ class FaultReport:
     stub_restarted: bool | None = None
     recovered: bool | None = None
     not_sent: int = 0
-    refused: int = 0  # sent after the stop began and refused
+    refused: int = 0  # of those in flight: refused (UNAVAILABLE) once the stop had begun
     server_exit_code: int | None = None
     server_exit_s: float | None = None
     # kill-stub recovery: requests that failed or hung after the kill, and seconds from the kill until
@@ -73,10 +73,7 @@ def server_stopper(fault: FaultReport, server: TritonServer, memory: dict[str, M
         if not state.wait_for(fault.after):
             return
         memory["after"] = sample_memory(server.process.pid)
-        with state.lock:
-            state.stopping.set()  # no new requests; the ones in flight must drain
-            fault.at_s = time.monotonic() - state.t0
-            fault.not_sent = len(state.requests) - state.next
+        fault.at_s, fault.not_sent = state.stop()  # no new requests; the ones in flight must drain
         signaled = time.monotonic()
         server.process.send_signal(signal.SIGINT)
         fault.target, fault.target_pid = f"tritonserver (pid {server.process.pid})", server.process.pid

@@ -86,28 +86,33 @@ class Outcome:
     message: str = ""
 
 
-def verdict_of_failure(status: str, expected: Expected, sent_after_stop: bool) -> str:
+def verdict_of_failure(status: str, expected: Expected, after_stop: bool) -> str:
     """The verdict on a request that failed with ``status``."""
     if status == "INVALID_ARG":
         # a good input refused, or refused for another reason than the reference's, is wrong
         return "rejected" if expected.error == "INVALID_ARG" else "wrong"
-    if sent_after_stop and status in ("UNAVAILABLE", "NOT_FOUND"):
+    if after_stop and status in ("UNAVAILABLE", "NOT_FOUND"):
         return "refused"
     return "lost"
 
 
 def judge(request: Request, expected: Expected, call: Callable[[bytes], dict], atol: float | None = None,
-          stopped: threading.Event | None = None) -> Outcome:
-    """Send ``request`` through ``call`` and judge the answer against ``expected``."""
-    started = time.monotonic()
-    sent_after_stop = stopped is not None and stopped.is_set()
+          stopped: threading.Event | None = None, started: float | None = None) -> Outcome:
+    """Send ``request`` through ``call`` and judge the answer against ``expected``.
+
+    ``started`` is when the request left the queue (now if not given). A failure is judged
+    "refused" only if the stop had begun by the time it came back; ``ended`` is read after that
+    check, so a refused request always ends after the stop's moment.
+    """
+    started = time.monotonic() if started is None else started
     try:
         got = call(request.payload)
     except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+        after_stop = stopped is not None and stopped.is_set()
         ended = time.monotonic()
         status = exc.status if isinstance(exc, InferError) else type(exc).__name__
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        verdict = verdict_of_failure(status, expected, sent_after_stop)
+        verdict = verdict_of_failure(status, expected, after_stop)
         return Outcome(request.index, request.kind, verdict, ended - started, started, ended, status, message)
     ended = time.monotonic()
     if expected.outputs is None:
@@ -131,14 +136,30 @@ class LoadRun:
         self.bar = bar
         self.t0 = time.monotonic()
 
-    def take(self) -> Request | None:
+    def take(self) -> tuple[Request, float] | None:
+        """The next request and the moment it left the queue, or None once stopping or empty.
+
+        The moment is read under the lock a stop is declared under, so every request taken
+        before a stop started before it, and none is taken after.
+        """
         with self.lock:
             if self.stopping.is_set() or self.next >= len(self.requests):
                 return None
             request = self.requests[self.next]
             self.next += 1
             self.in_flight.add(request.index)
-            return request
+            return request, time.monotonic()
+
+    def stop(self) -> tuple[float, int]:
+        """Take no more requests; returns the stop's moment (seconds into the run) and how many were never sent.
+
+        The moment is read before the flag is set, under the lock ``take`` holds: a request taken
+        before the stop started before that moment, and a failure that sees the flag ends after it.
+        """
+        with self.lock:
+            at_s = time.monotonic() - self.t0
+            self.stopping.set()
+            return at_s, len(self.requests) - self.next
 
     def done(self, outcome: Outcome) -> None:
         with self.lock:
@@ -169,8 +190,10 @@ def drive(requests: list[Request], reference: Reference, client: PipelineClient,
 
     def worker() -> None:
         try:
-            while (request := state.take()) is not None:
-                state.done(judge(request, reference.expected(request.payload), client.infer, atol, state.stopping))
+            while (taken := state.take()) is not None:
+                request, started = taken
+                state.done(judge(request, reference.expected(request.payload), client.infer, atol, state.stopping,
+                                 started))
         finally:
             with contextlib.suppress(Exception):
                 client.close()
