@@ -77,6 +77,13 @@ def parse_progress(metrics: str) -> dict[str, tuple[float, float]]:
     return {model: (pending.get(model, 0.0), finished.get(model, 0.0)) for model in pending.keys() | finished.keys()}
 
 
+def _is_not_ready(exc: BaseException) -> bool:
+    """Whether a control call failed because the server is not ready (it is starting or draining)."""
+    status = getattr(exc, "status", None)
+    status = status() if callable(status) else status
+    return "UNAVAILABLE" in str(status or "") and "not ready" in str(exc).lower()
+
+
 class Supervisor:
     """A thread that watches one :class:`~tritonpipe.server.owner.TritonServer` and heals it.
 
@@ -95,6 +102,7 @@ class Supervisor:
         self._stubs: dict[str, list[Stub]] = {}
         self._progress: dict[str, _Progress] = {}
         self._stop = threading.Event()
+        self._not_ready = False
         self._thread = threading.Thread(target=self._run, name="tritonpipe-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -124,8 +132,14 @@ class Supervisor:
                         return
                     continue
                 self._check_models()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad check
-                log.exception("supervisor check failed")
+                self._not_ready = False
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad check
+                if not _is_not_ready(exc):
+                    log.exception("supervisor check failed")
+                elif not self._not_ready:
+                    # a draining server (SIGINT, SIGTERM) answers this until it exits: say so once
+                    self._not_ready = True
+                    log.info("tritonserver is not ready (stopping?); the supervisor waits for it")
 
     def _rebase(self) -> None:
         self._stubs = {}

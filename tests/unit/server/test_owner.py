@@ -187,3 +187,48 @@ def test_a_server_on_a_named_or_ipv6_host_answers_on_every_port(tmp_path, host):
         assert server._get(owner.READY_PATH) == 200 and server.control().is_server_ready()
         with owner.urllib.request.urlopen(server.metrics_url, timeout=5) as response:
             assert response.status == 200
+
+
+def test_a_draining_server_gets_one_line_from_the_supervisor_and_other_failures_a_traceback(caplog):
+    from tritonclient.utils import InferenceServerException
+
+    from tritonpipe.server.heal import HealPolicy, Supervisor
+
+    class Draining:
+        """A server whose process runs on while its control API answers what Triton says when draining."""
+
+        class process:  # noqa: N801 - stands where a Popen is read
+            pid = os.getpid()
+
+            @staticmethod
+            def poll():
+                return None
+
+        control_headers = None
+
+        def __init__(self):
+            self.calls = 0
+            self.error = InferenceServerException("Server not ready", status="StatusCode.UNAVAILABLE")
+
+        def control(self):
+            return self
+
+        def get_model_repository_index(self, headers=None, as_json=True):
+            self.calls += 1
+            raise self.error
+
+    server = Draining()
+    supervisor = Supervisor(server, HealPolicy(poll_s=0.01, hang_timeout_s=None))
+    with caplog.at_level("INFO", logger="tritonpipe.server"):
+        supervisor.start()
+        while server.calls < 5:
+            time.sleep(0.01)
+        server.error = InferenceServerException("boom", status="StatusCode.INTERNAL")
+        calls = server.calls
+        while server.calls < calls + 2:
+            time.sleep(0.01)
+        supervisor.stop()
+    waiting = [r for r in caplog.records if "not ready" in r.getMessage()]
+    failed = [r for r in caplog.records if r.getMessage() == "supervisor check failed"]
+    assert len(waiting) == 1 and waiting[0].levelname == "INFO" and waiting[0].exc_info is None
+    assert failed and all(r.levelname == "ERROR" and r.exc_info for r in failed)
