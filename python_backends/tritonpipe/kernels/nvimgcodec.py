@@ -24,6 +24,9 @@ import numpy as np
 #: the CUDA decoder whatever the share.
 HW_DECODER_LOAD = 1.0
 MAX_THREADS = 32
+#: nvImageCodec's (and DALI's) default: the CUDA decoder Huffman-decodes images of more pixels than
+#: this on the GPU, and smaller ones on host threads.
+HYBRID_HUFFMAN_THRESHOLD = 1000 * 1000
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,16 @@ class Settings:
         cpu_threads: host threads of each decoder (parsing, Huffman decoding); 0: one per core.
         fancy_upsampling: interpolate 4:2:0 and 4:2:2 chroma as libjpeg-turbo (and so Pillow)
             does, instead of replicating it.
+        huffman_threshold: the CUDA decoder Huffman-decodes images of more pixels (width x
+            height) than this on the GPU, and the others on host threads; 0 sends every image's
+            Huffman decoding to the GPU.
     """
 
     hw_load: float = HW_DECODER_LOAD
     threads: int = 1
     cpu_threads: int = 0
     fancy_upsampling: bool = False
+    huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hw_load <= 1.0:
@@ -50,6 +57,16 @@ class Settings:
             raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {self.threads!r}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be 0 (one per core) or more, got {self.cpu_threads!r}")
+        if self.huffman_threshold < 0:
+            raise ValueError(f"huffman_threshold must be 0 or more pixels, got {self.huffman_threshold!r}")
+
+    def options(self) -> str:
+        """The nvImageCodec decoder options string these settings give."""
+        options = [f":fancy_upsampling={int(self.fancy_upsampling)}"]
+        if self.huffman_threshold != HYBRID_HUFFMAN_THRESHOLD:
+            # a per-decoder option: only the CUDA decoder's plugin reads it
+            options.append(f"nvjpeg_cuda_decoder:hybrid_huffman_threshold={self.huffman_threshold}")
+        return " ".join(options)
 
 
 def available() -> bool:
@@ -132,7 +149,7 @@ def make_pool(device_index: int, settings: Settings) -> Pool:
     backends = [nvimgcodec.Backend(kinds.HYBRID_CPU_GPU), nvimgcodec.Backend(kinds.CPU_ONLY)]
     if settings.hw_load > 0:
         backends.insert(0, nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=settings.hw_load))
-    options = f":fancy_upsampling={int(settings.fancy_upsampling)}"
+    options = settings.options()
     decoders = [
         nvimgcodec.Decoder(device_id=device_index, max_num_cpu_threads=settings.cpu_threads, backends=backends, options=options)
         for _ in range(settings.threads)

@@ -143,6 +143,11 @@ class DecodeTensor(Stage):
             bool, False,
             doc="with decoder=nvimgcodec: interpolate 4:2:0/4:2:2 chroma as libjpeg-turbo and Pillow do, instead of replicating it",
         ),
+        "hybrid_huffman_threshold": Param(
+            int, nvimgcodec.HYBRID_HUFFMAN_THRESHOLD, low=0, high=1 << 40,
+            doc="nvImageCodec's CUDA decoder Huffman-decodes images of more pixels than this on the GPU, smaller ones on "
+                "host threads (DALI's key of the same name); 0: all on the GPU",
+        ),
     }
 
     def init(self, params: dict[str, Any]) -> None:
@@ -156,6 +161,7 @@ class DecodeTensor(Stage):
             threads=params["decode_threads"],
             cpu_threads=params["decode_cpu_threads"],
             fancy_upsampling=params["fancy_upsampling"],
+            huffman_threshold=params["hybrid_huffman_threshold"],
         )
         self._check_decoder_keys(params)
         self.cuda_decoder_share = params["cuda_decoder_share"]
@@ -193,6 +199,12 @@ class DecodeTensor(Stage):
             raise ConfigError(
                 "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
                 "on the CPU every decoder already interpolates it"
+            )
+        uses_cuda_decoder = params["decoder"] == "nvimgcodec" or params["cuda_decoder_share"] > 0
+        if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
+            raise ConfigError(
+                "DecodeTensor: hybrid_huffman_threshold tunes nvImageCodec's CUDA decoder, which this stage does not use; "
+                "set decoder=nvimgcodec or a cuda_decoder_share above 0, or leave the key out"
             )
 
     @classmethod

@@ -124,3 +124,14 @@ def test_a_share_for_the_cuda_decoder_keeps_pixels_and_order(decoder):
     for name, image in zip(names, results):
         assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
         _check(image, *CASES[name])
+
+
+def test_huffman_decoding_on_the_gpu_keeps_pixels_and_order():
+    # hw_load 0: the CUDA decoder takes every image, and with a threshold of 0 decodes every Huffman stream on the GPU
+    names = list(CASES) * 3
+    datas = [_tensor(CASES[n][0]) for n in names]
+    settings = nvimgcodec.Settings(hw_load=0.0, huffman_threshold=0)
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvimgcodec", settings=settings)
+    for name, image in zip(names, results):
+        assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
+        _check(image, *CASES[name])

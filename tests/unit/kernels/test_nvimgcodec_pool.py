@@ -50,6 +50,14 @@ def test_settings_refuse_values_out_of_range(kwargs, message):
         N.Settings(**kwargs)
 
 
+def test_the_huffman_threshold_reaches_the_cuda_decoder_alone():
+    assert N.Settings().options() == ":fancy_upsampling=0"
+    assert N.Settings(huffman_threshold=0, fancy_upsampling=True).options() == (
+        ":fancy_upsampling=1 nvjpeg_cuda_decoder:hybrid_huffman_threshold=0")
+    with pytest.raises(ValueError, match="huffman_threshold must be 0 or more"):
+        N.Settings(huffman_threshold=-1)
+
+
 class _Decoder:
     """Decodes an array to ("image", first byte), slowly, and notes the threads it ran on.
 

@@ -194,3 +194,19 @@ def test_fancy_upsampling_with_torchvision_is_refused_before_anything_is_written
         graph = load_graph({"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "fancy_upsampling": True})
         generate_repository(graph, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("extra, refused", [({}, True), ({"decoder": "nvimgcodec"}, False),
+                                            ({"cuda_decoder_share": 0.3}, False)])
+def test_a_huffman_threshold_without_the_cuda_decoder_is_refused_before_anything_is_written(tmp_path, extra, refused):
+    from tritonpipe.repository.generate import build_repository, generate_repository
+
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "hybrid_huffman_threshold": 0, **extra}
+    if refused:
+        with pytest.raises(ConfigError, match="hybrid_huffman_threshold tunes nvImageCodec's CUDA decoder"):
+            generate_repository(load_graph(config), tmp_path / "repo")
+        assert not (tmp_path / "repo").exists()
+    else:
+        _, configs, _ = build_repository(load_graph(config), device="gpu")
+        assert configs  # the plan is made; the decoder itself needs nvImageCodec and a GPU at load
+
