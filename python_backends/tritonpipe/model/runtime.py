@@ -254,6 +254,11 @@ class Watchdog:
     notice; the generic model then fails the batch's requests and exits its stub, which the
     server owner replaces.
 
+    Entering and leaving a block only sets one attribute: the thread looks every ``poll`` seconds
+    (a tenth of the timeout, from 10 ms to 1 s), so a batch never wakes it.  Waking a thread at the start
+    and end of every batch cost measurable host CPU per batch, and the GIL handed to it each time.
+    An overrun is noticed up to ``poll`` seconds late.
+
     Args:
         timeout: seconds one watched block may take.
         on_expire: called once per block that overran, with the context given to :meth:`watch`.
@@ -262,27 +267,23 @@ class Watchdog:
     def __init__(self, timeout: float, on_expire: Callable[[Any], None]):
         self.timeout = timeout
         self.on_expire = on_expire
-        self._changed = threading.Condition()
-        self._watched: tuple[float, Any] | None = None  # (deadline, context)
+        self.poll = max(0.01, min(1.0, timeout / 10))
+        self._watched: tuple[float, Any] | None = None  # (deadline, context), written and read whole
+        self._expired: tuple[float, Any] | None = None  # the block last called back for; only this thread writes it
         threading.Thread(target=self._watch, name="tritonpipe-watchdog", daemon=True).start()
 
     @contextlib.contextmanager
     def watch(self, context: Any) -> Iterator[None]:
-        with self._changed:
-            self._watched = (time.monotonic() + self.timeout, context)
-            self._changed.notify()
+        self._watched = (time.monotonic() + self.timeout, context)
         try:
             yield
         finally:
-            with self._changed:
-                self._watched = None
-                self._changed.notify()
+            self._watched = None
 
     def _watch(self) -> None:
         while True:
-            with self._changed:
-                while self._watched is None or self._watched[0] > time.monotonic():
-                    self._changed.wait(None if self._watched is None else max(0.0, self._watched[0] - time.monotonic()))
-                context = self._watched[1]
-                self._watched = None
-            self.on_expire(context)
+            time.sleep(self.poll)
+            watched = self._watched
+            if watched is not None and watched is not self._expired and watched[0] <= time.monotonic():
+                self._expired = watched  # once per block
+                self.on_expire(watched[1])

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,19 @@ def test_watchdog_calls_back_for_an_overrun_only():
     with dog.watch("quick again"):
         pass
     assert expired == ["stuck"]
+
+
+def test_a_block_that_stays_stuck_is_called_back_once_and_the_next_one_is_watched_again():
+    expired = []
+    dog = Watchdog(0.05, expired.append)
+    with dog.watch("stuck"):
+        deadline = time.monotonic() + 30
+        while not expired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(dog.poll * 5)  # several more looks at the same overrun block
+    assert expired == ["stuck"]
+    with dog.watch("stuck again"):
+        deadline = time.monotonic() + 30
+        while len(expired) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert expired == ["stuck", "stuck again"]
