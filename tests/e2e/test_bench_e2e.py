@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tritonpipe.harness.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS
+from tritonpipe.harness.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS, STAGE_COLUMNS
 
 pytestmark = pytest.mark.server
 
@@ -51,7 +51,21 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert {("ensemble", "cls_pre"), ("ensemble", "cls_model"), ("baseline", "baseline_pre"), ("baseline", "cls_model")} <= models
     assert ("inprocess", "cls_pre") in models
 
+    # inside each model: its stages per level, against Triton's own compute-infer time of the model
+    with open(out / "stages.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == STAGE_COLUMNS
+        stages = {(r["system"], r["concurrency"], r["model"], r["stage"]): r for r in reader}
+    for system, model, names in (("ensemble", "cls_pre", ("DecodeTensor", "ResizeTensor", "cvtColorTensor")),
+                                 ("ensemble", "cls_model", ("TensorrtTensor",)), ("baseline", "cls_model", ("TensorrtTensor",))):
+        level = [stages[(system, "1", model, name)] for name in names]
+        # one request in flight: every batch holds one image, and the stages run inside Triton's compute infer
+        assert all(int(r["images"]) == int(r["batches"]) > 0 for r in level), level
+        assert 0 < sum(float(r["ms_per_batch"]) for r in level) < float(level[0]["compute_infer_ms"]), level
+    assert ("ensemble", "2", "cls_pre", "DecodeTensor") in stages
+
     report = (out / "report.md").read_text()
+    assert "## Inside the models" in report and "outside the stages" in report
     assert "| concurrency | ensemble img/s |" in report and "ensemble/baseline" in report and "ensemble/in-process" in report
     assert "## Where the time goes" in report and "- corpus: 3 synthetic JPEGs" in report
     # DALI is not installed here: the report says so once, and it is not a failed measurement

@@ -253,6 +253,55 @@ def test_breakdown_is_per_request_over_the_sweep_only():
     assert missing[0].requests == 0 and missing[0].total_ms == 0
 
 
+# a page as Triton 2.51 serves it, trimmed: two stages of one model, another model, and Triton's own series
+METRICS_PAGE = """\
+# HELP tritonpipe_stage_images images (requests) that entered the stage
+# TYPE tritonpipe_stage_images counter
+tritonpipe_stage_images{model="pre",stage="DecodeTensor"} 40
+tritonpipe_stage_images{model="pre",stage="ResizeTensor"} 38
+tritonpipe_stage_images{model="cls",stage="TensorrtTensor"} 38
+# TYPE tritonpipe_stage_duration_us counter
+tritonpipe_stage_duration_us{model="pre",stage="DecodeTensor"} 20000
+tritonpipe_stage_duration_us{model="pre",stage="ResizeTensor"} 5000
+tritonpipe_stage_duration_us{model="cls",stage="TensorrtTensor"} 9000
+# TYPE tritonpipe_stage_batch_duration_seconds histogram
+tritonpipe_stage_batch_duration_seconds_count{model="pre",stage="DecodeTensor"} 10
+tritonpipe_stage_batch_duration_seconds_sum{model="pre",stage="DecodeTensor"} 0.02
+tritonpipe_stage_batch_duration_seconds_bucket{model="pre",stage="DecodeTensor",le="0.005"} 10
+tritonpipe_stage_batch_duration_seconds_count{model="pre",stage="ResizeTensor"} 10
+tritonpipe_stage_batch_duration_seconds_count{model="cls",stage="TensorrtTensor"} 5
+nv_inference_count{model="pre",version="1"} 40
+"""
+
+
+def test_stage_metrics_are_read_per_model_and_stage():
+    tallies = stats.parse_stage_metrics(METRICS_PAGE)
+    assert tallies == {
+        ("pre", "DecodeTensor"): stats.StageTally(40, 20000, 10),
+        ("pre", "ResizeTensor"): stats.StageTally(38, 5000, 10),
+        ("cls", "TensorrtTensor"): stats.StageTally(38, 9000, 5),
+    }
+
+
+def test_stage_breakdown_is_per_batch_and_per_image_over_the_level_only():
+    before = {("pre", "DecodeTensor"): stats.StageTally(8, 4000, 2), ("pre", "ResizeTensor"): stats.StageTally(8, 1000, 2)}
+    after = stats.parse_stage_metrics(METRICS_PAGE)
+    counters = (stats.parse_stats(_stats([("pre", 8, 2, 0, 0, 0, 0, 0)])),
+                stats.parse_stats(_stats([("pre", 40, 10, 0, 0, 0, 32 * 3e6, 0)])))
+    rows = stats.stage_breakdown("ensemble", 4, ["pre"], before, after, counters)
+    decode, resize = rows
+    assert (decode.stage, decode.images, decode.batches) == ("DecodeTensor", 32, 8)
+    assert decode.ms_per_batch == pytest.approx(2.0) and decode.ms_per_image == pytest.approx(0.5)
+    assert (resize.images, resize.batches, resize.ms_per_batch) == (30, 8, pytest.approx(0.5))
+    assert decode.compute_infer_ms == pytest.approx(3.0) and decode.concurrency == 4
+    # the stages come in the order the model's chain runs them
+    ordered = stats.stage_breakdown("ensemble", 4, ["pre"], before, after, order={"pre": ["S", "ResizeTensor", "DecodeTensor"]})
+    assert [r.stage for r in ordered] == ["ResizeTensor", "DecodeTensor"]
+    assert [(r.model, r.stage) for r in stats.stage_breakdown("e", 1, ["cls", "pre"], {}, after)][0] == ("cls", "TensorrtTensor")
+    # a level in which a model ran no batch gives it no row
+    assert stats.stage_breakdown("ensemble", 4, ["pre"], after, after) == []
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -293,6 +342,17 @@ def test_markdown_has_header_ratios_and_breakdown():
     assert "GPU MiB" not in text
 
 
+def test_markdown_has_the_stage_table_with_the_time_outside_the_stages():
+    stages = [stats.StageTimes("ensemble", 1, "pre", "DecodeTensor", 100, 100, 0.8, 0.8, 2.0),
+              stats.StageTimes("ensemble", 1, "pre", "ResizeTensor", 100, 100, 0.2, 0.2, 2.0)]
+    text = report.markdown(_rows(), [], {}, stages)
+    lines = text.splitlines()
+    assert "## Inside the models (ms, from tritonpipe's stage metrics, per concurrency level)" in lines
+    assert "| ensemble | 1 | pre | DecodeTensor | 100 | 100 | 1.0 | 0.80 | 0.80 |" in lines
+    assert "| ensemble | 1 | pre | 2.00 | 1.00 | 1.00 |" in lines
+    assert "Inside the models" not in report.markdown(_rows(), [], {})
+
+
 def test_markdown_shows_gpu_memory_when_measured():
     text = report.markdown(_rows(with_memory=True), [], {})
     assert "ensemble GPU MiB" in text and "1000→1010" in text
@@ -306,6 +366,9 @@ def test_csv_files_have_the_expected_columns(tmp_path):
     steps = [stats.StepTimes("inprocess", "cls_pre", 64, 1, 3.5)]
     rows = list(csv.DictReader(report.write_breakdown(steps, tmp_path / "b.csv").open()))
     assert list(rows[0]) == report.BREAKDOWN_COLUMNS and rows[0]["total_ms"] == "3.5000" and rows[0]["queue_ms"] == ""
+    stages = [stats.StageTimes("ensemble", 8, "pre", "DecodeTensor", 64, 8, 1.5, 0.1875)]
+    rows = list(csv.DictReader(report.write_stages(stages, tmp_path / "s.csv").open()))
+    assert list(rows[0]) == report.STAGE_COLUMNS and rows[0]["ms_per_batch"] == "1.5000" and rows[0]["compute_infer_ms"] == ""
 
 
 def test_plot_is_written_when_matplotlib_is_there(tmp_path):

@@ -6,7 +6,7 @@ import csv
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .stats import StepTimes
+from .stats import StageTimes, StepTimes
 
 SYSTEMS = ("ensemble", "baseline", "inprocess", "dali")
 TITLES = {
@@ -89,13 +89,53 @@ def write_breakdown(steps: list[StepTimes], path: Path) -> Path:
     return path
 
 
+STAGE_COLUMNS = [f.name for f in fields(StageTimes)]
+
+
+def write_stages(stages: list[StageTimes], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(STAGE_COLUMNS)
+        for stage in stages:
+            writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in asdict(stage).values()])
+    return path
+
+
+def _stage_lines(stages: list[StageTimes]) -> list[str]:
+    """The per-stage table: each model's stages, level by level, beside the model's compute infer."""
+    out = [
+        "", "## Inside the models (ms, from tritonpipe's stage metrics, per concurrency level)", "",
+        "A stage's time per batch is the wall time of its Python call on one batch, averaged over every instance's batches; "
+        "`compute infer` is Triton's for the model (per request, so large batches weigh more in it), and "
+        "`outside the stages` is compute infer less the model's stages per batch: the Python stub, reading "
+        "the requests and writing the responses. The two are exact where every batch holds one request (c=1).", "",
+    ]
+    lines = []
+    for stage in stages:
+        lines.append([stage.system, str(stage.concurrency), stage.model, stage.stage, str(stage.images), str(stage.batches),
+                      f"{stage.images / stage.batches:.1f}" if stage.batches else "—", fmt_ms(stage.ms_per_batch),
+                      fmt_ms(stage.ms_per_image)])
+    out += _table(["system", "concurrency", "model", "stage", "images", "batches", "avg batch", "per batch", "per image"], lines)
+    totals: dict[tuple[str, int, str], list[StageTimes]] = {}
+    for stage in stages:
+        totals.setdefault((stage.system, stage.concurrency, stage.model), []).append(stage)
+    summary = []
+    for (system, concurrency, model), group in totals.items():
+        infer = group[0].compute_infer_ms
+        staged = sum(s.ms_per_batch for s in group)
+        summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged),
+                        fmt_ms(infer - staged if infer is not None else None)])
+    out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "outside the stages"], summary)]
+    return out
+
+
 def _table(header: list[str], lines: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(line) + " |" for line in lines]
     return out
 
 
-def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) -> str:
+def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], stages: list[StageTimes] | None = None) -> str:
     by = {(r.system, r.concurrency): r for r in rows if r.system not in INPROCESS_ROWS}
     present = [s for s in ("ensemble", "baseline") if any(r.system == s for r in rows)]
     inproc = next((r for r in rows if r.system == "inprocess"), None)
@@ -168,6 +208,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str]) ->
                 for s in steps
             ],
         )
+    if stages:
+        out += _stage_lines(stages)
     return "\n".join(out) + "\n"
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...contract import PARAM_PIPELINE
 from ...errors import ConfigError
 from ...examples import EXAMPLE_DIR, export_classifier
 from ...model.runtime import pick_device
@@ -26,8 +27,8 @@ from ..corpus import Corpus, load_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
 from .baseline import Baseline, add_baseline
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
-from .report import SYSTEMS, Row, markdown, plot, write_breakdown, write_rows
-from .stats import StepTimes, breakdown, fetch_stats
+from .report import SYSTEMS, Row, markdown, plot, write_breakdown, write_rows, write_stages
+from .stats import StageTimes, StepTimes, breakdown, fetch_stage_metrics, fetch_stats, stage_breakdown
 
 DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
 
@@ -78,6 +79,7 @@ class BenchResult:
     steps: list[StepTimes]
     markdown: str
     files: dict[str, Path]
+    stages: list[StageTimes] = field(default_factory=list)
 
 
 def _tables(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -204,11 +206,14 @@ def _sweep(
     options: BenchOptions,
     workdir: Path,
     say: Callable[[str], None],
-) -> tuple[list[Row], list[StepTimes]]:
+    order: dict[str, list[str]] | None = None,
+) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from tqdm import tqdm
 
     rows = []
+    stage_rows: list[StageTimes] = []
     before = fetch_stats(server.grpc_url)
+    level_counters, level_stages = before, _stage_metrics(server, say)
     levels = tqdm(options.concurrency, desc=system, unit="level", disable=not options.progress, leave=False)
     for concurrency in levels:
         levels.set_postfix_str(f"concurrency {concurrency}")
@@ -236,9 +241,31 @@ def _sweep(
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
+        counters, stages = fetch_stats(server.grpc_url), _stage_metrics(server, say)
+        if stages is not None and level_stages is not None:
+            stage_rows += stage_breakdown(system, concurrency, models, level_stages, stages, (level_counters, counters), order)
+        level_counters, level_stages = counters, stages
     levels.close()
     ensemble = models[0] if len(models) > 1 else None
-    return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble)
+    return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+
+
+def _stage_order(configs: dict[str, Any]) -> dict[str, list[str]]:
+    """Model -> its stages' names in the order its chain runs them, from each config's pipeline string."""
+    order = {}
+    for name, config in configs.items():
+        if PARAM_PIPELINE in config.parameters:
+            order[name] = [node.name for node in parse_backend(config.parameters[PARAM_PIPELINE].string_value).walk()]
+    return order
+
+
+def _stage_metrics(server, say) -> dict | None:
+    """The stage tallies on the server's /metrics; None, and a line that says why, when it cannot be read."""
+    try:
+        return fetch_stage_metrics(server.metrics_url)
+    except OSError as exc:
+        say(f"stage metrics not read from {server.metrics_url}: {exc}; the report has no per-stage table")
+        return None
 
 
 def _unfused(graph: Graph) -> Graph:
@@ -298,12 +325,13 @@ def _served_systems(
 
 def _measure_served(
     repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say
-) -> tuple[list[Row], list[StepTimes]]:
+) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from ...server.install import locate_triton
     from ...server.owner import TritonServer
 
     rows: list[Row] = []
     steps: list[StepTimes] = []
+    stages: list[StageTimes] = []
     install = locate_triton(options.triton_home)
     input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
     say(f"starting tritonserver on {repo.path} ...")
@@ -311,12 +339,15 @@ def _measure_served(
     try:
         server.start(timeout=options.server_timeout)
         for system, (model, models) in served.items():
-            system_rows, system_steps = _sweep(system, model, models, server, install, input_json, options, workdir, say)
+            system_rows, system_steps, system_stages = _sweep(
+                system, model, models, server, install, input_json, options, workdir, say, _stage_order(repo.configs)
+            )
             rows += system_rows
             steps += system_steps
+            stages += system_stages
     finally:
         server.close()
-    return rows, steps
+    return rows, steps, stages
 
 
 def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tuple[list[Row], list[StepTimes]]:
@@ -462,13 +493,14 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     load_at_start = _load()
     rows: list[Row] = []
     steps: list[StepTimes] = []
+    stages: list[StageTimes] = []
     with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
         workdir = Path(tmp)
         repo, baseline = build_bench_repository(graph, workdir / "repository", options)
         say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
         served = _served_systems(repo, baseline, options, say)
         if served:
-            rows, steps = _measure_served(repo, served, corpus, options, workdir, say)
+            rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say)
         if "inprocess" in options.systems:
             more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows
@@ -477,10 +509,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             rows += _measure_dali(repo, baseline, corpus, rows, steps, options, header, say)
     # other work on the host skews every number; this makes a busy host visible
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
-    text = markdown(rows, steps, header)
+    text = markdown(rows, steps, header, stages)
     files = {
         "csv": write_rows(rows, output / "results.csv"),
         "breakdown": write_breakdown(steps, output / "breakdown.csv"),
+        "stages": write_stages(stages, output / "stages.csv"),
         "markdown": output / "report.md",
     }
     files["markdown"].write_text(text)
@@ -489,4 +522,4 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         say("matplotlib is not importable: no plot (pip install matplotlib, or the 'bench' extra)")
     else:
         files["plot"] = png
-    return BenchResult(rows, steps, text, files)
+    return BenchResult(rows, steps, text, files, stages)

@@ -1,8 +1,12 @@
-"""Where a request's time goes: Triton's per-model statistics, differenced over one sweep."""
+"""Where a request's time goes: Triton's per-model statistics, differenced over one sweep, and
+inside each model, tritonpipe's own stage metrics, differenced over each concurrency level."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from ...model.metrics import BATCH_SECONDS, DURATION_US, FLUSH_SECONDS, IMAGES
 
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -94,3 +98,95 @@ def breakdown(
         head = next(r for r in rows if r.model == ensemble)
         head.other_ms = head.total_ms - sum(r.total_ms for r in rows if r.model != ensemble)
     return rows
+
+
+# --- inside a model: tritonpipe's stage metrics ----------------------------------------------
+
+_STAGE_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$', re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class StageTally:
+    """Cumulative stage metrics of one (model, stage), every instance together."""
+
+    images: float = 0.0
+    duration_us: float = 0.0
+    batches: float = 0.0
+
+    def __sub__(self, other: StageTally) -> StageTally:
+        return StageTally(self.images - other.images, self.duration_us - other.duration_us, self.batches - other.batches)
+
+
+@dataclass
+class StageTimes:
+    """One stage of one model over one concurrency level (``concurrency`` 0: the whole sweep)."""
+
+    system: str
+    concurrency: int
+    model: str
+    stage: str
+    images: int
+    batches: int
+    ms_per_batch: float
+    ms_per_image: float
+    compute_infer_ms: float | None = None  # the model's, per request, over the same interval
+
+
+def parse_stage_metrics(text: str) -> dict[tuple[str, str], StageTally]:
+    """Triton's Prometheus page -> tallies by (model, stage) from the tritonpipe_stage_* families."""
+    series = {IMAGES: "images", DURATION_US: "duration_us", f"{BATCH_SECONDS}_count": "batches"}
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for name, labels, value in _STAGE_SAMPLE.findall(text):
+        field_name = series.get(name)
+        if field_name is None:
+            continue
+        tags = dict(_LABEL.findall(labels))
+        if "model" in tags and "stage" in tags:
+            values = found.setdefault((tags["model"], tags["stage"]), {})
+            values[field_name] = values.get(field_name, 0.0) + float(value)
+    return {key: StageTally(**values) for key, values in found.items()}
+
+
+def fetch_stage_metrics(metrics_url: str, settle_s: float = FLUSH_SECONDS + 0.25) -> dict[tuple[str, str], StageTally]:
+    """The stage tallies once the instances have handed theirs over (they do every FLUSH_SECONDS)."""
+    import time
+    import urllib.request
+
+    time.sleep(settle_s)
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        return parse_stage_metrics(response.read().decode(errors="replace"))
+
+
+def stage_breakdown(
+    system: str,
+    concurrency: int,
+    models: list[str],
+    before: dict[tuple[str, str], StageTally],
+    after: dict[tuple[str, str], StageTally],
+    counters: tuple[dict[str, Counters], dict[str, Counters]] | None = None,
+    order: dict[str, list[str]] | None = None,
+) -> list[StageTimes]:
+    """Per-stage times of ``models`` between two snapshots: model by model as ``models`` lists them,
+    and each model's stages in ``order`` (model -> stage names as its chain runs them)."""
+    rows = []
+    for (model, stage), tally in after.items():
+        if model not in models:
+            continue
+        delta = tally - before.get((model, stage), StageTally())
+        if delta.batches <= 0:
+            continue
+        infer = None
+        if counters is not None:
+            change = counters[1].get(model, Counters()) - counters[0].get(model, Counters())
+            infer = change.ns[PHASES.index("compute_infer")] / change.requests / 1e6 if change.requests else None
+        rows.append(StageTimes(
+            system, concurrency, model, stage, round(delta.images), round(delta.batches),
+            delta.duration_us / delta.batches / 1e3, delta.duration_us / delta.images / 1e3 if delta.images else 0.0, infer,
+        ))
+
+    def place(row: StageTimes) -> tuple[int, int]:
+        stages = (order or {}).get(row.model, [])
+        return models.index(row.model), stages.index(row.stage) if row.stage in stages else len(stages)
+
+    return sorted(rows, key=place)
