@@ -98,6 +98,18 @@ def test_a_request_taken_before_the_stop_and_refused_after_it_counts_as_in_fligh
     assert (fault.in_flight, fault.completed, fault.refused, fault.errors, fault.hung) == (1, 0, 1, 0, 0)
 
 
+def test_a_request_sent_before_the_stop_and_dropped_during_it_is_lost():
+    state = LoadRun([GOOD], _Bar())
+    request, started = state.take()
+
+    def dropped_while_stopping(payload):
+        state.stop()  # the stop begins while the request is with the server
+        raise InferError("server is shutting down", "UNAVAILABLE")
+
+    outcome = judge(request, Expected(outputs=WANT), dropped_while_stopping, stopped=state.stopping, started=started)
+    assert outcome.verdict == "lost"
+
+
 def test_an_outcome_keeps_status_first_line_and_timing():
     outcome = judge(GOOD, Expected(outputs=WANT), failing("INTERNAL", "stub died\ntraceback..."))
     assert (outcome.index, outcome.kind, outcome.status, outcome.message) == (1, "good", "INTERNAL", "stub died")

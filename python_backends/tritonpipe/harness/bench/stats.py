@@ -120,7 +120,7 @@ class StageTally:
 
 @dataclass
 class StageTimes:
-    """One stage of one model over one concurrency level (``concurrency`` 0: the whole sweep)."""
+    """One stage of one model over one concurrency level."""
 
     system: str
     concurrency: int

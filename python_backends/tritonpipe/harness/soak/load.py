@@ -101,14 +101,14 @@ def judge(request: Request, expected: Expected, call: Callable[[bytes], dict], a
     """Send ``request`` through ``call`` and judge the answer against ``expected``.
 
     ``started`` is when the request left the queue (now if not given). A failure is judged
-    "refused" only if the stop had begun by the time it came back; ``ended`` is read after that
-    check, so a refused request always ends after the stop's moment.
+    "refused" only if the stop had begun before the request was sent: one sent earlier and then
+    dropped by the server is lost, whatever the status.
     """
     started = time.monotonic() if started is None else started
+    after_stop = stopped is not None and stopped.is_set()
     try:
         got = call(request.payload)
     except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-        after_stop = stopped is not None and stopped.is_set()
         ended = time.monotonic()
         status = exc.status if isinstance(exc, InferError) else type(exc).__name__
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
@@ -154,7 +154,7 @@ class LoadRun:
         """Take no more requests; returns the stop's moment (seconds into the run) and how many were never sent.
 
         The moment is read before the flag is set, under the lock ``take`` holds: a request taken
-        before the stop started before that moment, and a failure that sees the flag ends after it.
+        before the stop started before that moment, and one sent after the flag ends after it.
         """
         with self.lock:
             at_s = time.monotonic() - self.t0
