@@ -19,6 +19,8 @@ from ..probe import Memory, sample_memory
 from .load import LoadRun, Outcome
 
 ANSWERED = ("correct", "rejected")
+#: seconds between the stop (no request is sent after it) and the server's SIGINT
+SEND_GRACE_S = 0.05
 
 
 @dataclass
@@ -74,6 +76,8 @@ def server_stopper(fault: FaultReport, server: TritonServer, memory: dict[str, M
             return
         memory["after"] = sample_memory(server.process.pid)
         fault.at_s, fault.not_sent = state.stop()  # no new requests; the ones in flight must drain
+        # a request sent just before the stop may still be on its way: let it reach the server first
+        time.sleep(SEND_GRACE_S)
         signaled = time.monotonic()
         server.process.send_signal(signal.SIGINT)
         fault.target, fault.target_pid = f"tritonserver (pid {server.process.pid})", server.process.pid
