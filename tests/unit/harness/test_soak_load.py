@@ -1,6 +1,7 @@
 """Judging the soak's answers: output matching, verdicts, and the in-process reference."""
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -157,3 +158,9 @@ def test_reference_runs_only_tritonpipe_models():
 def test_reference_input_keeps_the_request_shape(reference, jpeg_factory):
     (answer,) = reference.chain.run([{"INPUT": torch.frombuffer(bytearray(jpeg_factory(30, 40)), dtype=torch.uint8)[None]}])
     assert not isinstance(answer, BaseException) and next(iter(answer.values())).shape[0] == 1
+
+
+def test_the_latency_counts_from_the_send_not_from_the_queue():
+    taken_long_ago = time.monotonic() - 60.0  # e.g. the reference ran between take and send
+    outcome = judge(GOOD, Expected(outputs=WANT), lambda p: WANT, started=taken_long_ago)
+    assert outcome.started == taken_long_ago and outcome.latency_s < outcome.ended - outcome.started - 59.0

@@ -338,9 +338,10 @@ def _measure_served(
     server = TritonServer(repo.path, install=install, mps=options.mps)
     try:
         server.start(timeout=options.server_timeout)
+        order = _stage_order(repo.configs)
         for system, (model, models) in served.items():
             system_rows, system_steps, system_stages = _sweep(
-                system, model, models, server, install, input_json, options, workdir, say, _stage_order(repo.configs)
+                system, model, models, server, install, input_json, options, workdir, say, order
             )
             rows += system_rows
             steps += system_steps

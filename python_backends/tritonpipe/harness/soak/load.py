@@ -100,11 +100,13 @@ def judge(request: Request, expected: Expected, call: Callable[[bytes], dict], a
           stopped: threading.Event | None = None, started: float | None = None) -> Outcome:
     """Send ``request`` through ``call`` and judge the answer against ``expected``.
 
-    ``started`` is when the request left the queue (now if not given). A failure is judged
+    ``started`` is when the request left the queue (now if not given); the latency counts from
+    the send, so the reference's own work between the two is not in it. A failure is judged
     "refused" only if the stop had begun before the request was sent: one sent earlier and then
     dropped by the server is lost, whatever the status.
     """
-    started = time.monotonic() if started is None else started
+    sent = time.monotonic()
+    started = sent if started is None else started
     after_stop = stopped is not None and stopped.is_set()
     try:
         got = call(request.payload)
@@ -113,14 +115,14 @@ def judge(request: Request, expected: Expected, call: Callable[[bytes], dict], a
         status = exc.status if isinstance(exc, InferError) else type(exc).__name__
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         verdict = verdict_of_failure(status, expected, after_stop)
-        return Outcome(request.index, request.kind, verdict, ended - started, started, ended, status, message)
+        return Outcome(request.index, request.kind, verdict, ended - sent, started, ended, status, message)
     ended = time.monotonic()
     if expected.outputs is None:
-        return Outcome(request.index, request.kind, "wrong", ended - started, started, ended, "OK",
+        return Outcome(request.index, request.kind, "wrong", ended - sent, started, ended, "OK",
                        f"accepted an input the reference refuses ({expected.message[:200]})")
     difference = matches(got, expected.outputs, atol)
     verdict = "wrong" if difference else "correct"
-    return Outcome(request.index, request.kind, verdict, ended - started, started, ended, "OK", difference)
+    return Outcome(request.index, request.kind, verdict, ended - sent, started, ended, "OK", difference)
 
 
 class LoadRun:
