@@ -17,6 +17,7 @@ with ``docker/Dockerfile`` and with the server owner (``TritonServer``).
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..errors import ConfigError
 from ..pipeline.grammar import parse_backend
 from ..repository.generate import swap_into_place
+from ..repository.ownership import FILES, check_replaceable, written_files
 
 try:
     from ..contract import PARAM_PIPELINE, PARAM_WARMUP
@@ -726,16 +728,20 @@ def build_manifests(configs: dict[str, mc.ModelConfig], repository: str | os.Pat
 # --- writing ------------------------------------------------------------------------------------------
 
 
+#: written into every manifests folder: every file written with its sha256 (what ``--force`` may
+#: replace); kustomize reads only the files a kustomization names, so it does not see it
+MARKER = "tritonpipe-k8s.json"
+
+
 def check_target(folder: str | os.PathLike, repository: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    """Refuse a manifests folder that cannot be written, before anything is written."""
+    """Refuse a manifests folder that cannot be written, before anything is written.
+
+    ``overwrite`` (``--force``) replaces an empty folder or a manifests folder tritonpipe wrote and
+    nobody changed since, never a symbolic link, the root, the home folder, or the current folder or
+    one of its parents (the same rules as the repository's ``-o``).
+    """
+    check_replaceable(folder, overwrite, marker=MARKER, what="manifests folder")
     folder = Path(folder).resolve()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if existing != folder and not existing.is_dir():
-        raise ConfigError(f"cannot write the manifests to {folder}: {existing} is not a folder")
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder} exists and is not a folder")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"{folder} is not empty; pass --force to replace it")
     if repository is not None:
         repository = Path(repository).resolve()
         if folder == repository or repository in folder.parents or folder in repository.parents:
@@ -744,7 +750,7 @@ def check_target(folder: str | os.PathLike, repository: str | os.PathLike | None
 
 
 def write_manifests(manifests: Manifests, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write every file to ``folder`` atomically (a staging folder moved into place)."""
+    """Write every file to ``folder`` atomically (a staging folder moved into place), with its marker."""
     folder = check_target(folder, overwrite=overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -753,6 +759,8 @@ def write_manifests(manifests: Manifests, folder: str | os.PathLike, overwrite: 
             target = staging / manifest.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(manifest.text())
+        marker = {"entry": manifests.entry, FILES: written_files(staging, MARKER)}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         swap_into_place(staging, folder)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..pipeline.graph import Graph
 from ..pipeline.resolved import ResolvedStage
 from .configs import NATIVE, ensemble_config, native_model_config, python_model_config, to_text, validate_repository
+from .ownership import FILES, check_replaceable, written_files
 from .plan import ModelPlan, RepositoryPlan, plan_repository
 
 SHIM = (
@@ -124,7 +125,8 @@ def build_repository(
     return plan, configs, files
 
 
-#: written into every generated repository: what it holds, and the mark that ``--force`` may replace it
+#: written into every generated repository: its entry model, its models, and every file written with
+#: its sha256 (what ``--force`` may replace: see ownership.py)
 MARKER = "tritonpipe.json"
 ModelFiles = dict[str, dict[str, Path]]
 
@@ -141,30 +143,11 @@ def read_marker(repository: str | Path) -> dict | None:
 def check_target(output: Path, overwrite: bool) -> None:
     """Refuse an output that is not a folder we may fill or replace, before anything is built.
 
-    ``overwrite`` (``--force``) replaces an empty folder or a repository tritonpipe generated (it
-    holds the marker), never a symbolic link, the root, the home folder, or the current folder or
-    one of its parents.
+    ``overwrite`` (``--force``) replaces an empty folder or a repository tritonpipe generated and
+    nobody changed since (every file in it is listed in its marker, with the same content), never a
+    symbolic link, the root, the home folder, or the current folder or one of its parents.
     """
-    if output.is_symlink():
-        raise ConfigError(f"{output} is a symbolic link; give the folder it points to, or another path")
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise ConfigError(f"{output} exists and is not a folder")
-    if not any(output.iterdir()):
-        return
-    if not overwrite:
-        raise ConfigError(f"{output} is not empty; pass overwrite (--force) to replace it")
-    resolved, here = output.resolve(), Path.cwd().resolve()
-    if resolved in {Path("/"), Path.home().resolve(), here, *here.parents}:
-        raise ConfigError(
-            f"refusing to replace {resolved}: it is the root, the home folder, or the current folder or one of its parents"
-        )
-    if read_marker(resolved) is None:
-        raise ConfigError(
-            f"{resolved} is not empty and is not a repository tritonpipe generated (it has no {MARKER}); "
-            "--force replaces only those: choose an empty or a new folder"
-        )
+    check_replaceable(output, overwrite, marker=MARKER, what="repository")
 
 
 def swap_into_place(staging: Path, target: Path) -> None:
@@ -209,7 +192,8 @@ def write_repository(
                 target = version_dir / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
-        (staging / MARKER).write_text(json.dumps({"entry": entry, "models": sorted(configs)}, indent=2) + "\n")
+        marker = {"entry": entry, "models": sorted(configs), FILES: written_files(staging, MARKER)}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         # mkdtemp makes 0700 folders; a server running as another user must be able to read them
         for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
             folder.chmod(0o755)
