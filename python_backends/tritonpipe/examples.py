@@ -33,8 +33,11 @@ def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
     return path
 
 
-def sample_jpeg(height: int = 480, width: int = 640, seed: int = 0, quality: int = 90) -> bytes:
-    """A deterministic synthetic photo-like JPEG: gradients, shapes and noise."""
+def sample_jpeg(height: int = 480, width: int = 640, seed: int = 0, quality: int = 90, subsampling: str = "420") -> bytes:
+    """A deterministic synthetic photo-like JPEG: gradients, shapes and noise.
+
+    ``subsampling`` is the chroma subsampling: ``"444"``, ``"422"`` or ``"420"`` (OpenCV's default).
+    """
     import cv2
     import numpy as np
 
@@ -47,7 +50,12 @@ def sample_jpeg(height: int = 480, width: int = 640, seed: int = 0, quality: int
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         cv2.circle(image, center, int(rng.integers(min(10, largest - 1), largest)), color, -1)
     image += rng.normal(0, 6, image.shape)
-    ok, encoded = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    factors = {"444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+               "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420}
+    if subsampling not in factors:
+        raise ValueError(f"subsampling must be one of {', '.join(factors)}, got {subsampling!r}")
+    flags = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factors[subsampling]]
+    ok, encoded = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), flags)
     if not ok:
         raise RuntimeError("OpenCV could not encode the sample JPEG")
     return encoded.tobytes()

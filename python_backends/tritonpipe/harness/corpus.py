@@ -43,6 +43,49 @@ def synthetic_corpus(
     return Corpus(images, f"{count} synthetic JPEGs (quality {quality}, seed {seed}: {mix}), {mb:.1f} MB")
 
 
+#: the distinct-size corpus: pixels per image, aspect ratios, qualities and chroma subsamplings
+PHOTO_PIXELS = (100_000, 3_000_000)
+_ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0, 3 / 4, 2 / 3, 9 / 16)
+_QUALITIES = (75, 80, 85, 90, 95)
+_SUBSAMPLINGS = ("420", "422", "444")
+
+
+def photo_sizes(count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``count`` distinct (height, width) pairs of 0.1 to 3 MP, in portrait and landscape, as a
+    batch of user photos has: evenly spread in pixels (log scale), shuffled by ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    low, high = PHOTO_PIXELS
+    sizes: list[tuple[int, int]] = []
+    for index in range(count):
+        pixels = low * (high / low) ** (index / max(1, count - 1))
+        aspect = _ASPECTS[index % len(_ASPECTS)]
+        width = int(round((pixels * aspect) ** 0.5))
+        height = int(round(pixels / width))
+        while (height, width) in sizes:  # distinct, whatever the rounding
+            width += 1
+        sizes.append((height, width))
+    order = rng.permutation(count)
+    return [sizes[i] for i in order]
+
+
+def photo_corpus(count: int = 64, seed: int = 0) -> Corpus:
+    """``count`` photo-like JPEGs of ``count`` distinct sizes (0.1 to 3 MP), qualities 75 to 95 and
+    4:2:0, 4:2:2 and 4:4:4 chroma: what a batch of user photos looks like, where every image needs
+    a resize of its own."""
+    if count < 1:
+        raise ConfigError(f"the corpus needs at least one image, got {count}")
+    images = []
+    for index, (height, width) in enumerate(photo_sizes(count, seed)):
+        quality = _QUALITIES[index % len(_QUALITIES)]
+        subsampling = _SUBSAMPLINGS[index % len(_SUBSAMPLINGS)]
+        images.append(sample_jpeg(height, width, seed=seed * 100_003 + index, quality=quality, subsampling=subsampling))
+    mb = sum(map(len, images)) / 1e6
+    return Corpus(images, f"{count} photo-like JPEGs of {count} distinct sizes (0.1-3 MP, quality 75-95, "
+                          f"4:2:0/4:2:2/4:4:4, seed {seed}), {mb:.1f} MB")
+
+
 def load_corpus(folder: str | Path) -> Corpus:
     """Every ``*.jpg`` / ``*.jpeg`` file in ``folder``, in name order."""
     folder = Path(folder)

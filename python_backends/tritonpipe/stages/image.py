@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, StageError
+from ..kernels import batch_resize, decode, geometry, jpeg, nvimgcodec
 from ..kernels import color as color_kernels
-from ..kernels import decode, geometry, jpeg, nvimgcodec
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
@@ -316,20 +316,28 @@ class ResizeTensor(_Resize):
         return geometry.resize_bilinear(image, self.height, self.width)
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
-        # the batch's images of one size are resized together; a bad one still fails alone
+        # the whole batch is resized in one go; a bad image still fails alone
         good: list[tuple[dict[str, Any], torch.Tensor]] = []
         for item in batch:
             try:
                 good.append((item, _nchw(item["data"], self.name).to(self.device, non_blocking=True)))
             except Exception as exc:  # noqa: BLE001 - the error belongs to this request
                 item["error"] = exc
+        if not good:
+            return
         try:
-            resized = geometry.resize_bilinear_many([image for _, image in good], self.height, self.width)
+            resized = self._resize_all([image for _, image in good])
         except Exception:  # noqa: BLE001 - find the one image at fault, one by one
             super().forward([item for item, _ in good])
             return
         for (item, _), image in zip(good, resized):
             item["result"] = image
+
+    def _resize_all(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One kernel launch for the whole batch on a GPU, whatever its sizes; one per size elsewhere."""
+        if batch_resize.kernel_available(self.device) and len({(i.shape[1], i.dtype) for i in images}) == 1:
+            return list(batch_resize.resize_batch(images, self.height, self.width).split(1))
+        return geometry.resize_bilinear_many(images, self.height, self.width)
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:

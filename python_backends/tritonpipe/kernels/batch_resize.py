@@ -1,0 +1,232 @@
+"""Bilinear resize of a batch of images of any sizes in one GPU launch, with colour order,
+per-channel normalisation and output dtype folded in.
+
+Decoded photos come in as many sizes as there are images.  Resizing them one size at a time
+costs a launch, a ``torch.cat`` copy and a full-size float conversion per size; here one
+Triton kernel reads every image where it lies (uint8, any strides: CHW planes or HWC
+interleaved) and writes the ``B x C x out_h x out_w`` result.
+
+The arithmetic is that of ``F.interpolate(image.float(), size, mode="bilinear",
+align_corners=False)`` (half-pixel centres, no antialias), in float32, followed by
+``(x - mean) / std``.  :func:`resize_batch_reference` is the same thing in torch, used on the
+CPU, where Triton is missing, and by the tests as the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import check_side
+
+#: input dtypes the kernel reads; others take the torch path
+KERNEL_INPUTS = (torch.uint8, torch.float16, torch.float32)
+#: output dtypes the kernel writes
+OUTPUTS = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK = 512
+#: let the compiler fuse multiply-adds, as nvcc does in PyTorch's own kernel
+FP_FUSION = True
+
+
+def _as_chw(image: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A 1xCxHxW or CxHxW image (HxWxC when ``channels_last``) as a CxHxW view, nothing copied."""
+    if channels_last:
+        if image.dim() != 3:
+            raise ValueError(f"resize_batch: a channels-last image must be HxWxC, got shape {tuple(image.shape)}")
+        return image.permute(2, 0, 1)
+    if image.dim() == 4 and image.shape[0] == 1:
+        return image[0]
+    if image.dim() != 3:
+        raise ValueError(f"resize_batch needs 1xCxHxW or CxHxW images, got shape {tuple(image.shape)}")
+    return image
+
+
+def _check_batch(views: list[torch.Tensor]) -> None:
+    first = views[0]
+    for view in views:
+        if view.shape[0] != first.shape[0] or view.dtype != first.dtype or view.device != first.device:
+            raise ValueError(
+                "resize_batch needs images of one channel count, dtype and device; got "
+                f"{tuple(first.shape)} {first.dtype} {first.device} and {tuple(view.shape)} {view.dtype} {view.device}"
+            )
+        if view.shape[1] == 0 or view.shape[2] == 0:
+            raise ValueError(f"resize_batch got an empty image of shape {tuple(view.shape)}")
+
+
+def _channel_values(values: Sequence[float] | None, channels: int, name: str) -> list[float] | None:
+    if values is None:
+        return None
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        values *= channels
+    if len(values) != channels:
+        raise ValueError(f"resize_batch: {name} needs 1 or {channels} values, got {len(values)}")
+    return values
+
+
+def resize_batch_reference(
+    images: Sequence[torch.Tensor],
+    out_h: int,
+    out_w: int,
+    *,
+    channels_last: bool = False,
+    swap_rb: Sequence[bool] | bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`resize_batch` in plain torch: one ``F.interpolate`` per image."""
+    views, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
+    rows = []
+    for view, swap in zip(views, swaps):
+        row = F.interpolate(view.unsqueeze(0).float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
+        if swap:
+            row = row.flip(1)
+        rows.append(row)
+    out = torch.cat(rows)
+    if mean is not None:
+        out = out - torch.tensor(mean, device=out.device).view(1, -1, 1, 1)
+    if std is not None:
+        out = out / torch.tensor(std, device=out.device).view(1, -1, 1, 1)
+    return out.to(dtype)
+
+
+def _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype):
+    check_side("resize_h", out_h)
+    check_side("resize_w", out_w)
+    if not images:
+        raise ValueError("resize_batch needs at least one image")
+    if dtype not in OUTPUTS:
+        raise ValueError(f"resize_batch writes {', '.join(map(str, OUTPUTS))}, not {dtype}")
+    views = [_as_chw(image, channels_last) for image in images]
+    _check_batch(views)
+    channels = views[0].shape[0]
+    swaps = [bool(swap_rb)] * len(views) if isinstance(swap_rb, bool) else [bool(s) for s in swap_rb]
+    if len(swaps) != len(views):
+        raise ValueError(f"resize_batch: swap_rb has {len(swaps)} flags for {len(views)} images")
+    if any(swaps) and channels != 3:
+        raise ValueError(f"resize_batch: swapping red and blue needs 3 channels, got {channels}")
+    return views, swaps, _channel_values(mean, channels, "mean"), _channel_values(std, channels, "std")
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, compiled on first use; None where Triton cannot be imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def resize_kernel(
+        table_ptr,  # int64 [B, 7]: address, H, W, stride C, stride H, stride W, swap
+        scale_ptr,  # float32 [B, 2]: H / out_h and W / out_w, rounded as PyTorch rounds them
+        norm_ptr,  # float32 [2, C]: mean, then std
+        out_ptr,
+        out_h,
+        out_w,
+        C: tl.constexpr,
+        IN_TYPE: tl.constexpr,
+        NORMALISE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(1)
+        row = table_ptr + b * 7
+        base = tl.load(row).to(tl.pointer_type(IN_TYPE))
+        height = tl.load(row + 1)
+        width = tl.load(row + 2)
+        stride_c = tl.load(row + 3)
+        stride_h = tl.load(row + 4)
+        stride_w = tl.load(row + 5)
+        swap = tl.load(row + 6)
+        pixels = out_h * out_w
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < pixels
+        oy = offsets // out_w
+        ox = offsets % out_w
+        # PyTorch's area_pixel_compute_source_index, in float32
+        scale_y = tl.load(scale_ptr + b * 2)
+        scale_x = tl.load(scale_ptr + b * 2 + 1)
+        sy = tl.maximum(scale_y * (oy.to(tl.float32) + 0.5) - 0.5, 0.0)
+        sx = tl.maximum(scale_x * (ox.to(tl.float32) + 0.5) - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+        y1 = y0 + (y0 < height - 1).to(tl.int32)
+        x1 = x0 + (x0 < width - 1).to(tl.int32)
+        top0 = y0.to(tl.int64) * stride_h
+        top1 = y1.to(tl.int64) * stride_h
+        left0 = x0.to(tl.int64) * stride_w
+        left1 = x1.to(tl.int64) * stride_w
+        out_base = out_ptr + b.to(tl.int64) * C * pixels
+        for c in tl.static_range(C):
+            source = tl.where(swap != 0, C - 1 - c, c)
+            plane = base + source.to(tl.int64) * stride_c
+            v00 = tl.load(plane + top0 + left0, mask=inside, other=0).to(tl.float32)
+            v01 = tl.load(plane + top0 + left1, mask=inside, other=0).to(tl.float32)
+            v10 = tl.load(plane + top1 + left0, mask=inside, other=0).to(tl.float32)
+            v11 = tl.load(plane + top1 + left1, mask=inside, other=0).to(tl.float32)
+            value = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+            if NORMALISE:
+                value = tl.math.div_rn(value - tl.load(norm_ptr + c), tl.load(norm_ptr + C + c))
+            tl.store(out_base + c * pixels + offsets, value.to(out_ptr.dtype.element_ty), mask=inside)
+
+    types = {torch.uint8: tl.uint8, torch.float16: tl.float16, torch.float32: tl.float32}
+    return resize_kernel, types, triton.cdiv
+
+
+def kernel_available(device: torch.device) -> bool:
+    """True where :func:`resize_batch` runs the one-launch kernel on ``device``."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cuda" or interpreted and device.type == "cpu") and _kernel() is not None
+
+
+def resize_batch(
+    images: Sequence[torch.Tensor],
+    out_h: int,
+    out_w: int,
+    *,
+    channels_last: bool = False,
+    swap_rb: Sequence[bool] | bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Resize every image to ``out_h x out_w`` into one ``B x C x out_h x out_w`` tensor of ``dtype``.
+
+    ``images`` are 1xCxHxW or CxHxW tensors (HxWxC with ``channels_last``) of one channel count,
+    dtype and device, each of any size and strides.  ``swap_rb`` reverses the channel order (one
+    flag for all, or one per image); ``mean`` and ``std`` give ``(x - mean) / std`` per channel.
+    On a GPU this is one kernel launch; elsewhere it is :func:`resize_batch_reference`.
+    """
+    views, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
+    device = views[0].device
+    if views[0].dtype not in KERNEL_INPUTS or not kernel_available(device):
+        return resize_batch_reference(
+            images, out_h, out_w, channels_last=channels_last, swap_rb=swaps, mean=mean, std=std, dtype=dtype
+        )
+    kernel, types, cdiv = _kernel()
+    channels = views[0].shape[0]
+    table = torch.tensor(
+        [[v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s)] for v, s in zip(views, swaps)], dtype=torch.int64
+    )
+    # the scales are divided here, in IEEE float32 as PyTorch's host code does (Triton's "/" is approximate)
+    sides = torch.tensor([[v.shape[1], v.shape[2]] for v in views], dtype=torch.float32)
+    scales = sides / torch.tensor([out_h, out_w], dtype=torch.float32)
+    normalise = mean is not None or std is not None
+    norm = torch.tensor([*(mean or [0.0] * channels), *(std or [1.0] * channels)], dtype=torch.float32)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+        scales = scales.pin_memory().to(device, non_blocking=True)
+        norm = norm.pin_memory().to(device, non_blocking=True)
+    out = torch.empty((len(views), channels, out_h, out_w), dtype=dtype, device=device)
+    grid = (cdiv(out_h * out_w, _BLOCK), len(views))
+    kernel[grid](table, scales, norm, out, out_h, out_w, C=channels, IN_TYPE=types[views[0].dtype], NORMALISE=normalise, BLOCK=_BLOCK,
+                 enable_fp_fusion=FP_FUSION)
+    return out

@@ -1,0 +1,227 @@
+"""In-process GPU preprocessing, taken apart: decode alone, post-decode alone, and both, for
+tritonpipe's kernels (the per-size resize and the one-launch batch resize), nvImageCodec and DALI
+where they are installed, on the benchmark's 3-size corpus and on a corpus of distinct sizes.
+
+usage: python tools/preprocess_probe.py [--out DIR] [--batch 64] [--seconds 3] [--photos 64]
+
+Each row prints img/s and host CPU ms per image, and the table goes to DIR/preprocess_probe.md.
+Rows whose library is missing say so and the rest go on.  Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+from tritonpipe.kernels import batch_resize, geometry
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+SIDE = 224
+
+
+def timed(step, images_per_step: int, seconds: float) -> tuple[float, float]:
+    """(img/s, host CPU ms per image) of ``step`` run back to back for ``seconds``."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    cpu0, start, done = os.times(), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        done += images_per_step
+    torch.cuda.synchronize()
+    wall, cpu1 = time.perf_counter() - start, os.times()
+    cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(done, 1)
+    return done / wall, cpu
+
+
+OUT = Path("probe_out")
+
+
+def save(report: list) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = ["| corpus | what | img/s | host ms/img |", "|---|---|---:|---:|"] + [f"| {' | '.join(row)} |" for row in report]
+    (OUT / "preprocess_probe.md").write_text(f"# preprocessing probe, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n")
+
+
+def cycler(items: list, batch: int):
+    order = itertools.cycle(range(len(items)))
+    return lambda: [items[next(order)] for _ in range(batch)]
+
+
+def old_post(images: list[torch.Tensor]) -> torch.Tensor:
+    """What the stages did: one resize per size, then cat, normalise and FP16 in the model stage."""
+    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
+    resized = geometry.resize_bilinear_many([image.unsqueeze(0) for image in images], SIDE, SIDE)
+    return ((torch.cat(resized) - mean) / std).half()
+
+
+def new_post(images: list[torch.Tensor]) -> torch.Tensor:
+    return batch_resize.resize_batch(images, SIDE, SIDE, mean=MEAN, std=STD, dtype=torch.float16)
+
+
+def stage_post(images: list[torch.Tensor]) -> torch.Tensor:
+    """What the stages do now: the one-launch resize to FP32, then cat, normalise and FP16."""
+    mean = torch.tensor(MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(STD, device="cuda").view(1, 3, 1, 1)
+    rows = batch_resize.resize_batch(images, SIDE, SIDE).split(1)
+    return ((torch.cat(rows) - mean) / std).half()
+
+
+def nvimgcodec_decoders(count: int, hw_load: float):
+    from nvidia import nvimgcodec
+
+    kinds = nvimgcodec.BackendKind
+    backends = [nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=hw_load), nvimgcodec.Backend(kinds.HYBRID_CPU_GPU)]
+    params = nvimgcodec.DecodeParams(
+        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.SampleFormat.P_RGB
+    )
+    decoders = [nvimgcodec.Decoder(backends=backends) for _ in range(count)]
+    return decoders, params, nvimgcodec.CodeStream
+
+
+def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    def add(what: str, step) -> None:
+        try:
+            rate, cpu = timed(step, batch, seconds)
+            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}"))
+        except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
+            report.append((name, what, f"FAILED {type(exc).__name__}: {str(exc)[:120]}", ""))
+        print(" | ".join(report[-1]), flush=True)
+        save(report)
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    next_bytes = cycler(tensors, batch)
+    decode = lambda: decode_jpeg(next_bytes(), mode=ImageReadMode.RGB, device="cuda")  # noqa: E731
+    decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device="cuda")
+    next_decoded = cycler(list(decoded), batch)
+
+    worst = 0.0
+    for image in decoded:
+        want = torch.nn.functional.interpolate(image.unsqueeze(0).float(), size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        got = batch_resize.resize_batch([image], SIDE, SIDE)
+        worst = max(worst, (got - want).abs().max().item())
+    report.append((name, "check: batch resize vs F.interpolate on the GPU, largest difference", f"{worst:.2e}", ""))
+    print(" | ".join(report[-1]), flush=True)
+    batch_resize.FP_FUSION = False
+    worst = max(
+        (batch_resize.resize_batch([image], SIDE, SIDE) - torch.nn.functional.interpolate(
+            image.unsqueeze(0).float(), size=(SIDE, SIDE), mode="bilinear", align_corners=False)).abs().max().item()
+        for image in decoded
+    )
+    batch_resize.FP_FUSION = True
+    report.append((name, "check: the same without fused multiply-adds", f"{worst:.2e}", ""))
+    print(" | ".join(report[-1]), flush=True)
+
+    add("post-decode alone: per-size resize + cat + normalise + FP16 (before)", lambda: old_post(next_decoded()))
+    add("post-decode alone: one-launch resize + cat + normalise + FP16 (the stages now)", lambda: stage_post(next_decoded()))
+    add("post-decode alone: one launch with normalise and FP16 folded in", lambda: new_post(next_decoded()))
+    add("torchvision decode alone", decode)
+    add("torchvision decode + per-size post (before)", lambda: old_post(decode()))
+    add("torchvision decode + one-launch post", lambda: new_post(decode()))
+
+    try:
+        decoders, params, code_stream = nvimgcodec_decoders(4, 1.0)
+    except ImportError:
+        report.append((name, "nvImageCodec", "not installed", ""))
+        return
+    arrays = [np.frombuffer(data, dtype=np.uint8) for data in corpus]
+    next_arrays = cycler(arrays, batch)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def nv_decode(decoder, chunk):
+        images = decoder.decode([code_stream(a) for a in chunk], params=params, cuda_stream=stream)
+        return [torch.from_dlpack(image) for image in images]
+
+    add("nvImageCodec decode alone (one decoder, engines only)", lambda: nv_decode(decoders[0], next_arrays()))
+    add("nvImageCodec decode + one-launch post", lambda: new_post(nv_decode(decoders[0], next_arrays())))
+
+    # each decoder has a thread of its own: nvImageCodec decoders must not be called from two threads at once
+    lanes = [(decoder, ThreadPoolExecutor(1)) for decoder in decoders]
+    for chunks, count in ((2, 2), (4, 2), (4, 4), (8, 4)):
+        def staggered(chunks=chunks, count=count):
+            arrays_now = next_arrays()
+            size = -(-len(arrays_now) // chunks)
+            parts = [arrays_now[i : i + size] for i in range(0, len(arrays_now), size)]
+            futures = [lanes[i % count][1].submit(nv_decode, lanes[i % count][0], part) for i, part in enumerate(parts)]
+            return new_post([image for future in futures for image in future.result()])
+
+        add(f"nvImageCodec, batch in {chunks} chunks over {count} decoders, one thread each + one-launch post", staggered)
+
+    # two batches in flight: batch k+1 decodes on the other decoder while batch k is resized
+    for depth in (2, 3):
+        pending = [lanes[i][1].submit(nv_decode, lanes[i][0], next_arrays()) for i in range(depth - 1)]
+        turn = itertools.count(depth - 1)
+
+        def overlapped(pending=pending, turn=turn, depth=depth):
+            lane = lanes[next(turn) % depth]
+            pending.append(lane[1].submit(nv_decode, lane[0], next_arrays()))
+            return new_post(pending.pop(0).result())
+
+        add(f"nvImageCodec, {depth} batches in flight on {depth} decoders + one-launch post", overlapped)
+        for future in pending:
+            future.result()
+
+
+def dali_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        report.append((name, "DALI", "not installed", ""))
+        return
+    for load, depth, post in ((0.65, 2, True), (0.65, 1, True), (0.65, 2, False)):
+        @pipeline_def(batch_size=batch, num_threads=min(16, os.cpu_count() or 4), device_id=0, prefetch_queue_depth=depth)
+        def make():
+            jpegs = fn.external_source(source=cycler([np.frombuffer(d, np.uint8) for d in corpus], batch), batch=True)
+            images = fn.decoders.image(jpegs, device="mixed", hw_decoder_load=load)
+            if post:
+                images = fn.resize(images, resize_x=SIDE, resize_y=SIDE, antialias=False)
+                images = fn.crop_mirror_normalize(
+                    images, dtype=types.FLOAT16, output_layout="CHW", mean=list(MEAN), std=list(STD)
+                )
+            return images
+
+        pipe = make()
+        pipe.build()
+        what = f"DALI decode{' + resize + normalise FP16' if post else ' alone'}, hw_decoder_load {load}, prefetch {depth}"
+        try:
+            rate, cpu = timed(pipe.run, batch, seconds)
+            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}"))
+        except Exception as exc:  # noqa: BLE001
+            report.append((name, what, f"FAILED {exc!r}"[:160], ""))
+        print(" | ".join(report[-1]), flush=True)
+        save(report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="probe_out")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    corpora = [("3-size", synthetic_corpus(48, 0)), ("distinct-size", photo_corpus(args.photos, 0))]
+    global OUT
+    OUT = Path(args.out)
+    report: list[tuple[str, str, str, str]] = []
+    for name, corpus in corpora:
+        print(f"corpus {name}: {corpus.description}", flush=True)
+        dali_rows(name, corpus.images, args.batch, args.seconds, report)
+        rows_for(name, corpus.images, args.batch, args.seconds, report)
+    save(report)
+
+
+if __name__ == "__main__":
+    main()
