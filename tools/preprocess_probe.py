@@ -90,7 +90,7 @@ def nvimgcodec_decoders(count: int, hw_load: float):
     return decoders, params, nvimgcodec.CodeStream
 
 
-def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list, nvimgcodec: bool = True) -> None:
     def add(what: str, step) -> None:
         try:
             rate, cpu = timed(step, batch, seconds)
@@ -130,6 +130,8 @@ def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report:
     add("torchvision decode + per-size post (before)", lambda: old_post(decode()))
     add("torchvision decode + one-launch post", lambda: new_post(decode()))
 
+    if not nvimgcodec:
+        return
     try:
         decoders, params, code_stream = nvimgcodec_decoders(4, 1.0)
     except ImportError:
@@ -203,12 +205,46 @@ def dali_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report
         save(report)
 
 
+def dali_decoder_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    """tritonpipe's DALI decoder (a batch in overlapping chunks) followed by the one-launch post."""
+    from tritonpipe.kernels import dali_decode
+
+    if not dali_decode.available():
+        report.append((name, "tritonpipe DALI decoder", "not installed", ""))
+        return
+    arrays = [np.frombuffer(data, dtype=np.uint8) for data in corpus]
+    next_arrays = cycler(arrays, batch)
+    stream = torch.cuda.current_stream()
+    for chunk, depth, load in ((16, 2, 0.65), (16, 3, 0.65), (32, 2, 0.65), (8, 4, 0.65), (64, 1, 0.65), (16, 2, 1.0)):
+        settings = dali_decode.Settings(hw_load=load, chunk=chunk, depth=depth)
+        what = f"tritonpipe DALI decoder, chunks of {chunk}, {depth} in flight, hw_decoder_load {load}"
+        for post, label in ((None, " alone"), (new_post, " + one-launch post")):
+            def step(settings=settings, post=post):
+                images = dali_decode.decode(next_arrays(), 0, stream, settings)
+                return post(images) if post else images
+
+            try:
+                rate, cpu = timed(step, batch, seconds)
+                report.append((name, what + label, f"{rate:,.0f}", f"{cpu:.2f}"))
+            except Exception as exc:  # noqa: BLE001
+                report.append((name, what + label, f"FAILED {exc!r}"[:200], ""))
+            print(" | ".join(report[-1]), flush=True)
+            save(report)
+    images = dali_decode.decode(arrays, 0, stream, dali_decode.Settings())
+    reference = decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in corpus], mode=ImageReadMode.RGB, device="cuda")
+    worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(images, reference))
+    shapes = all(a.shape == b.shape for a, b in zip(images, reference))
+    report.append((name, "check: DALI decoder vs torchvision's nvjpeg, same shapes / largest pixel difference", f"{shapes} / {worst:.0f}", ""))
+    print(" | ".join(report[-1]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="probe_out")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
+    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec", help="groups of rows to run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -218,8 +254,13 @@ def main() -> None:
     report: list[tuple[str, str, str, str]] = []
     for name, corpus in corpora:
         print(f"corpus {name}: {corpus.description}", flush=True)
-        dali_rows(name, corpus.images, args.batch, args.seconds, report)
-        rows_for(name, corpus.images, args.batch, args.seconds, report)
+        groups = args.rows.split(",")
+        if "dali" in groups:
+            dali_rows(name, corpus.images, args.batch, args.seconds, report)
+        if "dali-decoder" in groups:
+            dali_decoder_rows(name, corpus.images, args.batch, args.seconds, report)
+        if "kernels" in groups or "nvimgcodec" in groups:
+            rows_for(name, corpus.images, args.batch, args.seconds, report, nvimgcodec="nvimgcodec" in groups)
     save(report)
 
 

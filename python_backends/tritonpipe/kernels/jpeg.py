@@ -19,7 +19,7 @@ import torch
 import torchvision.io as tvio
 
 from ..errors import StageError
-from . import nvimgcodec
+from . import dali_decode, nvimgcodec
 
 MAX_PIXELS = 5000 * 5000
 
@@ -281,7 +281,7 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torc
     return results
 
 
-GPU_DECODERS = ("torchvision", "nvimgcodec")
+GPU_DECODERS = ("torchvision", "nvimgcodec", "dali")
 
 
 def _nvimgcodec_images(datas: list[torch.Tensor], device: torch.device, stream: int, settings: nvimgcodec.Settings) -> list:
@@ -309,6 +309,18 @@ def _decode_on_gpu_nvimgcodec(
     """nvImageCodec decode; None where it failed or gave the wrong shape."""
     stream = torch.cuda.current_stream(device).cuda_stream
     return _as_tensors(_nvimgcodec_images(datas, device, stream, settings), infos)
+
+
+def _decode_on_gpu_dali(
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, settings: dali_decode.Settings
+) -> list[torch.Tensor | None]:
+    """DALI decode (see :mod:`.dali_decode`); None where it failed or gave the wrong shape."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    images = dali_decode.decode([data.numpy() for data in datas], index, torch.cuda.current_stream(device), settings)
+    return [
+        image if image is not None and tuple(image.shape) == (3, info.height, info.width) else None
+        for image, info in zip(images, infos)
+    ]
 
 
 def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]]:
@@ -371,11 +383,12 @@ def decode_jpeg_tensor(
     gpu_decoder: str = "torchvision",
     settings: nvimgcodec.Settings | None = None,
     cuda_decoder_share: float = 0.0,
+    dali_settings: dali_decode.Settings | None = None,
 ) -> list[torch.Tensor | StageError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input.
 
-    ``gpu_decoder`` picks nvjpeg through torchvision or nvImageCodec (with ``settings``) on CUDA
-    devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    ``gpu_decoder`` picks nvjpeg through torchvision, nvImageCodec (with ``settings``) or DALI
+    (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.
@@ -394,6 +407,9 @@ def decode_jpeg_tensor(
     valid = [i for i, info in enumerate(infos) if info is not None]
 
     def decode_on_gpu(indices: list[int]) -> list[torch.Tensor | None]:
+        if gpu_decoder == "dali":
+            chosen = [infos[i] for i in indices]
+            return _decode_on_gpu_dali([datas[i] for i in indices], chosen, device, dali_settings or dali_decode.Settings())
         if gpu_decoder == "nvimgcodec":
             return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
         return _decode_on_gpu([datas[i] for i in indices], device)

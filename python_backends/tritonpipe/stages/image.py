@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, StageError
-from ..kernels import batch_resize, decode, geometry, jpeg, nvimgcodec
+from ..kernels import batch_resize, dali_decode, decode, geometry, jpeg, nvimgcodec
 from ..kernels import color as color_kernels
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
@@ -120,11 +120,19 @@ class DecodeTensor(Stage):
         "data_format": Param(str, "nchw", choices=("nchw", "hwc"), doc="output layout"),
         "decoder": Param(
             str, "torchvision", choices=jpeg.GPU_DECODERS,
-            doc="GPU decoder: nvjpeg through torchvision, or nvImageCodec (hardware JPEG engine where the GPU has one)",
+            doc="GPU decoder: nvjpeg through torchvision, nvImageCodec, or DALI's mixed decoder fed the batch in "
+                "overlapping chunks (both use the hardware JPEG engines where the GPU has them)",
         ),
         "hw_decoder_load": Param(
             float, nvimgcodec.HW_DECODER_LOAD, low=0.0, high=1.0,
-            doc="with decoder=nvimgcodec: share of a batch the hardware JPEG engines take; the CUDA decoder takes the rest",
+            doc="with decoder=nvimgcodec or dali: share of a batch the hardware JPEG engines take; the CUDA decoder takes the rest",
+        ),
+        "decode_chunk": Param(
+            int, dali_decode.CHUNK, low=1, high=4096,
+            doc="with decoder=dali: images per DALI iteration; a batch is cut into chunks that DALI decodes overlapped",
+        ),
+        "decode_depth": Param(
+            int, dali_decode.DEPTH, low=1, high=8, doc="with decoder=dali: chunks in DALI at once",
         ),
         "decode_threads": Param(
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
@@ -137,7 +145,7 @@ class DecodeTensor(Stage):
         ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,
-            doc="host threads of each nvImageCodec decoder (parsing, Huffman decoding); 0: one per core",
+            doc="host threads of each nvImageCodec decoder, or of DALI (parsing, Huffman decoding); 0: one per core",
         ),
         "fancy_upsampling": Param(
             bool, False,
@@ -163,7 +171,19 @@ class DecodeTensor(Stage):
             fancy_upsampling=params["fancy_upsampling"],
             huffman_threshold=params["hybrid_huffman_threshold"],
         )
+        self.dali_settings = dali_decode.Settings(
+            hw_load=params["hw_decoder_load"],
+            threads=min(params["decode_cpu_threads"], dali_decode.MAX_THREADS),
+            chunk=params["decode_chunk"],
+            depth=params["decode_depth"],
+            huffman_threshold=params["hybrid_huffman_threshold"],
+        )
         self._check_decoder_keys(params)
+        if self.decoder == "dali" and not dali_decode.available():
+            raise ConfigError(
+                "DecodeTensor(decoder=dali) needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130, for the "
+                "CUDA of your torch), or choose another decoder"
+            )
         self.cuda_decoder_share = params["cuda_decoder_share"]
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
@@ -184,6 +204,7 @@ class DecodeTensor(Stage):
         decoded = jpeg.decode_jpeg_tensor(
             [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
+            dali_settings=self.dali_settings,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
@@ -200,10 +221,16 @@ class DecodeTensor(Stage):
                 "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
                 "on the CPU every decoder already interpolates it"
             )
-        uses_cuda_decoder = params["decoder"] == "nvimgcodec" or params["cuda_decoder_share"] > 0
+        dali_keys = [key for key in ("decode_chunk", "decode_depth") if params[key] != DecodeTensor.params[key].default]
+        if params["decoder"] != "dali" and dali_keys:
+            raise ConfigError(
+                f"DecodeTensor: {' and '.join(dali_keys)} tune decoder=dali, which this stage does not use; "
+                "set decoder=dali or leave them out"
+            )
+        uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or params["cuda_decoder_share"] > 0
         if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
             raise ConfigError(
-                "DecodeTensor: hybrid_huffman_threshold tunes nvImageCodec's CUDA decoder, which this stage does not use; "
+                "DecodeTensor: hybrid_huffman_threshold tunes the CUDA decoder of nvImageCodec or DALI, which this stage does not use; "
                 "set decoder=nvimgcodec or a cuda_decoder_share above 0, or leave the key out"
             )
 

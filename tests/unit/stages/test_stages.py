@@ -196,14 +196,36 @@ def test_fancy_upsampling_with_torchvision_is_refused_before_anything_is_written
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.parametrize("key, value", [("decode_chunk", 8), ("decode_depth", 3)])
+def test_dali_keys_without_the_dali_decoder_are_refused_before_anything_is_written(tmp_path, key, value):
+    from tritonpipe.repository.generate import build_repository, generate_repository
+
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, key: value}
+    with pytest.raises(ConfigError, match=f"{key} tune decoder=dali"):
+        generate_repository(load_graph(config), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    _, configs, _ = build_repository(load_graph({**config, "decoder": "dali"}), device="gpu")
+    assert configs
+
+
+def test_the_dali_decoder_without_dali_says_what_to_install():
+    from tritonpipe.kernels import dali_decode
+
+    if dali_decode.available():
+        pytest.skip("DALI is installed here")
+    tree = load_graph({"backend": "DecodeTensor", "decoder": "dali"}).entry.tree
+    with pytest.raises(ConfigError, match="needs NVIDIA DALI: pip install nvidia-dali"):
+        build_stage(tree, "cpu")
+
+
 @pytest.mark.parametrize("extra, refused", [({}, True), ({"decoder": "nvimgcodec"}, False),
-                                            ({"cuda_decoder_share": 0.3}, False)])
+                                            ({"cuda_decoder_share": 0.3}, False), ({"decoder": "dali"}, False)])
 def test_a_huffman_threshold_without_the_cuda_decoder_is_refused_before_anything_is_written(tmp_path, extra, refused):
     from tritonpipe.repository.generate import build_repository, generate_repository
 
     config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "hybrid_huffman_threshold": 0, **extra}
     if refused:
-        with pytest.raises(ConfigError, match="hybrid_huffman_threshold tunes nvImageCodec's CUDA decoder"):
+        with pytest.raises(ConfigError, match="hybrid_huffman_threshold tunes the CUDA decoder of nvImageCodec or DALI"):
             generate_repository(load_graph(config), tmp_path / "repo")
         assert not (tmp_path / "repo").exists()
     else:
