@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--systems", type=_systems, default=SYSTEMS, help=f"comma-separated subset of {','.join(SYSTEMS)}")
     what.add_argument("--corpus", type=Path, help="folder of JPEGs (default: synthetic images)")
     what.add_argument("--corpus-count", type=int, default=48, help="synthetic images (default: %(default)s)")
+    what.add_argument(
+        "--corpus-sizes", choices=("three", "distinct"), default="three",
+        help="synthetic images in three sizes (VGA, 720p, 1080p), or each of its own size (0.1-3 MP, mixed quality and "
+             "chroma subsampling: what a batch of user photos looks like); default: %(default)s",
+    )
     what.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default: %(default)s)")
     what.add_argument("--device", choices=DEVICES, default="auto", help="where GPU-capable stages run (default: %(default)s)")
 
@@ -106,7 +111,8 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
 
     return BenchOptions(
         config=args.config, model=args.model, engine=args.engine, corpus=args.corpus,
-        corpus_count=args.corpus_count, seed=args.seed, systems=args.systems, concurrency=args.concurrency,
+        corpus_count=args.corpus_count, corpus_sizes=args.corpus_sizes, seed=args.seed, systems=args.systems,
+        concurrency=args.concurrency,
         perf=PerfSettings(
             measurement_interval_ms=args.measurement_interval, measurement_mode=args.measurement_mode,
             measurement_request_count=args.measurement_request_count, stability_percentage=args.stability_percentage,

@@ -111,6 +111,29 @@ def test_synthetic_corpus_is_deterministic_and_mixes_sizes():
     assert "4 synthetic JPEGs" in first.description
 
 
+def test_the_distinct_size_corpus_has_one_size_per_image_and_mixed_chroma():
+    from io import BytesIO
+
+    from PIL import Image, JpegImagePlugin
+
+    photos = corpus.photo_corpus(12, seed=1)
+    assert photos.images == corpus.photo_corpus(12, seed=1).images
+    opened = [Image.open(BytesIO(data)) for data in photos.images]
+    sizes = [image.size for image in opened]
+    assert len(set(sizes)) == 12
+    low, high = corpus.PHOTO_PIXELS
+    assert all(low * 0.99 <= w * h <= high * 1.01 for w, h in sizes)
+    assert any(w < h for w, h in sizes) and any(w > h for w, h in sizes)  # portrait and landscape
+    # Pillow's names for 4:4:4, 4:2:2 and 4:2:0
+    assert {JpegImagePlugin.get_sampling(image) for image in opened} == {0, 1, 2}
+    assert "12 photo-like JPEGs of 12 distinct sizes" in photos.description
+
+
+def test_bench_takes_the_distinct_size_corpus():
+    options = cli.options_from(cli.parse_args(["--corpus-sizes", "distinct", "--corpus-count", "5"]))
+    assert options.corpus_sizes == "distinct" and options.corpus_count == 5
+
+
 def test_corpus_folder(tmp_path, jpeg_factory):
     (tmp_path / "b.JPG").write_bytes(jpeg_factory(20, 30))
     (tmp_path / "a.jpeg").write_bytes(jpeg_factory(10, 10))

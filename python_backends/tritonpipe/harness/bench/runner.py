@@ -23,7 +23,7 @@ from ...repository.configs import validate_repository
 from ...repository.generate import GeneratedRepository, build_repository, write_repository
 from ...stages import load_builtin_stages
 from ...stages.base import find_stage
-from ..corpus import Corpus, load_corpus, synthetic_corpus, write_input_data
+from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
 from .baseline import Baseline, add_baseline
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
@@ -54,6 +54,7 @@ class BenchOptions:
     engine: str | None = None
     corpus: Path | None = None
     corpus_count: int = 48
+    corpus_sizes: str = "three"  # or "distinct": photo_corpus
     seed: int = 0
     systems: tuple[str, ...] = SYSTEMS
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
@@ -479,7 +480,12 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         raise ConfigError(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}, got {', '.join(options.systems)}")
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
-    corpus: Corpus = load_corpus(options.corpus) if options.corpus else synthetic_corpus(options.corpus_count, options.seed)
+    if options.corpus:
+        corpus: Corpus = load_corpus(options.corpus)
+    elif options.corpus_sizes == "distinct":
+        corpus = photo_corpus(options.corpus_count, options.seed)
+    else:
+        corpus = synthetic_corpus(options.corpus_count, options.seed)
     say(f"corpus: {corpus.description}")
     graph, pipeline = load_pipeline(options)
     say(f"pipeline: {pipeline}")
