@@ -65,7 +65,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert ("ensemble", "2", "cls_pre", "DecodeTensor") in stages
 
     report = (out / "report.md").read_text()
-    assert "## Inside the models" in report and "outside the stages" in report
+    assert "## Inside the models" in report and "unexplained" in report and "execute:read" in report
     assert "| concurrency | ensemble img/s |" in report and "ensemble/baseline" in report and "ensemble/in-process" in report
     assert "## Where the time goes" in report and "- corpus: 3 synthetic JPEGs" in report
     # DALI is not installed here: the report says so once, and it is not a failed measurement

@@ -10,7 +10,7 @@ import pytest
 
 from tritonpipe import load_graph
 from tritonpipe.client.client import InferError, PipelineClient
-from tritonpipe.model.metrics import BATCH_SECONDS, DURATION_US, IMAGES, REJECTS
+from tritonpipe.model.metrics import BATCH_SECONDS, DURATION_US, GPU_STEP, IMAGES, REJECTS, STEP_PREFIX, STEPS
 from tritonpipe.repository.generate import generate_repository
 from tritonpipe.server.owner import TritonServer
 
@@ -66,7 +66,9 @@ def test_stage_counts_and_rejects_by_reason(tmp_path, jpeg_factory):
             assert failure.value.status == "INVALID_ARG"
         decode, resize = {"model": "metered", "stage": "DecodeMat"}, {"model": "metered", "stage": "ResizeMat"}
         sent = len(good) + sum(expected_rejects.values())
-        samples = scrape_when(server.metrics_url, lambda got: value(got, f"{BATCH_SECONDS}_count", **decode) >= sent)
+        steps = {step: {"model": "metered", "stage": STEP_PREFIX + step} for step in STEPS}
+        samples = scrape_when(server.metrics_url, lambda got: value(got, f"{BATCH_SECONDS}_count", **decode) >= sent
+                              and all(value(got, IMAGES, **labels) >= sent for labels in steps.values()))
 
     assert value(samples, IMAGES, **decode) == sent
     assert value(samples, IMAGES, **resize) == len(good)
@@ -77,3 +79,9 @@ def test_stage_counts_and_rejects_by_reason(tmp_path, jpeg_factory):
     assert value(samples, f"{BATCH_SECONDS}_count", **resize) == len(good)
     assert value(samples, f"{BATCH_SECONDS}_bucket", **decode, le="+Inf") == sent
     assert 0 < value(samples, f"{BATCH_SECONDS}_sum", **decode) * 1e6 <= value(samples, DURATION_US, **decode) * 1.001
+    # execute's own steps around the stages: every request read and answered, one batch each (max=1)
+    for step, labels in steps.items():
+        assert value(samples, IMAGES, **labels) == sent, step
+        assert value(samples, f"{BATCH_SECONDS}_count", **labels) == sent, step
+        assert value(samples, DURATION_US, **labels) > 0, step
+    assert not [key for key in samples if ("stage", STEP_PREFIX + GPU_STEP) in key[1]]  # no GPU here, no GPU time

@@ -14,6 +14,12 @@ IMAGES = "tritonpipe_stage_images"
 DURATION_US = "tritonpipe_stage_duration_us"
 BATCH_SECONDS = "tritonpipe_stage_batch_duration_seconds"
 REJECTS = "tritonpipe_stage_rejects"
+#: the steps of ``execute`` around the stages, reported as pseudo-stages named ``execute:<step>``:
+#: reading the requests, building the outputs, waiting for the GPU, writing the responses
+STEP_PREFIX = "execute:"
+STEPS = ("read", "outputs", "synchronize", "respond")
+#: the GPU time of a batch's chain (CUDA events), which overlaps the steps and the stages
+GPU_STEP = "gpu"
 #: how often an instance's stage tallies reach Triton's /metrics
 FLUSH_SECONDS = 0.5
 #: seconds one stage takes for one batch: from a resize of a small image to a large model batch

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.utils.dlpack import to_dlpack
 
 from ..errors import StageError, is_bad_input
 from ..stages.control import set_stage_sink
-from .metrics import StageMetrics
+from .metrics import GPU_STEP, STEP_PREFIX, STEPS, StageMetrics
 from .runtime import ModelRuntime, Watchdog, pick_device
 
 log = logging.getLogger("tritonpipe")
@@ -90,6 +91,10 @@ class TritonPythonModel:
         # after the warm-up, so that /metrics counts requests only
         self.metrics = StageMetrics(pb_utils, args["model_name"])
         set_stage_sink(self.metrics)
+        # the GPU time of each batch's chain, read once the batch is synchronised (so never waited for)
+        self.events = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.stream is not None else None
+        )
         timeout = self.runtime.execution_timeout
         self.watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
 
@@ -131,14 +136,33 @@ class TritonPythonModel:
 
     def execute(self, requests):
         with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
+            started = time.perf_counter()
             items = [self._read(request) for request in requests]
+            read = time.perf_counter()
             with self._on_stream():
+                if self.events is not None:
+                    self.events[0].record()
                 self.runtime.run(items)
+                if self.events is not None:
+                    self.events[1].record()
+                chained = time.perf_counter()
                 results = self.runtime.responses(items)
+            built = time.perf_counter()
             if self.stream is not None:
                 # one synchronisation per batch, after the whole chain
                 self.stream.synchronize()
-            return [self._respond(result) for result in results]
+            synchronized = time.perf_counter()
+            responses = [self._respond(result) for result in results]
+            self._record_steps(len(requests), (read - started, built - chained, synchronized - built,
+                                               time.perf_counter() - synchronized))
+            return responses
+
+    def _record_steps(self, count: int, seconds: tuple[float, float, float, float]) -> None:
+        """The time of execute's own steps, beside the stages' (the bench's stages.csv shows both)."""
+        for step, spent in zip(STEPS, seconds):
+            self.metrics.record(STEP_PREFIX + step, spent, count, [])
+        if self.events is not None:
+            self.metrics.record(STEP_PREFIX + GPU_STEP, self.events[0].elapsed_time(self.events[1]) / 1e3, count, [])
 
     def _give_up(self, requests) -> None:
         """A batch ran past ``execution_timeout``: answer its requests with an error, then exit the stub.

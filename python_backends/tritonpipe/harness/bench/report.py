@@ -6,6 +6,7 @@ import csv
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS
 from .stats import StageTimes, StepTimes
 
 SYSTEMS = ("ensemble", "baseline", "inprocess", "dali")
@@ -107,8 +108,10 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         "", "## Inside the models (ms, from tritonpipe's stage metrics, per concurrency level)", "",
         "A stage's time per batch is the wall time of its Python call on one batch, averaged over every instance's batches; "
         "`compute infer` is Triton's for the model (per request, so large batches weigh more in it), and "
-        "`outside the stages` is compute infer less the model's stages per batch: the Python stub, reading "
-        "the requests and writing the responses. The two are exact where every batch holds one request (c=1).", "",
+        "`execute steps` is the model's own work around the stages per batch (the `execute:` rows: reading the requests, "
+        "building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer less "
+        "both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain (CUDA events), "
+        "which overlaps the rest. The figures are exact where every batch holds one request (c=1).", "",
     ]
     lines = []
     for stage in stages:
@@ -122,10 +125,13 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
     summary = []
     for (system, concurrency, model), group in totals.items():
         infer = group[0].compute_infer_ms
-        staged = sum(s.ms_per_batch for s in group)
-        summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged),
-                        fmt_ms(infer - staged if infer is not None else None)])
-    out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "outside the stages"], summary)]
+        staged = sum(s.ms_per_batch for s in group if not s.stage.startswith(STEP_PREFIX))
+        steps = sum(s.ms_per_batch for s in group if s.stage in {STEP_PREFIX + step for step in STEPS})
+        gpu = next((s.ms_per_batch for s in group if s.stage == STEP_PREFIX + GPU_STEP), None)
+        summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged), fmt_ms(steps),
+                        fmt_ms(infer - staged - steps if infer is not None else None), fmt_ms(gpu)])
+    out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "execute steps", "unexplained",
+                         "GPU time of the chain"], summary)]
     return out
 
 
