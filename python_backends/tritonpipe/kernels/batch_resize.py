@@ -68,25 +68,16 @@ def _channel_values(values: Sequence[float] | None, channels: int, name: str) ->
     return values
 
 
-def resize_batch_reference(
-    images: Sequence[torch.Tensor],
-    out_h: int,
-    out_w: int,
-    *,
-    channels_last: bool = False,
-    swap_rb: Sequence[bool] | bool = False,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """:func:`resize_batch` in plain torch: one ``F.interpolate`` per image."""
-    views, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
+def resize_batch_reference(images: Sequence[torch.Tensor], out_h: int, out_w: int, **options) -> torch.Tensor:
+    """:func:`resize_batch` in plain torch: one ``F.interpolate`` per image; the same options."""
+    return resize_batch(images, out_h, out_w, use_kernel=False, **options)
+
+
+def _reference(views, swaps, out_h, out_w, mean, std, dtype) -> torch.Tensor:
     rows = []
     for view, swap in zip(views, swaps):
         row = F.interpolate(view.unsqueeze(0).float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
-        if swap:
-            row = row.flip(1)
-        rows.append(row)
+        rows.append(row.flip(1) if swap else row)
     out = torch.cat(rows)
     if mean is not None:
         out = out - torch.tensor(mean, device=out.device).view(1, -1, 1, 1)
@@ -197,20 +188,20 @@ def resize_batch(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     dtype: torch.dtype = torch.float32,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """Resize every image to ``out_h x out_w`` into one ``B x C x out_h x out_w`` tensor of ``dtype``.
 
     ``images`` are 1xCxHxW or CxHxW tensors (HxWxC with ``channels_last``) of one channel count,
     dtype and device, each of any size and strides.  ``swap_rb`` reverses the channel order (one
     flag for all, or one per image); ``mean`` and ``std`` give ``(x - mean) / std`` per channel.
-    On a GPU this is one kernel launch; elsewhere it is :func:`resize_batch_reference`.
+    On a GPU this is one kernel launch; elsewhere (or with ``use_kernel=False``) it is one
+    ``F.interpolate`` per image, :func:`resize_batch_reference`.
     """
     views, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
     device = views[0].device
-    if views[0].dtype not in KERNEL_INPUTS or not kernel_available(device):
-        return resize_batch_reference(
-            images, out_h, out_w, channels_last=channels_last, swap_rb=swaps, mean=mean, std=std, dtype=dtype
-        )
+    if not use_kernel or views[0].dtype not in KERNEL_INPUTS or not kernel_available(device):
+        return _reference(views, swaps, out_h, out_w, mean, std, dtype)
     kernel, types, cdiv = _kernel()
     channels = views[0].shape[0]
     table = torch.tensor(

@@ -15,6 +15,7 @@ images, and the caller decodes those on the CPU, where each fails alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -139,17 +140,11 @@ class Decoder:
         return results
 
 
-_decoders: dict[tuple[int, Settings], Decoder] = {}
-_decoders_lock = threading.Lock()
-
-
+@functools.cache
 def decoder(device_index: int, settings: Settings) -> Decoder:
-    """The pipeline of one device and settings, built once per process."""
-    with _decoders_lock:
-        found = _decoders.get((device_index, settings))
-        if found is None:
-            found = _decoders[(device_index, settings)] = Decoder(device_index, settings)
-        return found
+    """The pipeline of one device and settings, built once per process (the instance's one thread
+    builds it; a model instance runs one batch at a time)."""
+    return Decoder(device_index, settings)
 
 
 def decode(arrays: list[np.ndarray], device_index: int, stream: torch.cuda.Stream, settings: Settings) -> list:
