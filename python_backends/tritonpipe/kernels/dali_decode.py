@@ -50,7 +50,7 @@ class Settings:
             takes the rest.
         threads: DALI's host threads; 0: one per core, up to 16.
         chunk: images per DALI iteration.
-        depth: iterations in DALI at once (DALI's prefetch queue depth).
+        depth: chunks in DALI at once, each in a pipeline of its own.
         huffman_threshold: the CUDA decoder Huffman-decodes images of more pixels than this on
             the GPU, smaller ones on host threads.
     """
@@ -76,7 +76,12 @@ class Settings:
 
 
 class Decoder:
-    """One DALI pipeline of one device: feed it chunks, take dense CHW images out."""
+    """``depth`` DALI pipelines of one device, taking a batch's chunks in turn; dense CHW images out.
+
+    Each pipeline holds one chunk at a time (DALI's prefetch depth 1: a deeper queue wants that many
+    batches fed before its first run, and a Triton batch may hold fewer chunks).  While one pipeline's
+    chunk is copied out, the others' chunks are being decoded.
+    """
 
     INPUT = "jpegs"
 
@@ -84,7 +89,7 @@ class Decoder:
         self.device_index = device_index
         self.settings = settings
         self.lock = threading.Lock()
-        self.pipe = self._build()
+        self.pipes = [self._build() for _ in range(settings.depth)]
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -95,7 +100,7 @@ class Decoder:
             batch_size=settings.chunk,
             num_threads=settings.host_threads(),
             device_id=self.device_index,
-            prefetch_queue_depth=settings.depth,
+            prefetch_queue_depth=1,
         )
         def decode_pipeline():
             jpegs = fn.external_source(name=self.INPUT, dtype=types.UINT8, ndim=1)
@@ -109,33 +114,39 @@ class Decoder:
         pipe.build()
         return pipe
 
-    def _take(self, stream: torch.cuda.Stream) -> list[torch.Tensor]:
-        """The oldest chunk in DALI, copied out into torch tensors on ``stream``."""
-        (images,) = self.pipe.outputs()
-        shapes = [tuple(shape) for shape in images.shape()]
-        sizes = [int(np.prod(shape)) for shape in shapes]
-        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=torch.device("cuda", self.device_index))
-        # blocking: DALI reuses this chunk's buffers once the next chunk is taken
-        images.copy_to_external(flat.data_ptr(), cuda_stream=stream.cuda_stream, non_blocking=False)
-        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    def _take(self, pipe, stream: torch.cuda.Stream) -> list[torch.Tensor]:
+        """A pipeline's chunk, copied out into torch tensors on ``stream``.
+
+        The images are read through ``__cuda_array_interface__`` (DALI's ``copy_to_external`` failed
+        with cudaErrorInvalidValue beside torch 2.11 + CUDA 13 on an H200), and the copies are waited
+        for: DALI reuses the chunk's buffers at the pipeline's next run.
+        """
+        (images,) = pipe.outputs()
+        device = torch.device("cuda", self.device_index)
+        with torch.cuda.stream(stream):
+            copies = [torch.as_tensor(images[i], device=device).clone() for i in range(len(images))]
+        stream.synchronize()
+        return copies
 
     def decode(self, arrays: list[np.ndarray], stream: torch.cuda.Stream) -> list[torch.Tensor | None]:
         """One 3xHxW tensor per encoded array, or None for each image of a chunk DALI failed on."""
-        chunk = self.settings.chunk
+        chunk, depth = self.settings.chunk, self.settings.depth
         chunks = [arrays[i : i + chunk] for i in range(0, len(arrays), chunk)]
         results: list[torch.Tensor | None] = []
         with self.lock:
             fed = 0
             try:
                 for taken in range(len(chunks)):
-                    while fed < len(chunks) and fed - taken < self.settings.depth:
-                        self.pipe.feed_input(self.INPUT, chunks[fed])
-                        self.pipe.schedule_run()
+                    # chunk k goes to pipeline k % depth, fed only once that pipeline's last chunk is taken
+                    while fed < len(chunks) and fed - taken < depth:
+                        pipe = self.pipes[fed % depth]
+                        pipe.feed_input(self.INPUT, chunks[fed])
+                        pipe.schedule_run()
                         fed += 1
-                    results += self._take(stream)
+                    results += self._take(self.pipes[taken % depth], stream)
             except Exception as exc:  # noqa: BLE001 - the images go to the CPU decoder instead
                 log.warning("DALI could not decode a chunk (%s); its images are decoded on the CPU", str(exc)[:300])
-                self.pipe = self._build()  # a pipeline that raised is not used again
+                self.pipes = [self._build() for _ in range(depth)]  # a pipeline that raised is not used again
                 results += [None] * (len(arrays) - len(results))
         return results
 

@@ -7,6 +7,8 @@ checks run everywhere.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -30,15 +32,18 @@ def test_settings_out_of_range_are_refused(kwargs, message):
         dali_decode.Settings(**kwargs)
 
 
-@pytest.mark.parametrize(("chunk", "depth"), [(1, 1), (4, 2), (7, 3), (64, 2)])
+@pytest.mark.parametrize(("chunk", "depth"), [(1, 1), (4, 2), (7, 3), (64, 2), (16, 4)])
 @pytest.mark.parametrize("hw_load", [0.0, 0.65, 1.0])
 @pytest.mark.gpu
 @needs_dali
-def test_every_chunking_matches_pillow_in_order(chunk, depth, hw_load):
+def test_every_chunking_matches_pillow_in_order(chunk, depth, hw_load, caplog):
     names = list(CASES) * 5  # not a multiple of most chunk sizes: the last chunk is short
     datas = [_tensor(CASES[n][0]) for n in names]
     settings = dali_decode.Settings(hw_load=hw_load, chunk=chunk, depth=depth)
-    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="dali", dali_settings=settings)
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="dali", dali_settings=settings)
+    # DALI decoded them: nothing went to the CPU decoder, whose pixels would pass the checks below too
+    assert "DALI could not decode" not in caplog.text
     for name, image in zip(names, results):
         assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
         assert image.is_contiguous()
@@ -67,3 +72,16 @@ def test_a_bad_image_fails_alone(damage):
     assert isinstance(results[1], (StageError, torch.Tensor))
     if damage == "truncated":
         assert isinstance(results[1], StageError)
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_photo_sizes_decode_on_the_gpu_as_libjpeg_turbo_does_within_tolerance(caplog):
+    from tritonpipe.harness.corpus import photo_corpus
+
+    photos = photo_corpus(6, seed=2).images
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        results = J.decode_jpeg_tensor([_tensor(p) for p in photos], torch.device("cuda"), gpu_decoder="dali")
+    assert "DALI could not decode" not in caplog.text
+    for data, image in zip(photos, results):
+        _check(image, data, "cuda_upsampled")
