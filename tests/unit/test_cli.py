@@ -63,6 +63,7 @@ def test_every_verb_dispatches_to_its_own_parser_and_its_help_imports_nothing_he
     (("soak", "--bad-fraction", "2"), "expected a fraction in [0, 1], got '2'"),
     (("build-engine", "m.onnx", "--precision", "fp8"), "invalid choice: 'fp8'"),
     (("bundle", "unpack"), "the following arguments are required: ARCHIVE, DEST"),
+    (("client", "nothere.jpg", "sample.jpg"), "no such file: nothere.jpg, sample.jpg"),
 ])
 def test_argument_errors_name_the_value_and_import_nothing_heavy(args, message):
     code, _, err, heavy = tritonpipe(*args)
@@ -117,3 +118,69 @@ def test_a_missing_literal_is_named():
 
     with pytest.raises(LookupError, match="tritonpipe.server.install assigns no literal NO_SUCH"):
         literal("tritonpipe.server.install", "NO_SUCH")
+
+
+@pytest.mark.parametrize(("code", "said"), [
+    ("import sys\nsys.exit(0)\n", "called sys.exit(0) on import"),
+    ("raise KeyboardInterrupt\n", "raised KeyboardInterrupt on import"),
+])
+def test_a_plugin_that_exits_on_import_fails_generate_with_one_line(tmp_path, capsys, code, said):
+    from tritonpipe_tools.generate import main
+
+    plugin = tmp_path / "leaving.py"
+    plugin.write_text(code)
+    output = tmp_path / "repo"
+    argv = ["--backend", "S[DecodeMat,ResizeMat]", "--set", "resize_h=8", "--set", "resize_w=8", "--plugin", str(plugin),
+            "-o", str(output)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not output.exists()
+    assert captured.err == f"error: plugin file {str(plugin)!r} {said}" + captured.err.split(said, 1)[1]
+    assert captured.err.count("\n") == 1
+
+
+def test_an_empty_name_fails_generate(tmp_path, capsys):
+    from tritonpipe_tools.generate import main
+
+    assert main(["--backend", "S[DecodeMat,ResizeMat]", "--set", "resize_h=8", "--set", "resize_w=8", "--name", "",
+                 "-o", str(tmp_path / "repo")]) == 2
+    assert capsys.readouterr().err.startswith("error: pipeline name is empty; give a name")
+    assert not (tmp_path / "repo").exists()
+
+
+def _configs(instances: int, device: str = "cpu"):
+    from tritonpipe.pipeline.graph import load_graph
+    from tritonpipe.repository.generate import build_repository
+
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "instance_num": instances}
+    return build_repository(load_graph(config, name="p"), device)[1]
+
+
+def test_instances_past_the_hosts_memory_or_cores_are_warned_about():
+    from tritonpipe_tools.generate import capacity_warning
+
+    # the host: 2 cores, 23 GB
+    warning = capacity_warning(_configs(1024), available_mb=23 * 1024, cores=2, gpu=False)
+    assert warning.startswith("WARNING: the repository starts 1024 Python instances (p: 1024); at about 700 MB each")
+    assert "need about 700 GB and this host has 23 GB available" in warning
+    assert "1024 on the CPU are more than 4 per core for this host's 2 cores" in warning
+    assert "Lower instance_num (worker_num) to at most 8 instances in all" in warning and "\n" not in warning
+    # GPU instances take no core of their own, but each is a stub in host memory: 40 do not fit 8 GB
+    warning = capacity_warning(_configs(40, "gpu"), available_mb=8 * 1024, cores=2, gpu=True)
+    assert "on the CPU" not in warning and "at most 11 instances in all" in warning
+    # "auto" instances run on the GPU where there is one, else on the CPU
+    assert capacity_warning(_configs(20, "auto"), available_mb=23 * 1024, cores=2, gpu=True) is None
+    assert "20 on the CPU" in capacity_warning(_configs(20, "auto"), available_mb=23 * 1024, cores=2, gpu=False)
+    assert capacity_warning(_configs(8), available_mb=23 * 1024, cores=2, gpu=False) is None
+    assert capacity_warning(_configs(9), available_mb=23 * 1024, cores=2, gpu=False) is not None
+
+
+def test_generate_prints_the_warning_and_still_writes(tmp_path, capsys):
+    from tritonpipe_tools.generate import main
+
+    output = tmp_path / "repo"
+    assert main(["--backend", "S[DecodeMat,ResizeMat]", "--set", "resize_h=8", "--set", "resize_w=8",
+                 "--set", "instance_num=1024", "--set", "max=1048576", "-o", str(output)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING: the repository starts 1024 Python instances") and err.count("\n") == 1
+    assert (output / "pipeline" / "config.pbtxt").is_file()

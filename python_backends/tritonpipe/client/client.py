@@ -74,10 +74,14 @@ class TensorInfo:
 class PipelineClient:
     """A thread-safe client for one model: each thread gets its own connection.
 
+    Close it (``close()``, or use it in a ``with`` block) before the server stops: Triton's
+    shutdown waits for open HTTP connections. A connection of another thread closes when that
+    thread ends.
+
     Args:
         url: ``host:port`` of the server's HTTP or gRPC endpoint.
         protocol: ``"grpc"`` or ``"http"``.
-        model: the model to call; by default the one entry point of the repository.
+        model: the model to call; by default the one entry point among the served models.
         timeout: seconds one request may take; a request that takes longer fails with
             :class:`InferError` status ``TIMEOUT``.
     """
@@ -86,8 +90,12 @@ class PipelineClient:
         self.url, self.protocol, self.timeout = url, protocol, timeout
         self._module = _module(protocol)
         self._local = threading.local()
-        self.model = model or self.entry_model()
-        self.inputs, self.outputs = self._io()
+        try:
+            self.model = model or self.entry_model()
+            self.inputs, self.outputs = self._io()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def connection(self):
@@ -104,8 +112,18 @@ class PipelineClient:
         """Close this thread's connection: Triton's shutdown waits for open HTTP connections."""
         client = getattr(self._local, "client", None)
         if client is not None:
-            client.close()
             del self._local.client
+            client.close()
+
+    def __enter__(self) -> PipelineClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _json(self) -> dict:
+        """gRPC answers protobuf messages unless asked for JSON; HTTP always answers JSON."""
+        return {"as_json": True} if self.protocol == "grpc" else {}
 
     def config(self, name: str) -> dict:
         """A served model's config in Triton's JSON form."""
@@ -113,35 +131,54 @@ class PipelineClient:
             return self.connection.get_model_config(name, as_json=True)["config"]
         return self.connection.get_model_config(name)
 
-    def entry_model(self) -> str:
-        """The model that no ensemble uses as a step: the pipeline's entry point."""
+    def served_models(self) -> list[str]:
+        """The models the server has ready, by name.
+
+        They come from the repository index; a server that keeps that API to its owner
+        (``tritonpipe serve`` does) still names every loaded model in its statistics.
+        """
         from tritonclient.utils import InferenceServerException
 
         try:
-            index = self.connection.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
-        except InferenceServerException as exc:
-            text = str(exc).lower()
-            if not any(word in text for word in ("restricted", "header", "403", "forbidden")):
-                raise
-            raise InferError(
-                f"the server at {self.url} does not list its models to clients ({status_of(exc)}: tritonpipe-serve keeps "
-                "its model-repository API to itself); name the model to call: model= or --model (the entry model "
-                "tritonpipe generate printed), or give the repository folder where the tool takes one (--repository)",
-                "UNAVAILABLE",
-            ) from None
-        models = index["models"] if isinstance(index, dict) else index
-        names = [m["name"] for m in models if m.get("state", "READY") == "READY"]
+            index = self.connection.get_model_repository_index(**self._json())
+        except InferenceServerException:
+            stats = self.connection.get_inference_statistics(**self._json())
+            return sorted({entry["name"] for entry in stats.get("model_stats", [])})
+        models = index.get("models", []) if isinstance(index, dict) else index
+        return sorted({m["name"] for m in models if m.get("state", "READY") == "READY"})
+
+    def entry_model(self) -> str:
+        """The model that no ensemble uses as a step: the pipeline's entry point.
+
+        ``InferError`` when the server serves no model, or several pipelines.
+        """
+        names = self.served_models()
         used: set[str] = set()
         for name in names:
             for step in self.config(name).get("ensemble_scheduling", {}).get("step", []):
                 used.add(step["model_name"])
         entries = [n for n in names if n not in used]
-        if len(entries) != 1:
-            raise InferError(f"cannot tell which model to call (candidates: {', '.join(entries) or 'none'}); pass model=")
+        if not entries:
+            raise InferError(f"the server at {self.url} serves no model; start it on a model repository", "NOT_FOUND")
+        if len(entries) > 1:
+            raise InferError(
+                f"the server at {self.url} serves {len(entries)} pipelines ({_listing(entries)}); choose one "
+                "with --model NAME (model= in Python)", "INVALID_ARG",
+            )
         return entries[0]
 
     def _io(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
-        config = self.config(self.model)
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            config = self.config(self.model)
+        except InferenceServerException as exc:
+            if status_of(exc) != "NOT_FOUND":
+                raise
+            raise InferError(
+                f"the server at {self.url} has no model {self.model!r}; it serves {_listing(self.served_models())}",
+                "NOT_FOUND",
+            ) from None
 
         def infos(key: str) -> list[TensorInfo]:
             return [
@@ -189,17 +226,37 @@ def _triton_type(dtype: np.dtype) -> str:
     return np_to_triton_dtype(np.dtype(dtype))
 
 
+def _listing(names: list[str], shown: int = 10) -> str:
+    if not names:
+        return "no model"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+#: outputs of at most this many values are printed in full
+SMALL_OUTPUT = 8
+
+
 def summarize(outputs: dict[str, np.ndarray], top_k: int = 5) -> list[str]:
-    """Readable lines for a response: shape and dtype, and top-k for classifier-like outputs."""
+    """Readable lines for a response, one per output: its name, dtype and shape, then
+
+    - top-k for the first output when it is one row of class scores (float, ``[1, classes]``);
+    - the values of an output of at most ``SMALL_OUTPUT`` values (``inverse_transform``, say);
+    - min, max and mean of any other.
+    """
     lines = []
-    for name, value in outputs.items():
+    for position, (name, value) in enumerate(outputs.items()):
         line = f"{name}: {value.dtype}{list(value.shape)}"
-        flat = value.reshape(value.shape[0], -1) if value.ndim >= 2 else value.reshape(1, -1)
-        if value.dtype.kind == "f" and value.ndim == 2 and value.shape[1] > 1:
-            order = np.argsort(-flat[0])[:top_k]
-            line += f"  top-{len(order)}: " + ", ".join(f"{i}={flat[0, i]:.4f}" for i in order)
+        if position == 0 and value.dtype.kind == "f" and value.ndim == 2 and value.shape[0] == 1 and value.shape[1] > 1:
+            scores = value[0]
+            order = np.argsort(-scores)[:top_k]
+            line += f"  top-{len(order)}: " + ", ".join(f"{i}={scores[i]:.4f}" for i in order)
+        elif value.dtype.kind in "OSU":  # Triton's BYTES
+            line += "  values: " + ", ".join(repr(v)[:40] for v in value.reshape(-1)[:SMALL_OUTPUT])
+        elif value.size <= SMALL_OUTPUT:
+            line += "  values: " + (", ".join(f"{v:.4g}" for v in value.reshape(-1).astype(np.float64)) or "none")
         else:
-            stats: Any = flat.astype(np.float64)
+            stats: Any = value.astype(np.float64)
             line += f"  min={stats.min():.4g} max={stats.max():.4g} mean={stats.mean():.4g}"
         lines.append(line)
     return lines

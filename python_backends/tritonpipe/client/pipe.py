@@ -117,6 +117,9 @@ class pipe:  # noqa: N801 - torchpipe's spelling
         return [item["result"] for item in items]
 
     def close(self) -> None:
+        client = getattr(self, "client", None)  # absent when __init__ failed
+        if client is not None:
+            client.close()  # first: the server's shutdown waits for open HTTP connections
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
+#: a backend string longer than this is shown as the part around the mistake
+SHOWN_CHARS = 80
+
 
 class PipelineSyntaxError(ConfigError):
     """A mistake in a backend string, shown with a caret under its position."""
@@ -25,7 +28,20 @@ class PipelineSyntaxError(ConfigError):
         self.text = text
         self.position = position
         self.reason = message
-        super().__init__(f"{message}\n  {text}\n  {' ' * position}^")
+        shown, caret = _excerpt(text, position)
+        super().__init__(f"{message}\n  {shown}\n  {' ' * caret}^")
+
+
+def _excerpt(text: str, position: int) -> tuple[str, int]:
+    """The part of ``text`` around ``position`` (all of it when short), and the position within that part."""
+    if len(text) <= SHOWN_CHARS:
+        return text, position
+    start = max(0, min(position - SHOWN_CHARS // 2, len(text) - SHOWN_CHARS))
+    end = start + SHOWN_CHARS
+    head = "..." if start else ""
+    tail = "..." if end < len(text) else ""
+    tail += f"   (column {position + 1}; the string has {len(text)} characters)"
+    return head + text[start:end] + tail, len(head) + position - start
 
 
 @dataclass

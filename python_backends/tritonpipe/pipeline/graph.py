@@ -32,7 +32,7 @@ from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages import importing_file, load_plugin
 from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, registered_names
-from .grammar import PipelineSyntaxError, StageNode, parse_backend
+from .grammar import SHOWN_CHARS, PipelineSyntaxError, StageNode, parse_backend
 from .objects import node_tables
 from .resolved import ResolvedStage
 
@@ -174,6 +174,8 @@ class Graph:
 
 def check_name(what: str, name: str) -> str:
     """Model and node names become folder names: keep them plain."""
+    if name == "":
+        raise ConfigError(f"{what} is empty; give a name of letters, digits, '_' and '-', at most 128 characters")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(
             f"{what} {name!r} is not allowed: use letters, digits, '_' and '-' only "
@@ -274,7 +276,8 @@ def load_graph(
     for plugin in plugin_paths:
         load_plugin(plugin)
 
-    graph_name = check_name("pipeline name", name or config.pop("name", "pipeline"))
+    config_name = config.pop("name", "pipeline")
+    graph_name = check_name("pipeline name", config_name if name is None else name)
     if "backend" in config:
         raw_nodes = {graph_name: config}
         shared: dict[str, Any] = {}
@@ -374,7 +377,8 @@ def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
             taken = True
         if not taken:
             known = sorted({p for cls, _, _ in stages for p in cls.params} | set(TRITON_KEYS))
-            raise ConfigError(f"{where}: no stage of {backend!r} takes parameter {key!r}{did_you_mean(key, known)}")
+            shown = backend if len(backend) <= SHOWN_CHARS else backend[:SHOWN_CHARS] + "..."
+            raise ConfigError(f"{where}: no stage of {shown!r} takes parameter {key!r}{did_you_mean(key, known)}")
 
     def build(entry: _Skeleton) -> ResolvedStage:
         cls, node, children = entry

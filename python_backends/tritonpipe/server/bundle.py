@@ -465,6 +465,10 @@ def verify(root: str | os.PathLike) -> list[str]:
             install.stub_for(version)
         except ConfigError as error:
             problems.append(str(error))
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest and running not in manifest.get("pythons", []):
+        problems.append(f"the bundle has Python backend stubs for Python {', '.join(manifest.get('pythons', [])) or 'none'}, "
+                        f"but tritonpipe serve runs models with this Python, {running}: pack with --python {running}")
     if manifest.get("perf_analyzer") and not (root / "bin" / "perf_analyzer").is_file():
         problems.append("the manifest lists perf_analyzer but bin/perf_analyzer is missing")
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):

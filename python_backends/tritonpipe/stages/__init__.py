@@ -62,13 +62,24 @@ def load_plugin(path: str | Path):
     except ConfigError:
         del sys.modules[module_name]
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of user code at import is a bad configuration
+    except BaseException as exc:  # noqa: BLE001 - whatever user code does at import is a bad configuration
         del sys.modules[module_name]
-        raise ConfigError(f"plugin file {str(path)!r} raised on import: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"plugin file {str(path)!r} {_what_it_did(exc)}") from None
     finally:
         _importing.pop()
     _plugin_files[path] = module
     return module
+
+
+def _what_it_did(exc: BaseException) -> str:
+    """One line on how a plugin's import ended: an exit or a Ctrl-C would end the whole program instead."""
+    if isinstance(exc, SystemExit):
+        return (f"called sys.exit({exc.code!r}) on import; a plugin file must only define and register stages "
+                "and functions: remove the exit")
+    if isinstance(exc, KeyboardInterrupt):
+        return "raised KeyboardInterrupt on import (a Ctrl-C, or the file raises it); remove the raise and run again"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"raised on import: {type(exc).__name__}: {first_line}".rstrip(": ")
 
 
 def build_stage(node, device, base_dir: Path | None = None):

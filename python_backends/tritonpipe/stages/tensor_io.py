@@ -12,20 +12,33 @@ from ..errors import ConfigError, InternalError, StageError
 from ..spec import TORCH_TO_TRITON, TensorSpec
 from .base import MapStage, Param, register
 
-#: folders SaveTensor refuses to write into: the root, the home folder and the system's own trees
-_SYSTEM_ROOTS = tuple(
+#: trees of the system's own: SaveTensor writes nowhere under them
+_SYSTEM_TREES = tuple(
     Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 )
+#: folders whose direct subfolders belong to the system or its services (/var/lib, /var/tmp, /run/user)
+_SYSTEM_PARENTS = (Path("/var"), Path("/run"))
 _MIB = 1 << 20
 
 
+def _is_system_folder(path: Path) -> bool:
+    """The root, a folder directly in it (/tmp, /opt, /mnt, /home...), the home folder, or a folder of the system."""
+    return (
+        len(path.parts) <= 2
+        or path == Path.home().resolve()
+        or path.parent in _SYSTEM_PARENTS
+        or any(path == root or root in path.parents for root in _SYSTEM_TREES)
+    )
+
+
 def _check_save_dir(text: str) -> Path:
-    """The resolved ``save_dir``; ConfigError for a missing folder or one of the system's own."""
+    """The resolved ``save_dir``; ConfigError for a missing folder or one the system or other programs share."""
     path = Path(text).expanduser().resolve()
-    if path == Path(path.anchor) or path == Path.home().resolve() or any(
-        path == root or root in path.parents for root in _SYSTEM_ROOTS
-    ):
-        raise ConfigError(f"SaveTensor: save_dir {str(path)!r} is a system folder; give a folder of its own")
+    if _is_system_folder(path):
+        raise ConfigError(
+            f"SaveTensor: save_dir {str(path)!r} is a system folder; give a folder of its own, made for the tensors "
+            "(such as /tmp/my-tensors or ~/tensors)"
+        )
     if not path.is_dir():
         raise ConfigError(f"SaveTensor: save_dir {str(path)!r} does not exist; create it first")
     return path

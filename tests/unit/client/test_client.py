@@ -1,9 +1,10 @@
-"""The client's protocol-neutral failure status, from tritonclient's own exceptions."""
+"""The client's protocol-neutral failure status, from tritonclient's own exceptions; how responses are printed."""
 
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tritonpipe.client.client import InferError, PipelineClient, status_of
+from tritonpipe.client.client import InferError, PipelineClient, status_of, summarize
 from tritonpipe.errors import ConfigError
 
 
@@ -39,3 +40,22 @@ def test_infer_error_carries_its_status():
 def test_unknown_protocol_is_a_configuration_error():
     with pytest.raises(ConfigError, match=r"protocol must be one of \('grpc', 'http'\), got 'udp'"):
         PipelineClient("127.0.0.1:1", protocol="udp")
+
+
+def test_only_a_first_output_of_class_scores_gets_top_k():
+    scores = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+    inverse = np.array([[2.0, 1.5, 0.0, 0.5]], dtype=np.float32)
+    image = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    lines = summarize({"logits": scores, "inverse_transform": inverse, "OUTPUT": image}, top_k=2)
+    assert lines == [
+        "logits: float32[1, 3]  top-2: 1=0.7000, 2=0.2000",
+        "inverse_transform: float32[1, 4]  values: 2, 1.5, 0, 0.5",
+        "OUTPUT: uint8[2, 3, 4, 4]  min=0 max=95 mean=47.5",
+    ]
+    # the same [1, 4] first: four class scores
+    assert summarize({"inverse_transform": inverse}, top_k=5) == ["inverse_transform: float32[1, 4]  top-4: 0=2.0000, 1=1.5000, 3=0.5000, 2=0.0000"]
+
+
+def test_strings_and_empty_outputs_are_printed_without_arithmetic():
+    lines = summarize({"OUTPUT": np.zeros((1, 0), np.float32), "label": np.array([[b"cat"]], dtype=object)})
+    assert lines == ["OUTPUT: float32[1, 0]  values: none", "label: object[1, 1]  values: b'cat'"]

@@ -80,3 +80,23 @@ def test_names_are_case_insensitive():
 def test_empty_backend_is_rejected():
     with pytest.raises(ConfigError):
         parse_backend("   ")
+
+
+def test_a_long_string_is_shown_as_the_part_around_the_mistake():
+    hostile = "S[" * 100_000 + "Identity" + "]" * 100_000
+    with pytest.raises(PipelineSyntaxError) as info:
+        parse_backend(hostile)
+    message, shown, caret = str(info.value).split("\n")
+    assert message == "stages are nested more than 64 deep"
+    assert len(shown) < 160 and shown.strip().startswith("...S[S[") and "(column 129; the string has 300008 characters)" in shown
+    # the caret stands under the 65th stage name, column 129 of the string
+    assert shown[caret.index("^")] == "S" and info.value.position == 128
+
+
+def test_a_mistake_near_the_end_of_a_long_string_is_shown_with_the_end():
+    text = "S[DecodeMat," + "ResizeMat," * 30 + "Bad("
+    with pytest.raises(PipelineSyntaxError) as info:
+        parse_backend(text)
+    _, shown, caret = str(info.value).split("\n")
+    assert shown.strip().startswith("...") and "Bad(   (column" in shown and len(shown) < 160
+    assert caret.index("^") == shown.index("Bad(") + 4  # just after the parenthesis: the end of the string

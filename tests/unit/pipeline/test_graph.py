@@ -97,3 +97,28 @@ def test_relative_model_path_resolves_against_the_config(tmp_path, tiny_onnx):
     path.write_text(json.dumps({"backend": "TensorrtTensor", "model": "m.onnx"}))
     graph = load_graph(path)
     assert graph.entry.tree.params["model"] == str(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_an_empty_pipeline_name_is_refused(where):
+    config = {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}
+    with pytest.raises(ConfigError, match="^pipeline name is empty; give a name of letters, digits"):
+        if where == "argument":
+            load_graph(config, name="")
+        else:
+            load_graph({**config, "name": ""})
+
+
+def test_the_name_argument_wins_over_the_configs_name():
+    graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8, "name": "x"}, name="y")
+    assert graph.name == "y" and list(graph.nodes) == ["y"]
+    assert load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8, "name": "x"}).name == "x"
+
+
+def test_an_unknown_parameter_of_a_long_backend_shows_its_start():
+    backend = "S[" + ",".join(["Identity"] * 20_000) + "]"
+    with pytest.raises(ConfigError) as info:
+        load_graph({"backend": backend, "no_such_key": 1}, name="wide")
+    message = str(info.value)
+    assert message.startswith("node 'wide': no stage of 'S[Identity,Identity,") and "...' takes parameter 'no_such_key'" in message
+    assert len(message) < 300

@@ -16,10 +16,21 @@ def generate(backend: str, **keys):
     return build_repository(load_graph({"backend": backend, **keys}, name="m"), "cpu")
 
 
-@pytest.mark.parametrize("folder", ["/", "/etc", "/usr/lib", "~"])
+@pytest.mark.parametrize(
+    "folder", ["/", "/etc", "/usr/lib", "~", "/tmp", "/var", "/var/lib", "/var/tmp", "/run", "/opt", "/srv", "/mnt", "/home"]
+)
 def test_save_tensor_refuses_system_folders_at_generation(folder):
-    with pytest.raises(ConfigError, match="is a system folder; give a folder of its own"):
+    with pytest.raises(ConfigError, match="is a system folder; give a folder of its own, made for the tensors"):
         generate("SaveTensor", save_dir=folder)
+
+
+def test_save_tensor_follows_links_to_system_folders_and_takes_a_folder_of_its_own(tmp_path):
+    (tmp_path / "to_var").symlink_to("/var")
+    with pytest.raises(ConfigError, match="'/var' is a system folder"):
+        generate("SaveTensor", save_dir=str(tmp_path / "to_var"))
+    own = tmp_path / "tensors"  # under /tmp, a folder of its own
+    own.mkdir()
+    generate("SaveTensor", save_dir=str(own))
 
 
 def test_save_tensor_caps_each_file_and_the_folder(tmp_path):
@@ -65,6 +76,25 @@ def test_a_plugin_raising_at_import_is_a_config_error_naming_it(tmp_path):
     syntax.write_text("def broken(:\n")
     with pytest.raises(ConfigError, match=r"syntax_plugin.py' raised on import: SyntaxError: .*line 1"):
         load_plugin(syntax)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("import sys\nsys.exit(0)\n", "called sys.exit(0) on import; a plugin file must only define and register"),
+        ("raise SystemExit('bye')\n", "called sys.exit('bye') on import"),
+        ("raise KeyboardInterrupt\n", "raised KeyboardInterrupt on import (a Ctrl-C, or the file raises it)"),
+        ("raise GeneratorExit('odd')\n", "raised on import: GeneratorExit: odd"),
+        ("raise ValueError('first\\nsecond')\n", "raised on import: ValueError: first"),
+    ],
+)
+def test_a_plugin_that_exits_or_interrupts_at_import_is_a_one_line_config_error(tmp_path, code, message):
+    plugin = tmp_path / "leaving_plugin.py"
+    plugin.write_text(code)
+    with pytest.raises(ConfigError) as info:
+        load_plugin(plugin)
+    assert str(info.value).startswith(f"plugin file {str(plugin)!r} ") and "\n" not in str(info.value)
+    assert message in str(info.value)
 
 
 def test_deep_nesting_is_a_config_error():

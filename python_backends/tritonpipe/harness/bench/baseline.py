@@ -38,7 +38,7 @@ def model_stage_name(plan: RepositoryPlan) -> str:
     if len(names) != 1:
         raise ConfigError(
             f"the baseline needs a pipeline with exactly one model stage, this one has {len(names)}; "
-            "leave 'baseline' out of --systems"
+            "leave 'baseline' out of --systems (--systems ensemble,inprocess measures a pipeline without a model stage)"
         )
     return names[0] if plan.needs_ensemble else plan.name
 
