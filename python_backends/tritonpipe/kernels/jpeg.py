@@ -1,7 +1,7 @@
 """JPEG header inspection and decoding (OpenCV on CPU, torchvision/nvjpeg on GPU).
 
 Every decode reads the marker structure first, so that malformed, truncated,
-non-JPEG or oversized inputs are refused with a clear StageError before any
+non-JPEG or oversized inputs are refused with a clear DecodeError before any
 pixel memory is allocated.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torchvision.io as tvio
 
-from ..errors import StageError
 from . import dali_decode, nvimgcodec
+from .errors import DecodeError
 
 MAX_PIXELS = 5000 * 5000
 
@@ -82,17 +82,17 @@ class JpegInfo:
 def bytes_view(data) -> memoryview:
     if isinstance(data, torch.Tensor):
         if data.device.type != "cpu":
-            raise StageError(f"encoded image must be in CPU memory, got a tensor on {data.device}", reason="not_bytes")
+            raise DecodeError(f"encoded image must be in CPU memory, got a tensor on {data.device}", reason="not_bytes")
         data = data.detach().numpy()
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 1:
-            raise StageError(
+            raise DecodeError(
                 f"encoded image must be a 1-D uint8 array, got dtype {data.dtype} with shape {tuple(data.shape)}", reason="not_bytes"
             )
         return memoryview(np.ascontiguousarray(data)).cast("B")
     if isinstance(data, (bytes, bytearray, memoryview)):
         return memoryview(data).cast("B")
-    raise StageError(f"encoded image must be bytes or a 1-D uint8 array, got {type(data).__name__}", reason="not_bytes")
+    raise DecodeError(f"encoded image must be bytes or a 1-D uint8 array, got {type(data).__name__}", reason="not_bytes")
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -104,12 +104,12 @@ def sniff_format(head: bytes) -> str | None:
     return next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
 
 
-def _not_jpeg(view: memoryview) -> StageError:
+def _not_jpeg(view: memoryview) -> DecodeError:
     head = bytes(view[:16])
     kind = sniff_format(head)
     if kind is not None:
-        return StageError(f"got a {kind} image; this stage decodes JPEG only", reason="not_jpeg")
-    return StageError(
+        return DecodeError(f"got a {kind} image; this stage decodes JPEG only", reason="not_jpeg")
+    return DecodeError(
         f"not a JPEG image: it does not start with the JPEG SOI marker FF D8 (first bytes: {head[:8].hex(' ')})", reason="not_jpeg"
     )
 
@@ -150,7 +150,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
     view = bytes_view(data)
     size = len(view)
     if size == 0:
-        raise StageError("empty input: expected JPEG bytes, got 0 bytes", reason="empty")
+        raise DecodeError("empty input: expected JPEG bytes, got 0 bytes", reason="empty")
     if size < 2 or view[0] != 0xFF or view[1] != 0xD8:
         raise _not_jpeg(view)
 
@@ -162,9 +162,9 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
     while True:
         if pos >= size:
             what = "frame header (SOF)" if frame is None else "image data (SOS)"
-            raise StageError(f"truncated JPEG: the {size}-byte input ends before the {what}", reason="truncated")
+            raise DecodeError(f"truncated JPEG: the {size}-byte input ends before the {what}", reason="truncated")
         if view[pos] != 0xFF:
-            raise StageError(f"corrupt JPEG header: expected a marker at byte {pos}, found 0x{view[pos]:02X}", reason="corrupt")
+            raise DecodeError(f"corrupt JPEG header: expected a marker at byte {pos}, found 0x{view[pos]:02X}", reason="corrupt")
         while pos < size and view[pos] == 0xFF:  # fill bytes may pad before a marker
             pos += 1
         if pos >= size:
@@ -175,16 +175,16 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
             continue
         if marker == 0xD9:
             what = "frame header (SOF)" if frame is None else "image data (SOS)"
-            raise StageError(f"corrupt JPEG: end-of-image marker before any {what}", reason="corrupt")
+            raise DecodeError(f"corrupt JPEG: end-of-image marker before any {what}", reason="corrupt")
         if marker == 0xDA and frame is None:
-            raise StageError("corrupt JPEG header: image data (SOS) before the frame header (SOF)", reason="corrupt")
+            raise DecodeError("corrupt JPEG header: image data (SOS) before the frame header (SOF)", reason="corrupt")
         if pos + 2 > size:
-            raise StageError(f"truncated JPEG: the header is cut off at byte {size}", reason="truncated")
+            raise DecodeError(f"truncated JPEG: the header is cut off at byte {size}", reason="truncated")
         (length,) = struct.unpack_from(">H", view, pos)
         if length < 2:
-            raise StageError(f"corrupt JPEG header: segment FF {marker:02X} at byte {pos - 2} has length {length}", reason="corrupt")
+            raise DecodeError(f"corrupt JPEG header: segment FF {marker:02X} at byte {pos - 2} has length {length}", reason="corrupt")
         if pos + length > size:
-            raise StageError(
+            raise DecodeError(
                 f"truncated JPEG: segment FF {marker:02X} at byte {pos - 2} needs {length} bytes "
                 f"but the {size}-byte input ends first", reason="truncated"
             )
@@ -196,19 +196,19 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
             orientation = _exif_orientation(segment)
         elif marker in _SOF_MARKERS and frame is None:
             if len(segment) < 6:
-                raise StageError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
+                raise DecodeError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
             _precision, height, width, components = struct.unpack_from(">BHHB", segment)
             frame = (marker, height, width, components)
 
     sof, height, width, components = frame
     if height == 0 or width == 0:
-        raise StageError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})", reason="zero_size")
+        raise DecodeError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})", reason="zero_size")
     pixels = height * width
     if pixels >= max_pixels:
-        raise StageError(f"image is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels", reason="too_large")
+        raise DecodeError(f"image is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels", reason="too_large")
     tail = bytes(view[max(pos, size - _EOI_TAIL_SLACK) :])
     if b"\xff\xd9" not in tail:
-        raise StageError(f"truncated JPEG: no end-of-image marker (FF D9) at the end of the {size}-byte input", reason="truncated")
+        raise DecodeError(f"truncated JPEG: no end-of-image marker (FF D9) at the end of the {size}-byte input", reason="truncated")
     return JpegInfo(
         height=height,
         width=width,
@@ -241,7 +241,7 @@ def decode_jpeg_cpu(data, *, apply_exif: bool = False, max_pixels: int = MAX_PIX
     # every decoder (and off unless asked for).
     bgr = cv2.imdecode(array, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None or bgr.size == 0:
-        raise StageError(f"JPEG data is corrupt: OpenCV could not decode the {info.width}x{info.height} image", reason="corrupt")
+        raise DecodeError(f"JPEG data is corrupt: OpenCV could not decode the {info.width}x{info.height} image", reason="corrupt")
     image = torch.from_numpy(bgr)
     if apply_exif:
         image = _orient(image, info.orientation, 0, 1)
@@ -260,7 +260,7 @@ def _decode_on_cpu(data: torch.Tensor) -> torch.Tensor:
         # torchvision hands back a CHW view of an HWC buffer; callers expect dense CHW.
         return tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB).contiguous()
     except RuntimeError as exc:
-        raise StageError(f"JPEG data is corrupt: {_reason(exc)}", reason="corrupt") from None
+        raise DecodeError(f"JPEG data is corrupt: {_reason(exc)}", reason="corrupt") from None
 
 
 def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -384,8 +384,8 @@ def decode_jpeg_tensor(
     settings: nvimgcodec.Settings | None = None,
     cuda_decoder_share: float = 0.0,
     dali_settings: dali_decode.Settings | None = None,
-) -> list[torch.Tensor | StageError]:
-    """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or StageError per input.
+) -> list[torch.Tensor | DecodeError]:
+    """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvImageCodec (with ``settings``) or DALI
     (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
@@ -397,12 +397,12 @@ def decode_jpeg_tensor(
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
     device = torch.device(device)
     settings = settings or nvimgcodec.Settings()
-    results: list[torch.Tensor | StageError | None] = [None] * len(datas)
+    results: list[torch.Tensor | DecodeError | None] = [None] * len(datas)
     infos: list[JpegInfo | None] = [None] * len(datas)
     for i, data in enumerate(datas):
         try:
             infos[i] = read_jpeg_info(data, max_pixels=max_pixels)
-        except StageError as exc:
+        except DecodeError as exc:
             results[i] = exc
     valid = [i for i, info in enumerate(infos) if info is not None]
 
@@ -430,7 +430,7 @@ def decode_jpeg_tensor(
     for i in on_cpu:
         try:
             results[i] = _decode_on_cpu(datas[i]).to(device)
-        except StageError as exc:
+        except DecodeError as exc:
             results[i] = exc
 
     if apply_exif:

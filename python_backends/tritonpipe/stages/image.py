@@ -13,6 +13,7 @@ import torch
 from ..errors import ConfigError, StageError
 from ..kernels import batch_resize, dali_decode, decode, geometry, jpeg, nvimgcodec
 from ..kernels import color as color_kernels
+from ..kernels.errors import DecodeError
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import MapStage, Param, Stage, register
@@ -36,6 +37,11 @@ def _bytes(data: Any, what: str) -> torch.Tensor:
     if data.dim() != 1:
         raise StageError(f"{what} needs the encoded file as a 1-D uint8 tensor, got shape {tuple(data.shape)}")
     return data
+
+
+def _request_error(exc: DecodeError) -> StageError:
+    """A kernel's decode error as the request's own: INVALID_ARG, counted under its reason."""
+    return StageError(str(exc), reason=exc.reason)
 
 
 def _layout(check) -> Any:
@@ -88,9 +94,12 @@ class DecodeMat(MapStage):
         self.max_pixels = params["max_pixels"]
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
-        image = decode.decode_image_cpu(
-            _bytes(data, self.name).cpu(), apply_exif=self.apply_exif, max_pixels=self.max_pixels
-        )
+        try:
+            image = decode.decode_image_cpu(
+                _bytes(data, self.name).cpu(), apply_exif=self.apply_exif, max_pixels=self.max_pixels
+            )
+        except DecodeError as exc:
+            raise _request_error(exc) from None
         item["color"] = "bgr"
         return image
 
@@ -208,7 +217,7 @@ class DecodeTensor(Stage):
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
-                item["error"] = image
+                item["error"] = _request_error(image) if isinstance(image, DecodeError) else image
                 continue
             image = color_kernels.convert_color(image, "rgb", self.color, channel_dim=0)
             item["color"] = self.color

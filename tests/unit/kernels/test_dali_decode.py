@@ -12,9 +12,9 @@ import logging
 import pytest
 import torch
 
-from tritonpipe.errors import StageError
 from tritonpipe.kernels import dali_decode
 from tritonpipe.kernels import jpeg as J
+from tritonpipe.kernels.errors import DecodeError
 
 from .test_nvimgcodec import CASES, _check, _jpeg, _tensor
 
@@ -69,9 +69,9 @@ def test_a_bad_image_fails_alone(damage):
         assert isinstance(results[index], torch.Tensor), (index, results[index])
         _check(results[index], good, "cuda_upsampled")
     # a garbled file may decode to garbage (as libjpeg-turbo's may); it never takes the others down
-    assert isinstance(results[1], (StageError, torch.Tensor))
+    assert isinstance(results[1], (DecodeError, torch.Tensor))
     if damage == "truncated":
-        assert isinstance(results[1], StageError)
+        assert isinstance(results[1], DecodeError)
 
 
 @pytest.mark.gpu

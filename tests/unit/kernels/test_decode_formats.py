@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tritonpipe.errors import StageError
 from tritonpipe.kernels import decode as D
+from tritonpipe.kernels.errors import DecodeError
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.stages import build_stage
 
@@ -147,7 +147,7 @@ def test_hostile_input_is_refused_before_decoding(name, monkeypatch):
         raise AssertionError("OpenCV was asked to decode a refused file")
 
     monkeypatch.setattr(cv2, "imdecode", no_decode)
-    with pytest.raises(StageError, match=re.escape(words)):
+    with pytest.raises(DecodeError, match=re.escape(words)):
         D.decode_image_cpu(t(data))
 
 
@@ -160,7 +160,7 @@ def test_hostile_variants_are_what_they_claim(monkeypatch):
 
 def test_pixel_limit_is_configurable():
     data = CASES["PNG"]
-    with pytest.raises(StageError, match="the limit is 1961 pixels"):
+    with pytest.raises(DecodeError, match="the limit is 1961 pixels"):
         D.decode_image_cpu(t(data), max_pixels=37 * 53)
     assert D.decode_image_cpu(t(data), max_pixels=37 * 53 + 1).shape == (37, 53, 3)
 
@@ -193,7 +193,7 @@ def test_damaged_files_only_raise_stage_errors(name):
         data = data[: rng.integers(1, len(data) + 1)] if rng.random() < 0.3 else data
         try:
             image = D.decode_image_cpu(torch.from_numpy(data))
-        except StageError:
+        except DecodeError:
             continue
         assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[2] == 3
 

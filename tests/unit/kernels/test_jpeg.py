@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps, features
 
-from tritonpipe.errors import StageError
 from tritonpipe.kernels import jpeg as J
+from tritonpipe.kernels.errors import DecodeError
 
 # torchvision 0.29 flags its image codecs as deprecated on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning:torchvision")
@@ -248,16 +248,16 @@ if features.check("webp"):
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_refused_everywhere(case):
     data, words = BAD_INPUTS[case]
-    with pytest.raises(StageError, match=re.escape(words)):
+    with pytest.raises(DecodeError, match=re.escape(words)):
         J.read_jpeg_info(data)
-    with pytest.raises(StageError, match=re.escape(words)):
+    with pytest.raises(DecodeError, match=re.escape(words)):
         J.decode_jpeg_cpu(_t(data))
     (result,) = J.decode_jpeg_tensor([_t(data)], "cpu")
-    assert isinstance(result, StageError) and words in str(result)
+    assert isinstance(result, DecodeError) and words in str(result)
 
 
 def test_other_formats_are_named():
-    with pytest.raises(StageError, match="got a PNG image; this stage decodes JPEG only"):
+    with pytest.raises(DecodeError, match="got a PNG image; this stage decodes JPEG only"):
         J.read_jpeg_info(_other_format("PNG"))
 
 
@@ -268,10 +268,10 @@ def test_size_limit_is_checked_before_decoding(monkeypatch):
     monkeypatch.setattr(cv2, "imdecode", no_decode)
     monkeypatch.setattr(J.tvio, "decode_jpeg", no_decode)
     huge = _t(BAD_INPUTS["huge"][0])
-    with pytest.raises(StageError, match=r"the limit is 25000000 pixels"):
+    with pytest.raises(DecodeError, match=r"the limit is 25000000 pixels"):
         J.decode_jpeg_cpu(huge)
-    assert isinstance(J.decode_jpeg_tensor([huge], "cpu")[0], StageError)
-    with pytest.raises(StageError, match="limit"):
+    assert isinstance(J.decode_jpeg_tensor([huge], "cpu")[0], DecodeError)
+    with pytest.raises(DecodeError, match="limit"):
         J.read_jpeg_info(VARIANTS["444"][0], max_pixels=48 * 64)
     J.read_jpeg_info(VARIANTS["444"][0], max_pixels=48 * 64 + 1)
 
@@ -279,14 +279,14 @@ def test_size_limit_is_checked_before_decoding(monkeypatch):
 def test_undecodable_image_raises_not_empty_tensor():
     data = _bad_huffman()
     J.read_jpeg_info(data)  # the damage is past what the header check looks at
-    with pytest.raises(StageError, match="corrupt"):
+    with pytest.raises(DecodeError, match="corrupt"):
         J.decode_jpeg_cpu(_t(data))
     (result,) = J.decode_jpeg_tensor([_t(data)], "cpu")
-    assert isinstance(result, StageError) and "Huffman" in str(result)
+    assert isinstance(result, DecodeError) and "Huffman" in str(result)
 
 
 def test_wrong_dtype_is_refused():
-    with pytest.raises(StageError, match="uint8"):
+    with pytest.raises(DecodeError, match="uint8"):
         J.read_jpeg_info(torch.zeros(10, dtype=torch.float32))
 
 
@@ -296,7 +296,7 @@ def test_mixed_list_fails_only_the_bad_image(bad):
     bad_data = BAD_INPUTS["truncated"][0] if bad == "truncated" else _bad_huffman()
     results = J.decode_jpeg_tensor([_t(good[0][0]), _t(bad_data), _t(good[1][0])], torch.device("cpu"))
     assert len(results) == 3
-    assert isinstance(results[1], StageError)
+    assert isinstance(results[1], DecodeError)
     for (data, info), result in zip(good, (results[0], results[2])):
         assert isinstance(result, torch.Tensor)
         assert tuple(result.shape) == (3, info.height, info.width)
@@ -346,7 +346,7 @@ def test_cuda_mixed_list_fails_only_the_bad_image(bad):
     good = [VARIANTS["420"], VARIANTS["cmyk"], VARIANTS["progressive"]]
     datas = [_t(good[0][0]), _t(bad_data), _t(good[1][0]), _t(good[2][0])]
     results = J.decode_jpeg_tensor(datas, torch.device("cuda"))
-    assert isinstance(results[1], StageError)
+    assert isinstance(results[1], DecodeError)
     for (data, info), result in zip(good, (results[0], results[2], results[3])):
         assert isinstance(result, torch.Tensor) and result.device.type == "cuda"
         _assert_matches_pil(result.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))

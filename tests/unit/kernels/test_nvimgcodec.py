@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tritonpipe.errors import StageError
 from tritonpipe.kernels import jpeg as J
 from tritonpipe.kernels import nvimgcodec
+from tritonpipe.kernels.errors import DecodeError
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,7 +75,7 @@ def test_a_bad_image_fails_alone():
     results = J.decode_jpeg_tensor(
         [_tensor(good), _tensor(truncated), _tensor(good)], torch.device("cuda"), gpu_decoder="nvimgcodec"
     )
-    assert isinstance(results[1], StageError)
+    assert isinstance(results[1], DecodeError)
     for image in (results[0], results[2]):
         _check(image, good, "cuda_upsampled")
 
@@ -113,7 +113,7 @@ def test_damaged_scans_among_good_images_keep_every_image_in_its_place(threads):
     for index in (1, 3, 5):
         result = results[index]
         # nvjpeg and libjpeg-turbo may refuse a damaged scan or decode it with errors; either way at its own size
-        assert isinstance(result, StageError) or tuple(result.shape) == (3, 120, 160), (index, result)
+        assert isinstance(result, DecodeError) or tuple(result.shape) == (3, 120, 160), (index, result)
 
 
 @pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
