@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import cv2
 import torch
 import torch.nn.functional as F
@@ -9,10 +11,19 @@ import torch.nn.functional as F
 MAX_SIDE = 1024 * 1024
 
 
-def check_side(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+def check_side(name: str, value: object) -> int:
+    """``value`` as an int in [1, MAX_SIDE] (Python or numpy integers; not bools, not floats)."""
+    if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r}")
-    return value
+    try:
+        side = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r} of type {type(value).__name__}"
+        ) from None
+    if not 1 <= side <= MAX_SIDE:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {side}")
+    return side
 
 
 def check_nchw(image: torch.Tensor, what: str) -> None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import re
 from typing import NamedTuple, Optional
 
 import torch
 
+from .geometry import MAX_SIDE, check_side
+
 __all__ = ["pillow_resize", "pillow_resize_hwc", "release_line", "MAX_SIDE", "NEWEST", "RELEASES", "Release"]
 
-MAX_SIDE = 1024 * 1024
 """Largest accepted output height or width."""
 
 # Pillow keeps 32 - 8 - 2 fractional bits so that an 8-bit sample times a
@@ -116,21 +116,6 @@ class _AxisCoeffs(NamedTuple):
     index: torch.Tensor  # int64 [out, ksize]: source sample of each tap
     taps: torch.Tensor  # int32 [out, ksize]: fixed-point weight of each tap
     dense: Optional[torch.Tensor]  # float64 [in, out], or None
-
-
-def _check_side(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r}")
-    try:
-        side = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"{name} must be an integer in [1, {MAX_SIDE}], got {value!r} "
-            f"of type {type(value).__name__}"
-        ) from None
-    if not 1 <= side <= MAX_SIDE:
-        raise ValueError(f"{name} must be an integer in [1, {MAX_SIDE}], got {side}")
-    return side
 
 
 def _build_cpu(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,8 +276,8 @@ def _resize(
         raise ValueError(
             f"image must be non-empty (C, H and W in [1, inf)), got shape {tuple(image.shape)}"
         )
-    out_h = _check_side("out_h", out_h)
-    out_w = _check_side("out_w", out_w)
+    out_h = check_side("out_h", out_h)
+    out_w = check_side("out_w", out_w)
     if method not in (None, "dense", "band"):
         raise ValueError(f"method must be None, 'dense' or 'band', got {method!r}")
     release = _check_release(pillow_version)
