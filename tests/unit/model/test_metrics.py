@@ -1,9 +1,11 @@
 """The stage timing hook in run_chain and the sink that turns it into Triton metrics."""
 
 import pytest
+import torch
 from tests.unit.model.fake_metrics import FakeMetricsModule
 
 from tritonpipe.errors import InternalError, RequestError
+from tritonpipe.kernels.errors import DecodeError
 from tritonpipe.kernels.jpeg import read_jpeg_info
 from tritonpipe.model.metrics import IMAGES, REJECTS, StageMetrics, reject_reason
 from tritonpipe.pipeline.grammar import parse_backend
@@ -44,9 +46,13 @@ def test_no_sink_no_reports():
     (b"", "empty"), (b"\x89PNG\r\n\x1a\n" + bytes(16), "not_jpeg"), (b"\xff\xd8\xff", "truncated"),
 ])
 def test_decoder_refusals_carry_a_reason(data, reason):
-    with pytest.raises(RequestError) as refused:
+    with pytest.raises(DecodeError) as refused:
         read_jpeg_info(data)
-    assert refused.value.reason == reason and reject_reason(refused.value) == reason
+    assert refused.value.reason == reason
+    # the decode stage hands the reason on to the request's error, the rejects metric's label
+    item = {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)}
+    build_stage(parse_backend("DecodeTensor"), "cpu").forward([item])
+    assert isinstance(item["error"], RequestError) and reject_reason(item["error"]) == reason
 
 
 def test_reasons_of_other_failures():

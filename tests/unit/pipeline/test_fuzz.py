@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tritonpipe.errors import ConfigError, StageError
+from tritonpipe.errors import ConfigError
+from tritonpipe.kernels.errors import DecodeError
 from tritonpipe.kernels.jpeg import JpegInfo, decode_jpeg_cpu, decode_jpeg_tensor, read_jpeg_info
 from tritonpipe.pipeline.grammar import StageNode, parse_backend, render
 from tritonpipe.pipeline.graph import load_graph
@@ -157,17 +158,17 @@ MUTATED = st.one_of(
 
 @FUZZ
 @given(MUTATED)
-def test_decoders_raise_only_stage_errors(data):
+def test_decoders_raise_only_decode_errors(data):
     try:
         info = read_jpeg_info(data)
-    except StageError:
+    except DecodeError:
         info = None
     else:
         assert isinstance(info, JpegInfo) and info.height > 0 and info.width > 0
 
     try:
         image = decode_jpeg_cpu(data)
-    except StageError:
+    except DecodeError:
         pass
     else:
         assert info is not None and image.dtype == torch.uint8 and tuple(image.shape) == (info.height, info.width, 3)
@@ -177,4 +178,4 @@ def test_decoders_raise_only_stage_errors(data):
     if isinstance(result, torch.Tensor):
         assert info is not None and result.dtype == torch.uint8 and tuple(result.shape) == (3, info.height, info.width)
     else:
-        assert isinstance(result, StageError)
+        assert isinstance(result, DecodeError)
