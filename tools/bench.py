@@ -9,15 +9,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import DEFAULT_CONCURRENCY, DEVICES, ENGINES, MEASUREMENT_MODES, SHARED_MEMORY, SYSTEMS
 
-DEFAULT_CONCURRENCY = literal("tritonpipe.harness.bench.runner", "DEFAULT_CONCURRENCY")
-SYSTEMS = literal("tritonpipe.harness.bench.report", "SYSTEMS")
-MEASUREMENT_MODES = literal("tritonpipe.harness.bench.perf", "MEASUREMENT_MODES")
-SHARED_MEMORY = literal("tritonpipe.harness.bench.perf", "SHARED_MEMORY")
-DEVICES = literal("tritonpipe.repository.configs", "DEVICES")
-ENGINES = literal("tritonpipe.stages.model", "ENGINES")
+from ._cli import run
 
 if TYPE_CHECKING:
     from tritonpipe.harness.bench import BenchOptions

@@ -11,12 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tritonpipe.choices import PRECISIONS
 from tritonpipe.errors import ConfigError
 
 from ._cli import run
-from ._literals import literal
-
-PRECISIONS = literal("tritonpipe.engines.tensorrt_engine", "PRECISIONS")
 
 EPILOG = """examples:
   tritonpipe build-engine model.onnx -o model.plan --max 8x3x224x224 --min 1x3x224x224 --precision fp16

@@ -11,12 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import BUNDLE_DIR, DEFAULT_PRESET, HOME_ENV
 
-HOME_ENV = literal("tritonpipe.server.install", "HOME_ENV")
-BUNDLE_DIR = literal("tritonpipe.server.bundle", "BUNDLE_DIR")
-DEFAULT_PRESET = literal("tritonpipe.server.bundle", "DEFAULT_PRESET")
+from ._cli import run
 
 _DESCRIPTION = f"""\
 Make a relocatable offline bundle of the Triton Inference Server (from the nvidia-pytriton

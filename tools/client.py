@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import PROTOCOLS
 
-PROTOCOLS = literal("tritonpipe.client.client", "PROTOCOLS")
+from ._cli import run
 
 if TYPE_CHECKING:
     from tritonpipe.client.client import PipelineClient

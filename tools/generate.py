@@ -9,10 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import DEVICES
 
-DEVICES = literal("tritonpipe.repository.configs", "DEVICES")
+from ._cli import run
 
 EPILOG = """examples:
   tritonpipe generate --backend "S[DecodeMat,ResizeMat]" --set resize_h=224 --set resize_w=224 -o model_repository

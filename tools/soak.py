@@ -8,10 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import PROTOCOLS
 
-PROTOCOLS = literal("tritonpipe.client.client", "PROTOCOLS")
+from ._cli import run
 
 EPILOG = """Every response is compared with the same stage chain run in this process; bad inputs
 (truncated JPEG, random bytes, PNG, empty) must come back as INVALID_ARG.

@@ -5,10 +5,7 @@
 - :class:`pipe` runs a configuration on a real server from Python.
 """
 
-from . import _moved
 from .errors import ConfigError, StageError
-
-_moved.install()
 
 # Imported on first use: the stages pull in torch and the rest tritonclient, and neither is needed
 # to read a command's arguments or to import a light submodule; served models must not need tritonclient.

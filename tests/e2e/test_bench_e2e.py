@@ -1,4 +1,4 @@
-"""tritonpipe-bench end to end at tiny scale: real tritonserver, real perf_analyzer, CPU only.
+"""tritonpipe bench end to end at tiny scale: real tritonserver, real perf_analyzer, CPU only.
 
 Only that it measures and reports is checked; speeds are never asserted.
 """

@@ -21,15 +21,10 @@ import yaml
 from PIL import Image
 
 from tritonpipe import load_graph
+from tritonpipe.client.client import PipelineClient
 from tritonpipe.deploy import k8s, kustomize
 from tritonpipe.repository.generate import generate_repository
-
-try:
-    from tritonpipe.client.client import PipelineClient
-    from tritonpipe.server.owner import TritonServer
-except ImportError:  # before the client and the server owner moved
-    from tritonpipe.serving.client import PipelineClient
-    from tritonpipe.serving.server import TritonServer
+from tritonpipe.server.owner import TritonServer
 
 pytestmark = pytest.mark.server
 

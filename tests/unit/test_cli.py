@@ -89,11 +89,35 @@ def test_a_verb_runs_its_command():
     assert '# tiny/config.pbtxt\nname: "tiny"' in out and '"tritonpipe.pipeline"' in out
 
 
-def test_the_installed_command_and_the_old_names_point_at_the_verbs():
+def test_the_installed_command_is_the_only_one():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["tritonpipe"] == "tritonpipe_tools.main:main"
-    for verb in VERBS:
-        assert scripts[f"tritonpipe-{verb}"] == f"tritonpipe_tools.{verb.replace('-', '_')}:main"
+    assert scripts == {"tritonpipe": "tritonpipe_tools.main:main"}
+
+
+def test_the_choices_module_imports_nothing_heavy():
+    done = subprocess.run([sys.executable, "-c", f"import sys, tritonpipe.choices; print(*(m for m in {HEAVY!r} if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    assert done.stdout.strip() == ""
+
+
+#: constants whose library module still writes its own literal: (module, name); each must equal tritonpipe.choices'
+_NOT_YET_FROM_CHOICES = [
+    ("tritonpipe.server.install", "HOME_ENV"),
+    ("tritonpipe.server.bundle", "BUNDLE_DIR"),
+    ("tritonpipe.server.bundle", "DEFAULT_PRESET"),
+    ("tritonpipe.server.owner", "MODEL_CONTROL"),
+    ("tritonpipe.harness.bench.runner", "DEFAULT_CONCURRENCY"),
+    ("tritonpipe.harness.bench.report", "SYSTEMS"),
+    ("tritonpipe.harness.bench.perf", "MEASUREMENT_MODES"),
+    ("tritonpipe.harness.bench.perf", "SHARED_MEMORY"),
+]
+
+
+@pytest.mark.parametrize(("library", "name"), _NOT_YET_FROM_CHOICES)
+def test_library_copies_of_choices_agree(library, name):
+    from tritonpipe import choices
+
+    assert getattr(importlib.import_module(library), name) == getattr(choices, name)
 
 
 def _literals_read_by_tools() -> list[tuple[str, str, str]]:

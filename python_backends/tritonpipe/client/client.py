@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import PROTOCOLS
 from ..errors import ConfigError, TritonpipeError
-
-PROTOCOLS = ("grpc", "http")
 
 #: tritonclient's status per protocol -> one name for both
 _STATUS_NAMES = {

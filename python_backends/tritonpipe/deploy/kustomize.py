@@ -1,4 +1,4 @@
-"""Render a kustomization offline: the subset of kustomize that ``tritonpipe-generate --k8s`` writes.
+"""Render a kustomization offline: the subset of kustomize that ``tritonpipe generate --k8s`` writes.
 
 Supported: ``resources`` (files and folders), ``components`` (``kind: Component``), ``patches``
 given by ``path`` (strategic-merge patches whose target is the patch's own kind and name),

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..choices import PRECISIONS
 from ..errors import ConfigError, StageError
 from ..spec import TRITON_TO_TORCH, TensorSpec
 from . import cache
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "TensorRT is not installed here; use the NGC tritonserver container or pip install tensorrt on a host with CUDA"
 PLAN_SUFFIXES = (".plan", ".trt", ".engine")
-PRECISIONS = ("fp32", "fp16", "int8", "best")
 # trt.DataType member names -> Triton type names
 _TRT_TYPES = {"FLOAT": "FP32", "HALF": "FP16", "INT8": "INT8", "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL", "UINT8": "UINT8"}
 
@@ -373,7 +373,7 @@ def describe_plan(path: Path) -> tuple[list[TensorIO], list[TensorIO], list[Prof
     if not available():
         raise ConfigError(
             f"cannot describe {path.name}: it has no {cache.sidecar_path(path).name} beside it and TensorRT is not "
-            "installed here; build it with tritonpipe-build-engine (which writes that file) or run where TensorRT is"
+            "installed here; build it with tritonpipe build-engine (which writes that file) or run where TensorRT is"
         )
     trt = import_tensorrt()
     _, engine = _deserialize(trt, path.read_bytes())

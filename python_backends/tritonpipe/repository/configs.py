@@ -9,6 +9,7 @@ from __future__ import annotations
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..choices import DEVICES
 from ..contract import ModelParams
 from ..engines.base import NativeModel
 from ..errors import ConfigError
@@ -17,7 +18,6 @@ from ..spec import ENCODED_IMAGE, TensorSpec
 from .cores import host_cores, share_cores
 from .plan import ModelPlan, Port, RepositoryPlan
 
-DEVICES = ("auto", "gpu", "cpu")
 #: engines whose model steps Triton can serve with its own backend (``--native``)
 NATIVE = ("tensorrt", "onnxruntime")
 

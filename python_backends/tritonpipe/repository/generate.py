@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ..choices import MARKER, read_marker  # noqa: F401  (read_marker: the server owner imports it from here)
 from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.graph import Graph
@@ -125,19 +126,7 @@ def build_repository(
     return plan, configs, files
 
 
-#: written into every generated repository: its entry model, its models, and every file written with
-#: its sha256 (what ``--force`` may replace: see ownership.py)
-MARKER = "tritonpipe.json"
 ModelFiles = dict[str, dict[str, Path]]
-
-
-def read_marker(repository: str | Path) -> dict | None:
-    """The marker of a repository tritonpipe generated (its ``entry`` and ``models``), or None."""
-    try:
-        marker = json.loads((Path(repository) / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and isinstance(marker.get("entry"), str) else None
 
 
 def check_target(output: Path, overwrite: bool) -> None:

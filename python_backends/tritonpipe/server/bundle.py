@@ -1,7 +1,7 @@
 """Relocatable offline bundle of the Triton server, its Python backend stubs and perf_analyzer.
 
 The bundle is one ``.tar.xz`` holding a single top folder, ``tritonpipe-triton/``, laid out
-the way :func:`tritonpipe.serving.install.locate_triton` expects::
+the way :func:`tritonpipe.server.install.locate_triton` expects::
 
     tritonpipe-triton/
         tritonpipe-bundle.json                  what is inside (Python versions, libraries)
@@ -459,7 +459,7 @@ def verify(root: str | os.PathLike) -> list[str]:
         except ValueError as error:
             problems.append(f"{MANIFEST} is not valid JSON: {error}")
     else:
-        problems.append(f"no {MANIFEST} in {root}: not made by tritonpipe-bundle")
+        problems.append(f"no {MANIFEST} in {root}: not made by tritonpipe bundle")
     for version in manifest.get("pythons", []):
         try:
             install.stub_for(version)

@@ -4,7 +4,7 @@ Two layouts are understood, and they are the same tree:
 
 - the ``nvidia-pytriton`` wheel in site-packages: ``pytriton/tritonserver/...`` beside
   ``nvidia_pytriton.libs/``;
-- an offline bundle made by ``tritonpipe-bundle``, unpacked anywhere: the same two folders
+- an offline bundle made by ``tritonpipe bundle``, unpacked anywhere: the same two folders
   under one root, plus ``bin/perf_analyzer``.
 
 Set ``TRITONPIPE_TRITON_HOME`` (or pass ``home``) to use a bundle instead of the wheel.
@@ -123,7 +123,7 @@ def locate_triton(home: str | os.PathLike | None = None) -> TritonInstall:
         if not install.server.is_file():
             raise ConfigError(
                 f"{install.root} holds no Triton server (expected {install.server}); "
-                "point it at a folder unpacked from a tritonpipe-bundle tarball"
+                "point it at a folder unpacked from a tritonpipe bundle tarball"
             )
         return install
     spec = importlib.util.find_spec("pytriton")
@@ -131,7 +131,7 @@ def locate_triton(home: str | os.PathLike | None = None) -> TritonInstall:
         raise ConfigError(
             "no Triton server found: install its wheel without its numpy<2 pin "
             f"(pip install --no-deps nvidia-pytriton==0.7.0, as tools/install.sh does) or set {HOME_ENV} "
-            "to an unpacked tritonpipe-bundle"
+            "to an unpacked tritonpipe bundle tarball"
         )
     root = Path(next(iter(spec.submodule_search_locations))).parent
     install = TritonInstall(root)

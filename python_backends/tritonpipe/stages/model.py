@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..choices import ENGINES, PRECISIONS
 from ..engines import onnxruntime_engine, tensorrt_engine, torch_engine
 from ..engines.base import NativeModel, TensorIO, describe_onnx
 from ..engines.postprocess import lookup_postprocessor
@@ -24,7 +25,6 @@ from .base import Param, Stage, register
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "tensorrt", "onnxruntime", "torch")
 #: which model files each engine runs
 ENGINE_KINDS = {"tensorrt": ("onnx", "plan"), "onnxruntime": ("onnx",), "torch": ("torch",)}
 _SUFFIXES = {".onnx": "onnx", **{s: "plan" for s in tensorrt_engine.PLAN_SUFFIXES}, **{s: "torch" for s in torch_engine.TORCH_SUFFIXES}}
@@ -148,7 +148,7 @@ class TensorrtTensor(Stage):
         "engine": Param(str, "auto", choices=ENGINES, doc="which engine runs the model"),
         "max": Param(str, "1", doc="largest batch (4) or shapes (4x3x224x224, one per input with ',', one per profile with ';')"),
         "min": Param(str, "1", doc="smallest batch or shapes, like max"),
-        "precision": Param(str, "fp16", choices=tensorrt_engine.PRECISIONS, doc="TensorRT/torch precision; falls back to what the GPU supports"),
+        "precision": Param(str, "fp16", choices=PRECISIONS, doc="TensorRT/torch precision; falls back to what the GPU supports"),
         "precision::fp32": Param(str, "", doc="comma-separated layer names TensorRT keeps in FP32"),
         "precision::fp16": Param(str, "", doc="comma-separated layer names TensorRT runs in FP16"),
         "model::cache": Param(str, "", doc="plan file to build once and reuse (rebuilt when the model, GPU, TensorRT or settings change)"),
@@ -221,7 +221,7 @@ class TensorrtTensor(Stage):
         if plan is None or not plan.is_file():
             raise ConfigError(
                 f"--native tensorrt needs a TensorRT plan but {path.name} is ONNX; build one first "
-                f"(tritonpipe-build-engine {path.name} -o model.plan --max ... ) and set model=model.plan, "
+                f"(tritonpipe build-engine {path.name} -o model.plan --max ... ) and set model=model.plan, "
                 "or drop --native tensorrt"
             )
         inputs, _, profiles = tensorrt_engine.describe_plan(plan)

@@ -1,4 +1,4 @@
-"""Kubernetes manifests from tritonpipe-generate --k8s, checked offline.
+"""Kubernetes manifests from tritonpipe generate --k8s, checked offline.
 
 Every rendered object (base + each overlay, each repository component) is validated against the
 Kubernetes API's own JSON schemas as bundled by kubernetes-validate (strict: unknown fields fail).
@@ -22,11 +22,7 @@ from tritonpipe import load_graph
 from tritonpipe.deploy import k8s, kustomize
 from tritonpipe.errors import ConfigError
 from tritonpipe.repository.generate import generate_repository
-
-try:
-    from tritonpipe.server.owner import TritonServer
-except ImportError:  # before the server owner moved
-    from tritonpipe.serving.server import TritonServer
+from tritonpipe.server.owner import TritonServer
 
 ROOT = Path(__file__).resolve().parents[3]
 OVERLAYS = ("cpu", "gpu", "mig")

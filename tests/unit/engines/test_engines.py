@@ -361,7 +361,7 @@ def test_torch_engine_fp16_cuda_graphs_match_eager_fp16(torch_models):
 
 
 def fake_plan(folder, onnx, max_batch=8):
-    """A plan file with the sidecar tritonpipe-build-engine writes (the engine bytes are never read here)."""
+    """A plan file with the sidecar tritonpipe build-engine writes (the engine bytes are never read here)."""
     inputs, outputs = describe_onnx(onnx)
     profiles = resolve_profiles("1", str(max_batch), inputs, need_static=True)
     plan = folder / "tiny.plan"

@@ -348,9 +348,9 @@ def test_ratios_and_formatting():
 
 def test_markdown_has_header_ratios_and_breakdown():
     steps = [stats.StepTimes("ensemble", "e", 100, 100, 9.0, other_ms=1.0), stats.StepTimes("ensemble", "pre", 100, 25, 8.0, 2.0, 0.5, 5.0, 0.25, 0.25)]
-    text = report.markdown(_rows(), steps, {"device": "CPU only", "command": "`tritonpipe-bench`"})
+    text = report.markdown(_rows(), steps, {"device": "CPU only", "command": "`tritonpipe bench`"})
     lines = text.splitlines()
-    assert "- device: CPU only" in lines and "- command: `tritonpipe-bench`" in lines
+    assert "- device: CPU only" in lines and "- command: `tritonpipe bench`" in lines
     table = [line for line in lines if line.startswith("| ")]
     assert table[0] == (
         "| concurrency | ensemble img/s | ensemble p50 | ensemble p99 | baseline img/s | baseline p50 | baseline p99 "

@@ -113,7 +113,7 @@ def test_checked_in_example_is_current(tmp_path, tiny_onnx):
     raw = read_config_file(config)
     # the classifier's weights don't matter to the configs; a stand-in of the same I/O keeps this fast
     if not onnx_path.exists():
-        pytest.skip("run tritonpipe-export-example first")
+        pytest.skip("run tritonpipe export-example first")
     graph = load_graph(raw, base_dir=EXAMPLE_DIR)
     fresh = generate_repository(graph, tmp_path / "model_repository").path
     checked_in = REPO_ROOT / "model_repository"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ...choices import read_marker
 from ...client.client import PipelineClient
 from ...errors import ConfigError
-from ...repository.generate import read_marker
 from ...server.owner import TritonServer
 from ...server.procs import find_server_pid
 from ..chain import Chain
