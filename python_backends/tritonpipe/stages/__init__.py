@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-_BUILTIN_MODULES = ("image", "control", "tensor_io", "model", "function")
+_BUILTIN_MODULES = ("image", "detection", "control", "tensor_io", "model", "function")
 _loaded = False
 _plugin_files: dict[Path, object] = {}
 #: the user files being imported right now, innermost last

@@ -395,10 +395,6 @@ class ResizeMat(_Resize):
         return _resized_mat(cls.name, params, spec)
 
 
-#: what the deprecated ``pass_order`` values stand for: "legacy" always ran the width pass first
-_PASS_ORDER_RELEASES = {"legacy": "12.1", "pillow13": "13"}
-
-
 class _PillowResize(_Resize):
     params = {
         **_RESIZE,
@@ -407,30 +403,7 @@ class _PillowResize(_Resize):
             doc="the Pillow release line to match; auto: the Pillow installed where the model runs"
             f" ({NEWEST} when there is none, or a newer one)",
         ),
-        "pass_order": Param(
-            str, "auto", choices=("auto", *_PASS_ORDER_RELEASES),
-            doc="deprecated: legacy is pillow_version=12.1, pillow13 is pillow_version=13",
-        ),
     }
-
-    @staticmethod
-    def _requested(params: dict[str, Any]) -> str:
-        """``pillow_version``, or the release the deprecated ``pass_order`` stands for."""
-        version, order = params["pillow_version"], params["pass_order"]
-        if order == "auto":
-            return version
-        if version != "auto":
-            raise ConfigError(
-                f"pass_order={order!r} and pillow_version={version!r} both choose the Pillow behaviour; "
-                "drop pass_order, which is deprecated"
-            )
-        import warnings
-
-        warnings.warn(
-            f"pass_order={order!r} is deprecated; write pillow_version={_PASS_ORDER_RELEASES[order]!r}",
-            DeprecationWarning, stacklevel=3,
-        )
-        return _PASS_ORDER_RELEASES[order]
 
     @staticmethod
     def _installed_release() -> str:
@@ -447,7 +420,7 @@ class _PillowResize(_Resize):
 
     def init(self, params: dict[str, Any]) -> None:
         super().init(params)
-        requested = self._requested(params)
+        requested = params["pillow_version"]
         self.pillow_version = self._installed_release() if requested == "auto" else requested
 
 
@@ -466,7 +439,6 @@ class PillowResizeTensor(_PillowResize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        cls._requested(params)
         return _resized_tensor(cls.name, params, spec, "UINT8")
 
 
@@ -483,7 +455,6 @@ class PillowResizeMat(_PillowResize):
 
     @classmethod
     def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
-        cls._requested(params)
         return _resized_mat(cls.name, params, spec)
 
 

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,6 @@ import torch
 from tritonpipe.errors import ConfigError
 from tritonpipe.kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, release_line
 from tritonpipe.pipeline.graph import load_graph
-from tritonpipe.spec import TensorSpec
 from tritonpipe.stages.base import check_params, lookup
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -348,16 +346,3 @@ def test_auto_follows_the_installed_pillow(monkeypatch):
         _stage("PillowResizeMat")
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now fails
     assert _stage("PillowResizeMat").pillow_version == NEWEST
-
-
-def test_pass_order_is_a_deprecated_alias():
-    with pytest.warns(DeprecationWarning, match=r"pass_order='legacy'.*pillow_version='12\.1'"):
-        assert _stage("PillowResizeMat", pass_order="legacy").pillow_version == "12.1"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert _stage("PillowResizeTensor", pass_order="pillow13").pillow_version == "13"
-    # The generator checks each stage through infer(), before any model runs.
-    cls = lookup("PillowResizeMat")
-    params = check_params(cls, {"resize_h": 8, "resize_w": 8, "pass_order": "legacy", "pillow_version": "13"})
-    with pytest.raises(ConfigError, match=r"pass_order='legacy' and pillow_version='13'.*deprecated"):
-        cls.infer(params, TensorSpec("UINT8", (20, 30, 3)))

@@ -1,0 +1,257 @@
+"""Kernels of a detection chain: crop, border, letterbox, channel or row selection, affine warp.
+
+Pure functions of torch tensors (any device) and OpenCV mats; bad arguments raise ``ValueError``
+naming the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import MAX_SIDE, check_hwc, check_nchw, check_side, resize_bilinear_mat
+
+BORDER_TYPES = ("constant", "replicate")
+
+
+def parse_numbers(name: str, text: str, count: int | None = None) -> tuple[float, ...]:
+    """``"1, 2.5,3"`` -> ``(1.0, 2.5, 3.0)``; finite numbers only, exactly ``count`` of them if given."""
+    parts = [part for part in str(text).replace(" ", "").split(",") if part]
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be comma-separated finite numbers, got {text!r}")
+    if count is not None and len(values) != count:
+        raise ValueError(f"{name} needs {count} numbers, got {len(values)} in {text!r}")
+    return values
+
+
+def fill_values(name: str, values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """One fill value per channel from one value (for all) or exactly one per channel."""
+    if len(values) == 1:
+        return tuple(values) * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} needs 1 or {channels} values for a {channels}-channel image, got {len(values)}")
+    return tuple(values)
+
+
+def _saturate(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """Fill values as OpenCV stores them in an integer image: rounded, then clamped to the type's range."""
+    if dtype.is_floating_point or dtype == torch.bool:
+        return list(values)
+    info = torch.iinfo(dtype)
+    return [min(max(float(round(v)), info.min), info.max) for v in values]
+
+
+def _round_half_up(value: float) -> int:
+    # torchpipe sizes the letterbox with C++ std::round, which rounds halves away from zero
+    return math.floor(value + 0.5)
+
+
+# --- crop -------------------------------------------------------------------------------
+
+
+def box_pixels(box: object, height: int, width: int) -> tuple[int, int, int, int]:
+    """The pixel rectangle ``(x1, y1, x2, y2)`` (x2, y2 exclusive) that ``box`` covers in an HxW image.
+
+    ``box`` holds at least four numbers, x1, y1, x2, y2 (more, such as a score and a class, are
+    ignored).  Fractional corners widen the rectangle to whole pixels (x1, y1 down, x2, y2 up); the
+    rectangle is then clamped to the image.  A box that is empty or inverted after clamping, or
+    that holds no finite numbers, raises ``ValueError`` naming it.
+    """
+    if isinstance(box, torch.Tensor):
+        values = box.detach().flatten().cpu().double().tolist()
+    elif isinstance(box, (list, tuple)):
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            raise ValueError(f"box must hold numbers x1, y1, x2, y2, got {box!r}") from None
+    else:
+        raise ValueError(f"box must be a tensor or a list of x1, y1, x2, y2, got {type(box).__name__}")
+    if len(values) < 4:
+        raise ValueError(f"box needs 4 numbers x1, y1, x2, y2, got {len(values)}: {values}")
+    x1, y1, x2, y2 = values[:4]
+    shown = f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {shown} holds a value that is not a finite number")
+    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
+    right, bottom = min(width, math.ceil(x2)), min(height, math.ceil(y2))
+    if right <= left or bottom <= top:
+        raise ValueError(
+            f"box {shown} (x1, y1, x2, y2) is empty or inverted inside the {width}x{height} (WxH) image"
+        )
+    return left, top, right, bottom
+
+
+def crop(image: torch.Tensor, box: object) -> torch.Tensor:
+    """The part of a 1xCxHxW tensor inside ``box`` (see :func:`box_pixels`), as a new tensor."""
+    check_nchw(image, "crop")
+    left, top, right, bottom = box_pixels(box, image.shape[2], image.shape[3])
+    return image[:, :, top:bottom, left:right].contiguous()
+
+
+# --- border -----------------------------------------------------------------------------
+
+
+def copy_make_border(
+    image: torch.Tensor,
+    top: int,
+    bottom: int,
+    left: int,
+    right: int,
+    border_type: str = "constant",
+    value: Sequence[float] = (0.0,),
+) -> torch.Tensor:
+    """Pad a 1xCxHxW tensor as OpenCV's ``copyMakeBorder`` does, keeping its dtype.
+
+    ``constant`` fills with ``value`` (one number, or one per channel; saturated into an integer
+    dtype as OpenCV does); ``replicate`` repeats the edge pixels.
+    """
+    check_nchw(image, "copy_make_border")
+    for name, side in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
+        if isinstance(side, bool) or not isinstance(side, int) or not 0 <= side <= MAX_SIDE:
+            raise ValueError(f"{name} must be an integer in [0, {MAX_SIDE}], got {side!r}")
+    if border_type not in BORDER_TYPES:
+        raise ValueError(f"border_type must be one of {', '.join(BORDER_TYPES)}, got {border_type!r}")
+    _, channels, height, width = image.shape
+    out_h = check_side("output height", height + top + bottom)
+    out_w = check_side("output width", width + left + right)
+    if border_type == "replicate":
+        rows = torch.arange(-top, height + bottom, device=image.device).clamp_(0, height - 1)
+        cols = torch.arange(-left, width + right, device=image.device).clamp_(0, width - 1)
+        return image.index_select(2, rows).index_select(3, cols)
+    fill = _saturate(fill_values("pad_val", value, channels), image.dtype)
+    out = torch.tensor(fill, dtype=image.dtype, device=image.device).view(1, channels, 1, 1)
+    out = out.expand(1, channels, out_h, out_w).clone()
+    out[:, :, top : top + height, left : left + width] = image
+    return out
+
+
+# --- resize into a fixed frame ---------------------------------------------------------
+
+
+def fit_pad_mat(
+    image: torch.Tensor, out_h: int, out_w: int, pad: Sequence[float], *, centre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit an HxWxC uint8 mat into ``out_h`` x ``out_w`` keeping its aspect ratio, and pad the rest.
+
+    The mat is resized by OpenCV (INTER_LINEAR) by ``min(out_h / H, out_w / W)``; ``centre`` puts it
+    in the middle (a YOLO letterbox: the odd pixel of padding goes to the bottom or right), otherwise
+    at the top left.  Returns the uint8 ``out_h`` x ``out_w`` x C mat and the inverse transform
+    ``[sx, sy, tx, ty]`` (float32, 1x4): ``x_in = sx * x_out + tx``, ``y_in = sy * y_out + ty`` in
+    continuous pixel-edge coordinates, as ``geometry.resize_pad`` gives it.
+    """
+    check_hwc(image, "fit_pad_mat")
+    if image.dtype != torch.uint8:
+        raise ValueError(f"fit_pad_mat needs a uint8 mat, got {str(image.dtype).replace('torch.', '')}")
+    check_side("resize_h", out_h)
+    check_side("resize_w", out_w)
+    height, width, channels = image.shape
+    scale = min(out_h / height, out_w / width)
+    new_h = min(out_h, max(1, _round_half_up(height * scale)))
+    new_w = min(out_w, max(1, _round_half_up(width * scale)))
+    top, left = ((out_h - new_h) // 2, (out_w - new_w) // 2) if centre else (0, 0)
+    fill = _saturate(fill_values("pad_val", pad, channels), torch.uint8)
+    out = torch.tensor(fill, dtype=torch.uint8).view(1, 1, channels).expand(out_h, out_w, channels).clone()
+    out[top : top + new_h, left : left + new_w] = resize_bilinear_mat(image.cpu(), new_h, new_w)
+    sx, sy = width / new_w, height / new_h
+    inverse = torch.tensor([[sx, sy, -left * sx, -top * sy]], dtype=torch.float32)
+    return out, inverse
+
+
+# --- selection --------------------------------------------------------------------------
+
+
+def parse_index(text: str) -> tuple[int, ...]:
+    """``"2,1,0"`` -> ``(2, 1, 0)``: one or more non-negative integers."""
+    parts = [part for part in str(text).replace(" ", "").split(",") if part]
+    try:
+        index = tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"index must be comma-separated non-negative integers, got {text!r}") from None
+    if not index or min(index) < 0:
+        raise ValueError(f"index must be comma-separated non-negative integers, got {text!r}")
+    return index
+
+
+def index_select(data: torch.Tensor, dim: int, index: Sequence[int]) -> torch.Tensor:
+    """``torch.index_select`` with its arguments checked: ``dim`` within the rank, each index within its size."""
+    if not -data.dim() <= dim < data.dim():
+        raise ValueError(f"dim {dim} is out of range for a tensor of shape {tuple(data.shape)}")
+    size = data.shape[dim]
+    bad = [i for i in index if not 0 <= i < size]
+    if bad or not index:
+        raise ValueError(
+            f"index {list(index)} must lie in [0, {size - 1}] along dim {dim} of shape {tuple(data.shape)}"
+        )
+    return data.index_select(dim, torch.tensor(index, dtype=torch.long, device=data.device))
+
+
+# --- affine warp ------------------------------------------------------------------------
+
+
+def parse_affine_matrix(text: str) -> tuple[float, ...]:
+    """``"a,b,c,d,e,f"`` -> the invertible 2x3 matrix ``[[a, b, c], [d, e, f]]``, row by row."""
+    matrix = parse_numbers("affine_matrix", text, 6)
+    a, b, _, d, e, _ = matrix
+    if abs(a * e - b * d) < 1e-12:
+        raise ValueError(f"affine_matrix {text!r} is singular (a*e - b*d = 0); it maps the image onto a line")
+    return matrix
+
+
+def warp_affine(
+    image: torch.Tensor, matrix: Sequence[float], out_h: int, out_w: int, border_value: Sequence[float] = (0.0,)
+) -> torch.Tensor:
+    """OpenCV's ``warpAffine`` (INTER_LINEAR, BORDER_CONSTANT) of a 1xCxHxW tensor, as float32 1xCxout_hxout_w.
+
+    ``matrix`` maps input pixel coordinates to output ones, as OpenCV's ``M`` without
+    WARP_INVERSE_MAP.  OpenCV quantises the sampling position to 1/32 pixel, this kernel does not:
+    the two differ by at most 1/32 of the largest step between neighbouring pixels.
+    """
+    check_nchw(image, "warp_affine")
+    check_side("target_h", out_h)
+    check_side("target_w", out_w)
+    if len(matrix) != 6:
+        raise ValueError(f"affine_matrix needs 6 numbers (2x3, row by row), got {list(matrix)}")
+    a, b, c, d, e, f = (float(v) for v in matrix)
+    det = a * e - b * d
+    if abs(det) < 1e-12:
+        raise ValueError(f"affine_matrix must be an invertible 2x3 matrix, got {list(matrix)}")
+    _, channels, height, width = image.shape
+    fill = torch.tensor(fill_values("pad_val", border_value, channels), dtype=torch.float32, device=image.device)
+    # the inverse map: output pixel -> input pixel, both with integer pixel centres as in OpenCV
+    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+    ic, if_ = -(ia * c + ib * f), -(id_ * c + ie * f)
+    ys, xs = torch.meshgrid(
+        torch.arange(out_h, dtype=torch.float64, device=image.device),
+        torch.arange(out_w, dtype=torch.float64, device=image.device),
+        indexing="ij",
+    )
+    src_x = ia * xs + ib * ys + ic
+    src_y = id_ * xs + ie * ys + if_
+    # grid_sample with align_corners=False puts pixel i's centre at (2i + 1) / size - 1
+    grid = torch.stack(((2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1), dim=-1)
+    shifted = image.float() - fill.view(1, channels, 1, 1)
+    # zero padding of (image - fill), plus fill, is a constant border of ``fill`` under bilinear weights
+    out = F.grid_sample(shifted, grid.float().unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill.view(1, channels, 1, 1)
+
+
+__all__ = [
+    "BORDER_TYPES",
+    "box_pixels",
+    "copy_make_border",
+    "crop",
+    "fill_values",
+    "fit_pad_mat",
+    "index_select",
+    "parse_affine_matrix",
+    "parse_index",
+    "parse_numbers",
+    "warp_affine",
+]
