@@ -103,13 +103,7 @@ def test_the_choices_module_imports_nothing_heavy():
 #: constants whose library module still writes its own literal: (module, name); each must equal tritonpipe.choices'
 _NOT_YET_FROM_CHOICES = [
     ("tritonpipe.server.install", "HOME_ENV"),
-    ("tritonpipe.server.bundle", "BUNDLE_DIR"),
-    ("tritonpipe.server.bundle", "DEFAULT_PRESET"),
     ("tritonpipe.server.owner", "MODEL_CONTROL"),
-    ("tritonpipe.harness.bench.runner", "DEFAULT_CONCURRENCY"),
-    ("tritonpipe.harness.bench.report", "SYSTEMS"),
-    ("tritonpipe.harness.bench.perf", "MEASUREMENT_MODES"),
-    ("tritonpipe.harness.bench.perf", "SHARED_MEMORY"),
 ]
 
 

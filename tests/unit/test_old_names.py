@@ -19,11 +19,7 @@ OLD_COMMANDS = ("generate", "serve", "client", "soak", "bundle", "bench", "expor
 OLD_COMMAND = re.compile(rf"(?<![\w.-])tritonpipe-({'|'.join(map(re.escape, OLD_COMMANDS))})(?![\w-]|\.json)")
 OLD_MODULE = re.compile(r"(?<![\w.])tritonpipe\.(serving|bench|pipeline\.spec|repository\.keys)\b")
 #: files that still name an old command: each must still do so, and leaves this list when fixed
-STILL_OLD = {
-    "python_backends/tritonpipe/harness/bench/__init__.py",
-    "python_backends/tritonpipe/harness/bench/perf.py",
-    "python_backends/tritonpipe/harness/bench/report.py",
-}
+STILL_OLD: set[str] = set()
 
 
 def _old_names(text: str) -> list[str]:

@@ -42,15 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from ..choices import BUNDLE_DIR, DEFAULT_PRESET
 from ..errors import ConfigError
 from .elf import read_elf
 from .install import TritonInstall, locate_triton
 
-BUNDLE_DIR = "tritonpipe-triton"
 MANIFEST = "tritonpipe-bundle.json"
 MANIFEST_FORMAT = 1
 SIZE_LIMIT_BYTES = 40 * 1000 * 1000  # what one bundle may weigh (decimal megabytes)
-DEFAULT_PRESET = 9  # xz level; 9 | lzma.PRESET_EXTREME saves well under 1 % here, for ~10 % more time
 
 # Libraries every glibc-based Debian/Ubuntu host has (libc6, libstdc++6, libgcc-s1 and zlib1g
 # are all "required" packages); anything else a bundled binary needs must be inside the bundle.

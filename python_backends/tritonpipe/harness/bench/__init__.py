@@ -1,11 +1,12 @@
-"""``tritonpipe-bench``: the pack's ensemble against a hand-written PIL baseline and the in-process limit.
+"""``tritonpipe bench``: the pack's ensemble against a hand-written PIL baseline and the in-process limit.
 
 All three systems run on the same JPEG corpus and the same model-stage model; the served
 ones are driven by the real ``perf_analyzer`` over gRPC.
 """
 
+from ...choices import SYSTEMS
 from .perf import PerfSettings
-from .report import SYSTEMS, Row
+from .report import Row
 from .runner import DEFAULT_CONCURRENCY, BenchOptions, BenchResult, run_bench
 
 __all__ = ["DEFAULT_CONCURRENCY", "SYSTEMS", "BenchOptions", "BenchResult", "PerfSettings", "Row", "run_bench"]

@@ -12,9 +12,6 @@ from pathlib import Path
 from ...errors import TritonpipeError
 from ...server.install import TritonInstall
 
-MEASUREMENT_MODES = ("time_windows", "count_windows")
-SHARED_MEMORY = ("none", "system", "cuda")
-
 # perf_analyzer's CSV reports latencies in microseconds under these headers
 _COLUMNS = {
     "concurrency": "Concurrency",
@@ -127,7 +124,7 @@ def run_perf(
     """One concurrency level; perf_analyzer's own output goes to ``log_path``."""
     binary = install.perf_analyzer()
     if binary is None:
-        raise PerfError("perf_analyzer not found: it ships with tritonclient[all] or a tritonpipe-bundle (bin/)")
+        raise PerfError("perf_analyzer not found: it ships with tritonclient[all] or a bundle made by tritonpipe bundle (bin/)")
     csv_path = workdir / f"perf_{model}_{concurrency}.csv"
     csv_path.unlink(missing_ok=True)
     command = perf_command(binary, model, url, input_json, concurrency, csv_path, settings)

@@ -9,7 +9,6 @@ from pathlib import Path
 from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS
 from .stats import StageTimes, StepTimes
 
-SYSTEMS = ("ensemble", "baseline", "inprocess", "dali")
 TITLES = {
     "ensemble": "tritonpipe ensemble",
     "baseline": "PIL baseline ensemble",
@@ -149,7 +148,7 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
     has_mem = any(r.gpu_mem_mb is not None or r.gpu_mem_before_mb is not None for r in rows)
     levels = sorted({c for (_, c) in by})
 
-    out = ["# tritonpipe-bench", ""]
+    out = ["# tritonpipe bench", ""]
     out += [f"- {key}: {value}" for key, value in header.items()]
     out += ["", "## Throughput (images/s) and latency (ms) by concurrency", ""]
     columns = ["concurrency"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...choices import DEFAULT_CONCURRENCY, SYSTEMS
 from ...contract import PARAM_PIPELINE
 from ...errors import ConfigError
 from ...examples import EXAMPLE_DIR, export_classifier
@@ -27,10 +28,8 @@ from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_
 from ..probe import gpu_memory_mb
 from .baseline import Baseline, add_baseline
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
-from .report import SYSTEMS, Row, markdown, plot, write_breakdown, write_rows, write_stages
+from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
 from .stats import StageTimes, StepTimes, breakdown, fetch_stage_metrics, fetch_stats, stage_breakdown
-
-DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
 
 #: the shipped example (examples/resnet18/pipeline.toml) without its model file
 DEFAULT_PIPELINE: dict[str, Any] = {
