@@ -15,6 +15,7 @@ CPU, where Triton is missing, and by the tests as the reference.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import check_side
+
+log = logging.getLogger("tritonpipe")
 
 #: input dtypes the kernel reads; others take the torch path
 KERNEL_INPUTS = (torch.uint8, torch.float16, torch.float32)
@@ -175,7 +178,12 @@ def _kernel():
 def kernel_available(device: torch.device) -> bool:
     """True where :func:`resize_batch` runs the one-launch kernel on ``device``."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (device.type == "cuda" or interpreted and device.type == "cpu") and _kernel() is not None
+    return (device.type == "cuda" or interpreted and device.type == "cpu") and _broken is None and _kernel() is not None
+
+
+#: why the kernel could not be compiled or launched here (no C compiler for Triton's launcher, an
+#: unsupported GPU, ...); from then on this process takes the torch path
+_broken: str | None = None
 
 
 def resize_batch(
@@ -218,6 +226,12 @@ def resize_batch(
         norm = norm.pin_memory().to(device, non_blocking=True)
     out = torch.empty((len(views), channels, out_h, out_w), dtype=dtype, device=device)
     grid = (cdiv(out_h * out_w, _BLOCK), len(views))
-    kernel[grid](table, scales, norm, out, out_h, out_w, C=channels, IN_TYPE=types[views[0].dtype], NORMALISE=normalise, BLOCK=_BLOCK,
-                 enable_fp_fusion=FP_FUSION)
+    try:
+        kernel[grid](table, scales, norm, out, out_h, out_w, C=channels, IN_TYPE=types[views[0].dtype],
+                     NORMALISE=normalise, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
+    except Exception as exc:  # noqa: BLE001 - the kernel, not the images: every later batch takes the torch path
+        global _broken
+        _broken = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("the one-launch batch resize cannot run here (%s); resizing one image at a time", _broken)
+        return _reference(views, swaps, out_h, out_w, mean, std, dtype)
     return out

@@ -156,3 +156,24 @@ def test_on_the_gpu_one_launch_matches_interpolate_on_the_gpu():
             STD, device="cuda"
         ).view(1, 3, 1, 1)
         assert (got[row : row + 1] - want).abs().max().item() <= 1e-4
+
+
+def test_a_kernel_that_cannot_launch_falls_back_once_and_for_all(monkeypatch, caplog):
+    """No C compiler for Triton's launcher, say: the batch is still resized, by torch, and said once."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return broken
+
+    monkeypatch.setattr(batch_resize, "_broken", None)
+    monkeypatch.setattr(batch_resize, "kernel_available", lambda device: batch_resize._broken is None)
+    monkeypatch.setattr(batch_resize, "_kernel", lambda: (Launcher(), {torch.uint8: "u8"}, lambda a, b: -(-a // b)))
+    batch = images()
+    with caplog.at_level("WARNING", logger="tritonpipe"):
+        got = resize_batch(batch, 24, 32, mean=MEAN, std=STD)
+    assert torch.equal(got, resize_batch_reference(batch, 24, 32, mean=MEAN, std=STD))
+    assert "cannot run here (RuntimeError: Failed to find C compiler)" in caplog.text
+    assert not batch_resize.kernel_available(torch.device("cuda"))
