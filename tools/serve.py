@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
-import threading
+import time
 from typing import TYPE_CHECKING
 
-from ._cli import run
-from ._literals import literal
+from tritonpipe.choices import HOME_ENV, MODEL_CONTROL
 
-HOME_ENV = literal("tritonpipe.server.install", "HOME_ENV")
-MODEL_CONTROL = literal("tritonpipe.server.owner", "MODEL_CONTROL")
+from ._cli import run
 
 if TYPE_CHECKING:
     from tritonpipe.server.owner import TritonServer
@@ -26,16 +25,25 @@ is replaced by reloading that model; a crashed tritonserver is restarted. Each h
 "heal model=... instance=... took=...s".
 
 More tritonserver flags go after "--", e.g.
-  tritonpipe serve repo -- --http-restricted-api=inference:key=secret
+  tritonpipe serve repo --grpc-port 9001 -- --http-restricted-api=inference:key=secret
+
+Ctrl-C, SIGTERM or SIGHUP stops the server: it drains the requests in flight for up to
+--exit-timeout seconds (idle keep-alive connections do not hold it). A second one stops it at once.
 
 The server comes from the nvidia-pytriton package, or from a bundle unpacked by tritonpipe bundle,
 named by --triton-home or ${HOME_ENV}."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # everything after the first "--" is tritonserver's, wherever serve's own options are
+    ours, triton = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
         prog="tritonpipe serve", description=__doc__, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] [repository] [-- TRITON_FLAG ...]", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("repository", nargs="?", default="model_repository", help="model repository (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -59,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mps", action="store_true",
                         help="run the GPU instances under a CUDA MPS daemon of the server's own, so that they share the "
                              "GPU at once instead of in turns (needs nvidia-cuda-mps-control; see the README)")
-    parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG", help="more tritonserver flags, after --")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(ours)
+    args.triton_args = triton
     if args.hang_timeout < 0:
         parser.error(f"--hang-timeout must be 0 (off) or more seconds, got {args.hang_timeout}")
     return args
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from tritonpipe.server.heal import HealPolicy
         from tritonpipe.server.install import locate_triton
-        from tritonpipe.server.owner import TritonServer
+        from tritonpipe.server.owner import ServerError, TritonServer
 
         heal = False if args.no_heal else HealPolicy(hang_timeout_s=args.hang_timeout or None)
         server = TritonServer(
@@ -84,30 +92,52 @@ def main(argv: list[str] | None = None) -> int:
             heal=heal, log_file=args.log_file, extra_args=tuple(args.triton_args), model_control=args.model_control,
             mps=args.mps,
         )
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        print(f"loading {server.repository} ...\n  log      {server.log_path}", flush=True)
+        _stop_on_signals(server)
         try:
-            server.start(timeout=args.timeout)
+            server.check_ports()  # a port in use is named before anything starts (start() checks again)
+            print(f"loading {server.repository} ...\n  log      {server.log_path}", flush=True)
+            try:
+                server.start(timeout=args.timeout)
+            except ServerError:
+                if not server.stop_requested:
+                    raise
+                print("stopped before the server was ready", file=sys.stderr)
+                return 130
             http = server.http_url if server.http else "off (--no-http)"
             print(f"ready\n  HTTP     {http}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}")
             print(f"  log      {server.log_path}\nCtrl-C stops the server", flush=True)
-            while not stop.is_set() and _serving(server):
-                stop.wait(0.5)
-        except KeyboardInterrupt:
-            pass
+            while not server.stop_requested and _serving(server):
+                time.sleep(0.5)
         finally:
-            print("stopping ...", flush=True)
+            if server.process is not None:
+                with contextlib.suppress(OSError):  # a terminal that is gone (SIGHUP) must not keep the server running
+                    print("stopping ...", flush=True)
             code = server.stop()
             log = server.logs()  # before close(), which may remove a clean run's log
             server.close()
-        if code not in (0, None, -signal.SIGINT):
+        if server.forced_stop == "asked again":
+            print("stopped at once on a second signal: requests still in flight were cut off", file=sys.stderr)
+        elif server.forced_stop is None and code not in (0, None, -signal.SIGINT):
             print(f"tritonserver exited with code {code}; the end of its log ({server.log_path}):\n{log[-4000:]}",
                   file=sys.stderr)
             return 1
         return 0
 
     return run(body)
+
+
+def _stop_on_signals(server: TritonServer) -> None:
+    """The first signal stops the server gracefully, a second one at once; neither leaves it running.
+
+    Installed explicitly: a background job of a script inherits SIGINT as ignored, and Python then
+    installs no KeyboardInterrupt for it.
+    """
+
+    def on_signal(signum, frame) -> None:
+        server.request_stop()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
 
 
 def _serving(server: TritonServer) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -98,44 +96,6 @@ def test_the_choices_module_imports_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", f"import sys, tritonpipe.choices; print(*(m for m in {HEAVY!r} if m in sys.modules))"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
     assert done.stdout.strip() == ""
-
-
-#: constants whose library module still writes its own literal: (module, name); each must equal tritonpipe.choices'
-_NOT_YET_FROM_CHOICES = [
-    ("tritonpipe.server.install", "HOME_ENV"),
-    ("tritonpipe.server.owner", "MODEL_CONTROL"),
-]
-
-
-@pytest.mark.parametrize(("library", "name"), _NOT_YET_FROM_CHOICES)
-def test_library_copies_of_choices_agree(library, name):
-    from tritonpipe import choices
-
-    assert getattr(importlib.import_module(library), name) == getattr(choices, name)
-
-
-def _literals_read_by_tools() -> list[tuple[str, str, str]]:
-    """(tool module, constant, library module) of every ``NAME = literal(MODULE, NAME)`` in tools/."""
-    found = []
-    for path in sorted((ROOT / "tools").glob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            call = node.value if isinstance(node, ast.Assign) else None
-            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "literal":
-                found.append((path.stem, node.targets[0].id, call.args[0].value))
-    return found
-
-
-@pytest.mark.parametrize(("tool", "name", "library"), _literals_read_by_tools())
-def test_constants_read_from_source_are_the_imported_ones(tool, name, library):
-    tool_module = importlib.import_module(f"tritonpipe_tools.{tool}")
-    assert getattr(tool_module, name) == getattr(importlib.import_module(library), name)
-
-
-def test_a_missing_literal_is_named():
-    from tritonpipe_tools._literals import literal
-
-    with pytest.raises(LookupError, match="tritonpipe.server.install assigns no literal NO_SUCH"):
-        literal("tritonpipe.server.install", "NO_SUCH")
 
 
 @pytest.mark.parametrize(("code", "said"), [

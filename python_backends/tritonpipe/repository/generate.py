@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..choices import MARKER, read_marker  # noqa: F401  (read_marker: the server owner imports it from here)
+from ..choices import MARKER
 from ..engines.base import NativeModel
 from ..errors import ConfigError
 from ..pipeline.graph import Graph

@@ -23,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import TritonpipeError
 from .procs import Stub, is_running, python_stubs
 
 log = logging.getLogger("tritonpipe.server")
@@ -40,14 +41,18 @@ class HealPolicy:
         hang_timeout_s: a model with requests pending and none finished for this long is hung;
             ``None`` turns hang detection off.
         reload_attempts: loads tried for one heal, with ``backoff_s`` doubling between them.
-        max_restarts: how many times a crashed ``tritonserver`` is started again.
+        max_restarts, restart_window_s: a crashed ``tritonserver`` is started again, after ``backoff_s``
+            doubling with each crash in the window, unless it crashed more than ``max_restarts`` times
+            within the last ``restart_window_s`` seconds (then it is crash-looping, and the supervisor
+            gives up). Crashes further apart are absorbed for as long as the server runs.
     """
 
     poll_s: float = 0.5
     hang_timeout_s: float | None = 60.0
     reload_attempts: int = 3
     backoff_s: float = 1.0
-    max_restarts: int = 3
+    max_restarts: int = 5
+    restart_window_s: float = 60.0
 
 
 @dataclass
@@ -89,8 +94,11 @@ class Supervisor:
 
     Args:
         server: the owner; the supervisor calls its ``control()`` client, ``metrics_url``,
-            ``process`` and ``restart()``.
+            ``process``, ``restart()``, ``clean_up_after_exit()`` and ``stop_requested``.
         policy: timings and limits.
+
+    After a crash it reaps what the server left (``server.clean_up_after_exit()``) before starting
+    it again.
     """
 
     def __init__(self, server: Any, policy: HealPolicy):
@@ -98,6 +106,7 @@ class Supervisor:
         self.policy = policy
         self.heals: list[Heal] = []
         self.restarts = 0
+        self._crashes: list[float] = []
         self.failed_models: set[str] = set()
         self._stubs: dict[str, list[Stub]] = {}
         self._progress: dict[str, _Progress] = {}
@@ -226,18 +235,27 @@ class Supervisor:
     def _restart_server(self) -> bool:
         code = self.server.process.returncode
         self.server.keep_log = True
-        if self.restarts >= self.policy.max_restarts:
-            log.error("TRITONSERVER EXITED with code %s and was restarted %d times already: giving up; see %s",
-                      code, self.restarts, self.server.log_path)
+        self.server.clean_up_after_exit()
+        now = time.monotonic()
+        window = self.policy.restart_window_s
+        self._crashes = [t for t in self._crashes if now - t < window] + [now]
+        if len(self._crashes) > self.policy.max_restarts:
+            log.error("TRITONSERVER EXITED with code %s, %d times within %gs: it is crash-looping, so the supervisor gives "
+                      "up; see %s", code, len(self._crashes), window, self.server.log_path)
             return False
         self.restarts += 1
-        delay = self.policy.backoff_s * 2 ** (self.restarts - 1)
-        log.error("tritonserver exited with code %s; restarting in %.1fs (restart %d of %d); see %s",
-                  code, delay, self.restarts, self.policy.max_restarts, self.server.log_path)
+        delay = self.policy.backoff_s * 2 ** (len(self._crashes) - 1)
+        log.error("tritonserver exited with code %s; restarting in %.1fs (crash %d of at most %d within %gs); see %s",
+                  code, delay, len(self._crashes), self.policy.max_restarts, window, self.server.log_path)
         if self._stop.wait(delay):
             return False
         started = time.monotonic()
-        self.server.restart()
+        try:
+            self.server.restart()
+        except TritonpipeError as exc:
+            if not (self._stop.is_set() or self.server.stop_requested):
+                log.error("tritonserver did not come back, so the supervisor gives up: %s", exc)
+            return False
         self.failed_models.clear()
         self._rebase()
         log.warning("restart of tritonserver done pid=%d took=%.2fs", self.server.process.pid, time.monotonic() - started)

@@ -19,9 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import HOME_ENV
 from ..errors import ConfigError
-
-HOME_ENV = "TRITONPIPE_TRITON_HOME"
 
 # perf_analyzer and the server look these up by their plain soname; the wheel ships them
 # under hashed names, so a small folder of links gives them the names they ask for.

@@ -1,6 +1,7 @@
 """The server's processes, read from /proc: its Python stubs, their state and memory.
 
-The server owner uses these to watch its stubs; the harness uses them to measure.
+The server owner uses these to watch its stubs; the harness uses them to measure. Standard library
+only: the watchdog of :mod:`.leftovers` imports this file as a script's neighbour, without the package.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def is_running(pid: int) -> bool:
     return bool(state) and not state.startswith(("Z", "X"))
 
 
+def command_line(pid: int) -> list[str]:
+    """``pid``'s argv; empty when it is gone or a kernel thread."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1] if raw else []
+
+
 def rss_mb(pid: int) -> float:
     value = _proc_status(pid).get("VmRSS", "").split()
     return int(value[0]) / 1024 if value else 0.0
@@ -64,10 +74,7 @@ def python_stubs(server_pid: int) -> list[Stub]:
     """The server's Python backend stub processes, with the model and instance each serves."""
     stubs = []
     for pid in children(server_pid):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+        args = command_line(pid)
         if not args or not args[0].endswith(STUB_NAME) or not is_running(pid):
             continue
         # argv: stub, <repo>/<model>/<version>/model.py, shm region, sizes, parent pid, dir, handle, instance, ...
@@ -77,24 +84,61 @@ def python_stubs(server_pid: int) -> list[Stub]:
     return stubs
 
 
-def find_server_pid(url: str) -> int | None:
-    """The process of this user that listens on ``url``'s port (from /proc/net/tcp*)."""
-    port = url.rsplit(":", 1)[-1]
-    if not port.isdigit():
-        return None
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used so far; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _listening_sockets(port: int) -> set[str]:
+    """The inodes (as ``socket:[N]``) of every socket listening on ``port``, IPv4 and IPv6."""
     sockets = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == int(port) and fields[3] == "0A":  # 0A: LISTEN
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
                     sockets.add(f"socket:[{fields[9]}]")
+    return sockets
+
+
+def _holds_any(pid: int, sockets: set[str]) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed while we look
+            if os.readlink(fd) in sockets:
+                return True
+    return False
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether ``pid`` itself holds a socket listening on ``port``."""
+    sockets = _listening_sockets(port)
+    return bool(sockets) and _holds_any(pid, sockets)
+
+
+def port_holder(port: int) -> int | None:
+    """The process (of this user, unless run as root) that listens on ``port``; None if none is found."""
+    sockets = _listening_sockets(port)
     if not sockets:
         return None
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if any(os.readlink(fd) in sockets for fd in (entry / "fd").iterdir()):
-                return int(entry.name)
+        if entry.name.isdigit() and _holds_any(int(entry.name), sockets):
+            return int(entry.name)
     return None
+
+
+def process_name(pid: int) -> str:
+    return _proc_status(pid).get("Name", "").strip() or "?"
+
+
+def find_server_pid(url: str) -> int | None:
+    """The process of this user that listens on ``url``'s port (from /proc/net/tcp*)."""
+    port = url.rsplit(":", 1)[-1]
+    return port_holder(int(port)) if port.isdigit() else None

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tritonpipe.choices import read_marker
 from tritonpipe.errors import ConfigError
 from tritonpipe.pipeline.graph import load_graph
-from tritonpipe.repository.generate import MARKER, generate_repository, read_marker
+from tritonpipe.repository.generate import MARKER, generate_repository
 
 GRAPH = {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}
 
