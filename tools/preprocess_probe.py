@@ -176,30 +176,19 @@ def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report:
 
 
 def dali_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
-    try:
-        from nvidia.dali import fn, pipeline_def, types
-    except ImportError:
+    """DALI's own classifier preprocessing (the benchmark's), at prefetch depth 2 and 1, and its decode alone."""
+    from tritonpipe.harness.bench.dali import dali_available, run_dali
+
+    if dali_available() is not None:
         report.append((name, "DALI", "not installed", ""))
         return
     for load, depth, post in ((0.65, 2, True), (0.65, 1, True), (0.65, 2, False)):
-        @pipeline_def(batch_size=batch, num_threads=min(16, os.cpu_count() or 4), device_id=0, prefetch_queue_depth=depth)
-        def make():
-            jpegs = fn.external_source(source=cycler([np.frombuffer(d, np.uint8) for d in corpus], batch), batch=True)
-            images = fn.decoders.image(jpegs, device="mixed", hw_decoder_load=load)
-            if post:
-                images = fn.resize(images, resize_x=SIDE, resize_y=SIDE, antialias=False)
-                images = fn.crop_mirror_normalize(
-                    images, dtype=types.FLOAT16, output_layout="CHW", mean=list(MEAN), std=list(STD)
-                )
-            return images
-
-        pipe = make()
-        pipe.build()
         what = f"DALI decode{' + resize + normalise FP16' if post else ' alone'}, hw_decoder_load {load}, prefetch {depth}"
         try:
-            rate, cpu = timed(pipe.run, batch, seconds)
-            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}"))
-        except Exception as exc:  # noqa: BLE001
+            result = run_dali(corpus, batch=batch, threads=min(16, os.cpu_count() or 4), hw_decoder_load=load,
+                              size=(SIDE, SIDE), seconds=seconds, prefetch=depth, post=post)
+            report.append((name, what, f"{result.throughput:,.0f}", ""))  # run_dali keeps no CPU account
+        except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
             report.append((name, what, f"FAILED {exc!r}"[:160], ""))
         print(" | ".join(report[-1]), flush=True)
         save(report)

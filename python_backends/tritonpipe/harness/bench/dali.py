@@ -46,7 +46,7 @@ class DaliResult:
 
 
 def _pipeline(images: list[bytes], batch: int, threads: int, device_id: int, hw_decoder_load: float,
-              height: int, width: int):
+              height: int, width: int, prefetch: int = 2, post: bool = True):
     from nvidia.dali import fn, pipeline_def, types
 
     arrays = [np.frombuffer(data, dtype=np.uint8) for data in images]
@@ -55,10 +55,12 @@ def _pipeline(images: list[bytes], batch: int, threads: int, device_id: int, hw_
     def next_batch():
         return [next(cycle) for _ in range(batch)]
 
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=2)
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch)
     def classifier_preprocessing():
         jpegs = fn.external_source(source=next_batch, batch=True, dtype=types.UINT8, no_copy=False)
         decoded = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        if not post:
+            return decoded
         resized = fn.resize(decoded, resize_x=width, resize_y=height, antialias=False)
         return fn.crop_mirror_normalize(resized, dtype=types.FLOAT16, output_layout="CHW", mean=list(MEAN), std=list(STD))
 
@@ -78,15 +80,20 @@ def run_dali(
     seconds: float = 5.0,
     model: Callable | None = None,
     name: str = "dali",
+    prefetch: int = 2,
+    post: bool = True,
 ) -> DaliResult:
     """Images per second of DALI's preprocessing (and of ``model`` on its output, when given).
 
     ``model`` takes one batched torch tensor (FP16 Nx3xHxW on the GPU) and returns anything;
-    the GPU is synchronised before the clock stops.
+    the GPU is synchronised before the clock stops.  ``prefetch`` is DALI's prefetch queue depth
+    (Triton's DALI backend runs at 1); ``post=False`` measures the decode alone.
     """
     import torch
 
-    pipe = _pipeline(images, batch, threads, device_id, hw_decoder_load, *size)
+    if model is not None and not post:
+        raise ValueError("a model needs DALI's resized, normalised batch: leave post on")
+    pipe = _pipeline(images, batch, threads, device_id, hw_decoder_load, *size, prefetch=prefetch, post=post)
 
     def step() -> None:
         (out,) = pipe.run()
