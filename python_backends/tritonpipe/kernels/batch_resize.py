@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import check_side
+from .geometry import check_side, fill_values
 
 log = logging.getLogger("tritonpipe")
 
@@ -60,17 +60,6 @@ def _check_batch(views: list[torch.Tensor]) -> None:
             raise ValueError(f"resize_batch got an empty image of shape {tuple(view.shape)}")
 
 
-def _channel_values(values: Sequence[float] | None, channels: int, name: str) -> list[float] | None:
-    if values is None:
-        return None
-    values = [float(v) for v in values]
-    if len(values) == 1:
-        values *= channels
-    if len(values) != channels:
-        raise ValueError(f"resize_batch: {name} needs 1 or {channels} values, got {len(values)}")
-    return values
-
-
 def resize_batch_reference(images: Sequence[torch.Tensor], out_h: int, out_w: int, **options) -> torch.Tensor:
     """:func:`resize_batch` in plain torch: one ``F.interpolate`` per image; the same options."""
     return resize_batch(images, out_h, out_w, use_kernel=False, **options)
@@ -104,7 +93,9 @@ def _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype):
         raise ValueError(f"resize_batch: swap_rb has {len(swaps)} flags for {len(views)} images")
     if any(swaps) and channels != 3:
         raise ValueError(f"resize_batch: swapping red and blue needs 3 channels, got {channels}")
-    return views, swaps, _channel_values(mean, channels, "mean"), _channel_values(std, channels, "std")
+    mean = None if mean is None else fill_values("mean", [float(v) for v in mean], channels)
+    std = None if std is None else fill_values("std", [float(v) for v in std], channels)
+    return views, swaps, mean, std
 
 
 @functools.cache

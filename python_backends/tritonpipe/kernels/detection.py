@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import MAX_SIDE, check_hwc, check_nchw, check_side, resize_bilinear_mat
+from .geometry import MAX_SIDE, check_hwc, check_nchw, check_side, fill_values, resize_bilinear_mat
 
 BORDER_TYPES = ("constant", "replicate")
 
@@ -29,15 +29,6 @@ def parse_numbers(name: str, text: str, count: int | None = None) -> tuple[float
     if count is not None and len(values) != count:
         raise ValueError(f"{name} needs {count} numbers, got {len(values)} in {text!r}")
     return values
-
-
-def fill_values(name: str, values: Sequence[float], channels: int) -> tuple[float, ...]:
-    """One fill value per channel from one value (for all) or exactly one per channel."""
-    if len(values) == 1:
-        return tuple(values) * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} needs 1 or {channels} values for a {channels}-channel image, got {len(values)}")
-    return tuple(values)
 
 
 def _saturate(values: Sequence[float], dtype: torch.dtype) -> list[float]:
@@ -247,7 +238,6 @@ __all__ = [
     "box_pixels",
     "copy_make_border",
     "crop",
-    "fill_values",
     "fit_pad_mat",
     "index_select",
     "parse_affine_matrix",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import cv2
 import torch
@@ -78,6 +79,15 @@ def resize_bilinear_mat(image: torch.Tensor, out_h: int, out_w: int) -> torch.Te
     if resized.ndim == 2:  # OpenCV drops a single channel axis
         resized = resized[:, :, None]
     return torch.from_numpy(resized)
+
+
+def fill_values(name: str, values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """One fill value per channel from one value (for all) or exactly one per channel."""
+    if len(values) == 1:
+        return tuple(values) * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} needs 1 or {channels} values for a {channels}-channel image, got {len(values)}")
+    return tuple(values)
 
 
 def parse_pad_value(text: str | float, channels: int = 3) -> tuple[float, ...]:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError, StageError
 from ..kernels import detection as kernels
-from ..kernels.geometry import MAX_SIDE
+from ..kernels.geometry import MAX_SIDE, fill_values
 from ..spec import SpecError, TensorSpec
 from .base import MapStage, Param, register
 from .image import _expect, _hwc, _nchw, _tensor
@@ -39,7 +39,7 @@ def _channels(spec: TensorSpec, dim: int) -> int | None:
 
 def _check_fill(stage: str, values: tuple[float, ...], channels: int | None) -> None:
     if channels is not None:
-        _param(stage, kernels.fill_values, "pad_val", values, channels)
+        _param(stage, fill_values, "pad_val", values, channels)
 
 
 class _KernelStage(MapStage):
