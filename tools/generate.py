@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import sys
-from pathlib import Path
 
 from tritonpipe.choices import DEVICES
 
@@ -75,59 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-#: host memory one Python stub takes once torch is imported (measured: about 700 MB)
-STUB_MB = 700
-#: CPU instances per core past which more instances only wait for the cores
-INSTANCES_PER_CORE = 4
-
-
-def capacity_warning(configs: dict, available_mb: float, cores: int, gpu: bool) -> str | None:
-    """A one-line warning when the repository's instances clearly exceed this host; None when they fit.
-
-    Each instance of a Python model is a stub process of its own (``STUB_MB``); instances on the
-    CPU beyond ``INSTANCES_PER_CORE`` per core only queue for the cores.
-    """
-    stubs: dict[str, int] = {}
-    cpu_instances = 0
-    for name, config in configs.items():
-        if config.backend != "python":
-            continue
-        for group in config.instance_group:
-            count = group.count * max(1, len(group.gpus))
-            stubs[name] = stubs.get(name, 0) + count
-            if group.kind == group.KIND_CPU or (group.kind == group.KIND_AUTO and not gpu):
-                cpu_instances += count
-    total = sum(stubs.values())
-    fits = int(available_mb // STUB_MB)
-    problems = []
-    if total * STUB_MB > available_mb:
-        problems.append(f"at about {STUB_MB} MB each they need about {total * STUB_MB / 1024:,.0f} GB and this host "
-                        f"has {available_mb / 1024:,.0f} GB available")
-    if cpu_instances > INSTANCES_PER_CORE * cores:
-        fits = min(fits, INSTANCES_PER_CORE * cores)
-        problems.append(f"{cpu_instances} on the CPU are more than {INSTANCES_PER_CORE} per core for this host's "
-                        f"{cores} cores")
-    if not problems:
-        return None
-    biggest = ", ".join(f"{name}: {count}" for name, count in sorted(stubs.items(), key=lambda kv: -kv[1])[:3])
-    return (f"WARNING: the repository starts {total} Python instances ({biggest}); {'; '.join(problems)}. Lower "
-            f"instance_num (worker_num) to at most {max(1, fits)} instances in all, unless the repository is meant "
-            "for a larger host")
-
-
-def _host_capacity() -> tuple[float, int, bool]:
-    """MB of memory available now, usable cores, and whether a GPU is visible."""
-    import torch
-
-    from tritonpipe.repository.cores import host_cores
-
-    available_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        meminfo = Path("/proc/meminfo").read_text()
-        available_mb = int(meminfo.split("MemAvailable:")[1].split()[0]) / 1024
-    return available_mb, len(host_cores()), torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -180,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warn_capacity(configs: dict) -> None:
-    warning = capacity_warning(configs, *_host_capacity())
+    from tritonpipe.repository.capacity import capacity_warning, host_capacity
+
+    warning = capacity_warning(configs, *host_capacity())
     if warning:
         print(warning, file=sys.stderr)
 

@@ -135,7 +135,7 @@ def _configs(instances: int, device: str = "cpu"):
 
 
 def test_instances_past_the_hosts_memory_or_cores_are_warned_about():
-    from tritonpipe_tools.generate import capacity_warning
+    from tritonpipe.repository.capacity import capacity_warning
 
     # the host: 2 cores, 23 GB
     warning = capacity_warning(_configs(1024), available_mb=23 * 1024, cores=2, gpu=False)
