@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..optional import importable
 from ..spec import TRITON_TO_TORCH
 from .base import TensorIO, describe_onnx
 
@@ -19,18 +20,14 @@ _NUMPY = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in TRI
 
 
 def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("onnxruntime")
 
 
 def has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if not available():
         return False
+    import onnxruntime as ort
+
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 

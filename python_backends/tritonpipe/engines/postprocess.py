@@ -78,10 +78,6 @@ def lookup_postprocessor(name: str) -> Postprocessor | None:
     return found
 
 
-def postprocessor_names() -> list[str]:
-    return _POSTPROCESSORS.names()
-
-
 # --- built-ins ----------------------------------------------------------------------------
 
 

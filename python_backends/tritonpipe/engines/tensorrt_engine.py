@@ -19,6 +19,7 @@ import torch
 
 from ..choices import PRECISIONS
 from ..errors import ConfigError, StageError
+from ..optional import importable, why_missing
 from ..spec import TRITON_TO_TORCH, TensorSpec
 from . import cache
 from .base import TensorIO, describe_onnx
@@ -33,20 +34,16 @@ _TRT_TYPES = {"FLOAT": "FP32", "HALF": "FP16", "INT8": "INT8", "INT32": "INT32",
 
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except Exception as exc:  # noqa: BLE001 - the PyPI stubs fail with errors of their own
-        raise ConfigError(f"{INSTALL_HINT} (import tensorrt: {type(exc).__name__}: {exc})") from None
+    missing = why_missing("tensorrt")  # the PyPI stubs fail with errors of their own
+    if missing:
+        raise ConfigError(f"{INSTALL_HINT} (import tensorrt: {missing})")
+    import tensorrt as trt
+
     return trt
 
 
-@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    try:
-        import_tensorrt()
-    except ConfigError:
-        return False
-    return True
+    return importable("tensorrt")
 
 
 @functools.lru_cache(maxsize=1)

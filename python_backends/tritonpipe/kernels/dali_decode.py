@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..optional import importable
+
 log = logging.getLogger("tritonpipe")
 
 #: DALI's best share for the hardware engines on an H200 with 16 cores (docs/BENCHMARKS.md)
@@ -34,11 +36,7 @@ MAX_THREADS = 64
 
 
 def available() -> bool:
-    try:
-        from nvidia import dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("nvidia.dali")
 
 
 @dataclass(frozen=True)

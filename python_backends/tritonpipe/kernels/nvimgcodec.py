@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..optional import importable
+
 #: share of a batch sent to the hardware JPEG engines by default; the CUDA decoder takes the rest.
 #: Measured on an H200 with the benchmark's corpus, one decoder per batch: 1.0 decoded 6,624 img/s
 #: with 0.19 ms of host CPU per image, 0.65 (DALI's best, with DALI's own pipelining) 6,166 img/s
@@ -70,11 +72,7 @@ class Settings:
 
 
 def available() -> bool:
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("nvidia.nvimgcodec")
 
 
 def deal(sizes: Sequence[int], shares: int) -> list[list[int]]:

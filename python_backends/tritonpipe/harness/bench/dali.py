@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...optional import why_missing
+
 #: ImageNet mean and std on the 0-255 scale, as ``crop_mirror_normalize`` takes them
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -26,11 +28,8 @@ STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 def dali_available() -> str | None:
     """None when DALI imports, else why not (one line)."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means DALI cannot be measured
-        return f"DALI is not installed ({type(exc).__name__}: {exc}); pip install nvidia-dali-cuda130 to compare"
-    return None
+    missing = why_missing("nvidia.dali")
+    return f"DALI is not installed ({missing}); pip install nvidia-dali-cuda130 to compare" if missing else None
 
 
 @dataclass
