@@ -1,4 +1,4 @@
-"""Kernels of a detection chain: crop, border, letterbox, channel or row selection, affine warp.
+"""Kernels of a detection chain: crop, border, letterbox, channel or row selection, affine warp, YOLO decoding.
 
 Pure functions of torch tensors (any device) and OpenCV mats; bad arguments raise ``ValueError``
 naming the offending value.
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import batched_nms, box_convert
 
 from .geometry import MAX_SIDE, check_hwc, check_nchw, check_side, fill_values, resize_bilinear_mat
 
@@ -233,15 +234,124 @@ def warp_affine(
     return out + fill.view(1, channels, 1, 1)
 
 
+# --- YOLO head decoding -----------------------------------------------------------------
+
+#: columns of one detection row: the box corners, its score and its class index
+DETECTION_COLUMNS = ("x1", "y1", "x2", "y2", "score", "class")
+#: the class index of the rows that pad a shorter image's detections in :func:`stack_detections`
+PAD_CLASS = -1.0
+
+
+def check_yolo_head(head: object) -> torch.Tensor:
+    """``head`` if it is a float (batch, 4 + classes, anchors) tensor; ``ValueError`` naming its shape otherwise."""
+    layout = "(batch, 4 + classes, anchors): rows cx, cy, w, h, then one score per class"
+    if not isinstance(head, torch.Tensor):
+        raise ValueError(f"a YOLO head output must be a tensor of shape {layout}, got {type(head).__name__}")
+    shape = tuple(head.shape)
+    if head.dim() != 3:
+        raise ValueError(f"a YOLO head output must have shape {layout}; got rank {head.dim()}, shape {shape}")
+    if head.shape[0] == 0:
+        raise ValueError(f"a YOLO head output of shape {shape} holds no image; {layout}")
+    if head.shape[1] < 5:
+        raise ValueError(
+            f"a YOLO head output needs at least 5 rows (4 box rows and a class score) in {layout}; got shape {shape}"
+        )
+    if not head.dtype.is_floating_point:
+        dtype = str(head.dtype).replace("torch.", "")
+        raise ValueError(f"a YOLO head output must hold floating-point values; got {dtype} of shape {shape}")
+    return head
+
+
+def yolo_detections(
+    head: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 300
+) -> list[torch.Tensor]:
+    """Decode an anchor-free YOLO (v8/11) head output into each image's kept boxes.
+
+    ``head`` is (batch, 4 + classes, anchors): per anchor a box centre, width and height
+    (cx, cy, w, h, in the network input's pixels) and one score per class, without objectness.
+    Per anchor the best class is taken; anchors whose score is at or above ``conf_thres``
+    (compared in float32) are kept; then non-maximum suppression per class removes a box whose
+    IoU with a higher-scoring box of the same class is above ``iou_thres``; the ``max_det``
+    highest scores remain.
+
+    Returns one float32 (N, 6) tensor per image, on the head's device, N >= 0: rows
+    ``[x1, y1, x2, y2, score, class]`` by decreasing score, class the class index as a float.
+    """
+    check_yolo_head(head)
+    if not 0.0 <= conf_thres <= 1.0 or not 0.0 <= iou_thres <= 1.0:
+        raise ValueError(f"conf_thres and iou_thres must lie in [0, 1], got {conf_thres} and {iou_thres}")
+    if isinstance(max_det, bool) or not isinstance(max_det, int) or max_det < 1:
+        raise ValueError(f"max_det must be a positive integer, got {max_det!r}")
+    anchors = head.detach().float().transpose(1, 2)  # (batch, anchors, 4 + classes)
+    threshold = torch.tensor(conf_thres, dtype=torch.float32, device=head.device)
+    detections = []
+    for rows in anchors:
+        scores, classes = rows[:, 4:].max(dim=1)
+        keep = scores >= threshold
+        boxes = box_convert(rows[keep, :4], "cxcywh", "xyxy")
+        scores, classes = scores[keep], classes[keep]
+        # batched_nms returns the kept indices by decreasing score
+        kept = batched_nms(boxes, scores, classes, iou_thres)[:max_det]
+        detections.append(torch.cat([boxes[kept], scores[kept, None], classes[kept, None].float()], dim=1))
+    return detections
+
+
+def map_boxes_back(detections: torch.Tensor, inverse: object) -> torch.Tensor:
+    """Detection rows with their corners mapped by ``inverse`` = ``[sx, sy, tx, ty]``: ``x' = sx * x + tx``.
+
+    ``inverse`` is a resize's inverse transform (LetterBoxMat's ``inverse_transform``): four
+    numbers, as a tensor of any shape or a list.  Scores and classes are kept; a new tensor is
+    returned.
+    """
+    if isinstance(inverse, torch.Tensor):
+        values = inverse.detach().flatten().cpu().double().tolist()
+    elif isinstance(inverse, (list, tuple)):
+        try:
+            values = [float(v) for v in inverse]
+        except (TypeError, ValueError):
+            raise ValueError(f"inverse_transform must be four numbers sx, sy, tx, ty, got {inverse!r}") from None
+    else:
+        raise ValueError(f"inverse_transform must be four numbers sx, sy, tx, ty, got {type(inverse).__name__}")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"inverse_transform must be four finite numbers sx, sy, tx, ty, got {values}")
+    sx, sy, tx, ty = values
+    scale = torch.tensor([sx, sy, sx, sy], dtype=detections.dtype, device=detections.device)
+    shift = torch.tensor([tx, ty, tx, ty], dtype=detections.dtype, device=detections.device)
+    return torch.cat([detections[:, :4] * scale + shift, detections[:, 4:]], dim=1)
+
+
+def stack_detections(detections: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image (N_i, 6) detections as one (images, max N_i, 6) tensor.
+
+    An image with fewer rows than the most is padded with rows ``[0, 0, 0, 0, 0, -1]`` (class
+    :data:`PAD_CLASS`), which no detection has.
+    """
+    if not detections:
+        raise ValueError("stack_detections needs at least one image's detections")
+    most = max(d.shape[0] for d in detections)
+    first = detections[0]
+    out = torch.zeros(len(detections), most, len(DETECTION_COLUMNS), dtype=first.dtype, device=first.device)
+    out[:, :, 5] = PAD_CLASS
+    for i, d in enumerate(detections):
+        out[i, : d.shape[0]] = d
+    return out
+
+
 __all__ = [
     "BORDER_TYPES",
+    "DETECTION_COLUMNS",
+    "PAD_CLASS",
     "box_pixels",
+    "check_yolo_head",
     "copy_make_border",
     "crop",
     "fit_pad_mat",
     "index_select",
+    "map_boxes_back",
     "parse_affine_matrix",
     "parse_index",
     "parse_numbers",
+    "stack_detections",
     "warp_affine",
+    "yolo_detections",
 ]

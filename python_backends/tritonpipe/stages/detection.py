@@ -1,4 +1,4 @@
-"""Stages of a detection chain with torchpipe's names: crop, border, letterbox, selection, device moves.
+"""Stages of a detection chain with torchpipe's names: crop, border, letterbox, selection, device moves, YOLO decoding.
 
 Thin classes over :mod:`tritonpipe.kernels.detection`.  A kernel's ``ValueError`` on a request's
 input becomes that request's :class:`StageError`; on a parameter it becomes a :class:`ConfigError`,
@@ -343,3 +343,71 @@ class WarpAffineTensor(_KernelStage):
         pad_val = _param(cls.name, kernels.parse_numbers, "pad_val", params["pad_val"])
         _check_fill(cls.name, pad_val, _channels(spec, 1))
         return TensorSpec("FP32", (1, spec.shape[1], params["target_h"], params["target_w"]), batched=True)
+
+
+# --- YOLO head decoding -----------------------------------------------------------------
+
+_FLOAT_TYPES = ("FP16", "FP32", "FP64")
+
+
+@register("Yolo11Post")
+class Yolo11Post(_KernelStage):
+    """Decodes a YOLO v8/11 (anchor-free) detection head into boxes, scores and classes per image.
+
+    Input: the head output of one request, float (rows, 4 + classes, anchors): per anchor cx, cy,
+    w, h in the network input's pixels, then one score per class (no objectness).  Each anchor
+    takes its best class; ``conf_thres`` keeps those scoring at least it; NMS per class then
+    drops a box whose IoU with a higher-scoring box of its class exceeds ``iou_thres``; the
+    ``max_det`` highest scores are kept.  Runs where the head is, CPU or GPU.
+
+    Output: float32 1xNx6 per image, rows ``[x1, y1, x2, y2, score, class]`` by decreasing score
+    (class the index as a float); N = 0 when nothing passes, never an error.  A request of
+    several rows gets rowsxNx6, N its largest count, shorter lists padded with ``[0, 0, 0, 0, 0,
+    -1]`` (class -1).  When the item carries ``inverse_transform`` (``[sx, sy, tx, ty]``, as
+    LetterBoxMat writes it) the corners are mapped back through it to the source image;
+    otherwise they stay in the network input's pixels.  torchpipe's stage of this name has the
+    three fixed at 0.25, 0.45 and 300, maps back with the request's ``offset`` and ``scale``, and
+    returns its boxes grouped by class (its ``max_det`` cut follows that order).
+    """
+
+    input_doc = "float 1x(4+classes)xanchors YOLO head (cx, cy, w, h, class scores)"
+    output_doc = "float32 1xNx6: x1, y1, x2, y2, score, class per row; N >= 0"
+
+    wants_gpu = True
+    params = {
+        "conf_thres": Param(float, 0.25, low=0.0, high=1.0, doc="a box is kept when its best class score is at least this"),
+        "iou_thres": Param(
+            float, 0.45, low=0.0, high=1.0,
+            doc="NMS: a box is dropped when its IoU with a higher-scoring box of its class exceeds this",
+        ),
+        "max_det": Param(int, 300, low=1, high=1 << 20, doc="at most this many boxes per image, the highest scores"),
+    }
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.conf_thres, self.iou_thres, self.max_det = params["conf_thres"], params["iou_thres"], params["max_det"]
+
+    def run(self, data: Any, item: dict[str, Any]) -> Any:
+        head = kernels.check_yolo_head(data)
+        detections = kernels.yolo_detections(head, self.conf_thres, self.iou_thres, self.max_det)
+        inverse = item.get("inverse_transform")
+        if inverse is not None:
+            per_image = [inverse] * len(detections)
+            if isinstance(inverse, torch.Tensor) and inverse.numel() != 4:
+                if inverse.numel() != 4 * len(detections):
+                    raise ValueError(
+                        f"inverse_transform of shape {tuple(inverse.shape)} is not 4 numbers per image "
+                        f"of the head's {len(detections)}"
+                    )
+                per_image = list(inverse.reshape(-1, 4))
+            detections = [kernels.map_boxes_back(d, t) for d, t in zip(detections, per_image)]
+        return kernels.stack_detections(detections)
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        if len(spec.shape) != 3 or not spec.batched or spec.dtype not in _FLOAT_TYPES:
+            raise SpecError(f"{cls.name} needs a float 1x(4+classes)xanchors YOLO head output, but receives {spec.describe()}")
+        if 0 < spec.shape[1] < 5:
+            raise SpecError(
+                f"{cls.name} needs at least 5 rows (cx, cy, w, h and a class score) in dim 1, but receives {spec.describe()}"
+            )
+        return TensorSpec("FP32", (1, -1, len(kernels.DETECTION_COLUMNS)), batched=True)

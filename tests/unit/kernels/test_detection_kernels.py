@@ -1,4 +1,4 @@
-"""Detection kernels against OpenCV (copyMakeBorder, resize, warpAffine) and torch/torchvision (crop, index_select)."""
+"""Detection kernels against OpenCV (copyMakeBorder, resize, warpAffine) and torch/torchvision (crop, roi_align, index_select)."""
 
 import math
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from torchvision.ops import roi_align
 
 from tritonpipe.kernels.detection import (
     box_pixels,
@@ -47,6 +48,47 @@ def test_crop_inside_the_image_equals_torchvision(device, box):
     want = TF.crop(image, top=y1, left=x1, height=y2 - y1, width=x2 - x1)
     assert got.device.type == device and got.dtype == torch.uint8
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def random_boxes(count, height, width, seed):
+    """Integer boxes (x1, y1, x2, y2), x2 and y2 exclusive, inside an HxW image, 1x1 up to the whole image."""
+    rng = np.random.default_rng(seed)
+    boxes = [(0, 0, width, height), (width - 1, height - 1, width, height), (0, 0, 1, 1)]
+    while len(boxes) < count:
+        x1, x2 = sorted(rng.choice(width + 1, 2, replace=False).tolist())
+        y1, y2 = sorted(rng.choice(height + 1, 2, replace=False).tolist())
+        boxes.append((x1, y1, x2, y2))
+    return boxes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_crop_of_integer_boxes_equals_roi_align_sampling_pixel_centres(device, aligned):
+    # roi_align reads a box in continuous coordinates where pixel i's centre is at i (aligned=False)
+    # or at i + 0.5 (aligned=True).  With one sample per bin (sampling_ratio=1) and as many bins as
+    # the box has pixels, every sample of the box x1, y1, x2, y2 (x2, y2 exclusive) lands on a
+    # pixel centre of rows y1..y2-1 and columns x1..x2-1, where bilinear sampling is that pixel.
+    generator = torch.Generator().manual_seed(11)
+    image = torch.randn(1, 3, 37, 53, generator=generator).to(device)
+    shift = 0.0 if aligned else -0.5
+    for box in random_boxes(40, 37, 53, seed=12):
+        x1, y1, x2, y2 = box
+        rois = torch.tensor([[0, x1 + shift, y1 + shift, x2 + shift, y2 + shift]], dtype=torch.float32, device=device)
+        want = roi_align(image, rois, output_size=(y2 - y1, x2 - x1), spatial_scale=1.0, sampling_ratio=1, aligned=aligned)
+        got = crop(image, torch.tensor(box))
+        assert got.shape == want.shape, box
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"box {box}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crop_of_a_uint8_image_equals_roi_align_of_its_float_copy(device):
+    image = as_nchw(picture(30, 40, seed=13), device)
+    for x1, y1, x2, y2 in random_boxes(20, 30, 40, seed=14):
+        rois = torch.tensor([[0, x1 - 0.5, y1 - 0.5, x2 - 0.5, y2 - 0.5]], device=device)
+        want = roi_align(image.float(), rois, output_size=(y2 - y1, x2 - x1), sampling_ratio=1, aligned=False)
+        got = crop(image, [x1, y1, x2, y2])
+        assert got.dtype == torch.uint8
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Detection stages run through pipelines, against OpenCV and torch; their repositories and refusals."""
+"""Detection stages run through pipelines, against OpenCV, torch and torchvision; their repositories and refusals."""
 
 import re
 
@@ -6,11 +6,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import batched_nms, box_convert
 
 from tritonpipe.errors import ConfigError, StageError
+from tritonpipe.harness.chain import Chain
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import build_repository, generate_repository
+from tritonpipe.spec import SpecError, TensorSpec
 from tritonpipe.stages import build_stage
+from tritonpipe.stages.base import lookup
 from tritonpipe.stages.control import run_chain
 
 
@@ -171,6 +175,143 @@ def test_warp_affine_stage_equals_opencv_on_a_smooth_image():
     inside = cv2.warpAffine(np.ones((40, 50), np.float32), matrix, (36, 30), flags=cv2.INTER_LINEAR) >= 1 - 1e-6
     assert np.abs(as_hwc(got) - want)[inside].max() <= 3 / 32 + 1e-3
     assert np.abs(as_hwc(got) - want).max() <= 255 / 32
+
+
+# --- Yolo11Post -------------------------------------------------------------------------
+
+
+def yolo_head(boxes, classes=3, anchors=12, seed=0):
+    """A 1x(4+classes)xanchors head: ``boxes`` as (x1, y1, x2, y2, class, score) first, background after."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.rand(1, 4 + classes, anchors, generator=generator) * 0.05
+    head[0, :4] = torch.tensor([100.0, 100.0, 10.0, 10.0])[:, None]
+    for anchor, (x1, y1, x2, y2, cls, score) in enumerate(boxes):
+        head[0, :4, anchor] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+        head[0, 4 + cls, anchor] = score
+    return head
+
+
+def nms_reference(head, conf_thres=0.25, iou_thres=0.45, max_det=300):
+    """One image's rows [x1, y1, x2, y2, score, class] from torchvision's box_convert and batched_nms."""
+    scores, classes = head[0, 4:].max(dim=0)
+    keep = scores >= conf_thres
+    boxes = box_convert(head[0, :4, keep].T, in_fmt="cxcywh", out_fmt="xyxy")
+    order = batched_nms(boxes, scores[keep], classes[keep], iou_thres)[:max_det]
+    return torch.column_stack([boxes[order], scores[keep][order], classes[keep][order].float()])
+
+
+THREE_BOXES = [(0, 0, 40, 40, 0, 0.9), (2, 2, 40, 40, 0, 0.8), (2, 2, 40, 40, 1, 0.7), (50, 50, 60, 70, 2, 0.4)]
+
+
+def test_yolo11_post_gives_each_request_its_own_boxes():
+    heads = [yolo_head(THREE_BOXES, seed=1), yolo_head([], seed=2), yolo_head(THREE_BOXES[:1], seed=3)]
+    items = [{"data": head} for head in heads]
+    run_chain([stage_for("Yolo11Post")], items)
+    assert [tuple(item["data"].shape) for item in items] == [(1, 3, 6), (1, 0, 6), (1, 1, 6)]
+    for item, head in zip(items, heads):
+        assert item["data"].dtype == torch.float32
+        torch.testing.assert_close(item["data"][0], nms_reference(head))
+    assert items[0]["data"][0, :, 5].tolist() == [0, 1, 2]  # the class-1 twin of a class-0 box stays
+
+
+def test_yolo11_post_parameters_reach_the_decoding():
+    head = yolo_head(THREE_BOXES)
+    got = run("Yolo11Post", head, conf_thres=0.5, iou_thres=0.95, max_det=2)["data"]
+    torch.testing.assert_close(got[0], nms_reference(head, 0.5, 0.95, 2))
+    assert got[0, :, 4].tolist() == pytest.approx([0.9, 0.8])  # 0.8 survives an IoU threshold of 0.95
+
+
+def test_yolo11_post_maps_boxes_back_through_the_items_inverse_transform():
+    letterboxed = run("LetterBoxMat", torch.zeros(120, 200, 3, dtype=torch.uint8), resize_h=96, resize_w=96)
+    inverse = letterboxed["inverse_transform"]
+    # the content sits in rows 19..77 of the 96x96 letterbox; a box around it is the whole source image
+    head = yolo_head([(0, 19, 96, 77, 1, 0.9)])
+    got = run("Yolo11Post", head, {"inverse_transform": inverse})["data"]
+    torch.testing.assert_close(got[0, 0, :4], torch.tensor([0.0, 0.0, 200.0, 120.0]), atol=1e-3, rtol=0)
+    assert got[0, 0, 4:].tolist() == [pytest.approx(0.9), 1.0]
+
+
+def test_yolo11_post_pads_a_request_of_several_rows():
+    heads = [yolo_head(THREE_BOXES, seed=4), yolo_head([], seed=5)]
+    got = run("Yolo11Post", torch.cat(heads))["data"]
+    assert got.shape == (2, 3, 6)
+    torch.testing.assert_close(got[0], nms_reference(heads[0]))
+    assert got[1].tolist() == [[0, 0, 0, 0, 0, -1]] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_yolo11_post_decodes_a_gpu_head_on_the_gpu():
+    head = yolo_head(THREE_BOXES, seed=6)
+    stage = build_stage(load_graph({"backend": "Yolo11Post"}).entry.tree, "cuda")
+    item = {"data": head.cuda()}
+    run_chain([stage], [item])
+    assert item["data"].is_cuda
+    torch.testing.assert_close(item["data"][0].cpu(), nms_reference(head))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (torch.zeros(7, 12), r"rank 2, shape \(7, 12\)"),
+        (torch.zeros(1, 4, 12), r"at least 5 rows.*shape \(1, 4, 12\)"),
+        (torch.zeros(1, 7, 12, dtype=torch.uint8), r"got uint8 of shape \(1, 7, 12\)"),
+        ("text", "got str"),
+    ],
+)
+def test_a_bad_head_fails_its_request_alone_naming_the_shape(data, message):
+    items = [{"data": yolo_head(THREE_BOXES)}, {"data": data}]
+    run_chain([stage_for("Yolo11Post")], items)
+    assert items[0]["data"].shape == (1, 3, 6) and "error" not in items[0]
+    error = items[1]["error"]
+    assert isinstance(error, StageError) and str(error).startswith("Yolo11Post: ")
+    assert re.search(message, str(error))
+
+
+def test_yolo11_post_describes_its_output_and_refuses_what_is_no_head():
+    cls = lookup("Yolo11Post")
+    params = {"conf_thres": 0.25, "iou_thres": 0.45, "max_det": 300}
+    assert cls.infer(params, TensorSpec("FP16", (-1, 84, 8400), batched=True)) == TensorSpec("FP32", (1, -1, 6), batched=True)
+    for spec, message in [
+        (TensorSpec("FP32", (-1, 84), batched=True), "needs a float"),
+        (TensorSpec("INT32", (-1, 84, 8400), batched=True), "needs a float"),
+        (TensorSpec("FP32", (-1, 4, 8400), batched=True), "at least 5 rows"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            cls.infer(params, spec)
+    with pytest.raises(ConfigError, match="'conf_thres' must be in"):
+        stage_for("Yolo11Post", conf_thres=1.5)
+
+
+class ConstantHead(torch.nn.Module):
+    """A stand-in detector: every image gets the same head, whatever its pixels."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.register_buffer("head", head)
+
+    def forward(self, x):
+        return self.head.expand(x.shape[0], -1, -1) + 0.0 * x.mean(dim=(1, 2, 3))[:, None, None]
+
+
+def test_a_generated_detector_answers_boxes_per_request(tmp_path, jpeg_factory):
+    head = yolo_head(THREE_BOXES, seed=7)
+    model = tmp_path / "head.onnx"
+    torch.onnx.export(
+        ConstantHead(head).eval(), (torch.zeros(1, 3, 32, 32),), str(model), input_names=["images"],
+        output_names=["output0"], dynamic_axes={"images": {0: "n"}, "output0": {0: "n"}}, opset_version=17, dynamo=False,
+    )
+    config = {"backend": "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor],Yolo11Post]",
+              "resize_h": 32, "resize_w": 32, "model": str(model), "max": 4}
+    repo = generate_repository(load_graph(config, name="det"), tmp_path / "repo", device="cpu")
+    post = repo.configs["det_post"]
+    assert [(o.name, list(o.dims)) for o in post.output] == [("OUTPUT", [-1, 6])]
+    chain = Chain.of_repository(repo, torch.device("cpu"))
+    jpeg = torch.frombuffer(bytearray(jpeg_factory(40, 60, seed=8)), dtype=torch.uint8)[None]
+    answers = chain.run([{chain.inputs[0]: jpeg}, {chain.inputs[0]: jpeg[:, :20]}])
+    assert isinstance(answers[1], BaseException), "a truncated image fails alone"
+    got = answers[0][chain.outputs[0]]
+    assert got.shape == (1, 3, 6)
+    torch.testing.assert_close(got[0], nms_reference(head), atol=1e-5, rtol=0)
 
 
 # --- pipelines and repositories ---------------------------------------------------------
