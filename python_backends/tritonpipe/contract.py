@@ -23,6 +23,9 @@ PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 PARAM_CORES = "tritonpipe.cores"
 
+#: Triton's readiness endpoint: the server owner waits on it and the Kubernetes probes ask it
+READY_PATH = "/v2/health/ready"
+
 _WARMUP_OFF = ("off", "none", "no", "false", "0")
 _MAX_SIDE = 16384
 
@@ -39,6 +42,17 @@ def parse_warmup(text: str, where: str = "warmup") -> tuple[int, int] | None:
             f"got {text!r}"
         )
     return int(match.group(1)), int(match.group(2))
+
+
+def warmup_batches(max_batch: int) -> list[int]:
+    """The batch sizes the generic model warms up with, largest first.
+
+    ``max_batch`` and each power of two below it (12 -> [12, 8, 4, 2, 1]); ``[1]`` for a model
+    that does not batch (``max_batch`` 0 or 1).
+    """
+    if max_batch <= 1:
+        return [1]
+    return [max_batch] + [1 << k for k in range(max_batch.bit_length() - 1, -1, -1) if 1 << k < max_batch]
 
 
 @dataclass(frozen=True)
@@ -147,3 +161,70 @@ class ModelParams:
     def from_config(cls, config: dict) -> ModelParams:
         """From a model config in Triton's JSON form (what the stub is given)."""
         return cls.decode({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+
+
+PARAM_FANOUT = "tritonpipe.fanout"
+
+
+@dataclass(frozen=True)
+class GatheredOutput:
+    """An output of the per-item model, answered one row per item: its name, Triton type and per-item dims."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FanOutParams:
+    """What the orchestrator of a graph that fans out is told (``tritonpipe.fanout``, one JSON value).
+
+    Attributes:
+        first: the model run once per request; it gets the request's inputs.
+        first_outputs: the outputs asked of it.
+        items: the one of them whose rows are the items (``[1, N, ...]``).
+        passed: those of ``first_outputs`` answered to the client as they came.
+        each: the model run once per item.
+        each_input: its input that takes one item (``[1, ...]``).
+        gathered: its outputs, answered one row per item.
+        max_items: most items one request may bring.
+        truncate: past ``max_items`` keep the first ones, instead of failing the request.
+        deadline_ms: how long one request's items may take in all; 0 for no limit.
+    """
+
+    first: str
+    first_outputs: tuple[str, ...]
+    items: str
+    passed: tuple[str, ...]
+    each: str
+    each_input: str
+    gathered: tuple[GatheredOutput, ...]
+    max_items: int
+    truncate: bool = False
+    deadline_ms: float = 0.0
+
+    def encode(self) -> dict[str, str]:
+        value = {
+            "first": self.first, "first_outputs": list(self.first_outputs), "items": self.items,
+            "passed": list(self.passed), "each": self.each, "each_input": self.each_input,
+            "gathered": [{"name": o.name, "dtype": o.dtype, "dims": list(o.dims)} for o in self.gathered],
+            "max_items": self.max_items, "truncate": self.truncate, "deadline_ms": self.deadline_ms,
+        }
+        return {PARAM_FANOUT: json.dumps(value)}
+
+    @classmethod
+    def decode(cls, params: dict[str, str]) -> FanOutParams | None:
+        """The orchestrator's plan, or None for a model that does not fan out."""
+        if PARAM_FANOUT not in params:
+            return None
+        try:
+            raw = json.loads(params[PARAM_FANOUT])
+            return cls(
+                first=str(raw["first"]), first_outputs=tuple(map(str, raw["first_outputs"])), items=str(raw["items"]),
+                passed=tuple(map(str, raw["passed"])), each=str(raw["each"]), each_input=str(raw["each_input"]),
+                gathered=tuple(GatheredOutput(str(o["name"]), str(o["dtype"]), tuple(int(d) for d in o["dims"]))
+                               for o in raw["gathered"]),
+                max_items=int(raw["max_items"]), truncate=bool(raw["truncate"]), deadline_ms=float(raw["deadline_ms"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"parameter {PARAM_FANOUT!r} is malformed ({exc}); regenerate the repository") from None

@@ -1,2 +1,2 @@
-"""Deployment descriptions for a generated repository: Kubernetes manifests (``k8s``) and the
-small subset of kustomize (``kustomize``) needed to render them offline."""
+"""Deployment descriptions for a generated repository: Kubernetes manifests, entered through
+``k8s`` (what ``tritonpipe generate --k8s`` calls)."""

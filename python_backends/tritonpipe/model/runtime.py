@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..contract import ModelParams
+from ..contract import ModelParams, warmup_batches
 from ..errors import ConfigError, InternalError
 from ..pipeline.grammar import parse_backend
 from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
@@ -126,14 +126,13 @@ class ModelRuntime:
         samples = [{key: self._sample(name, s) for name, key in self.inputs.items()} for s in sizes]
         if not any(self._is_encoded(name) for name in self.inputs):
             samples = samples[:1]  # no image input: the size makes no difference
-        batches = [self.max_batch] if self.max_batch > 1 else []
-        batches += [1 << k for k in range(max(1, self.max_batch).bit_length() - 1, -1, -1) if 1 << k < self.max_batch]
+        batches = warmup_batches(self.max_batch)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         count = 0
-        for batch in batches or [1]:
+        for batch in batches:
             for sample in samples:
                 items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
                 self.run(items)

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..choices import MODEL_CONTROL, read_marker
+from ..contract import READY_PATH
 from ..errors import ConfigError, TritonpipeError
 from .heal import HealPolicy, Supervisor, parse_progress
 from .install import TritonInstall, locate_triton
@@ -41,7 +42,6 @@ from .leftovers import Leftovers, Watchdog, new_python_env, python_env_folders
 from .mps import MpsDaemon, find_control
 from .procs import cpu_seconds, listens_on, port_holder, process_name, python_stubs
 
-READY_PATH = "/v2/health/ready"
 #: the header that opens Triton's model-control API, which the owner keeps to itself
 CONTROL_HEADER = "tritonpipe-owner"
 #: flags the owner sets from its own arguments; a second copy among the pass-through flags would conflict
