@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--device", choices=DEVICES, default="auto", help="where GPU-capable stages run (default: %(default)s)")
 
     tuning = parser.add_argument_group("serving settings (applied to the generated config)")
+    tuning.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="set a node key of every node that takes it (repeatable), as tritonpipe generate --set does; "
+             "Stage::key reaches that stage only, e.g. --set ResizeTensor::resize_h=256",
+    )
     tuning.add_argument("--instances", type=int, help="instance_num of every node")
     tuning.add_argument("--max-batch", type=int, help="max (max_batch_size) of every node")
     tuning.add_argument("--batching-timeout", type=float, help="batching_timeout (ms) of every node")
@@ -102,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
     from tritonpipe.harness.bench import BenchOptions, PerfSettings
+    from tritonpipe.pipeline.files import parse_overrides
 
     return BenchOptions(
         config=args.config, model=args.model, engine=args.engine, corpus=args.corpus,
@@ -113,7 +119,7 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
             max_trials=args.max_trials, percentile=args.percentile, shared_memory=args.shared_memory,
             extra_args=tuple(args.perf_arg), timeout_s=args.perf_timeout,
         ),
-        instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
+        settings=parse_overrides(args.settings), instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
         baseline_instances=args.baseline_instances, device=args.device, triton_home=args.triton_home,
         output=args.output, inprocess_batch=args.inprocess_batch, inprocess_seconds=args.inprocess_seconds,
         server_timeout=args.server_timeout, mps=args.mps, progress=not args.no_progress, command=command,

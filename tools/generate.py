@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config_reference_markdown(), end="")
             return 0
 
-        from tritonpipe.pipeline.graph import compose_config, load_graph, parse_overrides
+        from tritonpipe.pipeline.files import compose_config, parse_overrides
+        from tritonpipe.pipeline.graph import load_graph
         from tritonpipe.repository.configs import to_text
         from tritonpipe.repository.generate import build_repository, generate_repository
 

@@ -61,7 +61,7 @@ def _on_gpu(config: mc.ModelConfig, gpu: bool) -> bool:
 
 def model_stages(config: mc.ModelConfig) -> list[dict[str, str]]:
     """The params of each model-running stage in a Python model's chain."""
-    from ..stages.base import lookup
+    from ..stages.base import Role, lookup
 
     text = config.parameters[PARAM_PIPELINE].string_value if PARAM_PIPELINE in config.parameters else ""
     if not text:
@@ -72,7 +72,7 @@ def model_stages(config: mc.ModelConfig) -> list[dict[str, str]]:
             role = lookup(node.name).role
         except ConfigError:  # a plugin stage whose file is not loaded here: it runs no model file
             continue
-        if role == "model" and node.params.get("model"):
+        if role == Role.MODEL and node.params.get("model"):
             stages.append(node.params)
     return stages
 

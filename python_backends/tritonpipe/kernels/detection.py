@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_convert
 
+from .batch_resize import resize_batch
 from .geometry import MAX_SIDE, check_hwc, check_nchw, check_side, fill_values, resize_bilinear_mat
 
 BORDER_TYPES = ("constant", "replicate")
@@ -85,6 +86,46 @@ def crop(image: torch.Tensor, box: object) -> torch.Tensor:
     check_nchw(image, "crop")
     left, top, right, bottom = box_pixels(box, image.shape[2], image.shape[3])
     return image[:, :, top:bottom, left:right].contiguous()
+
+
+def box_rows(boxes: object) -> list[list[float]]:
+    """The boxes of one image as rows of at least four numbers: a (N, k) or (1, N, k) tensor, or a list of rows.
+
+    N may be 0.  Columns after the fourth (a score, a class) are kept for the caller to ignore.
+    """
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() == 3 and boxes.shape[0] == 1:
+            boxes = boxes[0]
+        if boxes.dim() != 2 or (boxes.shape[0] and boxes.shape[1] < 4):
+            raise ValueError(f"boxes must be N rows of x1, y1, x2, y2 (N x 4 or more, or 1 x N x 4), got shape {list(boxes.shape)}")
+        return boxes.detach().cpu().double().tolist()
+    if isinstance(boxes, (list, tuple)) and all(isinstance(row, (list, tuple)) for row in boxes):
+        return [list(row) for row in boxes]
+    raise ValueError(f"boxes must be a N x 4 tensor or a list of x1, y1, x2, y2 rows, got {type(boxes).__name__}")
+
+
+def crop_resize(image: torch.Tensor, boxes: object, out_h: int, out_w: int) -> torch.Tensor:
+    """Every box of ``boxes`` cropped out of a 1xCxHxW tensor and resized to float32 ``out_h`` x ``out_w``.
+
+    The same pixels as :func:`crop` then a bilinear resize (half-pixel centres, as ResizeTensor),
+    for all boxes at once: the crops are views, and on a GPU the resize is one kernel launch.
+    Returns (N, C, out_h, out_w); N = 0 gives an empty tensor.  A box empty inside the image
+    raises ``ValueError`` naming it and its index.
+    """
+    check_nchw(image, "crop_resize")
+    check_side("out_h", out_h)
+    check_side("out_w", out_w)
+    height, width = image.shape[2], image.shape[3]
+    views = []
+    for index, row in enumerate(box_rows(boxes)):
+        try:
+            left, top, right, bottom = box_pixels(row, height, width)
+        except ValueError as exc:
+            raise ValueError(f"box {index}: {exc}") from None
+        views.append(image[0, :, top:bottom, left:right])
+    if not views:
+        return torch.empty((0, image.shape[1], out_h, out_w), dtype=torch.float32, device=image.device)
+    return resize_batch(views, out_h, out_w)
 
 
 # --- border -----------------------------------------------------------------------------
@@ -342,6 +383,8 @@ __all__ = [
     "DETECTION_COLUMNS",
     "PAD_CLASS",
     "box_pixels",
+    "box_rows",
+    "crop_resize",
     "check_yolo_head",
     "copy_make_border",
     "crop",

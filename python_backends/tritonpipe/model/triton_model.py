@@ -20,8 +20,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from ..contract import FanOutParams
 from ..errors import StageError, is_bad_input
 from ..stages.control import set_stage_sink
+from .fanout import FanOut, bls_call
 from .metrics import GPU_STEP, STEP_PREFIX, STEPS, StageMetrics
 from .runtime import ModelRuntime, Watchdog, pick_device
 
@@ -75,6 +77,13 @@ def _pin(sets: tuple[tuple[int, ...], ...], instance_name: str) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
+        self.fanout = None
+        plan = FanOutParams.decode({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        if plan is not None:
+            # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
+            self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
+            log.info("%s: fans out %s -> %s per item of %r", args["model_name"], plan.first, plan.each, plan.items)
+            return
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.device = pick_device(args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)))
         if self.device.type == "cuda":
@@ -134,7 +143,13 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(exc))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
+    async def _fan_out(self, requests):
+        results = await self.fanout.answer_all([{t.name(): t for t in request.inputs()} for request in requests])
+        return [self._respond(result) for result in results]
+
     def execute(self, requests):
+        if self.fanout is not None:
+            return self._fan_out(requests)  # the stub runs the coroutine it is given
         with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
             started = time.perf_counter()
             items = [self._read(request) for request in requests]
@@ -188,5 +203,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         set_stage_sink(None)
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.runtime = None

@@ -8,7 +8,7 @@ Grammar (whitespace is ignored everywhere)::
 
 ``S[A,B]`` and ``Sequential[A,B]`` chain stages; ``SyncTensor[TensorrtTensor]`` wraps one.
 :func:`parse_backend` checks syntax only; names are checked against the registry when the
-tree is resolved (``tritonpipe.pipeline.graph``), with the same caret-style messages.
+tree is resolved (``tritonpipe.pipeline.routing``), with the same caret-style messages.
 """
 
 from __future__ import annotations

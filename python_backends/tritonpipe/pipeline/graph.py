@@ -1,143 +1,50 @@
 """Configurations -> a validated graph of nodes, each holding a resolved stage tree.
 
-Two forms are accepted:
+:func:`load_graph` accepts three forms:
 
 - a single node, torchpipe's dict::
 
       {"backend": "S[DecodeMat,ResizeMat]", "instance_num": 2, "max": 4, "resize_h": 224, "resize_w": 224}
 
 - a graph: a dict of dicts (or TOML tables) whose nodes name their successor with ``next``;
-  top-level keys that are not tables, and the keys of a ``[global]`` table, apply to every node.
+  top-level keys that are not tables, and the keys of a ``[global]`` table, apply to every node;
+  ``map = "decode[result:data]"`` routes outputs of earlier nodes to a node's inputs;
 - a list of ``(name, stage, config)`` entries, each a node linked to the next; a stage is a
   pipeline string, a function or a ``torch.nn.Module`` (see :mod:`.objects`).
-  ``map = "decode[result:data]"`` routes outputs of earlier nodes to a node's inputs.
 
-Resolution looks every stage name up in the registry, hands each node key to the stages
-that declare it (``Stage::key`` scopes a key to one stage), coerces and range-checks every
-value, and checks the ``next`` and ``map`` links.  Nothing here touches the disk except reading files.
+A path to a TOML or JSON file holding one of the first two is read first (:mod:`.files`).
+Each node's keys are routed to its stages and settings (:mod:`.routing`, :mod:`.settings`);
+this module then checks the ``next`` and ``map`` links and orders the nodes from the entry.
+Loading reads the configuration file and the plugin files it names, and imports those
+plugins; the list form also writes every ``torch.nn.Module`` it holds, exported with
+``torch.export``, into a temporary folder that lives as long as the :class:`Graph`.
+
+:func:`set_node_keys` writes keys into the nodes of a configuration that take them, by the
+same routing.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..contract import parse_warmup
-from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages import importing_file, load_plugin
-from ..stages.base import Param, Stage, check_params, did_you_mean, find_stage, registered_names
-from .grammar import SHOWN_CHARS, PipelineSyntaxError, StageNode, parse_backend
+from ..stages.base import did_you_mean
+from .files import read_config_file
+from .names import check_name
 from .objects import node_tables
 from .resolved import ResolvedStage
+from .routing import resolve_stages, takes_key
+from .settings import NodeSettings, node_settings
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-#: node keys that configure Triton rather than a stage
-TRITON_KEYS = {
-    "instance_num": Param(int, 1, low=1, high=1024, doc="instances of the model (instance_group.count)"),
-    "worker_num": Param(int, 1, low=1, high=1024, doc="another name for instance_num"),
-    "cores_per_worker": Param(
-        int, 0, low=0, high=4096,
-        doc="cores of each CPU instance: its torch and OpenCV threads, and the cores it is pinned to, disjoint across "
-        "the repository; 0: the instances share the cores left",
-    ),
-    "pin_cores": Param(bool, True, doc="with cores_per_worker: pin each CPU instance to its own cores"),
-    "oversubscribe": Param(bool, False, doc="with cores_per_worker: allow more cores in all than the host has"),
-    "batching_timeout": Param(float, 0.0, low=0.0, high=60_000.0, doc="ms a batch waits to fill"),
-    "max": Param(int, 1, low=1, high=1 << 20, doc="largest batch (max_batch_size); of shapes, the largest first dim"),
-    "device_id": Param(str, "", doc="GPU indices for the instances, e.g. 0 or 0,1"),
-    "fuse": Param(bool, False, doc="run the model stage inside the preprocessing model: one model, no ensemble hop"),
-    "warmup": Param(
-        str, "1080x1920",
-        doc="GPU instances run their chain at load on a sample JPEG of this HxW, once per batch bucket; off to skip",
-    ),
-    "execution_timeout": Param(
-        float, 60.0, low=0.0, high=86_400.0,
-        doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
-    ),
-    "instances_per_gpu": Param(
-        str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id",
-    ),
-    "preferred_batch_size": Param(
-        str, "", doc="batch sizes the dynamic batcher forms as soon as it can, e.g. 4 or 4,8; each at most max",
-    ),
-    "max_queue_size": Param(
-        int, 0, low=0, high=1 << 31, doc="requests a model queues before it rejects more with UNAVAILABLE; 0: no limit",
-    ),
-    "queue_timeout": Param(
-        float, 0.0, low=0.0, high=86_400_000.0, doc="ms a request may wait in the queue (default_timeout_microseconds); 0: forever",
-    ),
-    "timeout_action": Param(
-        str, "reject", choices=("reject", "delay"),
-        doc="what a request past queue_timeout gets: reject (UNAVAILABLE) or delay (runs after the others)",
-    ),
-    "allow_timeout_override": Param(bool, False, doc="a request's own timeout may replace queue_timeout"),
-    "priority_levels": Param(int, 0, low=0, high=1 << 16, doc="request priority levels (1 is the highest); 0: none"),
-    "default_priority_level": Param(
-        int, 0, low=0, high=1 << 16, doc="priority of a request that names none; 0: the lowest, priority_levels",
-    ),
-    "response_cache": Param(
-        bool, False, doc="Triton answers repeated identical requests from its cache (the server's cache is turned on)",
-    ),
-}
-_STRUCTURE_KEYS = ("backend", "next", "map")
 #: torchpipe's table of keys for every node
 GLOBAL_TABLE = "global"
-#: torchpipe keys with no counterpart here -> what to do instead
-TORCHPIPE_ONLY = {
-    "filter": "Triton runs every step of an ensemble; a stage that refuses a request (C10Exception) ends it instead",
-    "interpreter::backend": "Triton schedules the nodes itself (dynamic batching and ensembles); drop it",
-    "pipelinev3::backend": "Triton schedules the nodes itself (dynamic batching and ensembles); drop it",
-    "baselineschedule::backend": "Triton batches and runs instances itself: set instance_num, max and batching_timeout",
-    "precision::output::fp32": "precision::fp32 keeps named layers in FP32",
-    "precision::output::fp16": "precision::fp16 runs named layers in FP16",
-}
-#: keys whose torchpipe values may combine several settings with '&'
-_NO_AMPERSAND = ("backend", "model", "max", "min", "instance_num")
 _MAP_ENTRY_RE = re.compile(r"\s*([A-Za-z0-9_\-]*)\s*\[([^\[\]]*)\]\s*(?:,|$)")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
-
-
-@dataclass
-class NodeSettings:
-    instance_num: int = 1
-    #: threads (and pinned cores) of each CPU instance; 0: a share of the cores nobody asked for
-    cores_per_worker: int = 0
-    pin_cores: bool = True
-    oversubscribe: bool = False
-    batching_timeout: float = 0.0
-    max: int = 1
-    gpus: tuple[int, ...] = ()
-    fuse: bool = False
-    #: (height, width) of the load-time sample image, or None for no warm-up
-    warmup: tuple[int, int] | None = (1080, 1920)
-    #: seconds a batch may run before the instance gives up on it; 0 for no limit
-    execution_timeout: float = 60.0
-    #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
-    gpu_instances: tuple[tuple[int, int], ...] = ()
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = 0
-    #: ms, 0 for no queue timeout
-    queue_timeout: float = 0.0
-    timeout_action: str = "reject"
-    allow_timeout_override: bool = False
-    priority_levels: int = 0
-    default_priority_level: int = 0
-    response_cache: bool = False
-
-    @property
-    def queue_policy(self) -> bool:
-        """Whether any setting needs Triton's dynamic batcher, the scheduler that owns queues and priorities."""
-        return bool(self.max_queue_size or self.queue_timeout or self.priority_levels or self.allow_timeout_override)
 
 
 @dataclass(frozen=True)
@@ -171,68 +78,9 @@ class Graph:
     def entry(self) -> Node:
         return next(iter(self.nodes.values()))
 
-
-def check_name(what: str, name: str) -> str:
-    """Model and node names become folder names: keep them plain."""
-    if name == "":
-        raise ConfigError(f"{what} is empty; give a name of letters, digits, '_' and '-', at most 128 characters")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(
-            f"{what} {name!r} is not allowed: use letters, digits, '_' and '-' only "
-            "(no paths, '..', '/', or NUL), at most 128 characters"
-        )
-    return name
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON configuration; duplicate keys in JSON are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"configuration file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-
-        def no_duplicates(pairs):
-            seen: dict[str, Any] = {}
-            for key, value in pairs:
-                if key in seen:
-                    raise ConfigError(f"{path}: key {key!r} appears twice (duplicate node names are not allowed)")
-                seen[key] = value
-            return seen
-
-        try:
-            return json.loads(text, object_pairs_hook=no_duplicates)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    """``["resize_h=224", ...]`` (the CLI's ``--set``) -> a dict of node keys."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def compose_config(
-    path: str | Path | None, backend: str | None, overrides: dict[str, Any]
-) -> tuple[dict[str, Any], Path | None]:
-    """A configuration from a file or a backend string, with top-level keys overridden.
-
-    Returns the configuration and the folder its relative file names are resolved against.
-    """
-    if bool(path) == bool(backend):
-        raise ConfigError("give either a configuration file or a backend string")
-    if backend:
-        return {"backend": backend, **overrides}, None
-    return {**read_config_file(path), **overrides}, Path(path).resolve().parent
+    def predecessors(self) -> dict[str, list[str]]:
+        """Node name -> the nodes that name it in ``next``, in the graph's order."""
+        return _predecessors(self.nodes)
 
 
 def load_graph(
@@ -278,25 +126,85 @@ def load_graph(
 
     config_name = config.pop("name", "pipeline")
     graph_name = check_name("pipeline name", config_name if name is None else name)
-    if "backend" in config:
-        raw_nodes = {graph_name: config}
-        shared: dict[str, Any] = {}
-    else:
-        raw_nodes = {k: v for k, v in config.items() if isinstance(v, dict)}
-        shared = {k: v for k, v in config.items() if not isinstance(v, dict)}
-        if not raw_nodes:
-            raise ConfigError("the configuration has no 'backend' key and no node tables; give at least one node")
-
+    raw_nodes, shared = _split_nodes(config, graph_name)
     nodes: dict[str, Node] = {}
     for node_name, raw in raw_nodes.items():
         check_name("node name", node_name)
-        merged = {**shared, **raw}
-        if "backend" not in merged:
-            raise ConfigError(f"node {node_name!r} has no 'backend' key")
-        nodes[node_name] = _resolve_node(node_name, merged, base)
+        nodes[node_name] = _resolve_node(node_name, _node_keys(node_name, raw, shared), base)
     ordered = _order(nodes)
     _link_maps(ordered)
     return Graph(name=graph_name, nodes=ordered, plugins=plugin_paths)
+
+
+def set_node_keys(
+    config: dict[str, Any], keys: Mapping[str, Any], base_dir: str | Path | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """``config`` with each of ``keys`` set on every node that takes it, winning over the node's own keys.
+
+    A key goes where :func:`load_graph` would route it: a Triton key to every node, a stage
+    parameter to the nodes with a stage that declares it, ``Stage::key`` to the nodes with
+    that stage.  The loader gives a stage parameter the first value that the node's keys route
+    to it, so the keys set here are written first in each node, ``Stage::key`` ones before the
+    others; the keys every node shares (top-level ones, ``[global]``) are written into each
+    node table after them, which loads the same.  The plugins the configuration names
+    (relative to ``base_dir``, by default the working directory) are loaded first, so that
+    their stages are known.
+
+    Returns the new configuration (the caller's is left as it is) and the keys no node takes.
+    """
+    _check_keys(config)
+    merged = _merge_global(config)
+    base = Path(base_dir or Path.cwd()).resolve()
+    for plugin in _as_list(merged.get("plugins", []), "plugins"):
+        load_plugin(_config_plugin(base, plugin))
+    keys = dict(sorted(keys.items(), key=lambda item: "::" not in item[0]))
+    if "backend" in merged:
+        nodes = {str(merged.get("name", "pipeline")): merged}
+        top: dict[str, Any] = {}
+    else:
+        top = {k: merged[k] for k in ("name", "plugins") if k in merged}
+        tables, shared = _split_nodes({k: v for k, v in merged.items() if k not in top}, "")
+        nodes = {node_name: _node_keys(node_name, table, shared) for node_name, table in tables.items()}
+    given: dict[str, dict[str, Any]] = {node_name: {} for node_name in nodes}
+    untaken = []
+    for key, value in keys.items():
+        hits = [
+            node_name for node_name, raw in nodes.items()
+            if takes_key(f"node {node_name!r}", {**raw, **given[node_name]}, key)  # as the node will be loaded
+        ]
+        for node_name in hits:
+            given[node_name][key] = value
+        if not hits:
+            untaken.append(key)
+    written = {
+        node_name: {**given[node_name], **{k: v for k, v in raw.items() if k not in given[node_name]}}
+        for node_name, raw in nodes.items()
+    }
+    if "backend" in merged:
+        return next(iter(written.values())), untaken
+    return {**top, **written}, untaken
+
+
+def _split_nodes(config: dict[str, Any], single_name: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The node tables of a configuration (past its ``[global]`` table) and the keys every node shares.
+
+    A configuration with a ``backend`` key is one node, named ``single_name``.
+    """
+    if "backend" in config:
+        return {single_name: config}, {}
+    raw_nodes = {k: v for k, v in config.items() if isinstance(v, dict)}
+    shared = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    if not raw_nodes:
+        raise ConfigError("the configuration has no 'backend' key and no node tables; give at least one node")
+    return raw_nodes, shared
+
+
+def _node_keys(node_name: str, raw: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """A node's keys: its table's over the shared ones; a ConfigError when none gives its backend."""
+    merged = {**shared, **raw}
+    if "backend" not in merged:
+        raise ConfigError(f"node {node_name!r} has no 'backend' key")
+    return merged
 
 
 def _merge_global(config: dict[str, Any]) -> dict[str, Any]:
@@ -351,86 +259,10 @@ def _as_list(value: Any, what: str = "a list") -> list[str]:
 
 def _resolve_node(node_name: str, raw: dict[str, Any], base: Path) -> Node:
     where = f"node {node_name!r}"
-    _refuse_torchpipe_only(where, raw)
-    backend = raw["backend"]
-    skeleton = _skeleton(parse_backend(backend), backend, _scoped_backends(raw), where)
-    stages = list(_flatten(skeleton))
-    stage_names = {cls.name.lower() for cls, _, _ in stages}
-    given: dict[int, dict[str, Any]] = {id(node): dict(node.params) for _, node, _ in stages}
-    settings_raw: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _STRUCTURE_KEYS or key.lower().endswith("::backend"):
-            continue
-        scope, _, scoped_key = key.partition("::")
-        if scoped_key and scope.lower() in stage_names:
-            targets = [(cls, node) for cls, node, _ in stages if cls.name.lower() == scope.lower()]
-            key = scoped_key
-        else:
-            targets = [(cls, node) for cls, node, _ in stages if key in cls.params]
-        taken = False
-        for cls, node in targets:
-            if key in cls.params:
-                given[id(node)].setdefault(key, value)
-                taken = True
-        if key in TRITON_KEYS:
-            settings_raw[key] = value
-            taken = True
-        if not taken:
-            known = sorted({p for cls, _, _ in stages for p in cls.params} | set(TRITON_KEYS))
-            shown = backend if len(backend) <= SHOWN_CHARS else backend[:SHOWN_CHARS] + "..."
-            raise ConfigError(f"{where}: no stage of {shown!r} takes parameter {key!r}{did_you_mean(key, known)}")
-
-    def build(entry: _Skeleton) -> ResolvedStage:
-        cls, node, children = entry
-        try:
-            params = check_params(cls, given[id(node)])
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        for key, param in cls.params.items():
-            if param.file and params[key]:
-                path = Path(params[key])
-                params[key] = str(path if path.is_absolute() else (base / path).resolve())
-        return ResolvedStage(cls, params, tuple(build(child) for child in children))
-
-    tree = build(skeleton)
-    settings = NodeSettings()
-    for key, value in settings_raw.items():
-        try:
-            if key == "max" and isinstance(value, str) and any(c in value for c in "xX,;"):
-                value = largest_batch(value)  # shapes like 4x3x224x224: Triton takes the batch dim
-            coerced = TRITON_KEYS[key].coerce(key, value)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        if key == "device_id":
-            settings.gpus = _parse_gpus(where, coerced)
-        elif key == "warmup":
-            settings.warmup = parse_warmup(coerced, where)
-        elif key == "instances_per_gpu":
-            settings.gpu_instances = _parse_gpu_instances(where, coerced)
-        elif key == "preferred_batch_size":
-            settings.preferred_batch_sizes = _parse_batch_sizes(where, coerced)
-        elif key == "worker_num":
-            settings.instance_num = coerced
-        else:
-            setattr(settings, key, coerced)
-    _check_scheduling(where, settings)
-    _check_workers(where, settings_raw)
+    tree, triton = resolve_stages(where, raw, base)
+    settings = node_settings(where, triton)
     links = parse_map(raw["map"], where) if "map" in raw else []
     return Node(node_name, tree, settings, next=_as_list(raw.get("next", []), f"{where}: next"), map=links)
-
-
-def _refuse_torchpipe_only(where: str, raw: dict[str, Any]) -> None:
-    """torchpipe keys that mean nothing to Triton get told what to use instead, not "unknown key"."""
-    for key, value in raw.items():
-        instead = TORCHPIPE_ONLY.get(key.lower())
-        if instead:
-            raise ConfigError(f"{where}: {key!r} is torchpipe's and has no counterpart here: {instead}")
-        if key in _NO_AMPERSAND and "&" in str(value):
-            raise ConfigError(
-                f"{where}: {key} = {value!r} combines settings with '&', which torchpipe uses to join models of "
-                "fixed batch sizes; here a node serves one model: export it with a dynamic batch dimension "
-                "and set min and max (e.g. min = 1, max = 8)"
-            )
 
 
 def parse_map(text: Any, where: str) -> list[MapLink]:
@@ -460,116 +292,21 @@ def parse_map(text: Any, where: str) -> list[MapLink]:
     return links
 
 
-#: a stage class, the parsed node it came from (for its inline parameters), and its children
-_Skeleton = tuple[type[Stage], StageNode, list]
-
-
-def _flatten(entry: _Skeleton):
-    yield entry
-    for child in entry[2]:
-        yield from _flatten(child)
-
-
-def _scoped_backends(raw: dict[str, Any]) -> dict[str, str]:
-    """torchpipe's ``SyncTensor::backend = "X"`` is the same as writing ``SyncTensor[X]``."""
-    return {k[: -len("::backend")].lower(): v for k, v in raw.items() if k.lower().endswith("::backend")}
-
-
-def _skeleton(node: StageNode, text: str, scoped: dict[str, str], where: str, used: set[str] | None = None) -> _Skeleton:
-    """Look every stage up and attach ``X::backend`` children, without changing the parsed tree."""
-    top = used is None
-    used = set() if top else used
-    cls = find_stage(node.name)
-    if cls is None:
-        reason = f"unknown stage {node.name!r}{did_you_mean(node.name, registered_names())}"
-        raise PipelineSyntaxError(reason, text, node.position)
-    for key, position in node.param_positions.items():
-        if key not in cls.params:
-            reason = f"stage {cls.name} takes no parameter {key!r}{did_you_mean(key, list(cls.params))}"
-            raise PipelineSyntaxError(reason, text, position)
-    children = [_skeleton(child, text, scoped, where, used) for child in node.children]
-    filled = scoped.get(node.name.lower()) if not node.children else None
-    if filled is not None:
-        used.add(node.name.lower())
-        children = [_skeleton(parse_backend(filled), filled, scoped, where, used)]
-    if cls.role == "sequence" and not children:
-        raise ConfigError(f"{where}: {cls.name} chains other stages; write {cls.name}[A,B]")
-    if cls.role not in ("wrapper", "sequence") and children:
-        raise ConfigError(f"{where}: {cls.name} is not a wrapper and cannot take [...]")
-    if top and set(scoped) - used:
-        unused = sorted(k + "::backend" for k in set(scoped) - used)
-        raise ConfigError(f"{where}: {', '.join(unused)} names no stage of the backend")
-    return cls, node, children
-
-
-def _parse_gpus(where: str, text: str) -> tuple[int, ...]:
-    try:
-        gpus = tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{where}: device_id must be GPU indices like 0 or 0,1, got {text!r}") from None
-    if any(g < 0 for g in gpus):
-        raise ConfigError(f"{where}: device_id must be non-negative, got {text!r}")
-    return gpus
-
-
-def _parse_gpu_instances(where: str, text: str) -> tuple[tuple[int, int], ...]:
-    pairs: dict[int, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        gpu, colon, count = item.partition(":")
-        try:
-            gpu_index, instances = int(gpu), int(count)
-        except ValueError:
-            gpu_index = instances = -1
-        if not colon or gpu_index < 0 or not 1 <= instances <= 1024 or gpu_index in pairs:
-            raise ConfigError(
-                f"{where}: instances_per_gpu must be distinct GPU:count pairs like 0:2,1:1 "
-                f"(count 1-1024), got {text!r}"
-            )
-        pairs[gpu_index] = instances
-    return tuple(pairs.items())
-
-
-def _parse_batch_sizes(where: str, text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        sizes = (0,)
-    if any(size < 1 for size in sizes):
-        raise ConfigError(f"{where}: preferred_batch_size must be batch sizes like 4 or 4,8, got {text!r}")
-    return tuple(sorted(set(sizes)))
-
-
-def _check_workers(where: str, raw: dict[str, Any]) -> None:
-    """``worker_num`` (BigDL-Nano's name) and ``instance_num`` may both be given only if they agree."""
-    if "worker_num" in raw and "instance_num" in raw:
-        workers, instances = (TRITON_KEYS[key].coerce(key, raw[key]) for key in ("worker_num", "instance_num"))
-        if workers != instances:
-            raise ConfigError(
-                f"{where}: worker_num = {workers} and instance_num = {instances} disagree; worker_num is another "
-                "name for instance_num: give one of them"
-            )
-
-
-def _check_scheduling(where: str, settings: NodeSettings) -> None:
-    """The rules Triton checks on load, caught here with the keys' names."""
-    too_big = [size for size in settings.preferred_batch_sizes if size > settings.max]
-    if too_big:
-        raise ConfigError(f"{where}: preferred_batch_size {too_big[0]} exceeds max={settings.max}; lower it or raise max")
-    if settings.default_priority_level > settings.priority_levels:
-        raise ConfigError(
-            f"{where}: default_priority_level must be in [1, priority_levels={settings.priority_levels}], "
-            f"got {settings.default_priority_level}"
-        )
+def _predecessors(nodes: dict[str, Node]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {name: [] for name in nodes}
+    for node in nodes.values():
+        for target in node.next:
+            found[target].append(node.name)
+    return found
 
 
 def _link_maps(nodes: dict[str, Node]) -> None:
     """Name every map source and check it runs before the node that reads it (nodes in topological order)."""
     before: dict[str, set[str]] = {name: set() for name in nodes}
-    predecessors: dict[str, list[str]] = {name: [] for name in nodes}
     for node in nodes.values():
         for target in node.next:
             before[target] |= before[node.name] | {node.name}
-            predecessors[target].append(node.name)
+    predecessors = _predecessors(nodes)
     for node in nodes.values():
         where = f"node {node.name!r}"
         links = []

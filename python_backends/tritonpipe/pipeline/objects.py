@@ -20,6 +20,7 @@ import torch
 from ..engines.torch_engine import parse_io
 from ..errors import ConfigError
 from ..spec import TRITON_TO_TORCH
+from .names import check_name
 
 #: rows of the example batch a module is exported with; 1 would fix the batch dimension to 1
 _EXAMPLE_ROWS = 2
@@ -29,8 +30,6 @@ def node_tables(entries: list | tuple, folder: Path) -> dict[str, dict[str, Any]
     """The graph configuration of a pipeline list; modules are exported into ``folder``."""
     if not entries:
         raise ConfigError("a pipeline list needs at least one (name, stage, config) entry")
-    from .graph import check_name  # graph reads lists through this module
-
     tables: dict[str, dict[str, Any]] = {}
     for index, entry in enumerate(entries):
         if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3)):

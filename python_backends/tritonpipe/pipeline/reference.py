@@ -1,8 +1,9 @@
 """The configuration reference (docs/CONFIG.md), rendered from the keys the loader accepts.
 
-Triton keys and stage parameters come from their ``Param`` declarations (``graph.TRITON_KEYS`` and each
-stage's ``params``), refused torchpipe keys from ``graph.TORCHPIPE_ONLY``; only the structural keys, which
-the loader reads itself, are described here.
+Triton keys and stage parameters come from their ``Param`` declarations (the fields of
+``settings.NodeSettings``, through ``settings.TRITON_KEYS``, and each stage's ``params``), refused
+torchpipe keys from ``routing.TORCHPIPE_ONLY``; only the structural keys, which the loader reads
+itself, are described here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..stages.base import Param
 from ..stages.catalog import stage_classes, summary
-from .graph import GLOBAL_TABLE, TORCHPIPE_ONLY, TRITON_KEYS
+from .graph import GLOBAL_TABLE
+from .routing import TORCHPIPE_ONLY
+from .settings import TRITON_KEYS
 
 REGENERATE = "tritonpipe generate --reference > docs/CONFIG.md"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ..stages.base import Stage
+from ..stages.base import Role, Stage
 from .grammar import StageNode, render
 
 
@@ -33,6 +33,7 @@ class ResolvedStage:
 
     @property
     def role(self) -> str:
+        """The stage class's declared role, equal to a :class:`Role` member for the built-in roles."""
         return self.cls.role
 
     def walk(self) -> Iterator[ResolvedStage]:
@@ -40,10 +41,10 @@ class ResolvedStage:
         for child in self.children:
             yield from child.walk()
 
-    def contains(self, role: str) -> bool:
+    def contains(self, role: Role) -> bool:
         return any(node.role == role for node in self.walk())
 
-    def find(self, role: str) -> ResolvedStage | None:
+    def find(self, role: Role) -> ResolvedStage | None:
         return next((node for node in self.walk() if node.role == role), None)
 
     def with_params(self, **changes: Any) -> ResolvedStage:

@@ -13,7 +13,7 @@ from ..choices import DEVICES
 from ..contract import ModelParams
 from ..engines.base import NativeModel
 from ..errors import ConfigError
-from ..pipeline.graph import NodeSettings
+from ..pipeline.settings import NodeSettings
 from ..spec import ENCODED_IMAGE, TensorSpec
 from .cores import host_cores, share_cores
 from .plan import ModelPlan, Port, RepositoryPlan

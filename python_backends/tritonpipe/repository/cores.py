@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..contract import CpuCores
 from ..errors import ConfigError
-from ..pipeline.graph import NodeSettings
+from ..pipeline.settings import NodeSettings
 
 
 @dataclass(frozen=True)

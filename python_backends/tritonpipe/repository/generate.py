@@ -21,9 +21,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..choices import MARKER
 from ..engines.base import NativeModel
 from ..errors import ConfigError
+from ..pipeline.fanout import split_fan_out
 from ..pipeline.graph import Graph
-from ..pipeline.resolved import ResolvedStage
+from ..pipeline.resolved import ResolvedStage, Role
 from .configs import NATIVE, ensemble_config, native_model_config, python_model_config, to_text, validate_repository
+from .fanout import orchestrator_config, plan_fan_out
 from .ownership import FILES, check_replaceable, written_files
 from .plan import ModelPlan, RepositoryPlan, plan_repository
 
@@ -70,7 +72,7 @@ def _native_model(model: ModelPlan, native: Collection[str]) -> NativeModel | No
     """What Triton backend serves this model step natively, if ``native`` asks for its engine."""
     if not (native and model.is_model_stage):
         return None
-    stage = model.tree.find("model")
+    stage = model.tree.find(Role.MODEL)
     describe = getattr(stage.cls, "native_model", None)
     if describe is None:
         return None
@@ -86,13 +88,38 @@ def build_repository(
     """Plan, build and validate all configs in memory; nothing is written.
 
     ``native`` names engines ("tensorrt", "onnxruntime") whose model steps Triton serves with its
-    own backend instead of the Python runner.
+    own backend instead of the Python runner.  A graph that fans out (a node with ``for_each``) is
+    served as two parts joined by an orchestrator model (:mod:`.fanout`).
     """
     unknown = set(native) - set(NATIVE)
     if unknown:
         raise ConfigError(f"native takes {', '.join(NATIVE)}; got {', '.join(sorted(unknown))}")
-    plan = plan_repository(graph)
-    plugin_names = [f"plugins/{p.name}" for p in graph.plugins]
+    split = split_fan_out(graph)
+    if split is not None:
+        plan, parts = plan_fan_out(graph, split)
+        configs, files = {}, {}
+        for part in parts:
+            part_configs, part_files = build_models(part, graph.plugins, device, native)
+            clash = sorted(set(configs) & set(part_configs))
+            if clash:
+                raise ConfigError(f"two models would be named {clash[0]!r}; rename a node")
+            configs.update(part_configs)
+            files.update(part_files)
+        if plan.name in configs:
+            raise ConfigError(f"the pipeline name {plan.name!r} is also a model name; choose another 'name'")
+        configs[plan.name] = orchestrator_config(plan, parts, configs)
+    else:
+        plan = plan_repository(graph)
+        configs, files = build_models(plan, graph.plugins, device, native)
+    validate_repository(configs)
+    return plan, configs, files
+
+
+def build_models(
+    plan: RepositoryPlan, plugins: list[Path], device: str, native: Collection[str]
+) -> tuple[dict[str, mc.ModelConfig], dict[str, dict[str, Path]]]:
+    """The configs and files of a plan's models, and its ensemble; a plan of one model gets the plan's name."""
+    plugin_names = [f"plugins/{p.name}" for p in plugins]
     read = {tensor for step in plan.steps for tensor in step.input_map.values()}
     terminal = {step.model for step in plan.steps if not read & set(step.output_map.values())}
     configs: dict[str, mc.ModelConfig] = {}
@@ -105,13 +132,11 @@ def build_repository(
             continue
         files[model.name] = {}
         bundled = dataclasses.replace(model, tree=_bundle_files(model.tree, files[model.name]))
-        uses_plugin = bool(graph.plugins)
         configs[model.name] = python_model_config(
-            bundled, device, plugin_names if uses_plugin else [], terminal=model.name in terminal
+            bundled, device, plugin_names, terminal=model.name in terminal
         )
-        if uses_plugin:
-            for plugin in graph.plugins:
-                files[model.name][f"plugins/{plugin.name}"] = plugin
+        for plugin in plugins:
+            files[model.name][f"plugins/{plugin.name}"] = plugin
     if plan.needs_ensemble:
         if plan.name in configs:
             raise ConfigError(f"the pipeline name {plan.name!r} is also a model name; choose another 'name'")
@@ -122,8 +147,7 @@ def build_repository(
             configs[plan.name] = configs.pop(only.name)
             configs[plan.name].name = plan.name
             files[plan.name] = files.pop(only.name)
-    validate_repository(configs)
-    return plan, configs, files
+    return configs, files
 
 
 ModelFiles = dict[str, dict[str, Path]]

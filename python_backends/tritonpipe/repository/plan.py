@@ -12,12 +12,15 @@ name, from a node's ``map`` or else from the request, which then carries them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from ..contract import FanOutParams
 from ..engines.base import TensorIO
 from ..errors import ConfigError
-from ..pipeline.graph import Graph, Node, NodeSettings
-from ..pipeline.resolved import ResolvedStage
+from ..pipeline.graph import Graph, Node
+from ..pipeline.resolved import ResolvedStage, Role
+from ..pipeline.settings import NodeSettings
 from ..registry import did_you_mean
 from ..spec import SpecError, TensorSpec
 from ..stages.control import Sequential
@@ -67,20 +70,22 @@ class RepositoryPlan:
     steps: list[Step] = field(default_factory=list)
     ensemble_inputs: list[Port] = field(default_factory=list)
     ensemble_outputs: list[Port] = field(default_factory=list)
+    #: for a graph that fans out: the orchestrator's plan (the entry model; no ensemble then)
+    fan_out: FanOutParams | None = None
 
     @property
     def needs_ensemble(self) -> bool:
-        return len(self.models) > 1
+        return len(self.models) > 1 and self.fan_out is None
 
 
 def _segments(tree: ResolvedStage, fuse: bool = False) -> list[tuple[bool, list[ResolvedStage]]]:
     """Split a node's top-level chain into (is_model, stages) runs; ``fuse`` keeps it whole."""
-    chain = tree.children if tree.role == "sequence" else (tree,)
+    chain = tree.children if tree.role == Role.SEQUENCE else (tree,)
     segments: list[tuple[bool, list[ResolvedStage]]] = []
     for child in chain:
-        if child.contains("model"):
+        if child.contains(Role.MODEL):
             _check_model_branch(child)
-        if child.contains("model") and not fuse:
+        if child.contains(Role.MODEL) and not fuse:
             segments.append((True, [child]))
         elif segments and not segments[-1][0]:
             segments[-1][1].append(child)
@@ -92,7 +97,7 @@ def _segments(tree: ResolvedStage, fuse: bool = False) -> list[tuple[bool, list[
 def _check_model_branch(node: ResolvedStage) -> None:
     """A model stage may only be wrapped (SyncTensor[Torch[TensorrtTensor]]), not mixed with other work."""
     current = node
-    while current.role != "model":
+    while current.role != Role.MODEL:
         if len(current.children) != 1:
             raise ConfigError(
                 f"{current.name}[...] mixes a model stage with other stages; put the model stage in its own "
@@ -104,17 +109,25 @@ def _check_model_branch(node: ResolvedStage) -> None:
 def entry_spec(tree: ResolvedStage) -> TensorSpec:
     """What a chain takes as ``data``: the first stage's :meth:`~Stage.entry_spec`, past wrappers."""
     node = tree
-    while node.role in ("wrapper", "sequence") and node.children:
+    while node.role in (Role.WRAPPER, Role.SEQUENCE) and node.children:
         node = node.children[0]
     return node.cls.entry_spec(dict(node.params))
 
 
-def named_inputs(tree: ResolvedStage) -> list[TensorIO]:
-    """Inputs besides ``data`` that the model stages of a chain read from their items, by name."""
+def named_inputs(tree: ResolvedStage, available: Collection[str] = ()) -> list[TensorIO]:
+    """Inputs besides ``data`` that the stages of a chain read from their items, by name.
+
+    A model stage's other inputs, what other stages declare (:meth:`Stage.extra_inputs`), and
+    those of their optional inputs (:meth:`Stage.optional_inputs`) among ``available``.
+    """
     ios: list[TensorIO] = []
     for node in tree.walk():
-        if node.role == "model":
+        if node.role == Role.MODEL:
             ios += node.cls.io(dict(node.params))[0][1:]
+            continue
+        params = dict(node.params)
+        ios += [TensorIO(key, spec) for key, spec in node.cls.extra_inputs(params).items()]
+        ios += [TensorIO(key, spec) for key, spec in node.cls.optional_inputs(params).items() if key in available]
     return ios
 
 
@@ -146,8 +159,12 @@ def _segment_name(node: Node, index: int, count: int, is_model: bool, used: set[
     return name
 
 
-def plan_repository(graph: Graph) -> RepositoryPlan:
-    """Cut every node into models, propagate descriptions, and wire the ensemble."""
+def plan_repository(graph: Graph, entry: TensorSpec | None = None) -> RepositoryPlan:
+    """Cut every node into models, propagate descriptions, and wire the ensemble.
+
+    ``entry`` is what the request brings as the entry node's ``data``; None: what its first stage
+    takes (:func:`entry_spec`).  The per-item part of a graph that fans out is fed items.
+    """
     plan = RepositoryPlan(name=graph.name, models=[])
     #: node name -> its outputs by item key ("result" and extra outputs): (ensemble tensor, spec)
     produced: dict[str, dict[str, tuple[str, TensorSpec]]] = {}
@@ -170,8 +187,8 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
             tree = _sequence(stages)
             try:
                 if fed is None:  # the pipeline's entry: the request brings what the first stage takes
-                    fed = {PRIMARY_KEY: ("", entry_spec(tree))}
-                model, spec = _plan_model(name, node, tree, fed[PRIMARY_KEY][1], is_model)
+                    fed = {PRIMARY_KEY: ("", entry or entry_spec(tree))}
+                model, spec = _plan_model(name, node, tree, fed[PRIMARY_KEY][1], is_model, available=set(fed))
             except SpecError as exc:
                 raise ConfigError(f"node {node.name!r}, model {name!r}: {exc}") from None
             plan.models.append(model)
@@ -186,7 +203,8 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
                     extra_ports.append((tensor, port))
                     outputs[port.key] = (tensor, port.spec)
             plan.steps.append(step)
-            fed = {**fed, PRIMARY_KEY: (step.output_map[model.outputs[0].name], spec)}
+            # the node's later models read what its earlier ones wrote (a letterbox's inverse_transform)
+            fed = {**fed, **outputs, PRIMARY_KEY: (step.output_map[model.outputs[0].name], spec)}
         unread = sorted({link.target_key for link in node.map} - read_by_name)
         if unread:
             raise ConfigError(
@@ -216,10 +234,8 @@ def plan_repository(graph: Graph) -> RepositoryPlan:
 
 
 def _predecessors(graph: Graph) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {name: [] for name in graph.nodes}
-    for node in graph.nodes.values():
-        for target in node.next:
-            found[target].append(node.name)
+    """The graph's predecessors, once every node with several says which one gives its data."""
+    found = graph.predecessors()
     for node in graph.nodes.values():
         if len(found[node.name]) > 1 and not node.map:
             raise ConfigError(
@@ -270,12 +286,12 @@ def _input_tensor(
 
 
 def _plan_model(
-    name: str, node: Node, tree: ResolvedStage, spec: TensorSpec, is_model: bool
+    name: str, node: Node, tree: ResolvedStage, spec: TensorSpec, is_model: bool, available: Collection[str] = ()
 ) -> tuple[ModelPlan, TensorSpec]:
     wants_gpu = any(n.cls.wants_gpu for n in tree.walk())
-    named = [Port(io.name, io.spec, io.name) for io in named_inputs(tree)]
+    named = [Port(io.name, io.spec, io.name) for io in named_inputs(tree, available)]
     if is_model:
-        stage = tree.find("model")
+        stage = tree.find(Role.MODEL)
         model_inputs, model_outputs = stage.cls.io(dict(stage.params))
         out_spec = infer_tree(tree, spec)
         inputs = [Port(model_inputs[0].name, model_inputs[0].spec, PRIMARY_KEY), *named]
@@ -288,7 +304,7 @@ def _plan_model(
     if len(set(taken)) != len(taken):
         raise ConfigError(f"node {node.name!r}: model {name!r} would have two inputs named {PYTHON_INPUT!r}; rename the model's")
     primary = "OUTPUT"
-    stage = tree.find("model")
+    stage = tree.find(Role.MODEL)
     if stage is not None:  # a fused model stage keeps its model's output names
         primary = stage.cls.io(dict(stage.params))[1][0].name
     outputs = [Port(primary, out_spec, PRIMARY_KEY)]

@@ -19,6 +19,7 @@ other keys (``"color"``, extra outputs).  Stages are registered under a name wit
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,6 +100,28 @@ def _fmt(bound: float | None) -> str:
     return "-inf" if bound is None else str(bound)
 
 
+class Role(str, enum.Enum):
+    """What a stage is to the generator: what a stage class declares as its ``role``.
+
+    Members are strings, equal to the declared ones, and print as them.
+    """
+
+    #: a step fused with its neighbours into one preprocessing model
+    PROCESS = "process"
+    #: gets a Triton model of its own
+    MODEL = "model"
+    #: wraps child stages, like ``SyncTensor[...]``
+    WRAPPER = "wrapper"
+    #: chains child stages, like ``S[A,B]``
+    SEQUENCE = "sequence"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 class Stage:
     """Base class of every stage.
 
@@ -106,16 +129,16 @@ class Stage:
 
     - ``params``: the parameters it takes;
     - ``wants_gpu``: it runs on the GPU when the instance has one (it still runs on the CPU);
-    - ``role``: ``"process"`` (a preprocessing step fused with its neighbours into one model),
-      ``"model"`` (gets a Triton model of its own) or ``"wrapper"`` (wraps child stages,
-      like ``SyncTensor[...]``).
+    - ``role``: a :class:`Role`: ``PROCESS`` (a preprocessing step fused with its neighbours into
+      one model), ``MODEL`` (gets a Triton model of its own), ``WRAPPER`` (wraps child stages,
+      like ``SyncTensor[...]``) or ``SEQUENCE`` (chains them, like ``S[...]``).
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[dict[str, Param]] = {}
     wants_gpu: ClassVar[bool] = False
-    role: ClassVar[str] = "process"
+    role: ClassVar[Role] = Role.PROCESS
     #: what the stage reads from ``data`` and writes to ``result``, for the stage table
     input_doc: ClassVar[str] = "any"
     output_doc: ClassVar[str] = "same as input"
@@ -155,6 +178,23 @@ class Stage:
         Encoded images by default; a stage that takes tensors from the request says which.
         """
         return ENCODED_IMAGE
+
+    @classmethod
+    def extra_inputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        """Inputs besides ``data`` that the stage reads from each item, by item key.
+
+        A graph routes them in with ``map`` (``detect[result:box]``); otherwise the request carries them.
+        """
+        return {}
+
+    @classmethod
+    def optional_inputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        """Inputs the stage reads from each item when they are there, by item key.
+
+        They reach the stage when an earlier stage of its node or a ``map`` gives them; the
+        request is never asked for them.
+        """
+        return {}
 
     @classmethod
     def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:

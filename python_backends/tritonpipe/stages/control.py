@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import InternalError, StageError
-from .base import MapStage, Param, Stage, register
+from .base import MapStage, Param, Role, Stage, register
 
 log = logging.getLogger("tritonpipe")
 
@@ -114,7 +114,7 @@ def run_chain(stages: list[Stage], batch: list[dict[str, Any]]) -> None:
 class Container(Stage):
     """A stage made of child stages; its result is the last child's."""
 
-    role = "wrapper"
+    role = Role.WRAPPER
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
         run_chain(self.children, batch)
@@ -130,7 +130,7 @@ class Sequential(Container):
     input_doc = "the first child's input"
     output_doc = "the last child's output"
 
-    role = "sequence"
+    role = Role.SEQUENCE
 
 
 @register("SyncTensor")

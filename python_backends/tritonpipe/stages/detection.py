@@ -23,6 +23,8 @@ _T = TypeVar("_T")
 _SIDE = dict(low=1, high=MAX_SIDE)
 _PAD = dict(low=0, high=MAX_SIDE)
 _INVERSE = {"inverse_transform": TensorSpec("FP32", (1, 4), batched=True)}
+#: boxes of one request: N rows of x1, y1, x2, y2 (and whatever follows, such as Yolo11Post's score and class)
+_BOXES = TensorSpec("FP32", (1, -1, -1), batched=True)
 
 
 def _param(stage: str, parse: Callable[..., _T], *args: Any) -> _T:
@@ -102,6 +104,58 @@ class CropTensor(_KernelStage):
         _expect(cls.name, spec, rank=4, batched=True)
         cls._fixed_box(params)
         return TensorSpec(spec.dtype, (1, spec.shape[1], -1, -1), batched=True)
+
+
+@register("CropResizeTensor")
+class CropResizeTensor(_KernelStage):
+    """Crops every box of the item's ``box`` key out of a 1xCxHxW tensor, each resized to ``resize_h``x``resize_w``.
+
+    The boxes are N rows of ``x1, y1, x2, y2`` in pixels (extra columns such as Yolo11Post's score
+    and class are ignored), N from 0 up; a graph routes them in with ``map``, e.g.
+    ``map = "image[result:data],detect[result:box]"``.  Each crop takes the pixels CropTensor
+    takes, then ResizeTensor's bilinear resize; all crops of a request are resized together (one
+    kernel launch on a GPU).  The output, float32 1xNxCx``resize_h``x``resize_w``, is what a node
+    with ``for_each`` runs its model on, one crop at a time; ``boxes`` (1xNxk) passes the boxes on,
+    row for row with the crops, so that answers carry them.  No box gives N = 0, not an error; a
+    box empty inside the image fails its request, naming the box.
+    """
+
+    input_doc = "1xCxHxW tensor; boxes (N x 4 or more, or 1 x N x 4 or more) from the item's `box` key"
+    output_doc = "float32 1xNxCx`resize_h`x`resize_w`; `boxes` float32 1xNxk, the boxes as given"
+
+    wants_gpu = True
+    params = {
+        "resize_h": Param(int, **_SIDE, doc="height of each crop"),
+        "resize_w": Param(int, **_SIDE, doc="width of each crop"),
+    }
+
+    def init(self, params: dict[str, Any]) -> None:
+        self.height, self.width = params["resize_h"], params["resize_w"]
+
+    def run(self, data: Any, item: dict[str, Any]) -> Any:
+        image = _nchw(data, self.name).to(self.device, non_blocking=True)
+        if "box" not in item:
+            raise StageError(f"{self.name} needs the boxes in the item's `box` key; route them with map, e.g. detect[result:box]")
+        crops = kernels.crop_resize(image, item["box"], self.height, self.width).unsqueeze(0)
+        boxes = item["box"]
+        if not isinstance(boxes, torch.Tensor):
+            rows = kernels.box_rows(boxes)
+            boxes = torch.tensor(rows, dtype=torch.float32) if rows else torch.zeros(0, 4)
+        item["boxes"] = (boxes if boxes.dim() == 3 else boxes.unsqueeze(0)).float()
+        return crops
+
+    @classmethod
+    def extra_inputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        return {"box": _BOXES}
+
+    @classmethod
+    def extra_outputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        return {"boxes": _BOXES}
+
+    @classmethod
+    def infer(cls, params: dict[str, Any], spec: TensorSpec) -> TensorSpec:
+        _expect(cls.name, spec, rank=4, batched=True)
+        return TensorSpec("FP32", (1, -1, spec.shape[1], params["resize_h"], params["resize_w"]), batched=True)
 
 
 @register("CopyMakeBorderTensor")
@@ -385,6 +439,10 @@ class Yolo11Post(_KernelStage):
 
     def init(self, params: dict[str, Any]) -> None:
         self.conf_thres, self.iou_thres, self.max_det = params["conf_thres"], params["iou_thres"], params["max_det"]
+
+    @classmethod
+    def optional_inputs(cls, params: dict[str, Any]) -> dict[str, TensorSpec]:
+        return dict(_INVERSE)  # a letterbox earlier in the node maps the boxes back to the source image
 
     def run(self, data: Any, item: dict[str, Any]) -> Any:
         head = kernels.check_yolo_head(data)

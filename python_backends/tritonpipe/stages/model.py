@@ -21,7 +21,7 @@ from ..engines.postprocess import lookup_postprocessor
 from ..engines.profiles import largest_batch, resolve_profiles
 from ..errors import ConfigError, StageError
 from ..spec import SpecError, TensorSpec
-from .base import Param, Stage, register
+from .base import Param, Role, Stage, register
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class TensorrtTensor(Stage):
     output becomes ``result`` and other outputs are written to the item under their own names.
     """
 
-    role = "model"
+    role = Role.MODEL
     wants_gpu = True
     params = {
         "model": Param(str, doc="model file: .onnx, a TensorRT plan (.plan/.trt/.engine), TorchScript (.ts/.pt) or torch.export (.pt2)", file=True),

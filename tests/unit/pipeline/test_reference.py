@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonpipe.pipeline import graph
+from tritonpipe.pipeline import graph, routing, settings
 from tritonpipe.pipeline.reference import NODE_KEYS, REGENERATE, TOP_LEVEL_KEYS, config_reference_markdown, example
 from tritonpipe.stages.catalog import stage_classes
 
@@ -30,8 +30,8 @@ def _row(key: str) -> str:
 
 def test_every_key_the_loader_reads_has_a_row():
     text = config_reference_markdown()
-    assert set(NODE_KEYS) >= set(graph._STRUCTURE_KEYS) and graph.GLOBAL_TABLE in TOP_LEVEL_KEYS
-    keys = [*TOP_LEVEL_KEYS, *NODE_KEYS, *graph.TRITON_KEYS, *graph.TORCHPIPE_ONLY]
+    assert set(NODE_KEYS) >= set(routing.STRUCTURE_KEYS) and graph.GLOBAL_TABLE in TOP_LEVEL_KEYS
+    keys = [*TOP_LEVEL_KEYS, *NODE_KEYS, *settings.TRITON_KEYS, *routing.TORCHPIPE_ONLY]
     assert [k for k in keys if _row(k) not in text] == []
     for name, key, _ in STAGE_PARAMS:
         section = text.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
@@ -43,7 +43,7 @@ def test_every_key_the_loader_reads_has_a_row():
 NEEDS = {"preferred_batch_size": {"max": 8}, "default_priority_level": {"priority_levels": 2}}
 
 
-@pytest.mark.parametrize(("key", "param"), list(graph.TRITON_KEYS.items()))
+@pytest.mark.parametrize(("key", "param"), list(settings.TRITON_KEYS.items()))
 def test_each_triton_key_example_is_a_node_key_the_loader_takes(key, param):
     value = tomllib.loads(example(key, param))[key]
     config = {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8, **NEEDS.get(key, {}), key: value}

@@ -9,7 +9,7 @@ import torch
 from tritonpipe import load_graph
 from tritonpipe.contract import PARAM_CORES, CpuCores, ModelParams
 from tritonpipe.errors import ConfigError
-from tritonpipe.pipeline.graph import NodeSettings
+from tritonpipe.pipeline.settings import NodeSettings
 from tritonpipe.repository.cores import Workers, host_cores, share_cores
 from tritonpipe.repository.generate import build_repository, generate_repository
 from tritonpipe.stages.function import Function

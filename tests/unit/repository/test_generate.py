@@ -9,7 +9,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonpipe.errors import ConfigError
 from tritonpipe.examples import EXAMPLE_DIR
-from tritonpipe.pipeline.graph import load_graph, read_config_file
+from tritonpipe.pipeline.files import read_config_file
+from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.configs import from_text, validate_repository
 from tritonpipe.repository.generate import build_repository, generate_repository
 

@@ -7,7 +7,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonpipe.errors import ConfigError
-from tritonpipe.pipeline.graph import compose_config, load_graph, parse_overrides
+from tritonpipe.pipeline.files import compose_config, parse_overrides
+from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import build_repository, generate_repository
 from tritonpipe.server.owner import RESPONSE_CACHE_CONFIG, TritonServer
 

@@ -18,12 +18,12 @@ from ...contract import PARAM_PIPELINE
 from ...errors import ConfigError
 from ...examples import EXAMPLE_DIR, export_classifier
 from ...model.runtime import pick_device
+from ...pipeline.files import read_config_file
 from ...pipeline.grammar import parse_backend
-from ...pipeline.graph import Graph, load_graph, read_config_file
+from ...pipeline.graph import Graph, load_graph, set_node_keys
 from ...repository.configs import validate_repository
 from ...repository.generate import GeneratedRepository, build_repository, write_repository
 from ...stages import load_builtin_stages
-from ...stages.base import find_stage
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
 from .baseline import Baseline, add_baseline
@@ -61,6 +61,8 @@ class BenchOptions:
     instances: int | None = None
     max_batch: int | None = None
     batching_timeout: float | None = None
+    #: node keys set on every node that takes them, as ``--set KEY=VALUE`` writes them; ``Stage::key`` for one stage
+    settings: dict[str, str] = field(default_factory=dict)
     baseline_instances: int | None = None
     device: str = "auto"
     triton_home: str | None = None
@@ -82,45 +84,20 @@ class BenchResult:
     stages: list[StageTimes] = field(default_factory=list)
 
 
-def _tables(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The dicts whose keys reach each node: the config itself, or each node table."""
-    if "backend" in config:
-        return [config]
-    return [value for value in config.values() if isinstance(value, dict)]
+def apply_overrides(config: dict[str, Any], /, *, base_dir: Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """``config`` with each override set on the nodes that take it; None leaves a key as the config has it.
 
-
-def _stage_takes(table: dict[str, Any], shared: dict[str, Any], key: str) -> bool:
-    """Whether a stage of this node's backend declares ``key`` (unknown names are skipped)."""
-    texts = [table.get("backend", shared.get("backend", ""))]
-    texts += [v for k, v in {**shared, **table}.items() if k.lower().endswith("::backend")]
-    for text in filter(None, texts):
-        for node in parse_backend(str(text)).walk():
-            cls = find_stage(node.name)
-            if cls is not None and key in cls.params:
-                return True
-    return False
-
-
-def apply_overrides(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """Set ``model``/``engine`` on the nodes whose stages take them, Triton keys on every node."""
+    Keys are routed as the loader routes them: Triton keys reach every node, ``model`` and
+    ``engine`` the nodes whose stages take them, ``Stage::key`` the nodes with that stage (and
+    only that stage reads it).  ``base_dir`` is the folder of the plugins the config names.
+    """
     load_builtin_stages()
-    config = dict(config)
-    tables = _tables(config)
-    if tables and tables[0] is not config:
-        tables = [dict(t) for t in tables]
-        names = [k for k, v in config.items() if isinstance(v, dict)]
-        config.update(zip(names, tables))
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key in ("model", "engine"):
-            hits = [t for t in tables if _stage_takes(t, config, key)]
-            if not hits:
-                raise ConfigError(f"--{key} given, but no stage of the pipeline takes {key!r}")
-        else:
-            hits = tables
-        for table in hits:
-            table[key] = value
+    given = {key: value for key, value in overrides.items() if value is not None}
+    config, untaken = set_node_keys(config, given, base_dir)
+    if untaken:
+        key = untaken[0]
+        flag = f"--{key}" if key in ("model", "engine") else f"--set {key}"  # the options with a flag of their own
+        raise ConfigError(f"{flag} given, but no stage of the pipeline takes {key!r}")
     return config
 
 
@@ -146,8 +123,9 @@ def load_pipeline(options: BenchOptions) -> tuple[Graph, str]:
         config, base_dir = dict(DEFAULT_PIPELINE), Path.cwd()
         model = (options.model or default_model(options.output)).resolve()
         what = "built-in default (the resnet18 example)"
+    config = apply_overrides(config, base_dir=base_dir, **options.settings)
     config = apply_overrides(
-        config, model=str(model) if model else None, engine=options.engine,
+        config, base_dir=base_dir, model=str(model) if model else None, engine=options.engine,
         instance_num=options.instances, max=options.max_batch, batching_timeout=options.batching_timeout,
     )
     graph = load_graph(config, base_dir=base_dir)

@@ -1,0 +1,127 @@
+"""The orchestrator of a graph that fans out: one request in, any number of items through a second model.
+
+A node with ``for_each`` runs once per item of what its predecessor produced (the detector's
+boxes, the crops made from them).  A Triton ensemble maps one request to one request, so the
+generator writes such a graph as two parts and this orchestrator between them:
+
+1. ``first`` runs once per request and answers, among its outputs, ``items``: a tensor whose
+   rows are the items (shape ``[1, N, ...]``, N from 0 up);
+2. ``each`` is called once per row, all rows of all requests at once (BLS ``async_exec``), so
+   that its dynamic batcher batches the items of many requests together;
+3. the request is answered with ``first``'s outputs as they came and ``each``'s outputs gathered
+   in item order, one row per item (``[1, N, ...]``; N = 0 gives an empty tensor, not an error).
+
+Limits: more than ``max_items`` rows fail the request (or keep the first ``max_items`` where the
+configuration says ``truncate``; ``first``'s outputs of one row per item are then cut alike); a request whose items are not all answered ``deadline_ms``
+after it arrived fails with the count answered.  Any failure fails its own request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..contract import FanOutParams
+from ..errors import InternalError, RequestError, TritonpipeError
+from ..spec import TRITON_TO_TORCH
+
+#: calls one model: (model name, inputs by name, wanted output names) -> outputs by name
+Call = Callable[[str, dict[str, Any], Sequence[str]], Awaitable[dict[str, torch.Tensor]]]
+
+
+class FanOut:
+    """Answers requests by the plan in ``params``; ``call`` reaches the other models."""
+
+    def __init__(self, params: FanOutParams, call: Call):
+        self.params = params
+        self.call = call
+
+    async def answer(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One request's outputs by name; raises the request's own error."""
+        params = self.params
+        started = time.monotonic()
+        first = await self.call(params.first, inputs, params.first_outputs)
+        items = first[params.items]
+        if items.dim() < 2 or items.shape[0] != 1:
+            raise RequestError(
+                f"send one image per request to a pipeline that fans out: {params.first!r} answered "
+                f"{params.items!r} of shape {list(items.shape)}, not [1, items, ...]"
+            )
+        rows = items[0]
+        count = rows.shape[0]
+        if count > params.max_items:
+            if not params.truncate:
+                raise RequestError(
+                    f"{count} items (rows of {params.items!r}) exceed max_items={params.max_items}; raise max_items, "
+                    "or set too_many = \"truncate\" to keep the first ones",
+                    reason="too_many_items",
+                )
+            rows = rows[: params.max_items]
+            count = params.max_items
+        answered = [0]
+
+        async def one(index: int) -> dict[str, torch.Tensor]:
+            try:
+                out = await self.call(params.each, {params.each_input: rows[index : index + 1].contiguous()},
+                                      [o.name for o in params.gathered])
+            except TritonpipeError as exc:
+                raise type(exc)(f"item {index} of {count}: {exc}") from None
+            answered[0] += 1
+            return out
+
+        left = params.deadline_ms / 1e3 - (time.monotonic() - started) if params.deadline_ms > 0 else None
+        calls = asyncio.gather(*(one(i) for i in range(count)))
+        try:
+            results = await (asyncio.wait_for(calls, max(left, 0.0)) if left is not None else calls)
+        except asyncio.TimeoutError:
+            raise InternalError(
+                f"deadline_ms={params.deadline_ms:g} passed with {answered[0]} of {count} items answered; "
+                "raise deadline_ms or add instances to the per-item model"
+            ) from None
+        outputs = {name: first[name] for name in params.first_outputs if name in params.passed}
+        if count < items.shape[1]:
+            # outputs of one row per item (the boxes the crops were cut from) are cut alike
+            outputs = {name: t[:, :count] if t.dim() >= 2 and t.shape[1] == items.shape[1] else t
+                       for name, t in outputs.items()}
+        for output in params.gathered:
+            if results:
+                outputs[output.name] = torch.cat([r[output.name] for r in results]).unsqueeze(0)
+            else:
+                outputs[output.name] = torch.empty((1, 0, *output.dims), dtype=TRITON_TO_TORCH[output.dtype])
+        return outputs
+
+    async def answer_all(self, requests_inputs: list[dict[str, Any]]) -> list[dict[str, torch.Tensor] | BaseException]:
+        """Every request at once; each gets its outputs or its own exception."""
+        return await asyncio.gather(*(self.answer(inputs) for inputs in requests_inputs), return_exceptions=True)
+
+
+def bls_call(pb_utils: Any) -> Call:
+    """A :data:`Call` over Triton's BLS: the request's own tensors go as they are, outputs come back via DLPack."""
+    from torch.utils.dlpack import to_dlpack
+
+    async def call(model: str, inputs: dict[str, Any], outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+        tensors = [
+            value if not isinstance(value, torch.Tensor) else pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
+            for name, value in inputs.items()
+        ]
+        request = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=list(outputs))
+        response = await request.async_exec()
+        if response.has_error():
+            error = response.error()
+            # a request the model refused as bad input stays the client's fault; anything else is ours
+            invalid = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+            bad = invalid is not None and hasattr(error, "code") and error.code() == invalid
+            raise (RequestError if bad else InternalError)(f"{model}: {error.message()} DEBUG {hasattr(error, 'code')} {error.code() if hasattr(error, 'code') else None} {invalid}")
+        found = {}
+        for name in outputs:
+            tensor = pb_utils.get_output_tensor_by_name(response, name)
+            if tensor is None:
+                raise InternalError(f"{model} answered without its output {name!r}")
+            found[name] = torch.from_dlpack(tensor.to_dlpack())
+        return found
+
+    return call
