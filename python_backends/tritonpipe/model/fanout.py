@@ -115,7 +115,7 @@ def bls_call(pb_utils: Any) -> Call:
             # a request the model refused as bad input stays the client's fault; anything else is ours
             invalid = getattr(pb_utils.TritonError, "INVALID_ARG", None)
             bad = invalid is not None and hasattr(error, "code") and error.code() == invalid
-            raise (RequestError if bad else InternalError)(f"{model}: {error.message()} DEBUG {hasattr(error, 'code')} {error.code() if hasattr(error, 'code') else None} {invalid}")
+            raise (RequestError if bad else InternalError)(f"{model}: {error.message()}")
         found = {}
         for name in outputs:
             tensor = pb_utils.get_output_tensor_by_name(response, name)
