@@ -19,6 +19,7 @@ after it arrived fails with the count answered.  Any failure fails its own reque
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -99,6 +100,25 @@ class FanOut:
         return await asyncio.gather(*(self.answer(inputs) for inputs in requests_inputs), return_exceptions=True)
 
 
+#: how the generic model words a failure that is not the request's fault: the exception's type first
+_OUR_FAULT = re.compile(r"(?:in ensemble '[^']*', )*[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt): ")
+#: what Triton itself says when a model cannot answer at all
+_SERVER_TROUBLE = ("is not healthy", "unavailable", "failed to", "not found", "exceeds maximum queue size", "cancelled")
+
+
+def blames_request(message: str) -> bool:
+    """Whether a BLS error message from one of the generated parts blames the request (INVALID_ARG).
+
+    Triton 2.51 hands BLS callers every error as INTERNAL, whatever the called model said, so the
+    orchestrator reads the message: the generic model words a bad request as its reason alone
+    (``not a JPEG image: ...``), and anything else with the exception's type first
+    (``InternalError: ...``, ``RuntimeError: ...``); Triton's own troubles (a stub that died, a full
+    queue) are named as such.
+    """
+    lowered = message.lower()
+    return not _OUR_FAULT.match(message) and not any(phrase in lowered for phrase in _SERVER_TROUBLE)
+
+
 def bls_call(pb_utils: Any) -> Call:
     """A :data:`Call` over Triton's BLS: the request's own tensors go as they are, outputs come back via DLPack."""
     from torch.utils.dlpack import to_dlpack
@@ -112,9 +132,9 @@ def bls_call(pb_utils: Any) -> Call:
         response = await request.async_exec()
         if response.has_error():
             error = response.error()
-            # a request the model refused as bad input stays the client's fault; anything else is ours
             invalid = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-            bad = invalid is not None and hasattr(error, "code") and error.code() == invalid
+            coded = invalid is not None and hasattr(error, "code") and error.code() == invalid
+            bad = coded or blames_request(error.message())
             raise (RequestError if bad else InternalError)(f"{model}: {error.message()}")
         found = {}
         for name in outputs:

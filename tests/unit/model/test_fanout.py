@@ -7,7 +7,7 @@ import torch
 
 from tritonpipe.contract import FanOutParams, GatheredOutput
 from tritonpipe.errors import ConfigError, InternalError, RequestError
-from tritonpipe.model.fanout import FanOut
+from tritonpipe.model.fanout import FanOut, blames_request
 
 
 def plan(**extra):
@@ -105,3 +105,16 @@ def test_the_plan_round_trips_through_the_config_parameter():
 def test_truncation_cuts_the_outputs_of_one_row_per_item_alike():
     out = run(FanOut(plan(truncate=True, max_items=3), Models()), count=5)
     assert out["boxes"].shape == (1, 3, 6) and out["scores"].shape == (1, 3, 3)
+
+
+@pytest.mark.parametrize("message, blamed", [
+    ("in ensemble 'spot_per_request', not a JPEG image: it does not start with the JPEG SOI marker FF D8", True),
+    ("box 0: box [70, 0, 90, 10] (x1, y1, x2, y2) is empty or inverted inside the 64x64 (WxH) image", True),
+    ("in ensemble 'spot_per_request', InternalError: the engine failed", False),
+    ("RuntimeError: CUDA out of memory", False),
+    ("in ensemble 'a', in ensemble 'b', torch.OutOfMemoryError: no memory", False),
+    ("Stub process 'spot_per_item_0_0' is not healthy.", False),
+    ("Exceeds maximum queue size", False),
+])
+def test_a_bls_error_blames_the_request_only_when_the_generic_model_says_so(message, blamed):
+    assert blames_request(message) is blamed
