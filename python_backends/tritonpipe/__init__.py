@@ -5,7 +5,7 @@
 - :class:`pipe` runs a configuration on a real server from Python.
 """
 
-from .errors import ConfigError, StageError
+from .errors import ConfigError, RequestError
 
 # Imported on first use: the stages pull in torch and the rest tritonclient, and neither is needed
 # to read a command's arguments or to import a light submodule; served models must not need tritonclient.
@@ -20,7 +20,7 @@ _LAZY = {
     "pipe": "client.pipe",
 }
 
-__all__ = ["ConfigError", "StageError", *_LAZY]
+__all__ = ["ConfigError", "RequestError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 - :class:`ConfigError`: the configuration (or a command-line argument) cannot be served; raised
   before anything is written.
-- :class:`RequestError` (also spelled :class:`StageError`): one request's input is bad; that
+- :class:`RequestError`: one request's input is bad; that
   request fails with INVALID_ARG and nothing else is affected.
 - :class:`InternalError`: tritonpipe, a model or an engine failed; the request fails with INTERNAL.
 
@@ -28,10 +28,6 @@ class RequestError(TritonpipeError):
     def __init__(self, message: str = "", reason: str = "bad_input"):
         super().__init__(message)
         self.reason = reason
-
-
-#: the name stages have always used for bad request input
-StageError = RequestError
 
 
 class InternalError(TritonpipeError):

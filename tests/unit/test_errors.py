@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from tritonpipe.errors import ConfigError, InternalError, RequestError, StageError, TritonpipeError, is_bad_input
+from tritonpipe.errors import ConfigError, InternalError, RequestError, TritonpipeError, is_bad_input
 from tritonpipe.pipeline.graph import load_graph
 
 
 def test_only_request_errors_blame_the_client():
-    assert is_bad_input(RequestError("bad jpeg")) and is_bad_input(StageError("bad jpeg"))
+    assert is_bad_input(RequestError("bad jpeg"))
     for exc in (ValueError("inside torch"), TypeError("x"), ConfigError("cfg"), InternalError("model"), KeyError("k")):
         assert not is_bad_input(exc)
 

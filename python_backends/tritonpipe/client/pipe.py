@@ -33,6 +33,7 @@ import torch
 from ..pipeline.graph import load_graph
 from ..repository.generate import generate_repository
 from ..server.owner import TritonServer
+from ..stages.base import DATA, RESULT
 from .client import InferError, PipelineClient, TensorInfo
 
 
@@ -83,13 +84,13 @@ class pipe:  # noqa: N801 - torchpipe's spelling
                 f"the model also takes {', '.join(map(repr, missing))}; put each in the dict under its name",
                 "INVALID_ARG",
             )
-        data = inputs["data"]
+        data = inputs[DATA]
         outputs = self.client.infer(
             request_array(data, first), extra={info.name: request_array(inputs[info.name], info) for info in named}
         )
         device = _device_of(data)
         primary, *extras = self.client.outputs
-        inputs["result"] = _tensor(outputs[primary.name], device)
+        inputs[RESULT] = _tensor(outputs[primary.name], device)
         for extra in extras:
             inputs[extra.name.lower()] = _tensor(outputs[extra.name], device)
 
@@ -99,7 +100,7 @@ class pipe:  # noqa: N801 - torchpipe's spelling
         A sample is what ``data`` may be: bytes, a tensor or an array.  When samples fail, the others
         still finish, then the first failure is raised with its index.
         """
-        items = [{"data": sample} for sample in samples]
+        items = [{DATA: sample} for sample in samples]
         failures: dict[int, InferError] = {}
 
         def send(index: int) -> None:
@@ -114,7 +115,7 @@ class pipe:  # noqa: N801 - torchpipe's spelling
             first = min(failures)
             more = f" ({len(failures) - 1} more of {len(items)} failed)" if len(failures) > 1 else ""
             raise InferError(f"input {first}: {failures[first]}{more}", failures[first].status)
-        return [item["result"] for item in items]
+        return [item[RESULT] for item in items]
 
     def close(self) -> None:
         client = getattr(self, "client", None)  # absent when __init__ failed

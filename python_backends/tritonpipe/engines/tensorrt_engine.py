@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..choices import PRECISIONS
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, RequestError
 from ..optional import importable, why_missing
 from ..spec import TRITON_TO_TORCH, TensorSpec
 from . import cache
@@ -401,7 +401,7 @@ class TensorRTEngine:
         index = pick_profile(self.profiles, shapes)
         if index is None:
             ranges = "; ".join(f"{fmt(p.min[0])} .. {fmt(p.max[0])}" for p in self.profiles)
-            raise StageError(f"input shapes {', '.join(map(fmt, shapes))} fit no engine profile ({ranges})")
+            raise RequestError(f"input shapes {', '.join(map(fmt, shapes))} fit no engine profile ({ranges})")
         if index != self.profile:
             self.context.set_optimization_profile_async(index, stream.cuda_stream)
             self.profile = index

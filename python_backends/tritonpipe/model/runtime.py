@@ -21,6 +21,7 @@ from ..errors import ConfigError, InternalError
 from ..pipeline.grammar import parse_backend
 from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
+from ..stages.base import DATA, ERROR
 from ..stages.control import run_chain
 
 #: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
@@ -137,7 +138,7 @@ class ModelRuntime:
                 items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
                 self.run(items)
                 count += batch
-                failed = next((item["error"] for item in items if "error" in item), None)
+                failed = next((item[ERROR] for item in items if ERROR in item), None)
                 if failed is not None:
                     return count, f"{type(failed).__name__}: {failed}"
         if on_gpu:
@@ -188,8 +189,8 @@ class ModelRuntime:
         """
         results: list[dict[str, torch.Tensor] | BaseException] = []
         for item in items:
-            if "error" in item:
-                results.append(item["error"])
+            if ERROR in item:
+                results.append(item[ERROR])
                 continue
             try:
                 results.append({name: self.output(item, name) for name in self.outputs})
@@ -210,7 +211,7 @@ class ModelRuntime:
         """
         key = self.outputs[name]
         # the chain leaves its last stage's result under "data"; extra outputs keep their own keys
-        producer = f"stage {self.last_stage}" if key == "data" else f"the stage writing {key!r}"
+        producer = f"stage {self.last_stage}" if key == DATA else f"the stage writing {key!r}"
         if key not in item:
             raise InternalError(f"{producer} wrote no {key!r} for output {name!r}")
         value = item[key]

@@ -21,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from ..contract import FanOutParams
-from ..errors import StageError, is_bad_input
+from ..errors import RequestError, is_bad_input
+from ..stages.base import ERROR
 from ..stages.control import set_stage_sink
 from .fanout import FanOut, bls_call
 from .metrics import GPU_STEP, STEP_PREFIX, STEPS, StageMetrics
@@ -32,7 +33,7 @@ log = logging.getLogger("tritonpipe")
 
 def _error(exc: BaseException) -> pb_utils.TritonError:
     code = getattr(pb_utils.TritonError, "INVALID_ARG" if is_bad_input(exc) else "INTERNAL", None)
-    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc)
+    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RequestError) else str(exc)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
@@ -128,10 +129,10 @@ class TritonPythonModel:
             for name, key in self.runtime.inputs.items():
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
-                    raise StageError(f"input {name!r} is missing")
+                    raise RequestError(f"input {name!r} is missing")
                 item[key] = torch.from_dlpack(tensor.to_dlpack())
         except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
-            item["error"] = exc if isinstance(exc, StageError) else StageError(f"cannot read the request: {exc}")
+            item[ERROR] = exc if isinstance(exc, RequestError) else RequestError(f"cannot read the request: {exc}")
         return item
 
     def _respond(self, result: dict[str, torch.Tensor] | BaseException):

@@ -20,10 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
+from ..stages.base import DATA, RESULT
 from .graph import Graph, MapLink, Node
-
-DATA = "data"
-RESULT = "result"
 
 
 @dataclass

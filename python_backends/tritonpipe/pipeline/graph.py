@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stages import importing_file, load_plugin
-from ..stages.base import did_you_mean
+from ..stages.base import DATA, did_you_mean
 from .files import read_config_file
 from .names import check_name
 from .objects import node_tables
@@ -328,7 +328,7 @@ def _link_maps(nodes: dict[str, Node]) -> None:
                     "through next first"
                 )
             links.append(MapLink(source, link.source_key, link.target_key))
-        if links and "data" not in {link.target_key for link in links}:
+        if links and DATA not in {link.target_key for link in links}:
             raise ConfigError(
                 f"{where}: map must feed 'data', the input of the node's first stage; add e.g. "
                 f"{links[0].source}[result:data]"

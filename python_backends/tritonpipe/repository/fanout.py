@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from ..pipeline.fanout import FanOutSplit
 from ..pipeline.graph import Graph
 from ..spec import TensorSpec
-from .plan import PRIMARY_KEY, RESULT_KEY, Port, RepositoryPlan, plan_repository
+from ..stages.base import DATA, RESULT
+from .plan import Port, RepositoryPlan, plan_repository
 
 #: requests one orchestrator instance takes at once (one image each)
 ORCHESTRATOR_BATCH = 64
@@ -72,7 +73,7 @@ def plan_fan_out(graph: Graph, split: FanOutSplit) -> tuple[RepositoryPlan, tupl
 
 def _items(first: RepositoryPlan, split: FanOutSplit) -> tuple[Port, TensorSpec]:
     """The per-request part's output that holds the items, and what one item is (``[1, ...]``)."""
-    key = PRIMARY_KEY if split.key == RESULT_KEY else split.key
+    key = DATA if split.key == RESULT else split.key
     models = [model for model in first.models if model.node == split.source]
     found = next(((m, p) for m in reversed(models) for p in m.outputs if p.key == key), None)
     if found is None:

@@ -23,12 +23,10 @@ from ..pipeline.resolved import ResolvedStage, Role
 from ..pipeline.settings import NodeSettings
 from ..registry import did_you_mean
 from ..spec import SpecError, TensorSpec
+from ..stages.base import DATA, RESULT
 from ..stages.control import Sequential
 from .cores import Workers
 
-PRIMARY_KEY = "data"
-#: the item key of a node's primary output, as ``map`` names it
-RESULT_KEY = "result"
 #: the Triton name of a preprocessing model's primary input
 PYTHON_INPUT = "INPUT"
 
@@ -187,8 +185,8 @@ def plan_repository(graph: Graph, entry: TensorSpec | None = None) -> Repository
             tree = _sequence(stages)
             try:
                 if fed is None:  # the pipeline's entry: the request brings what the first stage takes
-                    fed = {PRIMARY_KEY: ("", entry or entry_spec(tree))}
-                model, spec = _plan_model(name, node, tree, fed[PRIMARY_KEY][1], is_model, available=set(fed))
+                    fed = {DATA: ("", entry or entry_spec(tree))}
+                model, spec = _plan_model(name, node, tree, fed[DATA][1], is_model, available=set(fed))
             except SpecError as exc:
                 raise ConfigError(f"node {node.name!r}, model {name!r}: {exc}") from None
             plan.models.append(model)
@@ -199,22 +197,22 @@ def plan_repository(graph: Graph, entry: TensorSpec | None = None) -> Repository
             for port in model.outputs:
                 tensor = f"{name}.{port.name}"
                 step.output_map[port.name] = tensor
-                if port.key != PRIMARY_KEY:
+                if port.key != DATA:
                     extra_ports.append((tensor, port))
                     outputs[port.key] = (tensor, port.spec)
             plan.steps.append(step)
             # the node's later models read what its earlier ones wrote (a letterbox's inverse_transform)
-            fed = {**fed, **outputs, PRIMARY_KEY: (step.output_map[model.outputs[0].name], spec)}
+            fed = {**fed, **outputs, DATA: (step.output_map[model.outputs[0].name], spec)}
         unread = sorted({link.target_key for link in node.map} - read_by_name)
         if unread:
             raise ConfigError(
                 f"node {node.name!r}: map feeds {', '.join(map(repr, unread))}, which no stage of the node reads"
-                f"{did_you_mean(unread[0], sorted(read_by_name - {PRIMARY_KEY}))}; it reads "
+                f"{did_you_mean(unread[0], sorted(read_by_name - {DATA}))}; it reads "
                 f"{', '.join(map(repr, sorted(read_by_name)))}"
             )
-        produced[node.name] = {**outputs, RESULT_KEY: fed[PRIMARY_KEY]}
+        produced[node.name] = {**outputs, RESULT: fed[DATA]}
         if not node.next:
-            terminal_ports.append((fed[PRIMARY_KEY][0], plan.models[-1].outputs[0]))
+            terminal_ports.append((fed[DATA][0], plan.models[-1].outputs[0]))
     plan.ensemble_inputs = list(requested.values())
     peers = tuple(Workers(model.name, model.settings, model.wants_gpu) for model in plan.models)
     for model in plan.models:
@@ -222,7 +220,7 @@ def plan_repository(graph: Graph, entry: TensorSpec | None = None) -> Repository
 
     names: set[str] = set()
     for tensor, port in terminal_ports + extra_ports:
-        public = port.name if len(terminal_ports) == 1 or port.key != PRIMARY_KEY else f"{tensor.split('.')[0]}_{port.name}"
+        public = port.name if len(terminal_ports) == 1 or port.key != DATA else f"{tensor.split('.')[0]}_{port.name}"
         if public in names:
             public = tensor.replace(".", "_")
         names.add(public)
@@ -250,7 +248,7 @@ def _node_inputs(
 ) -> dict[str, tuple[str, TensorSpec]] | None:
     """A node's inputs by item key: (ensemble tensor, spec); None for the entry node, fed by the request."""
     if not node.map:
-        return {PRIMARY_KEY: produced[predecessors[0]][RESULT_KEY]} if predecessors else None
+        return {DATA: produced[predecessors[0]][RESULT]} if predecessors else None
     fed = {}
     for link in node.map:
         outputs = produced[link.source]
@@ -294,12 +292,12 @@ def _plan_model(
         stage = tree.find(Role.MODEL)
         model_inputs, model_outputs = stage.cls.io(dict(stage.params))
         out_spec = infer_tree(tree, spec)
-        inputs = [Port(model_inputs[0].name, model_inputs[0].spec, PRIMARY_KEY), *named]
-        outputs = [Port(model_outputs[0].name, model_outputs[0].spec, PRIMARY_KEY)]
+        inputs = [Port(model_inputs[0].name, model_inputs[0].spec, DATA), *named]
+        outputs = [Port(model_outputs[0].name, model_outputs[0].spec, DATA)]
         outputs += [Port(io.name, io.spec, io.name) for io in model_outputs[1:]]
         return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, True), out_spec
     out_spec = infer_tree(tree, spec)
-    inputs = [Port(PYTHON_INPUT, spec, PRIMARY_KEY), *named]
+    inputs = [Port(PYTHON_INPUT, spec, DATA), *named]
     taken = [port.name for port in inputs]
     if len(set(taken)) != len(taken):
         raise ConfigError(f"node {node.name!r}: model {name!r} would have two inputs named {PYTHON_INPUT!r}; rename the model's")
@@ -307,7 +305,7 @@ def _plan_model(
     stage = tree.find(Role.MODEL)
     if stage is not None:  # a fused model stage keeps its model's output names
         primary = stage.cls.io(dict(stage.params))[1][0].name
-    outputs = [Port(primary, out_spec, PRIMARY_KEY)]
+    outputs = [Port(primary, out_spec, DATA)]
     outputs += [Port(key, extra, key) for key, extra in extra_outputs(tree).items()]
     return ModelPlan(name, node.name, tree, node.settings, inputs, outputs, wants_gpu, False), out_spec
 

@@ -26,9 +26,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, RequestError
 from ..registry import Registry, did_you_mean, origin
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
+
+#: item keys of the stage contract: what a stage reads, what it writes, and a request's own failure
+DATA = "data"
+RESULT = "result"
+ERROR = "error"
 
 _REQUIRED = object()
 #: ``Stage.max()`` of a stage that takes batches of any size
@@ -211,9 +216,9 @@ class MapStage(Stage):
     def forward(self, batch: list[dict[str, Any]]) -> None:
         for item in batch:
             try:
-                item["result"] = self.apply(item["data"], item)
+                item[RESULT] = self.apply(item[DATA], item)
             except Exception as exc:  # noqa: BLE001 - the error belongs to this request
-                item["error"] = exc
+                item[ERROR] = exc
 
 
 # --- registry -------------------------------------------------------------------------
@@ -285,7 +290,7 @@ __all__ = [
     "Param",
     "SpecError",
     "Stage",
-    "StageError",
+    "RequestError",
     "TensorSpec",
     "check_params",
     "did_you_mean",

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import InternalError, StageError
-from .base import MapStage, Param, Role, Stage, register
+from ..errors import InternalError, RequestError
+from .base import DATA, ERROR, RESULT, MapStage, Param, Role, Stage, register
 
 log = logging.getLogger("tritonpipe")
 
@@ -58,14 +58,14 @@ def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
         stage.forward(items)
     except Exception as exc:  # noqa: BLE001 - attributed to requests below
         if len(items) == 1:
-            items[0]["error"] = exc
+            items[0][ERROR] = exc
             return
         for item, original, version in zip(items, before, versions):
             item.clear()
             item.update(original)
             if _versions(item) != version:
                 _caught_mutating(stage)
-                item["error"] = InternalError(
+                item[ERROR] = InternalError(
                     f"stage {stage.name} changed this request's input in place and then failed on its batch "
                     f"({type(exc).__name__}: {exc}); it is not retried from a changed input. Stages must not "
                     "modify their inputs in place, or must declare mutates_inputs = True"
@@ -74,7 +74,7 @@ def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
             try:
                 stage.forward([item])
             except Exception as single_exc:  # noqa: BLE001
-                item["error"] = single_exc
+                item[ERROR] = single_exc
         return
     if any(_versions(original) != version for original, version in zip(before, versions)):
         _caught_mutating(stage)
@@ -89,7 +89,7 @@ def _caught_mutating(stage: Stage) -> None:
 def run_chain(stages: list[Stage], batch: list[dict[str, Any]]) -> None:
     """Feed each stage's ``result`` to the next as ``data``; failed items drop out."""
     for stage in stages:
-        alive = [item for item in batch if "error" not in item]
+        alive = [item for item in batch if ERROR not in item]
         if not alive:
             return
         # wrappers are timed through their children, so each second is counted once
@@ -100,15 +100,15 @@ def run_chain(stages: list[Stage], batch: list[dict[str, Any]]) -> None:
         for start in range(0, len(alive), size):
             run_isolated(stage, alive[start : start + size])
         for item in alive:
-            if "error" in item:
+            if ERROR in item:
                 continue
-            if "result" not in item:
-                item["error"] = RuntimeError(f"stage {stage.name} produced no result")
+            if RESULT not in item:
+                item[ERROR] = RuntimeError(f"stage {stage.name} produced no result")
                 continue
-            item["data"] = item.pop("result")
+            item[DATA] = item.pop(RESULT)
         if sink is not None:
             # the time of the stage's Python calls: GPU work it only queued counts where it is waited for
-            sink.record(stage.name, time.perf_counter() - started, len(alive), [i["error"] for i in alive if "error" in i])
+            sink.record(stage.name, time.perf_counter() - started, len(alive), [i[ERROR] for i in alive if ERROR in i])
 
 
 class Container(Stage):
@@ -119,8 +119,8 @@ class Container(Stage):
     def forward(self, batch: list[dict[str, Any]]) -> None:
         run_chain(self.children, batch)
         for item in batch:
-            if "error" not in item:
-                item["result"] = item["data"]
+            if ERROR not in item:
+                item[RESULT] = item[DATA]
 
 
 @register("Sequential", "S")
@@ -164,8 +164,8 @@ class Torch(Container):
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
         for item in batch:
-            if isinstance(item.get("data"), torch.Tensor):
-                item["data"] = item["data"].to(self.target, non_blocking=True)
+            if isinstance(item.get(DATA), torch.Tensor):
+                item[DATA] = item[DATA].to(self.target, non_blocking=True)
         super().forward(batch)
 
 
@@ -190,4 +190,4 @@ class C10Exception(MapStage):
         self.message = params["message"]
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
-        raise StageError(f"C10Exception: {self.message}")
+        raise RequestError(f"C10Exception: {self.message}")

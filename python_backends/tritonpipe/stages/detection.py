@@ -1,7 +1,7 @@
 """Stages of a detection chain with torchpipe's names: crop, border, letterbox, selection, device moves, YOLO decoding.
 
 Thin classes over :mod:`tritonpipe.kernels.detection`.  A kernel's ``ValueError`` on a request's
-input becomes that request's :class:`StageError`; on a parameter it becomes a :class:`ConfigError`,
+input becomes that request's :class:`RequestError`; on a parameter it becomes a :class:`ConfigError`,
 raised when the repository is generated, before anything is written.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, RequestError
 from ..kernels import detection as kernels
 from ..kernels.geometry import MAX_SIDE, fill_values
 from ..spec import SpecError, TensorSpec
@@ -54,7 +54,7 @@ class _KernelStage(MapStage):
         try:
             return self.run(data, item)
         except ValueError as exc:
-            raise StageError(f"{self.name}: {exc}") from None
+            raise RequestError(f"{self.name}: {exc}") from None
 
 
 # --- crop and border --------------------------------------------------------------------
@@ -96,7 +96,7 @@ class CropTensor(_KernelStage):
         image = _nchw(data, self.name)
         box = item.get("box", self.box)
         if box is None:
-            raise StageError(f"{self.name} needs a box: the item's `box` key (x1, y1, x2, y2) or the `box` parameter")
+            raise RequestError(f"{self.name} needs a box: the item's `box` key (x1, y1, x2, y2) or the `box` parameter")
         return kernels.crop(image, box).to(self.device, non_blocking=True)
 
     @classmethod
@@ -135,7 +135,7 @@ class CropResizeTensor(_KernelStage):
     def run(self, data: Any, item: dict[str, Any]) -> Any:
         image = _nchw(data, self.name).to(self.device, non_blocking=True)
         if "box" not in item:
-            raise StageError(f"{self.name} needs the boxes in the item's `box` key; route them with map, e.g. detect[result:box]")
+            raise RequestError(f"{self.name} needs the boxes in the item's `box` key; route them with map, e.g. detect[result:box]")
         crops = kernels.crop_resize(image, item["box"], self.height, self.width).unsqueeze(0)
         boxes = item["box"]
         if not isinstance(boxes, torch.Tensor):
@@ -330,7 +330,7 @@ def _move(stage: str, data: Any, device: torch.device) -> Any:
         return data.to(device)
     if isinstance(data, list) and all(isinstance(part, torch.Tensor) for part in data):
         return [part.to(device) for part in data]
-    raise StageError(f"{stage} needs a tensor or a list of tensors, got {type(data).__name__}")
+    raise RequestError(f"{stage} needs a tensor or a list of tensors, got {type(data).__name__}")
 
 
 @register("CpuTensor")

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, RequestError
 from ..kernels import batch_resize, dali_decode, decode, geometry, jpeg, nvimgcodec
 from ..kernels import color as color_kernels
 from ..kernels.errors import DecodeError
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
-from .base import MapStage, Param, Stage, register
+from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, register
 
 _SIDE = dict(low=1, high=geometry.MAX_SIDE)
 _COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of the output")
@@ -24,9 +24,9 @@ _COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of t
 
 def _tensor(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     if not isinstance(data, torch.Tensor):
-        raise StageError(f"{what} needs a tensor, got {type(data).__name__}")
+        raise RequestError(f"{what} needs a tensor, got {type(data).__name__}")
     if dtype is not None and data.dtype != dtype:
-        raise StageError(f"{what} needs {str(dtype).replace('torch.', '')} input, got {str(data.dtype).replace('torch.', '')}")
+        raise RequestError(f"{what} needs {str(dtype).replace('torch.', '')} input, got {str(data.dtype).replace('torch.', '')}")
     return data
 
 
@@ -35,24 +35,24 @@ def _bytes(data: Any, what: str) -> torch.Tensor:
     if data.dim() == 2 and data.shape[0] == 1:
         data = data[0]
     if data.dim() != 1:
-        raise StageError(f"{what} needs the encoded file as a 1-D uint8 tensor, got shape {tuple(data.shape)}")
+        raise RequestError(f"{what} needs the encoded file as a 1-D uint8 tensor, got shape {tuple(data.shape)}")
     return data
 
 
-def _request_error(exc: DecodeError) -> StageError:
+def _request_error(exc: DecodeError) -> RequestError:
     """A kernel's decode error as the request's own: INVALID_ARG, counted under its reason."""
-    return StageError(str(exc), reason=exc.reason)
+    return RequestError(str(exc), reason=exc.reason)
 
 
 def _layout(check) -> Any:
-    """A request-input checker from a kernel's layout check: its ValueError becomes a StageError."""
+    """A request-input checker from a kernel's layout check: its ValueError becomes a RequestError."""
 
     def checked(data: Any, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         data = _tensor(data, what, dtype)
         try:
             check(data, what)
         except ValueError as exc:
-            raise StageError(str(exc)) from None
+            raise RequestError(str(exc)) from None
         return data
 
     return checked
@@ -205,9 +205,9 @@ class DecodeTensor(Stage):
         datas: list[torch.Tensor | None] = []
         for item in batch:
             try:
-                datas.append(_bytes(item["data"], self.name).cpu())
-            except StageError as exc:
-                item["error"] = exc
+                datas.append(_bytes(item[DATA], self.name).cpu())
+            except RequestError as exc:
+                item[ERROR] = exc
                 datas.append(None)
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
         decoded = jpeg.decode_jpeg_tensor(
@@ -217,11 +217,11 @@ class DecodeTensor(Stage):
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
-                item["error"] = _request_error(image) if isinstance(image, DecodeError) else image
+                item[ERROR] = _request_error(image) if isinstance(image, DecodeError) else image
                 continue
             image = color_kernels.convert_color(image, "rgb", self.color, channel_dim=0)
             item["color"] = self.color
-            item["result"] = image.permute(1, 2, 0).contiguous() if self.hwc else image.unsqueeze(0)
+            item[RESULT] = image.permute(1, 2, 0).contiguous() if self.hwc else image.unsqueeze(0)
 
     @staticmethod
     def _check_decoder_keys(params: dict[str, Any]) -> None:
@@ -270,7 +270,7 @@ class _CvtColor(MapStage):
         image = self.check(data)
         source = item.get("color")
         if source is None:
-            raise StageError(f"{self.name} needs to know the input's colour order; put a Decode stage before it")
+            raise RequestError(f"{self.name} needs to know the input's colour order; put a Decode stage before it")
         out = color_kernels.convert_color(image, source, self.color, channel_dim=self.channel_dim)
         item["color"] = self.color
         return out
@@ -356,9 +356,9 @@ class ResizeTensor(_Resize):
         good: list[tuple[dict[str, Any], torch.Tensor]] = []
         for item in batch:
             try:
-                good.append((item, _nchw(item["data"], self.name).to(self.device, non_blocking=True)))
+                good.append((item, _nchw(item[DATA], self.name).to(self.device, non_blocking=True)))
             except Exception as exc:  # noqa: BLE001 - the error belongs to this request
-                item["error"] = exc
+                item[ERROR] = exc
         if not good:
             return
         try:
@@ -367,7 +367,7 @@ class ResizeTensor(_Resize):
             super().forward([item for item, _ in good])
             return
         for (item, _), image in zip(good, resized):
-            item["result"] = image
+            item[RESULT] = image
 
     def _resize_all(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """One kernel launch for the whole batch on a GPU, whatever its sizes; one per size elsewhere."""
@@ -549,7 +549,7 @@ class Tensor2Vector(MapStage):
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         tensor = _tensor(data, self.name)
         if tensor.dim() != 4:
-            raise StageError(f"{self.name} needs an NxCxHxW tensor, got shape {tuple(tensor.shape)}")
+            raise RequestError(f"{self.name} needs an NxCxHxW tensor, got shape {tuple(tensor.shape)}")
         return list(tensor.unbind(0))
 
     @classmethod

@@ -19,9 +19,9 @@ from ..engines import onnxruntime_engine, tensorrt_engine, torch_engine
 from ..engines.base import NativeModel, TensorIO, describe_onnx
 from ..engines.postprocess import lookup_postprocessor
 from ..engines.profiles import largest_batch, resolve_profiles
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, RequestError
 from ..spec import SpecError, TensorSpec
-from .base import Param, Role, Stage, register
+from .base import DATA, RESULT, Param, Role, Stage, register
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,17 @@ class TensorrtTensor(Stage):
     def forward(self, batch: list[dict[str, Any]]) -> None:
         columns = []
         for index, io in enumerate(self.engine.inputs):
-            key = "data" if index == 0 else io.name
+            key = DATA if index == 0 else io.name
             try:
                 parts = [item[key] for item in batch]
             except KeyError:
-                raise StageError(f"model input {io.name!r} is missing from the request") from None
+                raise RequestError(f"model input {io.name!r} is missing from the request") from None
             columns.append(torch.cat([p.to(self.device) for p in parts]))
         if self.mean is not None:
             columns[0] = columns[0] - self.mean
         if self.std is not None:
             columns[0] = columns[0] / self.std
-        sizes = [item["data"].shape[0] for item in batch]
+        sizes = [item[DATA].shape[0] for item in batch]
         results = self.engine.run(columns)
         if self.post is not None:
             results = self.post.run(results)
@@ -282,4 +282,4 @@ class TensorrtTensor(Stage):
             raise RuntimeError(f"the model gave {len(results)} outputs, {len(self.output_ios)} expected")
         for out_index, (io, tensor) in enumerate(zip(self.output_ios, results)):
             for item, part in zip(batch, tensor.split(sizes)):
-                item["result" if out_index == 0 else io.name] = part
+                item[RESULT if out_index == 0 else io.name] = part

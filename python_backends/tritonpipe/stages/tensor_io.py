@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, InternalError, StageError
+from ..errors import ConfigError, InternalError, RequestError
 from ..spec import TORCH_TO_TRITON, TensorSpec
 from .base import MapStage, Param, register
 
@@ -72,10 +72,10 @@ class SaveTensor(MapStage):
 
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         if not isinstance(data, torch.Tensor):
-            raise StageError(f"SaveTensor needs a tensor, got {type(data).__name__}")
+            raise RequestError(f"SaveTensor needs a tensor, got {type(data).__name__}")
         size = data.nelement() * data.element_size()
         if size > self.max_file:
-            raise StageError(f"SaveTensor: the tensor is {size} bytes; max_file_mb allows {self.max_file}")
+            raise RequestError(f"SaveTensor: the tensor is {size} bytes; max_file_mb allows {self.max_file}")
         if self.written + size > self.max_total:
             raise InternalError(
                 f"SaveTensor: {self.save_dir} holds {self.written} bytes of .pt files; writing {size} more would pass "

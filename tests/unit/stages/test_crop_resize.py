@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonpipe.errors import StageError
+from tritonpipe.errors import RequestError
 from tritonpipe.kernels import detection as kernels
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.stages import build_stage
@@ -65,8 +65,8 @@ def test_the_stage_reads_the_items_box_key_and_fails_its_request_alone():
     stage.forward([good, missing, outside])
     assert good["result"].shape == (1, 2, 3, 16, 12)
     torch.testing.assert_close(good["result"][0, 1], reference(img, BOXES[1], 16, 12), atol=1e-4, rtol=0)
-    assert isinstance(missing["error"], StageError) and "`box` key" in str(missing["error"])
-    assert isinstance(outside["error"], StageError) and "box 0" in str(outside["error"])
+    assert isinstance(missing["error"], RequestError) and "`box` key" in str(missing["error"])
+    assert isinstance(outside["error"], RequestError) and "box 0" in str(outside["error"])
 
 
 def test_the_boxes_are_passed_on_row_for_row_with_the_crops():

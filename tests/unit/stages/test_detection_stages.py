@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms, box_convert
 
-from tritonpipe.errors import ConfigError, StageError
+from tritonpipe.errors import ConfigError, RequestError
 from tritonpipe.harness.chain import Chain
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import build_repository, generate_repository
@@ -68,7 +68,7 @@ def test_a_bad_box_fails_its_request_alone_naming_the_box():
     np.testing.assert_array_equal(as_hwc(items[0]["data"]), hwc[1:10, 1:10])
     np.testing.assert_array_equal(as_hwc(items[4]["data"]), hwc)
     for item, message in zip(items[1:4], [r"box \[50, 5, 60, 9\]", r"box \[8, 9, 8, 20\]", "needs a box"]):
-        assert isinstance(item["error"], StageError) and item["error"].args[0].startswith("CropTensor")
+        assert isinstance(item["error"], RequestError) and item["error"].args[0].startswith("CropTensor")
         assert re.search(message, str(item["error"]))
 
 
@@ -85,7 +85,7 @@ def test_copy_make_border_equals_opencv(border_type, cv_border):
 
 
 def test_copy_make_border_with_the_wrong_number_of_fill_values_fails_the_request():
-    with pytest.raises(StageError, match="pad_val needs 1 or 4 values for a 4-channel image"):
+    with pytest.raises(RequestError, match="pad_val needs 1 or 4 values for a 4-channel image"):
         run("CopyMakeBorderTensor", as_nchw(picture(4, 4, 4)), top=1, pad_val="1,2,3")
 
 
@@ -116,9 +116,9 @@ def test_letterbox_pads_with_114_unless_told():
 
 
 def test_fit_stages_refuse_tensors_per_request():
-    with pytest.raises(StageError, match="HxWxC"):
+    with pytest.raises(RequestError, match="HxWxC"):
         run("LetterBoxMat", torch.zeros(1, 3, 8, 8, dtype=torch.uint8), resize_h=4, resize_w=4)
-    with pytest.raises(StageError, match="uint8"):
+    with pytest.raises(RequestError, match="uint8"):
         run("TopLeftResizeMat", torch.zeros(8, 8, 3), resize_h=4, resize_w=4)
 
 
@@ -138,7 +138,7 @@ def test_index_select_reverses_channels_and_the_colour_follows():
 
 
 def test_index_select_past_the_size_fails_the_request():
-    with pytest.raises(StageError, match=r"IndexSelectTensor: index \[0, 5\] must lie in \[0, 2\]"):
+    with pytest.raises(RequestError, match=r"IndexSelectTensor: index \[0, 5\] must lie in \[0, 2\]"):
         run("IndexSelectTensor", torch.zeros(1, 3, 4, 4), index="0,5")
 
 
@@ -153,7 +153,7 @@ def test_device_moves():
         torch.testing.assert_close(run(backend, data)["data"], data)
         parts = run(backend, [data, data])["data"]
         assert isinstance(parts, list) and len(parts) == 2
-        with pytest.raises(StageError, match="needs a tensor or a list of tensors"):
+        with pytest.raises(RequestError, match="needs a tensor or a list of tensors"):
             run(backend, "text")
     if torch.cuda.is_available():
         moved = build_stage(load_graph({"backend": "GpuTensor"}).entry.tree, "cuda")
@@ -263,7 +263,7 @@ def test_a_bad_head_fails_its_request_alone_naming_the_shape(data, message):
     run_chain([stage_for("Yolo11Post")], items)
     assert items[0]["data"].shape == (1, 3, 6) and "error" not in items[0]
     error = items[1]["error"]
-    assert isinstance(error, StageError) and str(error).startswith("Yolo11Post: ")
+    assert isinstance(error, RequestError) and str(error).startswith("Yolo11Post: ")
     assert re.search(message, str(error))
 
 

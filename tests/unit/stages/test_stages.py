@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tritonpipe.errors import ConfigError, StageError
+from tritonpipe.errors import ConfigError, RequestError
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.stages import build_stage
@@ -66,7 +66,7 @@ def test_cvt_color_tensor_swaps_channels(jpeg_factory):
 
 
 def test_cvt_color_needs_a_known_source():
-    with pytest.raises(StageError, match="colour order"):
+    with pytest.raises(RequestError, match="colour order"):
         run("cvtColorTensor", torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
 
 
@@ -131,9 +131,9 @@ def test_resize_pad_rejects_bad_pad_value():
 
 
 def test_wrong_rank_is_a_stage_error():
-    with pytest.raises(StageError, match="1xCxHxW"):
+    with pytest.raises(RequestError, match="1xCxHxW"):
         run("ResizeTensor", torch.zeros(3, 4, 4), resize_h=2, resize_w=2)
-    with pytest.raises(StageError, match="uint8"):
+    with pytest.raises(RequestError, match="uint8"):
         run("DecodeMat", torch.zeros(10, dtype=torch.float32))
 
 
@@ -142,8 +142,8 @@ def test_fail_stage_and_batch_isolation(jpeg_factory):
     good = jpeg_tensor(jpeg_factory(20, 20))
     items = [{"data": good}, {"data": good[:30]}, {"data": good}]
     run_chain([stage], items)
-    assert "error" not in items[0] and "error" not in items[2] and isinstance(items[1]["error"], StageError)
-    with pytest.raises(StageError, match="C10Exception"):
+    assert "error" not in items[0] and "error" not in items[2] and isinstance(items[1]["error"], RequestError)
+    with pytest.raises(RequestError, match="C10Exception"):
         run("C10Exception", good)
 
 
@@ -183,7 +183,7 @@ def test_tensor2vector_splits_along_the_batch():
     assert isinstance(vector, list) and len(vector) == 2
     for index, part in enumerate(vector):
         np.testing.assert_array_equal(part.numpy(), tensor.numpy()[index])
-    with pytest.raises(StageError, match="NxCxHxW"):
+    with pytest.raises(RequestError, match="NxCxHxW"):
         run("Tensor2Vector", torch.zeros(3, 4))
 
 

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from tritonpipe.errors import ConfigError, InternalError, StageError
+from tritonpipe.errors import ConfigError, InternalError, RequestError
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import build_repository
@@ -40,7 +40,7 @@ def test_save_tensor_caps_each_file_and_the_folder(tmp_path):
     items = [{"data": torch.zeros(1025, dtype=torch.float32)}]  # 4100 bytes: over the per-file cap
     items += [{"data": torch.zeros(1000, dtype=torch.float32)} for _ in range(3)]  # 4000 bytes each
     stage.forward(items)
-    assert isinstance(items[0]["error"], StageError) and "max_file_mb allows 4096" in str(items[0]["error"])
+    assert isinstance(items[0]["error"], RequestError) and "max_file_mb allows 4096" in str(items[0]["error"])
     assert "saved_path" in items[1] and "error" not in items[1]
     assert isinstance(items[2]["error"], InternalError) and "max_total_mb" in str(items[2]["error"])
     assert isinstance(items[3]["error"], InternalError)
