@@ -1,13 +1,22 @@
-"""The shipped example: a ResNet-18-shaped ONNX classifier and a sample JPEG, made locally.
+"""The shipped examples' models and sample JPEG, made locally.
 
-Weights come from a fixed seed, not a download, so the example is reproducible offline.
+- ``resnet18``: a ResNet-18 ONNX classifier;
+- ``detect_classify``: a detector (torchvision's FCOS head on a MobileNetV3 FPN, answering a
+  YOLO-style head that ``Yolo11Post`` decodes) and the same classifier for its crops.
+
+Weights come from a fixed seed, not a download, so the examples are reproducible offline.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "resnet18"
+DETECT_DIR = EXAMPLE_DIR.parent / "detect_classify"
+#: the detector's input side and classes
+DETECTOR_SIDE = 320
+DETECTOR_CLASSES = 8
 
 
 def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
@@ -30,6 +39,63 @@ def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
         opset_version=opset,
         dynamo=False,
     )
+    return path
+
+
+def detector_module(seed: int = 0, side: int = DETECTOR_SIDE, classes: int = DETECTOR_CLASSES):
+    """torchvision's FCOS head on a MobileNetV3-small FPN (random weights from ``seed``), as a YOLO-style head.
+
+    Takes FP32 ``[n, 3, side, side]`` RGB in 0-255 and answers ``[n, 4 + classes, anchors]``: per
+    anchor (every cell of every feature level) the box ``cx, cy, w, h`` in input pixels, then one
+    score per class, ``sqrt(sigmoid(class logit) * sigmoid(centre-ness))`` as FCOS scores them.
+    """
+    import torch
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+    from torchvision.models.detection.fcos import FCOSHead
+
+    class YoloStyleFCOS(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.backbone = mobilenet_backbone(backbone_name="mobilenet_v3_small", weights=None, fpn=True, trainable_layers=6)
+            self.head = FCOSHead(self.backbone.out_channels, num_anchors=1, num_classes=classes)
+            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+        def forward(self, images):
+            features = list(self.backbone((images - self.mean) / self.std).values())
+            out = self.head(features)
+            centres, sizes = [], []
+            for feature in features:  # FCOS: one anchor per cell, as large as the level's stride
+                height, width = feature.shape[-2:]
+                stride = side / height
+                ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+                centres.append(torch.stack([xs.flatten(), ys.flatten()], dim=1).float() * stride + stride / 2)
+                sizes.append(torch.full((height * width, 1), stride))
+            centre, size = torch.cat(centres), torch.cat(sizes)
+            ltrb = out["bbox_regression"] * size  # distances to the sides, in units of the anchor's size
+            x1y1, x2y2 = centre - ltrb[..., :2], centre + ltrb[..., 2:]
+            boxes = torch.cat([(x1y1 + x2y2) / 2, x2y2 - x1y1], dim=-1)
+            scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
+            return torch.cat([boxes, scores], dim=-1).transpose(1, 2)
+
+    return YoloStyleFCOS().eval()
+
+
+def export_detector(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
+    """Export :func:`detector_module` to ONNX, batch axis dynamic (input ``images``, output ``head``)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(1, 3, DETECTOR_SIDE, DETECTOR_SIDE) * 255
+    with warnings.catch_warnings():
+        # the tracer notes Python conditions on shapes, which are fixed here but for the batch
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            detector_module(seed), (example,), str(path), input_names=["images"], output_names=["head"],
+            dynamic_axes={"images": {0: "batch"}, "head": {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
     return path
 
 

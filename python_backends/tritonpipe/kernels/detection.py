@@ -104,12 +104,31 @@ def box_rows(boxes: object) -> list[list[float]]:
     raise ValueError(f"boxes must be a N x 4 tensor or a list of x1, y1, x2, y2 rows, got {type(boxes).__name__}")
 
 
+def _detected_pixels(index: int, row: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """A detector's box as pixels: :func:`box_pixels`, but never empty.
+
+    Detectors give boxes thinner than a pixel, or past the image's edge; such a box takes the one
+    row or column of pixels nearest to it.  An inverted box, or one that is not finite, is an error.
+    """
+    values = [float(v) for v in row[:4]]
+    x1, y1, x2, y2 = values
+    shown = f"box {index}: [{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{shown} holds a value that is not a finite number")
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"{shown} (x1, y1, x2, y2) is inverted")
+    left, top = min(max(0, math.floor(x1)), width - 1), min(max(0, math.floor(y1)), height - 1)
+    right, bottom = max(min(width, math.ceil(x2)), left + 1), max(min(height, math.ceil(y2)), top + 1)
+    return left, top, right, bottom
+
+
 def crop_resize(image: torch.Tensor, boxes: object, out_h: int, out_w: int) -> torch.Tensor:
     """Every box of ``boxes`` cropped out of a 1xCxHxW tensor and resized to float32 ``out_h`` x ``out_w``.
 
     The same pixels as :func:`crop` then a bilinear resize (half-pixel centres, as ResizeTensor),
     for all boxes at once: the crops are views, and on a GPU the resize is one kernel launch.
-    Returns (N, C, out_h, out_w); N = 0 gives an empty tensor.  A box empty inside the image
+    Returns (N, C, out_h, out_w); N = 0 gives an empty tensor.  A box thinner than a pixel or past
+    the image's edge takes the nearest row or column of pixels; an inverted or non-finite box
     raises ``ValueError`` naming it and its index.
     """
     check_nchw(image, "crop_resize")
@@ -118,10 +137,7 @@ def crop_resize(image: torch.Tensor, boxes: object, out_h: int, out_w: int) -> t
     height, width = image.shape[2], image.shape[3]
     views = []
     for index, row in enumerate(box_rows(boxes)):
-        try:
-            left, top, right, bottom = box_pixels(row, height, width)
-        except ValueError as exc:
-            raise ValueError(f"box {index}: {exc}") from None
+        left, top, right, bottom = _detected_pixels(index, row, height, width)
         views.append(image[0, :, top:bottom, left:right])
     if not views:
         return torch.empty((0, image.shape[1], out_h, out_w), dtype=torch.float32, device=image.device)

@@ -117,7 +117,8 @@ class CropResizeTensor(_KernelStage):
     kernel launch on a GPU).  The output, float32 1xNxCx``resize_h``x``resize_w``, is what a node
     with ``for_each`` runs its model on, one crop at a time; ``boxes`` (1xNxk) passes the boxes on,
     row for row with the crops, so that answers carry them.  No box gives N = 0, not an error; a
-    box empty inside the image fails its request, naming the box.
+    box thinner than a pixel or past the image's edge (detectors give both) takes the nearest row
+    or column of pixels; an inverted or non-finite box fails its request, naming the box.
     """
 
     input_doc = "1xCxHxW tensor; boxes (N x 4 or more, or 1 x N x 4 or more) from the item's `box` key"

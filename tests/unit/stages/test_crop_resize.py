@@ -49,9 +49,19 @@ def test_no_boxes_is_an_empty_batch():
     assert out.shape == (0, 3, 8, 8) and out.dtype == torch.float32
 
 
-def test_a_box_outside_the_image_is_named_with_its_index():
-    with pytest.raises(ValueError, match=r"box 1: box \[70, 0, 90, 10\]"):
-        kernels.crop_resize(image(), [[0, 0, 5, 5], [70, 0, 90, 10]], 8, 8)
+def test_a_box_thinner_than_a_pixel_or_past_the_edge_takes_the_nearest_pixels():
+    img = image()
+    out = kernels.crop_resize(img, [[10, 20, 15, 20], [70, 0, 90, 10], [5, 47.5, 9, 60]], 4, 4)
+    torch.testing.assert_close(out[0], reference(img, [10, 20, 15, 21], 4, 4), atol=1e-4, rtol=0)  # one row
+    torch.testing.assert_close(out[1], reference(img, [63, 0, 64, 10], 4, 4), atol=1e-4, rtol=0)  # the last column
+    torch.testing.assert_close(out[2], reference(img, [5, 47, 9, 48], 4, 4), atol=1e-4, rtol=0)  # the last row
+
+
+def test_an_inverted_or_not_finite_box_is_named_with_its_index():
+    with pytest.raises(ValueError, match=r"box 1: \[30, 0, 20, 10\] \(x1, y1, x2, y2\) is inverted"):
+        kernels.crop_resize(image(), [[0, 0, 5, 5], [30, 0, 20, 10]], 8, 8)
+    with pytest.raises(ValueError, match=r"box 0: \[0, nan, 5, 5\] holds a value that is not a finite number"):
+        kernels.crop_resize(image(), [[0, float("nan"), 5, 5]], 8, 8)
     with pytest.raises(ValueError, match="N rows of x1, y1, x2, y2"):
         kernels.crop_resize(image(), torch.zeros(3, 3), 8, 8)
 
@@ -61,7 +71,7 @@ def test_the_stage_reads_the_items_box_key_and_fails_its_request_alone():
     img = image()
     good = {"data": img, "box": torch.tensor([BOXES[:2]])}
     missing = {"data": img}
-    outside = {"data": img, "box": torch.tensor([[100.0, 100, 120, 120]])}
+    outside = {"data": img, "box": torch.tensor([[100.0, 100, 90, 120]])}
     stage.forward([good, missing, outside])
     assert good["result"].shape == (1, 2, 3, 16, 12)
     torch.testing.assert_close(good["result"][0, 1], reference(img, BOXES[1], 16, 12), atol=1e-4, rtol=0)
