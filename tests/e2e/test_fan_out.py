@@ -209,3 +209,15 @@ def test_a_bad_image_fails_alone_among_good_ones(server, models):
     for future in (futures[0], futures[2], futures[3]):
         boxes, logits = future.result()
         np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+
+
+def test_pipe_gives_the_per_item_answers_as_the_result_and_the_boxes_by_name(server, models):
+    import tritonpipe as tp
+
+    jpeg = picture(MANY[:3])
+    with tp.pipe(url=server.grpc_url, model="spot") as spot:
+        item = {"data": jpeg}
+        spot(item)
+    want_boxes, want_logits = reference(models, jpeg)
+    np.testing.assert_allclose(item["result"][0].numpy(), want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(item["boxes"][0].numpy(), want_boxes, atol=1e-4, rtol=0)

@@ -2,9 +2,9 @@
 
 The per-request part is served as ``NAME_per_request`` and the per-item part as
 ``NAME_per_item`` (each an ensemble, or a single model under that name); the orchestrator,
-``NAME``, is what clients call.  It takes the per-request part's inputs and answers its outputs
-(less the items) and the per-item part's outputs gathered one row per item:
-``[1, N, ...]`` for each request, N from 0 up.
+``NAME``, is what clients call.  It takes the per-request part's inputs and answers the per-item
+part's outputs gathered one row per item (``[1, N, ...]`` for each request, N from 0 up), then
+the per-request part's outputs but the items.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def plan_fan_out(graph: Graph, split: FanOutSplit) -> tuple[RepositoryPlan, tupl
     )
     plan = RepositoryPlan(
         name=graph.name, models=[*first.models, *each.models], ensemble_inputs=entry_inputs,
-        ensemble_outputs=[*passed, *gathered], fan_out=params,
+        ensemble_outputs=[*gathered, *passed], fan_out=params,
     )
     return plan, (first, each)
 
@@ -115,12 +115,13 @@ def orchestrator_config(
     config.input.extend(entry.input)
     for tensor in config.input:
         tensor.allow_ragged_batch = True  # each request is answered on its own, never concatenated with others
-    by_name = {o.name: o for o in entry.output}
-    for name in plan.fan_out.passed:
-        config.output.append(by_name[name])
+    # the per-item answers first: they are the pipeline's result (pipe() reads the first output so)
     for gathered in plan.fan_out.gathered:
         out = config.output.add(name=gathered.name, data_type=mc.DataType.Value(f"TYPE_{gathered.dtype}"))
         out.dims.extend([-1, *gathered.dims])
+    by_name = {o.name: o for o in entry.output}
+    for name in plan.fan_out.passed:
+        config.output.append(by_name[name])
     config.instance_group.add(count=ORCHESTRATOR_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.dynamic_batching.SetInParent()  # a batch is what queued meanwhile; its requests are answered at once
     for key, value in plan.fan_out.encode().items():

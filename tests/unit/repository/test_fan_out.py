@@ -42,8 +42,8 @@ def test_the_orchestrator_joins_the_two_parts(tiny_onnx):
     spot = from_text(to_text(configs["spot"]))  # what is written survives the text form
     assert spot.backend == "python" and spot.max_batch_size == 64 and spot.dynamic_batching is not None
     assert [(i.name, list(i.dims), i.allow_ragged_batch) for i in spot.input] == [("INPUT", [-1], True), ("box", [-1, -1], True)]
-    # the crops' boxes pass through; the classifier's scores come back one row per crop
-    assert [(o.name, list(o.dims)) for o in spot.output] == [("boxes", [-1, -1]), ("scores", [-1, 10])]
+    # the classifier's scores come back one row per crop, first; the crops' boxes pass through
+    assert [(o.name, list(o.dims)) for o in spot.output] == [("scores", [-1, 10]), ("boxes", [-1, -1])]
     params = FanOutParams.decode({PARAM_FANOUT: spot.parameters[PARAM_FANOUT].string_value})
     assert (params.first, params.each, params.items, params.each_input) == ("spot_per_request", "spot_per_item", "OUTPUT", "x")
     assert params.passed == ("boxes",) and (params.max_items, params.truncate, params.deadline_ms) == (5, True, 250.0)
