@@ -56,7 +56,7 @@ def export(model, path, shape, inputs, outputs):
     return path
 
 
-def graph_toml(name, too_many):
+def graph_toml(name, too_many, deadline_ms=30000):
     """The pipeline; node names start with the pipeline's, so that two can share a server."""
     return f"""
 name = "{name}"
@@ -89,6 +89,7 @@ max = 8
 batching_timeout = 2
 max_items = {MAX_ITEMS}
 too_many = "{too_many}"
+deadline_ms = {deadline_ms}
 """
 
 
@@ -114,8 +115,9 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     repos = []
-    for name, too_many in (("spot", "fail"), ("spot_truncate", "truncate")):
-        (models / f"{name}.toml").write_text(graph_toml(name, too_many))
+    # spot_late: 1 ms is less than any detection takes, so every request with a box is late
+    for name, too_many, deadline in (("spot", "fail", 30000), ("spot_truncate", "truncate", 30000), ("spot_late", "fail", 1)):
+        (models / f"{name}.toml").write_text(graph_toml(name, too_many, deadline))
         repos.append(generate_repository(load_graph(models / f"{name}.toml"), models / "repos" / name).path)
     with TritonServer(repos) as running:
         yield running
@@ -221,3 +223,13 @@ def test_pipe_gives_the_per_item_answers_as_the_result_and_the_boxes_by_name(ser
     want_boxes, want_logits = reference(models, jpeg)
     np.testing.assert_allclose(item["result"][0].numpy(), want_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(item["boxes"][0].numpy(), want_boxes, atol=1e-4, rtol=0)
+
+
+def test_a_request_past_its_deadline_fails_alone_and_the_server_goes_on(server, models):
+    jpeg = picture(MANY[:3])
+    with pytest.raises(InferenceServerException, match=r"StatusCode.INTERNAL.*deadline_ms=1 passed with \d+ of 3 items answered"):
+        ask(grpcclient, server.grpc_url, "spot_late", jpeg)
+    boxes, logits = ask(grpcclient, server.grpc_url, "spot_late", picture([]))  # nothing to wait for
+    assert boxes.shape == (0, 6) and logits.shape == (0, 5)
+    boxes, logits = ask(grpcclient, server.grpc_url, "spot", jpeg)
+    np.testing.assert_allclose(logits, reference(models, jpeg)[1], atol=1e-4, rtol=0)
