@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from google.protobuf import json_format
 
-from ..contract import PARAM_PIPELINE
-from ..errors import ConfigError
+from ..contract import PARAM_PIPELINE, FanOutParams
+from ..errors import ConfigError, RequestError
+from ..model.fanout import gather, item_rows
 from ..model.runtime import ModelRuntime, pick_device
 from ..repository.generate import VERSION, GeneratedRepository
 
@@ -82,6 +83,14 @@ class Chain:
         top = config(entry)
         self.inputs = [t["name"] for t in top.get("input", [])]
         self.outputs = [t["name"] for t in top.get("output", [])]
+        parameters = {key: value["string_value"] for key, value in top.get("parameters", {}).items()}
+        self.fan_out = FanOutParams.decode(parameters)
+        if self.fan_out is not None:
+            # a graph that fans out: its two parts, joined here as the orchestrator joins them
+            self.parts = tuple(Chain(config, name, repository, device, chunked) for name in (self.fan_out.first, self.fan_out.each))
+            self.steps = [step for part in self.parts for step in part.steps]
+            self.devices = {step.runtime.device for step in self.steps}
+            return
         if top.get("platform") == "ensemble":
             wiring = [(s["model_name"], s.get("input_map", {}), s.get("output_map", {}))
                       for s in top["ensemble_scheduling"]["step"]]
@@ -105,7 +114,10 @@ class Chain:
     def of_repository(cls, repo: GeneratedRepository, device: torch.device) -> Chain:
         """The chain of a repository generated in this process; its model stage is chunked."""
         configs = {name: json_format.MessageToDict(c, preserving_proto_field_name=True) for name, c in repo.configs.items()}
-        model_stages = {m.name if repo.plan.needs_ensemble else repo.plan.name for m in repo.plan.models if m.is_model_stage}
+        if repo.plan.fan_out is not None:
+            model_stages = set(configs)  # every part is chunked as the server batches it
+        else:
+            model_stages = {m.name if repo.plan.needs_ensemble else repo.plan.name for m in repo.plan.models if m.is_model_stage}
         return cls(configs.__getitem__, repo.entry, repo.path, device, model_stages)
 
     def chunks(self) -> dict[str, int]:
@@ -123,6 +135,8 @@ class Chain:
         ``requests`` hold the entry's inputs by name, shaped as a client sends them (batch
         dimension first).  ``timings`` gathers seconds per model.
         """
+        if self.fan_out is not None:
+            return self._run_fan_out(requests, timings)
         tensors = [dict(request) for request in requests]  # every pipeline tensor so far, per request
         failed: dict[int, BaseException] = {}
         for step in self.steps:
@@ -147,6 +161,33 @@ class Chain:
                 timings[step.name] = timings.get(step.name, 0.0) + time.perf_counter() - start
         self.sync()
         return [failed[i] if i in failed else {n: t[n] for n in self.outputs} for i, t in enumerate(tensors)]
+
+
+    def _run_fan_out(self, requests: list[dict[str, torch.Tensor]], timings: dict[str, float] | None) -> list[Answer]:
+        """The per-request part on every request, then the per-item part on every item of them all at once."""
+        params, (first, each) = self.fan_out, self.parts
+        answers: list[Answer] = first.run(requests, timings)
+        owners: list[int] = []  # the request of each item
+        items: list[dict[str, torch.Tensor]] = []
+        for index, answer in enumerate(answers):
+            if isinstance(answer, BaseException):
+                continue
+            try:
+                rows = item_rows(params, answer[params.items])
+            except RequestError as exc:
+                answers[index] = exc
+                continue
+            owners += [index] * rows.shape[0]
+            items += [{each.inputs[0]: rows[i : i + 1]} for i in range(rows.shape[0])]
+        results: dict[int, list[Answer]] = {index: [] for index in range(len(answers))}
+        for owner, result in zip(owners, each.run(items, timings) if items else []):
+            results[owner].append(result)
+        for index, answer in enumerate(answers):
+            if isinstance(answer, BaseException):
+                continue
+            failure = next((r for r in results[index] if isinstance(r, BaseException)), None)
+            answers[index] = failure if failure is not None else gather(params, answer, results[index])
+        return answers
 
 
 def served_device(config: dict) -> torch.device:

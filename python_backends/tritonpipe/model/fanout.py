@@ -34,6 +34,48 @@ from ..spec import TRITON_TO_TORCH
 Call = Callable[[str, dict[str, Any], Sequence[str]], Awaitable[dict[str, torch.Tensor]]]
 
 
+def item_rows(params: FanOutParams, items: torch.Tensor) -> torch.Tensor:
+    """The rows of ``items`` (``[1, N, ...]``) that go through the per-item part, within ``max_items``.
+
+    Past ``max_items`` the request fails, or keeps the first rows where ``truncate`` says so.
+    """
+    if items.dim() < 2 or items.shape[0] != 1:
+        raise RequestError(
+            f"send one image per request to a pipeline that fans out: {params.first!r} answered "
+            f"{params.items!r} of shape {list(items.shape)}, not [1, items, ...]"
+        )
+    rows = items[0]
+    if rows.shape[0] > params.max_items:
+        if not params.truncate:
+            raise RequestError(
+                f"{rows.shape[0]} items (rows of {params.items!r}) exceed max_items={params.max_items}; raise "
+                "max_items, or set too_many = \"truncate\" to keep the first ones",
+                reason="too_many_items",
+            )
+        rows = rows[: params.max_items]
+    return rows
+
+
+def gather(params: FanOutParams, first: dict[str, torch.Tensor], results: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One request's answer: the per-item outputs one row per item (``[1, N, ...]``), then ``first``'s.
+
+    ``results`` are the per-item part's answers, in item order (``[1, ...]`` each).  Where items
+    were truncated, ``first``'s outputs of one row per item are cut alike.
+    """
+    total, count = first[params.items].shape[1], len(results)
+    outputs = {}
+    for output in params.gathered:
+        if results:
+            outputs[output.name] = torch.cat([r[output.name] for r in results]).unsqueeze(0)
+        else:
+            outputs[output.name] = torch.empty((1, 0, *output.dims), dtype=TRITON_TO_TORCH[output.dtype])
+    for name in params.passed:
+        tensor = first[name]
+        cut = count < total and tensor.dim() >= 2 and tensor.shape[1] == total
+        outputs[name] = tensor[:, :count] if cut else tensor
+    return outputs
+
+
 class FanOut:
     """Answers requests by the plan in ``params``; ``call`` reaches the other models."""
 
@@ -45,24 +87,11 @@ class FanOut:
         """One request's outputs by name; raises the request's own error."""
         params = self.params
         started = time.monotonic()
-        first = await self.call(params.first, inputs, params.first_outputs)
+        first = await self._within(started, self.call(params.first, inputs, params.first_outputs),
+                                   lambda: f"before {params.first!r} answered")
         items = first[params.items]
-        if items.dim() < 2 or items.shape[0] != 1:
-            raise RequestError(
-                f"send one image per request to a pipeline that fans out: {params.first!r} answered "
-                f"{params.items!r} of shape {list(items.shape)}, not [1, items, ...]"
-            )
-        rows = items[0]
+        rows = item_rows(params, items)
         count = rows.shape[0]
-        if count > params.max_items:
-            if not params.truncate:
-                raise RequestError(
-                    f"{count} items (rows of {params.items!r}) exceed max_items={params.max_items}; raise max_items, "
-                    "or set too_many = \"truncate\" to keep the first ones",
-                    reason="too_many_items",
-                )
-            rows = rows[: params.max_items]
-            count = params.max_items
         answered = [0]
 
         async def one(index: int) -> dict[str, torch.Tensor]:
@@ -70,30 +99,28 @@ class FanOut:
                 out = await self.call(params.each, {params.each_input: rows[index : index + 1].contiguous()},
                                       [o.name for o in params.gathered])
             except TritonpipeError as exc:
-                raise type(exc)(f"item {index} of {count}: {exc}") from None
+                named = type(exc)(f"item {index} of {count}: {exc}")
+                named.__dict__.update(exc.__dict__)  # a RequestError keeps its reason
+                raise named from None
             answered[0] += 1
             return out
 
-        left = params.deadline_ms / 1e3 - (time.monotonic() - started) if params.deadline_ms > 0 else None
-        calls = asyncio.gather(*(one(i) for i in range(count)))
+        results = await self._within(started, asyncio.gather(*(one(i) for i in range(count))),
+                                     lambda: f"with {answered[0]} of {count} items answered")
+        return gather(params, first, results)
+
+    async def _within(self, started: float, work: Awaitable[Any], progress: Callable[[], str]) -> Any:
+        """``work``'s result, or an InternalError once ``deadline_ms`` has passed since ``started``."""
+        deadline_ms = self.params.deadline_ms
+        if deadline_ms <= 0:
+            return await work
         try:
-            results = await (asyncio.wait_for(calls, max(left, 0.0)) if left is not None else calls)
+            return await asyncio.wait_for(work, max(deadline_ms / 1e3 - (time.monotonic() - started), 0.0))
         except asyncio.TimeoutError:
             raise InternalError(
-                f"deadline_ms={params.deadline_ms:g} passed with {answered[0]} of {count} items answered; "
-                "raise deadline_ms or add instances to the per-item model"
+                f"deadline_ms={deadline_ms:g} passed {progress()}; raise deadline_ms or add instances to the "
+                "slow part's models"
             ) from None
-        outputs = {name: first[name] for name in params.first_outputs if name in params.passed}
-        if count < items.shape[1]:
-            # outputs of one row per item (the boxes the crops were cut from) are cut alike
-            outputs = {name: t[:, :count] if t.dim() >= 2 and t.shape[1] == items.shape[1] else t
-                       for name, t in outputs.items()}
-        for output in params.gathered:
-            if results:
-                outputs[output.name] = torch.cat([r[output.name] for r in results]).unsqueeze(0)
-            else:
-                outputs[output.name] = torch.empty((1, 0, *output.dims), dtype=TRITON_TO_TORCH[output.dtype])
-        return outputs
 
     async def answer_all(self, requests_inputs: list[dict[str, Any]]) -> list[dict[str, torch.Tensor] | BaseException]:
         """Every request at once; each gets its outputs or its own exception."""

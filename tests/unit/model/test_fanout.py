@@ -118,3 +118,25 @@ def test_truncation_cuts_the_outputs_of_one_row_per_item_alike():
 ])
 def test_a_bls_error_blames_the_request_only_when_the_generic_model_says_so(message, blamed):
     assert blames_request(message) is blamed
+
+
+def test_the_deadline_covers_the_per_request_part_too():
+    async def slow_first(model, inputs, outputs):
+        await asyncio.sleep(0.5)
+
+    with pytest.raises(InternalError, match="deadline_ms=20 passed before 'detect' answered"):
+        asyncio.run(FanOut(plan(deadline_ms=20), slow_first).answer({}))
+
+
+def test_an_items_error_keeps_its_reason():
+    crops = torch.arange(2 * 12, dtype=torch.float32).reshape(2, 3, 2, 2)
+
+    class Reasoned(Models):
+        async def __call__(self, model, inputs, outputs):
+            if model == "classify" and torch.equal(inputs["x"], crops[1:2]):
+                raise RequestError("not a face", reason="bad_crop")
+            return await super().__call__(model, inputs, outputs)
+
+    with pytest.raises(RequestError, match="item 1 of 2: not a face") as caught:
+        run(FanOut(plan(), Reasoned()), count=2)
+    assert caught.value.reason == "bad_crop"

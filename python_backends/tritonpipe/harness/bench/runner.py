@@ -294,6 +294,8 @@ def _served_systems(
     systems: dict[str, tuple[str, list[str]]] = {}
     if "ensemble" in options.systems:
         steps = [s.model for s in repo.plan.steps] if repo.plan.needs_ensemble else []
+        if repo.plan.fan_out is not None:  # the orchestrator and every model of its two parts
+            steps = sorted(name for name in repo.configs if name != repo.entry)
         systems["ensemble"] = (repo.entry, [repo.entry, *steps])
     if baseline is not None:
         say(f"baseline: {baseline.pre} ({options.baseline_instances or os.cpu_count()} CPU instances, PIL) -> {baseline.model}")
@@ -327,6 +329,24 @@ def _measure_served(
     finally:
         server.close()
     return rows, steps, stages
+
+
+def _items_per_image(repo, corpus: Corpus, device: str) -> str:
+    """How many items (crops, say) a graph that fans out makes of the corpus's images, for items/s beside img/s."""
+    import torch
+
+    from ..chain import Chain
+
+    with torch.inference_mode():
+        chain = Chain.of_repository(repo, pick_device(device, strict=True))
+        requests = [{chain.inputs[0]: torch.frombuffer(bytearray(image), dtype=torch.uint8)[None]} for image in corpus.images]
+        answers = chain.run(requests)
+    gathered = repo.plan.fan_out.gathered[0].name
+    counts = [answer[gathered].shape[1] for answer in answers if not isinstance(answer, BaseException)]
+    if not counts:
+        return "none: every corpus image failed in the in-process chain"
+    mean = sum(counts) / len(counts)
+    return f"{mean:.2f} on average ({min(counts)} to {max(counts)}); items/s = img/s x {mean:.2f}"
 
 
 def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tuple[list[Row], list[StepTimes]]:
@@ -482,6 +502,9 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         workdir = Path(tmp)
         repo, baseline = build_bench_repository(graph, workdir / "repository", options)
         say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
+        if repo.plan.fan_out is not None:
+            header["items per image"] = _items_per_image(repo, corpus, options.device)
+            say(f"fan-out: {header['items per image']}")
         served = _served_systems(repo, baseline, options, say)
         if served:
             rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say)
