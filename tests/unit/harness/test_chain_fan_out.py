@@ -54,3 +54,33 @@ def test_the_chain_fans_out_as_the_server_does(tiny_onnx, jpeg, tmp_path):
     assert answers[0]["boxes"].shape == (1, 2, 4)
     assert answers[1]["scores"].shape == (1, 0, 10) and answers[1]["boxes"].shape == (1, 0, 4)
     assert isinstance(answers[2], RequestError) and "4 items" in str(answers[2]) and "max_items=3" in str(answers[2])
+
+
+class ThreeBoxes(torch.nn.Module):
+    """[n,3,32,32] -> a YOLO head [n, 4 + 1, 4]: four fixed boxes, the first three scoring 0.9."""
+
+    def __init__(self):
+        super().__init__()
+        boxes = torch.tensor([[8.0, 24, 8, 24], [8, 8, 24, 24], [16, 16, 16, 16], [16, 16, 16, 16]])  # cx, cy, w, h
+        self.register_buffer("head", torch.cat([boxes, torch.tensor([[0.9, 0.9, 0.9, 0.0]])])[None])
+
+    def forward(self, x):
+        return self.head.expand(x.shape[0], -1, -1) + 0.0 * x.mean()
+
+
+def test_the_benchmark_counts_the_items_per_image(tiny_onnx, jpeg, tmp_path):
+    from tritonpipe.harness.bench.runner import _items_per_image
+    from tritonpipe.harness.corpus import Corpus
+
+    torch.onnx.export(ThreeBoxes(), (torch.rand(1, 3, 32, 32),), str(tmp_path / "det.onnx"), input_names=["x"],
+                      output_names=["head"], dynamic_axes={"x": {0: "n"}, "head": {0: "n"}}, opset_version=17, dynamo=False)
+    config = spot(tiny_onnx)
+    config["image"]["next"] = "detect"
+    config["detect"] = {"backend": "S[ResizeTensor,SyncTensor[TensorrtTensor],Yolo11Post]", "resize_h": 32, "resize_w": 32,
+                        "model": str(tmp_path / "det.onnx"), "next": "crops"}
+    config["crops"]["map"] = "image[result:data],detect[result:box]"
+    repo = generate_repository(load_graph(config), tmp_path / "repo", device="cpu")
+    corpus = Corpus(images=[jpeg, jpeg], description="two")
+    assert _items_per_image(repo, corpus, "cpu").startswith("3.00 on average (3 to 3)")
+    broken = Corpus(images=[b"not a jpeg"], description="bad")
+    assert _items_per_image(repo, broken, "cpu") == "none: every corpus image failed in the in-process chain"
