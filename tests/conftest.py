@@ -92,3 +92,21 @@ def fake_mps_control(tmp_path):
         return program, record
 
     return make
+
+
+@pytest.fixture(scope="session")
+def crop_and_classify(tiny_onnx):
+    """A graph that fans out: decode, crop the request's boxes (input ``box``) to 32x32, classify each crop.
+
+    Called with keys of the per-item node (``max_items=3``, ...); the per-item model batches up to 8.
+    """
+
+    def config(**classify):
+        return {
+            "name": "spot",
+            "image": {"backend": "S[DecodeTensor]", "next": "crops"},
+            "crops": {"backend": "S[CropResizeTensor]", "resize_h": 32, "resize_w": 32, "next": "classify"},
+            "classify": {"backend": "S[TensorrtTensor]", "model": str(tiny_onnx), "for_each": True, "max": 8, **classify},
+        }
+
+    return config

@@ -16,15 +16,6 @@ from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import generate_repository
 
 
-def spot(tiny_onnx, **classify):
-    return {
-        "name": "spot",
-        "image": {"backend": "S[DecodeTensor]", "next": "crops"},
-        "crops": {"backend": "S[CropResizeTensor]", "resize_h": 32, "resize_w": 32, "next": "classify"},
-        "classify": {"backend": "S[TensorrtTensor]", "model": str(tiny_onnx), "for_each": True, "max": 4, **classify},
-    }
-
-
 @pytest.fixture(scope="module")
 def jpeg():
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -42,8 +33,8 @@ def expected(tiny_onnx, jpeg, boxes):
     return ort.InferenceSession(str(tiny_onnx)).run(None, {"x": torch.cat(crops).numpy()})[0]
 
 
-def test_the_chain_fans_out_as_the_server_does(tiny_onnx, jpeg, tmp_path):
-    repo = generate_repository(load_graph(spot(tiny_onnx, max_items=3)), tmp_path / "repo", device="cpu")
+def test_the_chain_fans_out_as_the_server_does(crop_and_classify, tiny_onnx, jpeg, tmp_path):
+    repo = generate_repository(load_graph(crop_and_classify(max_items=3)), tmp_path / "repo", device="cpu")
     chain = Chain.of_repository(repo, torch.device("cpu"))
     assert chain.outputs == ["scores", "boxes"] and chain.inputs == ["INPUT", "box"]
     box_sets = [[[0, 0, 16, 16], [8, 4, 40, 30]], [], [[1, 1, 5, 5]] * 4]
@@ -68,13 +59,13 @@ class ThreeBoxes(torch.nn.Module):
         return self.head.expand(x.shape[0], -1, -1) + 0.0 * x.mean()
 
 
-def test_the_benchmark_counts_the_items_per_image(tiny_onnx, jpeg, tmp_path):
+def test_the_benchmark_counts_the_items_per_image(crop_and_classify, tiny_onnx, jpeg, tmp_path):
     from tritonpipe.harness.bench.runner import _items_per_image
     from tritonpipe.harness.corpus import Corpus
 
     torch.onnx.export(ThreeBoxes(), (torch.rand(1, 3, 32, 32),), str(tmp_path / "det.onnx"), input_names=["x"],
                       output_names=["head"], dynamic_axes={"x": {0: "n"}, "head": {0: "n"}}, opset_version=17, dynamo=False)
-    config = spot(tiny_onnx)
+    config = crop_and_classify()
     config["image"]["next"] = "detect"
     config["detect"] = {"backend": "S[ResizeTensor,SyncTensor[TensorrtTensor],Yolo11Post]", "resize_h": 32, "resize_w": 32,
                         "model": str(tmp_path / "det.onnx"), "next": "crops"}

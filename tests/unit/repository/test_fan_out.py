@@ -27,17 +27,8 @@ def export_head(path):
     return path
 
 
-def graph(tiny_onnx, **classify):
-    return {
-        "name": "spot",
-        "image": {"backend": "S[DecodeTensor]", "next": "crops"},
-        "crops": {"backend": "S[CropResizeTensor]", "resize_h": 32, "resize_w": 32, "next": "classify"},
-        "classify": {"backend": "S[TensorrtTensor]", "model": str(tiny_onnx), "for_each": True, "max": 8, **classify},
-    }
-
-
-def test_the_orchestrator_joins_the_two_parts(tiny_onnx):
-    plan, configs, _ = build_repository(load_graph(graph(tiny_onnx, max_items=5, too_many="truncate", deadline_ms=250)), "cpu")
+def test_the_orchestrator_joins_the_two_parts(crop_and_classify, tiny_onnx):
+    plan, configs, _ = build_repository(load_graph(crop_and_classify(max_items=5, too_many="truncate", deadline_ms=250)), "cpu")
     assert sorted(configs) == ["crops", "image", "spot", "spot_per_item", "spot_per_request"]
     spot = from_text(to_text(configs["spot"]))  # what is written survives the text form
     assert spot.backend == "python" and spot.max_batch_size == 64 and spot.dynamic_batching is not None
@@ -53,7 +44,7 @@ def test_the_orchestrator_joins_the_two_parts(tiny_onnx):
     assert plan.fan_out == params and not plan.needs_ensemble
 
 
-def test_a_letterbox_gives_yolo11post_its_inverse_transform_inside_the_node(tiny_onnx, tmp_path):
+def test_a_letterbox_gives_yolo11post_its_inverse_transform_inside_the_node(crop_and_classify, tiny_onnx, tmp_path):
     def post_inputs(first):
         config = {"backend": f"S[DecodeTensor,{first},SyncTensor[TensorrtTensor],Yolo11Post]", "model": str(yolo), **sizes[first]}
         _, configs, _ = build_repository(load_graph(config, name="det"), "cpu")
@@ -73,8 +64,8 @@ def test_a_letterbox_gives_yolo11post_its_inverse_transform_inside_the_node(tiny
     (lambda g: g["classify"].update(backend="S[ResizeTensor]", resize_h=8, resize_w=8, model=None) or g["classify"].pop("model"),
      None),
 ])
-def test_what_cannot_fan_out_is_refused_before_anything_is_written(tiny_onnx, change, message):
-    config = graph(tiny_onnx)
+def test_what_cannot_fan_out_is_refused_before_anything_is_written(crop_and_classify, tiny_onnx, change, message):
+    config = crop_and_classify()
     change(config)
     if message is None:  # a per-item part of Python stages is fine
         build_repository(load_graph(config), "cpu")
@@ -83,21 +74,21 @@ def test_what_cannot_fan_out_is_refused_before_anything_is_written(tiny_onnx, ch
         build_repository(load_graph(config), "cpu")
 
 
-def test_for_each_on_the_entry_node_is_refused(tiny_onnx):
+def test_for_each_on_the_entry_node_is_refused(crop_and_classify, tiny_onnx):
     with pytest.raises(ConfigError, match="for_each needs items from a node before it"):
         build_repository(load_graph({"backend": "S[TensorrtTensor]", "model": str(tiny_onnx), "for_each": True}), "cpu")
 
 
-def test_a_per_item_node_may_not_read_the_per_request_part(tiny_onnx):
-    config = graph(tiny_onnx)
+def test_a_per_item_node_may_not_read_the_per_request_part(crop_and_classify, tiny_onnx):
+    config = crop_and_classify()
     config["classify"]["next"] = "after"
     config["after"] = {"backend": "S[CpuTensor]", "map": "image[result:data]"}
     with pytest.raises(ConfigError, match="node 'after' runs once per item .* its map reads image\\[result\\]"):
         build_repository(load_graph(config), "cpu")
 
 
-def test_an_item_the_per_item_model_cannot_take_is_refused(tiny_onnx):
-    config = graph(tiny_onnx)
+def test_an_item_the_per_item_model_cannot_take_is_refused(crop_and_classify, tiny_onnx):
+    config = crop_and_classify()
     config["crops"].update(resize_h=16, resize_w=16)
     with pytest.raises(ConfigError, match=r"model input 'x' expects FP32\[\?x3x32x32\], but receives FP32\[1x3x16x16\]"):
         build_repository(load_graph(config), "cpu")
