@@ -87,3 +87,18 @@ def test_the_boxes_are_passed_on_row_for_row_with_the_crops():
     stage.forward([{"data": image(), "box": given}, as_list, none])
     assert as_list["boxes"].shape == (1, 2, 4) and as_list["result"].shape == (1, 2, 3, 8, 8)
     assert none["boxes"].shape == (1, 0, 4) and none["result"].shape == (1, 0, 3, 8, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_on_the_gpu_every_crop_equals_the_cpu_reference(dtype):
+    img = image(480, 640, dtype).cuda()
+    rng = np.random.default_rng(1)
+    corners = rng.uniform(0, [600, 440], (24, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 200, (24, 2))], axis=1).tolist()
+    out = kernels.crop_resize(img, boxes, 224, 224)
+    assert out.is_cuda and out.shape == (24, 3, 224, 224)
+    for row, box in zip(out.cpu(), boxes):
+        # the one-launch kernel against torch's resize of the same pixels (see kernels/batch_resize.py)
+        torch.testing.assert_close(row, reference(img.cpu(), box, 224, 224), atol=1e-3, rtol=0)
