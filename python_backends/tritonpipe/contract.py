@@ -30,6 +30,11 @@ _WARMUP_OFF = ("off", "none", "no", "false", "0")
 _MAX_SIDE = 16384
 
 
+def string_parameters(config: dict) -> dict[str, str]:
+    """A model config's ``parameters`` in Triton's JSON form (what the stub is given) as plain strings."""
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
 def parse_warmup(text: str, where: str = "warmup") -> tuple[int, int] | None:
     """``"off"`` -> None, ``"1080x1920"`` -> (1080, 1920)."""
     text = str(text).strip().lower()
@@ -160,7 +165,7 @@ class ModelParams:
     @classmethod
     def from_config(cls, config: dict) -> ModelParams:
         """From a model config in Triton's JSON form (what the stub is given)."""
-        return cls.decode({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        return cls.decode(string_parameters(config))
 
 
 PARAM_FANOUT = "tritonpipe.fanout"
@@ -211,6 +216,11 @@ class FanOutParams:
             "max_items": self.max_items, "truncate": self.truncate, "deadline_ms": self.deadline_ms,
         }
         return {PARAM_FANOUT: json.dumps(value)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> FanOutParams | None:
+        """From a model config in Triton's JSON form; None for a model that does not fan out."""
+        return cls.decode(string_parameters(config))
 
     @classmethod
     def decode(cls, params: dict[str, str]) -> FanOutParams | None:

@@ -83,8 +83,7 @@ class Chain:
         top = config(entry)
         self.inputs = [t["name"] for t in top.get("input", [])]
         self.outputs = [t["name"] for t in top.get("output", [])]
-        parameters = {key: value["string_value"] for key, value in top.get("parameters", {}).items()}
-        self.fan_out = FanOutParams.decode(parameters)
+        self.fan_out = FanOutParams.from_config(top)
         if self.fan_out is not None:
             # a graph that fans out: its two parts, joined here as the orchestrator joins them
             self.parts = tuple(Chain(config, name, repository, device, chunked) for name in (self.fan_out.first, self.fan_out.each))

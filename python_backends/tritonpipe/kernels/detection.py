@@ -49,6 +49,18 @@ def _round_half_up(value: float) -> int:
 # --- crop -------------------------------------------------------------------------------
 
 
+def _floats(value: object, bad_values: str, bad_type: str) -> list[float]:
+    """The numbers of a tensor (any shape) or a list, as floats; ``bad_values`` / ``bad_type`` start the errors."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().flatten().cpu().double().tolist()
+    if isinstance(value, (list, tuple)):
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"{bad_values}, got {value!r}") from None
+    raise ValueError(f"{bad_type}, got {type(value).__name__}")
+
+
 def box_pixels(box: object, height: int, width: int) -> tuple[int, int, int, int]:
     """The pixel rectangle ``(x1, y1, x2, y2)`` (x2, y2 exclusive) that ``box`` covers in an HxW image.
 
@@ -57,15 +69,7 @@ def box_pixels(box: object, height: int, width: int) -> tuple[int, int, int, int
     rectangle is then clamped to the image.  A box that is empty or inverted after clamping, or
     that holds no finite numbers, raises ``ValueError`` naming it.
     """
-    if isinstance(box, torch.Tensor):
-        values = box.detach().flatten().cpu().double().tolist()
-    elif isinstance(box, (list, tuple)):
-        try:
-            values = [float(v) for v in box]
-        except (TypeError, ValueError):
-            raise ValueError(f"box must hold numbers x1, y1, x2, y2, got {box!r}") from None
-    else:
-        raise ValueError(f"box must be a tensor or a list of x1, y1, x2, y2, got {type(box).__name__}")
+    values = _floats(box, "box must hold numbers x1, y1, x2, y2", "box must be a tensor or a list of x1, y1, x2, y2")
     if len(values) < 4:
         raise ValueError(f"box needs 4 numbers x1, y1, x2, y2, got {len(values)}: {values}")
     x1, y1, x2, y2 = values[:4]
@@ -360,15 +364,8 @@ def map_boxes_back(detections: torch.Tensor, inverse: object) -> torch.Tensor:
     numbers, as a tensor of any shape or a list.  Scores and classes are kept; a new tensor is
     returned.
     """
-    if isinstance(inverse, torch.Tensor):
-        values = inverse.detach().flatten().cpu().double().tolist()
-    elif isinstance(inverse, (list, tuple)):
-        try:
-            values = [float(v) for v in inverse]
-        except (TypeError, ValueError):
-            raise ValueError(f"inverse_transform must be four numbers sx, sy, tx, ty, got {inverse!r}") from None
-    else:
-        raise ValueError(f"inverse_transform must be four numbers sx, sy, tx, ty, got {type(inverse).__name__}")
+    must = "inverse_transform must be four numbers sx, sy, tx, ty"
+    values = _floats(inverse, must, must)
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise ValueError(f"inverse_transform must be four finite numbers sx, sy, tx, ty, got {values}")
     sx, sy, tx, ty = values

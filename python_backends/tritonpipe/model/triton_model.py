@@ -79,7 +79,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self.fanout = None
-        plan = FanOutParams.decode({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        plan = FanOutParams.from_config(config)
         if plan is not None:
             # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
             self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
