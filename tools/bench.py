@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 EPILOG = """systems (all measured on the same corpus and the same model-stage model):
   ensemble   the repository tritonpipe generates for the pipeline
   baseline   a hand-written PIL preprocessing model (one image per call, CPU instances) in front of it
+  dali-served  Triton + DALI as users run it: DALI's classifier preprocessing in a GPU Python model
+             (one DALI run per batch, prefetch depth 1, as Triton's DALI backend) in front of it,
+             with the model stage's instance count (where nvidia-dali imports and a GPU is used)
   inprocess  the same stage trees called directly in this process at one batch, no server
   dali       DALI's GPU preprocessing in this process (where nvidia-dali imports), alone and followed by the same model stage
 

@@ -154,13 +154,14 @@ def test_corpus_folder(tmp_path, jpeg_factory):
 
 
 def bench_options(tmp_path, **changes):
+    changes.setdefault("systems", ("ensemble", "baseline", "inprocess"))
     return runner.BenchOptions(output=tmp_path, device="cpu", baseline_instances=3, **changes)
 
 
 def test_baseline_joins_the_repository_written_once(tmp_path, tiny_onnx):
     graph = load_graph(model_chain(tiny_onnx), name="cls")
-    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
-    assert added.models == ["baseline", "baseline_pre", "cls_model"]
+    repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
+    assert list(peers) == ["baseline"] and peers["baseline"].models == ["baseline", "baseline_pre", "cls_model"]
     on_disk = {p.parent.name: from_text(p.read_text()) for p in repo.path.glob("*/config.pbtxt")}
     assert set(on_disk) == {"cls", "cls_pre", "cls_model", "baseline", "baseline_pre"}
     validate_repository(on_disk)
@@ -184,8 +185,8 @@ def test_baseline_joins_the_repository_written_once(tmp_path, tiny_onnx):
 
 def test_fused_pipeline_gets_its_unfused_model_stage_and_nothing_else(tmp_path, tiny_onnx):
     graph = load_graph(model_chain(tiny_onnx, fuse=True), name="cls")
-    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
-    assert added.model == "cls_unfused_model"
+    repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path))
+    assert peers["baseline"].model == "cls_unfused_model"
     assert sorted(p.name for p in repo.path.iterdir() if p.is_dir()) == ["baseline", "baseline_pre", "cls", "cls_unfused_model"]
     assert (repo.path / "cls_unfused_model" / "1" / Path(tiny_onnx).name).is_file()
     assert graph.entry.settings.fuse and graph.name == "cls", "the graph itself is not changed"
@@ -193,8 +194,43 @@ def test_fused_pipeline_gets_its_unfused_model_stage_and_nothing_else(tmp_path, 
 
 def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
     graph = load_graph(model_chain(tiny_onnx), name="cls")
-    repo, added = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path, systems=("ensemble",)))
-    assert added is None and sorted(repo.configs) == ["cls", "cls_model", "cls_pre"]
+    repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path, systems=("ensemble",)))
+    assert peers == {} and sorted(repo.configs) == ["cls", "cls_model", "cls_pre"]
+
+
+def test_dali_served_shares_the_model_stage_with_the_baseline(tmp_path, tiny_onnx):
+    graph = load_graph(model_chain(tiny_onnx, fuse=True, instance_num=3), name="cls")
+    options = bench_options(tmp_path, systems=("ensemble", "baseline", "dali-served"))
+    options.device = "gpu"
+    repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", options)
+    assert list(peers) == ["baseline", "dali-served"]
+    assert peers["dali-served"].models == ["dali_served", "dali_served_pre", "cls_unfused_model"]
+    on_disk = {p.parent.name: from_text(p.read_text()) for p in repo.path.glob("*/config.pbtxt")}
+    assert set(on_disk) == {"cls", "cls_unfused_model", "baseline", "baseline_pre", "dali_served", "dali_served_pre"}
+    validate_repository(on_disk)
+    pre, model = on_disk["dali_served_pre"], on_disk["cls_unfused_model"]
+    # the same instances, batch size and batching as the shared model stage, on the GPU, any JPEG length per batch
+    assert pre.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert pre.instance_group[0].count == model.instance_group[0].count == 3
+    assert pre.max_batch_size == model.max_batch_size == 8
+    assert pre.dynamic_batching == model.dynamic_batching and pre.HasField("dynamic_batching")
+    assert pre.input[0].allow_ragged_batch and list(pre.output[0].dims) == [3, 32, 32]
+    assert float(pre.parameters["hw_decoder_load"].string_value) == 0.65
+    assert int(pre.parameters["threads"].string_value) >= 2
+    # the GPU output reaches the model stage on the GPU
+    assert model.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    steps = on_disk["dali_served"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["dali_served_pre", "cls_unfused_model"]
+    model_py = (repo.path / "dali_served_pre" / "1" / "model.py").read_text()
+    assert "prefetch_queue_depth=1" in model_py and "import tritonpipe" not in model_py and "from tritonpipe" not in model_py
+
+
+def test_dali_systems_are_left_out_with_one_line_where_dali_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_dali_missing", lambda options: "DALI is not installed")
+    header, said = {}, []
+    options = runner._without_missing_dali(bench_options(tmp_path, systems=runner.SYSTEMS), header, said.append)
+    assert options.systems == ("ensemble", "baseline", "inprocess")
+    assert header == {"DALI": "not measured: DALI is not installed"} and len(said) == 1
 
 
 def test_baseline_needs_a_model_stage(tmp_path):
@@ -465,7 +501,7 @@ def test_cli_parses_lists_and_builds_options(tmp_path):
     assert options.perf.shared_memory == "system" and options.perf.extra_args == ("--async",)
     assert options.instances == 2 and options.output == tmp_path and options.command == "cmd"
     defaults = cli.options_from(cli.parse_args([]))
-    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "inprocess", "dali")
+    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "dali-served", "inprocess", "dali")
     for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--systems", "ensemble,triton"]):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)

@@ -1,7 +1,10 @@
-"""The baseline system: a hand-written PIL preprocessing model in front of the pack's model stage.
+"""The served peers: hand-written preprocessing models in front of the pack's model stage.
 
-Its models join the repository built for the pipeline, so both ensembles share one
-model-stage model (the same file, instances and batching) and differ only before it.
+``baseline`` is the PIL model a Triton user writes first (one image per call, CPU instances);
+``dali-served`` is Triton + DALI as users run it (DALI's classifier pipeline in a GPU model, one
+DALI run per batch at prefetch depth 1, as Triton's DALI backend runs it).  Their models join the
+repository built for the pipeline, so every ensemble shares one model-stage model (the same
+file, instances and batching) and they differ only before it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ ENSEMBLE = "baseline"
 PRE = "baseline_pre"
 MODEL_SOURCE = Path(__file__).with_name("pil_model.py")
 
+DALI_ENSEMBLE = "dali_served"
+DALI_PRE = "dali_served_pre"
+DALI_SOURCE = Path(__file__).with_name("dali_model.py")
+#: DALI's default share for the hardware JPEG engines, and the one its users keep
+DALI_HW_DECODER_LOAD = 0.65
+
 
 @dataclass
 class Baseline:
     ensemble: str
     pre: str
     model: str  # the shared model-stage model
+    system: str = "baseline"
 
     @property
     def models(self) -> list[str]:
@@ -65,28 +75,55 @@ def _image_size(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], model:
     return int(height), int(width)
 
 
-def baseline_configs(model_config: mc.ModelConfig, height: int, width: int, instances: int) -> dict[str, mc.ModelConfig]:
-    """Configs of the PIL preprocessing model and the ensemble joining it to ``model_config``."""
-    batch = max(model_config.max_batch_size, 1)
-    pre = mc.ModelConfig(name=PRE, backend="python", max_batch_size=batch)
+def _pre_config(name: str, batch: int, height: int, width: int) -> mc.ModelConfig:
+    """A preprocessing model's config: JPEG bytes in, FP32 [3,H,W] out."""
+    pre = mc.ModelConfig(name=name, backend="python", max_batch_size=batch)
     pre.input.add(name="INPUT", data_type=mc.TYPE_UINT8, dims=[-1])
     pre.output.add(name="OUTPUT", data_type=mc.TYPE_FP32, dims=[3, height, width])
-    pre.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     pre.parameters["height"].string_value = str(height)
     pre.parameters["width"].string_value = str(width)
+    return pre
 
-    ensemble = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=min(batch, model_config.max_batch_size))
+
+def _ensemble(name: str, pre: str, model_config: mc.ModelConfig) -> mc.ModelConfig:
+    """The ensemble of ``pre`` and the shared model-stage model."""
+    ensemble = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=model_config.max_batch_size)
     ensemble.input.add(name="INPUT", data_type=mc.TYPE_UINT8, dims=[-1])
     for output in model_config.output:
         ensemble.output.add().CopyFrom(output)
-    first = ensemble.ensemble_scheduling.step.add(model_name=PRE, model_version=-1)
+    first = ensemble.ensemble_scheduling.step.add(model_name=pre, model_version=-1)
     first.input_map["INPUT"] = "INPUT"
-    first.output_map["OUTPUT"] = f"{PRE}.OUTPUT"
+    first.output_map["OUTPUT"] = f"{pre}.OUTPUT"
     second = ensemble.ensemble_scheduling.step.add(model_name=model_config.name, model_version=-1)
-    second.input_map[model_config.input[0].name] = f"{PRE}.OUTPUT"
+    second.input_map[model_config.input[0].name] = f"{pre}.OUTPUT"
     for output in model_config.output:
         second.output_map[output.name] = output.name
-    return {PRE: pre, ENSEMBLE: ensemble}
+    return ensemble
+
+
+def baseline_configs(model_config: mc.ModelConfig, height: int, width: int, instances: int) -> dict[str, mc.ModelConfig]:
+    """Configs of the PIL preprocessing model and the ensemble joining it to ``model_config``."""
+    pre = _pre_config(PRE, max(model_config.max_batch_size, 1), height, width)
+    pre.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return {PRE: pre, ENSEMBLE: _ensemble(ENSEMBLE, PRE, model_config)}
+
+
+def dali_served_configs(
+    model_config: mc.ModelConfig, height: int, width: int, instances: int, cores: int
+) -> dict[str, mc.ModelConfig]:
+    """Configs of the DALI preprocessing model and the ensemble joining it to ``model_config``.
+
+    The DALI model has the model stage's instance count, batch size and batching, GPU instances,
+    ragged JPEG inputs (requests of any length batch together) and the host's cores shared out
+    among its instances as DALI threads.
+    """
+    pre = _pre_config(DALI_PRE, max(model_config.max_batch_size, 1), height, width)
+    pre.input[0].allow_ragged_batch = True
+    pre.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+    pre.dynamic_batching.CopyFrom(model_config.dynamic_batching)
+    pre.parameters["hw_decoder_load"].string_value = str(DALI_HW_DECODER_LOAD)
+    pre.parameters["threads"].string_value = str(max(2, cores // max(instances, 1)))
+    return {DALI_PRE: pre, DALI_ENSEMBLE: _ensemble(DALI_ENSEMBLE, DALI_PRE, model_config)}
 
 
 def add_baseline(
@@ -104,3 +141,17 @@ def add_baseline(
     height, width = _image_size(plan, configs, model)
     models = baseline_configs(configs[model], height, width, instances or os.cpu_count() or 1)
     return Baseline(ENSEMBLE, PRE, model), models, {PRE: {"model.py": MODEL_SOURCE}}
+
+
+def add_dali_served(
+    plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]
+) -> tuple[Baseline, dict[str, mc.ModelConfig], ModelFiles]:
+    """The ``dali-served`` peer's two models for the repository built from ``plan``; nothing is written."""
+    model = model_stage_name(plan)
+    clash = {DALI_PRE, DALI_ENSEMBLE} & set(configs)
+    if clash:
+        raise ConfigError(f"the pipeline already has models named {sorted(clash)}; rename the pipeline")
+    height, width = _image_size(plan, configs, model)
+    instances = sum(group.count for group in configs[model].instance_group) or 1
+    models = dali_served_configs(configs[model], height, width, instances, os.cpu_count() or 1)
+    return Baseline(DALI_ENSEMBLE, DALI_PRE, model, "dali-served"), models, {DALI_PRE: {"model.py": DALI_SOURCE}}

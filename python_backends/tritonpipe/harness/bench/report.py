@@ -12,9 +12,12 @@ from .stats import StageTimes, StepTimes
 TITLES = {
     "ensemble": "tritonpipe ensemble",
     "baseline": "PIL baseline ensemble",
+    "dali-served": "Triton + DALI ensemble",
     "inprocess": "in-process (no server)",
     "dali": "DALI in-process preprocessing",
 }
+#: the served systems, in the report's column order
+SERVED = ("ensemble", "baseline", "dali-served")
 #: the in-process rows: tritonpipe's own chain and DALI's, with and without the model stage
 INPROCESS_ROWS = ("inprocess", "inprocess-pre", "dali", "dali-hw-only", "dali+model")
 
@@ -142,7 +145,7 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], stages: list[StageTimes] | None = None) -> str:
     by = {(r.system, r.concurrency): r for r in rows if r.system not in INPROCESS_ROWS}
-    present = [s for s in ("ensemble", "baseline") if any(r.system == s for r in rows)]
+    present = [s for s in SERVED if any(r.system == s for r in rows)]
     inproc = next((r for r in rows if r.system == "inprocess"), None)
     dali = next((r for r in rows if r.system == "dali" and r.throughput), None)
     has_mem = any(r.gpu_mem_mb is not None or r.gpu_mem_before_mb is not None for r in rows)
@@ -156,8 +159,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         columns += [f"{system} img/s", f"{system} p50", f"{system} p99"]
         if has_mem:
             columns.append(f"{system} GPU MiB")
-    if "baseline" in present and "ensemble" in present:
-        columns.append("ensemble/baseline")
+    peers = [s for s in present if s != "ensemble"] if "ensemble" in present else []
+    columns += [f"ensemble/{peer}" for peer in peers]
     if inproc is not None and "ensemble" in present:
         columns.append("ensemble/in-process")
     if dali is not None and "ensemble" in present:
@@ -171,8 +174,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
             if has_mem:
                 line.append(fmt_mem(row and row.gpu_mem_before_mb, row and row.gpu_mem_mb))
         ensemble = by.get(("ensemble", level))
-        if "baseline" in present and "ensemble" in present:
-            line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get(("baseline", level)) or Row("", 0, None)).throughput)))
+        for peer in peers:
+            line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get((peer, level)) or Row("", 0, None)).throughput)))
         if inproc is not None and "ensemble" in present:
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, inproc.throughput)))
         if dali is not None and "ensemble" in present:
@@ -228,7 +231,7 @@ def plot(rows: list[Row], path: Path) -> Path | None:
     except ImportError:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system in ("ensemble", "baseline"):
+    for system in SERVED:
         points = sorted((r.concurrency, r.throughput, r.p99_ms) for r in rows if r.system == system and r.throughput)
         if points:
             xs = [p[0] for p in points]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tritonclient.grpc import model_config_pb2 as mc
+
 from ...choices import DEFAULT_CONCURRENCY, SYSTEMS
 from ...contract import PARAM_PIPELINE
 from ...errors import ConfigError
@@ -26,7 +28,7 @@ from ...repository.generate import GeneratedRepository, build_repository, write_
 from ...stages import load_builtin_stages
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
-from .baseline import Baseline, add_baseline
+from .baseline import Baseline, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
 from .stats import StageTimes, StepTimes, breakdown, fetch_stage_metrics, fetch_stats, stage_breakdown
@@ -258,37 +260,48 @@ def _unfused(graph: Graph) -> Graph:
     return dataclasses.replace(graph, name=f"{graph.name}_unfused", nodes=nodes)
 
 
+#: the served peers: system -> the function adding its models beside the pipeline
+PEERS = {
+    "baseline": lambda plan, configs, options: add_baseline(plan, configs, options.baseline_instances),
+    "dali-served": lambda plan, configs, options: add_dali_served(plan, configs),
+}
+
+
 def build_bench_repository(
     graph: Graph, output: Path, options: BenchOptions
-) -> tuple[GeneratedRepository, Baseline | None]:
-    """The pipeline's repository, with the baseline's models beside it when it is measured; written once.
+) -> tuple[GeneratedRepository, dict[str, Baseline]]:
+    """The pipeline's repository, with the measured peers' models beside it; written once.
 
-    The baseline is ensembled with the pipeline's own model-stage model.  A fused pipeline has
-    none of its own, so the model stage of its unfused twin joins the repository instead.
+    Each peer (the PIL baseline, DALI served) is ensembled with the pipeline's own model-stage
+    model.  A fused pipeline has none of its own, so the model stage of its unfused twin joins
+    the repository instead.
     """
     plan, configs, files = build_repository(graph, options.device)
     everything, all_files = dict(configs), dict(files)
-    baseline = None
-    if "baseline" in options.systems:
+    peers: dict[str, Baseline] = {}
+    wanted = [system for system in PEERS if system in options.systems]
+    if wanted:
         fused = any(node.settings.fuse for node in graph.nodes.values())
         source_plan, source_configs, source_files = (
             build_repository(_unfused(graph), options.device) if fused else (plan, configs, files)
         )
-        baseline, models, model_files = add_baseline(source_plan, source_configs, options.baseline_instances)
-        models[baseline.model] = source_configs[baseline.model]
-        model_files[baseline.model] = source_files.get(baseline.model, {})
-        clash = sorted(name for name, config in models.items() if everything.get(name, config) is not config)
-        if clash:
-            raise ConfigError(f"the pipeline already has models named {clash}; rename the pipeline")
-        everything.update(models)
-        all_files.update(model_files)
+        for system in wanted:
+            peer, models, model_files = PEERS[system](source_plan, source_configs, options)
+            models[peer.model] = source_configs[peer.model]
+            model_files[peer.model] = source_files.get(peer.model, {})
+            clash = sorted(name for name, config in models.items() if everything.get(name, config) is not config)
+            if clash:
+                raise ConfigError(f"the pipeline already has models named {clash}; rename the pipeline")
+            everything.update(models)
+            all_files.update(model_files)
+            peers[system] = peer
         validate_repository(everything)
     path = write_repository(everything, all_files, output, entry=plan.name)
-    return GeneratedRepository(path, plan, everything), baseline
+    return GeneratedRepository(path, plan, everything), peers
 
 
 def _served_systems(
-    repo: GeneratedRepository, baseline: Baseline | None, options: BenchOptions, say
+    repo: GeneratedRepository, peers: dict[str, Baseline], options: BenchOptions, say
 ) -> dict[str, tuple[str, list[str]]]:
     """system -> (model perf_analyzer calls, models whose statistics matter)."""
     systems: dict[str, tuple[str, list[str]]] = {}
@@ -297,9 +310,11 @@ def _served_systems(
         if repo.plan.fan_out is not None:  # the orchestrator and every model of its two parts
             steps = sorted(name for name in repo.configs if name != repo.entry)
         systems["ensemble"] = (repo.entry, [repo.entry, *steps])
-    if baseline is not None:
-        say(f"baseline: {baseline.pre} ({options.baseline_instances or os.cpu_count()} CPU instances, PIL) -> {baseline.model}")
-        systems["baseline"] = (baseline.ensemble, baseline.models)
+    for system, peer in peers.items():
+        pre = repo.configs[peer.pre]
+        kind = mc.ModelInstanceGroup.Kind.Name(pre.instance_group[0].kind).removeprefix("KIND_")
+        say(f"{system}: {peer.pre} ({pre.instance_group[0].count} {kind} instances) -> {peer.model}")
+        systems[system] = (peer.ensemble, peer.models)
     return systems
 
 
@@ -377,29 +392,45 @@ def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tupl
     return [row], steps
 
 
-def _measure_dali(
-    repo, baseline: Baseline | None, corpus: Corpus, inproc: list[Row], steps: list[StepTimes], options: BenchOptions,
-    header: dict[str, str], say,
-) -> list[Row]:
-    """DALI's preprocessing beside tritonpipe's own, and DALI followed by the same model stage."""
-    from .dali import dali_available, run_dali
+def _dali_missing(options: BenchOptions) -> str | None:
+    """Why DALI cannot be measured here (one line), or None."""
+    from .dali import dali_available
 
-    rows: list[Row] = []
-    stage_models = _model_stage_models(repo)
-    pre = [s for s in steps if s.system == "inprocess" and s.model not in stage_models]
-    whole = next((r for r in inproc if r.system == "inprocess" and r.throughput), None)
-    if whole is not None and pre and stage_models:
-        per_image_ms = sum(s.total_ms for s in pre)
-        rows.append(Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms if per_image_ms else None,
-                        note="tritonpipe's preprocessing model alone, from the in-process run's per-model times"))
     missing = dali_available()
     if missing is None and pick_device(options.device).type != "cuda":
         missing = "DALI's mixed decoder needs a GPU"
-    if missing is not None:
-        # not a failed measurement: the report says once why DALI is absent, and the rest stands
-        say(f"[dali] not measured: {missing}")
-        header["DALI"] = f"not measured: {missing}"
-        return rows
+    return missing
+
+
+def _without_missing_dali(options: BenchOptions, header: dict[str, str], say) -> BenchOptions:
+    """``options`` without the DALI systems where DALI cannot run; the report says once why."""
+    dali_systems = [s for s in options.systems if s.startswith("dali")]
+    missing = _dali_missing(options) if dali_systems else None
+    if missing is None:
+        return options
+    # not a failed measurement: the report says once why DALI is absent, and the rest stands
+    say(f"[{','.join(dali_systems)}] not measured: {missing}")
+    header["DALI"] = f"not measured: {missing}"
+    return dataclasses.replace(options, systems=tuple(s for s in options.systems if not s.startswith("dali")))
+
+
+def _inprocess_pre(repo, rows: list[Row], steps: list[StepTimes]) -> list[Row]:
+    """tritonpipe's preprocessing alone, from the in-process run's per-model times (none when fused)."""
+    stage_models = _model_stage_models(repo)
+    pre = [s for s in steps if s.system == "inprocess" and s.model not in stage_models]
+    whole = next((r for r in rows if r.system == "inprocess" and r.throughput), None)
+    if whole is None or not pre or not stage_models:
+        return []
+    per_image_ms = sum(s.total_ms for s in pre)
+    return [Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms if per_image_ms else None,
+                note="tritonpipe's preprocessing model alone, from the in-process run's per-model times")]
+
+
+def _measure_dali(repo, baseline: Baseline | None, corpus: Corpus, options: BenchOptions, say) -> list[Row]:
+    """DALI's preprocessing in this process, and DALI followed by the same model stage."""
+    from .dali import run_dali
+
+    rows: list[Row] = []
     size = _model_input_size(repo)
     try:
         model_step = _model_step(repo, baseline)
@@ -503,20 +534,21 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     stages: list[StageTimes] = []
     with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
         workdir = Path(tmp)
-        repo, baseline = build_bench_repository(graph, workdir / "repository", options)
+        options = _without_missing_dali(options, header, say)
+        repo, peers = build_bench_repository(graph, workdir / "repository", options)
         say(f"repository: {', '.join(sorted(repo.configs))} (entry {repo.entry!r})")
         if repo.plan.fan_out is not None:
             header["items per image"] = _items_per_image(repo, corpus, options.device)
             say(f"fan-out: {header['items per image']}")
-        served = _served_systems(repo, baseline, options, say)
+        served = _served_systems(repo, peers, options, say)
         if served:
             rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say)
         if "inprocess" in options.systems:
             more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
-            rows += more_rows
+            rows += more_rows + _inprocess_pre(repo, more_rows, more_steps)
             steps += more_steps
         if "dali" in options.systems:
-            rows += _measure_dali(repo, baseline, corpus, rows, steps, options, header, say)
+            rows += _measure_dali(repo, peers.get("baseline") or peers.get("dali-served"), corpus, options, say)
     # other work on the host skews every number; this makes a busy host visible
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
     text = markdown(rows, steps, header, stages)
