@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tuning.add_argument("--max-batch", type=int, help="max (max_batch_size) of every node")
     tuning.add_argument("--batching-timeout", type=float, help="batching_timeout (ms) of every node")
     tuning.add_argument("--baseline-instances", type=int, default=os.cpu_count(), help="CPU instances of the PIL model (default: %(default)s)")
+    tuning.add_argument(
+        "--dali-instances", type=int, metavar="N",
+        help="GPU instances of the dali-served peer's DALI model, each with cores/N DALI threads (default: the model stage's count)",
+    )
 
     perf = parser.add_argument_group("perf_analyzer")
     perf.add_argument(
@@ -123,7 +127,7 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
             extra_args=tuple(args.perf_arg), timeout_s=args.perf_timeout,
         ),
         settings=parse_overrides(args.settings), instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
-        baseline_instances=args.baseline_instances, device=args.device, triton_home=args.triton_home,
+        baseline_instances=args.baseline_instances, dali_instances=args.dali_instances, device=args.device, triton_home=args.triton_home,
         output=args.output, inprocess_batch=args.inprocess_batch, inprocess_seconds=args.inprocess_seconds,
         server_timeout=args.server_timeout, mps=args.mps, progress=not args.no_progress, command=command,
     )

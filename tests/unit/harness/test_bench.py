@@ -216,7 +216,7 @@ def test_dali_served_shares_the_model_stage_with_the_baseline(tmp_path, tiny_onn
     assert pre.dynamic_batching == model.dynamic_batching and pre.HasField("dynamic_batching")
     assert pre.input[0].allow_ragged_batch and list(pre.output[0].dims) == [3, 32, 32]
     assert float(pre.parameters["hw_decoder_load"].string_value) == 0.65
-    assert int(pre.parameters["threads"].string_value) >= 2
+    assert int(pre.parameters["threads"].string_value) >= 2 and pre.parameters["output_device"].string_value == "cpu"
     # the GPU output reaches the model stage on the GPU
     assert model.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     steps = on_disk["dali_served"].ensemble_scheduling.step

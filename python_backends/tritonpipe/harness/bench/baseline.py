@@ -113,7 +113,7 @@ def dali_served_configs(
 ) -> dict[str, mc.ModelConfig]:
     """Configs of the DALI preprocessing model and the ensemble joining it to ``model_config``.
 
-    The DALI model has the model stage's instance count, batch size and batching, GPU instances,
+    The DALI model has ``instances`` GPU instances, the model stage's batch size and batching,
     ragged JPEG inputs (requests of any length batch together) and the host's cores shared out
     among its instances as DALI threads.
     """
@@ -123,6 +123,7 @@ def dali_served_configs(
     pre.dynamic_batching.CopyFrom(model_config.dynamic_batching)
     pre.parameters["hw_decoder_load"].string_value = str(DALI_HW_DECODER_LOAD)
     pre.parameters["threads"].string_value = str(max(2, cores // max(instances, 1)))
+    pre.parameters["output_device"].string_value = "cpu"
     return {DALI_PRE: pre, DALI_ENSEMBLE: _ensemble(DALI_ENSEMBLE, DALI_PRE, model_config)}
 
 
@@ -144,14 +145,17 @@ def add_baseline(
 
 
 def add_dali_served(
-    plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]
+    plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], instances: int | None = None
 ) -> tuple[Baseline, dict[str, mc.ModelConfig], ModelFiles]:
-    """The ``dali-served`` peer's two models for the repository built from ``plan``; nothing is written."""
+    """The ``dali-served`` peer's two models for the repository built from ``plan``; nothing is written.
+
+    ``instances``: the DALI model's instance count; by default the model stage's.
+    """
     model = model_stage_name(plan)
     clash = {DALI_PRE, DALI_ENSEMBLE} & set(configs)
     if clash:
         raise ConfigError(f"the pipeline already has models named {sorted(clash)}; rename the pipeline")
     height, width = _image_size(plan, configs, model)
-    instances = sum(group.count for group in configs[model].instance_group) or 1
+    instances = instances or sum(group.count for group in configs[model].instance_group) or 1
     models = dali_served_configs(configs[model], height, width, instances, os.cpu_count() or 1)
     return Baseline(DALI_ENSEMBLE, DALI_PRE, model, "dali-served"), models, {DALI_PRE: {"model.py": DALI_SOURCE}}

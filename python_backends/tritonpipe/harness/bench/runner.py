@@ -66,6 +66,7 @@ class BenchOptions:
     #: node keys set on every node that takes them, as ``--set KEY=VALUE`` writes them; ``Stage::key`` for one stage
     settings: dict[str, str] = field(default_factory=dict)
     baseline_instances: int | None = None
+    dali_instances: int | None = None  # the dali-served peer's DALI model; None: the model stage's count
     device: str = "auto"
     triton_home: str | None = None
     output: Path = Path("bench_results")
@@ -263,7 +264,7 @@ def _unfused(graph: Graph) -> Graph:
 #: the served peers: system -> the function adding its models beside the pipeline
 PEERS = {
     "baseline": lambda plan, configs, options: add_baseline(plan, configs, options.baseline_instances),
-    "dali-served": lambda plan, configs, options: add_dali_served(plan, configs),
+    "dali-served": lambda plan, configs, options: add_dali_served(plan, configs, options.dali_instances),
 }
 
 
