@@ -61,26 +61,36 @@ def _floats(value: object, bad_values: str, bad_type: str) -> list[float]:
     raise ValueError(f"{bad_type}, got {type(value).__name__}")
 
 
-def box_pixels(box: object, height: int, width: int) -> tuple[int, int, int, int]:
+def box_pixels(
+    box: object, height: int, width: int, *, nearest: bool = False, name: str = "box"
+) -> tuple[int, int, int, int]:
     """The pixel rectangle ``(x1, y1, x2, y2)`` (x2, y2 exclusive) that ``box`` covers in an HxW image.
 
     ``box`` holds at least four numbers, x1, y1, x2, y2 (more, such as a score and a class, are
     ignored).  Fractional corners widen the rectangle to whole pixels (x1, y1 down, x2, y2 up); the
-    rectangle is then clamped to the image.  A box that is empty or inverted after clamping, or
-    that holds no finite numbers, raises ``ValueError`` naming it.
+    rectangle is then clamped to the image.  A box that holds no finite numbers raises
+    ``ValueError`` naming it (``name``).  A box that is empty or inverted after clamping raises too,
+    unless ``nearest``: detectors give boxes thinner than a pixel or past the image's edge, and with
+    ``nearest`` such a box takes the one row or column of pixels nearest to it (an inverted box
+    still raises).
     """
     values = _floats(box, "box must hold numbers x1, y1, x2, y2", "box must be a tensor or a list of x1, y1, x2, y2")
     if len(values) < 4:
-        raise ValueError(f"box needs 4 numbers x1, y1, x2, y2, got {len(values)}: {values}")
+        raise ValueError(f"{name} needs 4 numbers x1, y1, x2, y2, got {len(values)}: {values}")
     x1, y1, x2, y2 = values[:4]
-    shown = f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+    shown = f"{name} [{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise ValueError(f"box {shown} holds a value that is not a finite number")
+        raise ValueError(f"{shown} holds a value that is not a finite number")
+    if nearest:
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"{shown} (x1, y1, x2, y2) is inverted")
+        left, top = min(max(0, math.floor(x1)), width - 1), min(max(0, math.floor(y1)), height - 1)
+        return left, top, max(min(width, math.ceil(x2)), left + 1), max(min(height, math.ceil(y2)), top + 1)
     left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
     right, bottom = min(width, math.ceil(x2)), min(height, math.ceil(y2))
     if right <= left or bottom <= top:
         raise ValueError(
-            f"box {shown} (x1, y1, x2, y2) is empty or inverted inside the {width}x{height} (WxH) image"
+            f"{shown} (x1, y1, x2, y2) is empty or inverted inside the {width}x{height} (WxH) image"
         )
     return left, top, right, bottom
 
@@ -108,24 +118,6 @@ def box_rows(boxes: object) -> list[list[float]]:
     raise ValueError(f"boxes must be a N x 4 tensor or a list of x1, y1, x2, y2 rows, got {type(boxes).__name__}")
 
 
-def _detected_pixels(index: int, row: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
-    """A detector's box as pixels: :func:`box_pixels`, but never empty.
-
-    Detectors give boxes thinner than a pixel, or past the image's edge; such a box takes the one
-    row or column of pixels nearest to it.  An inverted box, or one that is not finite, is an error.
-    """
-    values = [float(v) for v in row[:4]]
-    x1, y1, x2, y2 = values
-    shown = f"box {index}: [{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{shown} holds a value that is not a finite number")
-    if x2 < x1 or y2 < y1:
-        raise ValueError(f"{shown} (x1, y1, x2, y2) is inverted")
-    left, top = min(max(0, math.floor(x1)), width - 1), min(max(0, math.floor(y1)), height - 1)
-    right, bottom = max(min(width, math.ceil(x2)), left + 1), max(min(height, math.ceil(y2)), top + 1)
-    return left, top, right, bottom
-
-
 def crop_resize(image: torch.Tensor, boxes: object, out_h: int, out_w: int) -> torch.Tensor:
     """Every box of ``boxes`` cropped out of a 1xCxHxW tensor and resized to float32 ``out_h`` x ``out_w``.
 
@@ -141,7 +133,7 @@ def crop_resize(image: torch.Tensor, boxes: object, out_h: int, out_w: int) -> t
     height, width = image.shape[2], image.shape[3]
     views = []
     for index, row in enumerate(box_rows(boxes)):
-        left, top, right, bottom = _detected_pixels(index, row, height, width)
+        left, top, right, bottom = box_pixels(row, height, width, nearest=True, name=f"box {index}:")
         views.append(image[0, :, top:bottom, left:right])
     if not views:
         return torch.empty((0, image.shape[1], out_h, out_w), dtype=torch.float32, device=image.device)
