@@ -23,9 +23,48 @@ from ..errors import ConfigError, RequestError
 from ..model.fanout import gather, item_rows
 from ..model.runtime import ModelRuntime, pick_device
 from ..repository.generate import VERSION, GeneratedRepository
+from ..stages.control import set_stage_sink
 
 #: a request's tensors by name, or the error the chain failed it with
 Answer = dict[str, torch.Tensor] | BaseException
+
+
+@dataclass
+class StageTime:
+    model: str
+    stage: str
+    images: int
+    calls: int
+    seconds: float
+
+
+class StageClock:
+    """A stage sink that times every leaf stage together with the GPU work it queued.
+
+    The devices are synchronised after every stage, so a stage's time runs from the end of the
+    one before it (or from the start of its model's batch, reading the batch included) to the end
+    of its own GPU work.  The synchronisations cost time of their own: use it on batches kept
+    apart from a throughput measurement.
+    """
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.model = ""
+        self.last = time.perf_counter()
+        self.tallies: dict[tuple[str, str], StageTime] = {}
+
+    def start(self, model: str) -> None:
+        self.sync()
+        self.model, self.last = model, time.perf_counter()
+
+    def record(self, stage: str, seconds: float, images: int, errors: list[BaseException]) -> None:
+        self.sync()
+        now = time.perf_counter()
+        tally = self.tallies.setdefault((self.model, stage), StageTime(self.model, stage, 0, 0, 0.0))
+        tally.images += images
+        tally.calls += 1
+        tally.seconds += now - self.last
+        self.last = now
 
 
 @dataclass
@@ -39,6 +78,8 @@ class InprocessResult:
     chunks: dict[str, int] = field(default_factory=dict)  # models called with fewer images at a time
     gpu_mem_before_mb: float | None = None
     gpu_mem_after_mb: float | None = None
+    #: each leaf stage's time with its GPU work, from separate batches with a synchronisation after every stage
+    stages: list[StageTime] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -81,6 +122,7 @@ class Chain:
         chunked: Collection[str] = (),
     ):
         top = config(entry)
+        self.clock: StageClock | None = None  # set while a StageClock times the stages
         self.inputs = [t["name"] for t in top.get("input", [])]
         self.outputs = [t["name"] for t in top.get("output", [])]
         self.fan_out = FanOutParams.from_config(top)
@@ -148,6 +190,8 @@ class Chain:
             answers: list[Answer] = []
             for first in range(0, len(items), size):
                 batch = items[first : first + size]
+                if self.clock is not None:
+                    self.clock.start(step.name)
                 step.runtime.run(batch)
                 answers += step.runtime.responses(batch)
             for i, answer in zip(alive, answers):
@@ -206,8 +250,13 @@ def run_inprocess(
     min_batches: int = 3,
     progress: bool = True,
     gpu_memory=None,
+    stage_batches: int = 3,
 ) -> InprocessResult:
-    """Decode and infer the corpus in batches of ``batch`` for about ``seconds``; images/s and batch times."""
+    """Decode and infer the corpus in batches of ``batch`` for about ``seconds``; images/s and batch times.
+
+    Then ``stage_batches`` more batches time every stage on its own (:class:`StageClock`): decode,
+    resize, the model, each with its GPU work.
+    """
     from tqdm import tqdm
 
     target = pick_device(device, strict=True)
@@ -238,6 +287,28 @@ def run_inprocess(
         elapsed = time.perf_counter() - started
         bar.close()
         after = gpu_memory() if gpu_memory else None
+        stages = _stage_times(chain, lambda index: run(batches[index % len(batches)]), stage_batches)
     images_done = batch * len(batch_ms)
     per_image = {name: total / images_done * 1000.0 for name, total in timings.items()}
-    return InprocessResult(str(target), batch, images_done, elapsed, batch_ms, per_image, chain.chunks(), before, after)
+    return InprocessResult(
+        str(target), batch, images_done, elapsed, batch_ms, per_image, chain.chunks(), before, after, stages
+    )
+
+
+def _stage_times(chain: Chain, run: Callable[[int], None], batches: int) -> list[StageTime]:
+    """Every leaf stage's time with its GPU work, over ``batches`` batches timed with a :class:`StageClock`.
+
+    None for a graph that fans out (its per-item part runs in chains of its own).
+    """
+    if chain.fan_out is not None or batches < 1:
+        return []
+    clock = StageClock(chain.sync)
+    chain.clock = clock
+    set_stage_sink(clock)
+    try:
+        for index in range(batches):
+            run(index)
+    finally:
+        set_stage_sink(None)
+        chain.clock = None
+    return list(clock.tallies.values())

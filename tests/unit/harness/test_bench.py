@@ -465,6 +465,33 @@ def test_inprocess_chain_runs_the_generated_models(tmp_path, tiny_onnx, jpeg_fac
         inprocess.run_inprocess(repo, [images[0][:20]], device="cpu", batch=1, seconds=0.0, progress=False)
 
 
+def test_inprocess_times_every_leaf_stage_apart_and_leaves_no_sink(tmp_path, tiny_onnx, jpeg_factory, monkeypatch):
+    from tritonpipe.stages import control
+
+    repo = generate_repository(load_graph(model_chain(tiny_onnx), name="cls"), tmp_path / "repo")
+    images = [jpeg_factory(40, 60, seed=i) for i in range(3)]
+    result = inprocess.run_inprocess(repo, images, device="cpu", batch=4, seconds=0.0, warmup=1, min_batches=1,
+                                     progress=False, stage_batches=2)
+    got = [(t.model, t.stage, t.images, t.calls) for t in result.stages]
+    # the leaves of each model's stage tree, in the order the chain runs them; wrappers (SyncTensor) are not timed
+    assert got == [("cls_pre", "DecodeTensor", 8, 2), ("cls_pre", "ResizeTensor", 8, 2), ("cls_pre", "cvtColorTensor", 8, 2),
+                   ("cls_model", "TensorrtTensor", 8, 2)]
+    assert all(t.seconds > 0 for t in result.stages) and control._sink is None
+    # the device is synchronised after every stage: the clock asks for it once per start and once per stage
+    syncs = []
+    clock = inprocess.StageClock(lambda: syncs.append(1))
+    clock.start("m")
+    clock.record("A", 0.0, 4, [])
+    clock.record("B", 0.0, 4, [])
+    assert len(syncs) == 3 and [t.stage for t in clock.tallies.values()] == ["A", "B"]
+    # a chain that fails during the timed batches still leaves no sink behind
+    chain = inprocess.Chain.of_repository(repo, torch.device("cpu"))
+    monkeypatch.setattr(chain, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        inprocess._stage_times(chain, lambda index: chain.run([]), 1)
+    assert control._sink is None and chain.clock is None
+
+
 def test_inprocess_feeds_the_model_stage_at_most_its_max_batch(tmp_path, tiny_onnx, jpeg_factory):
     small = generate_repository(load_graph(model_chain(tiny_onnx, max=2), name="cls"), tmp_path / "small")
     large = generate_repository(load_graph(model_chain(tiny_onnx, max=8), name="cls"), tmp_path / "large")

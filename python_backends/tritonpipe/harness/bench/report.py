@@ -113,7 +113,10 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         "`execute steps` is the model's own work around the stages per batch (the `execute:` rows: reading the requests, "
         "building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer less "
         "both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain (CUDA events), "
-        "which overlaps the rest. The figures are exact where every batch holds one request (c=1).", "",
+        "which overlaps the rest. The figures are exact where every batch holds one request (c=1). "
+        "Rows of system `inprocess` (concurrency: the batch) come from the in-process run instead, on batches of their own "
+        "with the device synchronised after every stage: each stage's time includes the GPU work it queued (the first "
+        "stage's, reading the batch), so decode, the post-decode stages and the model read apart.", "",
     ]
     lines = []
     for stage in stages:
@@ -128,10 +131,11 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
     for (system, concurrency, model), group in totals.items():
         infer = group[0].compute_infer_ms
         staged = sum(s.ms_per_batch for s in group if not s.stage.startswith(STEP_PREFIX))
-        steps = sum(s.ms_per_batch for s in group if s.stage in {STEP_PREFIX + step for step in STEPS})
+        step_rows = [s.ms_per_batch for s in group if s.stage in {STEP_PREFIX + step for step in STEPS}]
+        steps = sum(step_rows) if step_rows else None  # the in-process rows have none
         gpu = next((s.ms_per_batch for s in group if s.stage == STEP_PREFIX + GPU_STEP), None)
         summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged), fmt_ms(steps),
-                        fmt_ms(infer - staged - steps if infer is not None else None), fmt_ms(gpu)])
+                        fmt_ms(infer - staged - (steps or 0.0) if infer is not None else None), fmt_ms(gpu)])
     out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "execute steps", "unexplained",
                          "GPU time of the chain"], summary)]
     return out

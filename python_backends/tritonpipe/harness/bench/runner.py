@@ -368,7 +368,9 @@ def _items_per_image(repo, corpus: Corpus, device: str) -> str:
     return f"{mean:.2f} on average ({min(counts)} to {max(counts)}); items/s = img/s x {mean:.2f}"
 
 
-def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tuple[list[Row], list[StepTimes]]:
+def _measure_inprocess(
+    repo, corpus: Corpus, options: BenchOptions, say
+) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from ..chain import run_inprocess
 
     say(f"[inprocess] batch {options.inprocess_batch} for {options.inprocess_seconds:g} s ...")
@@ -379,7 +381,7 @@ def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tupl
         )
     except Exception as exc:  # noqa: BLE001 - the other systems' results still count
         say(f"[inprocess] FAILED: {exc}")
-        return [Row("inprocess", options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200])], []
+        return [Row("inprocess", options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200])], [], []
     note = f"batch {result.batch} on {result.device}, {len(result.batch_ms)} batches, no server"
     split = [f"{name} takes ≤{n} per call" for name, n in result.chunks.items() if n < result.batch]
     if split:
@@ -390,7 +392,12 @@ def _measure_inprocess(repo, corpus: Corpus, options: BenchOptions, say) -> tupl
     )
     say(f"[inprocess] {result.throughput:,.1f} img/s on {result.device}")
     steps = [StepTimes("inprocess", name, result.images, len(result.batch_ms), ms) for name, ms in result.model_ms.items()]
-    return [row], steps
+    stages = [
+        StageTimes("inprocess", result.batch, t.model, t.stage, t.images, t.calls, t.seconds * 1000.0 / t.calls,
+                   t.seconds * 1000.0 / t.images)
+        for t in result.stages if t.calls and t.images
+    ]
+    return [row], steps, stages
 
 
 def _dali_missing(options: BenchOptions) -> str | None:
@@ -545,9 +552,10 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         if served:
             rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say)
         if "inprocess" in options.systems:
-            more_rows, more_steps = _measure_inprocess(repo, corpus, options, say)
+            more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows + _inprocess_pre(repo, more_rows, more_steps)
             steps += more_steps
+            stages += more_stages
         if "dali" in options.systems:
             rows += _measure_dali(repo, peers.get("baseline") or peers.get("dali-served"), corpus, options, say)
     # other work on the host skews every number; this makes a busy host visible
