@@ -235,9 +235,11 @@ def test_dali_systems_are_left_out_with_one_line_where_dali_cannot_run(tmp_path,
 
 def test_baseline_needs_a_model_stage(tmp_path):
     graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8})
-    with pytest.raises(ConfigError, match="exactly one model stage"):
+    with pytest.raises(ConfigError, match="the baseline system needs .* exactly one model stage.*leave 'baseline' out"):
         runner.build_bench_repository(graph, tmp_path / "r", bench_options(tmp_path))
     assert not (tmp_path / "r").exists(), "a refused configuration writes nothing"
+    with pytest.raises(ConfigError, match="leave 'dali-served' out of --systems"):
+        runner.build_bench_repository(graph, tmp_path / "r", bench_options(tmp_path, systems=("ensemble", "dali-served")))
 
 
 def test_baseline_name_clash_is_reported(tmp_path, tiny_onnx):

@@ -42,24 +42,26 @@ class Baseline:
         return [self.ensemble, self.pre, self.model]
 
 
-def model_stage_name(plan: RepositoryPlan) -> str:
-    """The repository's one model-stage model, by its Triton name."""
+def model_stage_name(plan: RepositoryPlan, system: str = "baseline") -> str:
+    """The repository's one model-stage model, by its Triton name (``system`` names the peer in errors)."""
     names = [m.name for m in plan.models if m.is_model_stage]
     if len(names) != 1:
         raise ConfigError(
-            f"the baseline needs a pipeline with exactly one model stage, this one has {len(names)}; "
-            "leave 'baseline' out of --systems (--systems ensemble,inprocess measures a pipeline without a model stage)"
+            f"the {system} system needs a pipeline with exactly one model stage, this one has {len(names)}; "
+            f"leave {system!r} out of --systems (--systems ensemble,inprocess measures any pipeline)"
         )
     return names[0] if plan.needs_ensemble else plan.name
 
 
-def _image_size(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], model: str) -> tuple[int, int]:
+def _image_size(
+    plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], model: str, system: str = "baseline"
+) -> tuple[int, int]:
     """(height, width) the model stage takes: its own dims, else what the pack's step feeds it."""
     config = configs[model]
     first = config.input[0]
     if first.data_type != mc.TYPE_FP32 or len(first.dims) != 3 or first.dims[0] not in (3, -1):
         raise ConfigError(
-            f"the baseline makes FP32 [3,H,W] images, but {model!r} takes "
+            f"the {system} system makes FP32 [3,H,W] images, but {model!r} takes "
             f"{mc.DataType.Name(first.data_type)}{list(first.dims)}"
         )
     height, width = first.dims[1], first.dims[2]
@@ -151,11 +153,11 @@ def add_dali_served(
 
     ``instances``: the DALI model's instance count; by default the model stage's.
     """
-    model = model_stage_name(plan)
+    model = model_stage_name(plan, "dali-served")
     clash = {DALI_PRE, DALI_ENSEMBLE} & set(configs)
     if clash:
         raise ConfigError(f"the pipeline already has models named {sorted(clash)}; rename the pipeline")
-    height, width = _image_size(plan, configs, model)
+    height, width = _image_size(plan, configs, model, "dali-served")
     instances = instances or sum(group.count for group in configs[model].instance_group) or 1
     models = dali_served_configs(configs[model], height, width, instances, os.cpu_count() or 1)
     return Baseline(DALI_ENSEMBLE, DALI_PRE, model, "dali-served"), models, {DALI_PRE: {"model.py": DALI_SOURCE}}
