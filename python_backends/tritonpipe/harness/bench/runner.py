@@ -28,7 +28,7 @@ from ...repository.generate import GeneratedRepository, build_repository, write_
 from ...stages import load_builtin_stages
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
-from .baseline import Baseline, add_baseline, add_dali_served
+from .peers import Peer, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
 from .stats import StageTimes, StepTimes, breakdown, fetch_stage_metrics, fetch_stats, stage_breakdown
@@ -270,7 +270,7 @@ PEERS = {
 
 def build_bench_repository(
     graph: Graph, output: Path, options: BenchOptions
-) -> tuple[GeneratedRepository, dict[str, Baseline]]:
+) -> tuple[GeneratedRepository, dict[str, Peer]]:
     """The pipeline's repository, with the measured peers' models beside it; written once.
 
     Each peer (the PIL baseline, DALI served) is ensembled with the pipeline's own model-stage
@@ -279,7 +279,7 @@ def build_bench_repository(
     """
     plan, configs, files = build_repository(graph, options.device)
     everything, all_files = dict(configs), dict(files)
-    peers: dict[str, Baseline] = {}
+    peers: dict[str, Peer] = {}
     wanted = [system for system in PEERS if system in options.systems]
     if wanted:
         fused = any(node.settings.fuse for node in graph.nodes.values())
@@ -302,7 +302,7 @@ def build_bench_repository(
 
 
 def _served_systems(
-    repo: GeneratedRepository, peers: dict[str, Baseline], options: BenchOptions, say
+    repo: GeneratedRepository, peers: dict[str, Peer], options: BenchOptions, say
 ) -> dict[str, tuple[str, list[str]]]:
     """system -> (model perf_analyzer calls, models whose statistics matter)."""
     systems: dict[str, tuple[str, list[str]]] = {}
@@ -434,7 +434,7 @@ def _inprocess_pre(repo, rows: list[Row], steps: list[StepTimes]) -> list[Row]:
                 note="tritonpipe's preprocessing model alone, from the in-process run's per-model times")]
 
 
-def _measure_dali(repo, baseline: Baseline | None, corpus: Corpus, options: BenchOptions, say) -> list[Row]:
+def _measure_dali(repo, baseline: Peer | None, corpus: Corpus, options: BenchOptions, say) -> list[Row]:
     """DALI's preprocessing in this process, and DALI followed by the same model stage."""
     from .dali import run_dali
 
@@ -481,7 +481,7 @@ def _model_stage_models(repo) -> set[str]:
     return {m.name for m in repo.plan.models if m.is_model_stage}
 
 
-def _model_step(repo, baseline: Baseline | None):
+def _model_step(repo, baseline: Peer | None):
     """A callable running a model-stage model of the repository on a batched tensor, as the server does."""
     from google.protobuf import json_format
 

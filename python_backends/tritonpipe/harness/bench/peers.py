@@ -31,11 +31,12 @@ DALI_HW_DECODER_LOAD = 0.65
 
 
 @dataclass
-class Baseline:
+class Peer:
+    """A served peer's models: its ensemble, its preprocessing model and the shared model-stage model."""
+
     ensemble: str
     pre: str
-    model: str  # the shared model-stage model
-    system: str = "baseline"
+    model: str
 
     @property
     def models(self) -> list[str]:
@@ -131,7 +132,7 @@ def dali_served_configs(
 
 def add_baseline(
     plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], instances: int | None = None
-) -> tuple[Baseline, dict[str, mc.ModelConfig], ModelFiles]:
+) -> tuple[Peer, dict[str, mc.ModelConfig], ModelFiles]:
     """The baseline's two models for the repository built from ``plan``: their configs and files.
 
     Nothing is written; the caller adds them (and the shared model-stage model) to the
@@ -143,12 +144,12 @@ def add_baseline(
         raise ConfigError(f"the pipeline already has models named {sorted(clash)}; rename the pipeline")
     height, width = _image_size(plan, configs, model)
     models = baseline_configs(configs[model], height, width, instances or os.cpu_count() or 1)
-    return Baseline(ENSEMBLE, PRE, model), models, {PRE: {"model.py": MODEL_SOURCE}}
+    return Peer(ENSEMBLE, PRE, model), models, {PRE: {"model.py": MODEL_SOURCE}}
 
 
 def add_dali_served(
     plan: RepositoryPlan, configs: dict[str, mc.ModelConfig], instances: int | None = None
-) -> tuple[Baseline, dict[str, mc.ModelConfig], ModelFiles]:
+) -> tuple[Peer, dict[str, mc.ModelConfig], ModelFiles]:
     """The ``dali-served`` peer's two models for the repository built from ``plan``; nothing is written.
 
     ``instances``: the DALI model's instance count; by default the model stage's.
@@ -160,4 +161,4 @@ def add_dali_served(
     height, width = _image_size(plan, configs, model, "dali-served")
     instances = instances or sum(group.count for group in configs[model].instance_group) or 1
     models = dali_served_configs(configs[model], height, width, instances, os.cpu_count() or 1)
-    return Baseline(DALI_ENSEMBLE, DALI_PRE, model, "dali-served"), models, {DALI_PRE: {"model.py": DALI_SOURCE}}
+    return Peer(DALI_ENSEMBLE, DALI_PRE, model), models, {DALI_PRE: {"model.py": DALI_SOURCE}}
