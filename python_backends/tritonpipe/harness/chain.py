@@ -298,7 +298,7 @@ def run_inprocess(
 def _stage_times(chain: Chain, run: Callable[[int], None], batches: int) -> list[StageTime]:
     """Every leaf stage's time with its GPU work, over ``batches`` batches timed with a :class:`StageClock`.
 
-    None for a graph that fans out (its per-item part runs in chains of its own).
+    Nothing for a graph that fans out (its per-item part runs in chains of its own).
     """
     if chain.fan_out is not None or batches < 1:
         return []

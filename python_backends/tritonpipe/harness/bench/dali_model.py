@@ -55,7 +55,8 @@ class TritonPythonModel:
         self.pipe.build()  # here, so that a DALI that cannot run fails the model's load
 
     def _run(self, arrays):
-        """One Nx3xHxW float tensor on the GPU, a copy of DALI's output (DALI reuses its buffers).
+        """One Nx3xHxW float tensor, a copy of DALI's output (DALI reuses its buffers): in host memory, or
+        on the GPU with ``output_device`` "gpu".
 
         A pipeline that raised is not used again: the next call builds a fresh one.
         """
