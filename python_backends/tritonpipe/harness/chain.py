@@ -205,7 +205,6 @@ class Chain:
         self.sync()
         return [failed[i] if i in failed else {n: t[n] for n in self.outputs} for i, t in enumerate(tensors)]
 
-
     def _run_fan_out(self, requests: list[dict[str, torch.Tensor]], timings: dict[str, float] | None) -> list[Answer]:
         """The per-request part on every request, then the per-item part on every item of them all at once."""
         params, (first, each) = self.fan_out, self.parts
