@@ -22,6 +22,7 @@ PARAM_WARMUP = "tritonpipe.warmup"
 PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 PARAM_CORES = "tritonpipe.cores"
+PARAM_OVERLAP = "tritonpipe.overlap"
 
 #: Triton's readiness endpoint: the server owner waits on it and the Kubernetes probes ask it
 READY_PATH = "/v2/health/ready"
@@ -101,6 +102,8 @@ class ModelParams:
         execution_timeout: seconds one batch may run before its requests fail and the stub
             exits, so that it is replaced; 0 for no limit.
         cores: the threads and cores of each CPU instance; None: the instance decides.
+        overlap: keep two batches in flight in each instance, the chain's last step and the
+            answers of one on a thread of their own while the steps before it take the next.
     """
 
     pipeline: str
@@ -111,6 +114,7 @@ class ModelParams:
     host_outputs: bool = False
     execution_timeout: float = 0.0
     cores: CpuCores | None = None
+    overlap: bool = False
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -129,6 +133,8 @@ class ModelParams:
             params[PARAM_EXECUTION_TIMEOUT] = repr(float(self.execution_timeout))
         if self.cores is not None:
             params[PARAM_CORES] = self.cores.encode()
+        if self.overlap:
+            params[PARAM_OVERLAP] = "yes"
         return params
 
     @classmethod
@@ -160,6 +166,7 @@ class ModelParams:
             host_outputs=params.get(PARAM_HOST_OUTPUTS) == "yes",
             execution_timeout=execution_timeout,
             cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
+            overlap=params.get(PARAM_OVERLAP) == "yes",
         )
 
     @classmethod

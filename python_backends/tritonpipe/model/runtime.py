@@ -21,7 +21,7 @@ from ..errors import ConfigError, InternalError
 from ..pipeline.grammar import parse_backend
 from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
-from ..stages.base import DATA, ERROR
+from ..stages.base import DATA, ERROR, Role, Stage
 from ..stages.control import run_chain
 
 #: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
@@ -97,18 +97,42 @@ class ModelRuntime:
         self.warmup = params.warmup
         self.host_outputs = params.host_outputs
         self.execution_timeout = params.execution_timeout
+        self.overlap = params.overlap
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         self.last_stage = _last_leaf(self.root).name
 
     def run(self, items: list[dict[str, Any]]) -> None:
         """Run the chain; each item ends with its result under its output keys, or an ``error``."""
+        self._count_rows(items)
+        run_chain([self.root], items)
+
+    def halves(self) -> tuple[list[Stage], list[Stage]]:
+        """The chain cut before its last step, for two threads to run one after the other.
+
+        ``S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]`` gives the decode and the
+        resize, then the model.  :meth:`run_head` then :meth:`run_tail` compute what :meth:`run`
+        does.  A chain of one step is all head.
+        """
+        if self.root.role == Role.SEQUENCE and len(self.root.children) > 1:
+            return self.root.children[:-1], self.root.children[-1:]
+        return [self.root], []
+
+    def run_head(self, items: list[dict[str, Any]]) -> None:
+        """The first half of :meth:`halves`, on items fresh from their requests."""
+        self._count_rows(items)
+        run_chain(self.halves()[0], items)
+
+    def run_tail(self, items: list[dict[str, Any]]) -> None:
+        """The second half of :meth:`halves`, on items :meth:`run_head` left."""
+        run_chain(self.halves()[1], items)
+
+    def _count_rows(self, items: list[dict[str, Any]]) -> None:
         first = next(iter(self.inputs.values()), None)
         for item in items:
             data = item.get(first)
             if self.max_batch > 0 and isinstance(data, torch.Tensor) and data.dim() > 0:
                 item[REQUEST_ROWS] = data.shape[0]
-        run_chain([self.root], items)
 
     def warm_up(self) -> tuple[int, str | None]:
         """Run the chain on sample requests at load, once per batch bucket, largest first.

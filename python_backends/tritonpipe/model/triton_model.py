@@ -25,7 +25,8 @@ from ..errors import RequestError, is_bad_input
 from ..stages.base import ERROR
 from ..stages.control import set_stage_sink
 from .fanout import FanOut, bls_call
-from .metrics import GPU_STEP, STEP_PREFIX, STEPS, StageMetrics
+from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
+from .overlap import Flight, Overlap, Results, TailTimes
 from .runtime import ModelRuntime, Watchdog, pick_device
 
 log = logging.getLogger("tritonpipe")
@@ -83,6 +84,7 @@ class TritonPythonModel:
         if plan is not None:
             # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
             self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
+            self.overlap = None
             log.info("%s: fans out %s -> %s per item of %r", args["model_name"], plan.first, plan.each, plan.items)
             return
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -107,6 +109,13 @@ class TritonPythonModel:
         )
         timeout = self.runtime.execution_timeout
         self.watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
+        self.overlap = None
+        if self.runtime.overlap:
+            # a watchdog per thread: each watches the batch it is on
+            watchdog = (lambda: Watchdog(timeout, self._give_up)) if timeout > 0 else None
+            self.overlap = Overlap(self.runtime, self.stream, self._answer, self._record_tail, watchdog)
+            log.info("%s: two batches in flight (%s, then %s)", args["model_name"],
+                     ", ".join(s.name for s in self.overlap.head) or "-", ", ".join(s.name for s in self.overlap.tail) or "-")
 
     def _warm_up(self, name: str) -> None:
         try:
@@ -123,14 +132,16 @@ class TritonPythonModel:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def _read(self, request) -> dict[str, Any]:
+    def _read(self, request, own: bool = False) -> dict[str, Any]:
+        """One request's inputs as the chain's item; ``own``: copies, which outlive ``execute``."""
         item: dict[str, Any] = {}
         try:
             for name, key in self.runtime.inputs.items():
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
                     raise RequestError(f"input {name!r} is missing")
-                item[key] = torch.from_dlpack(tensor.to_dlpack())
+                value = torch.from_dlpack(tensor.to_dlpack())
+                item[key] = value.clone() if own else value
         except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
             item[ERROR] = exc if isinstance(exc, RequestError) else RequestError(f"cannot read the request: {exc}")
         return item
@@ -151,6 +162,8 @@ class TritonPythonModel:
     def execute(self, requests):
         if self.fanout is not None:
             return self._fan_out(requests)  # the stub runs the coroutine it is given
+        if self.overlap is not None:
+            return self._hand_over(requests)
         with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
             started = time.perf_counter()
             items = [self._read(request) for request in requests]
@@ -173,6 +186,38 @@ class TritonPythonModel:
                                                time.perf_counter() - synchronized))
             return responses
 
+    def _hand_over(self, requests) -> None:
+        """Give the batch to the head thread and return: the tail answers each request through its sender."""
+        started = time.perf_counter()
+        with self.overlap.inputs():
+            # Triton frees the requests' tensors when execute returns
+            flight = Flight([self._read(request, own=True) for request in requests], [r.get_response_sender() for r in requests])
+            self.overlap.mark_ready(flight)
+        read = time.perf_counter() - started
+        waited = self.overlap.submit(flight)
+        self.metrics.record(STEP_PREFIX + STEPS[0], read, len(requests), [])
+        self.metrics.record(STEP_PREFIX + WAIT_STEP, waited, len(requests), [])
+
+    def _answer(self, flight: Flight, results: Results) -> None:
+        """Send each request of a flight its response, on the tail thread."""
+        if isinstance(results, BaseException):
+            log.error("%s: a batch of %d request(s) failed: %s: %s", self.instance_name, len(flight.senders),
+                      type(results).__name__, results)
+            results = [results] * len(flight.senders)
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for sender, result in zip(flight.senders, results):
+            try:
+                sender.send(self._respond(result), flags=final)
+            except Exception as exc:  # noqa: BLE001 - a client gone away loses only its own answer
+                log.warning("%s: a response could not be sent: %s", self.instance_name, exc)
+
+    def _record_tail(self, flight: Flight, times: TailTimes) -> None:
+        count = len(flight.senders)
+        for step, spent in zip(STEPS[1:], (times.outputs, times.synchronize, times.respond)):
+            self.metrics.record(STEP_PREFIX + step, spent, count, [])
+        if self.stream is not None:
+            self.metrics.record(STEP_PREFIX + GPU_STEP, times.gpu, count, [])
+
     def _record_steps(self, count: int, seconds: tuple[float, float, float, float]) -> None:
         """The time of execute's own steps, beside the stages' (the bench's stages.csv shows both)."""
         for step, spent in zip(STEPS, seconds):
@@ -180,21 +225,23 @@ class TritonPythonModel:
         if self.events is not None:
             self.metrics.record(STEP_PREFIX + GPU_STEP, self.events[0].elapsed_time(self.events[1]) / 1e3, count, [])
 
-    def _give_up(self, requests) -> None:
+    def _give_up(self, batch) -> None:
         """A batch ran past ``execution_timeout``: answer its requests with an error, then exit the stub.
 
-        The stuck call cannot be interrupted from Python, and this instance would hold every later
-        batch behind it; the exited stub is what the server owner reloads.
+        ``batch`` is the requests, or the :class:`Flight` an overlapping instance was on.  The stuck
+        call cannot be interrupted from Python, and this instance would hold every later batch
+        behind it; the exited stub is what the server owner reloads.
         """
+        senders = batch.senders if isinstance(batch, Flight) else [request.get_response_sender() for request in batch]
         message = (
-            f"{self.instance_name}: the batch of {len(requests)} request(s) ran past execution_timeout="
+            f"{self.instance_name}: the batch of {len(senders)} request(s) ran past execution_timeout="
             f"{self.runtime.execution_timeout:g}s; the instance's stub exits so that it is replaced"
         )
         log.error(message)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
-        for request in requests:
+        for sender in senders:
             with contextlib.suppress(Exception):  # the process ends next whatever happens here
-                request.get_response_sender().send(
+                sender.send(
                     pb_utils.InferenceResponse(output_tensors=[], error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
@@ -203,6 +250,8 @@ class TritonPythonModel:
         os._exit(1)
 
     def finalize(self) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
         set_stage_sink(None)
         if self.metrics is not None:
             self.metrics.close()

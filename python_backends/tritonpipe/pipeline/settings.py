@@ -136,6 +136,12 @@ class NodeSettings:
         float, 60.0, low=0.0, high=86_400.0,
         doc="seconds a batch may run; past it its requests fail and the instance's stub exits to be replaced; 0: no limit",
     ))
+    overlap: bool = setting(Param(
+        bool, False,
+        doc="each instance keeps two batches in flight: the pipeline's last step (the model) and the answers of one "
+        "batch run on a thread and CUDA stream of their own while the steps before it take the next batch; "
+        "for models that answer the client (a GPU model feeding another model keeps one batch at a time)",
+    ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(
         Param(str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id"),

@@ -185,3 +185,90 @@ def test_host_outputs_arrive_on_the_cpu_in_one_copy():
         torch.testing.assert_close(a, b.cpu())
     mixed = _to_host([tensors[0], tensors[1].half()])
     assert [t.dtype for t in mixed] == [torch.float32, torch.float16]
+
+
+# --- two batches in flight (the overlap key) -------------------------------------------------
+
+
+def test_overlap_reaches_models_that_answer_clients(tiny_onnx):
+    split = dict(chain(tiny_onnx), fuse=False, overlap=True)
+    _, configs, _ = build_repository(load_graph(split, name="cls"), "gpu")
+    # its GPU outputs go to cls_model through execute's return: one batch at a time
+    assert "tritonpipe.overlap" not in configs["cls_pre"].parameters
+    assert configs["cls_model"].parameters["tritonpipe.overlap"].string_value == "yes"
+    _, configs, _ = build_repository(load_graph(split, name="cls"), "cpu")
+    assert all(configs[name].parameters["tritonpipe.overlap"].string_value == "yes" for name in ("cls_pre", "cls_model"))
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "gpu")
+    assert "tritonpipe.overlap" not in configs["cls"].parameters  # off unless asked
+
+
+def _jpeg_items(key, count, bad=()):
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(count):
+        data = b"not a jpeg" if i in bad else cv2.imencode(".jpg", rng.integers(0, 256, (24 + 3 * i, 40 - i, 3), dtype=np.uint8))[1].tobytes()
+        items.append({key: torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(1, -1)})
+    return items
+
+
+def test_the_halves_compute_what_the_whole_chain_does(tmp_path, tiny_onnx):
+    runtime = runtime_for(tmp_path, tiny_onnx, max=8, warmup="off", overlap=True)
+    assert runtime.overlap
+    head, tail = runtime.halves()
+    assert [s.name for s in head] == ["DecodeTensor", "ResizeTensor", "cvtColorTensor"]
+    assert [s.name for s in tail] == ["SyncTensor"]
+    (key,) = runtime.inputs.values()
+    whole, halves = _jpeg_items(key, 5, bad={2}), _jpeg_items(key, 5, bad={2})
+    runtime.run(whole)
+    runtime.run_head(halves)
+    runtime.run_tail(halves)
+    for a, b in zip(runtime.responses(whole), runtime.responses(halves)):
+        if isinstance(a, Exception):
+            assert type(a) is type(b) and str(a) == str(b)
+        else:
+            torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapping_streams_give_the_chains_own_results(tmp_path):
+    import threading
+
+    from tritonpipe.model.overlap import Flight, Overlap
+
+    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 4, 3).eval(), torch.zeros(1, 3, 32, 32)), tmp_path / "net.ts")
+    device = torch.device("cuda", 0)
+    runtime = runtime_for(tmp_path, tmp_path / "net.ts", device, max=8, warmup="off", inputs="x:FP32:3x32x32", overlap=True)
+    (key,) = runtime.inputs.values()
+    want = []
+    for start in range(0, 40, 8):
+        items = _jpeg_items(key, 8, bad={start % 7})
+        runtime.run(items)
+        want += runtime.responses(items)
+    torch.cuda.synchronize()
+    got: dict[int, object] = {}
+    done = threading.Event()
+
+    def answer(flight, results):
+        got.update(zip(flight.senders, results))
+        if len(got) == len(want):
+            done.set()
+
+    overlap = Overlap(runtime, torch.cuda.Stream(device), answer)
+    for start in range(0, 40, 8):
+        with overlap.inputs():
+            flight = Flight(_jpeg_items(key, 8, bad={start % 7}), list(range(start, start + 8)))
+            overlap.mark_ready(flight)
+        overlap.submit(flight)
+    assert done.wait(60)
+    overlap.close()
+    for index, expected in enumerate(want):
+        if isinstance(expected, Exception):
+            assert isinstance(got[index], Exception)
+        else:
+            assert list(got[index]) == list(expected)
+            for name, tensor in expected.items():
+                torch.testing.assert_close(got[index][name], tensor)

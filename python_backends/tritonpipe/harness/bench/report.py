@@ -6,7 +6,7 @@ import csv
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS
+from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP
 from .stats import StageTimes, StepTimes
 
 TITLES = {
@@ -114,6 +114,8 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         "building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer less "
         "both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain (CUDA events), "
         "which overlaps the rest. The figures are exact where every batch holds one request (c=1). "
+        "A model with `overlap` returns from execute once its batch is handed over (`execute:wait` is the time it waited "
+        "for one of its two batches in flight): its compute infer covers only that, so nothing is `unexplained` there. "
         "Rows of system `inprocess` (concurrency: the batch) come from the in-process run instead, on batches of their own "
         "with the device synchronised after every stage: each stage's time includes the GPU work it queued (the first "
         "stage's, reading the batch), so decode, the post-decode stages and the model read apart.", "",
@@ -134,8 +136,10 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         step_rows = [s.ms_per_batch for s in group if s.stage in {STEP_PREFIX + step for step in STEPS}]
         steps = sum(step_rows) if step_rows else None  # the in-process rows have none
         gpu = next((s.ms_per_batch for s in group if s.stage == STEP_PREFIX + GPU_STEP), None)
+        overlapped = any(s.stage == STEP_PREFIX + WAIT_STEP for s in group)
+        unexplained = infer - staged - (steps or 0.0) if infer is not None and not overlapped else None
         summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged), fmt_ms(steps),
-                        fmt_ms(infer - staged - (steps or 0.0) if infer is not None else None), fmt_ms(gpu)])
+                        fmt_ms(unexplained), fmt_ms(gpu)])
     out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "execute steps", "unexplained",
                          "GPU time of the chain"], summary)]
     return out
