@@ -20,7 +20,7 @@ STEP_PREFIX = "execute:"
 STEPS = ("read", "outputs", "synchronize", "respond")
 #: the GPU time of a batch's chain (CUDA events), which overlaps the steps and the stages
 GPU_STEP = "gpu"
-#: with ``overlap``: how long ``execute`` waited for one of the instance's two batches in flight to be answered
+#: with ``overlap``: how long ``execute`` waited for the tail thread to take its batch
 WAIT_STEP = "wait"
 #: how often an instance's stage tallies reach Triton's /metrics
 FLUSH_SECONDS = 0.5

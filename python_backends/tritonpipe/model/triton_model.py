@@ -22,7 +22,7 @@ from torch.utils.dlpack import to_dlpack
 
 from ..contract import FanOutParams
 from ..errors import RequestError, is_bad_input
-from ..stages.base import ERROR
+from ..stages.base import DATA, ERROR
 from ..stages.control import set_stage_sink
 from .fanout import FanOut, bls_call
 from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
@@ -111,8 +111,8 @@ class TritonPythonModel:
         self.watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
         self.overlap = None
         if self.runtime.overlap:
-            # a watchdog per thread: each watches the batch it is on
-            watchdog = (lambda: Watchdog(timeout, self._give_up)) if timeout > 0 else None
+            # the tail thread's own watchdog: it watches the batch the tail is on
+            watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
             self.overlap = Overlap(self.runtime, self.stream, self._answer, self._record_tail, watchdog)
             log.info("%s: two batches in flight (%s, then %s)", args["model_name"],
                      ", ".join(s.name for s in self.overlap.head) or "-", ", ".join(s.name for s in self.overlap.tail) or "-")
@@ -132,16 +132,14 @@ class TritonPythonModel:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def _read(self, request, own: bool = False) -> dict[str, Any]:
-        """One request's inputs as the chain's item; ``own``: copies, which outlive ``execute``."""
+    def _read(self, request) -> dict[str, Any]:
         item: dict[str, Any] = {}
         try:
             for name, key in self.runtime.inputs.items():
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
                     raise RequestError(f"input {name!r} is missing")
-                value = torch.from_dlpack(tensor.to_dlpack())
-                item[key] = value.clone() if own else value
+                item[key] = torch.from_dlpack(tensor.to_dlpack())
         except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
             item[ERROR] = exc if isinstance(exc, RequestError) else RequestError(f"cannot read the request: {exc}")
         return item
@@ -187,15 +185,19 @@ class TritonPythonModel:
             return responses
 
     def _hand_over(self, requests) -> None:
-        """Give the batch to the head thread and return: the tail answers each request through its sender."""
-        started = time.perf_counter()
-        with self.overlap.inputs():
-            # Triton frees the requests' tensors when execute returns
-            flight = Flight([self._read(request, own=True) for request in requests], [r.get_response_sender() for r in requests])
-            self.overlap.mark_ready(flight)
-        read = time.perf_counter() - started
-        waited = self.overlap.submit(flight)
-        self.metrics.record(STEP_PREFIX + STEPS[0], read, len(requests), [])
+        """Run the head here, then give the batch to the tail thread and return: the tail answers each request."""
+        with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
+            started = time.perf_counter()
+            flight = Flight([self._read(request) for request in requests], [r.get_response_sender() for r in requests])
+            read = time.perf_counter()
+            self.overlap.run_head(flight)
+            for item in flight.items:
+                # inputs the head left for the tail must outlive the requests, which Triton frees on return
+                for key in self.runtime.inputs.values():
+                    if key != DATA and isinstance(item.get(key), torch.Tensor):
+                        item[key] = item[key].clone()
+            waited = self.overlap.submit(flight)
+        self.metrics.record(STEP_PREFIX + STEPS[0], read - started, len(requests), [])
         self.metrics.record(STEP_PREFIX + WAIT_STEP, waited, len(requests), [])
 
     def _answer(self, flight: Flight, results: Results) -> None:

@@ -259,9 +259,8 @@ def test_overlapping_streams_give_the_chains_own_results(tmp_path):
 
     overlap = Overlap(runtime, torch.cuda.Stream(device), answer)
     for start in range(0, 40, 8):
-        with overlap.inputs():
-            flight = Flight(_jpeg_items(key, 8, bad={start % 7}), list(range(start, start + 8)))
-            overlap.mark_ready(flight)
+        flight = Flight(_jpeg_items(key, 8, bad={start % 7}), list(range(start, start + 8)))
+        overlap.run_head(flight)
         overlap.submit(flight)
     assert done.wait(60)
     overlap.close()

@@ -114,8 +114,8 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         "building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer less "
         "both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain (CUDA events), "
         "which overlaps the rest. The figures are exact where every batch holds one request (c=1). "
-        "A model with `overlap` returns from execute once its batch is handed over (`execute:wait` is the time it waited "
-        "for one of its two batches in flight): its compute infer covers only that, so nothing is `unexplained` there. "
+        "A model with `overlap` returns from execute once the tail thread has taken its batch (`execute:wait` is the time "
+        "it waited for it): its compute infer does not cover the last stage and the answers, so nothing is `unexplained` there. "
         "Rows of system `inprocess` (concurrency: the batch) come from the in-process run instead, on batches of their own "
         "with the device synchronised after every stage: each stage's time includes the GPU work it queued (the first "
         "stage's, reading the batch), so decode, the post-decode stages and the model read apart.", "",
