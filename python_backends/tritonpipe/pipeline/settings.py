@@ -138,9 +138,9 @@ class NodeSettings:
     ))
     overlap: bool = setting(Param(
         bool, False,
-        doc="each instance keeps two batches in flight: the pipeline's last step (the model) and the answers of one "
-        "batch run on a thread and CUDA stream of their own while the steps before it take the next batch; "
-        "for models that answer the client (a GPU model feeding another model keeps one batch at a time)",
+        doc="two batches in flight per instance: execute runs the steps before the last one, and a thread of the "
+        "instance's own runs the last step (the model) and sends the answers while execute takes the next batch; "
+        "a GPU model whose outputs feed another model keeps one batch at a time",
     ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(
