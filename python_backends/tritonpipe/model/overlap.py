@@ -96,7 +96,9 @@ class Overlap:
         self.record = record
         self.watchdog = watchdog
         self.head, self.tail = runtime.halves()
-        # one batch in the tail, one more may wait for it: execute blocks on a third
+        #: batches from the start of their head to their last answer (at most two)
+        self.in_flight: set[Flight] = set()
+        # the batch in the tail holds the one slot: execute, the next batch's head done, waits for it
         self.slots = threading.Semaphore(DEPTH - 1)
         self.ready: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="tritonpipe-tail", daemon=True)
@@ -108,6 +110,7 @@ class Overlap:
         Waiting keeps the requests' own tensors (which Triton frees once ``execute`` returns)
         out of reach of any GPU work still queued; the tail's model meanwhile runs on.
         """
+        self.in_flight.add(flight)
         try:
             with _on(self.head_stream):
                 self._timed(flight, lambda: self.runtime.run_head(flight.items))
@@ -151,6 +154,7 @@ class Overlap:
         except BaseException:  # noqa: BLE001 - the next batch must still be served
             log.exception("answering a batch of %d request(s) failed", len(flight.senders))
         finally:
+            self.in_flight.discard(flight)
             self.slots.release()
 
     def _finish(self, flight: Flight) -> tuple[Results, tuple[float, float, float] | None]:

@@ -230,19 +230,22 @@ class TritonPythonModel:
     def _give_up(self, batch) -> None:
         """A batch ran past ``execution_timeout``: answer its requests with an error, then exit the stub.
 
-        ``batch`` is the requests, or the :class:`Flight` an overlapping instance was on.  The stuck
-        call cannot be interrupted from Python, and this instance would hold every later batch
-        behind it; the exited stub is what the server owner reloads.
+        ``batch`` is the requests, or the :class:`Flight` an overlapping instance's tail was on; an
+        overlapping instance also answers its other batch in flight, which would otherwise die with
+        the stub.  The stuck call cannot be interrupted from Python, and this instance would hold
+        every later batch behind it; the exited stub is what the server owner reloads.
         """
         senders = batch.senders if isinstance(batch, Flight) else [request.get_response_sender() for request in batch]
+        others = [s for flight in list(self.overlap.in_flight) if flight is not batch for s in flight.senders] if self.overlap else []
         message = (
             f"{self.instance_name}: the batch of {len(senders)} request(s) ran past execution_timeout="
             f"{self.runtime.execution_timeout:g}s; the instance's stub exits so that it is replaced"
         )
         log.error(message)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
-        for sender in senders:
-            with contextlib.suppress(Exception):  # the process ends next whatever happens here
+        for sender in senders + others:
+            # the process ends next whatever happens here; a request answered twice refuses the second
+            with contextlib.suppress(Exception):
                 sender.send(
                     pb_utils.InferenceResponse(output_tensors=[], error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,

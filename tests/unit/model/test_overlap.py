@@ -91,6 +91,7 @@ def test_every_request_answered_once_in_its_own_result(chain, answers):
         execute(overlap, flight(start, start + 1, start + 2))
     answers.wait_for(12)
     overlap.close()
+    assert not overlap.in_flight  # what a timed-out instance would still answer on its way out
     assert answers.got == {f"r{v}": {"y": 2 * v + 1} for v in range(12)}
     assert sorted(recorded) == [3, 3, 3, 3]
 
@@ -101,6 +102,7 @@ def test_head_takes_the_next_batch_while_the_tail_holds_one(chain, answers):
     execute(overlap, flight(1))
     assert chain.in_tail.acquire(timeout=WAIT)  # batch 1 is in the tail, held
     overlap.run_head(second := flight(2))
+    assert len(overlap.in_flight) == 2
     assert ("head", 2) in chain.log and ("tail", 1) not in chain.log  # batch 2's head ran while batch 1 is held
     waiting = threading.Thread(target=overlap.submit, args=(second,))
     waiting.start()
