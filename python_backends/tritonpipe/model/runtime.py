@@ -108,7 +108,7 @@ class ModelRuntime:
         run_chain([self.root], items)
 
     def halves(self) -> tuple[list[Stage], list[Stage]]:
-        """The chain cut before its last step, for two threads to run one after the other.
+        """The chain cut before its last step: an overlapping instance runs the first part in execute, the last on its tail thread.
 
         ``S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]`` gives the decode and the
         resize, then the model.  :meth:`run_head` then :meth:`run_tail` compute what :meth:`run`

@@ -74,7 +74,7 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         execution_timeout=model.settings.execution_timeout,
         # decided over every model at once: each instance is a process with threads of its own
         cores=share_cores(model.peers, device, host_cores()).get(model.name),
-        # the worker threads answer through response senders: GPU tensors for the next model stay on execute's path
+        # the tail thread answers through response senders; GPU tensors for the next model stay on execute's return
         overlap=model.settings.overlap and (terminal or not on_gpu),
     )
     for key, value in params.encode().items():
