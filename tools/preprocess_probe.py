@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +48,50 @@ def timed(step, images_per_step: int, seconds: float, warmup: int = 3) -> tuple[
 OUT = Path("probe_out")
 
 
+class Busy:
+    """The JPEG engines' and the SMs' busy share, from ``nvidia-smi dmon`` sampled once a second."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (time, sm %, jpg %)
+        try:
+            self.process = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.process = None
+            return
+        import threading
+
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        columns: list[str] = []
+        for line in self.process.stdout:
+            fields = line.split()
+            if line.startswith("#") and "sm" in fields:
+                columns = fields[1:]
+            elif columns and fields and not line.startswith("#") and "jpg" in columns:
+                values = dict(zip(columns, fields))
+                try:
+                    self.samples.append((time.perf_counter(), float(values["sm"]), float(values["jpg"])))
+                except ValueError:
+                    continue
+
+    def between(self, start: float, end: float) -> str:
+        """'jpg % / sm %' averaged over the samples taken between ``start`` and ``end``, or ''."""
+        inside = [(sm, jpg) for t, sm, jpg in self.samples if start + 0.5 <= t <= end + 0.5]
+        if not inside:
+            return ""
+        return f"{sum(j for _, j in inside) / len(inside):.0f} / {sum(s for s, _ in inside) / len(inside):.0f}"
+
+
+BUSY: Busy | None = None
+
+
 def save(report: list) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    lines = ["| corpus | what | img/s | host ms/img |", "|---|---|---:|---:|"] + [f"| {' | '.join(row)} |" for row in report]
+    report = [row + ("",) * (5 - len(row)) for row in report]
+    lines = ["| corpus | what | img/s | host ms/img | JPEG engines / SMs busy % |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(row)} |" for row in report]
     (OUT / "preprocess_probe.md").write_text(f"# preprocessing probe, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n")
 
 
@@ -78,27 +120,38 @@ def stage_post(images: list[torch.Tensor]) -> torch.Tensor:
     return ((torch.cat(rows) - mean) / std).half()
 
 
-def nvimgcodec_decoders(count: int, hw_load: float):
+def nvimgcodec_decoders(count: int, hw_load: float, layout: str = "P_RGB"):
     from nvidia import nvimgcodec
 
     kinds = nvimgcodec.BackendKind
     backends = [nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=hw_load), nvimgcodec.Backend(kinds.HYBRID_CPU_GPU)]
     params = nvimgcodec.DecodeParams(
-        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.SampleFormat.P_RGB
+        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+        sample_format=getattr(nvimgcodec.SampleFormat, layout),
     )
     decoders = [nvimgcodec.Decoder(backends=backends) for _ in range(count)]
     return decoders, params, nvimgcodec.CodeStream
 
 
-def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list, nvimgcodec: bool = True) -> None:
+def adder(name: str, batch: int, seconds: float, report: list):
+    """``add(what, step)``: one timed row of ``report``, with the engines' busy share while it ran."""
+
     def add(what: str, step) -> None:
         try:
+            start = time.perf_counter()
             rate, cpu = timed(step, batch, seconds)
-            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}"))
+            busy = BUSY.between(start + (time.perf_counter() - start) - seconds, time.perf_counter()) if BUSY else ""
+            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}", busy))
         except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
             report.append((name, what, f"FAILED {type(exc).__name__}: {str(exc)[:120]}", ""))
         print(" | ".join(report[-1]), flush=True)
         save(report)
+
+    return add
+
+
+def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list, nvimgcodec: bool = True) -> None:
+    add = adder(name, batch, seconds, report)
 
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
     next_bytes = cycler(tensors, batch)
@@ -175,6 +228,85 @@ def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report:
             future.result()
 
 
+def layout_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    """nvImageCodec's decode alone with planar (3xHxW) or interleaved (HxWx3) output, on the caller's stream or
+    nvImageCodec's own, and interleaved output followed by the one-launch post reading HWC in place."""
+    add = adder(name, batch, seconds, report)
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        report.append((name, "nvImageCodec", "not installed", ""))
+        return
+    arrays = [np.frombuffer(data, dtype=np.uint8) for data in corpus]
+    next_arrays = cycler(arrays, batch)
+    ours = torch.cuda.current_stream().cuda_stream
+    for layout in ("P_RGB", "I_RGB"):
+        (decoder,), params, code_stream = nvimgcodec_decoders(1, 1.0, layout)
+
+        def step(decoder=decoder, params=params, code_stream=code_stream, stream=ours):
+            images = decoder.decode([code_stream(a) for a in next_arrays()], params=params, cuda_stream=stream)
+            return [torch.from_dlpack(image) for image in images]
+
+        add(f"nvImageCodec decode alone, engines only, {layout}, on the caller's stream", step)
+        add(f"nvImageCodec decode alone, engines only, {layout}, on its own stream",
+            lambda step=step: step(stream=0))
+        if layout == "I_RGB":
+            add("nvImageCodec I_RGB + one-launch post reading HWC in place",
+                lambda step=step: batch_resize.resize_batch(step(), SIDE, SIDE, channels_last=True, mean=MEAN, std=STD,
+                                                            dtype=torch.float16))
+
+
+def share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    """torchvision's decoder on the engines with a share of each batch's bytes on nvImageCodec's CUDA decoder
+    meanwhile (``cuda_decoder_share``: Huffman decoding on host threads, one per core), + the one-launch post."""
+    from tritonpipe.kernels import jpeg, nvimgcodec
+
+    add = adder(name, batch, seconds, report)
+    if not nvimgcodec.available():
+        report.append((name, "cuda_decoder_share", "nvImageCodec not installed", ""))
+        return
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    next_bytes = cycler(tensors, batch)
+    device = torch.device("cuda", 0)
+    for share in (0.0, 0.2, 0.35, 0.5):
+        def step(share=share):
+            images = jpeg.decode_jpeg_tensor(next_bytes(), device, cuda_decoder_share=share)
+            return batch_resize.resize_batch(images, SIDE, SIDE, mean=MEAN, std=STD, dtype=torch.float16)
+
+        add(f"torchvision decode, cuda_decoder_share {share} + one-launch post", step)
+
+
+def launch_rows(report: list) -> None:
+    """Host time of one batch resize (a batch of 1 and of 8), and of its parts, with the GPU idle before each."""
+    image = torch.randint(0, 256, (3, 720, 1280), dtype=torch.uint8, device="cuda")
+
+    def host_ms(call, repeat: int = 200) -> str:
+        for _ in range(10):
+            call()
+        total = 0.0
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            total += time.perf_counter() - start
+        torch.cuda.synchronize()
+        return f"{total / repeat * 1e3:.3f}"
+
+    table = torch.zeros((8, 7), dtype=torch.int64)
+    for what, call in (
+        ("batch resize of 1 image, host ms per call", lambda: batch_resize.resize_batch([image], SIDE, SIDE)),
+        ("batch resize of 8 images, host ms per call", lambda: batch_resize.resize_batch([image] * 8, SIDE, SIDE)),
+        ("the same, normalise and FP16 folded in", lambda: batch_resize.resize_batch(
+            [image] * 8, SIDE, SIDE, mean=MEAN, std=STD, dtype=torch.float16)),
+        ("one pin_memory + copy of its 8-row table", lambda: table.pin_memory().to("cuda", non_blocking=True)),
+        ("F.interpolate of 1 image", lambda: torch.nn.functional.interpolate(
+            image.unsqueeze(0).float(), size=(SIDE, SIDE), mode="bilinear")),
+    ):
+        report.append(("launch", what, host_ms(call), ""))
+        print(" | ".join(report[-1]), flush=True)
+    save(report)
+
+
 def dali_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
     """DALI's own classifier preprocessing (the benchmark's), at prefetch depth 2 and 1, and its decode alone."""
     from tritonpipe.harness.bench.dali import dali_available, run_dali
@@ -237,17 +369,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
-    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec", help="groups of rows to run")
+    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,share,launch",
+                        help="groups of rows to run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     corpora = [("3-size", synthetic_corpus(48, 0)), ("distinct-size", photo_corpus(args.photos, 0))]
-    global OUT
+    global OUT, BUSY
     OUT = Path(args.out)
-    report: list[tuple[str, str, str, str]] = []
+    BUSY = Busy()
+    report: list[tuple[str, ...]] = []
+    groups = args.rows.split(",")
+    if "launch" in groups:
+        launch_rows(report)
     for name, corpus in corpora:
         print(f"corpus {name}: {corpus.description}", flush=True)
-        groups = args.rows.split(",")
+        if "layouts" in groups:
+            layout_rows(name, corpus.images, args.batch, args.seconds, report)
+        if "share" in groups:
+            share_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali" in groups:
             dali_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali-decoder" in groups:

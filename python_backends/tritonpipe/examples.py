@@ -61,20 +61,25 @@ def detector_module(seed: int = 0, side: int = DETECTOR_SIDE, classes: int = DET
             self.head = FCOSHead(self.backbone.out_channels, num_anchors=1, num_classes=classes)
             self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
             self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
-
-        def forward(self, images):
-            features = list(self.backbone((images - self.mean) / self.std).values())
-            out = self.head(features)
+            # FCOS: one anchor per cell of every feature level, as large as the level's stride.  Made once
+            # here as buffers, so that a traced or exported copy runs on whichever device it is moved to
+            with torch.no_grad():
+                levels = self.backbone.eval()(torch.zeros(1, 3, side, side)).values()
             centres, sizes = [], []
-            for feature in features:  # FCOS: one anchor per cell, as large as the level's stride
+            for feature in levels:
                 height, width = feature.shape[-2:]
                 stride = side / height
                 ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
                 centres.append(torch.stack([xs.flatten(), ys.flatten()], dim=1).float() * stride + stride / 2)
                 sizes.append(torch.full((height * width, 1), stride))
-            centre, size = torch.cat(centres), torch.cat(sizes)
-            ltrb = out["bbox_regression"] * size  # distances to the sides, in units of the anchor's size
-            x1y1, x2y2 = centre - ltrb[..., :2], centre + ltrb[..., 2:]
+            self.register_buffer("centre", torch.cat(centres))
+            self.register_buffer("size", torch.cat(sizes))
+
+        def forward(self, images):
+            features = list(self.backbone((images - self.mean) / self.std).values())
+            out = self.head(features)
+            ltrb = out["bbox_regression"] * self.size  # distances to the sides, in units of the anchor's size
+            x1y1, x2y2 = self.centre - ltrb[..., :2], self.centre + ltrb[..., 2:]
             boxes = torch.cat([(x1y1 + x2y2) / 2, x2y2 - x1y1], dim=-1)
             scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
             return torch.cat([boxes, scores], dim=-1).transpose(1, 2)
