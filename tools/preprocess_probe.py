@@ -138,9 +138,9 @@ def adder(name: str, batch: int, seconds: float, report: list):
 
     def add(what: str, step) -> None:
         try:
-            start = time.perf_counter()
             rate, cpu = timed(step, batch, seconds)
-            busy = BUSY.between(start + (time.perf_counter() - start) - seconds, time.perf_counter()) if BUSY else ""
+            end = time.perf_counter()  # the timed part is the last ``seconds``, after the warm-up steps
+            busy = BUSY.between(end - seconds, end) if BUSY else ""
             report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}", busy))
         except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
             report.append((name, what, f"FAILED {type(exc).__name__}: {str(exc)[:120]}", ""))
@@ -148,6 +148,16 @@ def adder(name: str, batch: int, seconds: float, report: list):
         save(report)
 
     return add
+
+
+def nvimgcodec_arrays(name: str, corpus: list[bytes], batch: int, report: list):
+    """The next batch of encoded arrays, each call; None, with a row saying so, where nvImageCodec is missing."""
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        report.append((name, "nvImageCodec", "not installed", ""))
+        return None
+    return cycler([np.frombuffer(data, dtype=np.uint8) for data in corpus], batch)
 
 
 def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report: list, nvimgcodec: bool = True) -> None:
@@ -185,13 +195,10 @@ def rows_for(name: str, corpus: list[bytes], batch: int, seconds: float, report:
 
     if not nvimgcodec:
         return
-    try:
-        decoders, params, code_stream = nvimgcodec_decoders(4, 1.0)
-    except ImportError:
-        report.append((name, "nvImageCodec", "not installed", ""))
+    next_arrays = nvimgcodec_arrays(name, corpus, batch, report)
+    if next_arrays is None:
         return
-    arrays = [np.frombuffer(data, dtype=np.uint8) for data in corpus]
-    next_arrays = cycler(arrays, batch)
+    decoders, params, code_stream = nvimgcodec_decoders(4, 1.0)
     stream = torch.cuda.current_stream().cuda_stream
 
     def nv_decode(decoder, chunk):
@@ -232,13 +239,9 @@ def layout_rows(name: str, corpus: list[bytes], batch: int, seconds: float, repo
     """nvImageCodec's decode alone with planar (3xHxW) or interleaved (HxWx3) output, on the caller's stream or
     nvImageCodec's own, and interleaved output followed by the one-launch post reading HWC in place."""
     add = adder(name, batch, seconds, report)
-    try:
-        from nvidia import nvimgcodec  # noqa: F401
-    except ImportError:
-        report.append((name, "nvImageCodec", "not installed", ""))
+    next_arrays = nvimgcodec_arrays(name, corpus, batch, report)
+    if next_arrays is None:
         return
-    arrays = [np.frombuffer(data, dtype=np.uint8) for data in corpus]
-    next_arrays = cycler(arrays, batch)
     ours = torch.cuda.current_stream().cuda_stream
     for layout in ("P_RGB", "I_RGB"):
         (decoder,), params, code_stream = nvimgcodec_decoders(1, 1.0, layout)

@@ -4,8 +4,6 @@ A stage is a small class with `init(params)` and `forward(batch)`. `batch` is a 
 dicts, one per request: read `item["data"]`, write `item["result"]`.
 """
 
-import torch
-
 from tritonpipe import Param, Stage, TensorSpec, register
 
 
