@@ -1,0 +1,194 @@
+"""nvjpeg's hardware batched decoder driven directly, to find what costs the JPEG engines their time.
+
+torchvision's GPU decode (tritonpipe's default decoder) synchronises the host after every batch, asks for
+planar RGB and re-initialises its one decoder state per call; DALI keeps batches in flight and writes
+interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through ctypes, one lever at a time:
+planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
+CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
+
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64]
+
+Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
+the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
+the others is a row of its own).  Needs a CUDA GPU with JPEG engines (A100, H100, H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from preprocess_probe import Busy, timed
+from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+
+BACKEND_HARDWARE = 3  # nvjpegBackend_t
+OUTPUT_RGB, OUTPUT_RGBI = 3, 5  # nvjpegOutputFormat_t
+MAX_COMPONENT = 4
+
+
+class Image(ctypes.Structure):
+    """nvjpegImage_t: a pointer and a pitch per plane."""
+
+    _fields_ = [("channel", ctypes.c_void_p * MAX_COMPONENT), ("pitch", ctypes.c_size_t * MAX_COMPONENT)]
+
+
+def loaded_nvjpeg() -> ctypes.CDLL:
+    """The libnvjpeg torchvision's GPU decoder loaded into this process."""
+    decode_jpeg([torch.frombuffer(bytearray(synthetic_corpus(1, 0).images[0]), dtype=torch.uint8)], device="cuda")
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "libnvjpeg" in path:
+            return ctypes.CDLL(path)
+    raise SystemExit("libnvjpeg is not loaded: torchvision's GPU decode did not use it")
+
+
+class Nvjpeg:
+    def __init__(self) -> None:
+        self.lib = lib = loaded_nvjpeg()
+        handle = ctypes.c_void_p()
+        self.check(lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle)), "nvjpegCreateEx(hardware)")
+        self.handle = handle
+        self.stream_header = ctypes.c_void_p()
+        self.check(lib.nvjpegJpegStreamCreate(handle, ctypes.byref(self.stream_header)), "nvjpegJpegStreamCreate")
+
+    @staticmethod
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with nvjpeg status {status}")
+
+    def info(self, data: bytes) -> tuple[int, int, bool]:
+        """(height, width, whether the hardware decoder takes it)."""
+        components, subsampling = ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * MAX_COMPONENT)(), (ctypes.c_int * MAX_COMPONENT)()
+        self.check(self.lib.nvjpegGetImageInfo(self.handle, data, ctypes.c_size_t(len(data)), ctypes.byref(components),
+                                               ctypes.byref(subsampling), widths, heights), "nvjpegGetImageInfo")
+        self.check(self.lib.nvjpegJpegStreamParseHeader(self.handle, data, ctypes.c_size_t(len(data)), self.stream_header),
+                   "nvjpegJpegStreamParseHeader")
+        supported = ctypes.c_int(-1)
+        self.check(self.lib.nvjpegDecodeBatchedSupported(self.handle, self.stream_header, ctypes.byref(supported)),
+                   "nvjpegDecodeBatchedSupported")
+        return heights[0], widths[0], supported.value == 0
+
+
+class Lane:
+    """One decoder state, initialised once for a fixed batch size and output format, and its last batch's event."""
+
+    def __init__(self, nv: Nvjpeg, batch: int, output: int, stream: torch.cuda.Stream) -> None:
+        self.nv, self.output, self.stream = nv, output, stream
+        self.state = ctypes.c_void_p()
+        nv.check(nv.lib.nvjpegJpegStateCreate(nv.handle, ctypes.byref(self.state)), "nvjpegJpegStateCreate")
+        nv.check(nv.lib.nvjpegDecodeBatchedInitialize(nv.handle, self.state, batch, 1, output), "nvjpegDecodeBatchedInitialize")
+        self.done: torch.cuda.Event | None = None
+
+    def decode(self, inputs: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        """Submit one batch of (pointer, length, height, width); returns its outputs, ordered on this lane's stream."""
+        if self.done is not None:
+            self.done.synchronize()  # the state's buffers are free again
+        count = len(inputs)
+        images, outputs = (Image * count)(), []
+        with torch.cuda.stream(self.stream):
+            for image, (_, _, height, width) in zip(images, inputs):
+                if self.output == OUTPUT_RGBI:
+                    out = torch.empty((height, width, 3), dtype=torch.uint8, device="cuda")
+                    image.channel[0], image.pitch[0] = out.data_ptr(), width * 3
+                else:
+                    out = torch.empty((3, height, width), dtype=torch.uint8, device="cuda")
+                    for c in range(3):
+                        image.channel[c], image.pitch[c] = out[c].data_ptr(), width
+                outputs.append(out)
+            pointers = (ctypes.c_void_p * count)(*[p for p, _, _, _ in inputs])
+            lengths = (ctypes.c_size_t * count)(*[n for _, n, _, _ in inputs])
+            self.nv.check(self.nv.lib.nvjpegDecodeBatched(self.nv.handle, self.state, pointers, lengths, images,
+                                                          ctypes.c_void_p(self.stream.cuda_stream)), "nvjpegDecodeBatched")
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return outputs
+
+
+def rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    infos = [nv.info(data) for data in corpus]
+    chosen = [(data, h, w) for data, (h, w, ok) in zip(corpus, infos) if ok]
+    report.append((name, "images the hardware decoder refuses (left out below)", f"{len(corpus) - len(chosen)} of {len(corpus)}", "", ""))
+    print(" | ".join(report[-1]), flush=True)
+    pageable = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, _, _ in chosen]
+    pinned = [tensor.pin_memory() for tensor in pageable]
+
+    def inputs(source: list[torch.Tensor], indices: list[int]) -> list[tuple[int, int, int, int]]:
+        return [(source[i].data_ptr(), source[i].numel(), chosen[i][1], chosen[i][2]) for i in indices]
+
+    for batch in (64, 10):
+        def add(what: str, step) -> None:
+            try:
+                rate, cpu = timed(step, batch, seconds)
+                now = time.perf_counter()  # the timed part is the last ``seconds``
+                report.append((name, f"batch {batch}: {what}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
+            except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
+                report.append((name, f"batch {batch}: {what}", f"FAILED {type(exc).__name__}: {str(exc)[:120]}", "", ""))
+            print(" | ".join(report[-1]), flush=True)
+
+        order = itertools.cycle(range(len(chosen)))
+        picks = lambda: [next(order) for _ in range(batch)]  # noqa: E731
+        add("torchvision decode_jpeg (planar RGB, host waits per batch)",
+            lambda: decode_jpeg([pageable[i] for i in picks()], mode=ImageReadMode.RGB, device="cuda"))
+        stream = torch.cuda.current_stream()
+        for output, label in ((OUTPUT_RGB, "planar RGB"), (OUTPUT_RGBI, "interleaved RGB")):
+            lane = Lane(nv, batch, output, stream)
+
+            def one(lane=lane):
+                lane.decode(inputs(pageable, picks()))
+                lane.done.synchronize()
+
+            add(f"nvjpeg, {label}, one state, host waits per batch", one)
+        lane = Lane(nv, batch, OUTPUT_RGBI, stream)
+
+        def one_pinned(lane=lane):
+            lane.decode(inputs(pinned, picks()))
+            lane.done.synchronize()
+
+        add("nvjpeg, interleaved RGB, pinned input, host waits per batch", one_pinned)
+        for streams, label in ((1, "one stream"), (2, "a stream each")):
+            side = [stream] + [torch.cuda.Stream() for _ in range(streams - 1)]
+            lanes = [Lane(nv, batch, OUTPUT_RGBI, side[i % streams]) for i in range(2)]
+            turn = itertools.cycle(lanes)
+            add(f"nvjpeg, interleaved RGB, two states in flight, {label}", lambda turn=turn: next(turn).decode(inputs(pageable, picks())))
+            torch.cuda.synchronize()
+
+    # the same pixels as torchvision's (both are nvjpeg on the engines)
+    data, h, w = chosen[0]
+    lane = Lane(nv, 1, OUTPUT_RGB, torch.cuda.current_stream())
+    (mine,) = lane.decode(inputs(pageable, [0]))
+    torch.cuda.synchronize()
+    theirs = decode_jpeg(pageable[0], mode=ImageReadMode.RGB, device="cuda")
+    report.append((name, "check: largest pixel difference against torchvision", f"{(mine.int() - theirs.int()).abs().max().item()}", "", ""))
+    print(" | ".join(report[-1]), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="probe_out")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
+    parser.add_argument("--corpora", default="3-size,distinct-size", help="which corpora to decode")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    nv, busy, report = Nvjpeg(), Busy(), []
+    corpora = {"3-size": lambda: synthetic_corpus(48, 0), "distinct-size": lambda: photo_corpus(args.photos, 0)}
+    for name in args.corpora.split(","):
+        corpus = corpora[name]()
+        rows(nv, name, corpus.images, args.seconds, busy, report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| corpus | what | img/s | host ms/img | JPEG engines / SMs busy % |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(row)} |" for row in report]
+    (out / "nvjpeg_probe.md").write_text(f"# nvjpeg probe, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
