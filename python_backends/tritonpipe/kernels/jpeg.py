@@ -8,6 +8,7 @@ pixel memory is allocated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 import torchvision.io as tvio
 
-from . import dali_decode, nvimgcodec
+from . import dali_decode, nvimgcodec, nvjpeg
 from .errors import DecodeError
+
+log = logging.getLogger("tritonpipe")
 
 MAX_PIXELS = 5000 * 5000
 
@@ -281,7 +284,7 @@ def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torc
     return results
 
 
-GPU_DECODERS = ("torchvision", "nvimgcodec", "dali")
+GPU_DECODERS = ("torchvision", "nvjpeg", "nvimgcodec", "dali")
 
 
 def _nvimgcodec_images(datas: list[torch.Tensor], device: torch.device, stream: int, settings: nvimgcodec.Settings) -> list:
@@ -309,6 +312,34 @@ def _decode_on_gpu_nvimgcodec(
     """nvImageCodec decode; None where it failed or gave the wrong shape."""
     stream = torch.cuda.current_stream(device).cuda_stream
     return _as_tensors(_nvimgcodec_images(datas, device, stream, settings), infos)
+
+
+def _decode_on_gpu_nvjpeg(datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device) -> list[torch.Tensor | None]:
+    """nvjpeg's hardware decoder driven directly (see :mod:`.nvjpeg`): 3xHxW views of its interleaved
+    images, nothing copied; torchvision decodes what the engines do not take; None where either failed."""
+    found = nvjpeg.decoder(device)
+    if isinstance(found, str):
+        _warn_once(f"decoder=nvjpeg cannot run here ({found}); torchvision decodes instead")
+        return _decode_on_gpu(datas, device)
+    datas = [data.contiguous() for data in datas]
+    taken = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive and found.takes(datas[i])]
+    results: list[torch.Tensor | None] = [None] * len(datas)
+    images = found.decode([datas[i] for i in taken], [(infos[i].height, infos[i].width) for i in taken]) if taken else []
+    for i, image in zip(taken, images):
+        results[i] = None if image is None else image.permute(2, 0, 1)
+    rest = sorted(set(range(len(datas))) - set(taken))
+    for i, image in zip(rest, _decode_on_gpu([datas[i] for i in rest], device) if rest else []):
+        results[i] = image
+    return results
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _decode_on_gpu_dali(
@@ -387,8 +418,8 @@ def decode_jpeg_tensor(
 ) -> list[torch.Tensor | DecodeError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
-    ``gpu_decoder`` picks nvjpeg through torchvision, nvImageCodec (with ``settings``) or DALI
-    (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
+    (:mod:`.nvjpeg`), nvImageCodec (with ``settings``) or DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.
@@ -410,6 +441,8 @@ def decode_jpeg_tensor(
         if gpu_decoder == "dali":
             chosen = [infos[i] for i in indices]
             return _decode_on_gpu_dali([datas[i] for i in indices], chosen, device, dali_settings or dali_decode.Settings())
+        if gpu_decoder == "nvjpeg":
+            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device)
         if gpu_decoder == "nvimgcodec":
             return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
         return _decode_on_gpu([datas[i] for i in indices], device)

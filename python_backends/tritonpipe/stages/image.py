@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, RequestError
-from ..kernels import batch_resize, dali_decode, decode, geometry, jpeg, nvimgcodec
+from ..kernels import batch_resize, dali_decode, decode, geometry, jpeg, nvimgcodec, nvjpeg
 from ..kernels import color as color_kernels
 from ..kernels.errors import DecodeError
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
@@ -114,9 +114,9 @@ class DecodeMat(MapStage):
 class DecodeTensor(Stage):
     """JPEG bytes -> 1x3xHxW uint8 tensor (or HxWx3 with ``data_format=hwc``).
 
-    On a GPU instance a batch is decoded by nvjpeg through torchvision or by nvImageCodec, on the
-    hardware JPEG engines where the GPU has them (the README's "GPU decoding" says which key does
-    what).  JPEG only: other formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
+    On a GPU instance a batch is decoded by nvjpeg (through torchvision, or driven directly), by
+    nvImageCodec or by DALI, on the hardware JPEG engines where the GPU has them (the README's "GPU
+    decoding" says which key does what).  JPEG only: other formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
     """
 
     input_doc = "JPEG bytes, UINT8[n]"
@@ -129,8 +129,9 @@ class DecodeTensor(Stage):
         "data_format": Param(str, "nchw", choices=("nchw", "hwc"), doc="output layout"),
         "decoder": Param(
             str, "torchvision", choices=jpeg.GPU_DECODERS,
-            doc="GPU decoder: nvjpeg through torchvision, nvImageCodec, or DALI's mixed decoder fed the batch in "
-                "overlapping chunks (both use the hardware JPEG engines where the GPU has them)",
+            doc="GPU decoder: nvjpeg through torchvision; nvjpeg's hardware decoder driven directly (interleaved output, "
+                "the batch's parts in flight; A100, H100, H200 and later); nvImageCodec; or DALI's mixed decoder fed the "
+                "batch in overlapping chunks (all use the hardware JPEG engines where the GPU has them)",
         ),
         "hw_decoder_load": Param(
             float, nvimgcodec.HW_DECODER_LOAD, low=0.0, high=1.0,
@@ -193,6 +194,10 @@ class DecodeTensor(Stage):
                 "DecodeTensor(decoder=dali) needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130, for the "
                 "CUDA of your torch), or choose another decoder"
             )
+        if self.decoder == "nvjpeg" and self.device.type == "cuda":
+            why = nvjpeg.problem(self.device)
+            if why is not None:
+                raise ConfigError(f"DecodeTensor(decoder=nvjpeg): {why}; choose decoder=torchvision")
         self.cuda_decoder_share = params["cuda_decoder_share"]
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"

@@ -1,0 +1,289 @@
+"""nvjpeg's hardware decoder driven directly (kernels/nvjpeg.py).
+
+On the CPU, a stand-in library with nvjpeg's calls checks how a batch is cut into parts, when a
+state is initialised again, that a refused part is decoded again one image at a time, and which
+images the JPEG decode routes there.  On a GPU with JPEG engines, the pixels must be torchvision's
+(the same nvjpeg on the same engines) and a damaged file among good ones must fail alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tritonpipe.errors import ConfigError
+from tritonpipe.kernels import jpeg as J
+from tritonpipe.kernels import nvjpeg
+from tritonpipe.kernels.errors import DecodeError
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.stages import build_stage
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 7, 10, 64])
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_parts_cover_the_batch_in_order_and_near_equal(count, lanes):
+    cut = nvjpeg.parts(count, lanes)
+    assert [i for part in cut for i in part] == list(range(count))
+    assert len(cut) == min(count, lanes) and all(len(part) > 0 for part in cut)
+    if cut:
+        assert max(map(len, cut)) - min(map(len, cut)) <= 1
+
+
+# --- a stand-in for libnvjpeg --------------------------------------------------------------
+# Its "JPEG" is FF D8, then flags, the pixel value, height and width: flags 1 = the engines refuse
+# it, flags 2 = damaged (a part holding it is refused as a whole, as nvjpeg refuses a batch).
+
+
+def _fake_jpeg(value: int, height: int, width: int, flags: int = 0) -> torch.Tensor:
+    return torch.tensor([0xFF, 0xD8, flags, value, height, width, 0, 0], dtype=torch.uint8)
+
+
+class FakeNvjpeg:
+    BAD_JPEG = 3
+
+    def __init__(self):
+        self.ids = iter(range(100, 10_000))
+        self.initialised: list[tuple[int, int]] = []  # (state, batch size)
+        self.destroyed: list[int] = []
+        self.submitted: list[int] = []  # part sizes, in order
+        self.header = b""
+
+    @staticmethod
+    def _set(ref, value):
+        ref._obj.value = value
+
+    def nvjpegCreateEx(self, backend, dev_allocator, pinned_allocator, flags, handle):
+        assert backend == 3, "the hardware backend"
+        self._set(handle, 1)
+        return 0
+
+    def nvjpegJpegStreamCreate(self, handle, stream):
+        self._set(stream, 2)
+        return 0
+
+    def nvjpegJpegStateCreate(self, handle, state):
+        self._set(state, next(self.ids))
+        return 0
+
+    def nvjpegJpegStateDestroy(self, state):
+        self.destroyed.append(state.value)
+        return 0
+
+    def nvjpegJpegStreamParseHeader(self, handle, data, length, stream):
+        self.header = ctypes.string_at(data, length)
+        return 0 if self.header[:2] == b"\xff\xd8" else self.BAD_JPEG
+
+    def nvjpegDecodeBatchedSupported(self, handle, stream, supported):
+        self._set(supported, 1 if self.header[2] == 1 else 0)
+        return 0
+
+    def nvjpegDecodeBatchedInitialize(self, handle, state, batch, threads, output):
+        assert output == 5, "interleaved RGB"
+        self.initialised.append((state.value, batch))
+        return 0
+
+    def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
+        assert (state.value, len(pointers)) in self.initialised, "a state used for a batch size it was not initialised for"
+        datas = [ctypes.string_at(pointers[i], lengths[i]) for i in range(len(pointers))]
+        self.submitted.append(len(datas))
+        if any(data[2] == 2 for data in datas):
+            return self.BAD_JPEG
+        for data, image in zip(datas, images):
+            assert image.pitch[0] == data[5] * 3
+            ctypes.memset(image.channel[0], data[3], data[4] * data[5] * 3)
+        return 0
+
+
+def _decode(decoder, images):
+    return decoder.decode(images, [(int(i[4]), int(i[5])) for i in images])
+
+
+def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
+    lib = FakeNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
+    for _ in range(3):
+        out = _decode(decoder, images)
+        for image, result in zip(images, out):
+            assert result.shape == (int(image[4]), int(image[5]), 3) and bool((result == image[3]).all())
+    # two parts per batch (4 and 3 images) on two states, each initialised once for its size and then reused
+    assert lib.submitted == [4, 3] * 3
+    first, second = decoder.lanes
+    assert lib.initialised == [(first.state.value, 4), (second.state.value, 3)]
+    _decode(decoder, images[:5])  # parts of 2 and 3: only the state that meets a new size is initialised again
+    assert lib.submitted[-2:] == [2, 3]
+    assert lib.initialised[2:] == [(first.state.value, 2)]
+
+
+def test_a_refused_part_is_decoded_again_one_image_at_a_time():
+    lib = FakeNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    images = [_fake_jpeg(10 + i, 4, 5) for i in range(6)]
+    images[1] = _fake_jpeg(99, 4, 5, flags=2)
+    out = _decode(decoder, images)
+    assert out[1] is None
+    assert all(bool((out[i] == 10 + i).all()) for i in range(6) if i != 1)
+    # the refused part's state is replaced, and so is the single-image state that met the damaged file
+    assert len(lib.destroyed) == 2
+    again = _decode(decoder, [images[0], images[2], images[3]])  # the states still work afterwards
+    assert [int(r[0, 0, 0]) for r in again] == [10, 12, 13]
+
+
+def test_the_engines_take_only_what_nvjpeg_says_they_take():
+    lib = FakeNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    assert decoder.takes(_fake_jpeg(1, 2, 2))
+    assert not decoder.takes(_fake_jpeg(1, 2, 2, flags=1))
+    assert not decoder.takes(torch.tensor([1, 2, 3, 4], dtype=torch.uint8))  # the header parser refuses it
+
+
+def _jpeg(height: int, width: int, seed: int, mode: str = "RGB", **options) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+def _tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class StubDecoder:
+    """Decodes on the CPU with Pillow, as HxWx3, and says which images it was given."""
+
+    def __init__(self, refuse: bytes = b""):
+        self.seen: list[bytes] = []
+        self.refuse = refuse
+
+    def takes(self, data: torch.Tensor) -> bool:
+        return True
+
+    def decode(self, datas, sizes):
+        out = []
+        for data in datas:
+            raw = data.numpy().tobytes()
+            self.seen.append(raw)
+            out.append(None if raw == self.refuse else torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()))
+        return out
+
+
+def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch):
+    color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
+    stub = StubDecoder(refuse=refused)
+    monkeypatch.setattr(nvjpeg, "decoder", lambda device: stub)
+    elsewhere: list[int] = []
+
+    def torchvision(datas, device):
+        elsewhere.extend(d.numel() for d in datas)
+        return [J._decode_on_cpu(d) for d in datas]
+
+    monkeypatch.setattr(J, "_decode_on_gpu", torchvision)
+    datas = [_tensor(d) for d in (color, gray, progressive, refused)]
+    infos = [J.read_jpeg_info(d) for d in datas]
+    out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
+    assert stub.seen == [color, refused]
+    assert sorted(elsewhere) == sorted([len(gray), len(progressive)])
+    # the engines' images come back as 3xHxW views of their interleaved pixels; a refusal as None
+    assert out[0].shape == (3, 8, 12) and torch.equal(out[0], J._decode_on_cpu(datas[0]))
+    assert out[3] is None
+    assert out[1].shape == (3, 8, 12) and out[2].shape == (3, 8, 12)
+
+
+def test_where_nvjpeg_cannot_run_torchvision_decodes_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(nvjpeg, "decoder", lambda device: "this GPU has no hardware JPEG decoder")
+    monkeypatch.setattr(J, "_decode_on_gpu", lambda datas, device: [J._decode_on_cpu(d) for d in datas])
+    monkeypatch.setattr(J, "_warned", set())
+    datas = [_tensor(_jpeg(8, 12, 0))]
+    infos = [J.read_jpeg_info(d) for d in datas]
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        for _ in range(3):
+            (image,) = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
+            assert image.shape == (3, 8, 12)
+    assert [r.getMessage() for r in caplog.records].count(
+        "decoder=nvjpeg cannot run here (this GPU has no hardware JPEG decoder); torchvision decodes instead") == 1
+
+
+def test_a_gpu_stage_that_cannot_have_it_is_refused_at_load(monkeypatch):
+    monkeypatch.setattr(nvjpeg, "problem", lambda device: "this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)")
+    with pytest.raises(ConfigError, match=r"DecodeTensor\(decoder=nvjpeg\): this GPU has no hardware JPEG decoder.*choose decoder=torchvision"):
+        build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg"}).entry.tree, "cuda")
+    # on a CPU instance the key does not matter: libjpeg-turbo decodes
+    build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg"}).entry.tree, "cpu")
+
+
+# --- on a GPU with JPEG engines -------------------------------------------------------------
+
+on_gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning:torchvision"),
+]
+
+
+def _engines() -> None:
+    why = nvjpeg.problem(torch.device("cuda"))
+    if why is not None:
+        pytest.skip(why)
+
+
+def _on_gpu(test):
+    for mark in reversed(on_gpu):
+        test = mark(test)
+    return test
+
+
+@_on_gpu
+@pytest.mark.parametrize("batch", [1, 3, 10, 64])
+def test_pixels_are_torchvisions_whatever_the_batch(batch):
+    _engines()
+    sizes = [(48, 64), (37, 53), (120, 90), (16, 16)]
+    datas = [_tensor(_jpeg(*sizes[i % 4], i, subsampling=i % 3)) for i in range(batch)]
+    for _ in range(3):  # the states are reused from one batch to the next
+        ours = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg")
+        theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+@_on_gpu
+def test_grayscale_and_progressive_jpegs_among_them_come_back_as_torchvision_decodes_them():
+    _engines()
+    batch = [_jpeg(40, 60, 0), _jpeg(40, 60, 1, "L"), _jpeg(40, 60, 2, progressive=True), _jpeg(30, 20, 3)]
+    datas = [_tensor(d) for d in batch]
+    ours = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg")
+    theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def _damaged(data: bytes, how: str) -> bytes:
+    """Headers intact, the entropy-coded data spoiled or cut in the middle."""
+    middle = len(data) // 2
+    if how == "cut":
+        return data[:middle]
+    noise = np.random.default_rng(7).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    return data[:middle] + noise + data[middle + 200 :]
+
+
+@_on_gpu
+def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_place():
+    _engines()
+    goods = [_jpeg(96, 128, 10), _jpeg(72, 100, 11), _jpeg(40, 60, 12)]
+    source = _jpeg(120, 160, 13)
+    batch = [goods[0], _damaged(source, "cut"), goods[1], _damaged(source, "noise"), goods[2]]
+    results = J.decode_jpeg_tensor([_tensor(d) for d in batch], torch.device("cuda"), gpu_decoder="nvjpeg")
+    reference = J.decode_jpeg_tensor([_tensor(d) for d in goods], torch.device("cuda"), gpu_decoder="torchvision")
+    for index, want in zip((0, 2, 4), reference):
+        assert torch.equal(results[index], want)
+    for index in (1, 3):
+        # nvjpeg and libjpeg-turbo may refuse a damaged scan or decode it with errors; either way at its own size
+        assert isinstance(results[index], DecodeError) or tuple(results[index].shape) == (3, 120, 160)
+    again = J.decode_jpeg_tensor([_tensor(d) for d in goods], torch.device("cuda"), gpu_decoder="nvjpeg")
+    assert all(torch.equal(a, b) for a, b in zip(again, reference))  # the decoder still works afterwards
