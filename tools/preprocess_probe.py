@@ -259,6 +259,20 @@ def layout_rows(name: str, corpus: list[bytes], batch: int, seconds: float, repo
                                                             dtype=torch.float16))
 
 
+def decoder_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    """tritonpipe's JPEG decode with each engine-driving decoder (as DecodeTensor calls it), alone and + the one-launch post."""
+    from tritonpipe.kernels import jpeg
+
+    add = adder(name, batch, seconds, report)
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    next_bytes = cycler(tensors, batch)
+    device = torch.device("cuda", 0)
+    for decoder in ("torchvision", "nvjpeg"):
+        decode = lambda decoder=decoder: jpeg.decode_jpeg_tensor(next_bytes(), device, gpu_decoder=decoder)  # noqa: E731
+        add(f"decode_jpeg_tensor, decoder={decoder}, alone", decode)
+        add(f"decode_jpeg_tensor, decoder={decoder} + one-launch post", lambda decode=decode: new_post(decode()))
+
+
 def share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
     """torchvision's decoder on the engines with a share of each batch's bytes on nvImageCodec's CUDA decoder
     meanwhile (``cuda_decoder_share``: Huffman decoding on host threads, one per core), + the one-launch post."""
@@ -372,7 +386,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
-    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,share,launch",
+    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,decoders,share,launch",
                         help="groups of rows to run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -389,6 +403,8 @@ def main() -> None:
         print(f"corpus {name}: {corpus.description}", flush=True)
         if "layouts" in groups:
             layout_rows(name, corpus.images, args.batch, args.seconds, report)
+        if "decoders" in groups:
+            decoder_rows(name, corpus.images, args.batch, args.seconds, report)
         if "share" in groups:
             share_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali" in groups:
