@@ -419,7 +419,8 @@ def decode_jpeg_tensor(
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
-    (:mod:`.nvjpeg`), nvImageCodec (with ``settings``) or DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    (:mod:`.nvjpeg`), nvImageCodec (with ``settings``) or DALI (with ``dali_settings``) on CUDA
+    devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.

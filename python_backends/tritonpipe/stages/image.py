@@ -116,7 +116,8 @@ class DecodeTensor(Stage):
 
     On a GPU instance a batch is decoded by nvjpeg (through torchvision, or driven directly), by
     nvImageCodec or by DALI, on the hardware JPEG engines where the GPU has them (the README's "GPU
-    decoding" says which key does what).  JPEG only: other formats are refused by name (``DecodeMat`` reads PNG, BMP and WebP).
+    decoding" says which key does what).  JPEG only: other formats are refused by name
+    (``DecodeMat`` reads PNG, BMP and WebP).
     """
 
     input_doc = "JPEG bytes, UINT8[n]"
