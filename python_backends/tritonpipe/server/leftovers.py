@@ -84,14 +84,20 @@ class Leftovers:
         return found
 
     def reap(self, timeout: float = 10.0) -> None:
-        """SIGKILL the server's processes that are still running, then remove its regions and python_env folders."""
-        pids = self.processes()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        """SIGKILL the server's processes that are still running, then remove its regions and python_env folders.
+
+        ``/proc`` is read again until two readings in a row find none of ours alive (or ``timeout``
+        passes): a stub the server started while a reading went on, or one a reading missed, is
+        killed too.
+        """
+        deadline, empty = time.monotonic() + timeout, 0
+        while empty < 2 and time.monotonic() < deadline:
+            pids = self.processes()
+            empty = 0 if pids else empty + 1
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05 if empty < 2 else 0)
         for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
         for folder in self.python_envs:

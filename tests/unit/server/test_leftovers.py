@@ -66,6 +66,27 @@ def test_reap_kills_only_processes_run_from_the_working_folder_or_naming_a_regio
     assert not (tmp_path / "python_env_abc").exists() and left.python_envs == []
 
 
+def test_reap_reads_the_processes_again_until_none_of_ours_is_left(left, monkeypatch):
+    """A stub the first reading misses (started meanwhile, or its command line not readable then) is killed too."""
+    stub = _start_stub(left.workdir)
+    real, missed = leftovers_module.command_line, []
+
+    def first_reading_misses_it(pid):
+        if pid == stub.pid and not missed:
+            missed.append(pid)
+            return []
+        return real(pid)
+
+    monkeypatch.setattr(leftovers_module, "command_line", first_reading_misses_it)
+    try:
+        left.reap()
+        assert missed == [stub.pid]
+        stub.wait(10)
+    finally:
+        stub.kill()
+        stub.wait()
+
+
 def test_the_log_is_removed_with_the_working_folder_unless_it_is_kept(left):
     left.keep_log = True
     left.remove_files()
