@@ -26,26 +26,20 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from preprocess_probe import Busy, timed
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+from tritonpipe.kernels import nvjpeg
 
 BACKEND_HARDWARE = 3  # nvjpegBackend_t
 OUTPUT_RGB, OUTPUT_RGBI = 3, 5  # nvjpegOutputFormat_t
 MAX_COMPONENT = 4
 
 
-class Image(ctypes.Structure):
-    """nvjpegImage_t: a pointer and a pitch per plane."""
-
-    _fields_ = [("channel", ctypes.c_void_p * MAX_COMPONENT), ("pitch", ctypes.c_size_t * MAX_COMPONENT)]
-
-
 def loaded_nvjpeg() -> ctypes.CDLL:
-    """The libnvjpeg torchvision's GPU decoder loaded into this process."""
+    """libnvjpeg as tritonpipe's decoder loads it, after torchvision's GPU decode has put its copy in this process."""
     decode_jpeg([torch.frombuffer(bytearray(synthetic_corpus(1, 0).images[0]), dtype=torch.uint8)], device="cuda")
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        path = line.split()[-1]
-        if "libnvjpeg" in path:
-            return ctypes.CDLL(path)
-    raise SystemExit("libnvjpeg is not loaded: torchvision's GPU decode did not use it")
+    lib = nvjpeg.library()
+    if isinstance(lib, str):
+        raise SystemExit(lib)
+    return lib
 
 
 class Nvjpeg:
@@ -91,7 +85,7 @@ class Lane:
         if self.done is not None:
             self.done.synchronize()  # the state's buffers are free again
         count = len(inputs)
-        images, outputs = (Image * count)(), []
+        images, outputs = (nvjpeg.Image * count)(), []
         with torch.cuda.stream(self.stream):
             for image, (_, _, height, width) in zip(images, inputs):
                 if self.output == OUTPUT_RGBI:

@@ -49,7 +49,7 @@ class NvjpegError(RuntimeError):
         self.status = status
 
 
-class _Image(ctypes.Structure):
+class Image(ctypes.Structure):
     """nvjpegImage_t: one pointer and one pitch per plane (interleaved output uses the first)."""
 
     _fields_ = [("channel", ctypes.c_void_p * _MAX_COMPONENT), ("pitch", ctypes.c_size_t * _MAX_COMPONENT)]
@@ -78,7 +78,7 @@ def _library_paths() -> list[str]:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | str:
+def library() -> ctypes.CDLL | str:
     """libnvjpeg with the calls used here declared, or why it cannot be loaded."""
     tried = []
     for path in _library_paths():
@@ -142,7 +142,7 @@ class _Lane:
         if self.size != count:
             decoder.call("nvjpegDecodeBatchedInitialize", decoder.handle, self.state, count, 1, _OUTPUT_RGBI)
             self.size = count
-        images = (_Image * count)()
+        images = (Image * count)()
         outputs = []
         for image, (height, width) in zip(images, sizes):
             out = torch.empty((height, width, 3), dtype=torch.uint8, device=decoder.device)
@@ -237,7 +237,7 @@ def decoder(device: torch.device) -> Decoder | str:
     with _decoders_lock:
         found = _decoders.get(index)
         if found is None:
-            lib = _library()
+            lib = library()
             if isinstance(lib, str):
                 found = lib
             else:
