@@ -314,10 +314,13 @@ def _decode_on_gpu_nvimgcodec(
     return _as_tensors(_nvimgcodec_images(datas, device, stream, settings), infos)
 
 
-def _decode_on_gpu_nvjpeg(datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device) -> list[torch.Tensor | None]:
-    """nvjpeg's hardware decoder driven directly (see :mod:`.nvjpeg`): 3xHxW views of its interleaved
-    images, nothing copied; torchvision decodes what the engines do not take; None where either failed."""
-    found = nvjpeg.decoder(device)
+def _decode_on_gpu_nvjpeg(
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, lanes: int = nvjpeg.LANES
+) -> list[torch.Tensor | None]:
+    """nvjpeg's hardware decoder driven directly (see :mod:`.nvjpeg`), a batch in ``lanes`` parts in flight:
+    3xHxW views of its interleaved images, nothing copied; torchvision decodes what the engines do not
+    take; None where either failed."""
+    found = nvjpeg.decoder(device, lanes)
     if isinstance(found, str):
         _warn_once(f"decoder=nvjpeg cannot run here ({found}); torchvision decodes instead")
         return _decode_on_gpu(datas, device)
@@ -415,12 +418,13 @@ def decode_jpeg_tensor(
     settings: nvimgcodec.Settings | None = None,
     cuda_decoder_share: float = 0.0,
     dali_settings: dali_decode.Settings | None = None,
+    nvjpeg_lanes: int = nvjpeg.LANES,
 ) -> list[torch.Tensor | DecodeError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
-    (:mod:`.nvjpeg`), nvImageCodec (with ``settings``) or DALI (with ``dali_settings``) on CUDA
-    devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight), nvImageCodec (with ``settings``) or
+    DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.
@@ -443,7 +447,7 @@ def decode_jpeg_tensor(
             chosen = [infos[i] for i in indices]
             return _decode_on_gpu_dali([datas[i] for i in indices], chosen, device, dali_settings or dali_decode.Settings())
         if gpu_decoder == "nvjpeg":
-            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device)
+            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device, nvjpeg_lanes)
         if gpu_decoder == "nvimgcodec":
             return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
         return _decode_on_gpu([datas[i] for i in indices], device)

@@ -227,32 +227,32 @@ class Decoder:
             return None
 
 
-_decoders: dict[int, Decoder | str] = {}
+_decoders: dict[tuple[int, int], Decoder | str] = {}
 _decoders_lock = threading.Lock()
 
 
-def decoder(device: torch.device) -> Decoder | str:
-    """The decoder of a CUDA device, made once per process, or why there is none."""
+def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
+    """The decoder of a CUDA device with ``lanes`` parts in flight, made once per process, or why there is none."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _decoders_lock:
-        found = _decoders.get(index)
+        found = _decoders.get((index, lanes))
         if found is None:
             lib = library()
             if isinstance(lib, str):
                 found = lib
             else:
                 try:
-                    found = Decoder(lib, torch.device("cuda", index))
+                    found = Decoder(lib, torch.device("cuda", index), lanes)
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"
                              if exc.status == _ARCH_MISMATCH else f"nvjpeg's hardware decoder could not start: {exc}")
-            _decoders[index] = found
+            _decoders[(index, lanes)] = found
         return found
 
 
-def problem(device: torch.device) -> str | None:
+def problem(device: torch.device, lanes: int = LANES) -> str | None:
     """Why the hardware decoder cannot run on ``device``, or None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return "nvjpeg's hardware decoder needs a CUDA GPU"
-    found = decoder(device)
+    found = decoder(device, lanes)
     return found if isinstance(found, str) else None

@@ -143,7 +143,9 @@ class DecodeTensor(Stage):
             doc="with decoder=dali: images per DALI iteration; a batch is cut into chunks that DALI decodes overlapped",
         ),
         "decode_depth": Param(
-            int, dali_decode.DEPTH, low=1, high=8, doc="with decoder=dali: chunks in DALI at once",
+            int, dali_decode.DEPTH, low=1, high=8,
+            doc="with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, submitted "
+                "to the engines one after the other without the host waiting (1: the whole batch in one submission)",
         ),
         "decode_threads": Param(
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
@@ -175,6 +177,7 @@ class DecodeTensor(Stage):
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.decoder = params["decoder"]
+        self.nvjpeg_lanes = params["decode_depth"]
         self.settings = nvimgcodec.Settings(
             hw_load=params["hw_decoder_load"],
             threads=params["decode_threads"],
@@ -196,7 +199,7 @@ class DecodeTensor(Stage):
                 "CUDA of your torch), or choose another decoder"
             )
         if self.decoder == "nvjpeg" and self.device.type == "cuda":
-            why = nvjpeg.problem(self.device)
+            why = nvjpeg.problem(self.device, self.nvjpeg_lanes)
             if why is not None:
                 raise ConfigError(f"DecodeTensor(decoder=nvjpeg): {why}; choose decoder=torchvision")
         self.cuda_decoder_share = params["cuda_decoder_share"]
@@ -219,7 +222,7 @@ class DecodeTensor(Stage):
         decoded = jpeg.decode_jpeg_tensor(
             [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
-            dali_settings=self.dali_settings,
+            dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes,
         )
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
@@ -236,12 +239,13 @@ class DecodeTensor(Stage):
                 "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
                 "on the CPU every decoder already interpolates it"
             )
-        dali_keys = [key for key in ("decode_chunk", "decode_depth") if params[key] != DecodeTensor.params[key].default]
-        if params["decoder"] != "dali" and dali_keys:
-            raise ConfigError(
-                f"DecodeTensor: {' and '.join(dali_keys)} tune decoder=dali, which this stage does not use; "
-                "set decoder=dali or leave them out"
-            )
+        tuned = {"decode_chunk": ("dali",), "decode_depth": ("dali", "nvjpeg")}
+        for key, decoders in tuned.items():
+            if params[key] != DecodeTensor.params[key].default and params["decoder"] not in decoders:
+                users = " or ".join(f"decoder={name}" for name in decoders)
+                raise ConfigError(
+                    f"DecodeTensor: {key} tunes {users}, which this stage does not use; set {users} or leave it out"
+                )
         uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or params["cuda_decoder_share"] > 0
         if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
             raise ConfigError(

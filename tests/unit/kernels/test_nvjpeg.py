@@ -121,6 +121,23 @@ def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
     assert lib.initialised[2:] == [(first.state.value, 2)]
 
 
+@pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 3, 2])])
+def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
+    lib = FakeNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes)
+    images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
+    out = _decode(decoder, images)
+    assert lib.submitted == parts and len(decoder.lanes) == lanes
+    assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(7)]
+
+
+def test_decode_depth_gives_the_stage_its_lanes(monkeypatch):
+    asked = []
+    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: asked.append(lanes))
+    stage = build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg", "decode_depth": 3}).entry.tree, "cuda")
+    assert asked == [3] and stage.nvjpeg_lanes == 3
+
+
 def test_a_refused_part_is_decoded_again_one_image_at_a_time():
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
@@ -177,7 +194,7 @@ class StubDecoder:
 def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch):
     color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
     stub = StubDecoder(refuse=refused)
-    monkeypatch.setattr(nvjpeg, "decoder", lambda device: stub)
+    monkeypatch.setattr(nvjpeg, "decoder", lambda device, lanes=nvjpeg.LANES: stub)
     elsewhere: list[int] = []
 
     def torchvision(datas, device):
@@ -197,7 +214,7 @@ def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_
 
 
 def test_where_nvjpeg_cannot_run_torchvision_decodes_and_says_so_once(monkeypatch, caplog):
-    monkeypatch.setattr(nvjpeg, "decoder", lambda device: "this GPU has no hardware JPEG decoder")
+    monkeypatch.setattr(nvjpeg, "decoder", lambda device, lanes=nvjpeg.LANES: "this GPU has no hardware JPEG decoder")
     monkeypatch.setattr(J, "_decode_on_gpu", lambda datas, device: [J._decode_on_cpu(d) for d in datas])
     monkeypatch.setattr(J, "_warned", set())
     datas = [_tensor(_jpeg(8, 12, 0))]
@@ -211,7 +228,7 @@ def test_where_nvjpeg_cannot_run_torchvision_decodes_and_says_so_once(monkeypatc
 
 
 def test_a_gpu_stage_that_cannot_have_it_is_refused_at_load(monkeypatch):
-    monkeypatch.setattr(nvjpeg, "problem", lambda device: "this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)")
+    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: "this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)")
     with pytest.raises(ConfigError, match=r"DecodeTensor\(decoder=nvjpeg\): this GPU has no hardware JPEG decoder.*choose decoder=torchvision"):
         build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg"}).entry.tree, "cuda")
     # on a CPU instance the key does not matter: libjpeg-turbo decodes

@@ -201,11 +201,21 @@ def test_dali_keys_without_the_dali_decoder_are_refused_before_anything_is_writt
     from tritonpipe.repository.generate import build_repository, generate_repository
 
     config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, key: value}
-    with pytest.raises(ConfigError, match=f"{key} tune decoder=dali"):
+    with pytest.raises(ConfigError, match=f"{key} tunes decoder=dali"):
         generate_repository(load_graph(config), tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
     _, configs, _ = build_repository(load_graph({**config, "decoder": "dali"}), device="gpu")
     assert configs
+
+
+def test_decode_depth_also_tunes_the_nvjpeg_decoder_and_decode_chunk_does_not(tmp_path):
+    from tritonpipe.repository.generate import build_repository
+
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "decoder": "nvjpeg"}
+    _, configs, _ = build_repository(load_graph({**config, "decode_depth": 1}), device="gpu")
+    assert configs
+    with pytest.raises(ConfigError, match="decode_chunk tunes decoder=dali, which this stage does not use"):
+        build_repository(load_graph({**config, "decode_chunk": 8}), device="gpu")
 
 
 def test_the_dali_decoder_without_dali_says_what_to_install():
