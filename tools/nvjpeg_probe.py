@@ -6,7 +6,11 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host]
+
+``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), and nvjpeg's two other
+backends (Huffman decoding on the host, or on the SMs) alone and beside the engines on a share of each batch;
+``host`` rows time the header checks a batch costs the host.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -19,6 +23,7 @@ import argparse
 import ctypes
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +33,9 @@ from preprocess_probe import Busy, timed
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
 from tritonpipe.kernels import nvjpeg
 
-BACKEND_HARDWARE = 3  # nvjpegBackend_t
+BACKEND_HYBRID, BACKEND_GPU_HYBRID, BACKEND_HARDWARE = 1, 2, 3  # nvjpegBackend_t
+BACKENDS = {BACKEND_HYBRID: "hybrid: Huffman on the host", BACKEND_GPU_HYBRID: "GPU hybrid: Huffman on the SMs",
+            BACKEND_HARDWARE: "hardware"}
 OUTPUT_RGB, OUTPUT_RGBI = 3, 5  # nvjpegOutputFormat_t
 MAX_COMPONENT = 4
 
@@ -43,10 +50,10 @@ def loaded_nvjpeg() -> ctypes.CDLL:
 
 
 class Nvjpeg:
-    def __init__(self) -> None:
+    def __init__(self, backend: int = BACKEND_HARDWARE) -> None:
         self.lib = lib = loaded_nvjpeg()
         handle = ctypes.c_void_p()
-        self.check(lib.nvjpegCreateEx(BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle)), "nvjpegCreateEx(hardware)")
+        self.check(lib.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(handle)), f"nvjpegCreateEx({BACKENDS[backend]})")
         self.handle = handle
         self.stream_header = ctypes.c_void_p()
         self.check(lib.nvjpegJpegStreamCreate(handle, ctypes.byref(self.stream_header)), "nvjpegJpegStreamCreate")
@@ -163,12 +170,92 @@ def rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy,
     print(" | ".join(report[-1]), flush=True)
 
 
+def host_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, report: list) -> None:
+    """What a batch of 64 costs the host before any pixel is decoded: tritonpipe's own header check, and
+    nvjpeg's (the acceptance check the decoder makes per image)."""
+    from tritonpipe.kernels import jpeg
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    decoder = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1)
+    for what, step in (("read_jpeg_info (tritonpipe's header check)", jpeg.read_jpeg_info),
+                       ("nvjpeg header parse + hardware support check", decoder.lanes[0].takes)):
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 2:
+            for tensor in tensors:
+                step(tensor)
+            done += len(tensors)
+        report.append((name, f"host cost per batch of 64: {what}", "", f"{(time.perf_counter() - start) / done * 64:.3f} ms", ""))
+        print(" | ".join(report[-1]), flush=True)
+
+
+def lane_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """tritonpipe's decoder (kernels/nvjpeg.py) at batch 64 with 1 to 4 lanes, each lane a host thread;
+    then nvjpeg's other backends alone, and beside the engines on a share of each batch."""
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    shapes = [(h, w) for h, w, _ in (nv.info(data) for data in corpus)]
+    order = itertools.cycle(range(len(corpus)))
+    picks = lambda: [next(order) for _ in range(64)]  # noqa: E731
+
+    def add(what: str, step) -> None:
+        try:
+            rate, cpu = timed(step, 64, seconds)
+            now = time.perf_counter()
+            report.append((name, f"batch 64: {what}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
+        except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
+            report.append((name, f"batch 64: {what}", f"FAILED {type(exc).__name__}: {str(exc)[:120]}", "", ""))
+        print(" | ".join(report[-1]), flush=True)
+
+    decoders = {lanes: nvjpeg.Decoder(nv.lib, torch.device("cuda"), lanes) for lanes in (1, 2, 3, 4)}
+    for lanes, decoder in decoders.items():
+        def step(decoder=decoder):
+            chosen = picks()
+            decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+
+        add(f"tritonpipe's nvjpeg decoder, {lanes} lane{'s' * (lanes > 1)} (a host thread each)", step)
+    for backend in (BACKEND_GPU_HYBRID, BACKEND_HYBRID):
+        try:
+            other = Nvjpeg(backend)
+            lane = Lane(other, 64, OUTPUT_RGBI, torch.cuda.current_stream())
+        except RuntimeError as exc:
+            report.append((name, f"nvjpeg {BACKENDS[backend]}", f"FAILED {exc}", "", ""))
+            print(" | ".join(report[-1]), flush=True)
+            continue
+        pointers = [(t.data_ptr(), t.numel(), h, w) for t, (h, w) in zip(tensors, shapes)]
+
+        def alone(lane=lane):
+            lane.decode([pointers[i] for i in picks()])
+            lane.done.synchronize()
+
+        add(f"nvjpeg {BACKENDS[backend]} alone, host waits per batch", alone)
+        pool = ThreadPoolExecutor(1)
+        for share in (0.2, 0.35):
+            cut = round(64 * share)
+            try:
+                side = Lane(other, cut, OUTPUT_RGBI, torch.cuda.Stream())
+            except RuntimeError as exc:
+                report.append((name, f"nvjpeg {BACKENDS[backend]}, batch {cut}", f"FAILED {exc}", "", ""))
+                continue
+
+            def both(side=side, cut=cut):
+                chosen = sorted(picks(), key=lambda i: -tensors[i].numel())  # the largest go to the side
+                pending = pool.submit(lambda: (side.decode([pointers[i] for i in chosen[:cut]]), side.done.synchronize()))
+                rest = chosen[cut:]
+                decoders[2].decode([tensors[i] for i in rest], [shapes[i] for i in rest])
+                pending.result()
+
+            add(f"engines (2 lanes) + nvjpeg {BACKENDS[backend]} on the largest {cut} of 64, a thread of its own", both)
+        pool.shutdown()
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="probe_out")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
     parser.add_argument("--corpora", default="3-size,distinct-size", help="which corpora to decode")
+    parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
+                        "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -176,7 +263,13 @@ def main() -> None:
     corpora = {"3-size": lambda: synthetic_corpus(48, 0), "distinct-size": lambda: photo_corpus(args.photos, 0)}
     for name in args.corpora.split(","):
         corpus = corpora[name]()
-        rows(nv, name, corpus.images, args.seconds, busy, report)
+        groups = args.rows.split(",")
+        if "host" in groups:
+            host_rows(nv, name, corpus.images, args.seconds, report)
+        if "lanes" in groups:
+            lane_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "levers" in groups:
+            rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| corpus | what | img/s | host ms/img | JPEG engines / SMs busy % |", "|---|---|---:|---:|---:|"]

@@ -267,10 +267,12 @@ def decoder_rows(name: str, corpus: list[bytes], batch: int, seconds: float, rep
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
     next_bytes = cycler(tensors, batch)
     device = torch.device("cuda", 0)
-    for decoder in ("torchvision", "nvjpeg"):
-        decode = lambda decoder=decoder: jpeg.decode_jpeg_tensor(next_bytes(), device, gpu_decoder=decoder)  # noqa: E731
-        add(f"decode_jpeg_tensor, decoder={decoder}, alone", decode)
-        add(f"decode_jpeg_tensor, decoder={decoder} + one-launch post", lambda decode=decode: new_post(decode()))
+    for decoder, lanes in (("torchvision", 0), ("nvjpeg", 1), ("nvjpeg", 2), ("nvjpeg", 3), ("nvjpeg", 4)):
+        decode = lambda decoder=decoder, lanes=lanes: jpeg.decode_jpeg_tensor(  # noqa: E731
+            next_bytes(), device, gpu_decoder=decoder, nvjpeg_lanes=max(lanes, 1))
+        label = f"decoder={decoder}" + (f", decode_depth {lanes}" if lanes else "")
+        add(f"decode_jpeg_tensor, {label}, alone", decode)
+        add(f"decode_jpeg_tensor, {label} + one-launch post", lambda decode=decode: new_post(decode()))
 
 
 def share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:

@@ -325,12 +325,14 @@ def _decode_on_gpu_nvjpeg(
         _warn_once(f"decoder=nvjpeg cannot run here ({found}); torchvision decodes instead")
         return _decode_on_gpu(datas, device)
     datas = [data.contiguous() for data in datas]
-    taken = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive and found.takes(datas[i])]
+    candidates = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive]
     results: list[torch.Tensor | None] = [None] * len(datas)
-    images = found.decode([datas[i] for i in taken], [(infos[i].height, infos[i].width) for i in taken]) if taken else []
-    for i, image in zip(taken, images):
-        results[i] = None if image is None else image.permute(2, 0, 1)
-    rest = sorted(set(range(len(datas))) - set(taken))
+    decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates]) if candidates else []
+    for i, image in zip(candidates, decoded):
+        if isinstance(image, torch.Tensor):
+            results[i] = image.permute(2, 0, 1)
+    not_taken = set(range(len(datas))) - set(candidates)
+    rest = sorted(not_taken | {i for i, image in zip(candidates, decoded) if image is False})
     for i, image in zip(rest, _decode_on_gpu([datas[i] for i in rest], device) if rest else []):
         results[i] = image
     return results

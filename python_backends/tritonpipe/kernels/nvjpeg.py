@@ -5,15 +5,16 @@ initialises its decoder state again on every call and makes the host wait for ea
 
 - the output is interleaved RGB (HxWx3), what the engines write;
 - each decoder state is initialised once per batch size;
-- nothing waits on the host: a batch is cut into ``LANES`` parts, each submitted on a state of its
-  own on the caller's CUDA stream, so the engines start on one part while the host parses the next.
-  The host waits only to reuse a state whose previous part is still on the engines.
+- nothing waits on the host: a batch is cut into ``LANES`` parts, each parsed and submitted on a state
+  and a host thread of its own on the caller's CUDA stream, so the parts' host work runs side by side
+  and the engines start on the first part submitted.  A lane waits only to reuse a state whose previous
+  part is still on the engines.
 
 On an H200 that decoded 1.26x torchvision's rate at batch 64 and 1.54x at batch 10, with identical
 pixels (docs/BENCHMARKS.md, "nvjpeg driven directly").
 
-Only 3-component images the hardware decoder accepts (:meth:`Decoder.takes`) come here; the caller
-decodes the others another way.  A part that nvjpeg refuses is decoded again one image at a time, so
+Only 3-component images should come here; those the hardware decoder does not accept (:meth:`Decoder.takes`)
+come back marked so, for the caller to decode another way.  A part that nvjpeg refuses is decoded again one image at a time, so
 that a damaged file fails alone (as None, for the caller's fallback).  The library is the one
 torchvision loads where it is already in the process, else the ``nvidia-nvjpeg`` wheel's or the
 system's; no Triton import, no compiler.
@@ -30,6 +31,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -110,15 +112,28 @@ def library() -> ctypes.CDLL | str:
 
 
 class _Lane:
-    """One decoder state, the batch size it was initialised for, and its last part's event and inputs."""
+    """One decoder state and header stream, the batch size the state was initialised for, and its last
+    part's event and inputs.  A lane is used by one thread at a time."""
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
         self.state = ctypes.c_void_p()
         decoder.call("nvjpegJpegStateCreate", decoder.handle, ctypes.byref(self.state))
+        self.header = ctypes.c_void_p()
+        decoder.call("nvjpegJpegStreamCreate", decoder.handle, ctypes.byref(self.header))
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
+
+    def takes(self, data: torch.Tensor) -> bool:
+        """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""
+        decoder, supported = self.decoder, ctypes.c_int(-1)
+        try:
+            decoder.call("nvjpegJpegStreamParseHeader", decoder.handle, data.data_ptr(), data.numel(), self.header)
+            decoder.call("nvjpegDecodeBatchedSupported", decoder.handle, self.header, ctypes.byref(supported))
+        except NvjpegError:
+            return False
+        return supported.value == 0
 
     def wait(self) -> None:
         if self.done is not None:
@@ -135,8 +150,9 @@ class _Lane:
         self.decoder.call("nvjpegJpegStateCreate", self.decoder.handle, ctypes.byref(self.state))
         self.size = None
 
-    def submit(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream: int) -> list[torch.Tensor]:
-        """Queue one part's decode on ``stream``; its HxWx3 outputs, written once the stream gets there."""
+    def submit(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor]:
+        """Queue one part's decode on ``stream`` (a torch CUDA stream, or None off CUDA); its HxWx3
+        outputs, written once the stream gets there."""
         self.wait()
         decoder, count = self.decoder, len(datas)
         if self.size != count:
@@ -151,15 +167,49 @@ class _Lane:
         pointers = (ctypes.c_void_p * count)(*[data.data_ptr() for data in datas])
         lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
         self.inputs = list(datas)
-        decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, stream)
-        if decoder.device.type == "cuda":
-            self.done = torch.cuda.Event()
-            self.done.record(torch.cuda.current_stream(decoder.device))
+        handle = stream.cuda_stream if stream is not None else 0
+        decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, handle)
+        if stream is not None:
+            # a blocking event: a lane's thread that waits for the engines gives its core up meanwhile
+            self.done = torch.cuda.Event(blocking=True)
+            self.done.record(stream)
         return outputs
+
+    def alone(self, data: torch.Tensor, size: tuple[int, int], stream) -> torch.Tensor | None:
+        """One image on its own, after its part was refused; None where nvjpeg refuses it too."""
+        try:
+            (image,) = self.submit([data], [size], stream)
+            return image
+        except NvjpegError:
+            self.reset()
+            return None
+
+    def part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
+        """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
+        engines do not take it.  Runs on the lane's own thread where there are several lanes."""
+        with self.decoder._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            results: list[torch.Tensor | None | bool] = [self.takes(data) for data in datas]
+            taken = [i for i, ok in enumerate(results) if ok]
+            if not taken:
+                return results
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    self.submit([datas[i] for i in taken], [sizes[i] for i in taken], stream))
+            except NvjpegError:
+                # one damaged file refuses its whole part: decode the part one image at a time
+                self.reset()
+                decoded = [self.alone(datas[i], sizes[i], stream) for i in taken]
+            for i, image in zip(taken, decoded):
+                results[i] = image
+            return results
 
 
 class Decoder:
-    """The hardware JPEG decoder of one device, with ``lanes`` states that take a batch's parts in turn.
+    """The hardware JPEG decoder of one device, with ``lanes`` states that take a batch's parts at once.
+
+    With more than one lane, each lane has a host thread of its own: the parts' header parsing and
+    submission (nvjpeg's host work, which releases the GIL) run side by side, and the engines start on
+    whichever part is submitted first.
 
     Args:
         lib: libnvjpeg (or a stand-in with the same calls).
@@ -169,14 +219,12 @@ class Decoder:
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES):
         self.lib, self.device = lib, torch.device(device)
-        self.lock = threading.Lock()  # one batch at a time: the states and the header stream are shared
+        self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
             self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
-            self.header = ctypes.c_void_p()
-            self.call("nvjpegJpegStreamCreate", self.handle, ctypes.byref(self.header))
             self.lanes = [_Lane(self) for _ in range(lanes)]
-            self.single = _Lane(self)
+        self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
 
     def call(self, name: str, *args) -> None:
@@ -189,42 +237,26 @@ class Decoder:
 
     def takes(self, data: torch.Tensor) -> bool:
         """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""
-        supported = ctypes.c_int(-1)
-        with self.lock:
-            try:
-                self.call("nvjpegJpegStreamParseHeader", self.handle, data.data_ptr(), data.numel(), self.header)
-                self.call("nvjpegDecodeBatchedSupported", self.handle, self.header, ctypes.byref(supported))
-            except NvjpegError:
-                return False
-        return supported.value == 0
-
-    def decode(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | None]:
-        """HxWx3 uint8 RGB images of contiguous 1-D uint8 CPU ``datas`` ((height, width) each in ``sizes``),
-        ordered on the current CUDA stream; None where nvjpeg refused the image."""
-        results: list[torch.Tensor | None] = [None] * len(datas)
         with self.lock, self._on_device():
-            stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+            return self.lanes[0].takes(data)
+
+    def decode(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | None | bool]:
+        """HxWx3 uint8 RGB images of contiguous 1-D uint8 CPU ``datas`` ((height, width) each in ``sizes``),
+        ordered on the current CUDA stream; None where nvjpeg refused the image, False where the engines
+        do not take it (see :meth:`takes`)."""
+        results: list[torch.Tensor | None | bool] = [None] * len(datas)
+        with self.lock:
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            jobs = []
             for part in parts(len(datas), len(self.lanes)):
                 lane = self.lanes[self.turn % len(self.lanes)]
                 self.turn += 1
-                try:
-                    decoded: list[torch.Tensor | None] = list(
-                        lane.submit([datas[i] for i in part], [sizes[i] for i in part], stream))
-                except NvjpegError:
-                    # one damaged file refuses its whole part: decode the part one image at a time
-                    lane.reset()
-                    decoded = [self._alone(datas[i], sizes[i], stream) for i in part]
-                for i, image in zip(part, decoded):
+                args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
+                jobs.append((part, self.threads.submit(lane.part, *args) if self.threads else lane.part(*args)))
+            for part, job in jobs:
+                for i, image in zip(part, job.result() if self.threads else job):
                     results[i] = image
         return results
-
-    def _alone(self, data: torch.Tensor, size: tuple[int, int], stream: int) -> torch.Tensor | None:
-        try:
-            (image,) = self.single.submit([data], [size], stream)
-            return image
-        except NvjpegError:
-            self.single.reset()
-            return None
 
 
 _decoders: dict[tuple[int, int], Decoder | str] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -51,8 +52,8 @@ class FakeNvjpeg:
         self.ids = iter(range(100, 10_000))
         self.initialised: list[tuple[int, int]] = []  # (state, batch size)
         self.destroyed: list[int] = []
-        self.submitted: list[int] = []  # part sizes, in order
-        self.header = b""
+        self.submitted: list[int] = []  # part sizes, in the order the lanes' threads submitted them
+        self.headers: dict[int, bytes] = {}  # what each header stream last parsed
 
     @staticmethod
     def _set(ref, value):
@@ -64,7 +65,7 @@ class FakeNvjpeg:
         return 0
 
     def nvjpegJpegStreamCreate(self, handle, stream):
-        self._set(stream, 2)
+        self._set(stream, next(self.ids))
         return 0
 
     def nvjpegJpegStateCreate(self, handle, state):
@@ -76,11 +77,11 @@ class FakeNvjpeg:
         return 0
 
     def nvjpegJpegStreamParseHeader(self, handle, data, length, stream):
-        self.header = ctypes.string_at(data, length)
-        return 0 if self.header[:2] == b"\xff\xd8" else self.BAD_JPEG
+        header = self.headers[stream.value] = ctypes.string_at(data, length)
+        return 0 if header[:2] == b"\xff\xd8" else self.BAD_JPEG
 
     def nvjpegDecodeBatchedSupported(self, handle, stream, supported):
-        self._set(supported, 1 if self.header[2] == 1 else 0)
+        self._set(supported, 1 if self.headers[stream.value][2] == 1 else 0)
         return 0
 
     def nvjpegDecodeBatchedInitialize(self, handle, state, batch, threads, output):
@@ -113,22 +114,54 @@ def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
         for image, result in zip(images, out):
             assert result.shape == (int(image[4]), int(image[5]), 3) and bool((result == image[3]).all())
     # two parts per batch (4 and 3 images) on two states, each initialised once for its size and then reused
-    assert lib.submitted == [4, 3] * 3
+    assert sorted(lib.submitted) == [3] * 3 + [4] * 3
     first, second = decoder.lanes
-    assert lib.initialised == [(first.state.value, 4), (second.state.value, 3)]
+    assert sorted(lib.initialised) == sorted([(first.state.value, 4), (second.state.value, 3)])
     _decode(decoder, images[:5])  # parts of 2 and 3: only the state that meets a new size is initialised again
-    assert lib.submitted[-2:] == [2, 3]
+    assert sorted(lib.submitted[-2:]) == [2, 3]
     assert lib.initialised[2:] == [(first.state.value, 2)]
 
 
-@pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 3, 2])])
+@pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 2, 3])])
 def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes)
     images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
     out = _decode(decoder, images)
-    assert lib.submitted == parts and len(decoder.lanes) == lanes
+    assert sorted(lib.submitted) == parts and len(decoder.lanes) == lanes
     assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(7)]
+
+
+def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
+    class Rendezvous(FakeNvjpeg):
+        """Lets a part through only once the other part is inside nvjpeg too."""
+
+        def __init__(self):
+            super().__init__()
+            self.barrier = threading.Barrier(2, timeout=10)
+            self.threads: set[str] = set()
+
+        def nvjpegDecodeBatched(self, *args):
+            self.threads.add(threading.current_thread().name)
+            self.barrier.wait()  # broken (and the test failed) if the parts came one after the other
+            return super().nvjpegDecodeBatched(*args)
+
+    lib = Rendezvous()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 2)
+    images = [_fake_jpeg(10 + i, 3, 4) for i in range(6)]
+    for _ in range(2):
+        assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10 + i for i in range(6)]
+    assert len(lib.threads) == 2 and threading.current_thread().name not in lib.threads
+
+
+def test_what_the_engines_do_not_take_comes_back_marked_and_the_rest_is_decoded():
+    lib = FakeNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    images = [_fake_jpeg(10 + i, 3, 4, flags=1 if i in (1, 4) else 0) for i in range(6)]
+    out = _decode(decoder, images)
+    assert out[1] is False and out[4] is False
+    assert [int(out[i][0, 0, 0]) for i in (0, 2, 3, 5)] == [10, 12, 13, 15]
+    assert sorted(lib.submitted) == [2, 2]  # only the images the engines take are submitted
 
 
 def test_decode_depth_gives_the_stage_its_lanes(monkeypatch):
@@ -173,27 +206,29 @@ def _tensor(data: bytes) -> torch.Tensor:
 
 
 class StubDecoder:
-    """Decodes on the CPU with Pillow, as HxWx3, and says which images it was given."""
+    """Decodes on the CPU with Pillow, as HxWx3, and says which images it was given: ``refuse`` comes
+    back None (nvjpeg refused it), ``skip`` False (the engines do not take it)."""
 
-    def __init__(self, refuse: bytes = b""):
+    def __init__(self, refuse: bytes = b"", skip: bytes = b""):
         self.seen: list[bytes] = []
-        self.refuse = refuse
-
-    def takes(self, data: torch.Tensor) -> bool:
-        return True
+        self.refuse, self.skip = refuse, skip
 
     def decode(self, datas, sizes):
         out = []
         for data in datas:
             raw = data.numpy().tobytes()
             self.seen.append(raw)
-            out.append(None if raw == self.refuse else torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()))
+            if raw in (self.refuse, self.skip):
+                out.append(None if raw == self.refuse else False)
+            else:
+                out.append(torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()))
         return out
 
 
 def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch):
     color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
-    stub = StubDecoder(refuse=refused)
+    skipped = _jpeg(8, 12, 4)
+    stub = StubDecoder(refuse=refused, skip=skipped)
     monkeypatch.setattr(nvjpeg, "decoder", lambda device, lanes=nvjpeg.LANES: stub)
     elsewhere: list[int] = []
 
@@ -202,15 +237,16 @@ def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_
         return [J._decode_on_cpu(d) for d in datas]
 
     monkeypatch.setattr(J, "_decode_on_gpu", torchvision)
-    datas = [_tensor(d) for d in (color, gray, progressive, refused)]
+    datas = [_tensor(d) for d in (color, gray, progressive, refused, skipped)]
     infos = [J.read_jpeg_info(d) for d in datas]
     out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
-    assert stub.seen == [color, refused]
-    assert sorted(elsewhere) == sorted([len(gray), len(progressive)])
+    assert stub.seen == [color, refused, skipped]
+    assert sorted(elsewhere) == sorted([len(gray), len(progressive), len(skipped)])
     # the engines' images come back as 3xHxW views of their interleaved pixels; a refusal as None
     assert out[0].shape == (3, 8, 12) and torch.equal(out[0], J._decode_on_cpu(datas[0]))
     assert out[3] is None
     assert out[1].shape == (3, 8, 12) and out[2].shape == (3, 8, 12)
+    assert torch.equal(out[4], J._decode_on_cpu(datas[4]))
 
 
 def test_where_nvjpeg_cannot_run_torchvision_decodes_and_says_so_once(monkeypatch, caplog):
