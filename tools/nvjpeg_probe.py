@@ -184,7 +184,7 @@ def host_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, report
             for tensor in tensors:
                 step(tensor)
             done += len(tensors)
-        report.append((name, f"host cost per batch of 64: {what}", "", f"{(time.perf_counter() - start) / done * 64:.3f} ms", ""))
+        report.append((name, f"host cost per batch of 64: {what}", "", f"{(time.perf_counter() - start) / done * 64 * 1000:.3f} ms", ""))
         print(" | ".join(report[-1]), flush=True)
 
 

@@ -247,14 +247,18 @@ class Decoder:
         results: list[torch.Tensor | None | bool] = [None] * len(datas)
         with self.lock:
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            cut = parts(len(datas), len(self.lanes))
+            # a batch of one part (a single image, say) is decoded on the caller's thread: handing it to a
+            # lane's thread costs more than it saves (on an H200, c=1 p50 3.34 ms against 2.77 on one lane)
+            threads = self.threads if len(cut) > 1 else None
             jobs = []
-            for part in parts(len(datas), len(self.lanes)):
+            for part in cut:
                 lane = self.lanes[self.turn % len(self.lanes)]
                 self.turn += 1
                 args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
-                jobs.append((part, self.threads.submit(lane.part, *args) if self.threads else lane.part(*args)))
+                jobs.append((part, threads.submit(lane.part, *args) if threads else lane.part(*args)))
             for part, job in jobs:
-                for i, image in zip(part, job.result() if self.threads else job):
+                for i, image in zip(part, job.result() if threads else job):
                     results[i] = image
         return results
 

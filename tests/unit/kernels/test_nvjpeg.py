@@ -154,6 +154,22 @@ def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
     assert len(lib.threads) == 2 and threading.current_thread().name not in lib.threads
 
 
+def test_a_batch_of_one_part_is_decoded_on_the_callers_thread():
+    class Where(FakeNvjpeg):
+        threads: list[str] = []
+
+        def nvjpegDecodeBatched(self, *args):
+            self.threads.append(threading.current_thread().name)
+            return super().nvjpegDecodeBatched(*args)
+
+    lib = Where()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 2)
+    for _ in range(3):
+        (image,) = _decode(decoder, [_fake_jpeg(42, 3, 4)])
+        assert int(image[0, 0, 0]) == 42
+    assert lib.threads == [threading.current_thread().name] * 3
+
+
 def test_what_the_engines_do_not_take_comes_back_marked_and_the_rest_is_decoded():
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
