@@ -275,26 +275,6 @@ def decoder_rows(name: str, corpus: list[bytes], batch: int, seconds: float, rep
         add(f"decode_jpeg_tensor, {label} + one-launch post", lambda decode=decode: new_post(decode()))
 
 
-def nvjpeg_share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
-    """tritonpipe's nvjpeg decoder on the engines with a share of each batch's bytes on nvjpeg's hybrid
-    backend meanwhile (``cuda_decoder_share`` with ``decoder=nvjpeg``: Huffman decoding on host threads),
-    + the one-launch post."""
-    from tritonpipe.kernels import jpeg, nvimgcodec
-
-    add = adder(name, batch, seconds, report)
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
-    next_bytes = cycler(tensors, batch)
-    device = torch.device("cuda", 0)
-    for share, threads in ((0.2, 4), (0.35, 8), (0.35, 16), (0.5, 16)):
-        settings = nvimgcodec.Settings(cpu_threads=threads)
-
-        def step(share=share, settings=settings):
-            images = jpeg.decode_jpeg_tensor(next_bytes(), device, gpu_decoder="nvjpeg", cuda_decoder_share=share, settings=settings)
-            return new_post(images)
-
-        add(f"nvjpeg decoder, cuda_decoder_share {share} on nvjpeg's hybrid backend, {threads} host threads + one-launch post", step)
-
-
 def share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
     """torchvision's decoder on the engines with a share of each batch's bytes on nvImageCodec's CUDA decoder
     meanwhile (``cuda_decoder_share``: Huffman decoding on host threads, one per core), + the one-launch post."""
@@ -408,7 +388,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
-    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,decoders,share,nvjpeg-share,launch",
+    parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,decoders,share,launch",
                         help="groups of rows to run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -429,8 +409,6 @@ def main() -> None:
             decoder_rows(name, corpus.images, args.batch, args.seconds, report)
         if "share" in groups:
             share_rows(name, corpus.images, args.batch, args.seconds, report)
-        if "nvjpeg-share" in groups:
-            nvjpeg_share_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali" in groups:
             dali_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali-decoder" in groups:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -391,38 +390,24 @@ def _side_executor() -> ThreadPoolExecutor:
 
 def _with_cuda_decoder_share(
     indices: list[int], datas: list[torch.Tensor], infos: list[JpegInfo | None], device: torch.device,
-    settings: nvimgcodec.Settings, share: float, decode_on_gpu, gpu_decoder: str = "torchvision",
+    settings: nvimgcodec.Settings, share: float, decode_on_gpu,
 ) -> list[tuple[int, torch.Tensor | None]]:
-    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which a CUDA decoder (Huffman
-    decoding on ``settings.cpu_threads`` host threads) decodes meanwhile on a thread of its own: nvjpeg's
-    hybrid backend beside ``gpu_decoder="nvjpeg"``, else nvImageCodec's; (index, image or None) pairs."""
+    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which nvImageCodec's CUDA
+    decoder decodes meanwhile on a thread of its own; (index, image or None) pairs."""
     if share <= 0:
         return list(zip(indices, decode_on_gpu(indices)))
     rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share)
     rest, side = [indices[p] for p in rest_positions], [indices[p] for p in side_positions]
     pending = None
     if side:
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        if gpu_decoder == "nvjpeg":
-            found = nvjpeg.host_decoder(device, settings.cpu_threads or os.cpu_count() or 1)
-            if isinstance(found, str):
-                _warn_once(f"cuda_decoder_share cannot run here ({found}); the engines decode the whole batch")
-                rest, side = indices, []
-            else:
-                sizes = [(infos[i].height, infos[i].width) for i in side]
-                pending = _side_executor().submit(found.decode, [datas[i].contiguous() for i in side], sizes, stream)
-        else:
-            side_settings = dataclasses.replace(settings, hw_load=0.0, threads=1)
-            pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream.cuda_stream, side_settings)
+        side_settings = dataclasses.replace(settings, hw_load=0.0, threads=1)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, side_settings)
     try:
         decoded = list(zip(rest, decode_on_gpu(rest))) if rest else []
     finally:
         side_images = pending.result() if pending is not None else []
-    if gpu_decoder == "nvjpeg":
-        side_tensors = [None if image is None else image.permute(2, 0, 1) for image in side_images]
-    else:
-        side_tensors = _as_tensors(side_images, [infos[i] for i in side])
-    return decoded + list(zip(side, side_tensors))
+    return decoded + list(zip(side, _as_tensors(side_images, [infos[i] for i in side])))
 
 
 def decode_jpeg_tensor(
@@ -441,9 +426,8 @@ def decode_jpeg_tensor(
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
     (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight), nvImageCodec (with ``settings``) or
-    DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to a CUDA decoder
-    (Huffman decoding on host threads, ``settings.cpu_threads`` of them: nvjpeg's hybrid backend with
-    ``gpu_decoder="nvjpeg"``, else nvImageCodec's), on a thread of its own,
+    DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
+    (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.
     """
@@ -477,8 +461,7 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
-            decoded = _with_cuda_decoder_share(
-                on_gpu, datas, infos, device, settings, cuda_decoder_share, decode_on_gpu, gpu_decoder)
+            decoded = _with_cuda_decoder_share(on_gpu, datas, infos, device, settings, cuda_decoder_share, decode_on_gpu)
             for i, image in decoded:
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient

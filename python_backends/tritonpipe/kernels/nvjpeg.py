@@ -37,7 +37,7 @@ import torch
 
 #: states per decoder: a batch is cut into this many parts in flight at once
 LANES = 2
-_BACKEND_HYBRID, _BACKEND_HARDWARE = 1, 3  # nvjpegBackend_t
+_BACKEND_HARDWARE = 3  # nvjpegBackend_t
 _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
@@ -99,7 +99,6 @@ def library() -> ctypes.CDLL | str:
             "nvjpegDecodeBatchedSupported": [void, void, ctypes.POINTER(integer)],
             "nvjpegDecodeBatchedInitialize": [void, void, integer, integer, integer],
             "nvjpegDecodeBatched": [void, void, void, void, void, void],
-            "nvjpegDecode": [void, void, void, size, integer, void, void],
         }
         try:
             for name, argtypes in declared.items():
@@ -229,10 +228,12 @@ class Decoder:
         self.turn = 0
 
     def call(self, name: str, *args) -> None:
-        _call(self.lib, name, *args)
+        status = getattr(self.lib, name)(*args)
+        if status != 0:
+            raise NvjpegError(name, status)
 
     def _on_device(self):
-        return _on(self.device)
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def takes(self, data: torch.Tensor) -> bool:
         """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""
@@ -260,111 +261,6 @@ class Decoder:
                 for i, image in zip(part, job.result() if threads else job):
                     results[i] = image
         return results
-
-
-class HostDecoder:
-    """nvjpeg's hybrid backend on host threads: each image's Huffman decoding on a host thread, its IDCT and
-    colour conversion on the GPU, one state and CUDA stream per thread.  It is what DALI calls its CUDA
-    decoder: it decodes a share of a batch while the engines decode the rest, so that the engines are not
-    the only path.
-
-    Args:
-        lib: libnvjpeg (or a stand-in with the same calls).
-        device: where the images go.
-        threads: host threads, each decoding one image at a time.
-    """
-
-    def __init__(self, lib, device: torch.device, threads: int):
-        self.lib, self.device = lib, torch.device(device)
-        self.handle = ctypes.c_void_p()
-        with _on(self.device):
-            _call(lib, "nvjpegCreateEx", _BACKEND_HYBRID, None, None, 0, ctypes.byref(self.handle))
-        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="nvjpeg-host")
-        self.local = threading.local()
-
-    def _own(self) -> tuple[ctypes.c_void_p, torch.cuda.Stream | None]:
-        """This thread's decoder state and CUDA stream, made on its first image."""
-        if not hasattr(self.local, "state"):
-            self.local.state = ctypes.c_void_p()
-            _call(self.lib, "nvjpegJpegStateCreate", self.handle, ctypes.byref(self.local.state))
-            self.local.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        return self.local.state, self.local.stream
-
-    def _one(self, data: torch.Tensor, out: torch.Tensor, start) -> torch.cuda.Event | bool | None:
-        """Decode into ``out`` once ``start`` (an event of the caller's stream) is reached; the event that marks
-        the decode done (True off CUDA), or None where nvjpeg refused the image."""
-        with _on(self.device):
-            state, stream = self._own()
-            if stream is not None:
-                stream.wait_event(start)
-            image = Image()
-            image.channel[0], image.pitch[0] = out.data_ptr(), out.shape[1] * 3
-            try:
-                _call(self.lib, "nvjpegDecode", self.handle, state, data.data_ptr(), data.numel(), _OUTPUT_RGBI,
-                      ctypes.byref(image), stream.cuda_stream if stream is not None else 0)
-            except NvjpegError:
-                # a fresh state: nvjpeg may leave the old one unusable
-                with contextlib.suppress(NvjpegError):
-                    _call(self.lib, "nvjpegJpegStateDestroy", state)
-                del self.local.state
-                return None
-            if stream is None:
-                return True
-            done = torch.cuda.Event()
-            done.record(stream)
-            return done
-
-    def decode(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
-               stream: torch.cuda.Stream | None = None) -> list[torch.Tensor | None]:
-        """HxWx3 uint8 RGB images of contiguous 1-D uint8 CPU ``datas``, ordered on ``stream`` (the current
-        CUDA stream where None); None where nvjpeg refused the image."""
-        caller = (stream or torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else None
-        with torch.cuda.stream(caller) if caller is not None else contextlib.nullcontext():
-            outputs = [torch.empty((h, w, 3), dtype=torch.uint8, device=self.device) for h, w in sizes]
-        start = caller.record_event() if caller is not None else None
-        jobs = [self.threads.submit(self._one, data, out, start) for data, out in zip(datas, outputs)]
-        results: list[torch.Tensor | None] = []
-        for out, job in zip(outputs, jobs):
-            done = job.result()
-            if done is None:
-                results.append(None)
-                continue
-            if caller is not None:
-                caller.wait_event(done)
-            results.append(out)
-        return results
-
-
-def _call(lib, name: str, *args) -> None:
-    status = getattr(lib, name)(*args)
-    if status != 0:
-        raise NvjpegError(name, status)
-
-
-def _on(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-_host_decoders: dict[tuple[int, int], HostDecoder | str] = {}
-
-
-def host_decoder(device: torch.device, threads: int) -> HostDecoder | str:
-    """The hybrid-backend decoder of a CUDA device on ``threads`` host threads, made once per process, or why
-    there is none."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _decoders_lock:
-        found = _host_decoders.get((index, threads))
-        if found is None:
-            lib = library()
-            if isinstance(lib, str):
-                found = lib
-            else:
-                try:
-                    found = HostDecoder(lib, torch.device("cuda", index), threads)
-                except NvjpegError as exc:
-                    found = f"nvjpeg's hybrid decoder could not start: {exc}"
-            _host_decoders[(index, threads)] = found
-        return found
 
 
 _decoders: dict[tuple[int, int], Decoder | str] = {}

@@ -153,14 +153,12 @@ class DecodeTensor(Stage):
         ),
         "cuda_decoder_share": Param(
             float, 0.0, low=0.0, high=1.0,
-            doc="share of each batch's bytes (the largest images) that a CUDA decoder (Huffman decoding on host threads) takes "
-                "while the decoder above decodes the rest, so that the hardware engines and the host work at once: nvjpeg's "
-                "hybrid backend with decoder=nvjpeg, else nvImageCodec's (which it then needs)",
+            doc="share of each batch's bytes that nvImageCodec's CUDA decoder takes, on a thread of its own, while the "
+                "decoder above decodes the rest (the hardware engines and the CUDA decoder at once); needs nvImageCodec",
         ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,
-            doc="host threads of each nvImageCodec decoder, of DALI, or of nvjpeg's hybrid backend under cuda_decoder_share "
-                "(parsing, Huffman decoding); 0: one per core",
+            doc="host threads of each nvImageCodec decoder, or of DALI (parsing, Huffman decoding); 0: one per core",
         ),
         "fancy_upsampling": Param(
             bool, False,
@@ -205,8 +203,7 @@ class DecodeTensor(Stage):
             if why is not None:
                 raise ConfigError(f"DecodeTensor(decoder=nvjpeg): {why}; choose decoder=torchvision")
         self.cuda_decoder_share = params["cuda_decoder_share"]
-        share_needs_nvimgcodec = self.cuda_decoder_share > 0 and self.decoder != "nvjpeg"
-        if (self.decoder == "nvimgcodec" or share_needs_nvimgcodec) and not nvimgcodec.available():
+        if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
             raise ConfigError(
                 f"DecodeTensor({wants}) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
@@ -249,12 +246,11 @@ class DecodeTensor(Stage):
                 raise ConfigError(
                     f"DecodeTensor: {key} tunes {users}, which this stage does not use; set {users} or leave it out"
                 )
-        uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or (
-            params["cuda_decoder_share"] > 0 and params["decoder"] != "nvjpeg")
+        uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or params["cuda_decoder_share"] > 0
         if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
             raise ConfigError(
                 "DecodeTensor: hybrid_huffman_threshold tunes the CUDA decoder of nvImageCodec or DALI, which this stage does not use; "
-                "set decoder=nvimgcodec, or a cuda_decoder_share above 0 with a decoder other than nvjpeg, or leave the key out"
+                "set decoder=nvimgcodec or a cuda_decoder_share above 0, or leave the key out"
             )
 
     @classmethod

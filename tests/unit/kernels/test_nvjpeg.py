@@ -60,8 +60,8 @@ class FakeNvjpeg:
         ref._obj.value = value
 
     def nvjpegCreateEx(self, backend, dev_allocator, pinned_allocator, flags, handle):
-        assert backend in (1, 3), "the hybrid or the hardware backend"
-        self._set(handle, backend)
+        assert backend == 3, "the hardware backend"
+        self._set(handle, 1)
         return 0
 
     def nvjpegJpegStreamCreate(self, handle, stream):
@@ -101,17 +101,6 @@ class FakeNvjpeg:
         return 0
 
 
-    def nvjpegDecode(self, handle, state, data, length, output, image, stream):
-        assert handle.value == 1 and output == 5, "the hybrid backend, interleaved RGB"
-        data = ctypes.string_at(data, length)
-        if data[2] == 2:
-            return self.BAD_JPEG
-        image = image._obj
-        assert image.pitch[0] == data[5] * 3
-        ctypes.memset(image.channel[0], data[3], data[4] * data[5] * 3)
-        return 0
-
-
 def _decode(decoder, images):
     return decoder.decode(images, [(int(i[4]), int(i[5])) for i in images])
 
@@ -131,62 +120,6 @@ def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
     _decode(decoder, images[:5])  # parts of 2 and 3: only the state that meets a new size is initialised again
     assert sorted(lib.submitted[-2:]) == [2, 3]
     assert lib.initialised[2:] == [(first.state.value, 2)]
-
-
-def test_the_host_decoder_decodes_each_image_on_its_threads_and_a_refusal_alone():
-    class Where(FakeNvjpeg):
-        def __init__(self):
-            super().__init__()
-            self.threads: set[str] = set()
-            self.states: set[int] = set()
-
-        def nvjpegDecode(self, handle, state, *args):
-            self.threads.add(threading.current_thread().name)
-            self.states.add(state.value)
-            return super().nvjpegDecode(handle, state, *args)
-
-    lib = Where()
-    decoder = nvjpeg.HostDecoder(lib, torch.device("cpu"), 3)
-    images = [_fake_jpeg(10 + i, 2 + i, 3, flags=2 if i == 4 else 0) for i in range(9)]
-    for _ in range(2):
-        out = _decode(decoder, images)
-        assert out[4] is None
-        for i in (0, 1, 2, 3, 5, 6, 7, 8):
-            assert out[i].shape == (2 + i, 3, 3) and bool((out[i] == 10 + i).all())
-    assert lib.threads and all(name.startswith("nvjpeg-host") for name in lib.threads)
-    assert len(lib.destroyed) == 2  # the state that met the damaged file, once per batch, is replaced
-    assert len(lib.states) <= 3 + 2  # one state per thread, and the replacements
-
-
-def test_with_decoder_nvjpeg_the_cuda_decoder_share_goes_to_nvjpegs_hybrid_backend(monkeypatch):
-    class Stub:
-        def __init__(self):
-            self.got: list[int] = []
-
-        def decode(self, datas, sizes, stream=None):
-            self.got += [d.numel() for d in datas]
-            return [torch.full((h, w, 3), 7, dtype=torch.uint8) for h, w in sizes]
-
-    stub = Stub()
-    asked = []
-    monkeypatch.setattr(nvjpeg, "host_decoder", lambda device, threads: asked.append(threads) or stub)
-    datas = [_tensor(_jpeg(8 + 8 * i, 12, i)) for i in range(6)]
-    infos = [J.read_jpeg_info(d) for d in datas]
-    engines: list[int] = []
-
-    def on_engines(indices):
-        engines.extend(indices)
-        return [torch.zeros((3, infos[i].height, infos[i].width), dtype=torch.uint8) for i in indices]
-
-    settings = J.nvimgcodec.Settings(cpu_threads=2)
-    out = dict(J._with_cuda_decoder_share(list(range(6)), datas, infos, torch.device("cpu"), settings, 0.4, on_engines, "nvjpeg"))
-    side = sorted(set(range(6)) - set(engines))
-    # the largest images that fit in 40% of the bytes went to the host decoder, on 2 threads; the rest to the engines
-    assert side and sum(datas[i].numel() for i in side) <= 0.4 * sum(d.numel() for d in datas)
-    assert side == J.split_by_bytes([d.numel() for d in datas], 0.4)[1] and max(map(len, datas)) in [len(datas[i]) for i in side]
-    assert sorted(stub.got) == sorted(datas[i].numel() for i in side) and asked == [2]
-    for i in range(6):
-        assert out[i].shape == (3, infos[i].height, 12) and int(out[i][0, 0, 0]) == (7 if i in side else 0)
 
 
 @pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 2, 3])])
@@ -354,18 +287,6 @@ def test_a_gpu_stage_that_cannot_have_it_is_refused_at_load(monkeypatch):
     build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg"}).entry.tree, "cpu")
 
 
-def test_with_decoder_nvjpeg_a_cuda_decoder_share_needs_no_nvimgcodec(monkeypatch):
-    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: None)
-    monkeypatch.setattr(J.nvimgcodec, "available", lambda: False)
-    keys = {"backend": "DecodeTensor", "cuda_decoder_share": 0.3}
-    stage = build_stage(load_graph({**keys, "decoder": "nvjpeg"}).entry.tree, "cuda")
-    assert stage.cuda_decoder_share == 0.3
-    with pytest.raises(ConfigError, match=r"DecodeTensor\(cuda_decoder_share\) needs nvImageCodec"):
-        build_stage(load_graph(keys).entry.tree, "cuda")
-    with pytest.raises(ConfigError, match="hybrid_huffman_threshold tunes"):
-        build_stage(load_graph({**keys, "decoder": "nvjpeg", "hybrid_huffman_threshold": 5}).entry.tree, "cuda")
-
-
 # --- on a GPU with JPEG engines -------------------------------------------------------------
 
 on_gpu = [
@@ -435,23 +356,3 @@ def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_pl
         assert isinstance(results[index], DecodeError) or tuple(results[index].shape) == (3, 120, 160)
     again = J.decode_jpeg_tensor([_tensor(d) for d in goods], torch.device("cuda"), gpu_decoder="nvjpeg")
     assert all(torch.equal(a, b) for a, b in zip(again, reference))  # the decoder still works afterwards
-
-
-@_on_gpu
-def test_a_cuda_decoder_share_on_nvjpegs_hybrid_backend_decodes_as_torchvision_does():
-    _engines()
-    sizes = [(48, 64), (37, 53), (120, 90), (16, 16), (200, 150)]
-    batch = [_jpeg(*sizes[i % 5], i, subsampling=i % 3) for i in range(10)]
-    batch[3] = _damaged(_jpeg(120, 160, 13), "noise")
-    datas = [_tensor(d) for d in batch]
-    settings = J.nvimgcodec.Settings(cpu_threads=3)
-    for _ in range(2):  # the threads' states are reused
-        ours = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg", cuda_decoder_share=0.5, settings=settings)
-        theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            if index == 3:
-                # a damaged scan: refused, or decoded with errors at its own size, whichever decoder met it
-                assert isinstance(a, DecodeError) or tuple(a.shape) == (3, 120, 160)
-                continue
-            assert a.shape == b.shape
-            assert (a.int() - b.int()).abs().max().item() <= J.DECODER_TOLERANCE["cuda"]["max_abs"]
