@@ -144,8 +144,9 @@ class DecodeTensor(Stage):
         ),
         "decode_depth": Param(
             int, dali_decode.DEPTH, low=1, high=8,
-            doc="with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, submitted "
-                "to the engines one after the other without the host waiting (1: the whole batch in one submission)",
+            doc="with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, each parsed "
+                "and submitted to the engines on a host thread of its own, without waiting for the engines (1: the whole "
+                "batch in one submission, on the model's thread)",
         ),
         "decode_threads": Param(
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
