@@ -8,7 +8,8 @@ CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchv
 
 usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host]
 
-``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), and nvjpeg's two other
+``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
+memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
 backends (Huffman decoding on the host, or on the SMs) alone and beside the engines on a share of each batch;
 ``host`` rows time the header checks a batch costs the host.
 
@@ -206,12 +207,20 @@ def lane_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: 
         print(" | ".join(report[-1]), flush=True)
 
     decoders = {lanes: nvjpeg.Decoder(nv.lib, torch.device("cuda"), lanes) for lanes in (1, 2, 3, 4)}
-    for lanes, decoder in decoders.items():
+    unpooled = {lanes: nvjpeg.Decoder(nv.lib, torch.device("cuda"), lanes, pool=False) for lanes in (1, 2)}
+    engines = decoders[1].engines
+    report.append((name, "hardware JPEG engines x cores per engine (nvjpegGetHardwareDecoderInfo)",
+                   "not reported" if engines is None else f"{engines[0]} x {engines[1]}", "", ""))
+    print(" | ".join(report[-1]), flush=True)
+    rows_to_run = [(f"{lanes} lane{'s' * (lanes > 1)} (a host thread each), "
+                    f"{'memory pool' if decoder.lanes[0].pooled else 'no memory pool'}", decoder) for lanes, decoder in decoders.items()]
+    rows_to_run += [(f"{lanes} lane{'s' * (lanes > 1)}, memory pool not asked for", decoder) for lanes, decoder in unpooled.items()]
+    for label, decoder in rows_to_run:
         def step(decoder=decoder):
             chosen = picks()
             decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
 
-        add(f"tritonpipe's nvjpeg decoder, {lanes} lane{'s' * (lanes > 1)} (a host thread each)", step)
+        add(f"tritonpipe's nvjpeg decoder, {label}", step)
     for backend in (BACKEND_GPU_HYBRID, BACKEND_HYBRID):
         try:
             other = Nvjpeg(backend)

@@ -39,6 +39,7 @@ import torch
 LANES = 2
 _BACKEND_HARDWARE = 3  # nvjpegBackend_t
 _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
+_CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
 
@@ -100,6 +101,14 @@ def library() -> ctypes.CDLL | str:
             "nvjpegDecodeBatchedInitialize": [void, void, integer, integer, integer],
             "nvjpegDecodeBatched": [void, void, void, void, void, void],
         }
+        optional = {  # newer libraries' calls, used where present
+            "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
+            "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
+        }
+        for name, argtypes in optional.items():
+            if hasattr(lib, name):
+                function = getattr(lib, name)
+                function.argtypes, function.restype = argtypes, integer
         try:
             for name, argtypes in declared.items():
                 function = getattr(lib, name)
@@ -121,9 +130,22 @@ class _Lane:
         decoder.call("nvjpegJpegStateCreate", decoder.handle, ctypes.byref(self.state))
         self.header = ctypes.c_void_p()
         decoder.call("nvjpegJpegStreamCreate", decoder.handle, ctypes.byref(self.header))
+        self.pooled = self.pool()
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
+
+    def pool(self) -> bool:
+        """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
+        hardware decoder does, for its speed), where the library has the call and the decoder wants it."""
+        decoder = self.decoder
+        if not decoder.pooling or not hasattr(decoder.lib, "nvjpegDecodeBatchedPreAllocate"):
+            return False
+        try:
+            decoder.call("nvjpegDecodeBatchedPreAllocate", decoder.handle, self.state, 1, 1, 1, _CSS_444, _OUTPUT_RGBI)
+        except NvjpegError:
+            return False  # an optimisation only: the state decodes without it
+        return True
 
     def takes(self, data: torch.Tensor) -> bool:
         """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""
@@ -148,6 +170,7 @@ class _Lane:
             self.decoder.call("nvjpegJpegStateDestroy", self.state)
         self.state = ctypes.c_void_p()
         self.decoder.call("nvjpegJpegStateCreate", self.decoder.handle, ctypes.byref(self.state))
+        self.pooled = self.pool()
         self.size = None
 
     def submit(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor]:
@@ -215,14 +238,17 @@ class Decoder:
         lib: libnvjpeg (or a stand-in with the same calls).
         device: where the images go.
         lanes: parts of a batch in flight at once.
+        pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``) where
+            the library has the call.
     """
 
-    def __init__(self, lib, device: torch.device, lanes: int = LANES):
-        self.lib, self.device = lib, torch.device(device)
+    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True):
+        self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
             self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
+            self.engines = self._engines()
             self.lanes = [_Lane(self) for _ in range(lanes)]
         self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
@@ -234,6 +260,17 @@ class Decoder:
 
     def _on_device(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _engines(self) -> tuple[int, int] | None:
+        """(hardware JPEG engines, cores per engine), where the library says."""
+        if not hasattr(self.lib, "nvjpegGetHardwareDecoderInfo"):
+            return None
+        engines, cores = ctypes.c_uint(0), ctypes.c_uint(0)
+        try:
+            self.call("nvjpegGetHardwareDecoderInfo", self.handle, ctypes.byref(engines), ctypes.byref(cores))
+        except NvjpegError:
+            return None
+        return engines.value, cores.value
 
     def takes(self, data: torch.Tensor) -> bool:
         """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""

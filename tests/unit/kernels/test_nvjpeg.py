@@ -170,6 +170,49 @@ def test_a_batch_of_one_part_is_decoded_on_the_callers_thread():
     assert lib.threads == [threading.current_thread().name] * 3
 
 
+class PoolingNvjpeg(FakeNvjpeg):
+    """A newer library: it has the memory-pool and hardware-info calls."""
+
+    def __init__(self, pool_status: int = 0):
+        super().__init__()
+        self.pooled: list[tuple] = []
+        self.pool_status = pool_status
+
+    def nvjpegDecodeBatchedPreAllocate(self, handle, state, batch, width, height, subsampling, output):
+        self.pooled.append((state.value, batch, width, height, subsampling, output))
+        return self.pool_status
+
+    def nvjpegGetHardwareDecoderInfo(self, handle, engines, cores):
+        self._set(engines, 7)
+        self._set(cores, 5)
+        return 0
+
+
+def test_each_state_asks_for_nvjpegs_memory_pool_where_the_library_has_the_call():
+    lib = PoolingNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    states = [lane.state.value for lane in decoder.lanes]
+    assert [entry[0] for entry in lib.pooled] == states and all(entry[1:] == (1, 1, 1, 0, 5) for entry in lib.pooled)
+    assert all(lane.pooled for lane in decoder.lanes) and decoder.engines == (7, 5)
+    images = [_fake_jpeg(10 + i, 4, 5) for i in range(4)]
+    images[1] = _fake_jpeg(99, 4, 5, flags=2)  # its part's state is replaced, and the new one pooled too
+    _decode(decoder, images)
+    assert len(lib.pooled) == len(states) + len(lib.destroyed) and lib.pooled[-1][0] not in states
+    # without the call (an older library), or asked not to, the decoder runs as before
+    assert not any(lane.pooled for lane in nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).lanes)
+    assert nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).engines is None
+    quiet = PoolingNvjpeg()
+    assert not any(lane.pooled for lane in nvjpeg.Decoder(quiet, torch.device("cpu"), pool=False).lanes) and not quiet.pooled
+
+
+def test_a_library_that_refuses_the_pool_still_decodes():
+    lib = PoolingNvjpeg(pool_status=FakeNvjpeg.BAD_JPEG)
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    assert lib.pooled and not any(lane.pooled for lane in decoder.lanes)
+    out = _decode(decoder, [_fake_jpeg(10 + i, 3, 4) for i in range(3)])
+    assert [int(image[0, 0, 0]) for image in out] == [10, 11, 12]
+
+
 def test_what_the_engines_do_not_take_comes_back_marked_and_the_rest_is_decoded():
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
