@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -294,8 +295,13 @@ class Decoder:
                 self.turn += 1
                 args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
                 jobs.append((part, threads.submit(lane.part, *args) if threads else lane.part(*args)))
-            for part, job in jobs:
-                for i, image in zip(part, job.result() if threads else job):
+            if threads:
+                # every lane's part is finished before the lock is let go, even where one of them failed:
+                # a lane still at work must not be handed the next batch's part
+                futures.wait([job for _, job in jobs])
+                jobs = [(part, job.result()) for part, job in jobs]
+            for part, images in jobs:
+                for i, image in zip(part, images):
                     results[i] = image
         return results
 

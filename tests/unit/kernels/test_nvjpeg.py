@@ -12,6 +12,7 @@ import ctypes
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -152,6 +153,35 @@ def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
     for _ in range(2):
         assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10 + i for i in range(6)]
     assert len(lib.threads) == 2 and threading.current_thread().name not in lib.threads
+
+
+def test_a_part_that_fails_outright_fails_the_call_only_once_every_lane_is_done():
+    class Broken(FakeNvjpeg):
+        """The first part's header check fails with an error nvjpeg never returns; the second part is slow."""
+
+        def __init__(self):
+            super().__init__()
+            self.finished: list[int] = []
+
+        def nvjpegJpegStreamParseHeader(self, handle, data, length, stream):
+            value = ctypes.string_at(data, length)[3]
+            if value == 10:
+                raise MemoryError("out of host memory")
+            return super().nvjpegJpegStreamParseHeader(handle, data, length, stream)
+
+        def nvjpegDecodeBatched(self, *args):
+            time.sleep(0.2)
+            status = super().nvjpegDecodeBatched(*args)
+            self.finished.append(len(self.submitted))
+            return status
+
+    lib = Broken()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 2)
+    with pytest.raises(MemoryError):
+        _decode(decoder, [_fake_jpeg(10 + i, 3, 4) for i in range(4)])
+    assert lib.finished == [1]  # the other lane's part had finished when the call failed
+    out = _decode(decoder, [_fake_jpeg(20 + i, 3, 4) for i in range(4)])
+    assert [int(image[0, 0, 0]) for image in out] == [20, 21, 22, 23]
 
 
 def test_a_batch_of_one_part_is_decoded_on_the_callers_thread():
