@@ -23,6 +23,10 @@ PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 PARAM_CORES = "tritonpipe.cores"
 PARAM_OVERLAP = "tritonpipe.overlap"
+PARAM_GPU_WAIT = "tritonpipe.gpu_wait"
+
+#: how a GPU instance waits for its batch's GPU work: see :func:`tritonpipe.model.runtime.wait_for_gpu`
+GPU_WAITS = ("spin", "yield", "block")
 
 #: Triton's readiness endpoint: the server owner waits on it and the Kubernetes probes ask it
 READY_PATH = "/v2/health/ready"
@@ -104,6 +108,7 @@ class ModelParams:
         cores: the threads and cores of each CPU instance; None: the instance decides.
         overlap: keep two batches in flight in each instance, the chain's last step and the
             answers of one on a thread of their own while the steps before it take the next.
+        gpu_wait: how a GPU instance waits for its batch's GPU work, one of :data:`GPU_WAITS`.
     """
 
     pipeline: str
@@ -115,6 +120,7 @@ class ModelParams:
     execution_timeout: float = 0.0
     cores: CpuCores | None = None
     overlap: bool = False
+    gpu_wait: str = "spin"
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -135,6 +141,8 @@ class ModelParams:
             params[PARAM_CORES] = self.cores.encode()
         if self.overlap:
             params[PARAM_OVERLAP] = "yes"
+        if self.gpu_wait != "spin":
+            params[PARAM_GPU_WAIT] = self.gpu_wait
         return params
 
     @classmethod
@@ -157,6 +165,9 @@ class ModelParams:
                 f"parameter {PARAM_EXECUTION_TIMEOUT!r} must be a number of seconds, "
                 f"got {params[PARAM_EXECUTION_TIMEOUT]!r}"
             ) from None
+        gpu_wait = params.get(PARAM_GPU_WAIT, "spin")
+        if gpu_wait not in GPU_WAITS:
+            raise ConfigError(f"parameter {PARAM_GPU_WAIT!r} must be one of {', '.join(GPU_WAITS)}, got {gpu_wait!r}")
         return cls(
             pipeline=pipeline,
             inputs=inputs,
@@ -167,6 +178,7 @@ class ModelParams:
             execution_timeout=execution_timeout,
             cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
             overlap=params.get(PARAM_OVERLAP) == "yes",
+            gpu_wait=gpu_wait,
         )
 
     @classmethod

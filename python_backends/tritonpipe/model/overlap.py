@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, wait_for_gpu
 
 log = logging.getLogger("tritonpipe")
 
@@ -167,11 +167,13 @@ class Overlap:
                 def tail() -> tuple[Results, float, float]:
                     self.runtime.run_tail(flight.items)
                     chained = time.perf_counter()
+                    if self.tail_stream is not None and self.runtime.gpu_wait != "spin":
+                        wait_for_gpu(self.tail_stream, self.runtime.gpu_wait)  # before the outputs' copy spins for it
                     return self.runtime.responses(flight.items), chained, time.perf_counter()
 
                 results, chained, built = self._timed(flight, tail)
                 if self.tail_stream is not None:
-                    self.tail_stream.synchronize()
+                    wait_for_gpu(self.tail_stream, self.runtime.gpu_wait)
                 synchronized = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - one error for every request of the batch
             return exc, None

@@ -8,6 +8,7 @@ Triton or tritonclient.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,23 @@ RESERVE_FACTOR = 4
 SMALL_BLOCK = 1 << 20
 #: item key holding how many rows the request brought, so each response is checked to carry as many
 REQUEST_ROWS = "tritonpipe.request_rows"
+
+
+def wait_for_gpu(stream, how: str = "spin") -> None:
+    """Wait until the work queued on ``stream`` (a torch CUDA stream) is done, as ``how`` says:
+    ``spin`` is CUDA's own wait (the thread keeps its core busy); ``yield`` polls an event and gives the
+    core to other threads (and the GIL to this process's) between polls; ``block`` sleeps on an event the
+    GPU signals.  Spinning answers soonest; the other two leave the cores to the other instances' stubs."""
+    if how == "spin":
+        stream.synchronize()
+        return
+    done = torch.cuda.Event(blocking=how == "block")
+    done.record(stream)
+    if how == "block":
+        done.synchronize()
+        return
+    while not done.query():
+        os.sched_yield()  # lets the GIL go too
 
 
 def pick_device(kind: str, index: int = 0, *, strict: bool = False) -> torch.device:
@@ -98,6 +116,7 @@ class ModelRuntime:
         self.host_outputs = params.host_outputs
         self.execution_timeout = params.execution_timeout
         self.overlap = params.overlap
+        self.gpu_wait = params.gpu_wait
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         self.last_stage = _last_leaf(self.root).name

@@ -27,7 +27,7 @@ from ..stages.control import set_stage_sink
 from .fanout import FanOut, bls_call
 from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
 from .overlap import Flight, Overlap, Results, TailTimes
-from .runtime import ModelRuntime, Watchdog, pick_device
+from .runtime import ModelRuntime, Watchdog, pick_device, wait_for_gpu
 
 log = logging.getLogger("tritonpipe")
 
@@ -173,14 +173,19 @@ class TritonPythonModel:
                 if self.events is not None:
                     self.events[1].record()
                 chained = time.perf_counter()
+                waited = 0.0
+                if self.stream is not None and self.runtime.gpu_wait != "spin":
+                    # wait for the chain before the outputs' copy to the host, which would spin for it
+                    wait_for_gpu(self.stream, self.runtime.gpu_wait)
+                    waited = time.perf_counter() - chained
                 results = self.runtime.responses(items)
             built = time.perf_counter()
             if self.stream is not None:
                 # one synchronisation per batch, after the whole chain
-                self.stream.synchronize()
+                wait_for_gpu(self.stream, self.runtime.gpu_wait)
             synchronized = time.perf_counter()
             responses = [self._respond(result) for result in results]
-            self._record_steps(len(requests), (read - started, built - chained, synchronized - built,
+            self._record_steps(len(requests), (read - started, built - chained - waited, synchronized - built + waited,
                                                time.perf_counter() - synchronized))
             return responses
 

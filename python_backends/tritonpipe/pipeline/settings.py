@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..contract import parse_warmup
+from ..contract import GPU_WAITS, parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages.base import Param
@@ -141,6 +141,12 @@ class NodeSettings:
         doc="two batches in flight per instance: execute runs the steps before the last one, and a thread of the "
         "instance's own runs the last step (the model) and sends the answers while execute takes the next batch; "
         "a GPU model whose outputs feed another model keeps one batch at a time",
+    ))
+    gpu_wait: str = setting(Param(
+        str, "spin", choices=GPU_WAITS,
+        doc="how a GPU instance waits for its batch's GPU work before it answers: spin (CUDA's default: the waiting "
+        "thread keeps its core busy), yield (it polls and gives the core to other threads between polls) or block "
+        "(it sleeps until the GPU signals); the last two leave the cores to other instances under load",
     ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(

@@ -271,3 +271,83 @@ def test_overlapping_streams_give_the_chains_own_results(tmp_path):
             assert list(got[index]) == list(expected)
             for name, tensor in expected.items():
                 torch.testing.assert_close(got[index][name], tensor)
+
+
+# --- how an instance waits for the GPU (the gpu_wait key) ----------------------------------
+
+
+def test_gpu_wait_reaches_gpu_models_only_and_a_bad_value_is_refused_before_writing(tmp_path, tiny_onnx):
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx, gpu_wait="yield"), name="cls"), "gpu")
+    assert configs["cls"].parameters["tritonpipe.gpu_wait"].string_value == "yield"
+    assert runtime_for(tmp_path / "yield", tiny_onnx, warmup="off", gpu_wait="yield").gpu_wait == "yield"
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx, gpu_wait="block"), name="cls"), "cpu")
+    assert "tritonpipe.gpu_wait" not in configs["cls"].parameters  # a CPU instance never waits for a GPU
+    _, configs, _ = build_repository(load_graph(chain(tiny_onnx), name="cls"), "gpu")
+    assert "tritonpipe.gpu_wait" not in configs["cls"].parameters  # spin, CUDA's own wait, unless asked
+    with pytest.raises(ConfigError, match="gpu_wait"):
+        generate_repository(load_graph(chain(tiny_onnx, gpu_wait="sleep")), tmp_path / "repo", device="gpu")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_config_with_an_unknown_gpu_wait_is_refused_at_load():
+    from tritonpipe.contract import ModelParams
+
+    params = ModelParams("DecodeTensor", {}, {}, gpu_wait="block").encode()
+    assert ModelParams.decode(params).gpu_wait == "block"
+    with pytest.raises(ConfigError, match="tritonpipe.gpu_wait.*spin, yield, block.*'nap'"):
+        ModelParams.decode({**params, "tritonpipe.gpu_wait": "nap"})
+
+
+def test_yield_polls_and_gives_the_core_up_until_the_gpu_is_done(monkeypatch):
+    from tritonpipe.model import runtime as R
+
+    made, yields = [], []
+
+    class Event:
+        def __init__(self, blocking=False):
+            self.blocking, self.polls, self.recorded, self.waited = blocking, 0, None, False
+            made.append(self)
+
+        def record(self, stream):
+            self.recorded = stream
+
+        def query(self):
+            self.polls += 1
+            return self.polls > 3
+
+        def synchronize(self):
+            self.waited = True
+
+    class Stream:
+        synchronized = False
+
+        def synchronize(self):
+            self.synchronized = True
+
+    monkeypatch.setattr(R.torch.cuda, "Event", Event)
+    monkeypatch.setattr(R.os, "sched_yield", lambda: yields.append(1))
+    stream = Stream()
+    R.wait_for_gpu(stream, "yield")
+    assert len(made) == 1 and made[0].recorded is stream and not made[0].blocking
+    assert made[0].polls == 4 and len(yields) == 3 and not stream.synchronized
+    R.wait_for_gpu(stream, "block")
+    assert made[1].blocking and made[1].waited and made[1].recorded is stream and len(yields) == 3
+    R.wait_for_gpu(stream, "spin")
+    assert stream.synchronized and len(made) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("how", ["spin", "yield", "block"])
+def test_every_gpu_wait_returns_once_the_streams_work_is_done(how):
+    from tritonpipe.model.runtime import wait_for_gpu
+
+    stream = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda")
+    with torch.cuda.stream(stream):
+        for _ in range(20):
+            a = a @ a / 4096  # tens of milliseconds of queued work
+        after = torch.cuda.Event()
+        after.record(stream)
+    wait_for_gpu(stream, how)
+    assert after.query()
