@@ -13,6 +13,7 @@ Each heal is one WARNING line on the ``tritonpipe.server`` logger, in this form:
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
@@ -70,6 +71,16 @@ class Heal:
 class _Progress:
     finished: float = -1.0
     since: float = field(default_factory=time.monotonic)
+
+
+def read_progress(metrics_url: str, timeout: float) -> dict[str, tuple[float, float]] | None:
+    """:func:`parse_progress` of the server's metrics page; None where it cannot be read whole (the server
+    is down, or closed the connection mid-answer as it stops)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+            return parse_progress(response.read().decode(errors="replace"))
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def parse_progress(metrics: str) -> dict[str, tuple[float, float]]:
@@ -177,11 +188,7 @@ class Supervisor:
         return {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
 
     def _read_progress(self) -> dict[str, tuple[float, float]]:
-        try:
-            with urllib.request.urlopen(self.server.metrics_url, timeout=2) as response:
-                return parse_progress(response.read().decode(errors="replace"))
-        except OSError:
-            return {}
+        return read_progress(self.server.metrics_url, timeout=2) or {}
 
     def _is_hung(self, model: str, pending: float, finished: float) -> bool:
         now = time.monotonic()

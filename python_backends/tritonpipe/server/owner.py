@@ -36,7 +36,7 @@ from pathlib import Path
 from ..choices import MODEL_CONTROL, read_marker
 from ..contract import READY_PATH
 from ..errors import ConfigError, TritonpipeError
-from .heal import HealPolicy, Supervisor, parse_progress
+from .heal import HealPolicy, Supervisor, read_progress
 from .install import TritonInstall, locate_triton
 from .leftovers import Leftovers, Watchdog, new_python_env, python_env_folders
 from .mps import MpsDaemon, find_control
@@ -668,10 +668,8 @@ class _IdleWatch:
 
     def _sample(self) -> tuple[float, float, float] | None:
         """(requests pending, requests finished, CPU seconds of the server and its stubs); None if unknown."""
-        try:
-            with urllib.request.urlopen(self.server.metrics_url, timeout=1) as response:
-                progress = parse_progress(response.read().decode(errors="replace"))
-        except OSError:
+        progress = read_progress(self.server.metrics_url, timeout=1)
+        if progress is None:
             return None
         pid = self.server.process.pid
         cpu = cpu_seconds(pid) + sum(cpu_seconds(stub.pid) for stub in python_stubs(pid))

@@ -179,6 +179,35 @@ def test_progress_is_read_per_model_from_tritons_metrics():
     assert parse_progress(text) == {"a": (3.0, 10.0), "b": (0.0, 0.0)}
 
 
+def _one_answer(body: bytes, declared: int) -> str:
+    """The URL of a one-shot HTTP server that answers with ``body`` under a Content-Length of ``declared``
+    and then closes the connection, as a stopping Triton may in the middle of its metrics page."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % declared + body)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
+
+
+def test_a_metrics_page_cut_off_as_the_server_stops_reads_as_unknown_not_as_an_error():
+    from tritonpipe.server.heal import read_progress
+
+    page = b'nv_inference_pending_request_count{model="a",version="1"} 3\nnv_inference_request_success{model="a",version="1"} 7\n'
+    assert read_progress(_one_answer(page, len(page)), timeout=5) == {"a": (3.0, 7.0)}
+    # a stopping server once closed the connection 6,990 bytes short: stop() raised IncompleteRead from its drain
+    assert read_progress(_one_answer(page[:40], len(page) + 6990), timeout=5) is None
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    assert read_progress(f"http://127.0.0.1:{port}/metrics", timeout=5) is None  # nobody listening
+
+
 @pytest.mark.parametrize("host", ["localhost", "::1"])
 def test_a_server_on_a_named_or_ipv6_host_answers_on_every_port(tmp_path, host):
     if host == "::1" and not socket.has_ipv6:
