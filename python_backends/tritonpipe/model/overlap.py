@@ -173,7 +173,7 @@ class Overlap:
 
                 results, chained, built = self._timed(flight, tail)
                 if self.tail_stream is not None:
-                    wait_for_gpu(self.tail_stream, self.runtime.gpu_wait)
+                    self.tail_stream.synchronize()  # at once where gpu_wait waited above
                 synchronized = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - one error for every request of the batch
             return exc, None
