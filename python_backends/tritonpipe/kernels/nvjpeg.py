@@ -43,6 +43,12 @@ _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
+#: the largest batch the memory pool of a decoder's states is sized for, all lanes together
+POOL_BATCH = 64
+#: what nvjpeg adds to each buffer it allocates, so that a larger image than the last one seldom makes it
+#: free and allocate again (a cudaFree or cudaFreeHost waits for the whole device); DALI's defaults
+DEVICE_PADDING = 16 << 20
+PINNED_PADDING = 8 << 20
 
 
 class NvjpegError(RuntimeError):
@@ -66,6 +72,14 @@ def parts(count: int, lanes: int = LANES) -> list[range]:
     cuts = min(lanes, count)
     bounds = [round(i * count / cuts) for i in range(cuts + 1)] if cuts else [0]
     return [range(bounds[i], bounds[i + 1]) for i in range(cuts)]
+
+
+def pool_batch(batch: int, lanes: int, engines: tuple[int, int] | None) -> int:
+    """The batch a lane's memory pool is sized for: its largest part of ``batch`` images, rounded up to
+    a multiple of the engines' cores where known (the hardware decodes that many images at once)."""
+    part = max(1, -(-batch // max(1, lanes)))
+    cores = engines[0] * engines[1] if engines else 0
+    return part if cores <= 0 else -(-part // cores) * cores
 
 
 def _library_paths() -> list[str]:
@@ -105,6 +119,9 @@ def library() -> ctypes.CDLL | str:
         optional = {  # newer libraries' calls, used where present
             "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
             "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
+            "nvjpegSetDeviceMemoryPadding": [size, void],
+            "nvjpegSetPinnedMemoryPadding": [size, void],
+            "nvjpegCreateExV2": [integer, void, void, ctypes.c_uint, ctypes.POINTER(void)],
         }
         for name, argtypes in optional.items():
             if hasattr(lib, name):
@@ -137,13 +154,14 @@ class _Lane:
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
 
     def pool(self) -> bool:
-        """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
-        hardware decoder does, for its speed), where the library has the call and the decoder wants it."""
+        """Ask nvjpeg to keep this state's buffers in a memory pool across batches, sized for the largest
+        part this lane is given (what nvImageCodec's hardware decoder does for DALI, for its speed), where the
+        library has the call and the decoder wants it."""
         decoder = self.decoder
         if not decoder.pooling or not hasattr(decoder.lib, "nvjpegDecodeBatchedPreAllocate"):
             return False
         try:
-            decoder.call("nvjpegDecodeBatchedPreAllocate", decoder.handle, self.state, 1, 1, 1, _CSS_444, _OUTPUT_RGBI)
+            decoder.call("nvjpegDecodeBatchedPreAllocate", decoder.handle, self.state, decoder.pool_batch, 1, 1, _CSS_444, _OUTPUT_RGBI)
         except NvjpegError:
             return False  # an optimisation only: the state decodes without it
         return True
@@ -239,17 +257,30 @@ class Decoder:
         lib: libnvjpeg (or a stand-in with the same calls).
         device: where the images go.
         lanes: parts of a batch in flight at once.
-        pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``) where
-            the library has the call.
+        pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``), sized
+            for a part of a ``POOL_BATCH``-image batch, where the library has the call.
+        padding: bytes nvjpeg adds to the device and pinned buffers it allocates (``DEVICE_PADDING``,
+            ``PINNED_PADDING``); ``(0, 0)`` leaves nvjpeg's own.
+        allocators: ``(device, pinned)`` allocator structures (nvjpegDevAllocatorV2_t,
+            nvjpegPinnedAllocatorV2_t) to create the handle with, or None for nvjpeg's own (cudaMalloc,
+            cudaHostAlloc).
     """
 
-    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True):
+    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True,
+                 padding: tuple[int, int] = (DEVICE_PADDING, PINNED_PADDING), allocators=None):
         self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
-            self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
+            if allocators is None:
+                self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
+            else:
+                self.allocators = allocators  # nvjpeg keeps pointers to them
+                self.call("nvjpegCreateExV2", _BACKEND_HARDWARE, ctypes.byref(allocators[0]), ctypes.byref(allocators[1]),
+                          0, ctypes.byref(self.handle))
+            self.padding = self._pad(*padding)
             self.engines = self._engines()
+            self.pool_batch = pool_batch(POOL_BATCH, lanes, self.engines)
             self.lanes = [_Lane(self) for _ in range(lanes)]
         self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
@@ -261,6 +292,18 @@ class Decoder:
 
     def _on_device(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _pad(self, device: int, pinned: int) -> bool:
+        """Set nvjpeg's allocation padding where the library has the calls; whether it was set."""
+        names = ("nvjpegSetDeviceMemoryPadding", "nvjpegSetPinnedMemoryPadding")
+        if not (device or pinned) or not all(hasattr(self.lib, name) for name in names):
+            return False
+        try:
+            for name, size in zip(names, (device, pinned)):
+                self.call(name, size, self.handle)
+        except NvjpegError:
+            return False  # an optimisation only
+        return True
 
     def _engines(self) -> tuple[int, int] | None:
         """(hardware JPEG engines, cores per engine), where the library says."""
