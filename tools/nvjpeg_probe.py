@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,memory]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,memory,sync]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -15,7 +15,9 @@ backends (Huffman decoding on the host, or on the SMs) alone and beside the engi
 batch on the host and the decode on the GPU (CUDA events), count the buffers nvjpeg allocates per batch (the
 handle created with allocators that count and hand out torch's cached memory), and compare the state's
 memory pool sized for one image or for a part of a batch, with and without allocation padding, and whole
-batches alternated on two states.
+batches alternated on two states.  ``sync`` rows ask whether nvjpeg's batched call waits on the host for
+work queued before it, and compare the decoder's lanes on the caller's stream and on streams of their own
+with a model's stand-in after each batch.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -356,14 +358,18 @@ class TimedLib:
         return f"host ms per batch: {host}; GPU ms per decode call {gpu:.2f}"
 
 
+def accepted(corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """The corpus's JPEGs the engines take, as tensors, and their (height, width)."""
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
+    probe = nvjpeg.Decoder(loaded_nvjpeg(), torch.device("cuda"), 1)
+    keep = [i for i, t in enumerate(tensors) if probe.lanes[0].takes(t)]
+    return [tensors[i] for i in keep], [nvjpeg_shape(corpus[i]) for i in keep]
+
+
 def memory_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """tritonpipe's decoder at batch 64, one lever of its memory at a time, each call timed."""
     base = loaded_nvjpeg()
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
-    probe = nvjpeg.Decoder(base, torch.device("cuda"), 1)
-    keep = [i for i, t in enumerate(tensors) if probe.lanes[0].takes(t)]
-    tensors = [tensors[i] for i in keep]
-    shapes = [nvjpeg_shape(corpus[i]) for i in keep]
+    tensors, shapes = accepted(corpus)
     order = itertools.cycle(range(len(tensors)))
     picks = lambda: [next(order) for _ in range(64)]  # noqa: E731
     variants = [
@@ -426,6 +432,61 @@ def memory_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, repo
     print(" | ".join(report[-1]), flush=True)
 
 
+def sync_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """Does nvjpeg's batched call wait on the host for work queued before it?  The call's host time with
+    a 20 ms kernel queued on its own stream, on another stream, on the default stream; then decode of
+    batch 64 followed by a 5 ms kernel (a model's stand-in) on the caller's stream, back to back, with the
+    decoder's lanes on the caller's stream or on streams of their own."""
+    base = loaded_nvjpeg()
+    tensors, shapes = accepted(corpus)
+    order = itertools.cycle(range(len(tensors)))
+    picks = lambda count: [next(order) for _ in range(count)]  # noqa: E731
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
+
+    def add(what: str, rate: str, cpu: str = "", busy_share: str = "") -> None:
+        report.append((name, what, rate, cpu, busy_share))
+        print(" | ".join(report[-1]), flush=True)
+
+    lib = TimedLib(base)
+    decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1)
+    caller, other = torch.cuda.Stream(), torch.cuda.Stream()
+    for batch in (16, 64):
+        cases = {"idle": None, "a 20 ms kernel queued on its own stream before it": caller,
+                 "a 20 ms kernel on another stream": other, "a 20 ms kernel on torch's default stream": torch.cuda.default_stream()}
+        for label, busy_stream in cases.items():
+            took = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                if busy_stream is not None:
+                    with torch.cuda.stream(busy_stream):
+                        torch.cuda._sleep(int(20 * cycles_per_ms))
+                lib.host = {}
+                chosen = picks(batch)
+                with torch.cuda.stream(caller):
+                    decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                took.append(lib.host.get("nvjpegDecodeBatched", 0.0) * 1000)
+            torch.cuda.synchronize()
+            add(f"batch {batch}: host ms of the nvjpegDecodeBatched call, {label} (median of 5)", f"{sorted(took)[2]:.2f} ms")
+    for lanes in (1, 2):
+        for own in (False, True):
+            decoder = nvjpeg.Decoder(base, torch.device("cuda"), lanes, own_streams=own)
+
+            def step(decoder=decoder):
+                chosen = picks(64)
+                decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                torch.cuda._sleep(int(5 * cycles_per_ms))
+
+            rate, cpu = timed(step, 64, seconds)
+            now = time.perf_counter()
+            add(f"batch 64 then a 5 ms kernel on the caller's stream, {lanes} lane(s) on "
+                f"{'streams of their own' if own else 'the caller stream'}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now))
+
+
 def nvjpeg_shape(data: bytes) -> tuple[int, int]:
     from tritonpipe.kernels import jpeg
 
@@ -441,7 +502,8 @@ def main() -> None:
     parser.add_argument("--corpora", default="3-size,distinct-size", help="which corpora to decode")
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
-                        "memory (the decoder's memory levers, each call timed)")
+                        "memory (the decoder's memory levers, each call timed), sync (what nvjpeg's call waits for; "
+                        "lanes on streams of their own)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -454,6 +516,8 @@ def main() -> None:
             host_rows(nv, name, corpus.images, args.seconds, report)
         if "lanes" in groups:
             lane_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "sync" in groups:
+            sync_rows(name, corpus.images, args.seconds, busy, report)
         if "memory" in groups:
             memory_rows(name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:

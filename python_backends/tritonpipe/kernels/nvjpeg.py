@@ -43,6 +43,8 @@ _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
+#: whether each lane decodes on a CUDA stream of its own (see :class:`Decoder`)
+OWN_STREAMS = False
 #: the largest batch the memory pool of a decoder's states is sized for, all lanes together
 POOL_BATCH = 64
 #: what nvjpeg adds to each buffer it allocates, so that a larger image than the last one seldom makes it
@@ -152,6 +154,9 @@ class _Lane:
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
+        # a stream of its own, where the decoder wants one: nvjpeg's call then never waits behind the
+        # caller's earlier work (a previous batch's model, say) queued on the caller's stream
+        self.stream = torch.cuda.Stream(decoder.device) if decoder.own_streams and decoder.device.type == "cuda" else None
 
     def pool(self) -> bool:
         """Ask nvjpeg to keep this state's buffers in a memory pool across batches, sized for the largest
@@ -229,18 +234,26 @@ class _Lane:
     def part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
         """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
         engines do not take it.  Runs on the lane's own thread where there are several lanes."""
-        with self.decoder._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+        work = self.stream if self.stream is not None and stream is not None else stream
+        with self.decoder._on_device(), (torch.cuda.stream(work) if work is not None else contextlib.nullcontext()):
             results: list[torch.Tensor | None | bool] = [self.takes(data) for data in datas]
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
             try:
                 decoded: list[torch.Tensor | None] = list(
-                    self.submit([datas[i] for i in taken], [sizes[i] for i in taken], stream))
+                    self.submit([datas[i] for i in taken], [sizes[i] for i in taken], work))
             except NvjpegError:
                 # one damaged file refuses its whole part: decode the part one image at a time
                 self.reset()
-                decoded = [self.alone(datas[i], sizes[i], stream) for i in taken]
+                decoded = [self.alone(datas[i], sizes[i], work) for i in taken]
+            if work is not stream:
+                # the caller's stream reads the images once they are written; their memory, taken on
+                # this lane's stream, is not reused before the caller's stream is done with them
+                stream.wait_stream(work)
+                for image in decoded:
+                    if image is not None:
+                        image.record_stream(stream)
             for i, image in zip(taken, decoded):
                 results[i] = image
             return results
@@ -264,11 +277,13 @@ class Decoder:
         allocators: ``(device, pinned)`` allocator structures (nvjpegDevAllocatorV2_t,
             nvjpegPinnedAllocatorV2_t) to create the handle with, or None for nvjpeg's own (cudaMalloc,
             cudaHostAlloc).
+        own_streams: each lane decodes on a CUDA stream of its own, which the caller's stream then waits
+            for, instead of on the caller's stream.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True,
-                 padding: tuple[int, int] = (DEVICE_PADDING, PINNED_PADDING), allocators=None):
-        self.lib, self.device, self.pooling = lib, torch.device(device), pool
+                 padding: tuple[int, int] = (DEVICE_PADDING, PINNED_PADDING), allocators=None, own_streams: bool = OWN_STREAMS):
+        self.lib, self.device, self.pooling, self.own_streams = lib, torch.device(device), pool, own_streams
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
