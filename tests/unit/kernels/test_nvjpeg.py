@@ -474,3 +474,20 @@ def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_pl
         assert isinstance(results[index], DecodeError) or tuple(results[index].shape) == (3, 120, 160)
     again = J.decode_jpeg_tensor([_tensor(d) for d in goods], torch.device("cuda"), gpu_decoder="nvjpeg")
     assert all(torch.equal(a, b) for a, b in zip(again, reference))  # the decoder still works afterwards
+
+
+@_on_gpu
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_on_streams_of_their_own_give_the_same_pixels_in_order_on_the_callers_stream(lanes):
+    _engines()
+    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, own_streams=True)
+    shapes = [(64 + 8 * i, 48 + 4 * i) for i in range(9)]
+    datas = [_tensor(_jpeg(h, w, 20 + i)) for i, (h, w) in enumerate(shapes)]
+    theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
+    caller = torch.cuda.Stream()
+    for _ in range(3):
+        with torch.cuda.stream(caller):
+            torch.cuda._sleep(20_000_000)  # the caller's stream busy; its copies below must still wait for the lanes
+            ours = [image.permute(2, 0, 1).clone() for image in decoder.decode(datas, shapes)]
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
