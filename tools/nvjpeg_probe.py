@@ -6,18 +6,14 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,memory,sync]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
 backends (Huffman decoding on the host, or on the SMs) alone and beside the engines on a share of each batch;
-``host`` rows time the header checks a batch costs the host.  ``memory`` rows time each nvjpeg call of a
-batch on the host and the decode on the GPU (CUDA events), count the buffers nvjpeg allocates per batch (the
-handle created with allocators that count and hand out torch's cached memory), and compare the state's
-memory pool sized for one image or for a part of a batch, with and without allocation padding, and whole
-batches alternated on two states.  ``sync`` rows ask whether nvjpeg's batched call waits on the host for
-work queued before it, and compare the decoder's lanes on the caller's stream and on streams of their own
-with a model's stand-in after each batch.
+``host`` rows time the header checks a batch costs the host.  ``sync`` rows time nvjpeg's batched call on
+the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with the device idle or a kernel
+queued before the call: whether, and for what, the call makes the host wait.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -263,62 +259,6 @@ def lane_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: 
         torch.cuda.synchronize()
 
 
-DEV_MALLOC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p)
-DEV_FREE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-
-
-class DevAllocatorV2(ctypes.Structure):
-    _fields_ = [("dev_malloc", DEV_MALLOC), ("dev_free", DEV_FREE), ("dev_ctx", ctypes.c_void_p)]
-
-
-class PinnedAllocatorV2(ctypes.Structure):
-    _fields_ = [("pinned_malloc", DEV_MALLOC), ("pinned_free", DEV_FREE), ("pinned_ctx", ctypes.c_void_p)]
-
-
-class TorchAllocators:
-    """nvjpeg's device and pinned buffers taken from torch's caching allocators, counted.  A pinned buffer
-    given back is kept until the stream it was freed on gets past that point."""
-
-    def __init__(self) -> None:
-        self.counts = {"device": 0, "pinned": 0}
-        self.pinned: dict[int, torch.Tensor] = {}
-        self.deferred: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-        self.device = DevAllocatorV2(DEV_MALLOC(self._dev_malloc), DEV_FREE(self._dev_free), None)
-        self.host = PinnedAllocatorV2(DEV_MALLOC(self._pinned_malloc), DEV_FREE(self._pinned_free), None)
-
-    def _dev_malloc(self, ctx, ptr, size, stream) -> int:
-        try:
-            ptr[0] = torch.cuda.caching_allocator_alloc(max(int(size), 1), torch.cuda.current_device(), stream or 0)
-        except Exception:  # noqa: BLE001 - an allocation failure goes back to nvjpeg as cudaErrorMemoryAllocation
-            return 2
-        self.counts["device"] += 1
-        return 0
-
-    def _dev_free(self, ctx, ptr, size, stream) -> int:
-        if ptr:
-            torch.cuda.caching_allocator_delete(ptr)
-        return 0
-
-    def _pinned_malloc(self, ctx, ptr, size, stream) -> int:
-        try:
-            tensor = torch.empty(max(int(size), 1), dtype=torch.uint8, pin_memory=True)
-        except Exception:  # noqa: BLE001
-            return 2
-        self.pinned[tensor.data_ptr()] = tensor
-        ptr[0] = tensor.data_ptr()
-        self.counts["pinned"] += 1
-        return 0
-
-    def _pinned_free(self, ctx, ptr, size, stream) -> int:
-        tensor = self.pinned.pop(ptr, None)
-        if tensor is not None:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.ExternalStream(stream) if stream else torch.cuda.default_stream())
-            self.deferred.append((event, tensor))
-        self.deferred = [(e, t) for e, t in self.deferred if not e.query()]
-        return 0
-
-
 class TimedLib:
     """libnvjpeg with each call's host time summed by name, and the GPU time of each batched decode (CUDA
     events around it on its stream)."""
@@ -344,19 +284,6 @@ class TimedLib:
 
         return timed_call
 
-    def reset(self) -> None:
-        torch.cuda.synchronize()
-        self.host, self.gpu = {}, []
-
-    def summary(self, batches: int) -> str:
-        torch.cuda.synchronize()
-        short = {"nvjpegJpegStreamParseHeader": "parse", "nvjpegDecodeBatchedSupported": "check",
-                 "nvjpegDecodeBatchedInitialize": "init", "nvjpegDecodeBatched": "decode call"}
-        host = ", ".join(f"{short.get(name, name)} {seconds * 1000 / batches:.2f}" for name, seconds in self.host.items()
-                         if name in short)
-        gpu = sum(start.elapsed_time(end) for start, end in self.gpu) / max(len(self.gpu), 1)
-        return f"host ms per batch: {host}; GPU ms per decode call {gpu:.2f}"
-
 
 def accepted(corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """The corpus's JPEGs the engines take, as tensors, and their (height, width)."""
@@ -366,125 +293,42 @@ def accepted(corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, i
     return [tensors[i] for i in keep], [nvjpeg_shape(corpus[i]) for i in keep]
 
 
-def memory_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
-    """tritonpipe's decoder at batch 64, one lever of its memory at a time, each call timed."""
+def sync_rows(name: str, corpus: list[bytes], report: list) -> None:
+    """Does nvjpeg's batched call wait on the host, and for what?  Its host time (and the decode's GPU time)
+    at several batch sizes with the device idle, with a 20 ms kernel queued on the call's own stream just
+    before it, and with that kernel on another stream."""
     base = loaded_nvjpeg()
     tensors, shapes = accepted(corpus)
     order = itertools.cycle(range(len(tensors)))
-    picks = lambda: [next(order) for _ in range(64)]  # noqa: E731
-    variants = [
-        ("pool for 1 image, no padding (the decoder before)", dict(pool_batch=1, padding=(0, 0))),
-        ("pool for a part of 64, no padding", dict(padding=(0, 0))),
-        ("pool for a part of 64, padding 16 / 8 MiB (the default)", dict()),
-        ("no pool, no padding", dict(pool=False, padding=(0, 0))),
-    ]
-    for lanes in (1, 2):
-        for label, options in variants + [("the default + torch's caching allocators", dict(torch_memory=True))]:
-            lib = TimedLib(base)
-            allocators = TorchAllocators() if options.pop("torch_memory", False) else None
-            forced = options.pop("pool_batch", None)
-            try:
-                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), lanes, **options,
-                                         allocators=(allocators.device, allocators.host) if allocators else None)
-                if forced is not None:
-                    decoder.pool_batch = forced
-                    for lane in decoder.lanes:
-                        lane.reset()
-            except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
-                report.append((name, f"batch 64, {lanes} lane(s): {label}", f"FAILED {type(exc).__name__}: {str(exc)[:120]}", "", ""))
-                print(" | ".join(report[-1]), flush=True)
-                continue
-
-            def step(decoder=decoder):
-                chosen = picks()
-                decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-
-            for _ in range(3):
-                step()
-            lib.reset()
-            counts0 = dict(allocators.counts) if allocators else None
-            try:
-                rate, cpu = timed(step, 64, seconds, warmup=0)
-            except Exception as exc:  # noqa: BLE001
-                report.append((name, f"batch 64, {lanes} lane(s): {label}", f"FAILED {type(exc).__name__}: {str(exc)[:120]}", "", ""))
-                print(" | ".join(report[-1]), flush=True)
-                continue
-            now = time.perf_counter()
-            batches = max(1, round(rate * seconds / 64))
-            extra = lib.summary(batches)
-            if allocators:
-                grown = {k: allocators.counts[k] - counts0[k] for k in counts0}
-                extra += f"; allocations per batch: device {grown['device'] / batches:.2f}, pinned {grown['pinned'] / batches:.2f}"
-                extra += f" (after warm-up; {counts0['device']} device and {counts0['pinned']} pinned before)"
-            report.append((name, f"batch 64, {lanes} lane(s): {label} [{extra}]", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
-            print(" | ".join(report[-1]), flush=True)
-    # whole batches alternated on two single-lane decoders, each waited for before its next batch
-    pair = [nvjpeg.Decoder(base, torch.device("cuda"), 1) for _ in range(2)]
-    turn = itertools.cycle(pair)
-
-    def alternate():
-        chosen = picks()
-        next(turn).decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-
-    rate, cpu = timed(alternate, 64, seconds)
-    now = time.perf_counter()
-    report.append((name, "batch 64: whole batches alternated on two decoders of one lane (the default memory)", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
-    print(" | ".join(report[-1]), flush=True)
-
-
-def sync_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
-    """Does nvjpeg's batched call wait on the host for work queued before it?  The call's host time with
-    a 20 ms kernel queued on its own stream, on another stream, on the default stream; then decode of
-    batch 64 followed by a 5 ms kernel (a model's stand-in) on the caller's stream, back to back, with the
-    decoder's lanes on the caller's stream or on streams of their own."""
-    base = loaded_nvjpeg()
-    tensors, shapes = accepted(corpus)
-    order = itertools.cycle(range(len(tensors)))
-    picks = lambda count: [next(order) for _ in range(count)]  # noqa: E731
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(10_000_000)
     end.record()
     torch.cuda.synchronize()
     cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-
-    def add(what: str, rate: str, cpu: str = "", busy_share: str = "") -> None:
-        report.append((name, what, rate, cpu, busy_share))
-        print(" | ".join(report[-1]), flush=True)
-
     lib = TimedLib(base)
     decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1)
     caller, other = torch.cuda.Stream(), torch.cuda.Stream()
-    for batch in (16, 64):
-        cases = {"idle": None, "a 20 ms kernel queued on its own stream before it": caller,
-                 "a 20 ms kernel on another stream": other, "a 20 ms kernel on torch's default stream": torch.cuda.default_stream()}
+    cases = {"idle": None, "a 20 ms kernel queued on its own stream before it": caller, "a 20 ms kernel on another stream": other}
+    for batch in (8, 16, 35, 64):
         for label, busy_stream in cases.items():
-            took = []
-            for _ in range(5):
+            took, gpu = [], []
+            for _ in range(6):
                 torch.cuda.synchronize()
                 if busy_stream is not None:
                     with torch.cuda.stream(busy_stream):
                         torch.cuda._sleep(int(20 * cycles_per_ms))
-                lib.host = {}
-                chosen = picks(batch)
+                lib.host, lib.gpu = {}, []
+                chosen = [next(order) for _ in range(batch)]
                 with torch.cuda.stream(caller):
                     decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                torch.cuda.synchronize()
                 took.append(lib.host.get("nvjpegDecodeBatched", 0.0) * 1000)
-            torch.cuda.synchronize()
-            add(f"batch {batch}: host ms of the nvjpegDecodeBatched call, {label} (median of 5)", f"{sorted(took)[2]:.2f} ms")
-    for lanes in (1, 2):
-        for own in (False, True):
-            decoder = nvjpeg.Decoder(base, torch.device("cuda"), lanes, own_streams=own)
-
-            def step(decoder=decoder):
-                chosen = picks(64)
-                decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-                torch.cuda._sleep(int(5 * cycles_per_ms))
-
-            rate, cpu = timed(step, 64, seconds)
-            now = time.perf_counter()
-            add(f"batch 64 then a 5 ms kernel on the caller's stream, {lanes} lane(s) on "
-                f"{'streams of their own' if own else 'the caller stream'}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now))
+                gpu.append(sum(a.elapsed_time(b) for a, b in lib.gpu))
+            # the first call of a batch size initialises the state for it: left out
+            report.append((name, f"batch {batch}: the nvjpegDecodeBatched call, {label}: host ms (median of 5)",
+                           f"{sorted(took[1:])[2]:.2f} ms", "", f"GPU ms {sorted(gpu[1:])[2]:.2f}"))
+            print(" | ".join(report[-1]), flush=True)
 
 
 def nvjpeg_shape(data: bytes) -> tuple[int, int]:
@@ -502,8 +346,7 @@ def main() -> None:
     parser.add_argument("--corpora", default="3-size,distinct-size", help="which corpora to decode")
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
-                        "memory (the decoder's memory levers, each call timed), sync (what nvjpeg's call waits for; "
-                        "lanes on streams of their own)")
+                        "sync (what nvjpeg's batched call waits for on the host)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -517,9 +360,7 @@ def main() -> None:
         if "lanes" in groups:
             lane_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sync" in groups:
-            sync_rows(name, corpus.images, args.seconds, busy, report)
-        if "memory" in groups:
-            memory_rows(name, corpus.images, args.seconds, busy, report)
+            sync_rows(name, corpus.images, report)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)

@@ -43,14 +43,6 @@ _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
-#: whether each lane decodes on a CUDA stream of its own (see :class:`Decoder`)
-OWN_STREAMS = False
-#: the largest batch the memory pool of a decoder's states is sized for, all lanes together
-POOL_BATCH = 64
-#: what nvjpeg adds to each buffer it allocates, so that a larger image than the last one seldom makes it
-#: free and allocate again (a cudaFree or cudaFreeHost waits for the whole device); DALI's defaults
-DEVICE_PADDING = 16 << 20
-PINNED_PADDING = 8 << 20
 
 
 class NvjpegError(RuntimeError):
@@ -74,14 +66,6 @@ def parts(count: int, lanes: int = LANES) -> list[range]:
     cuts = min(lanes, count)
     bounds = [round(i * count / cuts) for i in range(cuts + 1)] if cuts else [0]
     return [range(bounds[i], bounds[i + 1]) for i in range(cuts)]
-
-
-def pool_batch(batch: int, lanes: int, engines: tuple[int, int] | None) -> int:
-    """The batch a lane's memory pool is sized for: its largest part of ``batch`` images, rounded up to
-    a multiple of the engines' cores where known (the hardware decodes that many images at once)."""
-    part = max(1, -(-batch // max(1, lanes)))
-    cores = engines[0] * engines[1] if engines else 0
-    return part if cores <= 0 else -(-part // cores) * cores
 
 
 def _library_paths() -> list[str]:
@@ -121,9 +105,6 @@ def library() -> ctypes.CDLL | str:
         optional = {  # newer libraries' calls, used where present
             "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
             "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
-            "nvjpegSetDeviceMemoryPadding": [size, void],
-            "nvjpegSetPinnedMemoryPadding": [size, void],
-            "nvjpegCreateExV2": [integer, void, void, ctypes.c_uint, ctypes.POINTER(void)],
         }
         for name, argtypes in optional.items():
             if hasattr(lib, name):
@@ -154,19 +135,15 @@ class _Lane:
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
-        # a stream of its own, where the decoder wants one: nvjpeg's call then never waits behind the
-        # caller's earlier work (a previous batch's model, say) queued on the caller's stream
-        self.stream = torch.cuda.Stream(decoder.device) if decoder.own_streams and decoder.device.type == "cuda" else None
 
     def pool(self) -> bool:
-        """Ask nvjpeg to keep this state's buffers in a memory pool across batches, sized for the largest
-        part this lane is given (what nvImageCodec's hardware decoder does for DALI, for its speed), where the
-        library has the call and the decoder wants it."""
+        """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
+        hardware decoder does, for its speed), where the library has the call and the decoder wants it."""
         decoder = self.decoder
         if not decoder.pooling or not hasattr(decoder.lib, "nvjpegDecodeBatchedPreAllocate"):
             return False
         try:
-            decoder.call("nvjpegDecodeBatchedPreAllocate", decoder.handle, self.state, decoder.pool_batch, 1, 1, _CSS_444, _OUTPUT_RGBI)
+            decoder.call("nvjpegDecodeBatchedPreAllocate", decoder.handle, self.state, 1, 1, 1, _CSS_444, _OUTPUT_RGBI)
         except NvjpegError:
             return False  # an optimisation only: the state decodes without it
         return True
@@ -234,26 +211,18 @@ class _Lane:
     def part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
         """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
         engines do not take it.  Runs on the lane's own thread where there are several lanes."""
-        work = self.stream if self.stream is not None and stream is not None else stream
-        with self.decoder._on_device(), (torch.cuda.stream(work) if work is not None else contextlib.nullcontext()):
+        with self.decoder._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             results: list[torch.Tensor | None | bool] = [self.takes(data) for data in datas]
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
             try:
                 decoded: list[torch.Tensor | None] = list(
-                    self.submit([datas[i] for i in taken], [sizes[i] for i in taken], work))
+                    self.submit([datas[i] for i in taken], [sizes[i] for i in taken], stream))
             except NvjpegError:
                 # one damaged file refuses its whole part: decode the part one image at a time
                 self.reset()
-                decoded = [self.alone(datas[i], sizes[i], work) for i in taken]
-            if work is not stream:
-                # the caller's stream reads the images once they are written; their memory, taken on
-                # this lane's stream, is not reused before the caller's stream is done with them
-                stream.wait_stream(work)
-                for image in decoded:
-                    if image is not None:
-                        image.record_stream(stream)
+                decoded = [self.alone(datas[i], sizes[i], stream) for i in taken]
             for i, image in zip(taken, decoded):
                 results[i] = image
             return results
@@ -270,32 +239,17 @@ class Decoder:
         lib: libnvjpeg (or a stand-in with the same calls).
         device: where the images go.
         lanes: parts of a batch in flight at once.
-        pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``), sized
-            for a part of a ``POOL_BATCH``-image batch, where the library has the call.
-        padding: bytes nvjpeg adds to the device and pinned buffers it allocates (``DEVICE_PADDING``,
-            ``PINNED_PADDING``); ``(0, 0)`` leaves nvjpeg's own.
-        allocators: ``(device, pinned)`` allocator structures (nvjpegDevAllocatorV2_t,
-            nvjpegPinnedAllocatorV2_t) to create the handle with, or None for nvjpeg's own (cudaMalloc,
-            cudaHostAlloc).
-        own_streams: each lane decodes on a CUDA stream of its own, which the caller's stream then waits
-            for, instead of on the caller's stream.
+        pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``) where
+            the library has the call.
     """
 
-    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True,
-                 padding: tuple[int, int] = (DEVICE_PADDING, PINNED_PADDING), allocators=None, own_streams: bool = OWN_STREAMS):
-        self.lib, self.device, self.pooling, self.own_streams = lib, torch.device(device), pool, own_streams
+    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True):
+        self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
-            if allocators is None:
-                self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
-            else:
-                self.allocators = allocators  # nvjpeg keeps pointers to them
-                self.call("nvjpegCreateExV2", _BACKEND_HARDWARE, ctypes.byref(allocators[0]), ctypes.byref(allocators[1]),
-                          0, ctypes.byref(self.handle))
-            self.padding = self._pad(*padding)
+            self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
             self.engines = self._engines()
-            self.pool_batch = pool_batch(POOL_BATCH, lanes, self.engines)
             self.lanes = [_Lane(self) for _ in range(lanes)]
         self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
@@ -307,18 +261,6 @@ class Decoder:
 
     def _on_device(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    def _pad(self, device: int, pinned: int) -> bool:
-        """Set nvjpeg's allocation padding where the library has the calls; whether it was set."""
-        names = ("nvjpegSetDeviceMemoryPadding", "nvjpegSetPinnedMemoryPadding")
-        if not (device or pinned) or not all(hasattr(self.lib, name) for name in names):
-            return False
-        try:
-            for name, size in zip(names, (device, pinned)):
-                self.call(name, size, self.handle)
-        except NvjpegError:
-            return False  # an optimisation only
-        return True
 
     def _engines(self) -> tuple[int, int] | None:
         """(hardware JPEG engines, cores per engine), where the library says."""

@@ -201,27 +201,12 @@ def test_a_batch_of_one_part_is_decoded_on_the_callers_thread():
 
 
 class PoolingNvjpeg(FakeNvjpeg):
-    """A newer library: it has the memory-pool, hardware-info, padding and allocator calls."""
+    """A newer library: it has the memory-pool and hardware-info calls."""
 
     def __init__(self, pool_status: int = 0):
         super().__init__()
         self.pooled: list[tuple] = []
         self.pool_status = pool_status
-        self.padding: dict[str, int] = {}
-        self.created_with: tuple | None = None
-
-    def nvjpegCreateExV2(self, backend, dev_allocator, pinned_allocator, flags, handle):
-        self.created_with = (dev_allocator._obj, pinned_allocator._obj)
-        return self.nvjpegCreateEx(backend, None, None, flags, handle)
-
-    def nvjpegSetDeviceMemoryPadding(self, size, handle):
-        assert handle.value == 1, "the decoder's handle"
-        self.padding["device"] = size
-        return 0
-
-    def nvjpegSetPinnedMemoryPadding(self, size, handle):
-        self.padding["pinned"] = size
-        return 0
 
     def nvjpegDecodeBatchedPreAllocate(self, handle, state, batch, width, height, subsampling, output):
         self.pooled.append((state.value, batch, width, height, subsampling, output))
@@ -237,9 +222,7 @@ def test_each_state_asks_for_nvjpegs_memory_pool_where_the_library_has_the_call(
     lib = PoolingNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
     states = [lane.state.value for lane in decoder.lanes]
-    # each state's pool is sized for its part of a 64-image batch (32 of 2 lanes), rounded up to the
-    # engines' 7 x 5 cores, at 1x1 like nvImageCodec's
-    assert [entry[0] for entry in lib.pooled] == states and all(entry[1:] == (35, 1, 1, 0, 5) for entry in lib.pooled)
+    assert [entry[0] for entry in lib.pooled] == states and all(entry[1:] == (1, 1, 1, 0, 5) for entry in lib.pooled)
     assert all(lane.pooled for lane in decoder.lanes) and decoder.engines == (7, 5)
     images = [_fake_jpeg(10 + i, 4, 5) for i in range(4)]
     images[1] = _fake_jpeg(99, 4, 5, flags=2)  # its part's state is replaced, and the new one pooled too
@@ -250,34 +233,6 @@ def test_each_state_asks_for_nvjpegs_memory_pool_where_the_library_has_the_call(
     assert nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).engines is None
     quiet = PoolingNvjpeg()
     assert not any(lane.pooled for lane in nvjpeg.Decoder(quiet, torch.device("cpu"), pool=False).lanes) and not quiet.pooled
-
-
-@pytest.mark.parametrize("batch, lanes, engines, expected", [
-    (64, 2, (7, 5), 35), (64, 1, (7, 5), 70), (64, 4, (7, 5), 35), (64, 2, None, 32), (10, 3, None, 4),
-    (64, 2, (0, 0), 32), (1, 2, (4, 1), 4),
-])
-def test_the_pool_is_sized_for_a_lanes_largest_part_in_whole_rounds_of_the_engines_cores(batch, lanes, engines, expected):
-    assert nvjpeg.pool_batch(batch, lanes, engines) == expected
-
-
-def test_allocation_padding_is_set_on_the_handle_where_the_library_has_the_calls():
-    lib = PoolingNvjpeg()
-    assert nvjpeg.Decoder(lib, torch.device("cpu")).padding
-    assert lib.padding == {"device": nvjpeg.DEVICE_PADDING, "pinned": nvjpeg.PINNED_PADDING}
-    quiet = PoolingNvjpeg()
-    assert not nvjpeg.Decoder(quiet, torch.device("cpu"), padding=(0, 0)).padding and not quiet.padding
-    assert not nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).padding  # an older library: nvjpeg's own
-
-
-def test_allocators_given_create_the_handle_with_them_and_decode_as_before():
-    lib, allocators = PoolingNvjpeg(), (ctypes.c_int(1), ctypes.c_int(2))
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), allocators=allocators)
-    assert lib.created_with == allocators and decoder.handle.value == 1
-    out = _decode(decoder, [_fake_jpeg(10 + i, 3, 4) for i in range(3)])
-    assert [int(image[0, 0, 0]) for image in out] == [10, 11, 12]
-    plain = PoolingNvjpeg()
-    nvjpeg.Decoder(plain, torch.device("cpu"))
-    assert plain.created_with is None
 
 
 def test_a_library_that_refuses_the_pool_still_decodes():
@@ -474,20 +429,3 @@ def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_pl
         assert isinstance(results[index], DecodeError) or tuple(results[index].shape) == (3, 120, 160)
     again = J.decode_jpeg_tensor([_tensor(d) for d in goods], torch.device("cuda"), gpu_decoder="nvjpeg")
     assert all(torch.equal(a, b) for a, b in zip(again, reference))  # the decoder still works afterwards
-
-
-@_on_gpu
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_lanes_on_streams_of_their_own_give_the_same_pixels_in_order_on_the_callers_stream(lanes):
-    _engines()
-    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, own_streams=True)
-    shapes = [(64 + 8 * i, 48 + 4 * i) for i in range(9)]
-    datas = [_tensor(_jpeg(h, w, 20 + i)) for i, (h, w) in enumerate(shapes)]
-    theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
-    caller = torch.cuda.Stream()
-    for _ in range(3):
-        with torch.cuda.stream(caller):
-            torch.cuda._sleep(20_000_000)  # the caller's stream busy; its copies below must still wait for the lanes
-            ours = [image.permute(2, 0, 1).clone() for image in decoder.decode(datas, shapes)]
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
