@@ -6,14 +6,16 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
 backends (Huffman decoding on the host, or on the SMs) alone and beside the engines on a share of each batch;
 ``host`` rows time the header checks a batch costs the host.  ``sync`` rows time nvjpeg's batched call on
 the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with the device idle or a kernel
-queued before the call: whether, and for what, the call makes the host wait.
+queued before the call: whether, and for what, the call makes the host wait.  ``threads`` rows run 1 to 4
+decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
+engines' work overlaps across calls.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -331,6 +334,39 @@ def sync_rows(name: str, corpus: list[bytes], report: list) -> None:
             print(" | ".join(report[-1]), flush=True)
 
 
+def thread_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
+    decoder of its own (its own handle and one state), each decoding batches of 64 back to back on a
+    stream of its own for ``seconds``; the rate is all threads' images together."""
+    tensors, shapes = accepted(corpus)
+    for count in (1, 2, 3, 4):
+        decoders = [nvjpeg.Decoder(loaded_nvjpeg(), torch.device("cuda"), 1) for _ in range(count)]
+        streams = [torch.cuda.Stream() for _ in range(count)]
+        done, finished = [0] * count, [0.0] * count
+        begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
+        stop = begin + seconds
+
+        def work(k: int) -> None:
+            order = itertools.cycle(range(k * 7, k * 7 + len(tensors)))
+            with torch.cuda.stream(streams[k]):
+                while (started := time.perf_counter()) < stop:
+                    chosen = [next(order) % len(tensors) for _ in range(64)]
+                    decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                    done[k] += 64 if started >= begin else 0
+                torch.cuda.current_stream().synchronize()
+            finished[k] = time.perf_counter()
+
+        with ThreadPoolExecutor(count) as pool:
+            cpu0 = os.times()
+            list(pool.map(work, range(count)))
+            cpu1 = os.times()
+        wall, total = max(finished) - begin, sum(done)
+        cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
+        report.append((name, f"batch 64: {count} host thread(s), a decoder and stream each, no waiting for each other",
+                       f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
+        print(" | ".join(report[-1]), flush=True)
+
+
 def nvjpeg_shape(data: bytes) -> tuple[int, int]:
     from tritonpipe.kernels import jpeg
 
@@ -346,7 +382,8 @@ def main() -> None:
     parser.add_argument("--corpora", default="3-size,distinct-size", help="which corpora to decode")
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
-                        "sync (what nvjpeg's batched call waits for on the host)")
+                        "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
+                        "own, none waiting for another)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -361,6 +398,8 @@ def main() -> None:
             lane_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sync" in groups:
             sync_rows(name, corpus.images, report)
+        if "threads" in groups:
+            thread_rows(name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
