@@ -177,6 +177,29 @@ def kernel_available(device: torch.device) -> bool:
 _broken: str | None = None
 
 
+def _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device):
+    """The kernel's three tables (per image: address, sides, strides, swap; per image: scales; per channel:
+    mean and std) as views of one buffer, so that a GPU gets them in one copy from pinned memory.  Each
+    table starts 16 bytes into line, as separate tensors would, so that Triton compiles one variant."""
+    count, head = len(views), 7 * len(views)
+    start = head + head % 2  # the float32 tables start 16-byte aligned
+    norm_at = -(-2 * count // 4) * 4  # and so does mean/std after the scales
+    floats = norm_at + 2 * channels
+    packed = torch.empty(start + (floats + 1) // 2, dtype=torch.int64, pin_memory=device.type == "cuda")
+    packed[:head] = torch.tensor(
+        [[v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s)] for v, s in zip(views, swaps)], dtype=torch.int64
+    ).view(-1)
+    values = packed[start:].view(torch.float32)
+    # the scales are divided here, in IEEE float32 as PyTorch's host code does (Triton's "/" is approximate)
+    sides = torch.tensor([[v.shape[1], v.shape[2]] for v in views], dtype=torch.float32)
+    values[: 2 * count] = (sides / torch.tensor([out_h, out_w], dtype=torch.float32)).view(-1)
+    values[norm_at:floats] = torch.tensor([*(mean or [0.0] * channels), *(std or [1.0] * channels)], dtype=torch.float32)
+    if device.type == "cuda":
+        packed = packed.to(device, non_blocking=True)
+    values = packed[start:].view(torch.float32)
+    return packed[:head], values[: 2 * count], values[norm_at:floats]
+
+
 def resize_batch(
     images: Sequence[torch.Tensor],
     out_h: int,
@@ -203,18 +226,8 @@ def resize_batch(
         return _reference(views, swaps, out_h, out_w, mean, std, dtype)
     kernel, types, cdiv = _kernel()
     channels = views[0].shape[0]
-    table = torch.tensor(
-        [[v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s)] for v, s in zip(views, swaps)], dtype=torch.int64
-    )
-    # the scales are divided here, in IEEE float32 as PyTorch's host code does (Triton's "/" is approximate)
-    sides = torch.tensor([[v.shape[1], v.shape[2]] for v in views], dtype=torch.float32)
-    scales = sides / torch.tensor([out_h, out_w], dtype=torch.float32)
     normalise = mean is not None or std is not None
-    norm = torch.tensor([*(mean or [0.0] * channels), *(std or [1.0] * channels)], dtype=torch.float32)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-        scales = scales.pin_memory().to(device, non_blocking=True)
-        norm = norm.pin_memory().to(device, non_blocking=True)
+    table, scales, norm = _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device)
     out = torch.empty((len(views), channels, out_h, out_w), dtype=dtype, device=device)
     grid = (cdiv(out_h * out_w, _BLOCK), len(views))
     try:

@@ -177,3 +177,17 @@ def test_a_kernel_that_cannot_launch_falls_back_once_and_for_all(monkeypatch, ca
     assert torch.equal(got, resize_batch_reference(batch, 24, 32, mean=MEAN, std=STD))
     assert "cannot run here (RuntimeError: Failed to find C compiler)" in caplog.text
     assert not batch_resize.kernel_available(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_the_launch_tables_share_one_buffer_each_16_byte_aligned_with_the_right_values(count):
+    views = [torch.zeros(3, 10 + i, 20 + i, dtype=torch.uint8)[:, 1:, :] for i in range(count)]
+    swaps = [i % 2 == 1 for i in range(count)]
+    table, scales, norm = batch_resize._launch_tables(views, swaps, 7, 9, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 3, torch.device("cpu"))
+    assert table.untyped_storage().data_ptr() == scales.untyped_storage().data_ptr() == norm.untyped_storage().data_ptr()
+    assert all(t.data_ptr() % 16 == 0 for t in (table, scales, norm))  # one compiled variant whatever the count
+    rows = table.view(count, 7).tolist()
+    assert rows == [[v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s)] for v, s in zip(views, swaps)]
+    sides = torch.tensor([[9 + i, 20 + i] for i in range(count)], dtype=torch.float32)
+    assert torch.equal(scales.view(count, 2), sides / torch.tensor([7.0, 9.0]))
+    assert norm.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
