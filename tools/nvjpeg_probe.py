@@ -289,20 +289,19 @@ class TimedLib:
         return timed_call
 
 
-def accepted(corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+def accepted(nv: Nvjpeg, corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """The corpus's JPEGs the engines take, as tensors, and their (height, width)."""
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
-    probe = nvjpeg.Decoder(loaded_nvjpeg(), torch.device("cuda"), 1)
-    keep = [i for i, t in enumerate(tensors) if probe.lanes[0].takes(t)]
-    return [tensors[i] for i in keep], [nvjpeg_shape(corpus[i]) for i in keep]
+    infos = [nv.info(data) for data in corpus]
+    return ([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, (_, _, ok) in zip(corpus, infos) if ok],
+            [(h, w) for h, w, ok in infos if ok])
 
 
-def sync_rows(name: str, corpus: list[bytes], report: list) -> None:
+def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
     """Does nvjpeg's batched call wait on the host, and for what?  Its host time (and the decode's GPU time)
     at several batch sizes with the device idle, with a 20 ms kernel queued on the call's own stream just
     before it, and with that kernel on another stream."""
-    base = loaded_nvjpeg()
-    tensors, shapes = accepted(corpus)
+    base = nv.lib
+    tensors, shapes = accepted(nv, corpus)
     order = itertools.cycle(range(len(tensors)))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -335,13 +334,13 @@ def sync_rows(name: str, corpus: list[bytes], report: list) -> None:
             print(" | ".join(report[-1]), flush=True)
 
 
-def thread_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches of 64 back to back on a
     stream of its own for ``seconds``; the rate is all threads' images together."""
-    tensors, shapes = accepted(corpus)
+    tensors, shapes = accepted(nv, corpus)
     for count in (1, 2, 3, 4):
-        decoders = [nvjpeg.Decoder(loaded_nvjpeg(), torch.device("cuda"), 1) for _ in range(count)]
+        decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1) for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         done, finished = [0] * count, [0.0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
@@ -368,15 +367,15 @@ def thread_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, repo
         print(" | ".join(report[-1]), flush=True)
 
 
-def part_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+def part_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """A batch of 64 cut into parts of 8 to 32 images, submitted one after another from one thread onto 2
     or 4 states in turn (``Decoder(part=...)``), beside the decoder's default (2 lanes on threads) and one
     lane."""
-    tensors, shapes = accepted(corpus)
+    tensors, shapes = accepted(nv, corpus)
     order = itertools.cycle(range(len(tensors)))
     shapes_of = [(lanes, None) for lanes in (1, 2)] + [(lanes, part) for part in (8, 16, 32) for lanes in (2, 4)]
     for lanes, part in shapes_of:
-        decoder = nvjpeg.Decoder(loaded_nvjpeg(), torch.device("cuda"), lanes, part=part)
+        decoder = nvjpeg.Decoder(nv.lib, torch.device("cuda"), lanes, part=part)
 
         def step(decoder=decoder):
             chosen = [next(order) for _ in range(64)]
@@ -388,13 +387,6 @@ def part_rows(name: str, corpus: list[bytes], seconds: float, busy: Busy, report
                 f"parts of {part} from one thread onto {lanes} states in turn")
         report.append((name, f"batch 64: tritonpipe's nvjpeg decoder, {what}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
         print(" | ".join(report[-1]), flush=True)
-
-
-def nvjpeg_shape(data: bytes) -> tuple[int, int]:
-    from tritonpipe.kernels import jpeg
-
-    info = jpeg.read_jpeg_info(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    return info.height, info.width
 
 
 def main() -> None:
@@ -420,11 +412,11 @@ def main() -> None:
         if "lanes" in groups:
             lane_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sync" in groups:
-            sync_rows(name, corpus.images, report)
+            sync_rows(nv, name, corpus.images, report)
         if "parts" in groups:
-            part_rows(name, corpus.images, args.seconds, busy, report)
+            part_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
-            thread_rows(name, corpus.images, args.seconds, busy, report)
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
