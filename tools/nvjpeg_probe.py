@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,parts]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,parts,handle]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -16,7 +16,8 @@ the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with th
 queued before the call: whether, and for what, the call makes the host wait.  ``threads`` rows run 1 to 4
 decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
 engines' work overlaps across calls.  ``parts`` rows cut a batch into small parts submitted one after
-another from one thread onto several states in turn.
+another from one thread onto several states in turn.  ``handle`` rows try the handle's flags and the order
+of a batch, with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -274,7 +275,7 @@ class TimedLib:
         function = getattr(self.lib, name)
 
         def timed_call(*args):
-            stream = args[-1] if name == "nvjpegDecodeBatched" else None
+            stream = args[-1] if name in ("nvjpegDecodeBatched", "nvjpegDecodeBatchedEx") else None
             if stream is not None:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(torch.cuda.ExternalStream(stream) if stream else torch.cuda.default_stream())
@@ -336,10 +337,11 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
-    decoder of its own (its own handle and one state), each decoding batches of 64 back to back on a
-    stream of its own for ``seconds``; the rate is all threads' images together."""
+    decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
+    its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
+    8 threads (what 8 served instances' batches look like)."""
     tensors, shapes = accepted(nv, corpus)
-    for count in (1, 2, 3, 4):
+    for batch, count in [(64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)]:
         decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1) for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         done, finished = [0] * count, [0.0] * count
@@ -350,9 +352,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             order = itertools.cycle(range(k * 7, k * 7 + len(tensors)))
             with torch.cuda.stream(streams[k]):
                 while (started := time.perf_counter()) < stop:
-                    chosen = [next(order) % len(tensors) for _ in range(64)]
+                    chosen = [next(order) % len(tensors) for _ in range(batch)]
                     decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-                    done[k] += 64 if started >= begin else 0
+                    done[k] += batch if started >= begin else 0
                 torch.cuda.current_stream().synchronize()
             finished[k] = time.perf_counter()
 
@@ -362,7 +364,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             cpu1 = os.times()
         wall, total = max(finished) - begin, sum(done)
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
-        report.append((name, f"batch 64: {count} host thread(s), a decoder and stream each, no waiting for each other",
+        report.append((name, f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other",
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
 
@@ -389,6 +391,41 @@ def part_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: 
         print(" | ".join(report[-1]), flush=True)
 
 
+def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """What the engines' time per batch depends on: the handle's flags (no buffering across batches,
+    interpolated chroma upsampling) and the order of a batch (as drawn, or largest first, the order
+    nvImageCodec's first hardware decoder sorted a batch into), one lane at batches of 64 and 16.  Each
+    row gives the rate, and per batch the host ms of nvjpeg's decode call and the GPU ms of the decode."""
+    tensors, shapes = accepted(nv, corpus)
+    variants = [(0, False, "default flags"), (0, True, "default flags, nvjpegDecodeBatchedEx"),
+                (nvjpeg.NO_PIPELINE, False, "NO_PIPELINE"), (nvjpeg.INTERPOLATED_UPSAMPLING, False, "interpolated upsampling")]
+    for batch in (64, 16):
+        for flags, ex, flag_name in variants:
+            lib = TimedLib(nv.lib)
+            for largest_first in (False, True):
+                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1, flags=flags, largest_first=largest_first, batched_ex=ex)
+                order = itertools.cycle(range(len(tensors)))
+
+                def step(decoder=decoder, order=order):
+                    chosen = [next(order) for _ in range(batch)]
+                    decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                lib.host, lib.gpu = {}, []
+                rate, cpu = timed(step, batch, seconds, warmup=0)
+                now = time.perf_counter()
+                calls = max(len(lib.gpu), 1)
+                gpu = sorted(a.elapsed_time(b) for a, b in lib.gpu)
+                call_s = lib.host.get("nvjpegDecodeBatched", 0.0) + lib.host.get("nvjpegDecodeBatchedEx", 0.0)
+                detail = (f"[per batch: decode call host ms {call_s * 1000 / calls:.2f}, "
+                          f"GPU ms median {gpu[len(gpu) // 2] if gpu else 0.0:.2f}]")
+                what = f"batch {batch}: 1 lane, {flag_name}, {'largest first' if largest_first else 'as drawn'} {detail}"
+                report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
+                print(" | ".join(report[-1]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="probe_out")
@@ -398,7 +435,8 @@ def main() -> None:
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
-                        "own, none waiting for another), parts (small parts from one thread onto several states)")
+                        "own, none waiting for another), parts (small parts from one thread onto several states), handle (the handle's "
+                        "flags and a batch's order)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -415,6 +453,8 @@ def main() -> None:
             sync_rows(nv, name, corpus.images, report)
         if "parts" in groups:
             part_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "handle" in groups:
+            handle_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:

@@ -43,6 +43,8 @@ _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
+#: nvjpegCreateEx flags: no buffering of images across the engines' batches; chroma upsampling interpolated
+NO_PIPELINE, INTERPOLATED_UPSAMPLING = 1, 32
 
 
 class NvjpegError(RuntimeError):
@@ -112,6 +114,9 @@ def library() -> ctypes.CDLL | str:
         optional = {  # newer libraries' calls, used where present
             "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
             "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
+            "nvjpegDecodeParamsCreate": [void, ctypes.POINTER(void)],
+            "nvjpegDecodeParamsSetROI": [void, integer, integer, integer, integer],
+            "nvjpegDecodeBatchedEx": [void, void, void, void, void, void, void],
         }
         for name, argtypes in optional.items():
             if hasattr(lib, name):
@@ -142,6 +147,7 @@ class _Lane:
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
+        self.params: list[ctypes.c_void_p] = []  # decode parameters (whole image), one per image, for the Ex call
 
     def pool(self) -> bool:
         """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
@@ -199,7 +205,16 @@ class _Lane:
         lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
         self.inputs = list(datas)
         handle = stream.cuda_stream if stream is not None else 0
-        decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, handle)
+        if decoder.batched_ex:
+            while len(self.params) < count:
+                params = ctypes.c_void_p()
+                decoder.call("nvjpegDecodeParamsCreate", decoder.handle, ctypes.byref(params))
+                decoder.call("nvjpegDecodeParamsSetROI", params, 0, 0, -1, -1)
+                self.params.append(params)
+            table = (ctypes.c_void_p * count)(*[params.value for params in self.params[:count]])
+            decoder.call("nvjpegDecodeBatchedEx", decoder.handle, self.state, pointers, lengths, images, table, handle)
+        else:
+            decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, handle)
         if stream is not None:
             # a blocking event: a lane's thread that waits for the engines gives its core up meanwhile
             self.done = torch.cuda.Event(blocking=True)
@@ -223,6 +238,8 @@ class _Lane:
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
+            if self.decoder.largest_first:
+                taken.sort(key=lambda i: -sizes[i][0] * sizes[i][1])
             try:
                 decoded: list[torch.Tensor | None] = list(
                     self.submit([datas[i] for i in taken], [sizes[i] for i in taken], stream))
@@ -251,16 +268,24 @@ class Decoder:
         part: instead of ``lanes`` near-equal parts on a thread each, cut a batch into parts of this many
             images, submitted one after another from the caller's thread onto the lanes in turn (a lane
             waits only for its own previous part).
+        flags: ``nvjpegCreateEx``'s flags for the handle (``NO_PIPELINE``, ``INTERPOLATED_UPSAMPLING``).
+        largest_first: hand each part to nvjpeg largest image first (the results keep the caller's order),
+            so that the engines' cores do not wait on one large image taken last.
+        batched_ex: decode through ``nvjpegDecodeBatchedEx`` with whole-image decode parameters (what
+            nvImageCodec calls), where the library has it.
     """
 
-    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, part: int | None = None):
+    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, part: int | None = None,
+                 flags: int = 0, largest_first: bool = True, batched_ex: bool = False):
         if part is not None and part < 1:
             raise ValueError(f"part must be at least 1, got {part}")
         self.lib, self.device, self.pooling, self.part_size = lib, torch.device(device), pool, part
+        self.largest_first = largest_first
+        self.batched_ex = batched_ex and hasattr(lib, "nvjpegDecodeBatchedEx")
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
-            self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, 0, ctypes.byref(self.handle))
+            self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle))
             self.engines = self._engines()
             self.lanes = [_Lane(self) for _ in range(lanes)]
         threaded = lanes > 1 and part is None
