@@ -403,7 +403,8 @@ def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         for flags, ex, flag_name in variants:
             lib = TimedLib(nv.lib)
             for largest_first in (False, True):
-                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1, flags=flags, largest_first=largest_first, batched_ex=ex)
+                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1, flags=flags, sort_from=1 if largest_first else None,
+                                         batched_ex=ex)
                 order = itertools.cycle(range(len(tensors)))
 
                 def step(decoder=decoder, order=order):

@@ -5,10 +5,11 @@ initialises its decoder state again on every call and makes the host wait for ea
 
 - the output is interleaved RGB (HxWx3), what the engines write;
 - each decoder state is initialised once per batch size;
-- nothing waits on the host: a batch is cut into ``LANES`` parts, each parsed and submitted on a state
-  and a host thread of its own on the caller's CUDA stream, so the parts' host work runs side by side
-  and the engines start on the first part submitted.  A lane waits only to reuse a state whose previous
-  part is still on the engines.
+- nothing waits on the host for the engines: a batch is submitted on the caller's CUDA stream (or cut
+  into ``lanes`` parts, each parsed and submitted on a state and a host thread of its own, so that the
+  parts' host work runs side by side).  A lane waits only to reuse a state whose previous part is still
+  on the engines;
+- a large batch goes to nvjpeg largest image first (:data:`SORT_FROM`).
 
 On an H200 that decoded 1.26x torchvision's rate at batch 64 and 1.54x at batch 10, with identical
 pixels (docs/BENCHMARKS.md, "nvjpeg driven directly").
@@ -36,8 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-#: states per decoder: a batch is cut into this many parts in flight at once
-LANES = 2
+#: states per decoder: a batch is cut into this many parts in flight at once.  One: on an H200 one part
+#: was faster than two served (8 instances, both corpora) and in one process at batch 64
+LANES = 1
+#: a part of this many images or more goes to nvjpeg largest image first.  On an H200, one decoder alone at
+#: batch 64 then took 5.9 instead of 7.4 ms of GPU time per batch on the 3-size corpus and 8.6 instead of
+#: 15.8 ms on photos of distinct sizes; but 8 served instances, each sorting its batches of about 10,
+#: decoded distinct sizes 22% slower than unsorted, so small parts keep the caller's order
+SORT_FROM = 32
 _BACKEND_HARDWARE = 3  # nvjpegBackend_t
 _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
@@ -238,7 +245,7 @@ class _Lane:
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
-            if self.decoder.largest_first:
+            if self.decoder.sort_from is not None and len(taken) >= self.decoder.sort_from:
                 taken.sort(key=lambda i: -sizes[i][0] * sizes[i][1])
             try:
                 decoded: list[torch.Tensor | None] = list(
@@ -269,18 +276,18 @@ class Decoder:
             images, submitted one after another from the caller's thread onto the lanes in turn (a lane
             waits only for its own previous part).
         flags: ``nvjpegCreateEx``'s flags for the handle (``NO_PIPELINE``, ``INTERPOLATED_UPSAMPLING``).
-        largest_first: hand each part to nvjpeg largest image first (the results keep the caller's order),
-            so that the engines' cores do not wait on one large image taken last.
+        sort_from: hand a part of at least this many images to nvjpeg largest image first (the results keep
+            the caller's order); None: never.  See :data:`SORT_FROM`.
         batched_ex: decode through ``nvjpegDecodeBatchedEx`` with whole-image decode parameters (what
             nvImageCodec calls), where the library has it.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, part: int | None = None,
-                 flags: int = 0, largest_first: bool = True, batched_ex: bool = False):
+                 flags: int = 0, sort_from: int | None = None, batched_ex: bool = False):
         if part is not None and part < 1:
             raise ValueError(f"part must be at least 1, got {part}")
         self.lib, self.device, self.pooling, self.part_size = lib, torch.device(device), pool, part
-        self.largest_first = largest_first
+        self.sort_from = sort_from
         self.batched_ex = batched_ex and hasattr(lib, "nvjpegDecodeBatchedEx")
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
@@ -359,7 +366,7 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
                 found = lib
             else:
                 try:
-                    found = Decoder(lib, torch.device("cuda", index), lanes)
+                    found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM)
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"
                              if exc.status == _ARCH_MISMATCH else f"nvjpeg's hardware decoder could not start: {exc}")

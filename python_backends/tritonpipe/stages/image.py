@@ -143,10 +143,11 @@ class DecodeTensor(Stage):
             doc="with decoder=dali: images per DALI iteration; a batch is cut into chunks that DALI decodes overlapped",
         ),
         "decode_depth": Param(
-            int, dali_decode.DEPTH, low=1, high=8,
-            doc="with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, each parsed "
-                "and submitted to the engines on a host thread of its own, without waiting for the engines (1: the whole "
-                "batch in one submission, on the model's thread)",
+            int, 0, low=0, high=8,
+            doc=f"with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, each parsed "
+                f"and submitted to the engines on a host thread of its own, without waiting for the engines (1: the whole "
+                f"batch in one submission, on the model's thread); 0: the decoder's own ({dali_decode.DEPTH} for dali, "
+                f"{nvjpeg.LANES} for nvjpeg)",
         ),
         "decode_threads": Param(
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
@@ -178,7 +179,7 @@ class DecodeTensor(Stage):
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.decoder = params["decoder"]
-        self.nvjpeg_lanes = params["decode_depth"]
+        self.nvjpeg_lanes = params["decode_depth"] or nvjpeg.LANES
         self.settings = nvimgcodec.Settings(
             hw_load=params["hw_decoder_load"],
             threads=params["decode_threads"],
@@ -190,7 +191,7 @@ class DecodeTensor(Stage):
             hw_load=params["hw_decoder_load"],
             threads=min(params["decode_cpu_threads"], dali_decode.MAX_THREADS),
             chunk=params["decode_chunk"],
-            depth=params["decode_depth"],
+            depth=params["decode_depth"] or dali_decode.DEPTH,
             huffman_threshold=params["hybrid_huffman_threshold"],
         )
         self._check_decoder_keys(params)

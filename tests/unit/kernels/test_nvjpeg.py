@@ -108,7 +108,7 @@ def _decode(decoder, images):
 
 def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
     lib = FakeNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=2)
     images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
     for _ in range(3):
         out = _decode(decoder, images)
@@ -133,8 +133,8 @@ def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
     assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(7)]
 
 
-@pytest.mark.parametrize("largest_first", [True, False])
-def test_each_part_goes_to_nvjpeg_largest_image_first_and_every_image_keeps_its_place(largest_first):
+@pytest.mark.parametrize("sort_from, largest_first", [(1, True), (6, True), (7, False), (None, False)])
+def test_a_part_from_sort_from_images_goes_to_nvjpeg_largest_image_first_and_every_image_keeps_its_place(sort_from, largest_first):
     class Recording(FakeNvjpeg):
         def __init__(self):
             super().__init__()
@@ -146,7 +146,7 @@ def test_each_part_goes_to_nvjpeg_largest_image_first_and_every_image_keeps_its_
             return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
 
     lib = Recording()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, largest_first=largest_first)
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, sort_from=sort_from)
     sides = [(3, 4), (9, 9), (2, 2), (7, 5), (9, 9), (1, 6)]
     images = [_fake_jpeg(20 + i, h, w) for i, (h, w) in enumerate(sides)]
     out = _decode(decoder, images)
@@ -335,7 +335,7 @@ def test_a_library_that_refuses_the_pool_still_decodes():
 
 def test_what_the_engines_do_not_take_comes_back_marked_and_the_rest_is_decoded():
     lib = FakeNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=2)
     images = [_fake_jpeg(10 + i, 3, 4, flags=1 if i in (1, 4) else 0) for i in range(6)]
     out = _decode(decoder, images)
     assert out[1] is False and out[4] is False
