@@ -62,6 +62,8 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
         # one request in flight: every batch holds one image, and the stages run inside Triton's compute infer
         assert all(int(r["images"]) == int(r["batches"]) > 0 for r in level), level
         assert 0 < sum(float(r["ms_per_batch"]) for r in level) < float(level[0]["compute_infer_ms"]), level
+        # and Triton's per-batch-size statistics give the same compute infer per batch as per request
+        assert float(level[0]["compute_infer_batch_ms"]) == pytest.approx(float(level[0]["compute_infer_ms"]), rel=0.02), level
     assert ("ensemble", "2", "cls_pre", "DecodeTensor") in stages
 
     report = (out / "report.md").read_text()

@@ -282,7 +282,8 @@ def test_model_override_without_a_model_stage_is_an_error():
 # --- statistics -----------------------------------------------------------------------------
 
 
-def _stats(entries):
+def _stats(entries, batches=None):
+    """Triton's statistics JSON; ``batches``: model -> [(batch size, executions, compute infer ns)]."""
     return {
         "model_stats": [
             {
@@ -292,6 +293,10 @@ def _stats(entries):
                     "compute_input": {"count": str(n), "ns": str(int(ci))}, "compute_infer": {"count": str(n), "ns": str(int(cf))},
                     "compute_output": {"count": str(n), "ns": str(int(co))}, "fail": {},
                 },
+                "batch_stats": [
+                    {"batch_size": str(size), "compute_infer": {"count": str(count), "ns": str(int(ns))}}
+                    for size, count, ns in (batches or {}).get(name, [])
+                ],
             }
             for name, n, e, total, q, ci, cf, co in entries
         ]
@@ -355,12 +360,27 @@ def test_stage_breakdown_is_per_batch_and_per_image_over_the_level_only():
     assert decode.ms_per_batch == pytest.approx(2.0) and decode.ms_per_image == pytest.approx(0.5)
     assert (resize.images, resize.batches, resize.ms_per_batch) == (30, 8, pytest.approx(0.5))
     assert decode.compute_infer_ms == pytest.approx(3.0) and decode.concurrency == 4
+    assert decode.compute_infer_batch_ms is None  # no per-batch-size statistics in these snapshots
     # the stages come in the order the model's chain runs them
     ordered = stats.stage_breakdown("ensemble", 4, ["pre"], before, after, order={"pre": ["S", "ResizeTensor", "DecodeTensor"]})
     assert [r.stage for r in ordered] == ["ResizeTensor", "DecodeTensor"]
     assert [(r.model, r.stage) for r in stats.stage_breakdown("e", 1, ["cls", "pre"], {}, after)][0] == ("cls", "TensorrtTensor")
     # a level in which a model ran no batch gives it no row
     assert stats.stage_breakdown("ensemble", 4, ["pre"], after, after) == []
+
+
+def test_compute_infer_per_batch_counts_each_batch_once_where_per_request_counts_it_per_request():
+    # one batch of 1 request taking 2 ms and one of 9 requests taking 12 ms: per request the large batch
+    # counts 9 times ((2 + 9 * 12) / 10 = 11 ms), per batch once ((2 + 12) / 2 = 7 ms), as the stages are averaged
+    before = stats.parse_stats(_stats([("pre", 0, 0, 0, 0, 0, 0, 0)]))
+    after = stats.parse_stats(_stats([("pre", 10, 2, 0, 0, 0, 2e6 + 9 * 12e6, 0)], {"pre": [(1, 1, 2e6), (9, 1, 12e6)]}))
+    assert (after["pre"] - before["pre"]).infer_ms_per_batch == pytest.approx(7.0)
+    tallies = {("pre", "DecodeTensor"): stats.StageTally(10, 6000, 2)}
+    (decode,) = stats.stage_breakdown("ensemble", 8, ["pre"], {}, tallies, (before, after))
+    assert decode.compute_infer_ms == pytest.approx(11.0) and decode.compute_infer_batch_ms == pytest.approx(7.0)
+    assert decode.ms_per_batch == pytest.approx(3.0)
+    lines = report.markdown(_rows(), [], {}, [decode]).splitlines()
+    assert "| ensemble | 8 | pre | 11.0 | 7.00 | 3.00 | — | 4.00 | — |" in lines  # unexplained: 7 - 3, per batch
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -404,18 +424,18 @@ def test_markdown_has_header_ratios_and_breakdown():
 
 
 def test_markdown_has_the_stage_table_with_the_time_outside_the_stages():
-    stages = [stats.StageTimes("ensemble", 1, "pre", "DecodeTensor", 100, 100, 0.8, 0.8, 2.0),
-              stats.StageTimes("ensemble", 1, "pre", "ResizeTensor", 100, 100, 0.2, 0.2, 2.0)]
+    stages = [stats.StageTimes("ensemble", 1, "pre", "DecodeTensor", 100, 100, 0.8, 0.8, 2.0, 2.0),
+              stats.StageTimes("ensemble", 1, "pre", "ResizeTensor", 100, 100, 0.2, 0.2, 2.0, 2.0)]
     text = report.markdown(_rows(), [], {}, stages)
     lines = text.splitlines()
     assert "## Inside the models (ms, from tritonpipe's stage metrics, per concurrency level)" in lines
     assert "| ensemble | 1 | pre | DecodeTensor | 100 | 100 | 1.0 | 0.80 | 0.80 |" in lines
-    assert "| ensemble | 1 | pre | 2.00 | 1.00 | — | 1.00 | — |" in lines  # no execute rows: none timed
+    assert "| ensemble | 1 | pre | 2.00 | 2.00 | 1.00 | — | 1.00 | — |" in lines  # no execute rows: none timed
     # execute's steps are not stages: they have a column of their own, and the GPU time overlaps the rest
-    steps = [stats.StageTimes("ensemble", 1, "pre", "execute:" + step, 100, 100, ms, ms, 2.0)
+    steps = [stats.StageTimes("ensemble", 1, "pre", "execute:" + step, 100, 100, ms, ms, 2.0, 2.0)
              for step, ms in (("read", 0.1), ("outputs", 0.05), ("synchronize", 0.4), ("respond", 0.05), ("gpu", 0.7))]
     lines = report.markdown(_rows(), [], {}, stages + steps).splitlines()
-    assert "| ensemble | 1 | pre | 2.00 | 1.00 | 0.60 | 0.40 | 0.70 |" in lines
+    assert "| ensemble | 1 | pre | 2.00 | 2.00 | 1.00 | 0.60 | 0.40 | 0.70 |" in lines
     assert "Inside the models" not in report.markdown(_rows(), [], {})
 
 

@@ -109,11 +109,12 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
     out = [
         "", "## Inside the models (ms, from tritonpipe's stage metrics, per concurrency level)", "",
         "A stage's time per batch is the wall time of its Python call on one batch, averaged over every instance's batches; "
-        "`compute infer` is Triton's for the model (per request, so large batches weigh more in it), and "
-        "`execute steps` is the model's own work around the stages per batch (the `execute:` rows: reading the requests, "
-        "building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer less "
-        "both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain (CUDA events), "
-        "which overlaps the rest. The figures are exact where every batch holds one request (c=1). "
+        "`compute infer` is Triton's for the model, per request (each request counts its batch's time, so large batches "
+        "weigh more in it) and per batch (each batch once, from Triton's per-batch-size statistics, as the stages are "
+        "averaged); `execute steps` is the model's own work around the stages per batch (the `execute:` rows: reading the "
+        "requests, building the outputs, waiting for the GPU, writing the responses), and `unexplained` is compute infer "
+        "per batch less both: the Python stub and Triton's side of the call. `execute:gpu` is the GPU time of the chain "
+        "(CUDA events), which overlaps the rest. "
         "A model with `overlap` returns from execute once the tail thread has taken its batch (`execute:wait` is the time "
         "it waited for it): its compute infer does not cover the last stage and the answers, so nothing is `unexplained` there. "
         "Rows of system `inprocess` (concurrency: the batch) come from the in-process run instead, on batches of their own "
@@ -131,17 +132,17 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
         totals.setdefault((stage.system, stage.concurrency, stage.model), []).append(stage)
     summary = []
     for (system, concurrency, model), group in totals.items():
-        infer = group[0].compute_infer_ms
+        infer, per_batch = group[0].compute_infer_ms, group[0].compute_infer_batch_ms
         staged = sum(s.ms_per_batch for s in group if not s.stage.startswith(STEP_PREFIX))
         step_rows = [s.ms_per_batch for s in group if s.stage in {STEP_PREFIX + step for step in STEPS}]
         steps = sum(step_rows) if step_rows else None  # the in-process rows have none
         gpu = next((s.ms_per_batch for s in group if s.stage == STEP_PREFIX + GPU_STEP), None)
         overlapped = any(s.stage == STEP_PREFIX + WAIT_STEP for s in group)
-        unexplained = infer - staged - (steps or 0.0) if infer is not None and not overlapped else None
-        summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(staged), fmt_ms(steps),
+        unexplained = per_batch - staged - (steps or 0.0) if per_batch is not None and not overlapped else None
+        summary.append([system, str(concurrency), model, fmt_ms(infer), fmt_ms(per_batch), fmt_ms(staged), fmt_ms(steps),
                         fmt_ms(unexplained), fmt_ms(gpu)])
-    out += ["", *_table(["system", "concurrency", "model", "compute infer", "its stages", "execute steps", "unexplained",
-                         "GPU time of the chain"], summary)]
+    out += ["", *_table(["system", "concurrency", "model", "compute infer per request", "compute infer per batch",
+                         "its stages", "execute steps", "unexplained", "GPU time of the chain"], summary)]
     return out
 
 

@@ -19,6 +19,10 @@ class Counters:
     executions: int = 0
     requests: int = 0  # successful requests
     ns: tuple[int, ...] = (0,) * len(PHASES)  # summed time per phase, in PHASES order
+    # compute infer once per execution, whatever its batch (from ``batch_stats``): the phases above
+    # count it once per request, so a large batch weighs in them as many times as it holds requests
+    infer_batches: int = 0
+    infer_batch_ns: int = 0
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(
@@ -26,7 +30,14 @@ class Counters:
             self.executions - other.executions,
             self.requests - other.requests,
             tuple(a - b for a, b in zip(self.ns, other.ns)),
+            self.infer_batches - other.infer_batches,
+            self.infer_batch_ns - other.infer_batch_ns,
         )
+
+    @property
+    def infer_ms_per_batch(self) -> float | None:
+        """Compute infer per execution, in ms, or None where no execution was counted."""
+        return self.infer_batch_ns / self.infer_batches / 1e6 if self.infer_batches > 0 else None
 
 
 @dataclass
@@ -59,11 +70,14 @@ def parse_stats(stats: dict) -> dict[str, Counters]:
     out: dict[str, Counters] = {}
     for entry in stats.get("model_stats", []):
         phases = entry.get("inference_stats", {})
+        per_size = [size.get("compute_infer", {}) for size in entry.get("batch_stats", [])]
         out[entry["name"]] = Counters(
             inferences=int(entry.get("inference_count", 0)),
             executions=int(entry.get("execution_count", 0)),
             requests=int(phases.get("success", {}).get("count", 0)),
             ns=tuple(int(phases.get(phase, {}).get("ns", 0)) for phase in PHASES),
+            infer_batches=sum(int(infer.get("count", 0)) for infer in per_size),
+            infer_batch_ns=sum(int(infer.get("ns", 0)) for infer in per_size),
         )
     return out
 
@@ -131,6 +145,7 @@ class StageTimes:
     ms_per_batch: float
     ms_per_image: float
     compute_infer_ms: float | None = None  # the model's, per request, over the same interval
+    compute_infer_batch_ms: float | None = None  # the model's, per execution (batch), over the same interval
 
 
 def parse_stage_metrics(text: str) -> dict[tuple[str, str], StageTally]:
@@ -176,13 +191,15 @@ def stage_breakdown(
         delta = tally - before.get((model, stage), StageTally())
         if delta.batches <= 0:
             continue
-        infer = None
+        infer = per_batch = None
         if counters is not None:
             change = counters[1].get(model, Counters()) - counters[0].get(model, Counters())
             infer = change.ns[PHASES.index("compute_infer")] / change.requests / 1e6 if change.requests else None
+            per_batch = change.infer_ms_per_batch
         rows.append(StageTimes(
             system, concurrency, model, stage, round(delta.images), round(delta.batches),
             delta.duration_us / delta.batches / 1e3, delta.duration_us / delta.images / 1e3 if delta.images else 0.0, infer,
+            per_batch,
         ))
 
     def place(row: StageTimes) -> tuple[int, int]:
