@@ -275,7 +275,7 @@ class TimedLib:
         function = getattr(self.lib, name)
 
         def timed_call(*args):
-            stream = args[-1] if name in ("nvjpegDecodeBatched", "nvjpegDecodeBatchedEx") else None
+            stream = args[-1] if name == "nvjpegDecodeBatched" else None
             if stream is not None:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(torch.cuda.ExternalStream(stream) if stream else torch.cuda.default_stream())
@@ -397,14 +397,12 @@ def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     nvImageCodec's first hardware decoder sorted a batch into), one lane at batches of 64 and 16.  Each
     row gives the rate, and per batch the host ms of nvjpeg's decode call and the GPU ms of the decode."""
     tensors, shapes = accepted(nv, corpus)
-    variants = [(0, False, "default flags"), (0, True, "default flags, nvjpegDecodeBatchedEx"),
-                (nvjpeg.NO_PIPELINE, False, "NO_PIPELINE"), (nvjpeg.INTERPOLATED_UPSAMPLING, False, "interpolated upsampling")]
+    variants = [(0, "default flags"), (nvjpeg.NO_PIPELINE, "NO_PIPELINE"), (nvjpeg.INTERPOLATED_UPSAMPLING, "interpolated upsampling")]
     for batch in (64, 16):
-        for flags, ex, flag_name in variants:
+        for flags, flag_name in variants:
             lib = TimedLib(nv.lib)
             for largest_first in (False, True):
-                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1, flags=flags, sort_from=1 if largest_first else None,
-                                         batched_ex=ex)
+                decoder = nvjpeg.Decoder(lib, torch.device("cuda"), 1, flags=flags, sort_from=1 if largest_first else None)
                 order = itertools.cycle(range(len(tensors)))
 
                 def step(decoder=decoder, order=order):
@@ -419,8 +417,7 @@ def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 now = time.perf_counter()
                 calls = max(len(lib.gpu), 1)
                 gpu = sorted(a.elapsed_time(b) for a, b in lib.gpu)
-                call_s = lib.host.get("nvjpegDecodeBatched", 0.0) + lib.host.get("nvjpegDecodeBatchedEx", 0.0)
-                detail = (f"[per batch: decode call host ms {call_s * 1000 / calls:.2f}, "
+                detail = (f"[per batch: decode call host ms {lib.host.get('nvjpegDecodeBatched', 0.0) * 1000 / calls:.2f}, "
                           f"GPU ms median {gpu[len(gpu) // 2] if gpu else 0.0:.2f}]")
                 what = f"batch {batch}: 1 lane, {flag_name}, {'largest first' if largest_first else 'as drawn'} {detail}"
                 report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))

@@ -121,9 +121,6 @@ def library() -> ctypes.CDLL | str:
         optional = {  # newer libraries' calls, used where present
             "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
             "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
-            "nvjpegDecodeParamsCreate": [void, ctypes.POINTER(void)],
-            "nvjpegDecodeParamsSetROI": [void, integer, integer, integer, integer],
-            "nvjpegDecodeBatchedEx": [void, void, void, void, void, void, void],
         }
         for name, argtypes in optional.items():
             if hasattr(lib, name):
@@ -154,7 +151,6 @@ class _Lane:
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
-        self.params: list[ctypes.c_void_p] = []  # decode parameters (whole image), one per image, for the Ex call
 
     def pool(self) -> bool:
         """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
@@ -212,16 +208,7 @@ class _Lane:
         lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
         self.inputs = list(datas)
         handle = stream.cuda_stream if stream is not None else 0
-        if decoder.batched_ex:
-            while len(self.params) < count:
-                params = ctypes.c_void_p()
-                decoder.call("nvjpegDecodeParamsCreate", decoder.handle, ctypes.byref(params))
-                decoder.call("nvjpegDecodeParamsSetROI", params, 0, 0, -1, -1)
-                self.params.append(params)
-            table = (ctypes.c_void_p * count)(*[params.value for params in self.params[:count]])
-            decoder.call("nvjpegDecodeBatchedEx", decoder.handle, self.state, pointers, lengths, images, table, handle)
-        else:
-            decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, handle)
+        decoder.call("nvjpegDecodeBatched", decoder.handle, self.state, pointers, lengths, images, handle)
         if stream is not None:
             # a blocking event: a lane's thread that waits for the engines gives its core up meanwhile
             self.done = torch.cuda.Event(blocking=True)
@@ -278,17 +265,14 @@ class Decoder:
         flags: ``nvjpegCreateEx``'s flags for the handle (``NO_PIPELINE``, ``INTERPOLATED_UPSAMPLING``).
         sort_from: hand a part of at least this many images to nvjpeg largest image first (the results keep
             the caller's order); None: never.  See :data:`SORT_FROM`.
-        batched_ex: decode through ``nvjpegDecodeBatchedEx`` with whole-image decode parameters (what
-            nvImageCodec calls), where the library has it.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, part: int | None = None,
-                 flags: int = 0, sort_from: int | None = None, batched_ex: bool = False):
+                 flags: int = 0, sort_from: int | None = None):
         if part is not None and part < 1:
             raise ValueError(f"part must be at least 1, got {part}")
         self.lib, self.device, self.pooling, self.part_size = lib, torch.device(device), pool, part
         self.sort_from = sort_from
-        self.batched_ex = batched_ex and hasattr(lib, "nvjpegDecodeBatchedEx")
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():

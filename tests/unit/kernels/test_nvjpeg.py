@@ -157,36 +157,6 @@ def test_a_part_from_sort_from_images_goes_to_nvjpeg_largest_image_first_and_eve
     assert areas == (sorted(as_given, reverse=True) if largest_first else as_given)
 
 
-def test_the_ex_call_gets_whole_image_parameters_made_once_per_slot():
-    class WithEx(FakeNvjpeg):
-        def __init__(self):
-            super().__init__()
-            self.rois: dict[int, tuple[int, int, int, int]] = {}
-            self.ex_calls = 0
-
-        def nvjpegDecodeParamsCreate(self, handle, params):
-            self._set(params, next(self.ids))
-            return 0
-
-        def nvjpegDecodeParamsSetROI(self, params, x, y, w, h):
-            self.rois[params.value] = (x, y, w, h)
-            return 0
-
-        def nvjpegDecodeBatchedEx(self, handle, state, pointers, lengths, images, params, stream):
-            assert all(self.rois[params[i]] == (0, 0, -1, -1) for i in range(len(pointers)))
-            self.ex_calls += 1
-            return self.nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
-
-    lib = WithEx()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, batched_ex=True)
-    images = [_fake_jpeg(30 + i, 2 + i, 3) for i in range(4)]
-    for count in (4, 2, 4):
-        out = _decode(decoder, images[:count])
-        assert all(bool((r == i[3]).all()) for r, i in zip(out, images))
-    assert lib.ex_calls == 3 and len(lib.rois) == 4  # parameters made for the largest batch, then reused
-    assert not nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), batched_ex=True).batched_ex  # no Ex call: the plain one
-
-
 @pytest.mark.parametrize("count, size", [(0, 4), (1, 4), (7, 3), (8, 4), (64, 16), (10, 64)])
 def test_chunks_cover_the_batch_in_order_none_longer_than_asked(count, size):
     cut = nvjpeg.chunks(count, size)
