@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,parts,handle]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,handle]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -15,9 +15,8 @@ backends (Huffman decoding on the host, or on the SMs) alone and beside the engi
 the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with the device idle or a kernel
 queued before the call: whether, and for what, the call makes the host wait.  ``threads`` rows run 1 to 4
 decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
-engines' work overlaps across calls.  ``parts`` rows cut a batch into small parts submitted one after
-another from one thread onto several states in turn.  ``handle`` rows try the handle's flags and the order
-of a batch, with the GPU time of each decode call.
+engines' work overlaps across calls.  ``handle`` rows try the handle's flags and the order of a batch,
+with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -369,28 +368,6 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         print(" | ".join(report[-1]), flush=True)
 
 
-def part_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
-    """A batch of 64 cut into parts of 8 to 32 images, submitted one after another from one thread onto 2
-    or 4 states in turn (``Decoder(part=...)``), beside the decoder's default (2 lanes on threads) and one
-    lane."""
-    tensors, shapes = accepted(nv, corpus)
-    order = itertools.cycle(range(len(tensors)))
-    shapes_of = [(lanes, None) for lanes in (1, 2)] + [(lanes, part) for part in (8, 16, 32) for lanes in (2, 4)]
-    for lanes, part in shapes_of:
-        decoder = nvjpeg.Decoder(nv.lib, torch.device("cuda"), lanes, part=part)
-
-        def step(decoder=decoder):
-            chosen = [next(order) for _ in range(64)]
-            decoder.decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-
-        rate, cpu = timed(step, 64, seconds)
-        now = time.perf_counter()
-        what = (f"{lanes} lane(s), a thread each" if part is None else
-                f"parts of {part} from one thread onto {lanes} states in turn")
-        report.append((name, f"batch 64: tritonpipe's nvjpeg decoder, {what}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
-        print(" | ".join(report[-1]), flush=True)
-
-
 def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """What the engines' time per batch depends on: the handle's flags (no buffering across batches,
     interpolated chroma upsampling) and the order of a batch (as drawn, or largest first, the order
@@ -433,8 +410,7 @@ def main() -> None:
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
-                        "own, none waiting for another), parts (small parts from one thread onto several states), handle (the handle's "
-                        "flags and a batch's order)")
+                        "own, none waiting for another), handle (the handle's flags and a batch's order)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -449,8 +425,6 @@ def main() -> None:
             lane_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sync" in groups:
             sync_rows(nv, name, corpus.images, report)
-        if "parts" in groups:
-            part_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "handle" in groups:
             handle_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:

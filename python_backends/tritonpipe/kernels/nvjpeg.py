@@ -77,13 +77,6 @@ def parts(count: int, lanes: int = LANES) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(cuts)]
 
 
-def chunks(count: int, size: int) -> list[range]:
-    """``range(count)`` cut into consecutive parts of ``size`` (the last one shorter)."""
-    if count < 0 or size < 1:
-        raise ValueError(f"chunks needs count >= 0 and size >= 1, got {count} and {size}")
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 def _library_paths() -> list[str]:
     """Where libnvjpeg may be: a copy already in this process (torchvision's), the pip wheels', the system's."""
     paths: list[str] = []
@@ -259,19 +252,14 @@ class Decoder:
         lanes: parts of a batch in flight at once.
         pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``) where
             the library has the call.
-        part: instead of ``lanes`` near-equal parts on a thread each, cut a batch into parts of this many
-            images, submitted one after another from the caller's thread onto the lanes in turn (a lane
-            waits only for its own previous part).
         flags: ``nvjpegCreateEx``'s flags for the handle (``NO_PIPELINE``, ``INTERPOLATED_UPSAMPLING``).
         sort_from: hand a part of at least this many images to nvjpeg largest image first (the results keep
             the caller's order); None: never.  See :data:`SORT_FROM`.
     """
 
-    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, part: int | None = None,
-                 flags: int = 0, sort_from: int | None = None):
-        if part is not None and part < 1:
-            raise ValueError(f"part must be at least 1, got {part}")
-        self.lib, self.device, self.pooling, self.part_size = lib, torch.device(device), pool, part
+    def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, flags: int = 0,
+                 sort_from: int | None = None):
+        self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.sort_from = sort_from
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
@@ -279,8 +267,7 @@ class Decoder:
             self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle))
             self.engines = self._engines()
             self.lanes = [_Lane(self) for _ in range(lanes)]
-        threaded = lanes > 1 and part is None
-        self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if threaded else None
+        self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
 
     def call(self, name: str, *args) -> None:
@@ -314,7 +301,7 @@ class Decoder:
         results: list[torch.Tensor | None | bool] = [None] * len(datas)
         with self.lock:
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            cut = chunks(len(datas), self.part_size) if self.part_size else parts(len(datas), len(self.lanes))
+            cut = parts(len(datas), len(self.lanes))
             # a batch of one part (a single image, say) is decoded on the caller's thread: handing it to a
             # lane's thread costs more than it saves (on an H200, c=1 p50 3.34 ms against 2.77 on one lane)
             threads = self.threads if len(cut) > 1 else None

@@ -157,42 +157,6 @@ def test_a_part_from_sort_from_images_goes_to_nvjpeg_largest_image_first_and_eve
     assert areas == (sorted(as_given, reverse=True) if largest_first else as_given)
 
 
-@pytest.mark.parametrize("count, size", [(0, 4), (1, 4), (7, 3), (8, 4), (64, 16), (10, 64)])
-def test_chunks_cover_the_batch_in_order_none_longer_than_asked(count, size):
-    cut = nvjpeg.chunks(count, size)
-    assert [i for part in cut for i in part] == list(range(count))
-    assert all(len(part) == size for part in cut[:-1]) and all(0 < len(part) <= size for part in cut)
-
-
-def test_with_a_part_size_the_parts_go_from_the_callers_thread_to_the_lanes_in_turn():
-    class Watching(FakeNvjpeg):
-        def __init__(self):
-            super().__init__()
-            self.threads: list[str] = []
-            self.states: list[int] = []
-
-        def nvjpegDecodeBatched(self, handle, state, *args):
-            self.threads.append(threading.current_thread().name)
-            self.states.append(state.value)
-            return super().nvjpegDecodeBatched(handle, state, *args)
-
-    lib = Watching()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 3, part=3)
-    assert decoder.threads is None
-    images = [_fake_jpeg(10 + i, 2 + i % 3, 3) for i in range(8)]
-    for _ in range(2):
-        assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10 + i for i in range(8)]
-    assert lib.submitted == [3, 3, 2] * 2 and set(lib.threads) == {threading.current_thread().name}
-    lanes = [lane.state.value for lane in decoder.lanes]
-    assert lib.states == lanes + lanes  # three parts a batch, each on the next lane
-    # a damaged image still fails alone
-    images[4] = _fake_jpeg(99, 3, 3, flags=2)
-    out = _decode(decoder, images)
-    assert out[4] is None and [int(r[0, 0, 0]) for i, r in enumerate(out) if i != 4] == [10 + i for i in range(8) if i != 4]
-    with pytest.raises(ValueError, match="part must be at least 1"):
-        nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), 2, part=0)
-
-
 def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
     class Rendezvous(FakeNvjpeg):
         """Lets a part through only once the other part is inside nvjpeg too."""
@@ -492,10 +456,10 @@ def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_pl
 
 
 @_on_gpu
-@pytest.mark.parametrize("lanes, part", [(2, 3), (4, 1), (2, 64)])
-def test_small_parts_from_one_thread_give_torchvisions_pixels(lanes, part):
+@pytest.mark.parametrize("lanes, sort_from", [(1, 1), (2, 1), (3, None)])
+def test_lanes_and_largest_first_give_torchvisions_pixels_in_the_callers_order(lanes, sort_from):
     _engines()
-    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, part=part)
+    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, sort_from=sort_from)
     shapes = [(64 + 8 * i, 48 + 4 * i) for i in range(10)]
     datas = [_tensor(_jpeg(h, w, 30 + i, subsampling=i % 3)) for i, (h, w) in enumerate(shapes)]
     theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
