@@ -131,8 +131,8 @@ class DecodeTensor(Stage):
         "decoder": Param(
             str, "torchvision", choices=jpeg.GPU_DECODERS,
             doc="GPU decoder: nvjpeg through torchvision; nvjpeg's hardware decoder driven directly (interleaved output, "
-                "the batch's parts in flight; A100, H100, H200 and later); nvImageCodec; or DALI's mixed decoder fed the "
-                "batch in overlapping chunks (all use the hardware JPEG engines where the GPU has them)",
+                "submitted without the host waiting for the engines; A100, H100, H200 and later); nvImageCodec; or DALI's "
+                "mixed decoder fed the batch in overlapping chunks (all use the hardware JPEG engines where the GPU has them)",
         ),
         "hw_decoder_load": Param(
             float, nvimgcodec.HW_DECODER_LOAD, low=0.0, high=1.0,
