@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,handle]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -15,7 +15,8 @@ backends (Huffman decoding on the host, or on the SMs) alone and beside the engi
 the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with the device idle or a kernel
 queued before the call: whether, and for what, the call makes the host wait.  ``threads`` rows run 1 to 4
 decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
-engines' work overlaps across calls.  ``handle`` rows try the handle's flags and the order of a batch,
+engines' work overlaps across calls; ``inflight`` rows do the same with the resize and normalisation after
+each decode, batches of 64 in flight as DALI's prefetch keeps them.  ``handle`` rows try the handle's flags and the order of a batch,
 with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
@@ -36,9 +37,9 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from preprocess_probe import Busy, timed
+from preprocess_probe import MEAN, SIDE, STD, Busy, timed
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
-from tritonpipe.kernels import nvjpeg
+from tritonpipe.kernels import batch_resize, nvjpeg
 
 BACKEND_HYBRID, BACKEND_GPU_HYBRID, BACKEND_HARDWARE = 1, 2, 3  # nvjpegBackend_t
 BACKENDS = {BACKEND_HYBRID: "hybrid: Huffman on the host", BACKEND_GPU_HYBRID: "GPU hybrid: Huffman on the SMs",
@@ -334,14 +335,22 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
             print(" | ".join(report[-1]), flush=True)
 
 
-def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
+                plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
-    8 threads (what 8 served instances' batches look like)."""
+    8 threads (what 8 served instances' batches look like).  With ``post``, each thread also resizes its
+    batch to 224x224 and normalises it to FP16 (the one-launch batch resize), and its decoder hands batches
+    of ``nvjpeg.SORT_FROM`` or more largest first, as ``DecodeTensor`` does: a thread is a batch in flight."""
     tensors, shapes = accepted(nv, corpus)
-    for batch, count in [(64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)]:
-        decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1) for _ in range(count)]
+    if post:  # the resize kernel compiles on its first call: not inside a timed row
+        images = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1).decode(tensors[:4], shapes[:4])
+        batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
+        torch.cuda.synchronize()
+    for batch, count in plan:
+        sort_from = nvjpeg.SORT_FROM if post else None
+        decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1, sort_from=sort_from) for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         done, finished = [0] * count, [0.0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
@@ -352,7 +361,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             with torch.cuda.stream(streams[k]):
                 while (started := time.perf_counter()) < stop:
                     chosen = [next(order) % len(tensors) for _ in range(batch)]
-                    decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                    images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                    if post:
+                        batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
                     done[k] += batch if started >= begin else 0
                 torch.cuda.current_stream().synchronize()
             finished[k] = time.perf_counter()
@@ -363,7 +374,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             cpu1 = os.times()
         wall, total = max(finished) - begin, sum(done)
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
-        report.append((name, f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other",
+        what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, decode + one-launch post"
+                if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
+        report.append((name, what,
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
 
@@ -410,7 +423,8 @@ def main() -> None:
     parser.add_argument("--rows", default="levers,lanes,host", help="groups of rows: levers (nvjpeg called here), "
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
-                        "own, none waiting for another), handle (the handle's flags and a batch's order)")
+                        "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
+                        "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -429,6 +443,8 @@ def main() -> None:
             handle_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "inflight" in groups:
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 1), (64, 2), (64, 3)), post=True)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
