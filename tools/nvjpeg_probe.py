@@ -16,7 +16,8 @@ the host, and the decode on the GPU (CUDA events), at batches of 8 to 64 with th
 queued before the call: whether, and for what, the call makes the host wait.  ``threads`` rows run 1 to 4
 decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
 engines' work overlaps across calls; ``inflight`` rows do the same with the resize and normalisation after
-each decode, batches of 64 in flight as DALI's prefetch keeps them.  ``handle`` rows try the handle's flags and the order of a batch,
+each decode, batches of 64 in flight as DALI's prefetch keeps them, and with a share of each batch on an
+nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``handle`` rows try the handle's flags and the order of a batch,
 with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
@@ -40,6 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from preprocess_probe import MEAN, SIDE, STD, Busy, timed
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
 from tritonpipe.kernels import batch_resize, nvjpeg
+from tritonpipe.optional import importable
 
 BACKEND_HYBRID, BACKEND_GPU_HYBRID, BACKEND_HARDWARE = 1, 2, 3  # nvjpegBackend_t
 BACKENDS = {BACKEND_HYBRID: "hybrid: Huffman on the host", BACKEND_GPU_HYBRID: "GPU hybrid: Huffman on the SMs",
@@ -336,13 +338,17 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
-                plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False) -> None:
+                plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
+                share: float = 0.0) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
     8 threads (what 8 served instances' batches look like).  With ``post``, each thread also resizes its
     batch to 224x224 and normalises it to FP16 (the one-launch batch resize), and its decoder hands batches
-    of ``nvjpeg.SORT_FROM`` or more largest first, as ``DecodeTensor`` does: a thread is a batch in flight."""
+    of ``nvjpeg.SORT_FROM`` or more largest first, as ``DecodeTensor`` does: a thread is a batch in flight.
+    With ``share``, that share of each batch's bytes (largest images first, as ``cuda_decoder_share`` splits
+    a batch) goes to an nvImageCodec CUDA decoder of the thread's own, on a side thread, while its nvjpeg
+    decoder takes the rest."""
     tensors, shapes = accepted(nv, corpus)
     if post:  # the resize kernel compiles on its first call: not inside a timed row
         images = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1).decode(tensors[:4], shapes[:4])
@@ -352,6 +358,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         sort_from = nvjpeg.SORT_FROM if post else None
         decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1, sort_from=sort_from) for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
+        sides = [CudaDecoderSide(share) for _ in range(count)] if share > 0 else []
         done, finished = [0] * count, [0.0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
         stop = begin + seconds
@@ -361,7 +368,11 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             with torch.cuda.stream(streams[k]):
                 while (started := time.perf_counter()) < stop:
                     chosen = [next(order) % len(tensors) for _ in range(batch)]
-                    images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                    if sides:
+                        images = sides[k].decode(decoders[k], [tensors[i] for i in chosen], [shapes[i] for i in chosen],
+                                                 streams[k].cuda_stream)
+                    else:
+                        images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
                     if post:
                         batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
                     done[k] += batch if started >= begin else 0
@@ -374,11 +385,36 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             cpu1 = os.times()
         wall, total = max(finished) - begin, sum(done)
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
-        what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, decode + one-launch post"
+        what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, "
+                f"{f'{share:.0%} of the bytes on a CUDA decoder each, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         report.append((name, what,
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
+
+
+class CudaDecoderSide:
+    """One batch in flight's share for nvImageCodec's CUDA decoder (Huffman decoding on host threads), on a
+    thread of its own, while the batch's nvjpeg decoder takes the rest; images come back HWC, in batch order."""
+
+    def __init__(self, share: float) -> None:
+        from tritonpipe.kernels import nvimgcodec
+
+        self.share = share
+        self.pool = nvimgcodec.make_pool(0, nvimgcodec.Settings(hw_load=0.0))
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-decoder-side")
+
+    def decode(self, decoder: nvjpeg.Decoder, datas: list[torch.Tensor], shapes: list[tuple[int, int]], stream: int):
+        from tritonpipe.kernels.jpeg import split_by_bytes
+
+        rest, side = split_by_bytes([len(data) for data in datas], self.share)
+        pending = self.thread.submit(self.pool.decode, [datas[i].numpy() for i in side], stream)
+        images: list = [None] * len(datas)
+        for i, image in zip(rest, decoder.decode([datas[i] for i in rest], [shapes[i] for i in rest])):
+            images[i] = image
+        for i, image in zip(side, pending.result()):
+            images[i] = torch.from_dlpack(image).permute(1, 2, 0)  # 3xHxW planes, read in place as HxWx3
+        return images
 
 
 def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
@@ -445,6 +481,11 @@ def main() -> None:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "inflight" in groups:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 1), (64, 2), (64, 3)), post=True)
+            if importable("nvidia.nvimgcodec"):
+                for share in (0.15, 0.3):
+                    thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=share)
+            else:
+                report.append((name, "batches in flight with a CUDA decoder's share", "nvImageCodec not installed", ""))
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
