@@ -5,15 +5,22 @@ Every instance of a model adds to the same series (Triton keys a metric by its f
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import RequestError
+
+log = logging.getLogger("tritonpipe")
 
 IMAGES = "tritonpipe_stage_images"
 DURATION_US = "tritonpipe_stage_duration_us"
 BATCH_SECONDS = "tritonpipe_stage_batch_duration_seconds"
 REJECTS = "tritonpipe_stage_rejects"
+#: a gauge per GPU instance: the device memory torch's caching allocator holds in the instance's process
+GPU_CACHE_BYTES = "tritonpipe_gpu_cache_bytes"
 #: the steps of ``execute`` around the stages, reported as pseudo-stages named ``execute:<step>``:
 #: reading the requests, building the outputs, waiting for the GPU, writing the responses
 STEP_PREFIX = "execute:"
@@ -46,11 +53,25 @@ class StageMetrics:
         pb_utils: ``triton_python_backend_utils``, as the stub provides it.
         model: the model's name, the ``model`` label.
         flush_seconds: how often the tallies reach Triton; 0: at every ``record``.
+        gpu_cache: returns the bytes torch's caching allocator holds on the instance's GPU; given, every
+            flush sets the instance's ``tritonpipe_gpu_cache_bytes`` gauge (labels ``model``, ``instance``),
+            so that a rise in the GPU's memory reads apart into torch's cache and the rest.
+        instance: the instance's name, the gauge's ``instance`` label.
     """
 
-    def __init__(self, pb_utils: Any, model: str, flush_seconds: float = FLUSH_SECONDS):
+    def __init__(self, pb_utils: Any, model: str, flush_seconds: float = FLUSH_SECONDS, *,
+                 gpu_cache: Callable[[], float] | None = None, instance: str = ""):
         family = pb_utils.MetricFamily
         self.model = model
+        self._gpu_cache = gpu_cache
+        self._cache_family = self._cache = None
+        if gpu_cache is not None:
+            try:
+                self._cache_family = family(GPU_CACHE_BYTES, "device memory torch's caching allocator holds in the instance, in bytes", family.GAUGE)
+                self._cache = self._cache_family.Metric(labels={"model": model, "instance": instance or model})
+            except Exception as exc:  # noqa: BLE001 - a reading: the model serves without it
+                log.warning("%s: no %s gauge (%s)", model, GPU_CACHE_BYTES, exc)
+                self._cache_family = self._cache = None
         self._images = family(IMAGES, "images (requests) that entered the stage", family.COUNTER)
         self._duration = family(DURATION_US, "cumulative wall time of the stage's calls, in microseconds", family.COUNTER)
         self._batches = family(BATCH_SECONDS, "wall time of one call of the stage on one batch", family.HISTOGRAM)
@@ -95,6 +116,9 @@ class StageMetrics:
             self._metric(family, stage, extra).increment(amount)
         for stage, seconds in observed:
             self._metric(self._batches, stage).observe(seconds)
+        if self._cache is not None:
+            with contextlib.suppress(Exception):  # a reading: never worth failing anything for
+                self._cache.set(float(self._gpu_cache()))
 
     def _flush_every(self, seconds: float) -> None:
         while not self._stop.wait(seconds):
@@ -107,3 +131,4 @@ class StageMetrics:
             self._thread.join()
         self.flush()
         self._metrics.clear()
+        self._cache = None

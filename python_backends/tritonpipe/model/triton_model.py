@@ -101,7 +101,9 @@ class TritonPythonModel:
             self._warm_up(args["model_name"])
         self.instance_name = args.get("model_instance_name", args["model_name"])
         # after the warm-up, so that /metrics counts requests only
-        self.metrics = StageMetrics(pb_utils, args["model_name"])
+        device = self.device
+        cache = (lambda: torch.cuda.memory_reserved(device)) if device.type == "cuda" else None
+        self.metrics = StageMetrics(pb_utils, args["model_name"], gpu_cache=cache, instance=self.instance_name)
         set_stage_sink(self.metrics)
         # the GPU time of each batch's chain, read once the batch is synchronised (so never waited for)
         self.events = (

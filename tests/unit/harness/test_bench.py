@@ -442,12 +442,33 @@ def test_markdown_has_the_stage_table_with_the_time_outside_the_stages():
 def test_markdown_shows_gpu_memory_when_measured():
     text = report.markdown(_rows(with_memory=True), [], {})
     assert "ensemble GPU MiB" in text and "1000→1010" in text
+    assert "(torch" not in text and "tritonpipe_gpu_cache_bytes" not in text  # no gauge read: nothing to split
+
+
+def test_markdown_splits_a_rise_in_gpu_memory_into_torchs_cache_and_the_rest():
+    rows = _rows(with_memory=True)
+    rows[0].torch_cache_before_mb, rows[0].torch_cache_mb = 600.0, 604.0
+    text = report.markdown(rows, [], {})
+    assert "| 1 | 200.0 | 5.00 | 8.00 | 1000→1010 (torch 600→604) |" in text
+    assert "tritonpipe_gpu_cache_bytes" in text  # the note that says what the brackets hold
+
+
+def test_the_torch_cache_gauges_of_every_instance_add_up():
+    page = """# HELP tritonpipe_gpu_cache_bytes device memory torch's caching allocator holds in the instance, in bytes
+# TYPE tritonpipe_gpu_cache_bytes gauge
+tritonpipe_gpu_cache_bytes{instance="resnet18_0_0",model="resnet18"} 1073741824
+tritonpipe_gpu_cache_bytes{instance="resnet18_0_1",model="resnet18"} 5.36870912e+08
+tritonpipe_stage_images{model="resnet18",stage="DecodeTensor"} 40
+"""
+    assert stats.parse_gpu_cache_mb(page) == pytest.approx(1536.0)
+    assert stats.parse_gpu_cache_mb(METRICS_PAGE) is None  # a CPU server: no gauge at all
 
 
 def test_csv_files_have_the_expected_columns(tmp_path):
     path = report.write_rows(_rows(), tmp_path / "results.csv")
     rows = list(csv.DictReader(path.open()))
-    assert list(rows[0]) == ["system", "concurrency", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "gpu_mem_before_mb", "gpu_mem_mb", "note"]
+    assert list(rows[0]) == ["system", "concurrency", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "gpu_mem_before_mb", "gpu_mem_mb",
+                            "torch_cache_before_mb", "torch_cache_mb", "note"]
     assert rows[0]["throughput"] == "200.0000" and rows[3]["throughput"] == "" and rows[0]["gpu_mem_mb"] == ""
     steps = [stats.StepTimes("inprocess", "cls_pre", 64, 1, 3.5)]
     rows = list(csv.DictReader(report.write_breakdown(steps, tmp_path / "b.csv").open()))

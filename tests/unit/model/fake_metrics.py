@@ -18,10 +18,15 @@ class _Metric:
         self.callers.add(threading.current_thread().name)
         self.observed.append(seconds)
 
+    def set(self, value):
+        self.callers.add(threading.current_thread().name)
+        self.total = value
+
 
 class FakeMetricsModule:
     def __init__(self):
         self.metrics = {}
+        self.kinds: dict[str, str] = {}  # family name -> its kind
         self.callers: set[str] = set()  # threads that updated a metric
         module = self
 
@@ -30,6 +35,7 @@ class FakeMetricsModule:
 
             def __init__(self, name, description, kind):
                 self.name = name
+                module.kinds[name] = kind
 
             def Metric(self, labels, buckets=None):  # noqa: N802 - the stub's spelling
                 return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module.callers))

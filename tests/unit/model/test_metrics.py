@@ -7,7 +7,7 @@ from tests.unit.model.fake_metrics import FakeMetricsModule
 from tritonpipe.errors import InternalError, RequestError
 from tritonpipe.kernels.errors import DecodeError
 from tritonpipe.kernels.jpeg import read_jpeg_info
-from tritonpipe.model.metrics import IMAGES, REJECTS, StageMetrics, reject_reason
+from tritonpipe.model.metrics import GPU_CACHE_BYTES, IMAGES, REJECTS, StageMetrics, reject_reason
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.stages import build_stage
 from tritonpipe.stages.control import run_chain, set_stage_sink
@@ -87,3 +87,51 @@ def test_tallies_reach_triton_from_their_own_thread_and_all_of_them_by_close():
     assert module.value(REJECTS, model="m", stage="ResizeMat", reason="too_large") == 200
     histogram = module.metrics[("tritonpipe_stage_batch_duration_seconds", frozenset({"model": "m", "stage": "ResizeMat"}.items()))]
     assert histogram.observed == [0.001] * 201  # one observation per batch, none lost or merged
+
+
+def test_a_gpu_instance_sets_its_torch_cache_gauge_at_every_flush():
+    module = FakeMetricsModule()
+    held = iter([1 << 30, 3 << 29])
+    metrics = StageMetrics(module, "m", flush_seconds=0, gpu_cache=lambda: next(held), instance="m_0_1")
+    assert module.kinds[GPU_CACHE_BYTES] == "gauge"
+    metrics.record("DecodeTensor", 0.001, 1, [])
+    assert module.value(GPU_CACHE_BYTES, model="m", instance="m_0_1") == 1 << 30
+    metrics.flush()
+    assert module.value(GPU_CACHE_BYTES, model="m", instance="m_0_1") == 3 << 29  # the latest reading, not a sum
+    metrics.close()
+
+
+def test_a_failing_reading_leaves_the_stage_tallies_alone():
+    module = FakeMetricsModule()
+
+    def broken():
+        raise RuntimeError("CUDA error: the device is gone")
+
+    metrics = StageMetrics(module, "m", flush_seconds=0, gpu_cache=broken, instance="m_0")
+    metrics.record("ResizeTensor", 0.001, 2, [])
+    assert module.value(IMAGES, model="m", stage="ResizeTensor") == 2
+    assert module.value(GPU_CACHE_BYTES, model="m", instance="m_0") == 0.0  # never set
+    metrics.close()
+
+
+def test_a_cpu_instance_has_no_gauge():
+    module = FakeMetricsModule()
+    StageMetrics(module, "m", flush_seconds=0).close()
+    assert GPU_CACHE_BYTES not in module.kinds
+
+
+def test_a_stub_without_gauges_still_counts_the_stages():
+    module = FakeMetricsModule()
+    family = module.MetricFamily
+
+    class NoGauges(family):
+        def __init__(self, name, description, kind):
+            if kind == family.GAUGE:
+                raise ValueError("unknown metric kind")
+            super().__init__(name, description, kind)
+
+    module.MetricFamily = NoGauges
+    metrics = StageMetrics(module, "m", flush_seconds=0, gpu_cache=lambda: 1.0, instance="m_0")
+    metrics.record("DecodeTensor", 0.001, 3, [])
+    assert module.value(IMAGES, model="m", stage="DecodeTensor") == 3
+    metrics.close()

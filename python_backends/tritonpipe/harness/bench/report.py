@@ -33,6 +33,9 @@ class Row:
     p99_ms: float | None = None
     gpu_mem_before_mb: float | None = None
     gpu_mem_mb: float | None = None  # after the level
+    # of that, what torch's caching allocators held in the tritonpipe GPU instances, before and after the level
+    torch_cache_before_mb: float | None = None
+    torch_cache_mb: float | None = None
     note: str = ""
 
 
@@ -61,10 +64,13 @@ def fmt_ms(value: float | None) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def fmt_mem(before: float | None, after: float | None) -> str:
+def fmt_mem(before: float | None, after: float | None, cache_before: float | None = None, cache_after: float | None = None) -> str:
     if before is None and after is None:
         return "—"
-    return f"{before or 0:.0f}→{after or 0:.0f}"
+    cell = f"{before or 0:.0f}→{after or 0:.0f}"
+    if cache_before is not None and cache_after is not None:
+        cell += f" (torch {cache_before:.0f}→{cache_after:.0f})"
+    return cell
 
 
 def write_rows(rows: list[Row], path: Path) -> Path:
@@ -181,7 +187,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
             row = by.get((system, level))
             line += [fmt_rate(row and row.throughput), fmt_ms(row and row.p50_ms), fmt_ms(row and row.p99_ms)]
             if has_mem:
-                line.append(fmt_mem(row and row.gpu_mem_before_mb, row and row.gpu_mem_mb))
+                line.append(fmt_mem(row and row.gpu_mem_before_mb, row and row.gpu_mem_mb,
+                                    row and row.torch_cache_before_mb, row and row.torch_cache_mb))
         ensemble = by.get(("ensemble", level))
         for peer in peers:
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get((peer, level)) or Row("", 0, None)).throughput)))
@@ -192,6 +199,10 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         lines.append(line)
     if levels:
         out += _table(columns, lines)
+        if any(r.torch_cache_mb is not None for r in rows):
+            out += ["", "GPU MiB is the GPU's memory in use before and after the level (nvidia-smi); in brackets, what torch's "
+                    "caching allocators held in tritonpipe's GPU instances then (the `tritonpipe_gpu_cache_bytes` gauges), so "
+                    "that a rise reads apart into torch's cache and the rest (the decoders' own buffers, CUDA contexts, the server)."]
     if inproc is not None:
         out += ["", f"In-process limit ({inproc.note or 'no server'}):", ""]
         out += _table(

@@ -31,7 +31,16 @@ from ..probe import gpu_memory_mb
 from .peers import Peer, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
-from .stats import StageTimes, StepTimes, breakdown, fetch_stage_metrics, fetch_stats, stage_breakdown
+from .stats import (
+    StageTimes,
+    StepTimes,
+    breakdown,
+    fetch_metrics_page,
+    fetch_stage_metrics,
+    fetch_stats,
+    parse_gpu_cache_mb,
+    stage_breakdown,
+)
 
 #: the shipped example (examples/resnet18/pipeline.toml) without its model file
 DEFAULT_PIPELINE: dict[str, Any] = {
@@ -200,7 +209,7 @@ def _sweep(
         levels.set_postfix_str(f"concurrency {concurrency}")
         say(f"[{system}] concurrency {concurrency}: perf_analyzer on {model!r} ...")
         log = options.output / "perf_logs" / f"{system}_c{concurrency}.log"
-        mem_before = gpu_memory_mb()
+        mem_before, cache_before = gpu_memory_mb(), _torch_cache_mb(server)
         settings = options.perf
         try:
             try:
@@ -213,12 +222,15 @@ def _sweep(
                 say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
                 measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
         except PerfError as exc:
-            rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(), note=str(exc).splitlines()[0][:200]))
+            rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(),
+                            torch_cache_before_mb=cache_before, torch_cache_mb=_torch_cache_mb(server),
+                            note=str(exc).splitlines()[0][:200]))
             say(f"[{system}] concurrency {concurrency}: FAILED: {exc}")
             continue
         row = Row(
             system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
             gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(),
+            torch_cache_before_mb=cache_before, torch_cache_mb=_torch_cache_mb(server),
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
@@ -238,6 +250,15 @@ def _stage_order(configs: dict[str, Any]) -> dict[str, list[str]]:
         if PARAM_PIPELINE in config.parameters:
             order[name] = [node.name for node in parse_backend(config.parameters[PARAM_PIPELINE].string_value).walk()]
     return order
+
+
+def _torch_cache_mb(server) -> float | None:
+    """MiB torch's caching allocators hold in the server's tritonpipe GPU instances, or None (no GPU
+    instance, or no metrics page)."""
+    try:
+        return parse_gpu_cache_mb(fetch_metrics_page(server.metrics_url))
+    except OSError:
+        return None
 
 
 def _stage_metrics(server, say) -> dict | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ...model.metrics import BATCH_SECONDS, DURATION_US, FLUSH_SECONDS, IMAGES
+from ...model.metrics import BATCH_SECONDS, DURATION_US, FLUSH_SECONDS, GPU_CACHE_BYTES, IMAGES
 
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -163,14 +163,26 @@ def parse_stage_metrics(text: str) -> dict[tuple[str, str], StageTally]:
     return {key: StageTally(**values) for key, values in found.items()}
 
 
-def fetch_stage_metrics(metrics_url: str, settle_s: float = FLUSH_SECONDS + 0.25) -> dict[tuple[str, str], StageTally]:
-    """The stage tallies once the instances have handed theirs over (they do every FLUSH_SECONDS)."""
+def parse_gpu_cache_mb(text: str) -> float | None:
+    """Triton's Prometheus page -> MiB that torch's caching allocators hold in every tritonpipe GPU
+    instance together (the ``tritonpipe_gpu_cache_bytes`` gauges), or None where there is none."""
+    values = [float(value) for name, _, value in _STAGE_SAMPLE.findall(text) if name == GPU_CACHE_BYTES]
+    return sum(values) / 2**20 if values else None
+
+
+def fetch_metrics_page(metrics_url: str, settle_s: float = 0.0) -> str:
+    """Triton's Prometheus page, after ``settle_s`` seconds."""
     import time
     import urllib.request
 
     time.sleep(settle_s)
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        return parse_stage_metrics(response.read().decode(errors="replace"))
+        return response.read().decode(errors="replace")
+
+
+def fetch_stage_metrics(metrics_url: str, settle_s: float = FLUSH_SECONDS + 0.25) -> dict[tuple[str, str], StageTally]:
+    """The stage tallies once the instances have handed theirs over (they do every FLUSH_SECONDS)."""
+    return parse_stage_metrics(fetch_metrics_page(metrics_url, settle_s))
 
 
 def stage_breakdown(
