@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -17,7 +17,8 @@ queued before the call: whether, and for what, the call makes the host wait.  ``
 decoders at once, each on a host thread and stream of its own and none waiting for another: how far the
 engines' work overlaps across calls; ``inflight`` rows do the same with the resize and normalisation after
 each decode, batches of 64 in flight as DALI's prefetch keeps them, and with a share of each batch on an
-nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``handle`` rows try the handle's flags and the order of a batch,
+nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``sizes`` rows time
+what batches of changing sizes (as Triton hands an instance them) cost the decoder's state.  ``handle`` rows try the handle's flags and the order of a batch,
 with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
@@ -417,6 +418,60 @@ class CudaDecoderSide:
         return images
 
 
+def size_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """What a served instance's changing batch sizes cost one lane: batches of 10 back to back, against
+    batches of 5 to 15 images drawn at random (mean 10), each a size the state was not initialised for,
+    and the same sizes with a decoder of its own per size (so no state is ever initialised again).  The host
+    waits for the GPU after every batch, as an instance does.  Each row gives, per batch, the host ms of
+    ``nvjpegDecodeBatchedInitialize`` and of the decode call, and the GPU's memory in use after the row."""
+    import random
+
+    tensors, shapes = accepted(nv, corpus)
+    draw = random.Random(0)
+    sizes = [draw.randint(5, 15) for _ in range(4096)]
+    lib = TimedLib(nv.lib)
+    one = nvjpeg.Decoder(lib, torch.device("cuda"), 1)
+    per_size: dict[int, nvjpeg.Decoder] = {}
+
+    def decoder_for(size: int) -> nvjpeg.Decoder:
+        if size not in per_size:
+            per_size[size] = nvjpeg.Decoder(lib, torch.device("cuda"), 1)
+        return per_size[size]
+
+    for label, size_of, decoder_of in (
+        ("batches of 10, one state", lambda k: 10, lambda size: one),
+        ("batches of 5-15 at random, one state initialised for each new size", lambda k: sizes[k % len(sizes)], lambda size: one),
+        ("batches of 5-15 at random, a decoder per size", lambda k: sizes[k % len(sizes)], decoder_for),
+    ):
+        turn, order = itertools.count(), itertools.cycle(range(len(tensors)))
+
+        def step(size_of=size_of, decoder_of=decoder_of, turn=turn, order=order):
+            size = size_of(next(turn))
+            chosen = [next(order) for _ in range(size)]
+            decoder_of(size).decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
+            torch.cuda.current_stream().synchronize()
+            return size
+
+        for _ in range(40):  # every size seen once before the clock starts
+            step()
+        lib.host, lib.gpu = {}, []
+        images = batches = 0
+        cpu0, start = os.times(), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            images += step()
+            batches += 1
+        now, cpu1 = time.perf_counter(), os.times()
+        rate = images / (now - start)
+        cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(images, 1)
+        batches = max(batches, 1)
+        free, total = torch.cuda.mem_get_info()
+        detail = (f"[per batch: Initialize host ms {lib.host.get('nvjpegDecodeBatchedInitialize', 0.0) * 1000 / batches:.3f}, "
+                  f"decode call host ms {lib.host.get('nvjpegDecodeBatched', 0.0) * 1000 / batches:.2f}; "
+                  f"GPU memory in use {(total - free) / 2**20:,.0f} MiB]")
+        report.append((name, f"{label} {detail}", f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
+        print(" | ".join(report[-1]), flush=True)
+
+
 def handle_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """What the engines' time per batch depends on: the handle's flags (no buffering across batches,
     interpolated chroma upsampling) and the order of a batch (as drawn, or largest first, the order
@@ -460,7 +515,8 @@ def main() -> None:
                         "lanes (tritonpipe's decoder and nvjpeg's other backends), host (host cost of the header checks), "
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
                         "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
-                        "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order)")
+                        "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
+                        "changing sizes, as an instance gets them, against one size)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -477,6 +533,8 @@ def main() -> None:
             sync_rows(nv, name, corpus.images, report)
         if "handle" in groups:
             handle_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "sizes" in groups:
+            size_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "inflight" in groups:
