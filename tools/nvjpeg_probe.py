@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -18,7 +18,8 @@ decoders at once, each on a host thread and stream of its own and none waiting f
 engines' work overlaps across calls; ``inflight`` rows do the same with the resize and normalisation after
 each decode, batches of 64 in flight as DALI's prefetch keeps them, and with a share of each batch on an
 nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``sizes`` rows time
-what batches of changing sizes (as Triton hands an instance them) cost the decoder's state.  ``handle`` rows try the handle's flags and the order of a batch,
+what batches of changing sizes (as Triton hands an instance them) cost the decoder's state; ``libraries``
+rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the handle's flags and the order of a batch,
 with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
@@ -340,7 +341,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
-                share: float = 0.0) -> None:
+                share: float = 0.0, lib=None, label: str = "") -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -349,7 +350,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     of ``nvjpeg.SORT_FROM`` or more largest first, as ``DecodeTensor`` does: a thread is a batch in flight.
     With ``share``, that share of each batch's bytes (largest images first, as ``cuda_decoder_share`` splits
     a batch) goes to an nvImageCodec CUDA decoder of the thread's own, on a side thread, while its nvjpeg
-    decoder takes the rest."""
+    decoder takes the rest.  ``lib``: the libnvjpeg the decoders use (by default the one tritonpipe loads),
+    named in each row by ``label``."""
     tensors, shapes = accepted(nv, corpus)
     if post:  # the resize kernel compiles on its first call: not inside a timed row
         images = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1).decode(tensors[:4], shapes[:4])
@@ -357,7 +359,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         torch.cuda.synchronize()
     for batch, count in plan:
         sort_from = nvjpeg.SORT_FROM if post else None
-        decoders = [nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1, sort_from=sort_from) for _ in range(count)]
+        decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from) for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         sides = [CudaDecoderSide(share) for _ in range(count)] if share > 0 else []
         done, finished = [0] * count, [0.0] * count
@@ -389,7 +391,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, "
                 f"{f'{share:.0%} of the bytes on a CUDA decoder each, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
-        report.append((name, what,
+        report.append((name, what + label,
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
 
@@ -416,6 +418,26 @@ class CudaDecoderSide:
         for i, image in zip(side, pending.result()):
             images[i] = torch.from_dlpack(image).permute(1, 2, 0)  # 3xHxW planes, read in place as HxWx3
         return images
+
+
+def library_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """The same decoder on each libnvjpeg found here (torchvision's copy, the wheels', the system's, and
+    ``TRITONPIPE_NVJPEG_LIBRARY``): decode alone on 1 and 2 threads and decode + post with 2 batches in
+    flight, each row naming the library's release."""
+    seen: set[str] = set()
+    for path in nvjpeg._library_paths():
+        real = os.path.realpath(path)
+        if real in seen or not os.path.exists(real):
+            continue
+        seen.add(real)
+        try:
+            lib = nvjpeg.load(path)
+        except (OSError, AttributeError) as exc:
+            report.append((name, f"libnvjpeg at {path}", f"does not load: {exc}"[:160], ""))
+            continue
+        label = f" [libnvjpeg {nvjpeg.version(lib)}, {os.path.basename(real)}]"
+        thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 1), (64, 2)), lib=lib, label=label)
+        thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, lib=lib, label=label)
 
 
 def size_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
@@ -516,7 +538,7 @@ def main() -> None:
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
                         "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
-                        "changing sizes, as an instance gets them, against one size)")
+                        "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -535,6 +557,8 @@ def main() -> None:
             handle_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sizes" in groups:
             size_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "libraries" in groups:
+            library_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
             thread_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "inflight" in groups:

@@ -18,7 +18,7 @@ Only 3-component images should come here; those the hardware decoder does not ac
 come back marked so, for the caller to decode another way.  A part that nvjpeg refuses is decoded again one image at a time, so
 that a damaged file fails alone (as None, for the caller's fallback).  The library is the one
 torchvision loads where it is already in the process, else the ``nvidia-nvjpeg`` wheel's or the
-system's; no Triton import, no compiler.
+system's (``TRITONPIPE_NVJPEG_LIBRARY``, a path, comes before all of them); no Triton import, no compiler.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import logging
 import os
 import sys
 import threading
@@ -54,6 +55,12 @@ _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
 NO_PIPELINE, INTERPOLATED_UPSAMPLING = 1, 32
 
 
+log = logging.getLogger("tritonpipe")
+
+#: a libnvjpeg to use before any other (a path), e.g. a newer release than the one torchvision ships
+LIBRARY_ENV = "TRITONPIPE_NVJPEG_LIBRARY"
+
+
 class NvjpegError(RuntimeError):
     """An nvjpeg call returned a status other than success."""
 
@@ -78,8 +85,9 @@ def parts(count: int, lanes: int = LANES) -> list[range]:
 
 
 def _library_paths() -> list[str]:
-    """Where libnvjpeg may be: a copy already in this process (torchvision's), the pip wheels', the system's."""
-    paths: list[str] = []
+    """Where libnvjpeg may be: ``TRITONPIPE_NVJPEG_LIBRARY``, a copy already in this process
+    (torchvision's), the pip wheels', the system's."""
+    paths: list[str] = [os.environ[LIBRARY_ENV]] if os.environ.get(LIBRARY_ENV) else []
     with contextlib.suppress(OSError):
         with open("/proc/self/maps") as maps:
             paths += sorted({line.split()[-1] for line in maps if "libnvjpeg" in line and "/" in line})
@@ -96,38 +104,53 @@ def library() -> ctypes.CDLL | str:
     tried = []
     for path in _library_paths():
         try:
-            lib = ctypes.CDLL(path)
-        except OSError as exc:
+            return load(path)
+        except (OSError, AttributeError) as exc:
             tried.append(f"{path}: {exc}")
-            continue
-        void, size, integer = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-        declared = {
-            "nvjpegCreateEx": [integer, void, void, ctypes.c_uint, ctypes.POINTER(void)],
-            "nvjpegJpegStateCreate": [void, ctypes.POINTER(void)],
-            "nvjpegJpegStateDestroy": [void],
-            "nvjpegJpegStreamCreate": [void, ctypes.POINTER(void)],
-            "nvjpegJpegStreamParseHeader": [void, void, size, void],
-            "nvjpegDecodeBatchedSupported": [void, void, ctypes.POINTER(integer)],
-            "nvjpegDecodeBatchedInitialize": [void, void, integer, integer, integer],
-            "nvjpegDecodeBatched": [void, void, void, void, void, void],
-        }
-        optional = {  # newer libraries' calls, used where present
-            "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
-            "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
-        }
-        for name, argtypes in optional.items():
-            if hasattr(lib, name):
-                function = getattr(lib, name)
-                function.argtypes, function.restype = argtypes, integer
-        try:
-            for name, argtypes in declared.items():
-                function = getattr(lib, name)
-                function.argtypes, function.restype = argtypes, integer
-        except AttributeError as exc:
-            tried.append(f"{path}: {exc}")
-            continue
-        return lib
     return "libnvjpeg was not found (pip install nvidia-nvjpeg, or the CUDA toolkit's)" + (f"; tried {'; '.join(tried)}" if tried else "")
+
+
+def load(path: str) -> ctypes.CDLL:
+    """The libnvjpeg at ``path`` with the calls used here declared; OSError where it does not load,
+    AttributeError where it lacks one of them."""
+    lib = ctypes.CDLL(path)
+    void, size, integer = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    declared = {
+        "nvjpegCreateEx": [integer, void, void, ctypes.c_uint, ctypes.POINTER(void)],
+        "nvjpegJpegStateCreate": [void, ctypes.POINTER(void)],
+        "nvjpegJpegStateDestroy": [void],
+        "nvjpegJpegStreamCreate": [void, ctypes.POINTER(void)],
+        "nvjpegJpegStreamParseHeader": [void, void, size, void],
+        "nvjpegDecodeBatchedSupported": [void, void, ctypes.POINTER(integer)],
+        "nvjpegDecodeBatchedInitialize": [void, void, integer, integer, integer],
+        "nvjpegDecodeBatched": [void, void, void, void, void, void],
+    }
+    optional = {  # newer libraries' calls, used where present
+        "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
+        "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
+        "nvjpegGetProperty": [integer, ctypes.POINTER(integer)],
+    }
+    for name, argtypes in optional.items():
+        if hasattr(lib, name):
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, integer
+    for name, argtypes in declared.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, integer
+    return lib
+
+
+def version(lib) -> str:
+    """libnvjpeg's release, major.minor.patch, or "unknown" where it does not say."""
+    if not hasattr(lib, "nvjpegGetProperty"):
+        return "unknown"
+    parts = []
+    for prop in range(3):  # libraryPropertyType: MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+        value = ctypes.c_int(-1)
+        if lib.nvjpegGetProperty(prop, ctypes.byref(value)) != 0:
+            return "unknown"
+        parts.append(str(value.value))
+    return ".".join(parts)
 
 
 class _Lane:
@@ -338,6 +361,7 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
             else:
                 try:
                     found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM)
+                    log.info("decoder=nvjpeg on cuda:%d: libnvjpeg %s (%s)", index, version(lib), getattr(lib, "_name", "?"))
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"
                              if exc.status == _ARCH_MISMATCH else f"nvjpeg's hardware decoder could not start: {exc}")

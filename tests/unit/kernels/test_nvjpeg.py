@@ -37,6 +37,44 @@ def test_parts_cover_the_batch_in_order_and_near_equal(count, lanes):
         assert max(map(len, cut)) - min(map(len, cut)) <= 1
 
 
+def test_a_library_named_in_the_environment_comes_first(monkeypatch):
+    monkeypatch.setenv(nvjpeg.LIBRARY_ENV, "/opt/nvjpeg-13.2/lib/libnvjpeg.so.13")
+    assert nvjpeg._library_paths()[0] == "/opt/nvjpeg-13.2/lib/libnvjpeg.so.13"
+    monkeypatch.delenv(nvjpeg.LIBRARY_ENV)
+    assert "/opt/nvjpeg-13.2/lib/libnvjpeg.so.13" not in nvjpeg._library_paths()
+
+
+def test_a_library_that_does_not_load_is_named_in_the_reason(monkeypatch, tmp_path):
+    missing, not_a_library = tmp_path / "libnvjpeg.so.13", tmp_path / "libnvjpeg.so.99"
+    not_a_library.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(nvjpeg, "_library_paths", lambda: [str(missing), str(not_a_library)])
+    nvjpeg.library.cache_clear()
+    try:
+        reason = nvjpeg.library()
+    finally:
+        nvjpeg.library.cache_clear()
+    assert isinstance(reason, str) and "pip install nvidia-nvjpeg" in reason
+    assert str(missing) in reason and str(not_a_library) in reason
+
+
+class _Property:
+    def __init__(self, values, status=0):
+        self.values, self.status = list(values), status
+
+    def __call__(self, prop, value):
+        value._obj.value = self.values[prop]
+        return self.status
+
+
+@pytest.mark.parametrize("lib, expected", [
+    (type("Lib", (), {"nvjpegGetProperty": _Property([13, 2, 3])})(), "13.2.3"),
+    (type("Lib", (), {"nvjpegGetProperty": _Property([13, 0, 0], status=2)})(), "unknown"),
+    (object(), "unknown"),  # an old library without the call
+])
+def test_the_librarys_release(lib, expected):
+    assert nvjpeg.version(lib) == expected
+
+
 # --- a stand-in for libnvjpeg --------------------------------------------------------------
 # Its "JPEG" is FF D8, then flags, the pixel value, height and width: flags 1 = the engines refuse
 # it, flags 2 = damaged (a part holding it is refused as a whole, as nvjpeg refuses a batch).
