@@ -107,6 +107,8 @@ def library() -> ctypes.CDLL | str:
             return load(path)
         except (OSError, AttributeError) as exc:
             tried.append(f"{path}: {exc}")
+            if path == os.environ.get(LIBRARY_ENV):
+                log.warning("%s=%s does not load (%s); the next libnvjpeg found is used instead", LIBRARY_ENV, path, exc)
     return "libnvjpeg was not found (pip install nvidia-nvjpeg, or the CUDA toolkit's)" + (f"; tried {'; '.join(tried)}" if tried else "")
 
 

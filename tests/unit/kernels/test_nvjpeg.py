@@ -44,6 +44,20 @@ def test_a_library_named_in_the_environment_comes_first(monkeypatch):
     assert "/opt/nvjpeg-13.2/lib/libnvjpeg.so.13" not in nvjpeg._library_paths()
 
 
+def test_a_named_library_that_does_not_load_is_said_and_the_next_one_tried(monkeypatch, tmp_path, caplog):
+    wrong = str(tmp_path / "libnvjpeg.so.13")
+    monkeypatch.setenv(nvjpeg.LIBRARY_ENV, wrong)
+    monkeypatch.setattr(nvjpeg, "_library_paths", lambda: [wrong])
+    nvjpeg.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+            reason = nvjpeg.library()
+    finally:
+        nvjpeg.library.cache_clear()
+    assert isinstance(reason, str) and wrong in reason
+    assert any(nvjpeg.LIBRARY_ENV in r.message and wrong in r.message for r in caplog.records)
+
+
 def test_a_library_that_does_not_load_is_named_in_the_reason(monkeypatch, tmp_path):
     missing, not_a_library = tmp_path / "libnvjpeg.so.13", tmp_path / "libnvjpeg.so.99"
     not_a_library.write_bytes(b"not an ELF file")
