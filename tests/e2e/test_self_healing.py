@@ -116,19 +116,22 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
                 outcomes.append((started, time.monotonic(), exc.status))
             index += 4
 
-    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    # daemons, stopped however the test ends: a failed wait must not leave them calling the server forever
+    threads = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(2)
-    (victim, *_) = [s for s in python_stubs(server.process.pid) if s.model == "mat"]
-    killed = time.monotonic()
-    os.kill(victim.pid, signal.SIGKILL)
-    heal = _wait_for_heal(server, "mat", 1)
-    healed = time.monotonic()
-    time.sleep(3)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    try:
+        time.sleep(2)
+        (victim, *_) = [s for s in python_stubs(server.process.pid) if s.model == "mat"]
+        killed = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        heal = _wait_for_heal(server, "mat", 1)
+        healed = time.monotonic()
+        time.sleep(3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=150)  # the client's own timeout is 120 s
 
     assert heal.ok and heal.reason == "exited" and heal.pid == victim.pid and heal.instance == victim.instance
     stubs = {s.pid for s in python_stubs(server.process.pid) if s.model == "mat"}
@@ -169,7 +172,8 @@ def test_a_hung_stub_is_replaced_and_nothing_waits_forever(server, jpeg_factory)
         except InferError as exc:
             results[name] = (exc.status, time.monotonic() - started)
 
-    calls = [threading.Thread(target=call, args=(n, jpeg_factory(h, 20, seed=1))) for n, h in (("stuck", STALL_HEIGHT), ("queued", 30))]
+    calls = [threading.Thread(target=call, args=(n, jpeg_factory(h, 20, seed=1)), daemon=True)
+             for n, h in (("stuck", STALL_HEIGHT), ("queued", 30))]
     for thread in calls:
         thread.start()
         time.sleep(0.5)
