@@ -19,8 +19,8 @@ engines' work overlaps across calls; ``inflight`` rows do the same with the resi
 each decode, batches of 64 in flight as DALI's prefetch keeps them, and with a share of each batch on an
 nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``sizes`` rows time
 what batches of changing sizes (as Triton hands an instance them) cost the decoder's state; ``libraries``
-rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the handle's flags and the order of a batch,
-with the GPU time of each decode call.
+rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
+handle's flags and the order of a batch, with the GPU time of each decode call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
