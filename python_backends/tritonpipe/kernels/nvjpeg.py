@@ -146,13 +146,13 @@ def version(lib) -> str:
     """libnvjpeg's release, major.minor.patch, or "unknown" where it does not say."""
     if not hasattr(lib, "nvjpegGetProperty"):
         return "unknown"
-    parts = []
+    numbers = []
     for prop in range(3):  # libraryPropertyType: MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
         value = ctypes.c_int(-1)
         if lib.nvjpegGetProperty(prop, ctypes.byref(value)) != 0:
             return "unknown"
-        parts.append(str(value.value))
-    return ".".join(parts)
+        numbers.append(str(value.value))
+    return ".".join(numbers)
 
 
 class _Lane:

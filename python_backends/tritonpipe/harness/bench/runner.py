@@ -36,9 +36,9 @@ from .stats import (
     StepTimes,
     breakdown,
     fetch_metrics_page,
-    fetch_stage_metrics,
     fetch_stats,
     parse_gpu_cache_mb,
+    parse_stage_metrics,
     stage_breakdown,
 )
 
@@ -203,13 +203,14 @@ def _sweep(
     rows = []
     stage_rows: list[StageTimes] = []
     before = fetch_stats(server.grpc_url)
-    level_counters, level_stages = before, _stage_metrics(server, say)
+    page = _metrics_page(server, say)
+    level_counters, level_stages, cache = before, _parsed(page, parse_stage_metrics), _parsed(page, parse_gpu_cache_mb)
     levels = tqdm(options.concurrency, desc=system, unit="level", disable=not options.progress, leave=False)
     for concurrency in levels:
         levels.set_postfix_str(f"concurrency {concurrency}")
         say(f"[{system}] concurrency {concurrency}: perf_analyzer on {model!r} ...")
         log = options.output / "perf_logs" / f"{system}_c{concurrency}.log"
-        mem_before, cache_before = gpu_memory_mb(), _torch_cache_mb(server)
+        mem_before, cache_before = gpu_memory_mb(), cache  # the page read after the level before, or at the start
         settings = options.perf
         try:
             try:
@@ -222,19 +223,21 @@ def _sweep(
                 say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
                 measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
         except PerfError as exc:
-            rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(),
-                            torch_cache_before_mb=cache_before, torch_cache_mb=_torch_cache_mb(server),
-                            note=str(exc).splitlines()[0][:200]))
+            mem_after, page = gpu_memory_mb(), _metrics_page(server, say)
+            cache = _parsed(page, parse_gpu_cache_mb)
+            rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after,
+                            torch_cache_before_mb=cache_before, torch_cache_mb=cache, note=str(exc).splitlines()[0][:200]))
             say(f"[{system}] concurrency {concurrency}: FAILED: {exc}")
             continue
+        mem_after = gpu_memory_mb()
+        counters, page = fetch_stats(server.grpc_url), _metrics_page(server, say)
+        stages, cache = _parsed(page, parse_stage_metrics), _parsed(page, parse_gpu_cache_mb)
         row = Row(
             system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
-            gpu_mem_before_mb=mem_before, gpu_mem_mb=gpu_memory_mb(),
-            torch_cache_before_mb=cache_before, torch_cache_mb=_torch_cache_mb(server),
+            gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after, torch_cache_before_mb=cache_before, torch_cache_mb=cache,
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
-        counters, stages = fetch_stats(server.grpc_url), _stage_metrics(server, say)
         if stages is not None and level_stages is not None:
             stage_rows += stage_breakdown(system, concurrency, models, level_stages, stages, (level_counters, counters), order)
         level_counters, level_stages = counters, stages
@@ -252,22 +255,18 @@ def _stage_order(configs: dict[str, Any]) -> dict[str, list[str]]:
     return order
 
 
-def _torch_cache_mb(server) -> float | None:
-    """MiB torch's caching allocators hold in the server's tritonpipe GPU instances, or None (no GPU
-    instance, or no metrics page)."""
+def _metrics_page(server, say) -> str | None:
+    """The server's /metrics page once the instances have handed their tallies over (the stage tallies and
+    the torch-cache gauges); None, and a line that says why, when it cannot be read."""
     try:
-        return parse_gpu_cache_mb(fetch_metrics_page(server.metrics_url))
-    except OSError:
-        return None
-
-
-def _stage_metrics(server, say) -> dict | None:
-    """The stage tallies on the server's /metrics; None, and a line that says why, when it cannot be read."""
-    try:
-        return fetch_stage_metrics(server.metrics_url)
+        return fetch_metrics_page(server.metrics_url)
     except OSError as exc:
         say(f"stage metrics not read from {server.metrics_url}: {exc}; the report has no per-stage table")
         return None
+
+
+def _parsed(page: str | None, parse: Callable[[str], Any]) -> Any:
+    return parse(page) if page is not None else None
 
 
 def _unfused(graph: Graph) -> Graph:

@@ -170,19 +170,14 @@ def parse_gpu_cache_mb(text: str) -> float | None:
     return sum(values) / 2**20 if values else None
 
 
-def fetch_metrics_page(metrics_url: str, settle_s: float = 0.0) -> str:
-    """Triton's Prometheus page, after ``settle_s`` seconds."""
+def fetch_metrics_page(metrics_url: str, settle_s: float = FLUSH_SECONDS + 0.25) -> str:
+    """Triton's Prometheus page once the instances have handed theirs over (they do every FLUSH_SECONDS)."""
     import time
     import urllib.request
 
     time.sleep(settle_s)
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         return response.read().decode(errors="replace")
-
-
-def fetch_stage_metrics(metrics_url: str, settle_s: float = FLUSH_SECONDS + 0.25) -> dict[tuple[str, str], StageTally]:
-    """The stage tallies once the instances have handed theirs over (they do every FLUSH_SECONDS)."""
-    return parse_stage_metrics(fetch_metrics_page(metrics_url, settle_s))
 
 
 def stage_breakdown(
