@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -20,7 +20,8 @@ each decode, batches of 64 in flight as DALI's prefetch keeps them, and with a s
 nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split).  ``sizes`` rows time
 what batches of changing sizes (as Triton hands an instance them) cost the decoder's state; ``libraries``
 rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
-handle's flags and the order of a batch, with the GPU time of each decode call.
+handle's flags and the order of a batch, with the GPU time of each decode call; ``inputs`` rows hand nvjpeg
+its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first).
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -341,7 +342,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
-                share: float = 0.0, lib=None, label: str = "") -> None:
+                share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -351,15 +352,19 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     With ``share``, that share of each batch's bytes (largest images first, as ``cuda_decoder_share`` splits
     a batch) goes to an nvImageCodec CUDA decoder of the thread's own, on a side thread, while its nvjpeg
     decoder takes the rest.  ``lib``: the libnvjpeg the decoders use (by default the one tritonpipe loads),
-    named in each row by ``label``."""
+    named in each row by ``label``; ``options``: more of the decoders' settings (``order``, ``pinned``); ``pin``:
+    the bitstreams already in page-locked memory, as if Triton's shared memory were."""
     tensors, shapes = accepted(nv, corpus)
+    if pin:
+        tensors = [tensor.pin_memory() for tensor in tensors]
     if post:  # the resize kernel compiles on its first call: not inside a timed row
         images = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1).decode(tensors[:4], shapes[:4])
         batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
         torch.cuda.synchronize()
     for batch, count in plan:
         sort_from = nvjpeg.SORT_FROM if post else None
-        decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from) for _ in range(count)]
+        decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
+                    for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         sides = [CudaDecoderSide(share) for _ in range(count)] if share > 0 else []
         done, finished = [0] * count, [0.0] * count
@@ -438,6 +443,22 @@ def library_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, bus
         label = f" [libnvjpeg {nvjpeg.version(lib)}, {os.path.basename(real)}]"
         thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 1), (64, 2)), lib=lib, label=label)
         thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, lib=lib, label=label)
+
+
+def input_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """How nvjpeg is handed a batch: 2 batches of 64 in flight with the resize and normalisation after
+    each (the ``inflight`` rows' fastest shape), with the bitstreams where the caller keeps them (pageable),
+    copied into a pinned buffer of the decoder's per batch (``nvjpeg.PINNED_INPUT``), or in page-locked
+    memory from the start; and each part ordered largest first or by chroma subsampling and then largest
+    first (``nvjpeg.ORDER``, DALI's order)."""
+    for label, options, pin in (
+        (" [pageable input, largest first]", {}, False),
+        (" [input copied to a pinned buffer per batch]", {"pinned": True}, False),
+        (" [input page-locked from the start]", {}, True),
+        (" [ordered by chroma subsampling, then largest first]", {"order": "subsampling"}, False),
+        (" [pinned copy + subsampling order]", {"pinned": True, "order": "subsampling"}, False),
+    ):
+        thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, label=label, options=options, pin=pin)
 
 
 def size_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
@@ -538,7 +559,8 @@ def main() -> None:
                         "sync (what nvjpeg's batched call waits for on the host), threads (decoders on host threads of their "
                         "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
-                        "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found)")
+                        "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found), inputs (pinned "
+                        "or pageable bitstreams, and the order of a batch, with 2 batches in flight)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -557,6 +579,8 @@ def main() -> None:
             handle_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "sizes" in groups:
             size_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "inputs" in groups:
+            input_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "libraries" in groups:
             library_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
