@@ -5,13 +5,15 @@ import threading
 
 
 class _Metric:
-    def __init__(self, callers):
+    def __init__(self, module):
         self.total = 0.0
         self.observed = []
-        self.callers = callers
+        self.module = module
+        self.callers = module.callers
 
     def increment(self, amount):
         self.callers.add(threading.current_thread().name)
+        self.module.updates += 1
         self.total += amount
 
     def observe(self, seconds):
@@ -28,6 +30,7 @@ class FakeMetricsModule:
         self.metrics = {}
         self.kinds: dict[str, str] = {}  # family name -> its kind
         self.callers: set[str] = set()  # threads that updated a metric
+        self.updates = 0  # increments, each a round trip to the server in the stub
         module = self
 
         class MetricFamily:
@@ -38,7 +41,7 @@ class FakeMetricsModule:
                 module.kinds[name] = kind
 
             def Metric(self, labels, buckets=None):  # noqa: N802 - the stub's spelling
-                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module.callers))
+                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module))
 
         self.MetricFamily = MetricFamily
 

@@ -7,7 +7,16 @@ from tests.unit.model.fake_metrics import FakeMetricsModule
 from tritonpipe.errors import InternalError, RequestError
 from tritonpipe.kernels.errors import DecodeError
 from tritonpipe.kernels.jpeg import read_jpeg_info
-from tritonpipe.model.metrics import GPU_CACHE_BYTES, IMAGES, REJECTS, StageMetrics, reject_reason
+from tritonpipe.model.metrics import (
+    BATCH_BUCKETS,
+    BATCH_SECONDS,
+    BUCKET_LABELS,
+    GPU_CACHE_BYTES,
+    IMAGES,
+    REJECTS,
+    StageMetrics,
+    reject_reason,
+)
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.stages import build_stage
 from tritonpipe.stages.control import run_chain, set_stage_sink
@@ -85,8 +94,34 @@ def test_tallies_reach_triton_from_their_own_thread_and_all_of_them_by_close():
     metrics.close()  # hands over what the thread had not sent yet
     assert module.value(IMAGES, model="m", stage="ResizeMat") == 402
     assert module.value(REJECTS, model="m", stage="ResizeMat", reason="too_large") == 200
-    histogram = module.metrics[("tritonpipe_stage_batch_duration_seconds", frozenset({"model": "m", "stage": "ResizeMat"}.items()))]
-    assert histogram.observed == [0.001] * 201  # one observation per batch, none lost or merged
+    # every batch counted in the duration histogram's series, none lost
+    assert module.value(f"{BATCH_SECONDS}_count", model="m", stage="ResizeMat") == 201
+    assert module.value(f"{BATCH_SECONDS}_sum", model="m", stage="ResizeMat") == pytest.approx(0.201)
+    assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="ResizeMat", le="0.001") == 201
+    assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="ResizeMat", le="+Inf") == 201
+    assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="ResizeMat", le="0.0005") == 0
+
+
+def test_the_duration_histogram_counts_each_batch_in_every_bucket_at_or_above_it_in_few_updates():
+    module = FakeMetricsModule()
+    metrics = StageMetrics(module, "m", flush_seconds=0.05)
+    metrics.close()  # no thread from here on: every flush below is this test's
+    module.updates = 0
+    durations = [0.0004, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0]
+    for seconds in durations:
+        metrics.record("DecodeTensor", seconds, 1, [])
+    metrics.flush()
+    for label, bound in zip(BUCKET_LABELS, BATCH_BUCKETS + [float("inf")]):
+        want = sum(seconds <= bound for seconds in durations)
+        assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="DecodeTensor", le=label) == want, label
+    assert module.kinds[f"{BATCH_SECONDS}_bucket"] == "counter"
+    # one update per series touched, not one per batch: 14 buckets, the sum, the count, images and duration
+    assert module.updates <= len(BUCKET_LABELS) + 4
+    metrics.record("DecodeTensor", 0.003, 1, [])
+    metrics.flush()
+    assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="DecodeTensor", le="0.005") == 6
+    assert module.value(f"{BATCH_SECONDS}_bucket", model="m", stage="DecodeTensor", le="0.001") == 3
+    assert module.value(f"{BATCH_SECONDS}_count", model="m", stage="DecodeTensor") == 8
 
 
 def test_a_gpu_instance_sets_its_torch_cache_gauge_at_every_flush():
