@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -21,7 +21,8 @@ nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split)
 what batches of changing sizes (as Triton hands an instance them) cost the decoder's state; ``libraries``
 rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
 handle's flags and the order of a batch, with the GPU time of each decode call; ``inputs`` rows hand nvjpeg
-its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first).
+its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first); ``ex``
+rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -295,6 +296,63 @@ class TimedLib:
         return timed_call
 
 
+class ExLib:
+    """libnvjpeg whose batched decode goes through ``nvjpegDecodeBatchedEx`` with a set of whole-image decode
+    parameters per image (EXIF orientation ignored, no region), as nvImageCodec's hardware decoder calls it;
+    each refused call's status is counted."""
+
+    ORIENTATION_NORMAL = 1  # nvjpegExifOrientation_t
+
+    def __init__(self, lib) -> None:
+        void, integer = ctypes.c_void_p, ctypes.c_int
+        for name, argtypes in {"nvjpegDecodeParamsCreate": [void, ctypes.POINTER(void)],
+                               "nvjpegDecodeParamsSetROI": [void, integer, integer, integer, integer],
+                               "nvjpegDecodeParamsSetExifOrientation": [void, integer],
+                               "nvjpegDecodeBatchedEx": [void, void, void, void, void, void, void]}.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, integer
+        self.lib, self.params, self.refused = lib, {}, {}
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
+        params = self.params.setdefault(handle.value, [])
+        while len(params) < len(pointers):
+            made = ctypes.c_void_p()
+            Nvjpeg.check(self.lib.nvjpegDecodeParamsCreate(handle, ctypes.byref(made)), "nvjpegDecodeParamsCreate")
+            Nvjpeg.check(self.lib.nvjpegDecodeParamsSetExifOrientation(made, self.ORIENTATION_NORMAL), "SetExifOrientation")
+            Nvjpeg.check(self.lib.nvjpegDecodeParamsSetROI(made, 0, 0, -1, -1), "nvjpegDecodeParamsSetROI")
+            params.append(made)
+        table = (ctypes.c_void_p * len(pointers))(*[made.value for made in params[: len(pointers)]])
+        status = self.lib.nvjpegDecodeBatchedEx(handle, state, pointers, lengths, images, table, stream)
+        if status != 0:
+            self.refused[status] = self.refused.get(status, 0) + 1
+        return status
+
+
+def ex_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """``nvjpegDecodeBatchedEx`` (nvImageCodec's call) against ``nvjpegDecodeBatched`` with 2 batches of 64 in
+    flight: the pixels of a batch of 64 and one of 16 compared first, then the rate, then how many calls nvjpeg
+    refused and with which status (a refused part is decoded again one image at a time)."""
+    tensors, shapes = accepted(nv, corpus)
+    ex = ExLib(nv.lib)
+    for batch in (64, 16):
+        chosen = [i % len(tensors) for i in range(3, 3 + batch)]
+        outputs = [nvjpeg.Decoder(lib, torch.device("cuda"), 1, sort_from=nvjpeg.SORT_FROM).decode(
+            [tensors[i] for i in chosen], [shapes[i] for i in chosen]) for lib in (nv.lib, ex)]
+        torch.cuda.synchronize()
+        worst = max((int((a.int() - b.int()).abs().max()) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                     else -1) for a, b in zip(*outputs))
+        report.append((name, f"batch {batch}: nvjpegDecodeBatchedEx against nvjpegDecodeBatched, largest pixel "
+                             f"difference (-1: an image one of them refused); refused calls so far {ex.refused or 'none'}",
+                       str(worst), "", ""))
+        print(" | ".join(report[-1]), flush=True)
+    thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, lib=ex,
+                label=" [nvjpegDecodeBatchedEx, whole-image parameters per image]")
+    report.append((name, f"nvjpegDecodeBatchedEx: refused calls by nvjpeg status, all rows: {ex.refused or 'none'}", "", "", ""))
+
+
 def accepted(nv: Nvjpeg, corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """The corpus's JPEGs the engines take, as tensors, and their (height, width)."""
     infos = [nv.info(data) for data in corpus]
@@ -560,7 +618,8 @@ def main() -> None:
                         "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
                         "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found), inputs (pinned "
-                        "or pageable bitstreams, and the order of a batch, with 2 batches in flight)")
+                        "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
+                        "nvImageCodec's call, against nvjpegDecodeBatched)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -581,6 +640,8 @@ def main() -> None:
             size_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "inputs" in groups:
             input_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "ex" in groups:
+            ex_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "libraries" in groups:
             library_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "threads" in groups:
