@@ -218,13 +218,21 @@ class _Lane:
             return _UNKNOWN_ORDER
         return css.value if css.value >= 0 else _UNKNOWN_ORDER
 
-    def _pinned(self, datas: Sequence[torch.Tensor]) -> list[int]:
-        """The part's bitstreams copied, one after another, into this lane's pinned buffer; their addresses there."""
+    def _addresses(self, datas: Sequence[torch.Tensor]) -> list[int]:
+        """Where nvjpeg reads the part's bitstreams: copied, one after another, into this lane's pinned buffer
+        where the decoder asks for it (and the buffer can be had), else where the caller keeps them."""
+        if not self.decoder.pinned:
+            return [data.data_ptr() for data in datas]
         lengths = [data.numel() for data in datas]
         total = sum(lengths)
         if self.staging is None or self.staging.numel() < total:
-            # grown by a quarter beyond the need, so that a slowly growing batch does not allocate each time
-            self.staging = torch.empty(total + total // 4, dtype=torch.uint8, pin_memory=self.decoder.device.type == "cuda")
+            self.staging = None
+            try:
+                # grown by a quarter beyond the need, so that a slowly growing batch does not allocate each time
+                self.staging = torch.empty(total + total // 4, dtype=torch.uint8, pin_memory=self.decoder.device.type == "cuda")
+            except RuntimeError as exc:  # no page-locked memory to be had: nvjpeg reads the caller's, as without the option
+                log.warning("nvjpeg: no pinned buffer of %d bytes for the bitstreams (%s); they are read where they are", total, exc)
+                return [data.data_ptr() for data in datas]
         torch.cat([data.reshape(-1) for data in datas], out=self.staging[:total])
         base, addresses = self.staging.data_ptr(), []
         for length in lengths:
@@ -262,8 +270,7 @@ class _Lane:
             out = torch.empty((height, width, 3), dtype=torch.uint8, device=decoder.device)
             image.channel[0], image.pitch[0] = out.data_ptr(), width * 3
             outputs.append(out)
-        addresses = self._pinned(datas) if decoder.pinned else [data.data_ptr() for data in datas]
-        pointers = (ctypes.c_void_p * count)(*addresses)
+        pointers = (ctypes.c_void_p * count)(*self._addresses(datas))
         lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
         self.inputs = list(datas)
         handle = stream.cuda_stream if stream is not None else 0

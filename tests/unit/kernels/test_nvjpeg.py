@@ -290,6 +290,31 @@ def test_pinned_input_hands_nvjpeg_one_buffer_of_the_parts_bitstreams_kept_acros
     assert plain.handed[-1] == [image.data_ptr() for image in small]
 
 
+def test_without_a_pinned_buffer_to_be_had_the_bitstreams_are_read_where_they_are(monkeypatch, caplog):
+    handed = []
+
+    class Addresses(FakeNvjpeg):
+        def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
+            handed.append([pointers[i] for i in range(len(pointers))])
+            return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
+
+    decoder = nvjpeg.Decoder(Addresses(), torch.device("cpu"), lanes=1, pinned=True)
+    real_empty = torch.empty
+
+    def no_memory(*args, **kwargs):
+        if "pin_memory" in kwargs:  # the staging buffer, not the decoded images
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(nvjpeg.torch, "empty", no_memory)
+    images = [_fake_jpeg(10 + i, 2, 3) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        out = _decode(decoder, images)
+    assert [int(r[0, 0, 0]) for r in out] == [10, 11, 12]  # decoded all the same
+    assert handed[-1] == [image.data_ptr() for image in images]
+    assert any("pinned buffer" in record.message for record in caplog.records)
+
+
 def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
     class Rendezvous(FakeNvjpeg):
         """Lets a part through only once the other part is inside nvjpeg too."""
