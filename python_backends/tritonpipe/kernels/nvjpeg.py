@@ -231,7 +231,9 @@ class _Lane:
                 # grown by a quarter beyond the need, so that a slowly growing batch does not allocate each time
                 self.staging = torch.empty(total + total // 4, dtype=torch.uint8, pin_memory=self.decoder.device.type == "cuda")
             except RuntimeError as exc:  # no page-locked memory to be had: nvjpeg reads the caller's, as without the option
-                log.warning("nvjpeg: no pinned buffer of %d bytes for the bitstreams (%s); they are read where they are", total, exc)
+                log.warning("nvjpeg: no pinned buffer of %d bytes for the bitstreams (%s); from now on they are read where "
+                            "they are", total, exc)
+                self.decoder.pinned = False
                 return [data.data_ptr() for data in datas]
         torch.cat([data.reshape(-1) for data in datas], out=self.staging[:total])
         base, addresses = self.staging.data_ptr(), []
