@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from tritonpipe import load_graph
 from tritonpipe.client.client import InferError, PipelineClient
@@ -89,6 +90,10 @@ def reference_logits(session, jpeg: bytes) -> np.ndarray:
     return session.run(None, {"x": (resized - MEAN) / STD})[0]
 
 
+def _heals(server, model) -> int:
+    return sum(h.model == model for h in server.supervisor.heals)
+
+
 def _wait_for_heal(server, model, count, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,6 +102,37 @@ def _wait_for_heal(server, model, count, timeout=180):
             return heals[count - 1]
         time.sleep(0.1)
     raise AssertionError(f"no heal of {model!r} within {timeout} s; heals so far: {server.supervisor.heals}")
+
+
+def _heal_or_restart(server, model, restarts, before, timeout=180):
+    """The first heal of ``model`` after its ``before`` ones, or None where tritonserver itself exited meanwhile
+    and its supervisor started it again (and it answers once more).  A heal that brought up no new stub is given
+    a minute to turn out as the server going down."""
+    heals_seen = time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        heals = [h for h in server.supervisor.heals if h.model == model][before:]
+        if heals and (heals[0].new_pids or time.monotonic() > heals_seen + 60):
+            return heals[0]
+        heals_seen = heals_seen if heals else time.monotonic()  # a heal with no new stub: is the server going down?
+        if server.supervisor.restarts > restarts:
+            probe = _jpeg_for_probe()
+            while time.monotonic() < deadline:
+                try:
+                    PipelineClient(server.grpc_url, protocol="grpc", model=model, timeout=10).infer(probe)
+                    time.sleep(1)  # the supervisor has taken the new server's stubs by now
+                    return None
+                except (InferError, InferenceServerException):  # the latter: no server to connect to yet
+                    time.sleep(0.5)
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"no heal of {model!r} within {timeout} s; heals so far: {server.supervisor.heals}")
+
+
+def _jpeg_for_probe() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(out, "JPEG")
+    return out.getvalue()
 
 
 def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(server, jpeg_factory):
@@ -114,18 +150,30 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
                 outcomes.append((started, time.monotonic(), "OK" if np.array_equal(got, wants[index % len(jpegs)]) else "WRONG"))
             except InferError as exc:
                 outcomes.append((started, time.monotonic(), exc.status))
+            except InferenceServerException as exc:  # no server to connect to
+                outcomes.append((started, time.monotonic(), exc.status()))
             index += 4
 
     # daemons, stopped however the test ends: a failed wait must not leave them calling the server forever
     threads = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
     for thread in threads:
         thread.start()
+    since = 0.0  # outcomes of requests started before this are not counted
     try:
         time.sleep(2)
-        (victim, *_) = [s for s in python_stubs(server.process.pid) if s.model == "mat"]
-        killed = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
-        heal = _wait_for_heal(server, "mat", 1)
+        for attempt in range(2):
+            restarts, before = server.supervisor.restarts, _heals(server, "mat")
+            (victim, *_) = [s for s in python_stubs(server.process.pid) if s.model == "mat"]
+            killed = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            heal = _heal_or_restart(server, "mat", restarts, before)
+            if heal is not None:
+                break
+            # Triton 2.51 itself now and then aborts (SIGABRT) when a stub is killed under load; its supervisor
+            # started it again, which is not what this test is about: the stub is killed once more, and the
+            # requests of the first try (some of them refused while no server ran) are not counted
+            assert attempt == 0, "tritonserver exited twice when a stub was killed"
+            since = time.monotonic()
         healed = time.monotonic()
         time.sleep(3)
     finally:
@@ -133,6 +181,7 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
         for thread in threads:
             thread.join(timeout=150)  # the client's own timeout is 120 s
 
+    outcomes = [o for o in outcomes if o[0] >= since]
     assert heal.ok and heal.reason == "exited" and heal.pid == victim.pid and heal.instance == victim.instance
     stubs = {s.pid for s in python_stubs(server.process.pid) if s.model == "mat"}
     assert len(heal.new_pids) == 2 and set(heal.new_pids) <= stubs and victim.pid not in stubs
@@ -151,8 +200,9 @@ def test_an_ensemble_keeps_working_after_its_composing_model_is_reloaded(server,
     jpeg = jpeg_factory(77, 55, seed=9)
     np.testing.assert_allclose(client.infer(jpeg)["scores"], reference_logits(session, jpeg), atol=2e-3, rtol=0)
     (victim,) = [s for s in python_stubs(server.process.pid) if s.model == "cls_model"]
+    before = _heals(server, "cls_model")  # an earlier test's server restart may have left one
     os.kill(victim.pid, signal.SIGKILL)
-    heal = _wait_for_heal(server, "cls_model", 1)
+    heal = _wait_for_heal(server, "cls_model", before + 1)
     assert heal.ok and heal.new_pids and victim.pid not in heal.new_pids
     for seed in range(3):
         jpeg = jpeg_factory(60 + seed, 80, seed=seed)
@@ -162,6 +212,7 @@ def test_an_ensemble_keeps_working_after_its_composing_model_is_reloaded(server,
 def test_a_hung_stub_is_replaced_and_nothing_waits_forever(server, jpeg_factory):
     client = PipelineClient(server.grpc_url, protocol="grpc", model="stall", timeout=300)
     (victim,) = [s for s in python_stubs(server.process.pid) if s.model == "stall"]
+    before = _heals(server, "stall")
     results = {}
 
     def call(name, jpeg):
@@ -177,7 +228,7 @@ def test_a_hung_stub_is_replaced_and_nothing_waits_forever(server, jpeg_factory)
     for thread in calls:
         thread.start()
         time.sleep(0.5)
-    heal = _wait_for_heal(server, "stall", 1)
+    heal = _wait_for_heal(server, "stall", before + 1)
     for thread in calls:
         thread.join(timeout=60)
     assert heal.ok and heal.reason == "hung" and heal.pid == victim.pid and victim.pid not in heal.new_pids
@@ -200,7 +251,7 @@ def _post_infer(server, model, body):
 
 
 def test_the_100_byte_request_that_aborts_tritons_http_front_end_is_survived(server, jpeg_factory):
-    first = server.process.pid
+    first, restarts = server.process.pid, server.supervisor.restarts
     answer = _post_infer(server, "mat", HUGE_SHAPE_REQUEST)
     deadline = time.monotonic() + 240
     while answer != "TimeoutError" and time.monotonic() < deadline and (server.process.pid == first or server._get(READY_PATH) != 200):
@@ -208,9 +259,9 @@ def test_the_100_byte_request_that_aborts_tritons_http_front_end_is_survived(ser
     print(f"\nthe request got {answer!r}; tritonserver pid {first} -> {server.process.pid}, restarts {server.supervisor.restarts}")
     if answer == "TimeoutError":
         # seen on a 128 GiB host: the HTTP front end stalls on the allocation instead of aborting; gRPC keeps serving
-        assert server.process.pid == first and server.supervisor.restarts == 0
+        assert server.process.pid == first and server.supervisor.restarts == restarts
     else:
-        assert server.process.pid != first and server.supervisor.restarts == 1, "Triton 2.51 was expected to abort"
+        assert server.process.pid != first and server.supervisor.restarts == restarts + 1, "Triton 2.51 was expected to abort"
     jpeg = jpeg_factory(48, 64, seed=3)
     got = PipelineClient(server.grpc_url, protocol="grpc", model="mat").infer(jpeg)["OUTPUT"][0]
     np.testing.assert_array_equal(got, reference_mat(jpeg))

@@ -29,6 +29,10 @@ from .procs import Stub, is_running, python_stubs
 
 log = logging.getLogger("tritonpipe.server")
 
+#: seconds a heal watches tritonserver when the reload says ready but no new stub came up (what a server going
+#: down answers): if it exits or stops being ready meanwhile, the heal is the server's restart's to do
+GOING_DOWN_S = 5.0
+
 _METRIC = re.compile(r'^(nv_inference_pending_request_count|nv_inference_request_success|nv_inference_request_failure)'
                      r'\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.M)
 
@@ -205,6 +209,11 @@ class Supervisor:
         old = {s.pid for s in self._stubs[model]}
         ok = self._reload(model)
         fresh = [s for s in python_stubs(self.server.process.pid) if s.model == model and s.pid not in old]
+        if self._server_went_down(wait=ok and not fresh):
+            # its stubs died with it (Triton 2.51 now and then aborts when a stub is killed under load): no heal of
+            # one model to record or to count as failed; the server's restart brings every model back
+            log.warning("tritonserver went down while model=%s was healed; its restart takes over", model)
+            return
         took = time.monotonic() - started
         heal = Heal(model, culprit.instance, culprit.pid, reason, [s.pid for s in fresh], took, ok)
         self.heals.append(heal)
@@ -219,6 +228,26 @@ class Supervisor:
                   "and stays unready; see %s", model, culprit.instance, culprit.pid, reason, self.policy.reload_attempts,
                   took, self.server.log_path)
         self.server.keep_log = True
+
+    def _server_went_down(self, wait: bool) -> bool:
+        """Whether tritonserver has exited; with ``wait`` (a reload that says ready but brought up no new stub,
+        what a server going down answers), whether it exits or stops being ready within :data:`GOING_DOWN_S`.
+        A server going down is healed by its restart, not model by model."""
+        if self.server.process.poll() is not None:
+            return True
+        deadline = time.monotonic() + GOING_DOWN_S
+        while wait and not self._stop.wait(0.25):
+            if self.server.process.poll() is not None or not self._ready():
+                return True
+            if time.monotonic() >= deadline:
+                break
+        return False
+
+    def _ready(self) -> bool:
+        try:
+            return bool(self.server.control().is_server_ready())
+        except Exception:  # noqa: BLE001 - tritonclient raises its own error type for every failure
+            return False
 
     def _reload(self, model: str) -> bool:
         client, headers = self.server.control(), self.server.control_headers

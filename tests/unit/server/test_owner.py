@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -261,3 +262,64 @@ def test_a_draining_server_gets_one_line_from_the_supervisor_and_other_failures_
     failed = [r for r in caplog.records if r.getMessage() == "supervisor check failed"]
     assert len(waiting) == 1 and waiting[0].levelname == "INFO" and waiting[0].exc_info is None
     assert failed and all(r.levelname == "ERROR" and r.exc_info for r in failed)
+
+
+class _Reloading:
+    """A server whose reload of a model says ready; its process exits during the reload where ``dies``."""
+
+    control_headers = None
+    log_path = "triton.log"
+    keep_log = False
+
+    def __init__(self, dies: bool):
+        self.dies, self.code = dies, None
+        outer = self
+
+        class Process:
+            pid = os.getpid()
+
+            @staticmethod
+            def poll():
+                return outer.code
+
+            @staticmethod
+            def wait(timeout=None):
+                if outer.code is None:
+                    raise subprocess.TimeoutExpired("tritonserver", timeout)
+                return outer.code
+
+        self.process = Process()
+
+    def control(self):
+        return self
+
+    def load_model(self, model, headers=None):
+        if self.dies:
+            self.code = -6  # SIGABRT, as Triton 2.51 now and then does when a stub is killed under load
+
+    def is_model_ready(self, model):
+        return True
+
+    def is_server_ready(self):
+        return True
+
+
+@pytest.mark.parametrize("dies", [True, False])
+def test_a_heal_during_which_the_server_goes_down_is_left_to_the_servers_restart(dies, monkeypatch):
+    from tritonpipe.server import heal as heal_module
+    from tritonpipe.server.procs import Stub
+
+    old, new = Stub(101, "mat", "mat_0_0"), Stub(202, "mat", "mat_0_0")
+    monkeypatch.setattr(heal_module, "GOING_DOWN_S", 0.01)
+    # a server that goes down has no stubs left; one that reloaded has the new one
+    monkeypatch.setattr(heal_module, "python_stubs", lambda pid: [] if dies else [new])
+    server = _Reloading(dies)
+    supervisor = heal_module.Supervisor(server, heal_module.HealPolicy(poll_s=0.01, hang_timeout_s=None))
+    supervisor._stubs = {"mat": [old]}
+    supervisor._heal("mat", old, "exited")
+    if dies:
+        assert supervisor.heals == [] and supervisor.failed_models == set()
+    else:
+        (heal,) = supervisor.heals
+        assert heal.ok and heal.new_pids == [202] and supervisor._stubs["mat"] == [new]
+
