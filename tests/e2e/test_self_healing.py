@@ -108,13 +108,14 @@ def _heal_or_restart(server, model, restarts, before, timeout=180):
     """The first heal of ``model`` after its ``before`` ones, or None where tritonserver itself exited meanwhile
     and its supervisor started it again (and it answers once more).  A heal that brought up no new stub is given
     a minute to turn out as the server going down."""
-    heals_seen = time.monotonic()
+    first_seen = None  # when a heal of the model first showed
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         heals = [h for h in server.supervisor.heals if h.model == model][before:]
-        if heals and (heals[0].new_pids or time.monotonic() > heals_seen + 60):
-            return heals[0]
-        heals_seen = heals_seen if heals else time.monotonic()  # a heal with no new stub: is the server going down?
+        if heals:
+            first_seen = first_seen or time.monotonic()
+            if heals[0].new_pids or time.monotonic() > first_seen + 60:
+                return heals[0]
         if server.supervisor.restarts > restarts:
             probe = _jpeg_for_probe()
             while time.monotonic() < deadline:

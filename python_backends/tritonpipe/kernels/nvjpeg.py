@@ -307,10 +307,7 @@ class _Lane:
             if not taken:
                 return results
             if order and len(taken) >= self.decoder.sort_from:
-                if groups:
-                    taken.sort(key=lambda i: (groups[i], -sizes[i][0] * sizes[i][1]))
-                else:
-                    taken.sort(key=lambda i: -sizes[i][0] * sizes[i][1])
+                taken.sort(key=lambda i: (groups[i] if groups else 0, -sizes[i][0] * sizes[i][1]))
             try:
                 decoded: list[torch.Tensor | None] = list(
                     self.submit([datas[i] for i in taken], [sizes[i] for i in taken], stream))

@@ -235,8 +235,10 @@ class Supervisor:
         A server going down is healed by its restart, not model by model."""
         if self.server.process.poll() is not None:
             return True
+        if not wait:
+            return False
         deadline = time.monotonic() + GOING_DOWN_S
-        while wait and not self._stop.wait(0.25):
+        while not self._stop.wait(0.25):
             if self.server.process.poll() is not None or not self._ready():
                 return True
             if time.monotonic() >= deadline:
