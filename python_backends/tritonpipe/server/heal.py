@@ -9,6 +9,12 @@ an ensemble keeps calling the reloaded model by name.
 Each heal is one WARNING line on the ``tritonpipe.server`` logger, in this form::
 
     heal model=cls_pre instance=cls_pre_0_1 pid=4711 reason=exited new_pids=4790,4791 took=6.42s
+
+A server that receives a fatal signal prints ``Signal (6) received.`` and a backtrace, then dies of
+the signal.  Under load Triton 2.51 has been seen to live on for minutes after an abort, serving
+nothing (it prints the backtrace inside its signal handler, where a lock that another thread holds
+can stop it).  One that still runs :data:`CRASH_GRACE_S` after that line is killed, and then
+restarted as a crashed one.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ log = logging.getLogger("tritonpipe.server")
 #: seconds a heal watches tritonserver when the reload says ready but no new stub came up (what a server going
 #: down answers): if it exits or stops being ready meanwhile, the heal is the server's restart's to do
 GOING_DOWN_S = 5.0
+#: seconds a tritonserver that printed a fatal signal gets to die before it is taken as stuck in its crash handler
+CRASH_GRACE_S = 10.0
+#: seconds each of the supervisor's health and model-state calls may take: a stuck server must not stop its watch
+CALL_TIMEOUT_S = 10.0
+#: the signals whose line in tritonserver's log means it is going down (2 and 15 print the same line and drain)
+FATAL_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+_SIGNAL_LINE = re.compile(rb"^Signal \((\d+)\) received\.", re.M)
 
 _METRIC = re.compile(r'^(nv_inference_pending_request_count|nv_inference_request_success|nv_inference_request_failure)'
                      r'\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.M)
@@ -97,6 +110,34 @@ def parse_progress(metrics: str) -> dict[str, tuple[float, float]]:
     return {model: (pending.get(model, 0.0), finished.get(model, 0.0)) for model in pending.keys() | finished.keys()}
 
 
+class LogWatch:
+    """Reads a tritonserver log from an offset on, a piece at a time, for the line of a fatal signal.
+
+    Args:
+        path: the log file (it may not exist yet).
+        offset: where the server's latest launch starts writing.
+    """
+
+    def __init__(self, path: Any, offset: int):
+        self.path, self.offset = path, offset
+        self._partial = b""  # the start of a line the server has not finished writing
+
+    def fatal_signal(self) -> int | None:
+        """The number of a fatal signal the server said it received since the last call, or None."""
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                new = log.read()
+        except (OSError, TypeError):  # no log (yet), or a server without one
+            return None
+        self.offset += len(new)
+        text = self._partial + new
+        end = text.rfind(b"\n") + 1
+        self._partial = text[end:][-4096:]
+        numbers = [int(n) for n in _SIGNAL_LINE.findall(text[:end])]
+        return next((n for n in numbers if n in FATAL_SIGNALS), None)
+
+
 def _is_not_ready(exc: BaseException) -> bool:
     """Whether a control call failed because the server is not ready (it is starting or draining)."""
     status = getattr(exc, "status", None)
@@ -127,6 +168,8 @@ class Supervisor:
         self._progress: dict[str, _Progress] = {}
         self._stop = threading.Event()
         self._not_ready = False
+        self._log = LogWatch(None, 0)
+        self._crash: tuple[int, float] | None = None  # a fatal signal the server printed, and when it was seen
         self._thread = threading.Thread(target=self._run, name="tritonpipe-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -155,6 +198,8 @@ class Supervisor:
                     if not self._restart_server():
                         return
                     continue
+                if self._going_down():
+                    continue
                 self._check_models()
                 self._not_ready = False
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad check
@@ -165,7 +210,24 @@ class Supervisor:
                     self._not_ready = True
                     log.info("tritonserver is not ready (stopping?); the supervisor waits for it")
 
+    def _going_down(self) -> bool:
+        """Whether the server printed a fatal signal: it is left to die for :data:`CRASH_GRACE_S`, then killed."""
+        if self._crash is None:
+            number = self._log.fatal_signal()
+            if number is None:
+                return False
+            self._crash = (number, time.monotonic())
+        number, seen = self._crash
+        if time.monotonic() - seen >= CRASH_GRACE_S:
+            log.error("tritonserver printed 'Signal (%d) received.' %.0f s ago and still runs: it hangs in its crash "
+                      "handler, so it is killed and started again", number, time.monotonic() - seen)
+            self._crash = (number, time.monotonic())  # its exit is the restart's to see; killed again if it lives on
+            self.server.kill()
+        return True
+
     def _rebase(self) -> None:
+        self._log = LogWatch(getattr(self.server, "log_path", None), getattr(self.server, "launched_at_byte", 0))
+        self._crash = None
         self._stubs = {}
         for stub in python_stubs(self.server.process.pid):
             self._stubs.setdefault(stub.model, []).append(stub)
@@ -188,7 +250,8 @@ class Supervisor:
                 self._heal(model, stubs[0], "hung")
 
     def _model_states(self) -> dict[str, str]:
-        index = self.server.control().get_model_repository_index(headers=self.server.control_headers, as_json=True)
+        index = self.server.control().get_model_repository_index(
+            headers=self.server.control_headers, as_json=True, client_timeout=CALL_TIMEOUT_S)
         return {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
 
     def _read_progress(self) -> dict[str, tuple[float, float]]:
@@ -247,7 +310,7 @@ class Supervisor:
 
     def _ready(self) -> bool:
         try:
-            return bool(self.server.control().is_server_ready())
+            return bool(self.server.control().is_server_ready(client_timeout=CALL_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - tritonclient raises its own error type for every failure
             return False
 
@@ -257,7 +320,7 @@ class Supervisor:
         for attempt in range(1, self.policy.reload_attempts + 1):
             try:
                 client.load_model(model, headers=headers)
-                if client.is_model_ready(model):
+                if client.is_model_ready(model, client_timeout=CALL_TIMEOUT_S):
                     return True
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own error type for every failure
                 log.warning("reload of %s failed (attempt %d of %d): %s", model, attempt, self.policy.reload_attempts, exc)

@@ -263,7 +263,8 @@ class TritonServer:
         self._stop_requests = 0
         self._stopping = False
         self._closed = False
-        self._launched_at_byte = 0
+        #: where the log of the server's latest launch starts (the log is appended to on a restart)
+        self.launched_at_byte = 0
 
     @property
     def keep_log(self) -> bool:
@@ -410,7 +411,7 @@ class TritonServer:
 
     def _launch(self) -> None:
         with open(self.log_path, "ab") as log:
-            self._launched_at_byte = log.tell()
+            self.launched_at_byte = log.tell()
             # a session of its own: the terminal's Ctrl-C reaches the owner only, which stops the server in
             # its own time, and the server and its stubs can be signalled as one group
             self.process = _LAUNCHER.popen(
@@ -495,7 +496,7 @@ class TritonServer:
         raise ServerError(f"the ready answer did not come from this tritonserver: {problem} (full log: {self.log_path})")
 
     def _failure_message(self, headline: str) -> str:
-        text = self._log_since(self._launched_at_byte)
+        text = self._log_since(self.launched_at_byte)
         lines = text.splitlines()
         in_use = _IN_USE_RE.search(text)
         names = {port: name for name, port in self.endpoints().items()}
@@ -585,6 +586,10 @@ class TritonServer:
                 self._signal_group(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(0.2)
+
+    def kill(self) -> None:
+        """End the server and its stubs at once (SIGKILL to its process group), as a stuck server needs."""
+        self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, signum: int) -> None:
         """The server and its stubs; the server is unreaped while this runs, so its group id is still its own."""

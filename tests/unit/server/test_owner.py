@@ -243,7 +243,7 @@ def test_a_draining_server_gets_one_line_from_the_supervisor_and_other_failures_
         def control(self):
             return self
 
-        def get_model_repository_index(self, headers=None, as_json=True):
+        def get_model_repository_index(self, headers=None, as_json=True, client_timeout=None):
             self.calls += 1
             raise self.error
 
@@ -297,10 +297,10 @@ class _Reloading:
         if self.dies:
             self.code = -6  # SIGABRT, as Triton 2.51 now and then does when a stub is killed under load
 
-    def is_model_ready(self, model):
+    def is_model_ready(self, model, client_timeout=None):
         return True
 
-    def is_server_ready(self):
+    def is_server_ready(self, client_timeout=None):
         return True
 
 
@@ -323,3 +323,94 @@ def test_a_heal_during_which_the_server_goes_down_is_left_to_the_servers_restart
         (heal,) = supervisor.heals
         assert heal.ok and heal.new_pids == [202] and supervisor._stubs["mat"] == [new]
 
+
+
+def test_the_log_watch_finds_a_fatal_signal_of_the_latest_launch_only_and_once_its_line_is_whole(tmp_path):
+    from tritonpipe.server.heal import LogWatch
+
+    log = tmp_path / "triton.log"
+    log.write_bytes(b"Signal (6) received.\n")  # an earlier launch's crash, before the offset
+    watch = LogWatch(log, log.stat().st_size)
+    assert watch.fatal_signal() is None
+    with open(log, "ab") as out:
+        out.write(b"Signal (2) received.\nI1205 server.cc:305] \"Waiting for in-flight requests to complete.\"\nSign")
+    assert watch.fatal_signal() is None  # SIGINT drains; a line cut off is read once it ends
+    with open(log, "ab") as out:
+        out.write(b"al (11) received.\n 0# 0x000055E687BB452D in tritonserver\n")
+    assert watch.fatal_signal() == signal.SIGSEGV
+    assert watch.fatal_signal() is None
+    assert LogWatch(tmp_path / "missing.log", 0).fatal_signal() is None
+
+
+class _Crashing:
+    """A server whose log says it received SIGABRT and whose process runs on."""
+
+    control_headers = None
+
+    def __init__(self, log_path):
+        self.log_path, self.launched_at_byte = log_path, 0
+        self.kills, self.checks = [], 0
+
+        class Process:
+            pid = os.getpid()
+
+            @staticmethod
+            def poll():
+                return None
+
+        self.process = Process()
+
+    def control(self):
+        return self
+
+    def get_model_repository_index(self, headers=None, as_json=True, client_timeout=None):
+        self.checks += 1
+        return {}
+
+    def kill(self):
+        self.kills.append(time.monotonic())
+
+
+def test_a_server_that_printed_a_fatal_signal_and_runs_on_is_killed_after_the_grace(tmp_path, monkeypatch):
+    from tritonpipe.server import heal as heal_module
+
+    monkeypatch.setattr(heal_module, "CRASH_GRACE_S", 0.3)
+    monkeypatch.setattr(heal_module, "python_stubs", lambda pid: [])
+    log = tmp_path / "triton.log"
+    log.write_bytes(b"I1205 grpc_server.cc:2558] \"Started GRPCInferenceService\"\n")
+    server = _Crashing(log)
+    supervisor = heal_module.Supervisor(server, heal_module.HealPolicy(poll_s=0.01, hang_timeout_s=None))
+    supervisor.start()
+    try:
+        while server.checks < 3:
+            time.sleep(0.01)
+        assert server.kills == []  # a healthy log: its models are checked
+        with open(log, "ab") as out:
+            out.write(b"Signal (6) received.\n 0# 0x000055E687BB452D in tritonserver\n")
+        seen = time.monotonic()
+        while not server.kills and time.monotonic() < seen + 10:
+            time.sleep(0.01)
+        checks = server.checks
+        time.sleep(0.1)
+    finally:
+        supervisor.stop()
+    assert server.kills and server.kills[0] - seen >= 0.3
+    assert server.checks == checks  # nothing is asked of a server going down
+
+
+def test_a_server_stuck_after_a_fatal_signal_is_killed_and_restarted(tmp_path, monkeypatch):
+    from tritonpipe.server import heal as heal_module
+
+    monkeypatch.setattr(heal_module, "CRASH_GRACE_S", 1.0)
+    with TritonServer(tmp_path) as server:
+        first = server.process.pid
+        # what Triton prints before its crash handler hangs; then it is stopped, as such a server serves nothing
+        with open(server.log_path, "ab") as out:
+            out.write(b"Signal (6) received.\n")
+        os.kill(first, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (server.process.pid != first and server._get(owner.READY_PATH) == 200):
+            time.sleep(0.2)
+        assert server.process.pid != first and server._get(owner.READY_PATH) == 200
+        assert server.supervisor.restarts == 1 and server.keep_log
+    server.log_path.unlink()
