@@ -44,6 +44,8 @@ CRASH_GRACE_S = 10.0
 CALL_TIMEOUT_S = 10.0
 #: the signals whose line in tritonserver's log means it is going down (2 and 15 print the same line and drain)
 FATAL_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+#: seconds between two log lines of a check that keeps failing with the same error
+REPEAT_LOG_S = 60.0
 _SIGNAL_LINE = re.compile(rb"^Signal \((\d+)\) received\.", re.M)
 
 _METRIC = re.compile(r'^(nv_inference_pending_request_count|nv_inference_request_success|nv_inference_request_failure)'
@@ -170,6 +172,7 @@ class Supervisor:
         self._not_ready = False
         self._log = LogWatch(None, 0)
         self._crash: tuple[int, float] | None = None  # a fatal signal the server printed, and when it was seen
+        self._failing: tuple[str, float, int] | None = None  # a check's error, when it was last logged, repeats since
         self._thread = threading.Thread(target=self._run, name="tritonpipe-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -201,14 +204,28 @@ class Supervisor:
                 if self._going_down():
                     continue
                 self._check_models()
-                self._not_ready = False
+                self._not_ready, self._failing = False, None
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad check
                 if not _is_not_ready(exc):
-                    log.exception("supervisor check failed")
+                    self._check_failed(exc)
                 elif not self._not_ready:
                     # a draining server (SIGINT, SIGTERM) answers this until it exits: say so once
                     self._not_ready = True
                     log.info("tritonserver is not ready (stopping?); the supervisor waits for it")
+
+    def _check_failed(self, exc: Exception) -> None:
+        """Log a failed check: with its traceback the first time, then the same error once per :data:`REPEAT_LOG_S`."""
+        what, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        if self._failing is None or self._failing[0] != what:
+            self._failing = (what, now, 0)
+            log.exception("supervisor check failed")
+            return
+        _, logged, repeats = self._failing
+        if now - logged < REPEAT_LOG_S:
+            self._failing = (what, logged, repeats + 1)
+            return
+        log.error("supervisor check: the same failure %d more time(s) in %.0f s: %s", repeats + 1, now - logged, what)
+        self._failing = (what, now, 0)
 
     def _going_down(self) -> bool:
         """Whether the server printed a fatal signal: it is left to die for :data:`CRASH_GRACE_S`, then killed."""

@@ -219,7 +219,7 @@ def test_a_server_on_a_named_or_ipv6_host_answers_on_every_port(tmp_path, host):
             assert response.status == 200
 
 
-def test_a_draining_server_gets_one_line_from_the_supervisor_and_other_failures_a_traceback(caplog):
+def test_a_draining_server_gets_one_line_from_the_supervisor_and_another_failure_one_traceback(caplog):
     from tritonclient.utils import InferenceServerException
 
     from tritonpipe.server.heal import HealPolicy, Supervisor
@@ -255,13 +255,14 @@ def test_a_draining_server_gets_one_line_from_the_supervisor_and_other_failures_
             time.sleep(0.01)
         server.error = InferenceServerException("boom", status="StatusCode.INTERNAL")
         calls = server.calls
-        while server.calls < calls + 2:
+        while server.calls < calls + 5:
             time.sleep(0.01)
         supervisor.stop()
     waiting = [r for r in caplog.records if "not ready" in r.getMessage()]
-    failed = [r for r in caplog.records if r.getMessage() == "supervisor check failed"]
+    failed = [r for r in caplog.records if r.getMessage().startswith("supervisor check failed")]
     assert len(waiting) == 1 and waiting[0].levelname == "INFO" and waiting[0].exc_info is None
-    assert failed and all(r.levelname == "ERROR" and r.exc_info for r in failed)
+    # the same error again and again is not a traceback every half second
+    assert len(failed) == 1 and failed[0].levelname == "ERROR" and failed[0].exc_info
 
 
 class _Reloading:
@@ -414,3 +415,25 @@ def test_a_server_stuck_after_a_fatal_signal_is_killed_and_restarted(tmp_path, m
         assert server.process.pid != first and server._get(owner.READY_PATH) == 200
         assert server.supervisor.restarts == 1 and server.keep_log
     server.log_path.unlink()
+
+
+def test_a_check_that_keeps_failing_alike_is_summed_up_once_a_while_and_a_new_error_gets_its_traceback(caplog, monkeypatch):
+    from tritonpipe.server import heal as heal_module
+
+    supervisor = heal_module.Supervisor(_Crashing(None), heal_module.HealPolicy(hang_timeout_s=None))
+    monkeypatch.setattr(heal_module, "REPEAT_LOG_S", 3600.0)
+    with caplog.at_level("INFO", logger="tritonpipe.server"):
+        for error in [RuntimeError("refused")] * 3 + [RuntimeError("timed out")]:
+            try:
+                raise error
+            except RuntimeError as exc:
+                supervisor._check_failed(exc)
+        monkeypatch.setattr(heal_module, "REPEAT_LOG_S", 0.0)
+        for _ in range(2):
+            try:
+                raise RuntimeError("timed out")
+            except RuntimeError as exc:
+                supervisor._check_failed(exc)
+    lines = [(r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert [traced for _, traced in lines] == [True, True, False, False]
+    assert lines[2][0].startswith("supervisor check: the same failure 1 more time(s)") and "RuntimeError: timed out" in lines[2][0]
