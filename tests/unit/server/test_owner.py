@@ -141,6 +141,15 @@ def test_the_server_outlives_the_thread_that_started_it(tmp_path):
         server.close()
 
 
+def _wait_for_one_restart(server, first: int) -> None:
+    """Until a new tritonserver than ``first`` answers ready (a minute at most); it must be the first restart."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (server.process.pid != first and server._get(owner.READY_PATH) == 200):
+        time.sleep(0.2)
+    assert server.process.pid != first and server._get(owner.READY_PATH) == 200
+    assert server.supervisor.restarts == 1 and server.keep_log
+
+
 def test_a_crashed_server_is_restarted_on_the_same_ports(tmp_path):
     with TritonServer(tmp_path) as server:
         assert server.control().get_model_repository_index(headers=server.control_headers, as_json=True) == {}
@@ -148,11 +157,7 @@ def test_a_crashed_server_is_restarted_on_the_same_ports(tmp_path):
             server.control().get_model_repository_index()
         first = server.process.pid
         os.kill(first, signal.SIGABRT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (server.process.pid != first and server._get(owner.READY_PATH) == 200):
-            time.sleep(0.2)
-        assert server.process.pid != first and server._get(owner.READY_PATH) == 200
-        assert server.supervisor.restarts == 1 and server.keep_log
+        _wait_for_one_restart(server, first)
     log = server.log_path.read_text()
     assert log.count("Started GRPCInferenceService") == 2
     server.log_path.unlink()
@@ -409,11 +414,7 @@ def test_a_server_stuck_after_a_fatal_signal_is_killed_and_restarted(tmp_path, m
         with open(server.log_path, "ab") as out:
             out.write(b"Signal (6) received.\n")
         os.kill(first, signal.SIGSTOP)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (server.process.pid != first and server._get(owner.READY_PATH) == 200):
-            time.sleep(0.2)
-        assert server.process.pid != first and server._get(owner.READY_PATH) == 200
-        assert server.supervisor.restarts == 1 and server.keep_log
+        _wait_for_one_restart(server, first)
     server.log_path.unlink()
 
 
