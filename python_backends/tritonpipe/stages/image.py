@@ -6,6 +6,7 @@ work on 1xCxHxW tensors and run on the instance's GPU when it has one.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from ..kernels.errors import DecodeError
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, register
+
+log = logging.getLogger("tritonpipe")
 
 _SIDE = dict(low=1, high=geometry.MAX_SIDE)
 _COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of the output")
@@ -129,10 +132,11 @@ class DecodeTensor(Stage):
         "color": _COLOR,
         "data_format": Param(str, "nchw", choices=("nchw", "hwc"), doc="output layout"),
         "decoder": Param(
-            str, "torchvision", choices=jpeg.GPU_DECODERS,
-            doc="GPU decoder: nvjpeg through torchvision; nvjpeg's hardware decoder driven directly (interleaved output, "
-                "submitted without the host waiting for the engines; A100, H100, H200 and later); nvImageCodec; or DALI's "
-                "mixed decoder fed the batch in overlapping chunks (all use the hardware JPEG engines where the GPU has them)",
+            str, "auto", choices=("auto", *jpeg.GPU_DECODERS),
+            doc="GPU decoder: auto (nvjpeg where the GPU has hardware JPEG engines, else torchvision); nvjpeg through "
+                "torchvision; nvjpeg's hardware decoder driven directly (interleaved output, submitted without the host "
+                "waiting for the engines; A100, H100, H200 and later); nvImageCodec; or DALI's mixed decoder fed the batch "
+                "in overlapping chunks (all use the hardware JPEG engines where the GPU has them)",
         ),
         "hw_decoder_load": Param(
             float, nvimgcodec.HW_DECODER_LOAD, low=0.0, high=1.0,
@@ -178,8 +182,8 @@ class DecodeTensor(Stage):
         self.max_pixels = params["max_pixels"]
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
-        self.decoder = params["decoder"]
         self.nvjpeg_lanes = params["decode_depth"] or nvjpeg.LANES
+        self.decoder = self._pick_decoder(params["decoder"])
         self.settings = nvimgcodec.Settings(
             hw_load=params["hw_decoder_load"],
             threads=params["decode_threads"],
@@ -200,10 +204,6 @@ class DecodeTensor(Stage):
                 "DecodeTensor(decoder=dali) needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130, for the "
                 "CUDA of your torch), or choose another decoder"
             )
-        if self.decoder == "nvjpeg" and self.device.type == "cuda":
-            why = nvjpeg.problem(self.device, self.nvjpeg_lanes)
-            if why is not None:
-                raise ConfigError(f"DecodeTensor(decoder=nvjpeg): {why}; choose decoder=torchvision")
         self.cuda_decoder_share = params["cuda_decoder_share"]
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
@@ -211,6 +211,21 @@ class DecodeTensor(Stage):
                 f"DecodeTensor({wants}) needs nvImageCodec: pip install nvidia-nvimgcodec-cu12 "
                 "(or -cu13) and nvidia-nvjpeg for the same CUDA, or leave it out"
             )
+
+    def _pick_decoder(self, wanted: str) -> str:
+        """The GPU decoder to use.  ``auto``: nvjpeg's hardware decoder driven directly where the GPU has JPEG
+        engines (served on an H200 it was 1.02-1.06x torchvision's, with the lower latency at concurrency 1,
+        docs/BENCHMARKS.md), else nvjpeg through torchvision; ``nvjpeg`` on a GPU without them is refused.
+        A CPU instance decodes with libjpeg-turbo whatever the key says."""
+        if wanted not in ("auto", "nvjpeg") or self.device.type != "cuda":
+            return "torchvision" if wanted == "auto" else wanted
+        why = nvjpeg.problem(self.device, self.nvjpeg_lanes)
+        if why is None:
+            return "nvjpeg"
+        if wanted == "nvjpeg":
+            raise ConfigError(f"DecodeTensor(decoder=nvjpeg): {why}; choose decoder=torchvision")
+        log.info("DecodeTensor(decoder=auto) on %s: %s; nvjpeg through torchvision decodes", self.device, why)
+        return "torchvision"
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
         datas: list[torch.Tensor | None] = []

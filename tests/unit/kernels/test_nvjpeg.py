@@ -545,6 +545,25 @@ def test_a_gpu_stage_that_cannot_have_it_is_refused_at_load(monkeypatch):
     build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg"}).entry.tree, "cpu")
 
 
+def test_the_default_decoder_is_nvjpeg_where_the_gpu_has_jpeg_engines_and_torchvision_elsewhere(monkeypatch, caplog):
+    asked = []
+
+    def problem(device, lanes=nvjpeg.LANES):
+        asked.append(device.type)
+        return why
+
+    monkeypatch.setattr(nvjpeg, "problem", problem)
+    tree = load_graph({"backend": "DecodeTensor"}).entry.tree
+    why = None
+    assert build_stage(tree, "cuda").decoder == "nvjpeg"
+    why = "this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"
+    with caplog.at_level(logging.INFO, logger="tritonpipe"):
+        assert build_stage(tree, "cuda").decoder == "torchvision"  # not refused: the default falls back
+    assert any("decoder=auto" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+    assert asked == ["cuda", "cuda"]
+    assert build_stage(tree, "cpu").decoder == "torchvision" and asked == ["cuda", "cuda"]  # libjpeg-turbo decodes
+
+
 # --- on a GPU with JPEG engines -------------------------------------------------------------
 
 on_gpu = [
