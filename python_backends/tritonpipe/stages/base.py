@@ -20,7 +20,9 @@ other keys (``"color"``, extra outputs).  Stages are registered under a name wit
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -210,15 +212,44 @@ class Stage:
 class MapStage(Stage):
     """A stage that handles one request at a time; a failure stays with its request."""
 
+    #: on a CPU instance, ``apply`` may run for several items of a batch at once, on the instance's threads
+    #: (:func:`cpu_threads`): for work that lets the GIL go (OpenCV, libjpeg-turbo) and touches only its item
+    concurrent: ClassVar[bool] = False
+
     def apply(self, data: Any, item: dict[str, Any]) -> Any:
         raise NotImplementedError
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
-        for item in batch:
-            try:
-                item[RESULT] = self.apply(item[DATA], item)
-            except Exception as exc:  # noqa: BLE001 - the error belongs to this request
-                item[ERROR] = exc
+        pool = cpu_threads() if self.concurrent and self.device.type == "cpu" and len(batch) > 1 else None
+        if pool is None:
+            for item in batch:
+                self._apply_to(item)
+        else:
+            list(pool.map(self._apply_to, batch))
+
+    def _apply_to(self, item: dict[str, Any]) -> None:
+        try:
+            item[RESULT] = self.apply(item[DATA], item)
+        except Exception as exc:  # noqa: BLE001 - the error belongs to this request
+            item[ERROR] = exc
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, the pool)
+_pool_lock = threading.Lock()
+
+
+def cpu_threads() -> ThreadPoolExecutor | None:
+    """Threads for the per-image work of a CPU instance, as many as its torch threads (its share of the host's
+    cores, which the generic model sets at load), or None where that is one.  Without them a batch's images
+    are decoded one after another on one core, whatever cores the instance was given."""
+    global _pool
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool[0] != threads:
+            _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="tritonpipe-item"))
+        return _pool[1]
 
 
 # --- registry -------------------------------------------------------------------------

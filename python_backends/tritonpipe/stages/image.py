@@ -6,6 +6,7 @@ work on 1xCxHxW tensors and run on the instance's GPU when it has one.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..kernels import color as color_kernels
 from ..kernels.errors import DecodeError
 from ..kernels.pillow_resize import NEWEST, RELEASES, pillow_resize, pillow_resize_hwc, release_line
 from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
-from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, register
+from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, cpu_threads, register
 
 log = logging.getLogger("tritonpipe")
 
@@ -91,6 +92,7 @@ class DecodeMat(MapStage):
     output_doc = "HxWx3 uint8 BGR mat; sets color=bgr"
 
     params = _DECODE_PARAMS
+    concurrent = True  # a batch's images decode at once on a CPU instance's threads
 
     def init(self, params: dict[str, Any]) -> None:
         self.apply_exif = params["apply_exif"]
@@ -236,11 +238,16 @@ class DecodeTensor(Stage):
                 item[ERROR] = exc
                 datas.append(None)
         todo = [(item, data) for item, data in zip(batch, datas) if data is not None]
-        decoded = jpeg.decode_jpeg_tensor(
-            [d for _, d in todo], self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
+        decode_all = functools.partial(
+            jpeg.decode_jpeg_tensor, device=self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
             dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes,
         )
+        pool = cpu_threads() if self.device.type == "cpu" and len(todo) > 1 else None
+        if pool is None:
+            decoded = decode_all([d for _, d in todo])
+        else:  # libjpeg-turbo decodes one image per call: the instance's threads take one each
+            decoded = [image for (image,) in pool.map(lambda data: decode_all([data]), [d for _, d in todo])]
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
                 item[ERROR] = _request_error(image) if isinstance(image, DecodeError) else image

@@ -242,3 +242,61 @@ def test_a_huffman_threshold_without_the_cuda_decoder_is_refused_before_anything
         _, configs, _ = build_repository(load_graph(config), device="gpu")
         assert configs  # the plan is made; the decoder itself needs nvImageCodec and a GPU at load
 
+
+
+class _Sleepy:
+    """A map stage whose items take a while, each noting the thread it ran on; an item of 0 fails."""
+
+    @staticmethod
+    def make(concurrent: bool):
+        import threading
+        import time
+
+        from tritonpipe.stages.base import MapStage
+
+        class Sleepy(MapStage):
+            name = "Sleepy"
+
+            def apply(self, data, item):
+                time.sleep(0.05)
+                item["thread"] = threading.get_ident()
+                if data == 0:
+                    raise ValueError("zero")
+                return data * 2
+
+        Sleepy.concurrent = concurrent
+        return Sleepy()
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_a_concurrent_map_stage_spreads_a_batch_over_the_cpu_instances_threads(monkeypatch, concurrent):
+    import threading
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    stage = _Sleepy.make(concurrent)
+    batch = [{"data": value} for value in (1, 0, 3, 4, 5, 6)]
+    stage.forward(batch)
+    assert [item.get("result") for item in batch] == [2, None, 6, 8, 10, 12]
+    assert isinstance(batch[1]["error"], ValueError) and all("error" not in item for i, item in enumerate(batch) if i != 1)
+    threads = {item["thread"] for item in batch}
+    assert len(threads) == 2 if concurrent else threads == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("backend", ["DecodeMat", "DecodeTensor"])
+def test_a_cpu_decoder_on_several_threads_decodes_each_image_as_pillow_does_and_a_bad_one_fails_alone(
+    monkeypatch, jpeg_factory, backend
+):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    jpegs = [jpeg_factory(40 + 8 * i, 30 + 4 * i, seed=i) for i in range(7)]
+    jpegs[4] = jpegs[4][: len(jpegs[4]) // 2]  # cut off: fails alone
+    stage = build_stage(parse_backend(backend), "cpu")
+    batch = [{"data": torch.frombuffer(bytearray(j), dtype=torch.uint8)} for j in jpegs]
+    stage.forward(batch)
+    for i, (jpeg, item) in enumerate(zip(jpegs, batch)):
+        if i == 4:
+            assert isinstance(item["error"], RequestError) and "result" not in item
+            continue
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        got = item["result"].numpy()
+        want = rgb[:, :, ::-1] if backend == "DecodeMat" else rgb.transpose(2, 0, 1)[None]
+        assert "error" not in item and np.array_equal(got, want), i
