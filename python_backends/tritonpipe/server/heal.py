@@ -14,7 +14,7 @@ A server that receives a fatal signal prints ``Signal (6) received.`` and a back
 the signal.  Under load Triton 2.51 has been seen to live on for minutes after an abort, serving
 nothing (it prints the backtrace inside its signal handler, where a lock that another thread holds
 can stop it).  One that still runs :data:`CRASH_GRACE_S` after that line is killed, and then
-restarted as a crashed one.
+restarted as a crashed one (one that still answers is left alone: the line was not its own).
 """
 
 from __future__ import annotations
@@ -228,18 +228,25 @@ class Supervisor:
         self._failing = (what, now, 0)
 
     def _going_down(self) -> bool:
-        """Whether the server printed a fatal signal: it is left to die for :data:`CRASH_GRACE_S`, then killed."""
+        """Whether the server printed a fatal signal: it is left to die for :data:`CRASH_GRACE_S`, then killed
+        unless it still answers (then the line was not its own: a model may print anything)."""
         if self._crash is None:
             number = self._log.fatal_signal()
             if number is None:
                 return False
             self._crash = (number, time.monotonic())
         number, seen = self._crash
-        if time.monotonic() - seen >= CRASH_GRACE_S:
-            log.error("tritonserver printed 'Signal (%d) received.' %.0f s ago and still runs: it hangs in its crash "
-                      "handler, so it is killed and started again", number, time.monotonic() - seen)
-            self._crash = (number, time.monotonic())  # its exit is the restart's to see; killed again if it lives on
-            self.server.kill()
+        if time.monotonic() - seen < CRASH_GRACE_S:
+            return True
+        if self._ready():
+            log.warning("the server's log says 'Signal (%d) received.', but tritonserver still answers %.0f s later: "
+                        "not taken as a crash", number, time.monotonic() - seen)
+            self._crash = None
+            return False
+        log.error("tritonserver printed 'Signal (%d) received.' %.0f s ago, still runs and does not answer: it hangs "
+                  "in its crash handler, so it is killed and started again", number, time.monotonic() - seen)
+        self._crash = (number, time.monotonic())  # its exit is the restart's to see; killed again if it lives on
+        self.server.kill()
         return True
 
     def _rebase(self) -> None:
