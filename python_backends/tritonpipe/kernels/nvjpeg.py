@@ -50,12 +50,14 @@ LANES = 1
 #: decoded distinct sizes 22% slower than unsorted, so small parts keep the caller's order
 SORT_FROM = 32
 #: how a part from :data:`SORT_FROM` images is ordered: "area" (largest first) or "subsampling" (by chroma
-#: subsampling, 4:4:4 first and grey last, then largest first: the order of DALI's and nvImageCodec's decoder)
+#: subsampling, 4:4:4 first and grey last, then largest first: the order of DALI's and nvImageCodec's decoder).
+#: On an H200, two batches of 64 in flight: 0.96x with DALI's order
 ORDER = "area"
 ORDERS = ("area", "subsampling")
 #: copy each part's bitstreams into one pinned host buffer of its state's (kept and grown as needed) before
 #: the decode call, so that the engines' input is read from page-locked memory; False: nvjpeg reads the
-#: caller's memory (Triton's shared memory, pageable) itself
+#: caller's memory (Triton's shared memory, pageable) itself.  On an H200 the copy made two batches of 64 in
+#: flight 0.64x as fast (0.70 host ms per image), where bitstreams page-locked from the start were 1.06x
 PINNED_INPUT = False
 _BACKEND_HARDWARE = 3  # nvjpegBackend_t
 _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
