@@ -425,7 +425,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                     for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
         sides = [CudaDecoderSide(share) for _ in range(count)] if share > 0 else []
-        done, finished = [0] * count, [0.0] * count
+        done, finished, refused = [0] * count, [0.0] * count, [0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
         stop = begin + seconds
 
@@ -439,9 +439,11 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                                                  streams[k].cuda_stream)
                     else:
                         images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
-                    if post:
-                        batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
-                    done[k] += batch if started >= begin else 0
+                    decoded = [image for image in images if isinstance(image, torch.Tensor)]  # None: refused
+                    refused[k] += len(images) - len(decoded)
+                    if post and decoded:
+                        batch_resize.resize_batch(decoded, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
+                    done[k] += len(decoded) if started >= begin else 0
                 torch.cuda.current_stream().synchronize()
             finished[k] = time.perf_counter()
 
@@ -454,6 +456,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, "
                 f"{f'{share:.0%} of the bytes on a CUDA decoder each, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
+        if sum(refused):
+            what += f" ({sum(refused):,} images refused, not counted)"
         report.append((name, what + label,
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
