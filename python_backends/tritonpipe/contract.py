@@ -24,6 +24,7 @@ PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 PARAM_CORES = "tritonpipe.cores"
 PARAM_OVERLAP = "tritonpipe.overlap"
 PARAM_GPU_WAIT = "tritonpipe.gpu_wait"
+PARAM_PIN_INPUTS = "tritonpipe.pin_inputs"
 
 #: how a GPU instance waits for its batch's GPU work: see :func:`tritonpipe.model.runtime.wait_for_gpu`
 GPU_WAITS = ("spin", "yield", "block")
@@ -109,6 +110,7 @@ class ModelParams:
         overlap: keep two batches in flight in each instance, the chain's last step and the
             answers of one on a thread of their own while the steps before it take the next.
         gpu_wait: how a GPU instance waits for its batch's GPU work, one of :data:`GPU_WAITS`.
+        pin_inputs: a GPU instance page-locks the stub's shared memory, where its inputs arrive.
     """
 
     pipeline: str
@@ -121,6 +123,7 @@ class ModelParams:
     cores: CpuCores | None = None
     overlap: bool = False
     gpu_wait: str = "spin"
+    pin_inputs: bool = False
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -143,6 +146,8 @@ class ModelParams:
             params[PARAM_OVERLAP] = "yes"
         if self.gpu_wait != "spin":
             params[PARAM_GPU_WAIT] = self.gpu_wait
+        if self.pin_inputs:
+            params[PARAM_PIN_INPUTS] = "yes"
         return params
 
     @classmethod
@@ -179,6 +184,7 @@ class ModelParams:
             cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
             overlap=params.get(PARAM_OVERLAP) == "yes",
             gpu_wait=gpu_wait,
+            pin_inputs=params.get(PARAM_PIN_INPUTS) == "yes",
         )
 
     @classmethod

@@ -117,6 +117,7 @@ class ModelRuntime:
         self.execution_timeout = params.execution_timeout
         self.overlap = params.overlap
         self.gpu_wait = params.gpu_wait
+        self.pin_inputs = params.pin_inputs
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         self.last_stage = _last_leaf(self.root).name

@@ -27,6 +27,7 @@ from ..stages.control import set_stage_sink
 from .fanout import FanOut, bls_call
 from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
 from .overlap import Flight, Overlap, Results, TailTimes
+from .pinned import PinnedPool, stub_pool
 from .runtime import ModelRuntime, Watchdog, pick_device, wait_for_gpu
 
 log = logging.getLogger("tritonpipe")
@@ -84,7 +85,7 @@ class TritonPythonModel:
         if plan is not None:
             # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
             self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
-            self.overlap = None
+            self.overlap, self.pinned = None, None
             log.info("%s: fans out %s -> %s per item of %r", args["model_name"], plan.first, plan.each, plan.items)
             return
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -97,6 +98,8 @@ class TritonPythonModel:
         with self._on_stream():
             self.runtime = ModelRuntime(config, version_dir, self.device)
         log.info("%s: %s on %s", args["model_name"], self.runtime.pipeline, self.device)
+        # the region as mapped at load is registered now, so that the first batch does not pay for it
+        self.pinned: PinnedPool | None = stub_pool() if self.stream is not None and self.runtime.pin_inputs else None
         if self.stream is not None:
             self._warm_up(args["model_name"])
         self.instance_name = args.get("model_instance_name", args["model_name"])
@@ -146,6 +149,11 @@ class TritonPythonModel:
             item[ERROR] = exc if isinstance(exc, RequestError) else RequestError(f"cannot read the request: {exc}")
         return item
 
+    def _pin(self, items: list[dict[str, Any]]) -> None:
+        """Page-lock where the batch's inputs lie, the first time they lie somewhere new (``pin_inputs``)."""
+        if self.pinned is not None:
+            self.pinned.cover(value for item in items for value in item.values() if isinstance(value, torch.Tensor))
+
     def _respond(self, result: dict[str, torch.Tensor] | BaseException):
         if isinstance(result, BaseException):
             return pb_utils.InferenceResponse(output_tensors=[], error=_error(result))
@@ -167,6 +175,7 @@ class TritonPythonModel:
         with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
             started = time.perf_counter()
             items = [self._read(request) for request in requests]
+            self._pin(items)
             read = time.perf_counter()
             with self._on_stream():
                 if self.events is not None:
@@ -196,6 +205,7 @@ class TritonPythonModel:
         with self.watchdog.watch(requests) if self.watchdog is not None else contextlib.nullcontext():
             started = time.perf_counter()
             flight = Flight([self._read(request) for request in requests], [r.get_response_sender() for r in requests])
+            self._pin(flight.items)
             read = time.perf_counter()
             self.overlap.run_head(flight)
             for item in flight.items:
@@ -264,6 +274,8 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.overlap is not None:
             self.overlap.close()
+        if self.pinned is not None:
+            self.pinned.release()
         set_stage_sink(None)
         if self.metrics is not None:
             self.metrics.close()

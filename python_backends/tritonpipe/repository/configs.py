@@ -77,6 +77,7 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         # the tail thread answers through response senders; GPU tensors for the next model stay on execute's return
         overlap=model.settings.overlap and (terminal or not on_gpu),
         gpu_wait=model.settings.gpu_wait if on_gpu else "spin",
+        pin_inputs=model.settings.pin_inputs and on_gpu,
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)
