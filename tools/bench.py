@@ -29,8 +29,11 @@ examples:
   tritonpipe bench                                   # the resnet18 example, default sweep
   tritonpipe bench --concurrency 1,4,8 --measurement-interval 3000
   tritonpipe bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
+  tritonpipe bench --systems ensemble --concurrency 128,256 --rounds 3 \
+      --variant plain: --variant pinned:pin_inputs=true  # plain, pinned, plain, pinned, plain, pinned
 
-Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output."""
+Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output;
+with --variant, one such folder per run (NAME-ROUND/) and variants.md / variants.csv beside them."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -100,6 +103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     perf.add_argument("--perf-arg", action="append", default=[], metavar="ARG", help="extra perf_analyzer argument (repeatable), e.g. --perf-arg=--async")
     perf.add_argument("--perf-timeout", type=float, default=1200, help="seconds one level may take (default: %(default)s)")
 
+    turns = parser.add_argument_group("settings compared by turns")
+    turns.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
+        help="a setting to compare (repeatable): its keys, space-separated, on top of --set; 'NAME:' alone is the "
+             "configuration as given. The variants run in turn, each with a server of its own, --rounds times over, "
+             "and variants.md gives each run's img/s beside each variant's median against the first variant's",
+    )
+    turns.add_argument("--rounds", type=int, default=1, help="runs of each variant, taken in turn (default: %(default)s)")
+
     other = parser.add_argument_group("in-process run and the rest")
     other.add_argument("--inprocess-batch", type=int, default=64, help="batch of the in-process run (default: %(default)s)")
     other.add_argument("--inprocess-seconds", type=float, default=10.0, help="how long it runs (default: %(default)s)")
@@ -133,6 +145,20 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
     )
 
 
+def _by_turns(options: BenchOptions, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tritonpipe.harness.bench.variants import Variant, run_variants
+
+    variants = [Variant.parse(text) for text in args.variant]
+    result = run_variants(options, variants, args.rounds, say=lambda line: tqdm.write(line, file=sys.stdout))
+    print()
+    print(result.markdown)
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    return 0 if result.complete else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
@@ -143,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         from tritonpipe.harness.bench import run_bench
 
         options = options_from(args, shlex.join(["tritonpipe", "bench", *raw]))
+        if args.variant:
+            return _by_turns(options, args)
 
         # tqdm.write keeps the progress lines clear of the bars
         result = run_bench(options, say=lambda line: tqdm.write(line, file=sys.stdout))

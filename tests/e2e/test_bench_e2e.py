@@ -74,3 +74,31 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
     assert report.strip() in done.stdout
     assert (out / "perf_logs" / "ensemble_c2.log").is_file()
+
+
+def test_bench_compares_variants_by_turns(tmp_path, tiny_onnx):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'name = "cls"\nbackend = "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]"\n'
+        f'resize_h = 32\nresize_w = 32\nmodel = "{tiny_onnx}"\nmax = 4\nfuse = true\n'
+    )
+    out = tmp_path / "turns"
+    command = [
+        sys.executable, "-m", "tritonpipe_tools.bench", "--config", str(config), "--corpus-count", "3",
+        "--systems", "ensemble", "--concurrency", "2", "--measurement-interval", "1000", "--stability-percentage", "100",
+        "--device", "cpu", "--no-progress", "-o", str(out), "--variant", "plain:", "--variant", "small:max=1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # each variant ran with a server of its own, and its own report says which variant it was
+    assert "[variant plain, round 1: the configuration as given]" in (out / "plain-1" / "report.md").read_text()
+    assert "[variant small, round 1: max=1]" in (out / "small-1" / "report.md").read_text()
+    with open(out / "small-1" / "breakdown.csv") as handle:
+        batches = [float(r["avg_batch"]) for r in csv.DictReader(handle) if r["model"] == "cls" and int(r["requests"]) > 0]
+    assert batches and all(b == 1.0 for b in batches)  # max=1 reached the server: never more than one request per batch
+    with open(out / "variants.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["variant"], r["system"], r["concurrency"], r["runs"]) for r in rows] == [
+        ("plain", "ensemble", "2", "1"), ("small", "ensemble", "2", "1")]
+    assert all(float(r["median"]) > 0 for r in rows)
+    assert (out / "variants.md").read_text().strip() in done.stdout

@@ -1,0 +1,178 @@
+"""Settings compared by turns: each variant's run follows the other variants' in every round.
+
+Two runs of one served configuration on one GPU host differ by 5-20%; a comparison made of one
+run each can point either way.  ``tritonpipe bench --variant A: --variant B:pin_inputs=true
+--rounds 3`` runs A, B, A, B, A, B, each with a server of its own, and reports every run's figure
+beside the median of each variant, so that a difference can be read against the spread.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ...errors import ConfigError
+from ...pipeline.files import parse_overrides
+from .report import Row
+from .runner import BenchOptions, BenchResult, default_model, load_pipeline, run_bench
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
+SUMMARY_COLUMNS = ["variant", "system", "concurrency", "runs", "median", "low", "high", "p50_ms", "p99_ms", "gpu_rise_mb"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the comparison: a name and the keys set on top of the shared ``--set`` keys."""
+
+    name: str
+    settings: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``"NAME:KEY=VALUE KEY=VALUE"``; ``"NAME:"`` alone is the configuration as given."""
+        name, sep, rest = text.partition(":")
+        name = name.strip()
+        if not sep or not NAME.fullmatch(name):
+            raise ConfigError(
+                f"--variant takes NAME:KEY=VALUE ... (NAME of letters, digits, '.', '_' or '-'; 'NAME:' for no keys), got {text!r}"
+            )
+        return cls(name, parse_overrides(rest.split()))
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    variant: str
+    system: str
+    concurrency: int
+    throughputs: tuple[float | None, ...]  # one per round, None where the level failed
+    p50_ms: float | None
+    p99_ms: float | None
+    gpu_rise_mb: float | None
+
+    @property
+    def measured(self) -> list[float]:
+        return [t for t in self.throughputs if t]
+
+
+def options_for(options: BenchOptions, variant: Variant, round_: int) -> BenchOptions:
+    """The bench options of one variant's run: its keys over the shared ones, a results folder of its own."""
+    keys = " ".join(f"{k}={v}" for k, v in variant.settings.items()) or "the configuration as given"
+    return replace(options, settings={**options.settings, **variant.settings}, output=options.output / f"{variant.name}-{round_}",
+                   command=f"{options.command} [variant {variant.name}, round {round_}: {keys}]".lstrip())
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: dict[str, list[list[Row]]], systems: tuple[str, ...]) -> list[VariantRow]:
+    """Per variant, served system and concurrency: each round's img/s and the medians of the rest."""
+    out = []
+    for name, rounds in runs.items():
+        levels = sorted({(r.system, r.concurrency) for rows in rounds for r in rows if r.system in systems},
+                        key=lambda key: (systems.index(key[0]), key[1]))
+        for system, level in levels:
+            found = [next((r for r in rows if (r.system, r.concurrency) == (system, level)), None) for rows in rounds]
+            good = [r for r in found if r is not None and r.throughput]
+            rises = [r.gpu_mem_mb - r.gpu_mem_before_mb for r in good if r.gpu_mem_mb is not None and r.gpu_mem_before_mb is not None]
+            out.append(VariantRow(
+                name, system, level, tuple(r.throughput if r is not None else None for r in found),
+                _median([r.p50_ms for r in good if r.p50_ms is not None]),
+                _median([r.p99_ms for r in good if r.p99_ms is not None]),
+                _median(rises),
+            ))
+    return out
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str) -> str:
+    lines = ["# tritonpipe bench: variants by turns", ""]
+    if command:
+        lines += [f"- command: `{command}`"]
+    lines += [f"- rounds: {rounds}, in this order each round: {', '.join(v.name for v in variants)}"]
+    for v in variants:
+        keys = " ".join(f"{k}={val}" for k, val in v.settings.items()) or "(the configuration as given)"
+        lines.append(f"- {v.name}: {keys}")
+    first = variants[0].name
+    lines += [
+        "",
+        f"| variant | system | concurrency | img/s by round | median img/s | / {first} | p50 ms | p99 ms | GPU MiB rise |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    base = {(r.system, r.concurrency): _median(r.measured) for r in rows if r.variant == first}
+    for r in rows:
+        median = _median(r.measured)
+        reference = base.get((r.system, r.concurrency))
+        ratio = f"{median / reference:.2f}×" if median and reference else "—"
+        by_round = " / ".join(_number(t, 0) for t in r.throughputs)
+        lines.append(f"| {r.variant} | {r.system} | {r.concurrency} | {by_round} | {_number(median)} | {ratio} | "
+                     f"{_number(r.p50_ms, 2)} | {_number(r.p99_ms, 2)} | {_number(r.gpu_rise_mb, 0)} |")
+    lines += ["", "Each run has a server of its own and its own results folder (`NAME-ROUND/`, with its report). "
+              "Read a difference between medians against the spread of each variant's rounds."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[VariantRow], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SUMMARY_COLUMNS)
+        for r in rows:
+            measured = r.measured
+            writer.writerow([r.variant, r.system, r.concurrency, len(measured), _median(measured),
+                             min(measured, default=None), max(measured, default=None), r.p50_ms, r.p99_ms, r.gpu_rise_mb])
+    return path
+
+
+@dataclass
+class VariantsResult:
+    rows: list[VariantRow]
+    markdown: str
+    files: dict[str, Path]
+    complete: bool  # every level of every run measured
+
+
+def run_variants(
+    options: BenchOptions,
+    variants: list[Variant],
+    rounds: int,
+    say: Callable[[str], None] = print,
+    run: Callable[[BenchOptions, Callable[[str], None]], BenchResult] = run_bench,
+) -> VariantsResult:
+    """Run every variant once per round, in turn; summarise into ``options.output``."""
+    if not variants:
+        raise ConfigError("give at least one --variant")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--variant names must differ, got {', '.join(names)}")
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {rounds}")
+    exported = options.config is None and options.model is None  # the example's model, exported once if need be
+    for v in variants:  # every variant's configuration is checked before anything is written
+        try:
+            load_pipeline(options_for(replace(options, model=Path("model.onnx")) if exported else options, v, 1))
+        except ConfigError as exc:
+            raise ConfigError(f"variant {v.name!r}: {exc}") from None
+    if exported:
+        options = replace(options, model=default_model(options.output))
+    runs: dict[str, list[list[Row]]] = {v.name: [] for v in variants}
+    complete = True
+    for round_ in range(1, rounds + 1):
+        for v in variants:
+            say(f"== round {round_}/{rounds}, variant {v.name}")
+            result = run(options_for(options, v, round_), say)
+            runs[v.name].append(result.rows)
+            complete = complete and all(r.throughput for r in result.rows)
+    served = tuple(s for s in options.systems if s not in ("inprocess", "dali"))
+    rows = summarise(runs, served + tuple(s for s in options.systems if s not in served))
+    text = markdown(rows, variants, rounds, options.command)
+    options.output.mkdir(parents=True, exist_ok=True)
+    files = {"variants": options.output / "variants.md", "variants_csv": write_csv(rows, options.output / "variants.csv")}
+    files["variants"].write_text(text)
+    return VariantsResult(rows, text, files, complete)

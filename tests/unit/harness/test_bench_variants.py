@@ -1,0 +1,91 @@
+"""tritonpipe bench --variant: runs taken in turn, and the medians read against the first variant."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tritonpipe.errors import ConfigError
+from tritonpipe.harness.bench import BenchOptions, BenchResult, Row
+from tritonpipe.harness.bench.variants import SUMMARY_COLUMNS, Variant, run_variants
+from tritonpipe_tools.bench import main
+
+
+def test_a_variant_is_a_name_and_keys():
+    assert Variant.parse("pinned:pin_inputs=true preferred_batch_size=32,64") == Variant(
+        "pinned", {"pin_inputs": "true", "preferred_batch_size": "32,64"})
+    assert Variant.parse("plain:") == Variant("plain", {})
+    for bad in ("plain", ":x=1", "two words:x=1", "a:x"):
+        with pytest.raises(ConfigError):
+            Variant.parse(bad)
+
+
+def fake_runs(throughputs):
+    """A run_bench stand-in: records each run's options and answers the next figures in turn."""
+    seen, figures = [], iter(throughputs)
+
+    def run(options, say):
+        seen.append(options)
+        rows = [Row("ensemble", c, next(figures), p50_ms=10.0 * c, p99_ms=20.0 * c, gpu_mem_before_mb=100.0,
+                    gpu_mem_mb=100.0 + c) for c in (1, 8)] + [Row("inprocess", 64, 999.0)]
+        return BenchResult(rows, [], "", {})
+
+    return run, seen
+
+
+def options(tmp_path, config):
+    return BenchOptions(config=config, settings={"max": "4", "batching_timeout": "1"}, systems=("ensemble", "inprocess"),
+                        output=tmp_path / "out", command="tritonpipe bench --rounds 3")
+
+
+@pytest.fixture
+def config(tmp_path, tiny_onnx):
+    path = tmp_path / "tiny.toml"
+    path.write_text('name = "cls"\nbackend = "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]"\n'
+                    f'resize_h = 32\nresize_w = 32\nmodel = "{tiny_onnx}"\n')
+    return path
+
+
+def test_variants_run_in_turn_with_their_keys_over_the_shared_ones(tmp_path, config):
+    run, seen = fake_runs([100, 200, 150, 300, 110, 220, 160, 290, 120, 240, 140, 310])
+    variants = [Variant("a", {}), Variant("b", {"max": "8"})]
+    result = run_variants(options(tmp_path, config), variants, 3, say=lambda line: None, run=run)
+    assert [(o.output.name, o.settings) for o in seen] == [
+        (f"{name}-{r}", {"max": "8" if name == "b" else "4", "batching_timeout": "1"}) for r in (1, 2, 3) for name in "ab"]
+    assert seen[3].command == "tritonpipe bench --rounds 3 [variant b, round 2: max=8]"
+    rows = {(r.variant, r.concurrency): r for r in result.rows if r.system == "ensemble"}
+    assert rows[("a", 1)].throughputs == (100, 110, 120) and rows[("b", 8)].throughputs == (300, 290, 310)
+    assert rows[("b", 1)].gpu_rise_mb == 1 and rows[("a", 8)].p99_ms == 160
+    assert "| b | ensemble | 1 | 150 / 160 / 140 | 150.0 | 1.36× |" in result.markdown  # 150 against a's median 110
+    assert "| a | ensemble | 8 | 200 / 220 / 240 | 220.0 | 1.00× |" in result.markdown
+    assert "| b | inprocess | 64 |" in result.markdown and result.complete
+    with open(result.files["variants_csv"]) as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == SUMMARY_COLUMNS
+    assert table[0] == {"variant": "a", "system": "ensemble", "concurrency": "1", "runs": "3", "median": "110",
+                        "low": "100", "high": "120", "p50_ms": "10.0", "p99_ms": "20.0", "gpu_rise_mb": "1.0"}
+    assert (tmp_path / "out" / "variants.md").read_text() == result.markdown
+
+
+def test_a_failed_level_shows_as_a_gap_and_the_run_is_incomplete(tmp_path, config):
+    run, _ = fake_runs([100, None, 120, 130])
+    result = run_variants(options(tmp_path, config), [Variant("a", {}), Variant("b", {})], 1, say=lambda line: None, run=run)
+    assert "| b | ensemble | 1 | 120 | 120.0 | 1.20× |" in result.markdown
+    assert "| a | ensemble | 8 | — | — | — |" in result.markdown and not result.complete
+
+
+def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):
+    run, seen = fake_runs([])
+    for variants, rounds, match in (([Variant("a", {}), Variant("b", {"resize_hh": "3"})], 1, "variant 'b'.*resize_hh"),
+                                    ([Variant("a", {}), Variant("a", {})], 1, "must differ"),
+                                    ([Variant("a", {})], 0, "at least 1"), ([], 1, "at least one")):
+        with pytest.raises(ConfigError, match=match):
+            run_variants(options(tmp_path, config), variants, rounds, say=lambda line: None, run=run)
+    assert not seen and not (tmp_path / "out").exists()
+
+
+def test_the_cli_says_what_is_wrong_with_a_variant_in_one_line(tmp_path, capsys):
+    assert main(["--variant", "no colon", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: --variant takes NAME:KEY=VALUE") and "Traceback" not in err
+    assert not Path(tmp_path / "o").exists()
