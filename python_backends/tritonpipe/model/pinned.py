@@ -27,6 +27,8 @@ SHM_FOLDER = "/dev/shm/"
 REGION_ARG = 2
 #: mappings registered at most; each growth of the region adds one, the region's whole size
 MAX_MAPPINGS = 16
+#: looks in a row that found no new mapping for an input outside the registered ones, before looking stops
+MAX_FRUITLESS = 8
 
 #: register(address, size) -> None, or why it failed
 Register = Callable[[int, int], "str | None"]
@@ -77,6 +79,7 @@ class PinnedPool:
         self.ranges: list[tuple[int, int]] = []
         #: why registering stopped; from then on nothing more is registered
         self.stopped: str | None = None
+        self.fruitless = 0
 
     def covers(self, address: int) -> bool:
         at = bisect.bisect_right(self.starts, address) - 1
@@ -110,7 +113,10 @@ class PinnedPool:
             return
         for tensor in tensors:
             if tensor.device.type == "cpu" and tensor.numel() and not self.covers(tensor.data_ptr()):
-                self.refresh()  # once: an input outside the region (a copy, a BLS tensor) stays as it is
+                # once per batch: an input outside the region (a copy, a BLS tensor) stays as it is
+                self.fruitless = 0 if self.refresh() else self.fruitless + 1
+                if self.fruitless >= MAX_FRUITLESS:
+                    self._stop(f"{MAX_FRUITLESS} batches in a row had inputs outside the region")
                 return
 
     def release(self, unregister: Callable[[int], None] = cuda_unregister) -> None:

@@ -116,6 +116,15 @@ def test_an_input_outside_the_region_costs_one_look_per_batch_and_is_left_alone(
     outside = [torch.arange(10, dtype=torch.uint8), torch.ones(5, dtype=torch.uint8)]
     pool.cover(outside)
     assert len(reads) == 2 and len(register.calls) == 1  # one look for the whole batch, nothing new registered
+    region.grow(8 * PAGE)
+    pool.cover([region.tensor()])  # a look that finds a new mapping starts the count again
+    assert len(register.calls) == 2 and pool.fruitless == 0
+    for _ in range(P.MAX_FRUITLESS):
+        pool.cover(outside)
+    assert "8 batches in a row had inputs outside the region" in pool.stopped
+    looks = len(reads)
+    pool.cover(outside)
+    assert len(reads) == looks  # and then it stops looking
 
 
 def test_a_refused_registration_stops_pinning_with_one_warning_and_the_inputs_stay_usable(region, caplog):
