@@ -6,6 +6,10 @@ page-locked memory it reads directly, without the host waiting (nvjpeg's batched
 bytes where they lie; in one process page-locked bitstreams decoded 1.06x as fast).  This module finds
 the region's mappings in ``/proc/self/maps`` and registers each with CUDA once.
 
+A page-locked input is read by the GPU after the call that queued the copy returns, so the request
+must live until the GPU is done with it: the instance synchronises its stream before ``execute``
+returns, which is why ``pin_inputs`` and ``overlap`` are refused together.
+
 When the region grows, the stub maps it again at a new address and keeps the old mappings, so a
 registered range never goes away under the driver; an input found outside every registered range
 makes :meth:`PinnedPool.cover` look for the new mapping, at most once per batch.
@@ -90,13 +94,21 @@ class PinnedPool:
         if self.stopped is not None:
             return 0
         added = 0
-        for start, end in region_mappings(self._read_maps(), self.region):
+        try:
+            maps = self._read_maps()
+        except OSError as exc:
+            self._stop(f"cannot read this process's mappings: {exc}")
+            return 0
+        for start, end in region_mappings(maps, self.region):
             if self.covers(start):
                 continue
             if len(self.ranges) >= MAX_MAPPINGS:
                 self._stop(f"the region has been mapped {MAX_MAPPINGS} times; later mappings stay pageable")
                 break
-            problem = self._register(start, end - start)
+            try:
+                problem = self._register(start, end - start)
+            except Exception as exc:  # noqa: BLE001 - no CUDA runtime, a driver that refuses: inputs stay pageable
+                problem = f"{type(exc).__name__}: {exc}"
             if problem is not None:
                 self._stop(problem)
                 break

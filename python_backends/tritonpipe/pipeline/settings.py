@@ -151,7 +151,8 @@ class NodeSettings:
     pin_inputs: bool = setting(Param(
         bool, False,
         doc="GPU instances page-lock the Python backend's shared memory, where Triton puts each request's inputs, so "
-        "that the GPU reads the JPEG bytes without a staging copy (cudaHostRegister; 1.06x decode in one process)",
+        "that the GPU reads the JPEG bytes without a staging copy (cudaHostRegister; 1.06x decode in one process); "
+        "not with overlap",
     ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(
@@ -239,6 +240,11 @@ def node_settings(where: str, raw: Mapping[str, Any]) -> NodeSettings:
         values[name] = coerced if declared.parse is None else declared.parse(where, coerced)
     settings = NodeSettings(**values)
     _check_scheduling(where, settings)
+    if settings.pin_inputs and settings.overlap:
+        raise ConfigError(
+            f"{where}: pin_inputs and overlap cannot be used together: an overlapping instance returns before the GPU "
+            "has read a batch's inputs, and page-locked inputs are read after the call that queued the copy; drop one"
+        )
     _check_workers(where, raw)
     return settings
 

@@ -186,3 +186,21 @@ def test_a_registered_shared_mapping_is_page_locked_for_the_gpu(region):
     assert torch.equal(on_gpu.cpu(), data)
     pool.release()
     assert not data.is_pinned()
+
+
+def test_pin_inputs_with_overlap_is_refused_before_anything_is_written(tmp_path, tiny_onnx):
+    from tritonpipe.errors import ConfigError
+    from tritonpipe.repository.generate import generate_repository
+
+    with pytest.raises(ConfigError, match="pin_inputs and overlap cannot be used together"):
+        generate_repository(load_graph(chain(tiny_onnx, pin_inputs=True, overlap=True)), tmp_path / "repo", device="gpu")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_register_call_that_raises_stops_pinning_and_nothing_else(region):
+    def no_cuda(start, size):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    pool = P.PinnedPool(region.name, no_cuda)
+    assert pool.refresh() == 0 and pool.stopped == "RuntimeError: Found no NVIDIA driver on your system"
+    pool.cover([region.tensor()])  # and the batch goes on
