@@ -152,11 +152,15 @@ def _by_turns(options: BenchOptions, args: argparse.Namespace) -> int:
 
     variants = [Variant.parse(text) for text in args.variant]
     result = run_variants(options, variants, args.rounds, say=lambda line: tqdm.write(line, file=sys.stdout))
-    print()
-    print(result.markdown)
-    for kind, path in result.files.items():
-        print(f"{kind}: {path}")
+    _show(result.markdown, result.files)
     return 0 if result.complete else 1
+
+
+def _show(markdown: str, files: dict[str, Path]) -> None:
+    print()
+    print(markdown)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # tqdm.write keeps the progress lines clear of the bars
         result = run_bench(options, say=lambda line: tqdm.write(line, file=sys.stdout))
-        print()
-        print(result.markdown)
-        for kind, path in result.files.items():
-            print(f"{kind}: {path}")
+        _show(result.markdown, result.files)
         return 0 if all(r.throughput for r in result.rows) else 1
 
     return run(body)

@@ -42,6 +42,11 @@ class Variant:
             )
         return cls(name, parse_overrides(rest.split()))
 
+    @property
+    def keys(self) -> str:
+        """Its keys as given on the command line, or what no keys mean."""
+        return " ".join(f"{k}={v}" for k, v in self.settings.items()) or "the configuration as given"
+
 
 @dataclass(frozen=True)
 class VariantRow:
@@ -60,9 +65,8 @@ class VariantRow:
 
 def options_for(options: BenchOptions, variant: Variant, round_: int) -> BenchOptions:
     """The bench options of one variant's run: its keys over the shared ones, a results folder of its own."""
-    keys = " ".join(f"{k}={v}" for k, v in variant.settings.items()) or "the configuration as given"
     return replace(options, settings={**options.settings, **variant.settings}, output=options.output / f"{variant.name}-{round_}",
-                   command=f"{options.command} [variant {variant.name}, round {round_}: {keys}]".lstrip())
+                   command=f"{options.command} [variant {variant.name}, round {round_}: {variant.keys}]".lstrip())
 
 
 def _median(values: list[float]) -> float | None:
@@ -97,9 +101,7 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
     if command:
         lines += [f"- command: `{command}`"]
     lines += [f"- rounds: {rounds}, in this order each round: {', '.join(v.name for v in variants)}"]
-    for v in variants:
-        keys = " ".join(f"{k}={val}" for k, val in v.settings.items()) or "(the configuration as given)"
-        lines.append(f"- {v.name}: {keys}")
+    lines += [f"- {v.name}: {v.keys}" for v in variants]
     first = variants[0].name
     lines += [
         "",
