@@ -150,7 +150,7 @@ class DecodeTensor(Stage):
         ),
         "decode_depth": Param(
             int, 0, low=0, high=8,
-            doc=f"with decoder=dali: chunks in DALI at once; with decoder=nvjpeg: parts each batch is cut into, each parsed "
+            doc=f"with decoder=dali: chunks in DALI at once; with decoder=nvjpeg (or auto, where it picks nvjpeg): parts each batch is cut into, each parsed "
                 f"and submitted to the engines on a host thread of its own, without waiting for the engines (1: the whole "
                 f"batch in one submission, on the model's thread); 0: the decoder's own ({dali_decode.DEPTH} for dali, "
                 f"{nvjpeg.LANES} for nvjpeg)",
@@ -263,7 +263,8 @@ class DecodeTensor(Stage):
                 "DecodeTensor: fancy_upsampling needs decoder=nvimgcodec (torchvision's GPU decoder replicates chroma); "
                 "on the CPU every decoder already interpolates it"
             )
-        tuned = {"decode_chunk": ("dali",), "decode_depth": ("dali", "nvjpeg")}
+        # auto picks nvjpeg where the GPU has JPEG engines, so nvjpeg's keys are auto's too
+        tuned = {"decode_chunk": ("dali",), "decode_depth": ("dali", "nvjpeg", "auto")}
         for key, decoders in tuned.items():
             if params[key] != DecodeTensor.params[key].default and params["decoder"] not in decoders:
                 users = " or ".join(f"decoder={name}" for name in decoders)

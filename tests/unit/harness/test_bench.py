@@ -575,3 +575,13 @@ def test_cli_parses_lists_and_builds_options(tmp_path):
     for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--systems", "ensemble,triton"]):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
+
+
+def test_a_configuration_refused_by_a_stage_writes_nothing(tmp_path, tiny_onnx):
+    config = tmp_path / "c.toml"
+    config.write_text('backend = "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]"\nresize_h = 8\nresize_w = 8\n'
+                      f'model = "{tiny_onnx}"\ndecoder = "torchvision"\ndecode_depth = 2\n')
+    options = runner.BenchOptions(config=config, systems=("ensemble",), output=tmp_path / "out")
+    with pytest.raises(ConfigError, match="decode_depth tunes"):
+        runner.run_bench(options, say=lambda line: None)
+    assert not (tmp_path / "out").exists()

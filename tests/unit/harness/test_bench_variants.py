@@ -77,6 +77,9 @@ def test_a_failed_level_shows_as_a_gap_and_the_run_is_incomplete(tmp_path, confi
 def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):
     run, seen = fake_runs([])
     for variants, rounds, match in (([Variant("a", {}), Variant("b", {"resize_hh": "3"})], 1, "variant 'b'.*resize_hh"),
+                                    # a key every stage knows, refused only once the repository's configs are built
+                                    ([Variant("a", {}), Variant("c", {"decoder": "torchvision", "decode_depth": "2"})], 1,
+                                     "variant 'c'.*decode_depth tunes"),
                                     ([Variant("a", {}), Variant("a", {})], 1, "must differ"),
                                     ([Variant("a", {})], 0, "at least 1"), ([], 1, "at least one")):
         with pytest.raises(ConfigError, match=match):

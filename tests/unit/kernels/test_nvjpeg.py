@@ -438,11 +438,12 @@ def test_what_the_engines_do_not_take_comes_back_marked_and_the_rest_is_decoded(
     assert sorted(lib.submitted) == [2, 2]  # only the images the engines take are submitted
 
 
-def test_decode_depth_gives_the_stage_its_lanes(monkeypatch):
+@pytest.mark.parametrize("decoder", ["nvjpeg", "auto"])
+def test_decode_depth_gives_the_stage_its_lanes(monkeypatch, decoder):
     asked = []
     monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: asked.append(lanes))
-    stage = build_stage(load_graph({"backend": "DecodeTensor", "decoder": "nvjpeg", "decode_depth": 3}).entry.tree, "cuda")
-    assert asked == [3] and stage.nvjpeg_lanes == 3
+    stage = build_stage(load_graph({"backend": "DecodeTensor", "decoder": decoder, "decode_depth": 3}).entry.tree, "cuda")
+    assert asked == [3] and stage.nvjpeg_lanes == 3 and stage.decoder == "nvjpeg"
 
 
 def test_a_refused_part_is_decoded_again_one_image_at_a_time():

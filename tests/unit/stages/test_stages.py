@@ -196,11 +196,11 @@ def test_fancy_upsampling_with_torchvision_is_refused_before_anything_is_written
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("key, value", [("decode_chunk", 8), ("decode_depth", 3)])
-def test_dali_keys_without_the_dali_decoder_are_refused_before_anything_is_written(tmp_path, key, value):
+@pytest.mark.parametrize("key, value, decoder", [("decode_chunk", 8, "auto"), ("decode_depth", 3, "torchvision")])
+def test_dali_keys_without_the_dali_decoder_are_refused_before_anything_is_written(tmp_path, key, value, decoder):
     from tritonpipe.repository.generate import build_repository, generate_repository
 
-    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, key: value}
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, key: value, "decoder": decoder}
     with pytest.raises(ConfigError, match=f"{key} tunes decoder=dali"):
         generate_repository(load_graph(config), tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
@@ -213,6 +213,9 @@ def test_decode_depth_also_tunes_the_nvjpeg_decoder_and_decode_chunk_does_not(tm
 
     config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, "decoder": "nvjpeg"}
     _, configs, _ = build_repository(load_graph({**config, "decode_depth": 1}), device="gpu")
+    assert configs
+    # auto picks nvjpeg where the GPU has JPEG engines: the key is taken with it too
+    _, configs, _ = build_repository(load_graph({**config, "decoder": "auto", "decode_depth": 2}), device="gpu")
     assert configs
     with pytest.raises(ConfigError, match="decode_chunk tunes decoder=dali, which this stage does not use"):
         build_repository(load_graph({**config, "decode_chunk": 8}), device="gpu")

@@ -145,6 +145,14 @@ def load_pipeline(options: BenchOptions) -> tuple[Graph, str]:
     return graph, f"{what} -> {backends}"
 
 
+def check_pipeline(options: BenchOptions) -> tuple[Graph, str]:
+    """:func:`load_pipeline`, once the run's repository has been built in memory: every key, stage and
+    config the run would be refused for is refused here, before anything is written."""
+    graph, pipeline = load_pipeline(options)
+    build_repository(graph, options.device)
+    return graph, pipeline
+
+
 def _outline(node) -> str:
     """A stage tree by names only: S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]."""
     name = "S" if node.name == "Sequential" else node.name
@@ -537,6 +545,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     unknown = set(options.systems) - set(SYSTEMS)
     if unknown or not options.systems:
         raise ConfigError(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}, got {', '.join(options.systems)}")
+    graph, pipeline = check_pipeline(options)
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
     if options.corpus:
@@ -546,7 +555,6 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     else:
         corpus = synthetic_corpus(options.corpus_count, options.seed)
     say(f"corpus: {corpus.description}")
-    graph, pipeline = load_pipeline(options)
     say(f"pipeline: {pipeline}")
     header = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

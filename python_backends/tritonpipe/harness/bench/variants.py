@@ -18,7 +18,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...pipeline.files import parse_overrides
 from .report import Row
-from .runner import BenchOptions, BenchResult, default_model, load_pipeline, run_bench
+from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 SUMMARY_COLUMNS = ["variant", "system", "concurrency", "runs", "median", "low", "high", "p50_ms", "p99_ms", "gpu_rise_mb"]
@@ -158,7 +158,7 @@ def run_variants(
     exported = options.config is None and options.model is None  # the example's model, exported once if need be
     for v in variants:  # every variant's configuration is checked before anything is written
         try:
-            load_pipeline(options_for(replace(options, model=Path("model.onnx")) if exported else options, v, 1))
+            check_pipeline(options_for(replace(options, model=Path("model.onnx")) if exported else options, v, 1))
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
     if exported:
