@@ -31,9 +31,11 @@ examples:
   tritonpipe bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
   tritonpipe bench --systems ensemble --concurrency 128,256 --rounds 3 \
       --variant plain: --variant pinned:pin_inputs=true  # plain, pinned, plain, pinned, plain, pinned
+  tritonpipe bench --systems ensemble --concurrency 1,128 --profile  # where the stubs' CPU time goes (py-spy)
 
-Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output;
-with --variant, one such folder per run (NAME-ROUND/) and variants.md / variants.csv beside them."""
+Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output, and
+profile.md with --profile; with --variant, one such folder per run (NAME-ROUND/) and variants.md /
+variants.csv beside them."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -118,6 +120,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     other.add_argument("--triton-home", help="folder of a bundle unpacked by tritonpipe bundle (else the nvidia-pytriton wheel)")
     other.add_argument("--mps", action="store_true",
                        help="serve under a CUDA MPS daemon of the server's own (see tritonpipe serve --mps)")
+    other.add_argument(
+        "--profile", action="store_true",
+        help="sample the served models' Python stubs with py-spy (pip install py-spy) from one window into each level "
+             "to its end, without pausing them: profile.md says which functions their cores were in, and profile/ "
+             "keeps the raw stacks",
+    )
     other.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for the models to load")
     other.add_argument("-o", "--output", type=Path, default=Path("bench_results"), help="results folder (default: %(default)s)")
     other.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -141,7 +149,8 @@ def options_from(args: argparse.Namespace, command: str = "") -> BenchOptions:
         settings=parse_overrides(args.settings), instances=args.instances, max_batch=args.max_batch, batching_timeout=args.batching_timeout,
         baseline_instances=args.baseline_instances, dali_instances=args.dali_instances, device=args.device, triton_home=args.triton_home,
         output=args.output, inprocess_batch=args.inprocess_batch, inprocess_seconds=args.inprocess_seconds,
-        server_timeout=args.server_timeout, mps=args.mps, progress=not args.no_progress, command=command,
+        server_timeout=args.server_timeout, mps=args.mps, profile=args.profile, progress=not args.no_progress,
+        command=command,
     )
 
 

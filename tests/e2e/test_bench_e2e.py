@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tritonpipe.harness.bench.profile import find_pyspy
 from tritonpipe.harness.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS, STAGE_COLUMNS
 
 pytestmark = pytest.mark.server
@@ -26,7 +27,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
         sys.executable, "-m", "tritonpipe_tools.bench", "--config", str(config), "--corpus-count", "3",
         "--concurrency", "1,2", "--measurement-interval", "1000", "--stability-percentage", "100",
         "--baseline-instances", "1", "--inprocess-batch", "4", "--inprocess-seconds", "1",
-        "--device", "cpu", "--no-progress", "-o", str(out),
+        "--device", "cpu", "--no-progress", "-o", str(out), *(["--profile"] if find_pyspy() else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -74,6 +75,20 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
     assert report.strip() in done.stdout
     assert (out / "perf_logs" / "ensemble_c2.log").is_file()
+
+    # py-spy on the stubs at every level: the tables name the models' own code
+    if not find_pyspy():
+        return
+    profiled = (out / "profile.md").read_text()
+    assert "- profile: profile.md" in report
+    sections = dict(part.split("\n", 1) for part in profiled.split("### ")[1:])
+    assert list(sections) == [f"{system}, concurrency {c}" for system in ("ensemble", "baseline") for c in (1, 2)]
+    if "Permission" in profiled or "ptrace" in profiled:
+        pytest.skip("py-spy may not read other processes here")
+    assert "TritonPythonModel.execute (tritonpipe/model/triton_model.py)" in sections["ensemble, concurrency 2"]
+    assert "DecodeTensor.forward (tritonpipe/stages/image.py)" in sections["ensemble, concurrency 2"]
+    assert "TritonPythonModel._preprocess (model.py)" in sections["baseline, concurrency 2"]  # the PIL model
+    assert any((out / "profile").glob("ensemble_c2_*.txt"))
 
 
 def test_bench_compares_variants_by_turns(tmp_path, tiny_onnx):

@@ -30,6 +30,7 @@ from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_
 from ..probe import gpu_memory_mb
 from .peers import Peer, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
+from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
 from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
 from .stats import (
     StageTimes,
@@ -83,6 +84,7 @@ class BenchOptions:
     inprocess_seconds: float = 10.0
     server_timeout: float = 600.0
     mps: bool = False  # serve under a CUDA MPS daemon of the server's own
+    profile: bool = False  # sample the served models' stubs with py-spy at every level (profile.md)
     progress: bool = True
     command: str = ""
 
@@ -205,6 +207,7 @@ def _sweep(
     workdir: Path,
     say: Callable[[str], None],
     order: dict[str, list[str]] | None = None,
+    profiles: list[Profile] | None = None,
 ) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from tqdm import tqdm
 
@@ -220,6 +223,7 @@ def _sweep(
         log = options.output / "perf_logs" / f"{system}_c{concurrency}.log"
         mem_before, cache_before = gpu_memory_mb(), cache  # the page read after the level before, or at the start
         settings = options.perf
+        profiler = _profiler(system, concurrency, server, models, options) if profiles is not None else None
         try:
             try:
                 measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
@@ -230,6 +234,9 @@ def _sweep(
                 settings = dataclasses.replace(settings, measurement_interval_ms=settings.measurement_interval_ms * 2)
                 say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
                 measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+            finally:
+                if profiler is not None:
+                    profiles.append(profiler.finish())
         except PerfError as exc:
             mem_after, page = gpu_memory_mb(), _metrics_page(server, say)
             cache = _parsed(page, parse_gpu_cache_mb)
@@ -252,6 +259,14 @@ def _sweep(
     levels.close()
     ensemble = models[0] if len(models) > 1 else None
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+
+
+def _profiler(system: str, concurrency: int, server, models: list[str], options: BenchOptions) -> LevelProfiler:
+    """py-spy on the system's stubs from one measurement window into the level (its first is the warm-up's)."""
+    binary = find_pyspy()
+    assert binary is not None  # run_bench refused --profile without it
+    return LevelProfiler(binary, system, concurrency, options.output / "profile", server_pid=server.process.pid,
+                         models=models, delay=options.perf.measurement_interval_ms / 1000).start()
 
 
 def _stage_order(configs: dict[str, Any]) -> dict[str, list[str]]:
@@ -348,7 +363,7 @@ def _served_systems(
 
 
 def _measure_served(
-    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say
+    repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say, profiles: list[Profile] | None = None,
 ) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from ...server.install import locate_triton
     from ...server.owner import TritonServer
@@ -365,7 +380,7 @@ def _measure_served(
         order = _stage_order(repo.configs)
         for system, (model, models) in served.items():
             system_rows, system_steps, system_stages = _sweep(
-                system, model, models, server, install, input_json, options, workdir, say, order
+                system, model, models, server, install, input_json, options, workdir, say, order, profiles
             )
             rows += system_rows
             steps += system_steps
@@ -545,6 +560,10 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     unknown = set(options.systems) - set(SYSTEMS)
     if unknown or not options.systems:
         raise ConfigError(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}, got {', '.join(options.systems)}")
+    if options.profile and find_pyspy() is None:
+        raise ConfigError("--profile samples the served models' stubs with py-spy, which is not installed here: pip install py-spy")
+    if options.profile and not set(options.systems) - {"inprocess", "dali"}:
+        raise ConfigError("--profile samples served systems; --systems names none (ensemble, baseline or dali-served)")
     graph, pipeline = check_pipeline(options)
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
@@ -568,6 +587,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     rows: list[Row] = []
     steps: list[StepTimes] = []
     stages: list[StageTimes] = []
+    profiles: list[Profile] | None = [] if options.profile else None
     with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
         workdir = Path(tmp)
         options = _without_missing_dali(options, header, say)
@@ -578,7 +598,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             say(f"fan-out: {header['items per image']}")
         served = _served_systems(repo, peers, options, say)
         if served:
-            rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say)
+            rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say, profiles)
         if "inprocess" in options.systems:
             more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows + _inprocess_pre(repo, more_rows, more_steps)
@@ -588,6 +608,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             rows += _measure_dali(repo, peers.get("baseline") or peers.get("dali-served"), corpus, options, say)
     # other work on the host skews every number; this makes a busy host visible
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
+    if profiles:
+        header["profile"] = f"{write_profiles(profiles, output / 'profile.md').name} (py-spy samples of the stubs at every level)"
     text = markdown(rows, steps, header, stages)
     files = {
         "csv": write_rows(rows, output / "results.csv"),
@@ -595,6 +617,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         "stages": write_stages(stages, output / "stages.csv"),
         "markdown": output / "report.md",
     }
+    if profiles:
+        files["profile"] = output / "profile.md"
     files["markdown"].write_text(text)
     png = plot(rows, output / "throughput_p99.png")
     if png is None:
