@@ -29,7 +29,7 @@ examples:
   tritonpipe bench                                   # the resnet18 example, default sweep
   tritonpipe bench --concurrency 1,4,8 --measurement-interval 3000
   tritonpipe bench --config my_pipeline.toml --systems ensemble,inprocess --shared-memory system
-  tritonpipe bench --systems ensemble --concurrency 128,256 --rounds 3 \
+  tritonpipe bench --systems ensemble --concurrency 128,256 --rounds 3 \\
       --variant plain: --variant pinned:pin_inputs=true  # plain, pinned, plain, pinned, plain, pinned
   tritonpipe bench --systems ensemble --concurrency 1,128 --profile  # where the stubs' CPU time goes (py-spy)
 
