@@ -75,6 +75,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
     assert report.strip() in done.stdout
     assert (out / "perf_logs" / "ensemble_c2.log").is_file()
+    assert "successfully loaded 'cls_pre'" in (out / "server.log").read_text()  # the server's log, kept
 
     # py-spy on the stubs at every level: the tables name the models' own code
     if not find_pyspy():

@@ -374,7 +374,9 @@ def _measure_served(
     install = locate_triton(options.triton_home)
     input_json = write_input_data(corpus.images, workdir / "input_data.json", repo.plan.ensemble_inputs[0].name)
     say(f"starting tritonserver on {repo.path} ...")
-    server = TritonServer(repo.path, install=install, mps=options.mps)
+    # the server's log (the models' warnings among it) stays beside the report, this run's alone
+    (options.output / "server.log").unlink(missing_ok=True)
+    server = TritonServer(repo.path, install=install, mps=options.mps, log_file=options.output / "server.log")
     try:
         server.start(timeout=options.server_timeout)
         order = _stage_order(repo.configs)
@@ -599,6 +601,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         served = _served_systems(repo, peers, options, say)
         if served:
             rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say, profiles)
+            header["server log"] = "server.log (the models' warnings and errors, if any)"
         if "inprocess" in options.systems:
             more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows + _inprocess_pre(repo, more_rows, more_steps)
