@@ -1,7 +1,12 @@
 """The stage timing hook in run_chain and the sink that turns it into Triton metrics."""
 
+import sys
+import threading
+import time
+
 import pytest
 import torch
+from tests.unit.model import fake_metrics
 from tests.unit.model.fake_metrics import FakeMetricsModule
 
 from tritonpipe.errors import InternalError, RequestError
@@ -170,3 +175,36 @@ def test_a_stub_without_gauges_still_counts_the_stages():
     metrics.record("DecodeTensor", 0.001, 3, [])
     assert module.value(IMAGES, model="m", stage="DecodeTensor") == 3
     metrics.close()
+
+
+def test_a_flush_lets_a_thread_that_waits_for_the_gil_run_between_updates(monkeypatch):
+    """Each update keeps the GIL in the stub; without a yield, execute would wait out the whole flush."""
+    module = FakeMetricsModule()
+    metrics = StageMetrics(module, "m", flush_seconds=3600)  # a flushing thread of its own, idle here
+    for stage in ("DecodeTensor", "ResizeTensor", "execute:read"):
+        metrics.record(stage, 0.003, 4, [])
+    progress, seen, stop = [0], [], threading.Event()
+
+    def other():  # stands for execute: it needs the GIL to go on
+        while not stop.is_set():
+            progress[0] += 1
+            time.sleep(0)
+
+    original = fake_metrics._Metric.increment
+    monkeypatch.setattr(fake_metrics._Metric, "increment", lambda self, amount: (seen.append(progress[0]), original(self, amount)))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)  # no forced switch during the flush: only a yield lets the other thread in
+    runner = threading.Thread(target=other)
+    try:
+        runner.start()
+        while progress[0] == 0:
+            time.sleep(0.001)
+        metrics.flush()
+    finally:
+        stop.set()
+        runner.join()
+        sys.setswitchinterval(interval)
+        metrics.close()
+    assert len(seen) == 3 * (4 + len(BUCKET_LABELS))  # a stage's first flush gives every bucket its series
+    moved = sum(b != a for a, b in zip(seen, seen[1:]))
+    assert moved >= len(seen) // 2, (moved, len(seen))
