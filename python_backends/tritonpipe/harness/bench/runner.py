@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -590,6 +591,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     steps: list[StepTimes] = []
     stages: list[StageTimes] = []
     profiles: list[Profile] | None = [] if options.profile else None
+    if options.profile:
+        shutil.rmtree(output / "profile", ignore_errors=True)  # an earlier run's raw stacks
     with tempfile.TemporaryDirectory(prefix="tritonpipe-bench-") as tmp:
         workdir = Path(tmp)
         options = _without_missing_dali(options, header, say)
