@@ -124,10 +124,12 @@ class LevelProfiler:
 
     def _begin(self) -> None:
         if self._stop.wait(self.delay):
-            return  # the level ended first
+            self.profile.problems.append(f"the level ended within {self.delay:g} s, before sampling began")
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._stop.is_set():
+                self.profile.problems.append("the level ended as sampling began")
                 return
             for pid in self._targets():
                 out = self.workdir / f"{self.profile.system}_c{self.profile.concurrency}_{pid}.txt"
