@@ -440,7 +440,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                     else:
                         images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
                     decoded = [image for image in images if isinstance(image, torch.Tensor)]  # None: refused
-                    refused[k] += len(images) - len(decoded)
+                    refused[k] += len(images) - len(decoded) if started >= begin else 0
                     if post and decoded:
                         batch_resize.resize_batch(decoded, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
                     done[k] += len(decoded) if started >= begin else 0

@@ -32,7 +32,7 @@ from ..probe import gpu_memory_mb
 from .peers import Peer, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
-from .report import Row, markdown, plot, write_breakdown, write_rows, write_stages
+from .report import SERVED, Row, markdown, plot, write_breakdown, write_rows, write_stages
 from .stats import (
     StageTimes,
     StepTimes,
@@ -565,7 +565,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         raise ConfigError(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}, got {', '.join(options.systems)}")
     if options.profile and find_pyspy() is None:
         raise ConfigError("--profile samples the served models' stubs with py-spy, which is not installed here: pip install py-spy")
-    if options.profile and not set(options.systems) - {"inprocess", "dali"}:
+    if options.profile and not set(options.systems) & set(SERVED):
         raise ConfigError("--profile samples served systems; --systems names none (ensemble, baseline or dali-served)")
     graph, pipeline = check_pipeline(options)
     output = options.output

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...pipeline.files import parse_overrides
-from .report import Row
+from .report import SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -171,7 +171,7 @@ def run_variants(
             result = run(options_for(options, v, round_), say)
             runs[v.name].append(result.rows)
             complete = complete and all(r.throughput for r in result.rows)
-    served = tuple(s for s in options.systems if s not in ("inprocess", "dali"))
+    served = tuple(s for s in options.systems if s in SERVED)
     rows = summarise(runs, served + tuple(s for s in options.systems if s not in served))
     text = markdown(rows, variants, rounds, options.command)
     options.output.mkdir(parents=True, exist_ok=True)
