@@ -168,14 +168,15 @@ class TorchEngine:
         return _as_list(self.module(*inputs))
 
     def _replay(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # batches are padded up to a power of two, so a handful of graphs cover every batch size
+        """The graph's outputs for ``inputs``, as views of its static outputs (the next replay overwrites them).
+        Batches are padded with zeros up to a power of two, so a handful of graphs cover every batch size."""
         count = inputs[0].shape[0]
         bucket = 1 << max(0, count - 1).bit_length()
-        if bucket != count:
-            inputs = [torch.cat([t, t.new_zeros((bucket - count, *t.shape[1:]))]) for t in inputs]
-        key = tuple(tuple(t.shape) for t in inputs)
+        key = tuple((bucket, *t.shape[1:]) for t in inputs)
         if key not in self.graphs:
-            static_in = [t.clone() for t in inputs]
+            static_in = [t.new_zeros((bucket, *t.shape[1:])) for t in inputs]
+            for target, source in zip(static_in, inputs):
+                target[:count].copy_(source)
             current = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
@@ -190,9 +191,11 @@ class TorchEngine:
             log.info("captured a CUDA graph for input shapes %s", key)
         graph, static_in, static_out = self.graphs[key]
         for target, source in zip(static_in, inputs):
-            target.copy_(source)
+            target[:count].copy_(source)  # straight into the graph's input: no padded copy first
+            if count < bucket:
+                target[count:].zero_()
         graph.replay()
-        return [t[:count].clone() for t in static_out]  # the next replay overwrites the static outputs
+        return [t[:count] for t in static_out]
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         feeds = [self._feed(t, io) for t, io in zip(inputs, self.inputs)]
@@ -200,6 +203,12 @@ class TorchEngine:
             results = self._replay(feeds) if self.use_graphs else self._call(feeds)
         if len(results) != len(self.outputs):
             raise InternalError(f"the model returned {len(results)} tensors but {len(self.outputs)} outputs are declared")
-        return [
-            r.to(TRITON_TO_TORCH[io.spec.dtype]) if r.is_floating_point() else r for r, io in zip(results, self.outputs)
-        ]
+        outputs = []
+        for result, io in zip(results, self.outputs):
+            declared = TRITON_TO_TORCH[io.spec.dtype]
+            if result.is_floating_point() and result.dtype != declared:
+                result = result.to(declared)  # a copy: the graph's own outputs are left behind
+            elif self.use_graphs:
+                result = result.clone()  # the next replay overwrites the graph's outputs
+            outputs.append(result)
+        return outputs

@@ -8,6 +8,7 @@ Triton or tritonclient.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,9 @@ from ..spec import TORCH_TO_TRITON, TRITON_TO_TORCH
 from ..stages import build_stage, load_plugin
 from ..stages.base import DATA, ERROR, Role, Stage
 from ..stages.control import run_chain
+from ..stages.fold import fold_post_decode
+
+log = logging.getLogger("tritonpipe")
 
 #: cached GPU memory kept after warm-up, in multiples of the largest batch's temporaries
 RESERVE_FACTOR = 4
@@ -120,6 +124,8 @@ class ModelRuntime:
         self.pin_inputs = params.pin_inputs
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
+        for line in fold_post_decode(self.root):
+            log.info("%s", line)
         self.last_stage = _last_leaf(self.root).name
 
     def run(self, items: list[dict[str, Any]]) -> None:

@@ -20,7 +20,7 @@ from ..engines.base import NativeModel, TensorIO, describe_onnx
 from ..engines.postprocess import lookup_postprocessor
 from ..engines.profiles import largest_batch, resolve_profiles
 from ..errors import ConfigError, RequestError
-from ..spec import SpecError, TensorSpec
+from ..spec import TRITON_TO_TORCH, SpecError, TensorSpec
 from .base import DATA, RESULT, Param, Role, Stage, register
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,25 @@ def pick_engine(kind: str, requested: str, *, tensorrt: bool, cuda: bool, onnxru
     if onnxruntime:
         return "onnxruntime", "TensorRT is not importable" if not tensorrt else "the instance has no GPU"
     raise ConfigError(f"no engine can run this ONNX model here: pip install onnxruntime, or {tensorrt_engine.INSTALL_HINT}")
+
+
+def _joined(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``torch.cat(parts)`` on ``device``; where the parts lie one after another in one tensor's memory there
+    (a batch resized in one launch), a view of it, nothing copied."""
+    first = parts[0]
+    if len(parts) == 1 and first.device == device:
+        return first
+    base, tail, offset = first._base, first.shape[1:], first.storage_offset()
+    if base is not None and base.device == device:
+        for part in parts:
+            if (part._base is not base or part.storage_offset() != offset or not part.is_contiguous()
+                    or part.dtype != first.dtype or part.shape[1:] != tail):
+                break
+            offset += part.numel()
+        else:
+            rows = sum(part.shape[0] for part in parts)
+            return base.as_strided((rows, *tail), first.stride(), first.storage_offset())
+    return torch.cat([p.to(device) for p in parts])
 
 
 def _mismatch_hint(wanted: TensorSpec, given: TensorSpec) -> str:
@@ -253,13 +272,27 @@ class TensorrtTensor(Stage):
         log.info("TensorrtTensor runs %s with %s", path.name, self.engine.description)
         self.post = lookup_postprocessor(params["postprocessor"])
         self.output_ios = self.post.specs(self.engine.outputs) if self.post else self.engine.outputs
-        mean, std = parse_channels("mean", params["mean"]), parse_channels("std", params["std"])
-        self.mean = None if mean is None else torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self.mean_values, self.std_values = parse_channels("mean", params["mean"]), parse_channels("std", params["std"])
+        self.mean = None if self.mean_values is None else torch.tensor(self.mean_values, device=self.device).view(1, -1, 1, 1)
+        self.std = None if self.std_values is None else torch.tensor(self.std_values, device=self.device).view(1, -1, 1, 1)
         self._max = largest_batch(params["max"])
 
     def max(self) -> int:
         return self._max
+
+    def hand_over_input(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, torch.dtype] | None:
+        """For a stage just before this one that can do it on its way (``ResizeTensor``'s one launch): the
+        per-channel mean and std, and the dtype the engine is fed; this stage then leaves them to it.  None
+        where the model takes more than one input or a non-floating one."""
+        if len(self.engine.inputs) != 1:
+            return None
+        declared = TRITON_TO_TORCH[self.engine.inputs[0].spec.dtype]
+        if not declared.is_floating_point:
+            return None
+        compute = getattr(self.engine, "compute", None)  # the torch engine feeds floating inputs at its precision
+        handed = (self.mean_values, self.std_values, compute or declared)
+        self.mean = self.std = None
+        return handed
 
     def forward(self, batch: list[dict[str, Any]]) -> None:
         columns = []
@@ -269,7 +302,7 @@ class TensorrtTensor(Stage):
                 parts = [item[key] for item in batch]
             except KeyError:
                 raise RequestError(f"model input {io.name!r} is missing from the request") from None
-            columns.append(torch.cat([p.to(self.device) for p in parts]))
+            columns.append(_joined(parts, self.device))
         if self.mean is not None:
             columns[0] = columns[0] - self.mean
         if self.std is not None:
