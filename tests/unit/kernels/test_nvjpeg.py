@@ -185,6 +185,18 @@ def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
     assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(7)]
 
 
+def test_a_parts_images_lie_in_one_allocation_each_on_its_own_aligned_bytes():
+    decoder = nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), lanes=1)
+    images = [_fake_jpeg(10 + i, 5 + 7 * i, 3 + 11 * i) for i in range(6)]
+    out = _decode(decoder, images)
+    base = out[0]._base
+    assert base is not None and all(r._base is base for r in out)
+    spans = sorted((r.data_ptr() - base.data_ptr(), r.numel()) for r in out)
+    assert all(start % nvjpeg.ALIGN == 0 for start, _ in spans)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))  # no image overlaps the next
+    assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(6)] and all(bool((r == r[0, 0, 0]).all()) for r in out)
+
+
 @pytest.mark.parametrize("sort_from, largest_first", [(1, True), (6, True), (7, False), (None, False)])
 def test_a_part_from_sort_from_images_goes_to_nvjpeg_largest_image_first_and_every_image_keeps_its_place(sort_from, largest_first):
     class Recording(FakeNvjpeg):
