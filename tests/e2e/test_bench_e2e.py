@@ -75,7 +75,9 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
     assert report.strip() in done.stdout
     assert (out / "perf_logs" / "ensemble_c2.log").is_file()
-    assert "successfully loaded 'cls_pre'" in (out / "server.log").read_text()  # the server's log, kept
+    server_log = (out / "server.log").read_text()
+    assert "successfully loaded 'cls_pre'" in server_log  # the server's log, kept
+    assert "tritonpipe INFO: cls_pre: Sequential[DecodeTensor(" in server_log  # with what each stub said at load
 
     # py-spy on the stubs at every level: the tables name the models' own code
     if not find_pyspy():

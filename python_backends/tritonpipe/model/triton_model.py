@@ -77,8 +77,22 @@ def _pin(sets: tuple[tuple[int, ...], ...], instance_name: str) -> None:
     log.info("%s: pinned to cores %s", instance_name, sorted(usable))
 
 
+def _show_info() -> None:
+    """Let the package's INFO records (the decoder picked, what was folded, the warm-up) reach the server's log
+    beside its warnings, once per process: with no handler, Python shows WARNING and above only.  They go to
+    the stub's stderr, which is the server's, so that a record written just before the stub exits is not lost."""
+    if any(getattr(handler, "tritonpipe_stub", False) for handler in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tritonpipe %(levelname)s: %(message)s"))
+    handler.tritonpipe_stub = True
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
+        _show_info()
         config = json.loads(args["model_config"])
         self.fanout = None
         plan = FanOutParams.from_config(config)

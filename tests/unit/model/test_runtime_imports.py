@@ -26,3 +26,21 @@ def test_generic_model_imports_without_tritonclient():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_stubs_info_records_reach_the_servers_log_once_each():
+    script = textwrap.dedent(
+        """
+        import logging, sys, types
+        sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+        from tritonpipe.model import triton_model
+        triton_model._show_info()
+        triton_model._show_info()  # a second model in the process adds no second handler
+        logging.getLogger("tritonpipe.stages.model").info("TensorrtTensor: chosen")
+        logging.getLogger("tritonpipe").warning("a warning")
+        logging.getLogger("tritonpipe").debug("not shown")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["tritonpipe INFO: TensorrtTensor: chosen", "tritonpipe WARNING: a warning"]
