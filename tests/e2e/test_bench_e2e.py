@@ -78,6 +78,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     server_log = (out / "server.log").read_text()
     assert "successfully loaded 'cls_pre'" in server_log  # the server's log, kept
     assert "tritonpipe INFO: cls_pre: Sequential[DecodeTensor(" in server_log  # with what each stub said at load
+    assert "## What the models said" in report and "\n- cls_pre: Sequential[DecodeTensor(" in report
 
     # py-spy on the stubs at every level: the tables name the models' own code
     if not find_pyspy():

@@ -585,3 +585,26 @@ def test_a_configuration_refused_by_a_stage_writes_nothing(tmp_path, tiny_onnx):
     with pytest.raises(ConfigError, match="decode_depth tunes"):
         runner.run_bench(options, say=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_gives_what_the_models_said_in_the_servers_log_each_line_once(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(
+        "I1205 07:00:00.000 1 server.cc:1] loading: cls_pre:1\n"
+        + "tritonpipe INFO: decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13)\n" * 8
+        + "tritonpipe INFO: ResizeTensor on cuda:0 does the model's mean and std, float16 output in its one launch\n" * 8
+        + "tritonpipe WARNING: resnet18: warm-up stopped after 4 sample requests (x)\n"
+        + "not tritonpipe INFO: a line of something else\n"
+    )
+    said = report.model_lines(log)
+    assert said == [
+        ("decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13)", 8),
+        ("ResizeTensor on cuda:0 does the model's mean and std, float16 output in its one launch", 8),
+        ("WARNING: resnet18: warm-up stopped after 4 sample requests (x)", 1),
+    ]
+    text = report.markdown([], [], {"date": "today"}, None, said)
+    assert "## What the models said" in text
+    assert "- decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13) (x8)" in text
+    assert text.rstrip().endswith("- WARNING: resnet18: warm-up stopped after 4 sample requests (x)")
+    assert report.model_lines(tmp_path / "missing.log") == []
+    assert "What the models said" not in report.markdown([], [], {"date": "today"}, None, [])

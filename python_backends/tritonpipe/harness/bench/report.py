@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class Row:
 
 
 ROW_COLUMNS = [f.name for f in fields(Row)]
+#: a line the served models' stubs write to the server's log (the generic model's handler)
+_MODEL_LINE = re.compile(r"^tritonpipe (INFO|WARNING|ERROR): (.+)$")
 BREAKDOWN_COLUMNS = [
     "system", "model", "requests", "executions", "avg_batch",
     "total_ms", "queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms", "other_ms",
@@ -152,13 +156,26 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
     return out
 
 
+def model_lines(server_log: Path) -> list[tuple[str, int]]:
+    """The lines the served models wrote to the server's log (what each instance chose at load, its warnings),
+    each once, in the order they first came, with how many times it came (once per instance, mostly)."""
+    try:
+        text = server_log.read_text(errors="replace")
+    except OSError:
+        return []
+    counts = Counter(f"{m[1]}: {m[2]}" if m[1] != "INFO" else m[2]
+                     for m in map(_MODEL_LINE.match, text.splitlines()) if m)
+    return list(counts.items())
+
+
 def _table(header: list[str], lines: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(line) + " |" for line in lines]
     return out
 
 
-def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], stages: list[StageTimes] | None = None) -> str:
+def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], stages: list[StageTimes] | None = None,
+             said: list[tuple[str, int]] | None = None) -> str:
     by = {(r.system, r.concurrency): r for r in rows if r.system not in INPROCESS_ROWS}
     present = [s for s in SERVED if any(r.system == s for r in rows)]
     inproc = next((r for r in rows if r.system == "inprocess"), None)
@@ -238,6 +255,11 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         )
     if stages:
         out += _stage_lines(stages)
+    if said:
+        out += ["", "## What the models said", "",
+                "The served models' lines in the server's log, each once, with how many times it came (each instance says "
+                "what it chose at load: its stages, the decoder, the model's engine, what the resize folded, the warm-up).", ""]
+        out += [f"- {line}" + (f" (x{count})" if count > 1 else "") for line, count in said]
     return "\n".join(out) + "\n"
 
 

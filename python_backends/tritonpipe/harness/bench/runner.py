@@ -32,7 +32,7 @@ from ..probe import gpu_memory_mb
 from .peers import Peer, add_baseline, add_dali_served
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
-from .report import SERVED, Row, markdown, plot, write_breakdown, write_rows, write_stages
+from .report import SERVED, Row, markdown, model_lines, plot, write_breakdown, write_rows, write_stages
 from .stats import (
     StageTimes,
     StepTimes,
@@ -616,7 +616,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
     if profiles:
         header["profile"] = f"{write_profiles(profiles, output / 'profile.md').name} (py-spy samples of the stubs at every level)"
-    text = markdown(rows, steps, header, stages)
+    text = markdown(rows, steps, header, stages, model_lines(output / "server.log") if served else None)
     files = {
         "csv": write_rows(rows, output / "results.csv"),
         "breakdown": write_breakdown(steps, output / "breakdown.csv"),
