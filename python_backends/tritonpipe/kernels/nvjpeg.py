@@ -174,6 +174,18 @@ def version(lib) -> str:
     return ".".join(numbers)
 
 
+def drain(stream) -> None:
+    """Wait on the host for the work queued on ``stream``, if there is any.
+
+    nvjpeg's hardware decoder writes its outputs when it is called, not when the stream gets to it
+    (reported on an H100 for nvJPEG 12.3 to 13.2, where torchvision's and TorchCodec's GPU decodes
+    overwrote tensors that queued kernels were still reading).  The caching allocator hands out memory in stream order,
+    so a block freed while queued work still reads it may be a new output at once.  Where nothing is
+    queued (each served batch starts on an idle stream) this costs one query."""
+    if stream is not None and not stream.query():
+        stream.synchronize()
+
+
 class _Lane:
     """One decoder state and header stream, the batch size the state was initialised for, and its last
     part's event and inputs.  A lane is used by one thread at a time."""
@@ -401,6 +413,7 @@ class Decoder:
         results: list[torch.Tensor | None | bool] = [None] * len(datas)
         with self.lock:
             stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            drain(stream)
             cut = parts(len(datas), len(self.lanes))
             # a batch of one part (a single image, say) is decoded on the caller's thread: handing it to a
             # lane's thread costs more than it saves (on an H200, c=1 p50 3.34 ms against 2.77 on one lane)

@@ -622,6 +622,42 @@ def test_grayscale_and_progressive_jpegs_among_them_come_back_as_torchvision_dec
         assert a.shape == b.shape and torch.equal(a, b)
 
 
+@_on_gpu
+def test_a_decode_never_writes_into_memory_that_queued_work_still_reads():
+    """The hardware decoder writes when called; the caching allocator may hand it a block freed a moment ago
+    whose last reader is still queued behind long work on the stream."""
+    _engines()
+    datas = [_tensor(_jpeg(96, 128, i)) for i in range(4)]
+    size = 4 * -(-96 * 128 * 3 // nvjpeg.ALIGN) * nvjpeg.ALIGN  # what the decoder allocates for the batch
+    slow = torch.randn(4096, 4096, device="cuda")
+    for _ in range(5):
+        held = torch.full((size,), 7, dtype=torch.uint8, device="cuda")
+        for _ in range(20):  # tens of milliseconds queued before the read
+            slow = torch.tanh(slow @ slow)
+        total = held.sum(dtype=torch.int64)
+        del held  # back to the allocator while the sum is still queued
+        J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg")
+        assert total.item() == 7 * size
+
+
+def test_the_decoder_waits_only_for_a_stream_with_work_queued():
+    class Stream:
+        def __init__(self, idle):
+            self.idle, self.waited = idle, 0
+
+        def query(self):
+            return self.idle
+
+        def synchronize(self):
+            self.waited += 1
+
+    busy, idle = Stream(False), Stream(True)
+    nvjpeg.drain(busy)
+    nvjpeg.drain(idle)
+    nvjpeg.drain(None)  # no CUDA stream: nothing to wait for
+    assert (busy.waited, idle.waited) == (1, 0)
+
+
 def _damaged(data: bytes, how: str) -> bytes:
     """Headers intact, the entropy-coded data spoiled or cut in the middle."""
     middle = len(data) // 2
