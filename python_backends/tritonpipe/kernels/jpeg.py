@@ -461,6 +461,8 @@ def decode_jpeg_tensor(
         on_gpu = [i for i in valid if infos[i].components != 4]
         on_cpu = [i for i in valid if infos[i].components == 4]
         if on_gpu:
+            # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
+            nvjpeg.drain(torch.cuda.current_stream(device))
             decoded = _with_cuda_decoder_share(on_gpu, datas, infos, device, settings, cuda_decoder_share, decode_on_gpu)
             for i, image in decoded:
                 if image is None:
