@@ -22,6 +22,9 @@ EPILOG = """systems (all measured on the same corpus and the same model-stage mo
   dali-served  Triton + DALI as users run it: DALI's classifier preprocessing in a GPU Python model
              (one DALI run per batch, prefetch depth 1, as Triton's DALI backend) in front of it,
              with the model stage's instance count (where nvidia-dali imports and a GPU is used)
+  floor      no peer but a yardstick: a Python model with the pipeline's inputs, outputs, instances and
+             batching that reads each request and answers zeros; what the server and a stub cost on their
+             own, so that the report can give what the pipeline's work adds (ensemble p50 over floor)
   inprocess  the same stage trees called directly in this process at one batch, no server
   dali       DALI's GPU preprocessing in this process (where nvidia-dali imports), alone and followed by the same model stage
 

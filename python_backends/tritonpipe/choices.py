@@ -28,7 +28,7 @@ DEFAULT_PRESET = 9
 MODEL_CONTROL = ("owner", "explicit")
 
 #: the systems the benchmark compares
-SYSTEMS = ("ensemble", "baseline", "dali-served", "inprocess", "dali")
+SYSTEMS = ("ensemble", "baseline", "dali-served", "floor", "inprocess", "dali")
 #: the benchmark's concurrency levels
 DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
 #: perf_analyzer's measurement modes

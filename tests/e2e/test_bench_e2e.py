@@ -37,7 +37,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
         assert reader.fieldnames == ROW_COLUMNS
         rows = list(reader)
     assert [(r["system"], r["concurrency"]) for r in rows] == [
-        ("ensemble", "1"), ("ensemble", "2"), ("baseline", "1"), ("baseline", "2"), ("inprocess", "4"),
+        ("ensemble", "1"), ("ensemble", "2"), ("baseline", "1"), ("baseline", "2"), ("floor", "1"), ("floor", "2"), ("inprocess", "4"),
         ("inprocess-pre", "4"),
     ]
     for row in rows:
@@ -70,6 +70,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     report = (out / "report.md").read_text()
     assert "## Inside the models" in report and "unexplained" in report and "execute:read" in report
     assert "| concurrency | ensemble img/s |" in report and "ensemble/baseline" in report and "ensemble/in-process" in report
+    assert "ensemble p50 over floor" in report and "ensemble/floor" not in report
     assert "## Where the time goes" in report and "- corpus: 3 synthetic JPEGs" in report
     # DALI is not installed here: the report says so once, and it is not a failed measurement
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
@@ -86,7 +87,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     profiled = (out / "profile.md").read_text()
     assert "- profile: profile.md" in report
     sections = dict(part.split("\n", 1) for part in profiled.split("### ")[1:])
-    assert list(sections) == [f"{system}, concurrency {c}" for system in ("ensemble", "baseline") for c in (1, 2)]
+    assert list(sections) == [f"{system}, concurrency {c}" for system in ("ensemble", "baseline", "floor") for c in (1, 2)]
     if "Permission" in profiled or "ptrace" in profiled:
         pytest.skip("py-spy may not read other processes here")
     assert "TritonPythonModel.execute (tritonpipe/model/triton_model.py)" in sections["ensemble, concurrency 2"]

@@ -225,11 +225,42 @@ def test_dali_served_shares_the_model_stage_with_the_baseline(tmp_path, tiny_onn
     assert "prefetch_queue_depth=1" in model_py and "import tritonpipe" not in model_py and "from tritonpipe" not in model_py
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_floor_has_the_pipelines_signature_and_its_front_models_instances(tmp_path, tiny_onnx, fuse):
+    graph = load_graph(model_chain(tiny_onnx, fuse=fuse, instance_num=3, batching_timeout=2), name="cls")
+    options = bench_options(tmp_path, systems=("ensemble", "floor"))
+    repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", options)
+    assert peers == {}
+    on_disk = {p.parent.name: from_text(p.read_text()) for p in repo.path.glob("*/config.pbtxt")}
+    assert "python_floor" in on_disk
+    validate_repository(on_disk)
+    floor, entry = on_disk["python_floor"], on_disk["cls"]
+    front = entry if fuse else on_disk["cls_pre"]
+    assert floor.backend == "python" and floor.max_batch_size == entry.max_batch_size == 8
+    assert [(i.name, i.data_type, list(i.dims)) for i in floor.input] == [(i.name, i.data_type, list(i.dims)) for i in entry.input]
+    assert [(o.name, o.data_type, list(o.dims)) for o in floor.output] == [(o.name, o.data_type, list(o.dims)) for o in entry.output]
+    assert all(i.allow_ragged_batch for i in floor.input)
+    assert list(floor.instance_group) == list(front.instance_group) and floor.instance_group[0].count == 3
+    assert floor.dynamic_batching == front.dynamic_batching and floor.HasField("dynamic_batching")
+    model_py = (repo.path / "python_floor" / "1" / "model.py").read_text()
+    assert "import tritonpipe" not in model_py and "from tritonpipe" not in model_py
+
+
+def test_the_floor_needs_no_model_stage_and_refuses_a_name_clash(tmp_path):
+    graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}, name="pre")
+    repo, _ = runner.build_bench_repository(graph, tmp_path / "r", bench_options(tmp_path, systems=("ensemble", "floor")))
+    assert sorted(repo.configs) == ["pre", "python_floor"]
+    clash = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}, name="python_floor")
+    with pytest.raises(ConfigError, match="already has a model named 'python_floor'"):
+        runner.build_bench_repository(clash, tmp_path / "r2", bench_options(tmp_path, systems=("ensemble", "floor")))
+    assert not (tmp_path / "r2").exists()
+
+
 def test_dali_systems_are_left_out_with_one_line_where_dali_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_dali_missing", lambda options: "DALI is not installed")
     header, said = {}, []
     options = runner._without_missing_dali(bench_options(tmp_path, systems=runner.SYSTEMS), header, said.append)
-    assert options.systems == ("ensemble", "baseline", "inprocess")
+    assert options.systems == ("ensemble", "baseline", "floor", "inprocess")
     assert header == {"DALI": "not measured: DALI is not installed"} and len(said) == 1
 
 
@@ -423,6 +454,18 @@ def test_markdown_has_header_ratios_and_breakdown():
     assert "GPU MiB" not in text
 
 
+def test_markdown_gives_the_floor_and_what_the_pipeline_adds_to_it():
+    rows = _rows() + [report.Row("floor", 1, 900.0, 1.25, 1.5, 1.75, 2.0), report.Row("floor", 8, 3000.0, 2.5, 3.0, 3.5, 4.0)]
+    table = [line for line in report.markdown(rows, [], {}).splitlines() if line.startswith("| ")]
+    assert table[0] == (
+        "| concurrency | ensemble img/s | ensemble p50 | ensemble p99 | baseline img/s | baseline p50 | baseline p99 "
+        "| floor img/s | floor p50 | floor p99 | ensemble/baseline | ensemble p50 over floor | ensemble/in-process |"
+    )
+    # no throughput ratio against the floor: it does none of the work
+    assert table[1] == "| 1 | 200.0 | 5.00 | 8.00 | 100.0 | 10.0 | 13.0 | 900.0 | 1.25 | 2.00 | 2.00× | 3.75 | 0.20× |"
+    assert table[2] == "| 8 | 800.0 | 10.0 | 150 | — | — | — | 3,000.0 | 2.50 | 4.00 | — | 7.50 | 0.80× |"
+
+
 def test_markdown_has_the_stage_table_with_the_time_outside_the_stages():
     stages = [stats.StageTimes("ensemble", 1, "pre", "DecodeTensor", 100, 100, 0.8, 0.8, 2.0, 2.0),
               stats.StageTimes("ensemble", 1, "pre", "ResizeTensor", 100, 100, 0.2, 0.2, 2.0, 2.0)]
@@ -571,7 +614,7 @@ def test_cli_parses_lists_and_builds_options(tmp_path):
     assert options.perf.shared_memory == "system" and options.perf.extra_args == ("--async",)
     assert options.instances == 2 and options.output == tmp_path and options.command == "cmd"
     defaults = cli.options_from(cli.parse_args([]))
-    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "dali-served", "inprocess", "dali")
+    assert defaults.concurrency == (1, 8, 32, 64, 128) and defaults.systems == ("ensemble", "baseline", "dali-served", "floor", "inprocess", "dali")
     for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--systems", "ensemble,triton"]):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)

@@ -4,7 +4,8 @@
 ``dali-served`` is Triton + DALI as users run it (DALI's classifier pipeline in a GPU model, one
 DALI run per batch at prefetch depth 1, as Triton's DALI backend runs it).  Their models join the
 repository built for the pipeline, so every ensemble shares one model-stage model (the same
-file, instances and batching) and they differ only before it.
+file, instances and batching) and they differ only before it.  ``floor`` is no peer but a
+yardstick: a Python model with the pipeline's signature that does no work (see ``floor_model.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from ...repository.plan import RepositoryPlan
 ENSEMBLE = "baseline"
 PRE = "baseline_pre"
 MODEL_SOURCE = Path(__file__).with_name("pil_model.py")
+
+FLOOR = "python_floor"
+FLOOR_SOURCE = Path(__file__).with_name("floor_model.py")
 
 DALI_ENSEMBLE = "dali_served"
 DALI_PRE = "dali_served_pre"
@@ -162,3 +166,29 @@ def add_dali_served(
     instances = instances or sum(group.count for group in configs[model].instance_group) or 1
     models = dali_served_configs(configs[model], height, width, instances, os.cpu_count() or 1)
     return Peer(DALI_ENSEMBLE, DALI_PRE, model), models, {DALI_PRE: {"model.py": DALI_SOURCE}}
+
+
+def floor_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> mc.ModelConfig:
+    """The ``floor`` model's config: the entry's inputs and outputs; the instances, batch size and batching
+    of the model that takes the requests first (the entry itself, or an ensemble's first step)."""
+    entry = configs[plan.name]
+    front = configs[plan.steps[0].model] if plan.needs_ensemble and plan.steps else entry
+    floor = mc.ModelConfig(name=FLOOR, backend="python", max_batch_size=entry.max_batch_size)
+    for spec in entry.input:
+        added = floor.input.add()
+        added.CopyFrom(spec)
+        # requests of any length batch together, as they do in front of a pipeline that takes encoded images
+        added.allow_ragged_batch = added.allow_ragged_batch or any(d < 0 for d in spec.dims)
+    for spec in entry.output:
+        floor.output.add().CopyFrom(spec)
+    floor.instance_group.extend(front.instance_group)
+    if front.HasField("dynamic_batching"):
+        floor.dynamic_batching.CopyFrom(front.dynamic_batching)
+    return floor
+
+
+def add_floor(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> tuple[dict[str, mc.ModelConfig], ModelFiles]:
+    """The ``floor`` model for the repository built from ``plan``: its config and files; nothing is written."""
+    if FLOOR in configs:
+        raise ConfigError(f"the pipeline already has a model named {FLOOR!r}; rename the pipeline")
+    return {FLOOR: floor_config(plan, configs)}, {FLOOR: {"model.py": FLOOR_SOURCE}}

@@ -15,11 +15,12 @@ TITLES = {
     "ensemble": "tritonpipe ensemble",
     "baseline": "PIL baseline ensemble",
     "dali-served": "Triton + DALI ensemble",
+    "floor": "Python-backend floor (no work)",
     "inprocess": "in-process (no server)",
     "dali": "DALI in-process preprocessing",
 }
 #: the served systems, in the report's column order
-SERVED = ("ensemble", "baseline", "dali-served")
+SERVED = ("ensemble", "baseline", "dali-served", "floor")
 #: the in-process rows: tritonpipe's own chain and DALI's, with and without the model stage
 INPROCESS_ROWS = ("inprocess", "inprocess-pre", "dali", "dali-hw-only", "dali+model")
 
@@ -52,6 +53,10 @@ BREAKDOWN_COLUMNS = [
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -191,8 +196,12 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         columns += [f"{system} img/s", f"{system} p50", f"{system} p99"]
         if has_mem:
             columns.append(f"{system} GPU MiB")
-    peers = [s for s in present if s != "ensemble"] if "ensemble" in present else []
+    peers = [s for s in present if s not in ("ensemble", "floor")] if "ensemble" in present else []
     columns += [f"ensemble/{peer}" for peer in peers]
+    # what the pipeline's own work adds to a request's time, past what the server and a stub cost anyway
+    floor = "floor" in present and "ensemble" in present
+    if floor:
+        columns.append("ensemble p50 over floor")
     if inproc is not None and "ensemble" in present:
         columns.append("ensemble/in-process")
     if dali is not None and "ensemble" in present:
@@ -209,6 +218,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         ensemble = by.get(("ensemble", level))
         for peer in peers:
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, (by.get((peer, level)) or Row("", 0, None)).throughput)))
+        if floor:
+            line.append(fmt_ms(_minus(ensemble and ensemble.p50_ms, (by.get(("floor", level)) or Row("", 0, None)).p50_ms)))
         if inproc is not None and "ensemble" in present:
             line.append(fmt_ratio(ratio(ensemble and ensemble.throughput, inproc.throughput)))
         if dali is not None and "ensemble" in present:

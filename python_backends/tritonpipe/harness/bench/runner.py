@@ -29,7 +29,7 @@ from ...repository.generate import GeneratedRepository, build_repository, write_
 from ...stages import load_builtin_stages
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
-from .peers import Peer, add_baseline, add_dali_served
+from .peers import FLOOR, Peer, add_baseline, add_dali_served, add_floor
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
 from .report import SERVED, Row, markdown, model_lines, plot, write_breakdown, write_rows, write_stages
@@ -319,7 +319,7 @@ def build_bench_repository(
 
     Each peer (the PIL baseline, DALI served) is ensembled with the pipeline's own model-stage
     model.  A fused pipeline has none of its own, so the model stage of its unfused twin joins
-    the repository instead.
+    the repository instead.  The ``floor`` model takes the pipeline's own inputs and instances.
     """
     plan, configs, files = build_repository(graph, options.device)
     everything, all_files = dict(configs), dict(files)
@@ -340,6 +340,11 @@ def build_bench_repository(
             everything.update(models)
             all_files.update(model_files)
             peers[system] = peer
+    if "floor" in options.systems:
+        models, model_files = add_floor(plan, configs)
+        everything.update(models)
+        all_files.update(model_files)
+    if everything.keys() != configs.keys():
         validate_repository(everything)
     path = write_repository(everything, all_files, output, entry=plan.name)
     return GeneratedRepository(path, plan, everything), peers
@@ -360,6 +365,12 @@ def _served_systems(
         kind = mc.ModelInstanceGroup.Kind.Name(pre.instance_group[0].kind).removeprefix("KIND_")
         say(f"{system}: {peer.pre} ({pre.instance_group[0].count} {kind} instances) -> {peer.model}")
         systems[system] = (peer.ensemble, peer.models)
+    if "floor" in options.systems:
+        floor = repo.configs[FLOOR]
+        kind = mc.ModelInstanceGroup.Kind.Name(floor.instance_group[0].kind).removeprefix("KIND_") if floor.instance_group else "default"
+        count = floor.instance_group[0].count if floor.instance_group else 1
+        say(f"floor: {FLOOR} ({count} {kind} instances): the pipeline's inputs and outputs, zeros out, no work")
+        systems["floor"] = (FLOOR, [FLOOR])
     return systems
 
 
@@ -566,7 +577,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     if options.profile and find_pyspy() is None:
         raise ConfigError("--profile samples the served models' stubs with py-spy, which is not installed here: pip install py-spy")
     if options.profile and not set(options.systems) & set(SERVED):
-        raise ConfigError("--profile samples served systems; --systems names none (ensemble, baseline or dali-served)")
+        raise ConfigError(f"--profile samples served systems; --systems names none ({', '.join(SERVED)})")
     graph, pipeline = check_pipeline(options)
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
