@@ -87,6 +87,21 @@ def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):
     assert not seen and not (tmp_path / "out").exists()
 
 
+def test_variants_of_the_built_in_example_use_its_model(tmp_path, tiny_onnx, monkeypatch):
+    from tritonpipe.harness.bench import variants
+
+    monkeypatch.setattr(variants, "default_model", lambda output: Path(tiny_onnx))  # the checkout's example model
+    run, seen = fake_runs([100, 200, 110, 220])
+    small = {"resize_h": "32", "resize_w": "32"}  # the tiny model's input
+    plain = BenchOptions(systems=("ensemble",), settings=small, output=tmp_path / "out", device="cpu")
+    result = run_variants(plain, [Variant("a", {}), Variant("one", {"instance_num": "1"})], 1, say=lambda line: None, run=run)
+    assert [(o.config, o.model, o.settings) for o in seen] == [
+        (None, Path(tiny_onnx), small), (None, Path(tiny_onnx), {**small, "instance_num": "1"})]
+    assert result.complete
+    with pytest.raises(ConfigError, match="variant 'b'.*resize_hh"):
+        run_variants(plain, [Variant("a", {}), Variant("b", {"resize_hh": "3"})], 1, say=lambda line: None, run=run)
+
+
 def test_the_cli_says_what_is_wrong_with_a_variant_in_one_line(tmp_path, capsys):
     assert main(["--variant", "no colon", "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

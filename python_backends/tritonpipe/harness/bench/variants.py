@@ -155,14 +155,14 @@ def run_variants(
         raise ConfigError(f"--variant names must differ, got {', '.join(names)}")
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
-    exported = options.config is None and options.model is None  # the example's model, exported once if need be
-    for v in variants:  # every variant's configuration is checked before anything is written
+    if options.config is None and options.model is None:
+        # the example's model: the checkout's file, else exported once (the stages check that it exists)
+        options = replace(options, model=default_model(options.output))
+    for v in variants:  # every variant's configuration is checked before any run
         try:
-            check_pipeline(options_for(replace(options, model=Path("model.onnx")) if exported else options, v, 1))
+            check_pipeline(options_for(options, v, 1))
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
-    if exported:
-        options = replace(options, model=default_model(options.output))
     runs: dict[str, list[list[Row]]] = {v.name: [] for v in variants}
     complete = True
     for round_ in range(1, rounds + 1):
