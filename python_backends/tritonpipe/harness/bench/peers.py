@@ -53,7 +53,7 @@ def model_stage_name(plan: RepositoryPlan, system: str = "baseline") -> str:
     if len(names) != 1:
         raise ConfigError(
             f"the {system} system needs a pipeline with exactly one model stage, this one has {len(names)}; "
-            f"leave {system!r} out of --systems (--systems ensemble,inprocess measures any pipeline)"
+            f"leave {system!r} out of --systems (--systems ensemble,floor,inprocess measures any pipeline)"
         )
     return names[0] if plan.needs_ensemble else plan.name
 
