@@ -57,7 +57,7 @@ def test_every_verb_dispatches_to_its_own_parser_and_its_help_imports_nothing_he
     (("generate",), "give either a configuration file or --backend"),
     (("generate", "--markdown"), "--markdown goes with --list-stages"),
     (("serve", "--hang-timeout", "-1"), "--hang-timeout must be 0 (off) or more seconds, got -1.0"),
-    (("bench", "--systems", "ensemble,pil"), "choose from ensemble,baseline,dali-served,inprocess,dali, got 'ensemble,pil'"),
+    (("bench", "--systems", "ensemble,pil"), "choose from ensemble,baseline,dali-served,floor,inprocess,dali, got 'ensemble,pil'"),
     (("soak", "--bad-fraction", "2"), "expected a fraction in [0, 1], got '2'"),
     (("build-engine", "m.onnx", "--precision", "fp8"), "invalid choice: 'fp8'"),
     (("bundle", "unpack"), "the following arguments are required: ARCHIVE, DEST"),
