@@ -256,6 +256,17 @@ def test_the_floor_needs_no_model_stage_and_refuses_a_name_clash(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_the_floor_refuses_outputs_it_cannot_answer_zeros_of(tmp_path):
+    from tritonpipe.harness.bench import peers
+
+    graph = load_graph({"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}, name="pre")
+    plan, configs, _ = runner.build_repository(graph, "cpu")
+    assert peers.floor_config(plan, configs).output[0].data_type == configs["pre"].output[0].data_type
+    configs["pre"].output[0].data_type = mc.TYPE_STRING
+    with pytest.raises(ConfigError, match="is TYPE_STRING: leave 'floor' out of --systems"):
+        peers.floor_config(plan, configs)
+
+
 def test_dali_systems_are_left_out_with_one_line_where_dali_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_dali_missing", lambda options: "DALI is not installed")
     header, said = {}, []

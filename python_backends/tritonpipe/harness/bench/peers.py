@@ -26,6 +26,9 @@ MODEL_SOURCE = Path(__file__).with_name("pil_model.py")
 
 FLOOR = "python_floor"
 FLOOR_SOURCE = Path(__file__).with_name("floor_model.py")
+#: the output types ``floor_model.py`` answers zeros of
+FLOOR_TYPES = {mc.TYPE_BOOL, mc.TYPE_UINT8, mc.TYPE_INT8, mc.TYPE_INT16, mc.TYPE_INT32, mc.TYPE_INT64, mc.TYPE_FP16,
+               mc.TYPE_FP32, mc.TYPE_FP64, mc.TYPE_BF16}
 
 DALI_ENSEMBLE = "dali_served"
 DALI_PRE = "dali_served_pre"
@@ -180,6 +183,11 @@ def floor_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> mc
         # requests of any length batch together, as they do in front of a pipeline that takes encoded images
         added.allow_ragged_batch = added.allow_ragged_batch or any(d < 0 for d in spec.dims)
     for spec in entry.output:
+        if spec.data_type not in FLOOR_TYPES:
+            raise ConfigError(
+                f"the floor answers zeros of numeric outputs; {spec.name!r} is {mc.DataType.Name(spec.data_type)}: "
+                "leave 'floor' out of --systems"
+            )
         floor.output.add().CopyFrom(spec)
     floor.instance_group.extend(front.instance_group)
     if front.HasField("dynamic_batching"):
