@@ -361,17 +361,18 @@ def _served_systems(
             steps = sorted(name for name in repo.configs if name != repo.entry)
         systems["ensemble"] = (repo.entry, [repo.entry, *steps])
     for system, peer in peers.items():
-        pre = repo.configs[peer.pre]
-        kind = mc.ModelInstanceGroup.Kind.Name(pre.instance_group[0].kind).removeprefix("KIND_")
-        say(f"{system}: {peer.pre} ({pre.instance_group[0].count} {kind} instances) -> {peer.model}")
+        say(f"{system}: {peer.pre} ({_instances(repo.configs[peer.pre])}) -> {peer.model}")
         systems[system] = (peer.ensemble, peer.models)
     if "floor" in options.systems:
-        floor = repo.configs[FLOOR]
-        kind = mc.ModelInstanceGroup.Kind.Name(floor.instance_group[0].kind).removeprefix("KIND_") if floor.instance_group else "default"
-        count = floor.instance_group[0].count if floor.instance_group else 1
-        say(f"floor: {FLOOR} ({count} {kind} instances): the pipeline's inputs and outputs, zeros out, no work")
+        say(f"floor: {FLOOR} ({_instances(repo.configs[FLOOR])}): the pipeline's inputs and outputs, zeros out, no work")
         systems["floor"] = (FLOOR, [FLOOR])
     return systems
+
+
+def _instances(config: mc.ModelConfig) -> str:
+    """A model's first instance group in words: ``3 GPU instances``."""
+    group = config.instance_group[0]
+    return f"{group.count} {mc.ModelInstanceGroup.Kind.Name(group.kind).removeprefix('KIND_')} instances"
 
 
 def _measure_served(
