@@ -1,4 +1,4 @@
-"""tritonpipe bench: measure a generated ensemble against a hand-written PIL baseline and the in-process limit."""
+"""tritonpipe bench: measure a generated pipeline against a PIL baseline, DALI, a do-nothing floor and the in-process limit."""
 
 from __future__ import annotations
 

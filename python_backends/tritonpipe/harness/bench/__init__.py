@@ -1,7 +1,8 @@
-"""``tritonpipe bench``: the pack's ensemble against a hand-written PIL baseline and the in-process limit.
+"""``tritonpipe bench``: the pack's pipeline against a hand-written PIL baseline, DALI served and in one process,
+a do-nothing floor, and the in-process limit.
 
-All three systems run on the same JPEG corpus and the same model-stage model; the served
-ones are driven by the real ``perf_analyzer`` over gRPC.
+Every system runs on the same JPEG corpus and the same model-stage model; the served ones are driven by the
+real ``perf_analyzer`` over gRPC.
 """
 
 from ...choices import SYSTEMS
