@@ -4,7 +4,8 @@ torchvision's GPU decode drives the same engines through the same library, but a
 initialises its decoder state again on every call and makes the host wait for each batch.  Here:
 
 - the output is interleaved RGB (HxWx3), what the engines write;
-- each decoder state is initialised once per batch size;
+- a decoder state is initialised again only when the batch size changes (or, with :data:`STATE_PER_SIZE`,
+  once for each size);
 - a part's images are decoded into one allocation (:data:`ALIGN`), not one each;
 - nothing waits on the host for the engines: a batch is submitted on the caller's CUDA stream (or cut
   into ``lanes`` parts, each parsed and submitted on a state and a host thread of its own, so that the
@@ -381,6 +382,7 @@ class Decoder:
         self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.sort_from, self.order, self.pinned = sort_from, order, pinned
         self.sized: dict[tuple[int, int], _Lane] | None = {} if per_size else None
+        self.last: dict[int, _Lane] = {}  # with per_size: each lane's state that took its last part
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
@@ -417,6 +419,10 @@ class Decoder:
         if lane is None:
             with self._on_device():
                 lane = self.sized[(index, count)] = _Lane(self)
+        previous = self.last.get(index)
+        if previous is not None and previous is not lane:
+            previous.wait()  # as one state would: its part is off the engines and its inputs are let go
+        self.last[index] = lane
         return lane
 
     def takes(self, data: torch.Tensor) -> bool:

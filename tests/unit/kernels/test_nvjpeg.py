@@ -185,6 +185,8 @@ def test_with_a_state_per_size_no_state_is_initialised_twice_as_batch_sizes_vary
     assert sorted(lib.initialised, key=lambda x: x[1]) == sorted(
         [(decoder.sized[(0, n)].state.value, n) for n in (3, 5, 7)], key=lambda x: x[1])
     assert len({state for state, _ in lib.initialised}) == 3  # a state each, none initialised again
+    # only the state that took the last part holds its inputs: the others let theirs go when it took over
+    assert [n for n in (3, 5, 7) if decoder.sized[(0, n)].inputs] == [3]
     # one state (the default): a new size initialises the one state again, every time the size changes
     one = FakeNvjpeg()
     single = nvjpeg.Decoder(one, torch.device("cpu"), lanes=1)
