@@ -4,8 +4,8 @@ torchvision's GPU decode drives the same engines through the same library, but a
 initialises its decoder state again on every call and makes the host wait for each batch.  Here:
 
 - the output is interleaved RGB (HxWx3), what the engines write;
-- a decoder state is initialised again only when the batch size changes (or, with :data:`STATE_PER_SIZE`,
-  once for each size);
+- a decoder state is initialised again only when the part size changes (on an H100 that costs about 3 us, and
+  a state kept for each size decoded no faster);
 - a part's images are decoded into one allocation (:data:`ALIGN`), not one each;
 - nothing waits on the host for the engines: a batch is submitted on the caller's CUDA stream (or cut
   into ``lanes`` parts, each parsed and submitted on a state and a host thread of its own, so that the
@@ -61,11 +61,6 @@ ORDERS = ("area", "subsampling")
 #: caller's memory (Triton's shared memory, pageable) itself.  On an H200 the copy made two batches of 64 in
 #: flight 0.64x as fast (0.70 host ms per image), where bitstreams page-locked from the start were 1.06x
 PINNED_INPUT = False
-#: keep a decoder state for each part size met (per lane), instead of initialising the lane's one state again
-#: whenever a part's size differs from the last (served batches vary in size from one to the next).  Not
-#: measured yet on a GPU; ``TRITONPIPE_NVJPEG_STATE_PER_SIZE`` (1 or 0) overrides it, for measuring both ways
-STATE_PER_SIZE = False
-STATE_PER_SIZE_ENV = "TRITONPIPE_NVJPEG_STATE_PER_SIZE"
 #: where each decoded image of a part starts in the part's one output allocation: a multiple of this many bytes,
 #: as every image had its own allocation before (the caching allocator aligns its blocks to 512 bytes)
 ALIGN = 512
@@ -371,18 +366,14 @@ class Decoder:
             first.  See :data:`ORDER`.
         pinned: copy each part's bitstreams into a pinned buffer of its state's before nvjpeg reads them.
             See :data:`PINNED_INPUT`.
-        per_size: a state of its own for each part size each lane meets, each initialised once.  See
-            :data:`STATE_PER_SIZE`.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, flags: int = 0,
-                 sort_from: int | None = None, order: str = "area", pinned: bool = False, per_size: bool = False):
+                 sort_from: int | None = None, order: str = "area", pinned: bool = False):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
         self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.sort_from, self.order, self.pinned = sort_from, order, pinned
-        self.sized: dict[tuple[int, int], _Lane] | None = {} if per_size else None
-        self.last: dict[int, _Lane] = {}  # with per_size: each lane's state that took its last part
         self.lock = threading.Lock()  # one batch at a time: the lanes' states are shared
         self.handle = ctypes.c_void_p()
         with self._on_device():
@@ -411,20 +402,6 @@ class Decoder:
             return None
         return engines.value, cores.value
 
-    def _lane(self, index: int, count: int) -> _Lane:
-        """Lane ``index``, or with ``per_size`` its state for parts of ``count`` images (made at the first such part)."""
-        if self.sized is None:
-            return self.lanes[index]
-        lane = self.sized.get((index, count))
-        if lane is None:
-            with self._on_device():
-                lane = self.sized[(index, count)] = _Lane(self)
-        previous = self.last.get(index)
-        if previous is not None and previous is not lane:
-            previous.wait()  # as one state would: its part is off the engines and its inputs are let go
-        self.last[index] = lane
-        return lane
-
     def takes(self, data: torch.Tensor) -> bool:
         """Whether the hardware decoder accepts this JPEG (baseline, a subsampling the engines read)."""
         with self.lock, self._on_device():
@@ -443,7 +420,7 @@ class Decoder:
             threads = self.threads if len(cut) > 1 else None
             jobs = []
             for part in cut:
-                lane = self._lane(self.turn % len(self.lanes), len(part))
+                lane = self.lanes[self.turn % len(self.lanes)]
                 self.turn += 1
                 args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
                 jobs.append((part, threads.submit(lane.part, *args) if threads else lane.part(*args)))
@@ -456,12 +433,6 @@ class Decoder:
                 for i, image in zip(part, images):
                     results[i] = image
         return results
-
-
-def _state_per_size() -> bool:
-    """:data:`STATE_PER_SIZE`, unless ``TRITONPIPE_NVJPEG_STATE_PER_SIZE`` says 1 or 0."""
-    value = os.environ.get(STATE_PER_SIZE_ENV, "").strip()
-    return STATE_PER_SIZE if value not in ("0", "1") else value == "1"
 
 
 _decoders: dict[tuple[int, int], Decoder | str] = {}
@@ -480,7 +451,7 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
             else:
                 try:
                     found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM, order=ORDER,
-                                    pinned=PINNED_INPUT, per_size=_state_per_size())
+                                    pinned=PINNED_INPUT)
                     log.info("decoder=nvjpeg on cuda:%d: libnvjpeg %s (%s)", index, version(lib), getattr(lib, "_name", "?"))
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"

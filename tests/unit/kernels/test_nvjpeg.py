@@ -175,41 +175,6 @@ def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
     assert lib.initialised[2:] == [(first.state.value, 2)]
 
 
-def test_with_a_state_per_size_no_state_is_initialised_twice_as_batch_sizes_vary():
-    lib = FakeNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, per_size=True)
-    images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
-    for count in (7, 5, 7, 3, 5, 7, 3):
-        out = _decode(decoder, images[:count])
-        assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(count)]
-    assert sorted(lib.initialised, key=lambda x: x[1]) == sorted(
-        [(decoder.sized[(0, n)].state.value, n) for n in (3, 5, 7)], key=lambda x: x[1])
-    assert len({state for state, _ in lib.initialised}) == 3  # a state each, none initialised again
-    # only the state that took the last part holds its inputs: the others let theirs go when it took over
-    assert [n for n in (3, 5, 7) if decoder.sized[(0, n)].inputs] == [3]
-    # one state (the default): a new size initialises the one state again, every time the size changes
-    one = FakeNvjpeg()
-    single = nvjpeg.Decoder(one, torch.device("cpu"), lanes=1)
-    for count in (7, 5, 7):
-        _decode(single, images[:count])
-    assert [n for _, n in one.initialised] == [7, 5, 7] and single.sized is None
-
-
-def test_with_a_state_per_size_a_damaged_file_still_fails_alone():
-    lib = FakeNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, per_size=True)
-    good = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(4)]
-    out = _decode(decoder, [*good[:2], _fake_jpeg(0, 4, 4, flags=2), *good[2:]])
-    assert out[2] is None and [int(r[0, 0, 0]) for i, r in enumerate(out) if i != 2] == [10, 11, 12, 13]
-    assert [int(r[0, 0, 0]) for r in _decode(decoder, good)] == [10, 11, 12, 13]  # the states still decode
-
-
-@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", nvjpeg.STATE_PER_SIZE), ("yes", nvjpeg.STATE_PER_SIZE)])
-def test_the_environment_can_set_a_state_per_size(monkeypatch, value, expected):
-    monkeypatch.setenv(nvjpeg.STATE_PER_SIZE_ENV, value)
-    assert nvjpeg._state_per_size() is expected
-
-
 @pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 2, 3])])
 def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
     lib = FakeNvjpeg()
