@@ -101,70 +101,13 @@ def _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype):
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, compiled on first use; None where Triton cannot be imported."""
+    """The Triton kernels (batch, one image), their input types and ``cdiv``, compiled on first use; None where
+    Triton cannot be imported."""
     try:
-        import triton
-        import triton.language as tl
+        from . import resize_triton
     except ImportError:
         return None
-
-    @triton.jit
-    def resize_kernel(
-        table_ptr,  # int64 [B, 7]: address, H, W, stride C, stride H, stride W, swap
-        scale_ptr,  # float32 [B, 2]: H / out_h and W / out_w, rounded as PyTorch rounds them
-        norm_ptr,  # float32 [2, C]: mean, then std
-        out_ptr,
-        out_h,
-        out_w,
-        C: tl.constexpr,
-        IN_TYPE: tl.constexpr,
-        NORMALISE: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        b = tl.program_id(1)
-        row = table_ptr + b * 7
-        base = tl.load(row).to(tl.pointer_type(IN_TYPE))
-        height = tl.load(row + 1)
-        width = tl.load(row + 2)
-        stride_c = tl.load(row + 3)
-        stride_h = tl.load(row + 4)
-        stride_w = tl.load(row + 5)
-        swap = tl.load(row + 6)
-        pixels = out_h * out_w
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < pixels
-        oy = offsets // out_w
-        ox = offsets % out_w
-        # PyTorch's area_pixel_compute_source_index, in float32
-        scale_y = tl.load(scale_ptr + b * 2)
-        scale_x = tl.load(scale_ptr + b * 2 + 1)
-        sy = tl.maximum(scale_y * (oy.to(tl.float32) + 0.5) - 0.5, 0.0)
-        sx = tl.maximum(scale_x * (ox.to(tl.float32) + 0.5) - 0.5, 0.0)
-        y0 = sy.to(tl.int32)
-        x0 = sx.to(tl.int32)
-        ly = sy - y0.to(tl.float32)
-        lx = sx - x0.to(tl.float32)
-        y1 = y0 + (y0 < height - 1).to(tl.int32)
-        x1 = x0 + (x0 < width - 1).to(tl.int32)
-        top0 = y0.to(tl.int64) * stride_h
-        top1 = y1.to(tl.int64) * stride_h
-        left0 = x0.to(tl.int64) * stride_w
-        left1 = x1.to(tl.int64) * stride_w
-        out_base = out_ptr + b.to(tl.int64) * C * pixels
-        for c in tl.static_range(C):
-            source = tl.where(swap != 0, C - 1 - c, c)
-            plane = base + source.to(tl.int64) * stride_c
-            v00 = tl.load(plane + top0 + left0, mask=inside, other=0).to(tl.float32)
-            v01 = tl.load(plane + top0 + left1, mask=inside, other=0).to(tl.float32)
-            v10 = tl.load(plane + top1 + left0, mask=inside, other=0).to(tl.float32)
-            v11 = tl.load(plane + top1 + left1, mask=inside, other=0).to(tl.float32)
-            value = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-            if NORMALISE:
-                value = tl.math.div_rn(value - tl.load(norm_ptr + c), tl.load(norm_ptr + C + c))
-            tl.store(out_base + c * pixels + offsets, value.to(out_ptr.dtype.element_ty), mask=inside)
-
-    types = {torch.uint8: tl.uint8, torch.float16: tl.float16, torch.float32: tl.float32}
-    return resize_kernel, types, triton.cdiv
+    return resize_triton.resize_kernel, resize_triton.resize_one_kernel, resize_triton.TYPES, resize_triton.cdiv
 
 
 def kernel_available(device: torch.device) -> bool:
@@ -176,6 +119,24 @@ def kernel_available(device: torch.device) -> bool:
 #: why the kernel could not be compiled or launched here (no C compiler for Triton's launcher, an
 #: unsupported GPU, ...); from then on this process takes the torch path
 _broken: str | None = None
+
+
+def _scales(views, out_h: int, out_w: int) -> np.ndarray:
+    """Each image's H / out_h and W / out_w, divided in IEEE float32 as PyTorch's host code divides them (Triton's
+    "/" is approximate)."""
+    sides = np.array([side for v in views for side in (v.shape[1], v.shape[2])], dtype=np.float32)
+    return sides / np.array([out_h, out_w] * len(views), dtype=np.float32)
+
+
+def _norm_values(mean, std, channels: int) -> list[float]:
+    """The kernel's per-channel mean, then std (0 and 1 where not given)."""
+    return [*(mean or [0.0] * channels), *(std or [1.0] * channels)]
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_on(device: torch.device, values: tuple[float, ...]) -> torch.Tensor:
+    """:func:`_norm_values` on ``device``, made once: a stage resizes with one mean and std."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device):
@@ -190,10 +151,8 @@ def _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device):
     host = np.zeros(start + (floats + 1) // 2, dtype=np.int64)
     host[:head] = [x for v, s in zip(views, swaps) for x in (v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s))]
     values = host[start:].view(np.float32)
-    # the scales are divided here, in IEEE float32 as PyTorch's host code does (Triton's "/" is approximate)
-    sides = np.array([side for v in views for side in (v.shape[1], v.shape[2])], dtype=np.float32)
-    values[: 2 * count] = sides / np.array([out_h, out_w] * count, dtype=np.float32)
-    values[norm_at:floats] = [*(mean or [0.0] * channels), *(std or [1.0] * channels)]
+    values[: 2 * count] = _scales(views, out_h, out_w)
+    values[norm_at:floats] = _norm_values(mean, std, channels)
     packed = torch.from_numpy(host)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
@@ -225,15 +184,21 @@ def resize_batch(
     device = views[0].device
     if not use_kernel or views[0].dtype not in KERNEL_INPUTS or not kernel_available(device):
         return _reference(views, swaps, out_h, out_w, mean, std, dtype)
-    kernel, types, cdiv = _kernel()
+    kernel, one_kernel, types, cdiv = _kernel()
     channels = views[0].shape[0]
-    normalise = mean is not None or std is not None
-    table, scales, norm = _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device)
+    options = dict(C=channels, IN_TYPE=types[views[0].dtype], NORMALISE=mean is not None or std is not None,
+                   BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
     out = torch.empty((len(views), channels, out_h, out_w), dtype=dtype, device=device)
-    grid = (cdiv(out_h * out_w, _BLOCK), len(views))
+    blocks = cdiv(out_h * out_w, _BLOCK)
     try:
-        kernel[grid](table, scales, norm, out, out_h, out_w, C=channels, IN_TYPE=types[views[0].dtype],
-                     NORMALISE=normalise, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
+        if len(views) == 1:
+            view, (scale_y, scale_x) = views[0], _scales(views, out_h, out_w)
+            norm = _norm_on(device, tuple(_norm_values(mean, std, channels)))
+            one_kernel[(blocks,)](view.data_ptr(), view.shape[1], view.shape[2], *view.stride(), int(swaps[0]),
+                                  float(scale_y), float(scale_x), norm, out, out_h, out_w, **options)
+        else:
+            table, scales, norm = _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device)
+            kernel[(blocks, len(views))](table, scales, norm, out, out_h, out_w, **options)
     except Exception as exc:  # noqa: BLE001 - the kernel, not the images: every later batch takes the torch path
         global _broken
         _broken = f"{type(exc).__name__}: {str(exc)[:300]}"

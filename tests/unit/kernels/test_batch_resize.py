@@ -120,6 +120,15 @@ _INTERPRETED = textwrap.dedent(
         got = batch_resize.resize_batch(batch, out_h, out_w, **kwargs).float()
         want = batch_resize.resize_batch_reference(batch, out_h, out_w, **kwargs).float()
         report[name] = [list(got.shape), list(want.shape), float((got - want).abs().max())]
+        # each image alone: a batch of one takes the kernel with the image's sides and strides as arguments
+        alone = []
+        for row, image in enumerate(batch):
+            one = dict(kwargs, swap_rb=[swaps[row]]) if "swap_rb" in kwargs else kwargs
+            got = batch_resize.resize_batch([image], out_h, out_w, **one).float()
+            want = batch_resize.resize_batch_reference([image], out_h, out_w, **one).float()
+            alone.append((list(got.shape), list(want.shape), float((got - want).abs().max())))
+        report[name + "_alone"] = [[a[0] for a in alone], [a[1] for a in alone], max(a[2] for a in alone)]
+    assert batch_resize._broken is None, "a kernel failed and the torch path answered: " + batch_resize._broken
     json.dump(report, sys.stdout)
     """
 )
@@ -138,17 +147,25 @@ def interpreted():
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize(
-    "case", ["plain", "upscale", "normalised_fp16_swapped", "channels_last", "strided", "float_input", "one_channel"]
-)
+_CASES = ["plain", "upscale", "normalised_fp16_swapped", "channels_last", "strided", "float_input", "one_channel"]
+
+
+@pytest.mark.parametrize("case", _CASES)
 def test_the_triton_kernel_matches_the_reference(interpreted, case):
     got_shape, want_shape, difference = interpreted[case]
     assert got_shape == want_shape
     assert difference <= _TOLERANCE.get(case, 1e-3), f"{case}: largest difference {difference}"
 
 
+@pytest.mark.parametrize("case", _CASES)
+def test_the_one_image_kernel_matches_the_reference_image_by_image(interpreted, case):
+    got_shapes, want_shapes, difference = interpreted[case + "_alone"]
+    assert got_shapes == want_shapes and all(shape[0] == 1 for shape in got_shapes)
+    assert difference <= _TOLERANCE.get(case, 1e-3), f"{case}, one image at a time: largest difference {difference}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_one_launch_matches_interpolate_on_the_gpu():
+def test_on_the_gpu_one_launch_matches_interpolate_on_the_gpu_in_a_batch_and_alone():
     batch = [image.cuda() for image in images(SIZES + [(1080, 1920), (3000, 1000)], seed=4)]
     got = resize_batch(batch, 224, 224, mean=MEAN, std=STD)
     for row, image in enumerate(batch):
@@ -156,6 +173,9 @@ def test_on_the_gpu_one_launch_matches_interpolate_on_the_gpu():
             STD, device="cuda"
         ).view(1, 3, 1, 1)
         assert (got[row : row + 1] - want).abs().max().item() <= 1e-4
+        alone = resize_batch([image], 224, 224, mean=MEAN, std=STD)  # the one-image kernel
+        assert (alone - want).abs().max().item() <= 1e-4
+    assert batch_resize._broken is None
 
 
 def test_a_kernel_that_cannot_launch_falls_back_once_and_for_all(monkeypatch, caplog):
@@ -170,7 +190,8 @@ def test_a_kernel_that_cannot_launch_falls_back_once_and_for_all(monkeypatch, ca
 
     monkeypatch.setattr(batch_resize, "_broken", None)
     monkeypatch.setattr(batch_resize, "kernel_available", lambda device: batch_resize._broken is None)
-    monkeypatch.setattr(batch_resize, "_kernel", lambda: (Launcher(), {torch.uint8: "u8"}, lambda a, b: -(-a // b)))
+    monkeypatch.setattr(batch_resize, "_kernel",
+                        lambda: (Launcher(), Launcher(), {torch.uint8: "u8"}, lambda a, b: -(-a // b)))
     batch = images()
     with caplog.at_level("WARNING", logger="tritonpipe"):
         got = resize_batch(batch, 24, 32, mean=MEAN, std=STD)
