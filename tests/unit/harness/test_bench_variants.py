@@ -74,6 +74,27 @@ def test_a_failed_level_shows_as_a_gap_and_the_run_is_incomplete(tmp_path, confi
     assert "| a | ensemble | 8 | — | — | — |" in result.markdown and not result.complete
 
 
+def test_a_comparison_stopped_part_way_keeps_the_runs_it_finished(tmp_path, config):
+    finished, seen = fake_runs([100, 200, 150, 300, 110, 220])
+
+    def run(options, say):
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # the fourth run, stopped (Ctrl-C, or a time limit)
+        return finished(options, say)
+
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_variants(options(tmp_path, config), [Variant("a", {}), Variant("b", {})], 2, say=lines.append, run=run)
+    text = (tmp_path / "out" / "variants.md").read_text()
+    assert "- runs done: 3 of 4; the table holds what they measured" in text
+    assert "| a | ensemble | 1 | 100 / 110 | 105.0 | 1.00× |" in text
+    assert "| b | ensemble | 8 | 300 | 300.0 | 1.43× |" in text  # against a's median of 200 and 220
+    with open(tmp_path / "out" / "variants.csv") as handle:
+        assert {(r["variant"], r["concurrency"], r["runs"]) for r in csv.DictReader(handle) if r["system"] == "ensemble"} == {
+            ("a", "1", "2"), ("a", "8", "2"), ("b", "1", "1"), ("b", "8", "1")}
+    assert f"so far (3 of 4 runs): {tmp_path / 'out' / 'variants.md'}" in lines
+
+
 def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):
     run, seen = fake_runs([])
     for variants, rounds, match in (([Variant("a", {}), Variant("b", {"resize_hh": "3"})], 1, "variant 'b'.*resize_hh"),

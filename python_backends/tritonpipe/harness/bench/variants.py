@@ -96,11 +96,14 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str) -> str:
+def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str, done: int | None = None) -> str:
+    """The summary table; ``done``: how many runs it holds, where fewer than every round of every variant."""
     lines = ["# tritonpipe bench: variants by turns", ""]
     if command:
         lines += [f"- command: `{command}`"]
     lines += [f"- rounds: {rounds}, in this order each round: {', '.join(v.name for v in variants)}"]
+    if done is not None and done < rounds * len(variants):
+        lines += [f"- runs done: {done} of {rounds * len(variants)}; the table holds what they measured"]
     lines += [f"- {v.name}: {v.keys}" for v in variants]
     first = variants[0].name
     lines += [
@@ -164,17 +167,28 @@ def run_variants(
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
     runs: dict[str, list[list[Row]]] = {v.name: [] for v in variants}
-    complete = True
+    complete, done = True, 0
     for round_ in range(1, rounds + 1):
         for v in variants:
             say(f"== round {round_}/{rounds}, variant {v.name}")
             result = run(options_for(options, v, round_), say)
             runs[v.name].append(result.rows)
             complete = complete and all(r.throughput for r in result.rows)
+            done += 1
+            # the summary so far after every run, so that a comparison stopped part-way keeps what it measured
+            rows, text, files = _summary(options, runs, variants, rounds, done)
+            if done < rounds * len(variants):
+                say(f"so far ({done} of {rounds * len(variants)} runs): {files['variants']}")
+    return VariantsResult(rows, text, files, complete)
+
+
+def _summary(options: BenchOptions, runs: dict[str, list[list[Row]]], variants: list[Variant], rounds: int,
+             done: int) -> tuple[list[VariantRow], str, dict[str, Path]]:
+    """Summarise the runs so far into ``options.output`` (``variants.md`` and ``variants.csv``)."""
     served = tuple(s for s in options.systems if s in SERVED)
     rows = summarise(runs, served + tuple(s for s in options.systems if s not in served))
-    text = markdown(rows, variants, rounds, options.command)
+    text = markdown(rows, variants, rounds, options.command, done)
     options.output.mkdir(parents=True, exist_ok=True)
     files = {"variants": options.output / "variants.md", "variants_csv": write_csv(rows, options.output / "variants.csv")}
     files["variants"].write_text(text)
-    return VariantsResult(rows, text, files, complete)
+    return rows, text, files
