@@ -212,3 +212,29 @@ def test_the_launch_tables_share_one_buffer_each_16_byte_aligned_with_the_right_
     sides = torch.tensor([[9 + i, 20 + i] for i in range(count)], dtype=torch.float32)
     assert torch.equal(scales.view(count, 2), sides / torch.tensor([7.0, 9.0]))
     assert norm.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+# Triton's compiler is stricter than its interpreter: both kernels are compiled here for a Hopper GPU (sm_90), as
+# a GPU compiles them at their first launch, with no GPU needed (Triton ships the assembler).
+_ARGUMENTS = {"address": "i64", "height": "i32", "width": "i32", "stride_c": "i32", "stride_h": "i32", "stride_w": "i32",
+              "swap": "i32", "scale_y": "fp32", "scale_x": "fp32", "norm_ptr": "*fp32", "out_h": "i32", "out_w": "i32",
+              "table_ptr": "*i64", "scale_ptr": "*fp32"}
+
+
+@pytest.mark.parametrize("name", ["resize_kernel", "resize_one_kernel"])
+@pytest.mark.parametrize("in_type, out_type, normalise", [("uint8", "fp16", True), ("float32", "bf16", False)])
+def test_the_kernels_compile_for_a_hopper_gpu(name, in_type, out_type, normalise):
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compiler interface")
+    from tritonpipe.kernels import resize_triton
+
+    kernel = getattr(resize_triton, name)
+    constants = {"C": 3, "IN_TYPE": getattr(triton.language, in_type), "NORMALISE": normalise, "BLOCK": 512}
+    signature = {arg: "constexpr" if arg in constants else ("*" + out_type if arg == "out_ptr" else _ARGUMENTS[arg])
+                 for arg in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".entry " + name in compiled.asm["ptx"]
