@@ -249,6 +249,9 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
     failed = [r for r in rows if r.throughput is None and r.note]
     if failed:
         out += ["", "Failed measurements:", ""] + [f"- {r.system} at {r.concurrency}: {r.note}" for r in failed]
+    loose = [r for r in rows if r.throughput is not None and r.note and r.system not in INPROCESS_ROWS]
+    if loose:
+        out += ["", "Measured more loosely:", ""] + [f"- {r.system} at {r.concurrency}: {r.note}" for r in loose]
     if steps:
         out += [
             "", "## Where the time goes (ms per request, averaged over each system's whole sweep)", "",

@@ -44,6 +44,10 @@ from .stats import (
     stage_breakdown,
 )
 
+#: the windows' allowed variation (percent) of a level's last try, after two unstable ones: sub-millisecond levels
+#: (the floor at concurrency 1) can miss 10% for a whole run, and a figure said to be looser beats none
+RELAXED_STABILITY = 25.0
+
 #: the shipped example (examples/resnet18/pipeline.toml) without its model file
 DEFAULT_PIPELINE: dict[str, Any] = {
     "name": "resnet18",
@@ -225,16 +229,28 @@ def _sweep(
         mem_before, cache_before = gpu_memory_mb(), cache  # the page read after the level before, or at the start
         settings = options.perf
         profiler = _profiler(system, concurrency, server, models, options) if profiles is not None else None
+        note = ""
         try:
             try:
                 measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
             except PerfError as exc:
                 if not is_unstable(exc):
                     raise
-                # one retry with longer windows before giving the level up
+                # one retry with longer windows, then one that also allows windows further apart, before giving up
                 settings = dataclasses.replace(settings, measurement_interval_ms=settings.measurement_interval_ms * 2)
                 say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
-                measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+                try:
+                    measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+                except PerfError as again:
+                    if not is_unstable(again) or settings.stability_percentage >= RELAXED_STABILITY:
+                        raise
+                    wanted = settings.stability_percentage
+                    settings = dataclasses.replace(settings, stability_percentage=RELAXED_STABILITY)
+                    say(f"[{system}] concurrency {concurrency}: unstable again; retrying with windows within "
+                        f"{RELAXED_STABILITY:g}% of each other")
+                    measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
+                    note = (f"windows within {RELAXED_STABILITY:g}% of each other, not {wanted:g}%: perf_analyzer found no "
+                            f"stable {wanted:g}% twice")
             finally:
                 if profiler is not None:
                     profiles.append(profiler.finish())
@@ -251,6 +267,7 @@ def _sweep(
         row = Row(
             system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
             gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after, torch_cache_before_mb=cache_before, torch_cache_mb=cache,
+            note=note,
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
