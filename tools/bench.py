@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     turns.add_argument(
         "--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
         help="a setting to compare (repeatable): its keys, space-separated, on top of --set; 'NAME:' alone is the "
-             "configuration as given. The variants run in turn, each with a server of its own, --rounds times over, "
+             "configuration as given; mps=true serves that variant under MPS (mps=false without, whatever --mps says). "
+             "The variants run in turn, each with a server of its own, --rounds times over, "
              "and variants.md gives each run's img/s beside each variant's median against the first variant's",
     )
     turns.add_argument("--rounds", type=int, default=1, help="runs of each variant, taken in turn (default: %(default)s)")

@@ -95,6 +95,19 @@ def test_a_comparison_stopped_part_way_keeps_the_runs_it_finished(tmp_path, conf
     assert f"so far (3 of 4 runs): {tmp_path / 'out' / 'variants.md'}" in lines
 
 
+def test_a_variant_can_serve_under_mps_and_the_others_not(tmp_path, config):
+    run, seen = fake_runs([100, 200, 150, 300, 110, 220])
+    variants = [Variant("plain", {}), Variant("mps", {"mps": "true", "max": "8"}), Variant("off", {"mps": "False"})]
+    run_variants(options(tmp_path, config), variants, 1, say=lambda line: None, run=run)
+    assert [(o.output.name, o.mps, o.settings.get("max")) for o in seen] == [
+        ("plain-1", False, "4"), ("mps-1", True, "8"), ("off-1", False, "4")]
+    assert all("mps" not in o.settings for o in seen)  # not a node key: no stage is given it
+    with pytest.raises(ConfigError, match="variant 'bad': mps takes true or false, got 'sometimes'"):
+        run_variants(options(tmp_path, config), [Variant("ok", {}), Variant("bad", {"mps": "sometimes"})], 1,
+                     say=lambda line: None, run=run)
+    assert len(seen) == 3  # refused before any of its runs
+
+
 def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):
     run, seen = fake_runs([])
     for variants, rounds, match in (([Variant("a", {}), Variant("b", {"resize_hh": "3"})], 1, "variant 'b'.*resize_hh"),

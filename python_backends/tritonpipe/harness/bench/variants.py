@@ -63,9 +63,21 @@ class VariantRow:
         return [t for t in self.throughputs if t]
 
 
+#: a variant key that sets how the run serves, not a node key: ``mps=true`` serves that variant under MPS
+MPS_KEY = "mps"
+_SWITCH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def options_for(options: BenchOptions, variant: Variant, round_: int) -> BenchOptions:
     """The bench options of one variant's run: its keys over the shared ones, a results folder of its own."""
-    return replace(options, settings={**options.settings, **variant.settings}, output=options.output / f"{variant.name}-{round_}",
+    settings = dict(variant.settings)
+    mps = options.mps
+    if MPS_KEY in settings:
+        value = settings.pop(MPS_KEY)
+        if value.lower() not in _SWITCH:
+            raise ConfigError(f"mps takes true or false, got {value!r}")
+        mps = _SWITCH[value.lower()]
+    return replace(options, settings={**options.settings, **settings}, mps=mps, output=options.output / f"{variant.name}-{round_}",
                    command=f"{options.command} [variant {variant.name}, round {round_}: {variant.keys}]".lstrip())
 
 
