@@ -95,7 +95,10 @@ def test_a_comparison_stopped_part_way_keeps_the_runs_it_finished(tmp_path, conf
     assert f"so far (3 of 4 runs): {tmp_path / 'out' / 'variants.md'}" in lines
 
 
-def test_a_variant_can_serve_under_mps_and_the_others_not(tmp_path, config):
+def test_a_variant_can_serve_under_mps_and_the_others_not(tmp_path, config, monkeypatch):
+    from tritonpipe.harness.bench import variants as module
+
+    monkeypatch.setattr(module, "find_control", lambda: "/usr/bin/nvidia-cuda-mps-control")  # a host with MPS
     run, seen = fake_runs([100, 200, 150, 300, 110, 220])
     variants = [Variant("plain", {}), Variant("mps", {"mps": "true", "max": "8"}), Variant("off", {"mps": "False"})]
     run_variants(options(tmp_path, config), variants, 1, say=lambda line: None, run=run)
@@ -106,6 +109,20 @@ def test_a_variant_can_serve_under_mps_and_the_others_not(tmp_path, config):
         run_variants(options(tmp_path, config), [Variant("ok", {}), Variant("bad", {"mps": "sometimes"})], 1,
                      say=lambda line: None, run=run)
     assert len(seen) == 3  # refused before any of its runs
+
+
+def test_a_variant_under_mps_on_a_host_without_it_is_refused_before_any_run(tmp_path, config, monkeypatch):
+    from tritonpipe.harness.bench import variants as module
+
+    def missing():
+        raise ConfigError("--mps needs NVIDIA's nvidia-cuda-mps-control")
+
+    monkeypatch.setattr(module, "find_control", missing)
+    run, seen = fake_runs([100, 200])
+    with pytest.raises(ConfigError, match="variant 'mps': --mps needs NVIDIA's nvidia-cuda-mps-control"):
+        run_variants(options(tmp_path, config), [Variant("plain", {}), Variant("mps", {"mps": "true"})], 1,
+                     say=lambda line: None, run=run)
+    assert not seen
 
 
 def test_a_bad_variant_is_refused_before_any_run_or_file(tmp_path, config):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...pipeline.files import parse_overrides
+from ...server.mps import find_control
 from .report import SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
@@ -175,7 +176,10 @@ def run_variants(
         options = replace(options, model=default_model(options.output))
     for v in variants:  # every variant's configuration is checked before any run
         try:
-            check_pipeline(options_for(options, v, 1))
+            settled = options_for(options, v, 1)
+            check_pipeline(settled)
+            if settled.mps:
+                find_control()  # a host without MPS's control tool is refused before the first run, not at this one
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
     runs: dict[str, list[list[Row]]] = {v.name: [] for v in variants}
