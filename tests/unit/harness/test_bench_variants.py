@@ -105,7 +105,7 @@ def test_a_variant_can_serve_under_mps_and_the_others_not(tmp_path, config, monk
     assert [(o.output.name, o.mps, o.settings.get("max")) for o in seen] == [
         ("plain-1", False, "4"), ("mps-1", True, "8"), ("off-1", False, "4")]
     assert all("mps" not in o.settings for o in seen)  # not a node key: no stage is given it
-    with pytest.raises(ConfigError, match="variant 'bad': mps takes true or false, got 'sometimes'"):
+    with pytest.raises(ConfigError, match="variant 'bad': parameter 'mps' must be bool, got 'sometimes'"):
         run_variants(options(tmp_path, config), [Variant("ok", {}), Variant("bad", {"mps": "sometimes"})], 1,
                      say=lambda line: None, run=run)
     assert len(seen) == 3  # refused before any of its runs

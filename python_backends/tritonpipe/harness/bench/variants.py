@@ -18,6 +18,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...pipeline.files import parse_overrides
 from ...server.mps import find_control
+from ...stages.base import Param
 from .report import SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
@@ -66,7 +67,6 @@ class VariantRow:
 
 #: a variant key that sets how the run serves, not a node key: ``mps=true`` serves that variant under MPS
 MPS_KEY = "mps"
-_SWITCH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def options_for(options: BenchOptions, variant: Variant, round_: int) -> BenchOptions:
@@ -74,10 +74,7 @@ def options_for(options: BenchOptions, variant: Variant, round_: int) -> BenchOp
     settings = dict(variant.settings)
     mps = options.mps
     if MPS_KEY in settings:
-        value = settings.pop(MPS_KEY)
-        if value.lower() not in _SWITCH:
-            raise ConfigError(f"mps takes true or false, got {value!r}")
-        mps = _SWITCH[value.lower()]
+        mps = Param(bool).coerce(MPS_KEY, settings.pop(MPS_KEY))  # spelled as any stage's switch
     return replace(options, settings={**options.settings, **settings}, mps=mps, output=options.output / f"{variant.name}-{round_}",
                    command=f"{options.command} [variant {variant.name}, round {round_}: {variant.keys}]".lstrip())
 
