@@ -229,28 +229,18 @@ def _sweep(
         mem_before, cache_before = gpu_memory_mb(), cache  # the page read after the level before, or at the start
         settings = options.perf
         profiler = _profiler(system, concurrency, server, models, options) if profiles is not None else None
-        note = ""
         try:
             try:
-                measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
-            except PerfError as exc:
-                if not is_unstable(exc):
-                    raise
-                # one retry with longer windows, then one that also allows windows further apart, before giving up
-                settings = dataclasses.replace(settings, measurement_interval_ms=settings.measurement_interval_ms * 2)
-                say(f"[{system}] concurrency {concurrency}: unstable; retrying with {settings.measurement_interval_ms} ms windows")
-                try:
-                    measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
-                except PerfError as again:
-                    if not is_unstable(again) or settings.stability_percentage >= RELAXED_STABILITY:
-                        raise
-                    wanted = settings.stability_percentage
-                    settings = dataclasses.replace(settings, stability_percentage=RELAXED_STABILITY)
-                    say(f"[{system}] concurrency {concurrency}: unstable again; retrying with windows within "
-                        f"{RELAXED_STABILITY:g}% of each other")
-                    measured = run_perf(install, model, server.grpc_url, input_json, concurrency, settings, workdir, log)
-                    note = (f"windows within {RELAXED_STABILITY:g}% of each other, not {wanted:g}%: perf_analyzer found no "
-                            f"stable {wanted:g}% twice")
+                tries = _tries(settings)
+                for number, (tried, retry_line, note) in enumerate(tries, 1):
+                    if retry_line:
+                        say(f"[{system}] concurrency {concurrency}: {retry_line}")
+                    try:
+                        measured = run_perf(install, model, server.grpc_url, input_json, concurrency, tried, workdir, log)
+                        break
+                    except PerfError as exc:
+                        if not is_unstable(exc) or number == len(tries):
+                            raise
             finally:
                 if profiler is not None:
                     profiles.append(profiler.finish())
@@ -277,6 +267,21 @@ def _sweep(
     levels.close()
     ensemble = models[0] if len(models) > 1 else None
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+
+
+def _tries(settings: PerfSettings) -> list[tuple[PerfSettings, str, str]]:
+    """A level's perf_analyzer settings, in the order tried while it is unstable, each with the line said before it
+    and the note its figure carries: as asked; windows twice as long; those windows allowed
+    :data:`RELAXED_STABILITY` apart (unless that is no looser than asked)."""
+    longer = dataclasses.replace(settings, measurement_interval_ms=settings.measurement_interval_ms * 2)
+    tries = [(settings, "", ""), (longer, f"unstable; retrying with {longer.measurement_interval_ms} ms windows", "")]
+    wanted = settings.stability_percentage
+    if wanted < RELAXED_STABILITY:
+        tries.append((dataclasses.replace(longer, stability_percentage=RELAXED_STABILITY),
+                      f"unstable again; retrying with windows within {RELAXED_STABILITY:g}% of each other",
+                      f"windows within {RELAXED_STABILITY:g}% of each other, not {wanted:g}%: perf_analyzer found no "
+                      f"stable {wanted:g}% twice"))
+    return tries
 
 
 def _profiler(system: str, concurrency: int, server, models: list[str], options: BenchOptions) -> LevelProfiler:
