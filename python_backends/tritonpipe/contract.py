@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 
@@ -263,3 +264,16 @@ class FanOutParams:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"parameter {PARAM_FANOUT!r} is malformed ({exc}); regenerate the repository") from None
+
+
+def instance_index(config: dict[str, Any], instance_name: str) -> int | None:
+    """This instance's place among all of the model's instances (``config``: the model's config as the stub gets
+    it), group after group.  Triton names an instance ``<group>_<index>``, the index counted within its group, so
+    with several groups (``instance_affinity``) it restarts in each."""
+    offset = 0
+    group_name, _, tail = instance_name.rpartition("_")
+    for group in config.get("instance_group", []):
+        if group.get("name") == group_name and tail.isdigit():
+            return offset + int(tail)
+        offset += int(group.get("count", 1))
+    return int(tail) if tail.isdigit() else None

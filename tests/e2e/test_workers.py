@@ -6,6 +6,7 @@ processes themselves; the example is checked against its function and model call
 
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,23 @@ def _stats(running: pipe, model: str) -> tuple[int, int]:
     stats = grpcclient.InferenceServerClient(running.server.grpc_url).get_inference_statistics(model, as_json=True)
     entry = stats["model_stats"][0]
     return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+
+@pytest.mark.parametrize("affinity", [True, False], ids=["affinity", "turns"])
+def test_instance_affinity_gives_lone_requests_to_the_first_instance(affinity):
+    """One request at a time, each answered with the pid of the process that ran it.  With instance_affinity the
+    rate limiter gives every batch to the first instance, but for one first turn of each other instance (it picks
+    the fewest runs times the priority, and each starts at none); without it Triton takes the instances in turn."""
+    report = load_function(FUNCTIONS, "report")
+    workers, requests = 3, 30
+    with pipe([("report", report, {"worker_num": workers, "instance_affinity": affinity})], device="cpu") as running:
+        pids = Counter(int(running.run([sample_jpeg(32, 32, seed=i)])[0][0][3]) for i in range(requests))
+        stubs = {s.pid for s in python_stubs(running.server.process.pid)}  # the one model's
+        command = running.server.command()
+    assert len(stubs) == workers and set(pids) <= stubs
+    assert ("--rate-limit=execution_count" in command) == affinity
+    busiest = pids.most_common(1)[0][1]
+    if affinity:
+        assert busiest >= requests - (workers - 1), pids
+    else:
+        assert busiest <= requests // 2, pids

@@ -20,6 +20,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..errors import ConfigError
+from ..repository.configs import server_flags
 from .components import repository_components
 from .estimates import MIG_SLOWDOWN, STUB_MEMORY_MIB, ShmSize, StartupEstimate, estimate_startup, memory_mib, shm_size
 from .image import EXIT_TIMEOUT_S, IMAGE, QUEUE_METRIC, SUCCESS_METRIC
@@ -76,11 +77,13 @@ def build_manifests(configs: dict[str, mc.ModelConfig], repository: str | os.Pat
          "The base has no repository: apply an overlay, e.g. kubectl apply -k overlays/cpu",
          "servicemonitor.yaml needs the Prometheus Operator's CRDs; drop it from resources where there is none.",
          *skipped]))
-    files.append(Manifest("base/deployment.yaml", deployment(name, shm, startup["cpu"], memory),
+    flags = server_flags(configs.values())
+    files.append(Manifest("base/deployment.yaml", deployment(name, shm, startup["cpu"], memory, flags),
         [f"Triton serving the tritonpipe repository (entry model {entry!r}) from the image docker/Dockerfile builds.",
          "Every replica is a whole server with every model; the Service spreads clients over the ready ones."],
         [
-            ("args:", ["the image's CMD (its entrypoint still runs); $(MODEL_REPOSITORY) comes from env below"]),
+            ("args:", ["the image's CMD (its entrypoint still runs); $(MODEL_REPOSITORY) comes from env below",
+                       *(["then what the models' configs need: " + " ".join(flags)] if flags else [])]),
             ("- name: MODEL_REPOSITORY", ["a repository component (components/) sets where the repository is"]),
             ("startupProbe:", [*startup["cpu"].describe(), "overlays/gpu and overlays/mig raise failureThreshold for their own estimate"]),
             ("livenessProbe:", ["restarts a server that stopped answering; starts only after the startup probe passed"]),

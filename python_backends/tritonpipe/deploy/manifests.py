@@ -6,6 +6,7 @@ prometheus-adapter rule behind the autoscaler's metric.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from .estimates import PROBE_PERIOD_S, ShmSize, StartupEstimate
@@ -52,12 +53,13 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str,
     }
 
 
-def deployment(name: str, shm: ShmSize, startup: StartupEstimate, memory: int) -> dict[str, Any]:
-    """The base Deployment: one container running the image's server, without a repository."""
+def deployment(name: str, shm: ShmSize, startup: StartupEstimate, memory: int, flags: Sequence[str] = ()) -> dict[str, Any]:
+    """The base Deployment: one container running the image's server, without a repository; ``flags``: the server
+    flags the models need (:func:`~tritonpipe.repository.configs.server_flags`)."""
     container = {
         "name": "tritonserver",
         "image": IMAGE,
-        "args": server_args(),
+        "args": [*server_args(), *flags],
         "env": [
             {"name": "MODEL_REPOSITORY", "value": MODELS_MOUNT},
             # torch, TensorRT and friends keep caches under HOME; the root filesystem stays read-only

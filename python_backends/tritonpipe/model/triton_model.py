@@ -20,7 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from ..contract import FanOutParams
+from ..contract import FanOutParams, instance_index
 from ..errors import RequestError, is_bad_input
 from ..stages.base import DATA, ERROR
 from ..stages.control import set_stage_sink
@@ -57,15 +57,14 @@ def _share_cores(config: dict[str, Any], instance_name: str) -> None:
     else:
         threads = cores.threads
         if cores.sets:
-            _pin(cores.sets, instance_name)
+            _pin(cores.sets, instance_name, instance_index(config, instance_name))
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
 
 
-def _pin(sets: tuple[tuple[int, ...], ...], instance_name: str) -> None:
-    """Pin every thread of this process to the cores of its instance (Triton names it ``<group>_<index>``)."""
-    index = instance_name.rsplit("_", 1)[-1]
-    wanted = set(sets[int(index) % len(sets)] if index.isdigit() else sets[0])
+def _pin(sets: tuple[tuple[int, ...], ...], instance_name: str, index: int | None) -> None:
+    """Pin every thread of this process to the cores of its instance (``index``: its place among the model's)."""
+    wanted = set(sets[index % len(sets)] if index is not None else sets[0])
     usable = wanted & os.sched_getaffinity(0)
     if not usable:
         log.warning("%s: none of its cores %s is allowed here; it runs unpinned", instance_name, sorted(wanted))

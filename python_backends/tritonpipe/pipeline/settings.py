@@ -159,6 +159,13 @@ class NodeSettings:
         Param(str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id"),
         key="instances_per_gpu", parse=_parse_gpu_instances,
     )
+    instance_affinity: bool = setting(Param(
+        bool, False,
+        doc="batches go to the model's first instance whenever it is idle, and to the others only while it is busy, "
+        "so that at low load a request finds a process (and a GPU context) that has just run, not the one idle "
+        "longest; Triton's rate limiter with instance priorities: tritonserver needs --rate-limit=execution_count, "
+        "which tritonpipe serve, bench and generate --k8s add",
+    ))
     preferred_batch_sizes: tuple[int, ...] = setting(
         Param(str, "", doc="batch sizes the dynamic batcher forms as soon as it can, e.g. 4 or 4,8; each at most max"),
         key="preferred_batch_size", parse=_parse_batch_sizes,

@@ -6,6 +6,8 @@ every field name and enum is checked by protobuf itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -20,6 +22,14 @@ from .plan import ModelPlan, Port, RepositoryPlan
 
 #: engines whose model steps Triton can serve with its own backend (``--native``)
 NATIVE = ("tensorrt", "onnxruntime")
+#: the local response cache, which a model's ``response_cache`` needs on the server
+RESPONSE_CACHE_FLAG = "--cache-config=local,size=268435456"
+#: Triton's rate limiter, which reads the instances' priorities (``instance_affinity``)
+RATE_LIMIT_FLAG = "--rate-limit=execution_count"
+#: the priority of every instance but the first with ``instance_affinity``.  The rate limiter gives an idle
+#: model's next batch to the idle instance with the fewest executions times its priority, so the first
+#: instance (priority 1) takes batches whenever it is idle until it has run this many times as often
+AFFINITY_PRIORITY = 1000
 
 
 def data_type(spec: TensorSpec) -> int:
@@ -147,6 +157,39 @@ def _schedule(config: mc.ModelConfig, model: ModelPlan) -> None:
             policy.allow_timeout_override = settings.allow_timeout_override
     if settings.response_cache:
         config.response_cache.enable = True
+    if settings.instance_affinity:
+        _prefer_first_instance(config)
+
+
+def _prefer_first_instance(config: mc.ModelConfig) -> None:
+    """The first instance in a group of its own at priority 1 (on the first GPU its group lists), every other
+    instance at :data:`AFFINITY_PRIORITY`; one instance in all needs nothing."""
+    groups = [mc.ModelInstanceGroup() for _ in config.instance_group]
+    for copy, group in zip(groups, config.instance_group):
+        copy.CopyFrom(group)
+    if len(groups) == 1 and groups[0].count == 1 and len(groups[0].gpus) <= 1:
+        return
+    first = groups[0]
+    split = [mc.ModelInstanceGroup(kind=first.kind, count=1, gpus=first.gpus[:1])]
+    if first.count > 1:
+        split.append(mc.ModelInstanceGroup(kind=first.kind, count=first.count - 1, gpus=first.gpus[:1]))
+    if len(first.gpus) > 1:
+        split.append(mc.ModelInstanceGroup(kind=first.kind, count=first.count, gpus=first.gpus[1:]))
+    del config.instance_group[:]
+    for index, group in enumerate(split + groups[1:]):
+        group.rate_limiter.priority = 1 if index == 0 else AFFINITY_PRIORITY
+        config.instance_group.add().CopyFrom(group)
+
+
+def server_flags(configs: Iterable[mc.ModelConfig]) -> list[str]:
+    """The ``tritonserver`` flags these models need: the response cache, the rate limiter."""
+    configs = list(configs)
+    flags = []
+    if any(config.response_cache.enable for config in configs):
+        flags.append(RESPONSE_CACHE_FLAG)
+    if any(group.HasField("rate_limiter") for config in configs for group in config.instance_group):
+        flags.append(RATE_LIMIT_FLAG)
+    return flags
 
 
 def ensemble_config(plan: RepositoryPlan, configs: dict[str, mc.ModelConfig]) -> mc.ModelConfig:

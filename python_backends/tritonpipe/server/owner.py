@@ -33,9 +33,12 @@ import weakref
 from concurrent.futures import Future
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from ..choices import MODEL_CONTROL, read_marker
 from ..contract import READY_PATH
 from ..errors import ConfigError, TritonpipeError
+from ..repository.configs import from_text, server_flags
 from .heal import HealPolicy, Supervisor, read_progress
 from .install import TritonInstall, locate_triton
 from .leftovers import Leftovers, Watchdog, new_python_env, python_env_folders
@@ -50,9 +53,6 @@ OWNED_FLAGS = (
     "--http-port", "--grpc-port", "--metrics-port", "--allow-http", "--exit-timeout-secs", "--log-verbose",
     "--model-control-mode", "--load-model",
 )
-#: the local response cache, turned on when a model asks for it (``response_cache: { enable: true }``)
-RESPONSE_CACHE_CONFIG = "--cache-config=local,size=268435456"
-_CACHE_ENABLED_RE = re.compile(r"response_cache\s*\{\s*enable\s*:\s*true\b")
 #: the Python backend's setting that names its shared-memory regions: the owner picks a prefix of its own,
 #: so that it can remove exactly its server's regions after a crash
 SHM_PREFIX_SETTING = "shm-region-prefix-name"
@@ -333,7 +333,6 @@ class TritonServer:
         if self.heal_policy is not None:
             restriction = f"model-repository:{CONTROL_HEADER}={self._control_token}"
             control += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
-        cache = [RESPONSE_CACHE_CONFIG] if self._wants_cache() else []
         return [
             str(self.install.server),
             *(f"--model-repository={folder}" for folder in self.repositories),
@@ -348,19 +347,19 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,{SHM_PREFIX_SETTING}={self.shm_prefix}",
             *control,
-            *cache,
+            *self._asked_flags(),
             *self.extra_args,
         ]
 
-    def _wants_cache(self) -> bool:
-        """A model enables the response cache, and the pass-through flags do not configure one."""
-        if any(flag.startswith("--cache-config") for flag in self.extra_args):
-            return False
-        return any(
-            _CACHE_ENABLED_RE.search(config.read_text(errors="replace"))
-            for folder in self.repositories
-            for config in folder.glob("*/config.pbtxt")
-        )
+    def _asked_flags(self) -> list[str]:
+        """The flags the models' configs need (the response cache, the rate limiter), less those the pass-through
+        flags set themselves.  A config that does not parse is left to Triton to report."""
+        configs = []
+        for config in (c for folder in self.repositories for c in folder.glob("*/config.pbtxt")):
+            with contextlib.suppress(OSError, text_format.ParseError):
+                configs.append(from_text(config.read_text(errors="replace")))
+        given = {flag.split("=", 1)[0] for flag in self.extra_args}
+        return [flag for flag in server_flags(configs) if flag.split("=", 1)[0] not in given]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -3,14 +3,18 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tritonpipe.contract import instance_index
+from tritonpipe.deploy.layout import build_manifests
 from tritonpipe.errors import ConfigError
 from tritonpipe.pipeline.files import compose_config, parse_overrides
 from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository.configs import RATE_LIMIT_FLAG, RESPONSE_CACHE_FLAG, server_flags
 from tritonpipe.repository.generate import build_repository, generate_repository
-from tritonpipe.server.owner import RESPONSE_CACHE_CONFIG, TritonServer
+from tritonpipe.server.owner import TritonServer
 
 MAT = {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 8, "resize_w": 8}
 TENSOR = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8}
@@ -136,11 +140,11 @@ def _server(tmp_path: Path, repo: Path, **kwargs) -> TritonServer:
 def test_the_server_turns_its_cache_on_only_when_a_model_asks(tmp_path):
     cached = generate_repository(load_graph({**MAT, "response_cache": True}), tmp_path / "cached").path
     plain = generate_repository(load_graph(MAT), tmp_path / "plain").path
-    assert RESPONSE_CACHE_CONFIG in _server(tmp_path, cached).command()
+    assert RESPONSE_CACHE_FLAG in _server(tmp_path, cached).command()
     assert not any(flag.startswith("--cache-config") for flag in _server(tmp_path, plain).command())
     own = "--cache-config=local,size=1024"
     command = _server(tmp_path, cached, extra_args=(own,)).command()
-    assert own in command and RESPONSE_CACHE_CONFIG not in command
+    assert own in command and RESPONSE_CACHE_FLAG not in command
 
 
 def test_model_control_explicit_leaves_the_api_open_and_healing_off(tmp_path):
@@ -153,3 +157,43 @@ def test_model_control_explicit_leaves_the_api_open_and_healing_off(tmp_path):
     assert not any("restricted" in flag for flag in opened) and server.heal_policy is None
     with pytest.raises(ConfigError, match="model_control must be one of owner, explicit, got 'none'"):
         _server(tmp_path, repo, model_control="none")
+
+
+def _groups(config: mc.ModelConfig) -> list[tuple[int, list[int], int]]:
+    return [(g.count, list(g.gpus), g.rate_limiter.priority) for g in config.instance_group]
+
+
+@pytest.mark.parametrize("keys, want", [
+    ({"instance_num": 4}, [(1, [], 1), (3, [], 1000)]),
+    ({"instance_num": 2, "device_id": "0,1"}, [(1, [0], 1), (1, [0], 1000), (2, [1], 1000)]),
+    ({"instances_per_gpu": "1:2,0:1"}, [(1, [1], 1), (1, [1], 1000), (1, [0], 1000)]),
+    ({"instance_num": 1}, [(1, [], 0)]),
+])
+def test_instance_affinity_puts_one_instance_first_and_keeps_the_count(keys, want):
+    plain = only({**TENSOR, **keys}, device="gpu")
+    config = only({**TENSOR, **keys, "instance_affinity": True}, device="gpu")
+    assert _groups(config) == want
+    per_gpu = lambda c: sorted((gpu, g.count) for g in c.instance_group for gpu in (list(g.gpus) or [-1]))  # noqa: E731
+    merged = lambda c: {gpu: sum(n for g2, n in per_gpu(c) if g2 == gpu) for gpu, _ in per_gpu(c)}  # noqa: E731
+    assert merged(config) == merged(plain)  # the same instances on the same GPUs
+    assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+
+
+def test_instance_affinity_on_a_cpu_model_and_the_flag_the_server_needs(tmp_path):
+    config = only({**MAT, "instance_num": 3, "instance_affinity": True}, device="cpu")
+    assert _groups(config) == [(1, [], 1), (2, [], 1000)]
+    assert server_flags([config]) == [RATE_LIMIT_FLAG]
+    assert server_flags([only({**MAT, "instance_num": 3}, device="cpu")]) == []
+    repo = generate_repository(load_graph({**MAT, "instance_num": 3, "instance_affinity": True}), tmp_path / "r").path
+    assert RATE_LIMIT_FLAG in _server(tmp_path, repo).command()
+    own = _server(tmp_path, repo, extra_args=("--rate-limit=off",)).command()
+    assert "--rate-limit=off" in own and RATE_LIMIT_FLAG not in own
+    manifests = build_manifests(configs({**MAT, "instance_num": 3, "instance_affinity": True}), repo, "pipeline")
+    args = yaml.safe_load(manifests.by_path()["base/deployment.yaml"].text())["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert RATE_LIMIT_FLAG in args
+
+
+@pytest.mark.parametrize("name, index", [("m_0_0", 0), ("m_1_0", 1), ("m_1_2", 3), ("other_5", 5), ("odd", None)])
+def test_an_instance_index_counts_the_groups_before_it(name, index):
+    config = {"instance_group": [{"name": "m_0", "count": 1}, {"name": "m_1", "count": 3}]}
+    assert instance_index(config, name) == index
