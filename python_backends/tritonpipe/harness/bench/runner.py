@@ -392,9 +392,10 @@ def _served_systems(
 
 
 def _instances(config: mc.ModelConfig) -> str:
-    """A model's first instance group in words: ``3 GPU instances``."""
-    group = config.instance_group[0]
-    return f"{group.count} {mc.ModelInstanceGroup.Kind.Name(group.kind).removeprefix('KIND_')} instances"
+    """A model's instances in words: ``3 GPU instances`` (a count is per GPU its group lists)."""
+    count = sum(group.count * max(1, len(group.gpus)) for group in config.instance_group)
+    kind = mc.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind).removeprefix("KIND_")
+    return f"{count} {kind} instances"
 
 
 def _measure_served(
