@@ -5,6 +5,11 @@ dtype and floating outputs back to their declared type, so the served types do n
 every per-request dimension is fixed, each batch size is captured once as a CUDA graph and replayed
 afterwards.  On the CPU the model runs eagerly in FP32.
 
+Two options, off by default until measured on a GPU: ``freeze`` freezes a TorchScript module
+(BatchNorm folded into the convolutions; on a GPU also ``optimize_for_inference``, which fuses
+conv+add+relu through cuDNN), and ``channels_last`` runs the module and its 4-D floating inputs in
+channels_last memory format on a GPU.
+
 Inputs and outputs: a ``torch.export`` file describes itself (names and shapes from its signature
 and example values; outputs are called ``output0``, ``output1``...).  A TorchScript file cannot,
 so it needs ``inputs``; its outputs come from one dry run on the CPU unless ``outputs`` is given.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +141,52 @@ def load_module(path: Path, device: torch.device) -> Any:
     return module.eval()
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def prepare_module(
+    module: Any, path: Path, device: torch.device, half: bool, channels_last: bool, freeze: bool,
+    check: Callable[[Any], Any] | None = None,
+) -> tuple[Any, list[str]]:
+    """``module`` in FP16 and channels_last as asked, then frozen, in that order: ``.half()`` and
+    ``.to(memory_format=)`` do not reach the constants of a frozen module.  Also what was done, for the description.
+    ``check`` runs the optimized module once: cuDNN's fused operations are chosen at the first call, so one that
+    fails there leaves the module frozen but not optimized."""
+    done = []
+    if half:
+        module = module.half()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        done.append("channels_last")
+    if not freeze:
+        return module, done
+    if path.suffix.lower() in EXPORT_SUFFIXES:
+        log.info("freeze applies to TorchScript only; %s (torch.export) runs as it is", path.name)
+        return module, done
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated like torch.jit, still works
+        try:
+            frozen = torch.jit.freeze(module)  # a frozen copy: the module itself is left as it was
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be frozen still runs
+            log.warning("%s runs unfrozen: torch.jit.freeze refused it (%s)", path.name, _first_line(exc))
+            return module, done
+        done.append("frozen")
+        if device.type == "cuda":  # on the CPU it would convert to MKLDNN layouts
+            try:
+                optimized = torch.jit.optimize_for_inference(frozen)  # in place: the frozen copy is changed too
+                if check is not None:
+                    check(optimized)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s runs frozen but not optimized for inference (%s)", path.name, _first_line(exc))
+                frozen = torch.jit.freeze(module)
+            else:
+                frozen = optimized
+                done.append("optimized for inference")
+        module = frozen
+    return module, done
+
+
 class TorchEngine:
     def __init__(
         self,
@@ -144,6 +196,8 @@ class TorchEngine:
         outputs_text: str = "",
         precision: str = "fp16",
         cuda_graph: bool = True,
+        freeze: bool = False,
+        channels_last: bool = False,
     ):
         self.inputs, self.outputs = describe_torch(path, inputs_text, outputs_text)
         self.device = device
@@ -151,18 +205,39 @@ class TorchEngine:
         if half and precision in ("int8", "best"):
             log.info("the torch engine has no INT8; %s runs in FP16", path.name)
         self.compute = torch.float16 if half else torch.float32
-        module = load_module(path, device)
-        self.module = module.half() if half else module
+        self.channels_last = channels_last and device.type == "cuda"
+        if channels_last and not self.channels_last:
+            log.info("channels_last applies on a GPU only; %s runs in the default layout on the CPU", path.name)
         static = all(d >= 0 for io in self.inputs for d in io.spec.shape[1:])
+        check = self._dry_run if static else None
+        self.module, done = prepare_module(load_module(path, device), path, device, half, self.channels_last, freeze, check)
         self.use_graphs = cuda_graph and device.type == "cuda" and static
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         kind = "torch.export" if path.suffix.lower() in EXPORT_SUFFIXES else "TorchScript"
-        self.description = f"torch ({kind}, {device}, {'fp16' if half else 'fp32'}{', CUDA graphs' if self.use_graphs else ''})"
+        done += ["CUDA graphs"] if self.use_graphs else []
+        self.description = f"torch ({', '.join([kind, str(device), 'fp16' if half else 'fp32', *done])})"
+
+    def _dry_run(self, module: Any) -> None:
+        """``module`` called once on a batch of one of zeros, waited for."""
+        zeros = [torch.zeros((1, *io.spec.shape[1:]), dtype=TRITON_TO_TORCH[io.spec.dtype]) for io in self.inputs]
+        with torch.no_grad():
+            module(*(self._feed(t, io) for t, io in zip(zeros, self.inputs)))
+        torch.cuda.synchronize(self.device)
+
+    def _layout(self, tensor: torch.Tensor) -> torch.memory_format:
+        """The memory format the module is fed ``tensor`` in."""
+        if self.channels_last and tensor.dim() == 4 and tensor.is_floating_point():
+            return torch.channels_last
+        return torch.contiguous_format
 
     def _feed(self, tensor: torch.Tensor, io: TensorIO) -> torch.Tensor:
         dtype = TRITON_TO_TORCH[io.spec.dtype]
-        return tensor.to(self.device, self.compute if dtype.is_floating_point else dtype)
+        if not dtype.is_floating_point:
+            return tensor.to(self.device, dtype)
+        if self._layout(tensor) == torch.channels_last:
+            return tensor.to(self.device, self.compute, memory_format=torch.channels_last)  # one copy for both
+        return tensor.to(self.device, self.compute)
 
     def _call(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return _as_list(self.module(*inputs))
@@ -174,7 +249,11 @@ class TorchEngine:
         bucket = 1 << max(0, count - 1).bit_length()
         key = tuple((bucket, *t.shape[1:]) for t in inputs)
         if key not in self.graphs:
-            static_in = [t.new_zeros((bucket, *t.shape[1:])) for t in inputs]
+            # in the fed tensors' layout (new_zeros would not keep channels_last), so copy_ stays a plain copy
+            static_in = [
+                torch.empty((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=self._layout(t)).zero_()
+                for t in inputs
+            ]
             for target, source in zip(static_in, inputs):
                 target[:count].copy_(source)
             current = torch.cuda.current_stream(self.device)

@@ -175,6 +175,14 @@ class TensorrtTensor(Stage):
         "calibrate_cache": Param(str, "", doc="INT8 calibration cache file, read if present and written after calibrating"),
         "postprocessor": Param(str, "", doc="none, cpu, SoftmaxCpu, SoftmaxMax, or a registered name"),
         "cuda_graph": Param(bool, True, doc="torch engine: replay CUDA graphs when shapes are static"),
+        "freeze": Param(bool, False, doc=(
+            "torch engine only: freeze a TorchScript model (BatchNorm folded into the convolutions; on a GPU "
+            "conv+add+relu fused too); one that cannot be frozen runs as it is, with a warning; off until measured on a GPU"
+        )),
+        "channels_last": Param(bool, False, doc=(
+            "torch engine only: on a GPU, run the model and its 4-D floating inputs in channels_last memory format "
+            "(the CPU ignores it); off until measured on a GPU"
+        )),
         "inputs": Param(str, "", doc="torch engine: inputs as name:TYPE:DIMS (per request), e.g. x:FP32:3x224x224"),
         "outputs": Param(str, "", doc="torch engine: outputs as name:TYPE:DIMS, when the file cannot describe them"),
         "mean": Param(str, "", doc="per-channel mean subtracted before the model, e.g. 123.675,116.28,103.53"),
@@ -267,7 +275,8 @@ class TensorrtTensor(Stage):
             self.engine = onnxruntime_engine.OnnxRuntimeEngine(path, self.device, params["threads"])
         else:
             self.engine = torch_engine.TorchEngine(
-                path, self.device, params["inputs"], params["outputs"], params["precision"], params["cuda_graph"]
+                path, self.device, params["inputs"], params["outputs"], params["precision"], params["cuda_graph"],
+                freeze=params["freeze"], channels_last=params["channels_last"],
             )
         log.info("TensorrtTensor runs %s with %s", path.name, self.engine.description)
         self.post = lookup_postprocessor(params["postprocessor"])
