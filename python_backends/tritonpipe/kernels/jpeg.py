@@ -379,6 +379,7 @@ def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]
 
 
 _side_thread: ThreadPoolExecutor | None = None
+_host_pool: ThreadPoolExecutor | None = None
 
 
 def _side_executor() -> ThreadPoolExecutor:
@@ -388,26 +389,65 @@ def _side_executor() -> ThreadPoolExecutor:
     return _side_thread
 
 
-def _with_cuda_decoder_share(
-    indices: list[int], datas: list[torch.Tensor], infos: list[JpegInfo | None], device: torch.device,
-    settings: nvimgcodec.Settings, share: float, decode_on_gpu,
-) -> list[tuple[int, torch.Tensor | None]]:
-    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which nvImageCodec's CUDA
-    decoder decodes meanwhile on a thread of its own; (index, image or None) pairs."""
+def _host_executor(threads: int) -> ThreadPoolExecutor:
+    """The process's threads for the host's share of a batch (one pool, made again if the count changes)."""
+    global _host_pool
+    if _host_pool is None or _host_pool._max_workers != threads:
+        if _host_pool is not None:
+            _host_pool.shutdown(wait=False)
+        _host_pool = ThreadPoolExecutor(threads, thread_name_prefix="cpu-decoder-share")
+    return _host_pool
+
+
+def _with_side_share(
+    indices: list[int], datas: list[torch.Tensor], share: float, start_side, decode_on_gpu,
+) -> list[tuple[int, torch.Tensor | DecodeError | None]]:
+    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which another decoder decodes meanwhile:
+    ``start_side(side_indices)`` starts it and returns a call that waits for its images.  (index, image, a
+    DecodeError or None) pairs."""
     if share <= 0:
         return list(zip(indices, decode_on_gpu(indices)))
     rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share)
     rest, side = [indices[p] for p in rest_positions], [indices[p] for p in side_positions]
-    pending = None
-    if side:
-        side_settings = dataclasses.replace(settings, hw_load=0.0, threads=1)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, side_settings)
+    wait = start_side(side) if side else list
     try:
         decoded = list(zip(rest, decode_on_gpu(rest))) if rest else []
     finally:
-        side_images = pending.result() if pending is not None else []
-    return decoded + list(zip(side, _as_tensors(side_images, [infos[i] for i in side])))
+        side_images = wait()
+    return decoded + list(zip(side, side_images))
+
+
+def _cuda_decoder_side(datas, infos, device: torch.device, settings: nvimgcodec.Settings):
+    """``start_side`` for nvImageCodec's CUDA decoder (Huffman decoding on host threads), on a thread of its own."""
+    def start(side: list[int]):
+        side_settings = dataclasses.replace(settings, hw_load=0.0, threads=1)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        pending = _side_executor().submit(_nvimgcodec_images, [datas[i] for i in side], device, stream, side_settings)
+        return lambda: _as_tensors(pending.result(), [infos[i] for i in side])
+    return start
+
+
+def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torch.Tensor | DecodeError:
+    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed."""
+    try:
+        image = _decode_on_cpu(data)
+    except DecodeError as exc:
+        return exc
+    if stream is None:
+        return image.to(device)
+    with torch.cuda.stream(stream):
+        return image.to(device)
+
+
+def _host_side(datas, device: torch.device, threads: int):
+    """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU on the
+    caller's stream as soon as it is decoded, so that the stages after the decode find it there in order."""
+    def start(side: list[int]):
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        pool = _host_executor(threads)
+        pending = [pool.submit(_decode_on_host_to, datas[i], device, stream) for i in side]
+        return lambda: [future.result() for future in pending]
+    return start
 
 
 def decode_jpeg_tensor(
@@ -421,6 +461,8 @@ def decode_jpeg_tensor(
     cuda_decoder_share: float = 0.0,
     dali_settings: dali_decode.Settings | None = None,
     nvjpeg_lanes: int = nvjpeg.LANES,
+    cpu_decoder_share: float = 0.0,
+    cpu_decoder_threads: int = 1,
 ) -> list[torch.Tensor | DecodeError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
@@ -429,8 +471,11 @@ def decode_jpeg_tensor(
     DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
-    the same time.
+    the same time.  ``cpu_decoder_share`` of the bytes goes instead to libjpeg-turbo on ``cpu_decoder_threads``
+    host threads, each image copied to the device when decoded (cores the GPU's decoders leave idle).
     """
+    if cuda_decoder_share > 0 and cpu_decoder_share > 0:
+        raise ValueError("give cuda_decoder_share or cpu_decoder_share, not both")
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
     device = torch.device(device)
@@ -463,8 +508,11 @@ def decode_jpeg_tensor(
         if on_gpu:
             # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
             nvjpeg.drain(torch.cuda.current_stream(device))
-            decoded = _with_cuda_decoder_share(on_gpu, datas, infos, device, settings, cuda_decoder_share, decode_on_gpu)
-            for i, image in decoded:
+            if cpu_decoder_share > 0:
+                share, start_side = cpu_decoder_share, _host_side(datas, device, cpu_decoder_threads)
+            else:
+                share, start_side = cuda_decoder_share, _cuda_decoder_side(datas, infos, device, settings)
+            for i, image in _with_side_share(on_gpu, datas, share, start_side, decode_on_gpu):
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:

@@ -165,6 +165,15 @@ class DecodeTensor(Stage):
             doc="share of each batch's bytes that nvImageCodec's CUDA decoder takes, on a thread of its own, while the "
                 "decoder above decodes the rest (the hardware engines and the CUDA decoder at once); needs nvImageCodec",
         ),
+        "cpu_decoder_share": Param(
+            float, 0.0, low=0.0, high=1.0,
+            doc="share of each batch's bytes that host threads decode with libjpeg-turbo and copy to the GPU, each image "
+                "as soon as it is decoded, while the decoder above decodes the rest (host cores the GPU's decoders leave "
+                "idle); not with cuda_decoder_share",
+        ),
+        "cpu_decoder_threads": Param(
+            int, 1, low=1, high=64, doc="with cpu_decoder_share: host threads of each instance that decode its share",
+        ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,
             doc="host threads of each nvImageCodec decoder, or of DALI (parsing, Huffman decoding); 0: one per core",
@@ -208,6 +217,7 @@ class DecodeTensor(Stage):
                 "CUDA of your torch), or choose another decoder"
             )
         self.cuda_decoder_share = params["cuda_decoder_share"]
+        self.cpu_decoder_share, self.cpu_decoder_threads = params["cpu_decoder_share"], params["cpu_decoder_threads"]
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
             raise ConfigError(
@@ -243,6 +253,7 @@ class DecodeTensor(Stage):
             jpeg.decode_jpeg_tensor, device=self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
             dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes,
+            cpu_decoder_share=self.cpu_decoder_share, cpu_decoder_threads=self.cpu_decoder_threads,
         )
         pool = cpu_threads() if self.device.type == "cpu" and len(todo) > 1 else None
         if pool is None:
@@ -272,6 +283,13 @@ class DecodeTensor(Stage):
                 raise ConfigError(
                     f"DecodeTensor: {key} tunes {users}, which this stage does not use; set {users} or leave it out"
                 )
+        if params["cpu_decoder_share"] > 0 and params["cuda_decoder_share"] > 0:
+            raise ConfigError(
+                "DecodeTensor: cpu_decoder_share and cuda_decoder_share both take a share of each batch from the decoder; "
+                "give one of them"
+            )
+        if params["cpu_decoder_threads"] != DecodeTensor.params["cpu_decoder_threads"].default and not params["cpu_decoder_share"]:
+            raise ConfigError("DecodeTensor: cpu_decoder_threads sets the threads of cpu_decoder_share; give a share above 0 too, or leave it out")
         uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or params["cuda_decoder_share"] > 0
         if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import threading
 
 import cv2
 import numpy as np
@@ -302,6 +303,44 @@ def test_mixed_list_fails_only_the_bad_image(bad):
         assert tuple(result.shape) == (3, info.height, info.width)
 
 
+def test_the_host_share_is_decoded_on_its_threads_in_order_and_a_bad_image_fails_alone(monkeypatch):
+    """cpu_decoder_share's side: libjpeg-turbo on the share's own threads, every image at its index and matching
+    PIL, a corrupt one failing alone; the rest of the batch goes to the GPU decoder, the largest images to the host."""
+    names = [n for n in NAMES if n != "cmyk"]
+    datas = [_t(VARIANTS[n][0]) for n in names] + [_t(_bad_huffman())]
+    threads: set[str] = set()
+    decode_on_cpu = J._decode_on_cpu
+
+    def spied(data):
+        threads.add(threading.current_thread().name)
+        return decode_on_cpu(data)
+
+    monkeypatch.setattr(J, "_decode_on_cpu", spied)
+    to_gpu: list[int] = []
+
+    def on_gpu(indices):
+        to_gpu.extend(indices)
+        return [("gpu", i) for i in indices]
+
+    everything = list(range(len(datas)))
+    side = J._host_side(datas, torch.device("cpu"), 2)
+    decoded = dict(J._with_side_share(everything, datas, 1.0, side, on_gpu))
+    assert sorted(decoded) == everything and to_gpu == []
+    assert isinstance(decoded[len(names)], DecodeError)
+    for index, name in enumerate(names):
+        image = decoded[index]
+        assert isinstance(image, torch.Tensor) and image.shape == (3, VARIANTS[name][1].height, VARIANTS[name][1].width)
+        _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
+    assert threads and all(t.startswith("cpu-decoder-share") for t in threads)
+
+    decoded = dict(J._with_side_share(everything, datas, 0.4, side, on_gpu))
+    rest, host = J.split_by_bytes([len(d) for d in datas], 0.4)
+    assert host and sorted(to_gpu) == rest and all(decoded[i] == ("gpu", i) for i in rest)
+    assert all(not isinstance(decoded[i], tuple) for i in host)
+    with pytest.raises(ValueError, match="not both"):
+        J.decode_jpeg_tensor(datas, torch.device("cpu"), cuda_decoder_share=0.2, cpu_decoder_share=0.2)
+
+
 # --------------------------------------------------------------------------- decoding on GPU
 
 
@@ -350,3 +389,17 @@ def test_cuda_mixed_list_fails_only_the_bad_image(bad):
     for (data, info), result in zip(good, (results[0], results[2], results[3])):
         assert isinstance(result, torch.Tensor) and result.device.type == "cuda"
         _assert_matches_pil(result.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "torchvision"])
+def test_a_host_share_beside_the_gpu_decoder_keeps_pixels_and_order(decoder):
+    names = NAMES * 3
+    datas = [_t(VARIANTS[n][0]) for n in names]
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder=decoder, cpu_decoder_share=0.4, cpu_decoder_threads=2)
+    for name, image in zip(names, results):
+        assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
+        data, info = VARIANTS[name]
+        assert tuple(image.shape) == (3, info.height, info.width), name
+        _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))

@@ -167,11 +167,12 @@ def test_the_cuda_decoder_share_and_the_rest_come_back_for_every_index(monkeypat
     rest = lambda indices: [("rest", int(datas[i][0])) for i in indices]
     settings = N.Settings(hw_load=0.8, threads=4)
 
-    decoded = dict(J._with_cuda_decoder_share(list(range(6)), datas, infos, torch.device("cpu"), settings, 0.4, rest))
+    side_of = J._cuda_decoder_side(datas, infos, torch.device("cpu"), settings)
+    decoded = dict(J._with_side_share(list(range(6)), datas, 0.4, side_of, rest))
     assert sorted(decoded) == list(range(6)) and all(decoded[i][1] == i for i in range(6))
     side = sorted(i for i, (who, _) in decoded.items() if who == "side")
     assert side == J.split_by_bytes(sizes, 0.4)[1] and side_calls == [(0.0, 1)]  # the CUDA decoder alone, one decoder
 
     side_calls.clear()
-    assert J._with_cuda_decoder_share([2, 5], datas, infos, torch.device("cpu"), settings, 0.0, rest) == [(2, ("rest", 2)), (5, ("rest", 5))]
+    assert J._with_side_share([2, 5], datas, 0.0, side_of, rest) == [(2, ("rest", 2)), (5, ("rest", 5))]
     assert side_calls == []

@@ -303,3 +303,27 @@ def test_a_cpu_decoder_on_several_threads_decodes_each_image_as_pillow_does_and_
         got = item["result"].numpy()
         want = rgb[:, :, ::-1] if backend == "DecodeMat" else rgb.transpose(2, 0, 1)[None]
         assert "error" not in item and np.array_equal(got, want), i
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"cpu_decoder_share": 0.2, "cuda_decoder_share": 0.2}, "cpu_decoder_share and cuda_decoder_share both take a share"),
+    ({"cpu_decoder_threads": 4}, "cpu_decoder_threads sets the threads of cpu_decoder_share"),
+])
+def test_a_host_share_that_cannot_work_is_refused_before_anything_is_written(tmp_path, extra, message):
+    from tritonpipe.repository.generate import generate_repository
+
+    config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, **extra}
+    with pytest.raises(ConfigError, match=message):
+        generate_repository(load_graph(config), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_host_share_reaches_the_decoder(monkeypatch):
+    from tritonpipe.kernels import jpeg
+
+    seen = {}
+    monkeypatch.setattr(jpeg, "decode_jpeg_tensor", lambda datas, **kw: seen.update(kw) or [jpeg.DecodeError("x", reason="corrupt")])
+    tree = load_graph({"backend": "DecodeTensor", "cpu_decoder_share": 0.25, "cpu_decoder_threads": 3}).entry.tree
+    stage = build_stage(tree, "cpu")
+    stage.forward([{"data": torch.tensor([0xFF, 0xD8], dtype=torch.uint8)}])
+    assert (seen["cpu_decoder_share"], seen["cpu_decoder_threads"]) == (0.25, 3)
