@@ -379,7 +379,7 @@ def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]
 
 
 _side_thread: ThreadPoolExecutor | None = None
-_host_pool: ThreadPoolExecutor | None = None
+_host_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 
 
 def _side_executor() -> ThreadPoolExecutor:
@@ -392,11 +392,11 @@ def _side_executor() -> ThreadPoolExecutor:
 def _host_executor(threads: int) -> ThreadPoolExecutor:
     """The process's threads for the host's share of a batch (one pool, made again if the count changes)."""
     global _host_pool
-    if _host_pool is None or _host_pool._max_workers != threads:
+    if _host_pool is None or _host_pool[0] != threads:
         if _host_pool is not None:
-            _host_pool.shutdown(wait=False)
-        _host_pool = ThreadPoolExecutor(threads, thread_name_prefix="cpu-decoder-share")
-    return _host_pool
+            _host_pool[1].shutdown(wait=False)
+        _host_pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="cpu-decoder-share"))
+    return _host_pool[1]
 
 
 def _with_side_share(

@@ -164,21 +164,29 @@ def _schedule(config: mc.ModelConfig, model: ModelPlan) -> None:
 def _prefer_first_instance(config: mc.ModelConfig) -> None:
     """The first instance in a group of its own at priority 1 (on the first GPU its group lists), every other
     instance at :data:`AFFINITY_PRIORITY`; one instance in all needs nothing."""
-    groups = [mc.ModelInstanceGroup() for _ in config.instance_group]
-    for copy, group in zip(groups, config.instance_group):
-        copy.CopyFrom(group)
-    if len(groups) == 1 and groups[0].count == 1 and len(groups[0].gpus) <= 1:
-        return
+    groups = list(config.instance_group)
     first = groups[0]
-    split = [mc.ModelInstanceGroup(kind=first.kind, count=1, gpus=first.gpus[:1])]
+    if len(groups) == 1 and first.count == 1 and len(first.gpus) <= 1:
+        return
+
+    def part(group: mc.ModelInstanceGroup, count: int, gpus) -> mc.ModelInstanceGroup:
+        copy = mc.ModelInstanceGroup()
+        copy.CopyFrom(group)
+        copy.count = count
+        del copy.gpus[:]
+        copy.gpus.extend(gpus)
+        return copy
+
+    split = [part(first, 1, first.gpus[:1])]
     if first.count > 1:
-        split.append(mc.ModelInstanceGroup(kind=first.kind, count=first.count - 1, gpus=first.gpus[:1]))
+        split.append(part(first, first.count - 1, first.gpus[:1]))
     if len(first.gpus) > 1:
-        split.append(mc.ModelInstanceGroup(kind=first.kind, count=first.count, gpus=first.gpus[1:]))
+        split.append(part(first, first.count, first.gpus[1:]))
+    split += [part(group, group.count, group.gpus) for group in groups[1:]]
     del config.instance_group[:]
-    for index, group in enumerate(split + groups[1:]):
+    for index, group in enumerate(split):
         group.rate_limiter.priority = 1 if index == 0 else AFFINITY_PRIORITY
-        config.instance_group.add().CopyFrom(group)
+        config.instance_group.append(group)
 
 
 def server_flags(configs: Iterable[mc.ModelConfig]) -> list[str]:
