@@ -65,11 +65,12 @@ def server(tmp_path_factory, models):
             "name": "engines",
             "pre": {
                 "backend": "S[DecodeTensor,ResizeTensor,cvtColorTensor]", "resize_h": 32, "resize_w": 32, "color": "rgb",
-                "max": 4, "batching_timeout": 50, "next": "two,best,scripted",
+                "max": 4, "batching_timeout": 50, "next": "two,best,scripted,frozen",
             },
             "two": model_node(models["two_onnx"], engine="onnxruntime"),
             "best": model_node(models["tiny_onnx"], postprocessor="SoftmaxMax", mean="120,115,100", std="60,57,57"),
             "scripted": model_node(models["two_ts"], inputs="x:FP32:3x32x32"),
+            "frozen": model_node(models["two_ts"], inputs="x:FP32:3x32x32", freeze=True),
         }
     )
     repo = generate_repository(graph, tmp_path_factory.mktemp("repos") / "engines", device="cpu").path
@@ -94,7 +95,7 @@ def pixels(jpeg: bytes) -> np.ndarray:
 
 
 def test_outputs_of_every_node_are_served(responses):
-    names = {"two_scores", "feat", "best_scores", "scripted_output0", "output1"}
+    names = {"two_scores", "feat", "best_scores", "scripted_output0", "output1", "frozen_output0", "frozen_output1"}
     for _, got in responses:
         assert set(got) == names
 
@@ -123,9 +124,11 @@ def test_softmax_max_postprocessor_matches_onnxruntime(responses, models):
             assert best[0, 1] == probs.argmax()
 
 
-def test_torchscript_engine_matches_eager(responses, models):
+def test_torchscript_engine_matches_eager_frozen_or_not(responses, models):
     for jpeg, got in responses:
         with torch.no_grad():
             scores, feat = models["net"](torch.from_numpy(pixels(jpeg)))
         np.testing.assert_allclose(got["scripted_output0"], scores.numpy(), atol=ATOL, rtol=0)
         np.testing.assert_allclose(got["output1"], feat.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got["frozen_output0"], scores.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got["frozen_output1"], feat.numpy(), atol=ATOL, rtol=0)
