@@ -1,5 +1,6 @@
 """Triton's scheduling knobs as config keys: what lands in each ModelConfig, and what is refused first."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,15 @@ def test_model_control_explicit_leaves_the_api_open_and_healing_off(tmp_path):
         _server(tmp_path, repo, model_control="none")
 
 
+def _per_gpu(config: mc.ModelConfig) -> Counter:
+    """Instances by GPU (-1: each GPU, where a group lists none)."""
+    counts: Counter = Counter()
+    for group in config.instance_group:
+        for gpu in list(group.gpus) or [-1]:
+            counts[gpu] += group.count
+    return counts
+
+
 def _groups(config: mc.ModelConfig) -> list[tuple[int, list[int], int]]:
     return [(g.count, list(g.gpus), g.rate_limiter.priority) for g in config.instance_group]
 
@@ -173,9 +183,7 @@ def test_instance_affinity_puts_one_instance_first_and_keeps_the_count(keys, wan
     plain = only({**TENSOR, **keys}, device="gpu")
     config = only({**TENSOR, **keys, "instance_affinity": True}, device="gpu")
     assert _groups(config) == want
-    per_gpu = lambda c: sorted((gpu, g.count) for g in c.instance_group for gpu in (list(g.gpus) or [-1]))  # noqa: E731
-    merged = lambda c: {gpu: sum(n for g2, n in per_gpu(c) if g2 == gpu) for gpu, _ in per_gpu(c)}  # noqa: E731
-    assert merged(config) == merged(plain)  # the same instances on the same GPUs
+    assert _per_gpu(config) == _per_gpu(plain)  # the same instances on the same GPUs
     assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
 
 
