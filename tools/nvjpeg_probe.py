@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,hostshare]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -22,7 +22,8 @@ what batches of changing sizes (as Triton hands an instance them) cost the decod
 rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
 handle's flags and the order of a batch, with the GPU time of each decode call; ``inputs`` rows hand nvjpeg
 its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first); ``ex``
-rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call.
+rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call; ``hostshare``
+rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -400,7 +401,8 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
-                share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False) -> None:
+                share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
+                host_threads: int = 0) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -411,7 +413,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     a batch) goes to an nvImageCodec CUDA decoder of the thread's own, on a side thread, while its nvjpeg
     decoder takes the rest.  ``lib``: the libnvjpeg the decoders use (by default the one tritonpipe loads),
     named in each row by ``label``; ``options``: more of the decoders' settings (``order``, ``pinned``); ``pin``:
-    the bitstreams already in page-locked memory, as if Triton's shared memory were."""
+    the bitstreams already in page-locked memory, as if Triton's shared memory were.  With ``host_threads``, the
+    share goes instead to libjpeg-turbo on that many host threads (one pool for all batches in flight, as
+    ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU."""
     tensors, shapes = accepted(nv, corpus)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
@@ -424,7 +428,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
                     for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
-        sides = [CudaDecoderSide(share) for _ in range(count)] if share > 0 else []
+        side = (lambda: HostDecoderSide(share, host_threads)) if host_threads else (lambda: CudaDecoderSide(share))
+        sides = [side() for _ in range(count)] if share > 0 else []
         done, finished, refused = [0] * count, [0.0] * count, [0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
         stop = begin + seconds
@@ -452,9 +457,10 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             list(pool.map(work, range(count)))
             cpu1 = os.times()
         wall, total = max(finished) - begin, sum(done)
+        where = f"libjpeg-turbo on {host_threads} host threads" if host_threads else "a CUDA decoder each"
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
         what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, "
-                f"{f'{share:.0%} of the bytes on a CUDA decoder each, ' if share else ''}decode + one-launch post"
+                f"{f'{share:.0%} of the bytes on {where}, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         if sum(refused):
             what += f" ({sum(refused):,} images refused, not counted)"
@@ -484,6 +490,27 @@ class CudaDecoderSide:
             images[i] = image
         for i, image in zip(side, pending.result()):
             images[i] = torch.from_dlpack(image).permute(1, 2, 0)  # 3xHxW planes, read in place as HxWx3
+        return images
+
+
+class HostDecoderSide:
+    """One batch in flight's share for libjpeg-turbo on host threads, through the kernel ``cpu_decoder_share``
+    uses (each image copied to the GPU on the batch's stream when decoded), while the batch's nvjpeg decoder
+    takes the rest; images come back HWC, in batch order."""
+
+    def __init__(self, share: float, threads: int) -> None:
+        self.share, self.threads = share, threads
+
+    def decode(self, decoder: nvjpeg.Decoder, datas: list[torch.Tensor], shapes: list[tuple[int, int]], stream: int):
+        from tritonpipe.kernels import jpeg
+
+        rest, side = jpeg.split_by_bytes([len(data) for data in datas], self.share)
+        wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads)(list(range(len(side))))
+        images: list = [None] * len(datas)
+        for i, image in zip(rest, decoder.decode([datas[i] for i in rest], [shapes[i] for i in rest])):
+            images[i] = image
+        for i, image in zip(side, wait()):
+            images[i] = image.permute(1, 2, 0) if isinstance(image, torch.Tensor) else None
         return images
 
 
@@ -623,7 +650,8 @@ def main() -> None:
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
                         "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found), inputs (pinned "
                         "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
-                        "nvImageCodec's call, against nvjpegDecodeBatched)")
+                        "nvImageCodec's call, against nvjpegDecodeBatched), hostshare (a share of each batch on libjpeg-turbo "
+                        "host threads beside the engines, as cpu_decoder_share splits it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -657,6 +685,11 @@ def main() -> None:
                     thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=share)
             else:
                 report.append((name, "batches in flight with a CUDA decoder's share", "nvImageCodec not installed", ""))
+        if "hostshare" in groups:  # libjpeg-turbo on host threads beside the engines: cpu_decoder_share in one process
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 1), (64, 2)), post=True)
+            for share, threads in ((0.1, 4), (0.1, 8), (0.2, 8), (0.2, 12), (0.3, 12)):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=share,
+                            host_threads=threads)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
