@@ -402,7 +402,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
-                host_threads: int = 0) -> None:
+                host_threads: int = 0, balanced: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -415,7 +415,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     named in each row by ``label``; ``options``: more of the decoders' settings (``order``, ``pinned``); ``pin``:
     the bitstreams already in page-locked memory, as if Triton's shared memory were.  With ``host_threads``, the
     share goes instead to libjpeg-turbo on that many host threads (one pool for all batches in flight, as
-    ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU."""
+    ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU;
+    ``balanced``: that share moves batch by batch (``cpu_decoder_balance``), and the row gives where it went."""
     tensors, shapes = accepted(nv, corpus)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
@@ -428,7 +429,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
                     for _ in range(count)]
         streams = [torch.cuda.Stream() for _ in range(count)]
-        side = (lambda: HostDecoderSide(share, host_threads)) if host_threads else (lambda: CudaDecoderSide(share))
+        side = (lambda: HostDecoderSide(share, host_threads, balanced)) if host_threads else (lambda: CudaDecoderSide(share))
         sides = [side() for _ in range(count)] if share > 0 else []
         done, finished, refused = [0] * count, [0.0] * count, [0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
@@ -464,6 +465,10 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         if sum(refused):
             what += f" ({sum(refused):,} images refused, not counted)"
+        if balanced:
+            moved = [side.shares for side in sides if side.shares]
+            what += (f", balanced from {share:.2f}: share {min(min(m) for m in moved):.2f}-{max(max(m) for m in moved):.2f}, "
+                     f"last {moved[0][-1]:.2f}") if moved else ", balanced (no batch)"
         report.append((name, what + label,
                        f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
         print(" | ".join(report[-1]), flush=True)
@@ -496,21 +501,39 @@ class CudaDecoderSide:
 class HostDecoderSide:
     """One batch in flight's share for libjpeg-turbo on host threads, through the kernel ``cpu_decoder_share``
     uses (each image copied to the GPU on the batch's stream when decoded), while the batch's nvjpeg decoder
-    takes the rest; images come back HWC, in batch order."""
+    takes the rest; images come back HWC, in batch order.  With ``balanced``, the share starts at ``share``
+    and moves batch by batch as ``cpu_decoder_balance`` moves it (the kernel's ``ShareBalance``)."""
 
-    def __init__(self, share: float, threads: int) -> None:
+    def __init__(self, share: float, threads: int, balanced: bool = False) -> None:
+        from tritonpipe.kernels import jpeg
+
         self.share, self.threads = share, threads
+        self.balance = jpeg.ShareBalance(share) if balanced else None
+        self.shares: list[float] = []
 
     def decode(self, decoder: nvjpeg.Decoder, datas: list[torch.Tensor], shapes: list[tuple[int, int]], stream: int):
         from tritonpipe.kernels import jpeg
 
-        rest, side = jpeg.split_by_bytes([len(data) for data in datas], self.share)
-        wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads)(list(range(len(side))))
+        if self.balance is not None:
+            self.balance.settle()
+            self.share = self.balance.share
+            self.shares.append(self.share)
+        sizes = [len(data) for data in datas]
+        rest, side = jpeg.split_by_bytes(sizes, self.share, smallest_first=True)
+        took: list[float] = []
+        wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads, took)(list(range(len(side))))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         images: list = [None] * len(datas)
         for i, image in zip(rest, decoder.decode([datas[i] for i in rest], [shapes[i] for i in rest])):
             images[i] = image
+        end.record()
         for i, image in zip(side, wait()):
             images[i] = image.permute(1, 2, 0) if isinstance(image, torch.Tensor) else None
+        if self.balance is not None and took:
+            self.balance.record(start, end, sum(sizes[i] for i in side) / sum(sizes), took[0])
+        elif self.balance is not None:
+            self.balance.nothing_taken()
         return images
 
 
@@ -687,9 +710,12 @@ def main() -> None:
                 report.append((name, "batches in flight with a CUDA decoder's share", "nvImageCodec not installed", ""))
         if "hostshare" in groups:  # libjpeg-turbo on host threads beside the engines: cpu_decoder_share in one process
             thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 1), (64, 2)), post=True)
-            for share, threads in ((0.1, 4), (0.1, 8), (0.2, 8), (0.2, 12), (0.3, 12)):
+            for share, threads in ((0.05, 4), (0.05, 8), (0.1, 8), (0.1, 12), (0.15, 14)):
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=share,
                             host_threads=threads)
+            for threads in (4, 8, 14):  # the share found batch by batch (cpu_decoder_balance)
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=0.05,
+                            host_threads=threads, balanced=True)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)

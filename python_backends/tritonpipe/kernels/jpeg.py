@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import re
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -359,8 +360,9 @@ def _decode_on_gpu_dali(
     ]
 
 
-def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]]:
-    """Indices into (rest, side): ``side`` holds about ``share`` of the bytes, largest images first.
+def split_by_bytes(sizes: list[int], share: float, smallest_first: bool = False) -> tuple[list[int], list[int]]:
+    """Indices into (rest, side): ``side`` holds about ``share`` of the bytes, largest images first (or
+    smallest first).
 
     Each image goes to the side while the side stays within its share, so the side never holds
     more than ``share`` of the bytes, and holds nothing when ``share`` is 0.
@@ -370,12 +372,59 @@ def split_by_bytes(sizes: list[int], share: float) -> tuple[list[int], list[int]
     budget = share * sum(sizes)
     side: list[int] = []
     taken = 0
-    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+    for index in sorted(range(len(sizes)), key=lambda i: sizes[i] if smallest_first else -sizes[i]):
         if taken + sizes[index] <= budget:
             side.append(index)
             taken += sizes[index]
     chosen = set(side)
     return [i for i in range(len(sizes)) if i not in chosen], sorted(side)
+
+
+#: where :class:`ShareBalance` starts when no share is given
+BALANCE_START = 0.05
+
+
+class ShareBalance:
+    """A host share of each batch that follows the host: after each batch the share moves toward the one at
+    which the host threads' part would have taken as long as the GPU decoder's part (timed with CUDA
+    events), so that neither waits for the other however busy the cores and the engines are.
+
+    ``share`` is the share to use next.  :meth:`observe` takes one batch's measurement: the share of the
+    bytes the host took, the host's seconds from the split to its last image, and the GPU decoder's seconds.
+    A batch whose share held no image measures nothing; the share then creeps up by :attr:`CREEP` until
+    the host gets an image again, so a share that fell to nothing comes back when the engines get busier.
+    """
+
+    GAIN = 0.5  # how far each batch moves the share toward the balanced one
+    CREEP = 0.01
+    HIGH = 0.5  # at most half of each batch's bytes goes to the host
+
+    def __init__(self, start: float) -> None:
+        self.share = min(max(start, 0.0), self.HIGH)
+        self._pending = None  # (start event, end event, host share, host seconds) of the last batch
+
+    def observe(self, host_share: float, host_seconds: float, gpu_seconds: float) -> None:
+        if not 0.0 < host_share < 1.0 or host_seconds <= 0.0 or gpu_seconds <= 0.0:
+            return
+        host_per_share = host_seconds / host_share
+        gpu_per_share = gpu_seconds / (1.0 - host_share)
+        balanced = gpu_per_share / (host_per_share + gpu_per_share)
+        self.share = min(max(self.share + self.GAIN * (balanced - self.share), 0.0), self.HIGH)
+
+    def nothing_taken(self) -> None:
+        self.share = min(self.share + self.CREEP, self.HIGH)
+
+    def record(self, start: torch.cuda.Event, end: torch.cuda.Event, host_share: float, host_seconds: float) -> None:
+        """Keep a batch's events, to be read by :meth:`settle` once the GPU has passed them."""
+        self._pending = (start, end, host_share, host_seconds)
+
+    def settle(self) -> None:
+        """Observe the last batch, if the GPU has finished its decode (never waits for it)."""
+        if self._pending is None or not self._pending[1].query():
+            return
+        start, end, host_share, host_seconds = self._pending
+        self._pending = None
+        self.observe(host_share, host_seconds, start.elapsed_time(end) / 1000.0)
 
 
 _side_thread: ThreadPoolExecutor | None = None
@@ -400,14 +449,14 @@ def _host_executor(threads: int) -> ThreadPoolExecutor:
 
 
 def _with_side_share(
-    indices: list[int], datas: list[torch.Tensor], share: float, start_side, decode_on_gpu,
+    indices: list[int], datas: list[torch.Tensor], share: float, start_side, decode_on_gpu, smallest_first: bool = False,
 ) -> list[tuple[int, torch.Tensor | DecodeError | None]]:
-    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, which another decoder decodes meanwhile:
-    ``start_side(side_indices)`` starts it and returns a call that waits for its images.  (index, image, a
-    DecodeError or None) pairs."""
+    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes (the largest images, or with
+    ``smallest_first`` the smallest), which another decoder decodes meanwhile: ``start_side(side_indices)`` starts
+    it and returns a call that waits for its images.  (index, image, a DecodeError or None) pairs."""
     if share <= 0:
         return list(zip(indices, decode_on_gpu(indices)))
-    rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share)
+    rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share, smallest_first)
     rest, side = [indices[p] for p in rest_positions], [indices[p] for p in side_positions]
     wait = start_side(side) if side else list
     try:
@@ -428,7 +477,11 @@ def _cuda_decoder_side(datas, infos, device: torch.device, settings: nvimgcodec.
 
 
 def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torch.Tensor | DecodeError:
-    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed."""
+    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed.
+
+    The copy leaves from page-locked memory without the host waiting: a plain copy of pageable memory
+    synchronises the stream, so the thread would wait for the GPU decoder's part of the batch, queued on
+    the same stream, before it decoded its next image."""
     try:
         image = _decode_on_cpu(data)
     except DecodeError as exc:
@@ -436,18 +489,44 @@ def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torc
     if stream is None:
         return image.to(device)
     with torch.cuda.stream(stream):
-        return image.to(device)
+        return image.pin_memory().to(device, non_blocking=True)
 
 
-def _host_side(datas, device: torch.device, threads: int):
+def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor | DecodeError, float]:
+    return _decode_on_host_to(data, device, stream), time.perf_counter()
+
+
+def _host_side(datas, device: torch.device, threads: int, took: list[float] | None = None):
     """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU on the
-    caller's stream as soon as it is decoded, so that the stages after the decode find it there in order."""
+    caller's stream as soon as it is decoded, so that the stages after the decode find it there in order.
+    Its share is best filled with the smallest images (``smallest_first``): one core decodes a large image
+    in longer than the engines take for a batch, and the engines pay most per byte for the small ones.
+    ``took``, where given, gets the host's seconds for each batch."""
     def start(side: list[int]):
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        pool = _host_executor(threads)
-        pending = [pool.submit(_decode_on_host_to, datas[i], device, stream) for i in side]
-        return lambda: [future.result() for future in pending]
+        pool, began = _host_executor(threads), time.perf_counter()
+        pending = [pool.submit(_decode_on_host_timed, datas[i], device, stream) for i in side]
+
+        def wait() -> list[torch.Tensor | DecodeError]:
+            done = [future.result() for future in pending]
+            if took is not None:  # the host's seconds, split to last image (``took`` gets one entry per batch)
+                took.append(max(at for _, at in done) - began)
+            return [image for image, _ in done]
+        return wait
     return start
+
+
+def _timed_on_gpu(decode_on_gpu, device: torch.device, events: list):
+    """``decode_on_gpu`` between two timing events on the caller's stream, which go into ``events``."""
+    def decode(indices: list[int]) -> list[torch.Tensor | None]:
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        images = decode_on_gpu(indices)
+        end.record(stream)
+        events[:] = [start, end]
+        return images
+    return decode
 
 
 def decode_jpeg_tensor(
@@ -463,6 +542,7 @@ def decode_jpeg_tensor(
     nvjpeg_lanes: int = nvjpeg.LANES,
     cpu_decoder_share: float = 0.0,
     cpu_decoder_threads: int = 1,
+    balance: ShareBalance | None = None,
 ) -> list[torch.Tensor | DecodeError]:
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
@@ -472,9 +552,11 @@ def decode_jpeg_tensor(
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.  ``cpu_decoder_share`` of the bytes goes instead to libjpeg-turbo on ``cpu_decoder_threads``
-    host threads, each image copied to the device when decoded (cores the GPU's decoders leave idle).
+    host threads, smallest images first, each image copied to the device when decoded (cores the GPU's
+    decoders leave idle).  With ``balance``, the host's share is the balance's, which each batch moves
+    (see :class:`ShareBalance`), and ``cpu_decoder_share`` is not read.
     """
-    if cuda_decoder_share > 0 and cpu_decoder_share > 0:
+    if cuda_decoder_share > 0 and (cpu_decoder_share > 0 or balance is not None):
         raise ValueError("give cuda_decoder_share or cpu_decoder_share, not both")
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
@@ -508,15 +590,28 @@ def decode_jpeg_tensor(
         if on_gpu:
             # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
             nvjpeg.drain(torch.cuda.current_stream(device))
-            if cpu_decoder_share > 0:
+            on_host = balance is not None or cpu_decoder_share > 0
+            took: list[float] = []
+            if balance is not None:
+                balance.settle()
+                share, start_side = balance.share, _host_side(datas, device, cpu_decoder_threads, took)
+            elif on_host:
                 share, start_side = cpu_decoder_share, _host_side(datas, device, cpu_decoder_threads)
             else:
                 share, start_side = cuda_decoder_share, _cuda_decoder_side(datas, infos, device, settings)
-            for i, image in _with_side_share(on_gpu, datas, share, start_side, decode_on_gpu):
+            events: list[torch.cuda.Event] = []
+            decode_rest = _timed_on_gpu(decode_on_gpu, device, events) if balance is not None else decode_on_gpu
+            for i, image in _with_side_share(on_gpu, datas, share, start_side, decode_rest, on_host):
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:
                     results[i] = image
+            if balance is not None and not took:
+                balance.nothing_taken()
+            elif balance is not None and events:
+                sizes = [len(datas[i]) for i in on_gpu]
+                host_bytes = sum(sizes[p] for p in split_by_bytes(sizes, share, smallest_first=True)[1])
+                balance.record(events[0], events[1], host_bytes / sum(sizes), took[0])
     for i in on_cpu:
         try:
             results[i] = _decode_on_cpu(datas[i]).to(device)

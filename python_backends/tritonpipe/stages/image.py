@@ -172,7 +172,14 @@ class DecodeTensor(Stage):
                 "idle); not with cuda_decoder_share",
         ),
         "cpu_decoder_threads": Param(
-            int, 1, low=1, high=64, doc="with cpu_decoder_share: host threads of each instance that decode its share",
+            int, 1, low=1, high=64,
+            doc="with cpu_decoder_share or cpu_decoder_balance: host threads of each instance that decode its share",
+        ),
+        "cpu_decoder_balance": Param(
+            bool, False,
+            doc=f"on a GPU: move the host's share (cpu_decoder_share, from {jpeg.BALANCE_START} where it is 0) after "
+                f"each batch toward the one at which the host threads take as long as the GPU decoder's part, timed "
+                f"with CUDA events (up to {jpeg.ShareBalance.HIGH} of the bytes)",
         ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,
@@ -218,6 +225,10 @@ class DecodeTensor(Stage):
             )
         self.cuda_decoder_share = params["cuda_decoder_share"]
         self.cpu_decoder_share, self.cpu_decoder_threads = params["cpu_decoder_share"], params["cpu_decoder_threads"]
+        self.balance = None
+        if params["cpu_decoder_balance"] and self.device.type == "cuda":
+            self.balance = jpeg.ShareBalance(self.cpu_decoder_share or jpeg.BALANCE_START)
+            self._shown_share = self.balance.share
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
             raise ConfigError(
@@ -253,13 +264,17 @@ class DecodeTensor(Stage):
             jpeg.decode_jpeg_tensor, device=self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
             dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes,
-            cpu_decoder_share=self.cpu_decoder_share, cpu_decoder_threads=self.cpu_decoder_threads,
+            cpu_decoder_share=self.cpu_decoder_share, cpu_decoder_threads=self.cpu_decoder_threads, balance=self.balance,
         )
         pool = cpu_threads() if self.device.type == "cpu" and len(todo) > 1 else None
         if pool is None:
             decoded = decode_all([d for _, d in todo])
         else:  # libjpeg-turbo decodes one image per call: the instance's threads take one each
             decoded = [image for (image,) in pool.map(lambda data: decode_all([data]), [d for _, d in todo])]
+        if self.balance is not None and abs(self.balance.share - self._shown_share) >= 0.05:
+            self._shown_share = self.balance.share
+            log.info("DecodeTensor on %s: cpu_decoder_balance moved the host's share to %.2f of the bytes", self.device,
+                     self.balance.share)
         for (item, _), image in zip(todo, decoded):
             if isinstance(image, Exception):
                 item[ERROR] = _request_error(image) if isinstance(image, DecodeError) else image
@@ -283,13 +298,18 @@ class DecodeTensor(Stage):
                 raise ConfigError(
                     f"DecodeTensor: {key} tunes {users}, which this stage does not use; set {users} or leave it out"
                 )
-        if params["cpu_decoder_share"] > 0 and params["cuda_decoder_share"] > 0:
+        on_host = params["cpu_decoder_share"] > 0 or params["cpu_decoder_balance"]
+        if on_host and params["cuda_decoder_share"] > 0:
+            host_key = "cpu_decoder_share" if params["cpu_decoder_share"] > 0 else "cpu_decoder_balance"
             raise ConfigError(
-                "DecodeTensor: cpu_decoder_share and cuda_decoder_share both take a share of each batch from the decoder; "
+                f"DecodeTensor: {host_key} and cuda_decoder_share both take a share of each batch from the decoder; "
                 "give one of them"
             )
-        if params["cpu_decoder_threads"] != DecodeTensor.params["cpu_decoder_threads"].default and not params["cpu_decoder_share"]:
-            raise ConfigError("DecodeTensor: cpu_decoder_threads sets the threads of cpu_decoder_share; give a share above 0 too, or leave it out")
+        if params["cpu_decoder_threads"] != DecodeTensor.params["cpu_decoder_threads"].default and not on_host:
+            raise ConfigError(
+                "DecodeTensor: cpu_decoder_threads sets the threads of cpu_decoder_share; give a share above 0 "
+                "(or cpu_decoder_balance = true) too, or leave it out"
+            )
         uses_cuda_decoder = params["decoder"] in ("nvimgcodec", "dali") or params["cuda_decoder_share"] > 0
         if params["hybrid_huffman_threshold"] != nvimgcodec.HYBRID_HUFFMAN_THRESHOLD and not uses_cuda_decoder:
             raise ConfigError(

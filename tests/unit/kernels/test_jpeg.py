@@ -305,7 +305,7 @@ def test_mixed_list_fails_only_the_bad_image(bad):
 
 def test_the_host_share_is_decoded_on_its_threads_in_order_and_a_bad_image_fails_alone(monkeypatch):
     """cpu_decoder_share's side: libjpeg-turbo on the share's own threads, every image at its index and matching
-    PIL, a corrupt one failing alone; the rest of the batch goes to the GPU decoder, the largest images to the host."""
+    PIL, a corrupt one failing alone; the rest of the batch goes to the GPU decoder, the smallest images to the host."""
     names = [n for n in NAMES if n != "cmyk"]
     datas = [_t(VARIANTS[n][0]) for n in names] + [_t(_bad_huffman())]
     threads: set[str] = set()
@@ -333,12 +333,59 @@ def test_the_host_share_is_decoded_on_its_threads_in_order_and_a_bad_image_fails
         _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
     assert threads and all(t.startswith("cpu-decoder-share") for t in threads)
 
-    decoded = dict(J._with_side_share(everything, datas, 0.4, side, on_gpu))
-    rest, host = J.split_by_bytes([len(d) for d in datas], 0.4)
+    decoded = dict(J._with_side_share(everything, datas, 0.4, side, on_gpu, smallest_first=True))
+    rest, host = J.split_by_bytes([len(d) for d in datas], 0.4, smallest_first=True)
     assert host and sorted(to_gpu) == rest and all(decoded[i] == ("gpu", i) for i in rest)
+    assert max(len(datas[i]) for i in host) <= min(len(datas[i]) for i in rest)
     assert all(not isinstance(decoded[i], tuple) for i in host)
     with pytest.raises(ValueError, match="not both"):
         J.decode_jpeg_tensor(datas, torch.device("cpu"), cuda_decoder_share=0.2, cpu_decoder_share=0.2)
+
+
+def test_the_balanced_share_settles_where_the_host_and_the_gpu_decoder_take_as_long():
+    """A host that decodes a whole batch in H seconds and a GPU decoder that takes G: the share settles at
+    G / (H + G), where each side's part takes as long, from above and from below, and never passes HIGH."""
+    for host, gpu in ((0.040, 0.010), (0.010, 0.010), (0.100, 0.002)):
+        want = gpu / (host + gpu)
+        for start in (0.01, 0.3):
+            balance = J.ShareBalance(start)
+            for _ in range(30):
+                share = balance.share
+                balance.observe(share, share * host, (1 - share) * gpu)
+            assert balance.share == pytest.approx(want, rel=1e-3)
+    balance = J.ShareBalance(0.2)
+    for _ in range(30):  # a host far faster than the GPU decoder: capped
+        balance.observe(balance.share, balance.share * 0.001, (1 - balance.share) * 1.0)
+    assert balance.share == J.ShareBalance.HIGH
+    balance.observe(0.0, 0.0, 0.01)  # a batch the host took nothing of measures nothing
+    assert balance.share == J.ShareBalance.HIGH
+    low = J.ShareBalance(0.0)
+    low.nothing_taken()
+    assert low.share == pytest.approx(J.ShareBalance.CREEP)
+
+
+def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
+    class Event:
+        def __init__(self, done, ms=0.0):
+            self.done, self.ms = done, ms
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, end):
+            return end.ms
+
+    balance = J.ShareBalance(0.1)
+    end = Event(False, ms=10.0)
+    balance.record(Event(True), end, 0.1, 0.010)
+    balance.settle()
+    assert balance.share == 0.1  # the decode is still on the GPU: nothing read, nothing waited for
+    end.done = True
+    balance.settle()
+    assert balance.share == pytest.approx(0.1 + J.ShareBalance.GAIN * ((1 / 90) / (1 / 10 + 1 / 90) - 0.1))
+    moved = balance.share
+    balance.settle()
+    assert balance.share == moved  # read once
 
 
 # --------------------------------------------------------------------------- decoding on GPU
@@ -389,6 +436,41 @@ def test_cuda_mixed_list_fails_only_the_bad_image(bad):
     for (data, info), result in zip(good, (results[0], results[2], results[3])):
         assert isinstance(result, torch.Tensor) and result.device.type == "cuda"
         _assert_matches_pil(result.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_balanced_host_share_keeps_pixels_and_order_while_it_moves():
+    names = NAMES * 4
+    datas = [_t(VARIANTS[n][0]) for n in names]
+    balance = J.ShareBalance(0.3)
+    shares = []
+    for _ in range(6):
+        results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg", cpu_decoder_threads=2, balance=balance)
+        torch.cuda.synchronize()
+        shares.append(balance.share)
+        for name, image in zip(names, results):
+            data, info = VARIANTS[name]
+            assert isinstance(image, torch.Tensor) and tuple(image.shape) == (3, info.height, info.width), name
+            _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), data, False, _cuda_tolerance(data))
+    assert len(set(shares)) > 1 and all(0.0 <= share <= J.ShareBalance.HIGH for share in shares)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_host_share_copies_to_the_gpu_without_waiting_for_the_stream():
+    """A host thread's image goes to the GPU behind the work already queued on the caller's stream (the GPU
+    decoder's part of the batch) without waiting for it: a pageable copy would block until the stream drained."""
+    stream = torch.cuda.current_stream()
+    data, info = VARIANTS["420"]
+    J._decode_on_host_to(_t(data), torch.device("cuda"), stream)  # warm: torch's pinned pool and the decoder
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copy
+    image = J._decode_on_host_to(_t(data), torch.device("cuda"), stream)
+    assert not stream.query(), "the host waited for the queued GPU work"
+    torch.cuda.synchronize()
+    assert tuple(image.shape) == (3, info.height, info.width)
+    _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), data, False, J.DECODER_TOLERANCE["cpu"])
 
 
 @pytest.mark.gpu

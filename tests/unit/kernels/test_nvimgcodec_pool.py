@@ -140,6 +140,12 @@ def test_split_by_bytes_keeps_the_side_within_its_share():
         # nothing left over would still fit: the side is as full as largest-first filling makes it
         assert all(taken + sizes[i] > share * sum(sizes) for i in rest) or share == 0.0
     assert split_by_bytes(sizes, 1.0) == ([], list(range(40)))
+    for share in (0.1, 0.25, 0.5):  # smallest first: the side holds the smallest images that fit the share
+        rest, side = split_by_bytes(sizes, share, smallest_first=True)
+        assert sorted(rest + side) == list(range(40)) and side
+        assert sum(sizes[i] for i in side) <= share * sum(sizes)
+        assert max(sizes[i] for i in side) <= min(sizes[i] for i in rest)
+        assert min(sizes[i] for i in rest) + sum(sizes[i] for i in side) > share * sum(sizes)
     with pytest.raises(ValueError, match="share must be in"):
         split_by_bytes(sizes, 1.5)
 

@@ -308,6 +308,7 @@ def test_a_cpu_decoder_on_several_threads_decodes_each_image_as_pillow_does_and_
 @pytest.mark.parametrize("extra, message", [
     ({"cpu_decoder_share": 0.2, "cuda_decoder_share": 0.2}, "cpu_decoder_share and cuda_decoder_share both take a share"),
     ({"cpu_decoder_threads": 4}, "cpu_decoder_threads sets the threads of cpu_decoder_share"),
+    ({"cpu_decoder_balance": True, "cuda_decoder_share": 0.2}, "cpu_decoder_balance and cuda_decoder_share both take"),
 ])
 def test_a_host_share_that_cannot_work_is_refused_before_anything_is_written(tmp_path, extra, message):
     from tritonpipe.repository.generate import generate_repository
@@ -327,3 +328,17 @@ def test_a_host_share_reaches_the_decoder(monkeypatch):
     stage = build_stage(tree, "cpu")
     stage.forward([{"data": torch.tensor([0xFF, 0xD8], dtype=torch.uint8)}])
     assert (seen["cpu_decoder_share"], seen["cpu_decoder_threads"]) == (0.25, 3)
+    assert seen["balance"] is None
+
+
+def test_a_balanced_host_share_starts_where_asked_on_a_gpu_and_is_off_on_the_cpu(monkeypatch):
+    """cpu_decoder_balance takes its threads; on a CUDA device the balance starts at cpu_decoder_share (or the
+    default start), and a CPU instance, which decodes everything on the host anyway, has none."""
+    from tritonpipe.kernels import jpeg, nvjpeg
+
+    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=1: "no engines here")
+    for extra, start in (({"cpu_decoder_share": 0.2}, 0.2), ({}, jpeg.BALANCE_START)):
+        tree = load_graph({"backend": "DecodeTensor", "cpu_decoder_balance": True, "cpu_decoder_threads": 3, **extra}).entry.tree
+        assert build_stage(tree, "cpu").balance is None
+        gpu_stage = build_stage(tree, "cuda:0")
+        assert gpu_stage.balance.share == start and gpu_stage.cpu_decoder_threads == 3
