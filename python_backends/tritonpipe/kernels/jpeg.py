@@ -393,11 +393,14 @@ class ShareBalance:
     bytes the host took, the host's seconds from the split to its last image, and the GPU decoder's seconds.
     A batch whose share held no image measures nothing; the share then creeps up by :attr:`CREEP` until
     the host gets an image again, so a share that fell to nothing comes back when the engines get busier.
+    A batch of fewer than :attr:`MIN_BATCH` images goes to the GPU decoder whole: batches that small mean
+    the engines have time to spare, and one image on one core would take longer than they take.
     """
 
     GAIN = 0.5  # how far each batch moves the share toward the balanced one
-    CREEP = 0.01
+    CREEP = 0.002
     HIGH = 0.5  # at most half of each batch's bytes goes to the host
+    MIN_BATCH = 8
 
     def __init__(self, start: float) -> None:
         self.share = min(max(start, 0.0), self.HIGH)
@@ -594,7 +597,8 @@ def decode_jpeg_tensor(
             took: list[float] = []
             if balance is not None:
                 balance.settle()
-                share, start_side = balance.share, _host_side(datas, device, cpu_decoder_threads, took)
+                share = balance.share if len(on_gpu) >= balance.MIN_BATCH else 0.0
+                start_side = _host_side(datas, device, cpu_decoder_threads, took)
             elif on_host:
                 share, start_side = cpu_decoder_share, _host_side(datas, device, cpu_decoder_threads)
             else:
@@ -606,9 +610,9 @@ def decode_jpeg_tensor(
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:
                     results[i] = image
-            if balance is not None and not took:
+            if balance is not None and share > 0 and not took:
                 balance.nothing_taken()
-            elif balance is not None and events:
+            elif balance is not None and took and events:
                 sizes = [len(datas[i]) for i in on_gpu]
                 host_bytes = sum(sizes[p] for p in split_by_bytes(sizes, share, smallest_first=True)[1])
                 balance.record(events[0], events[1], host_bytes / sum(sizes), took[0])

@@ -179,7 +179,8 @@ class DecodeTensor(Stage):
             bool, False,
             doc=f"on a GPU: move the host's share (cpu_decoder_share, from {jpeg.BALANCE_START} where it is 0) after "
                 f"each batch toward the one at which the host threads take as long as the GPU decoder's part, timed "
-                f"with CUDA events (up to {jpeg.ShareBalance.HIGH} of the bytes)",
+                f"with CUDA events (up to {jpeg.ShareBalance.HIGH} of the bytes; a batch of fewer than "
+                f"{jpeg.ShareBalance.MIN_BATCH} images is not split)",
         ),
         "decode_cpu_threads": Param(
             int, 0, low=0, high=1024,

@@ -6,6 +6,7 @@ import io
 import re
 import struct
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -362,6 +363,59 @@ def test_the_balanced_share_settles_where_the_host_and_the_gpu_decoder_take_as_l
     low = J.ShareBalance(0.0)
     low.nothing_taken()
     assert low.share == pytest.approx(J.ShareBalance.CREEP)
+
+
+def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_goes_whole(monkeypatch):
+    """decode_jpeg_tensor's wiring of cpu_decoder_balance, with the CUDA calls stood in for on this host: the
+    host decodes the smallest images of the balance's share, the balance gets the batch's measurement (its
+    events, the host's share of the bytes), every image comes back at its index, and a batch under MIN_BATCH
+    images goes to the GPU decoder whole without moving the share."""
+    import types
+
+    class Event:
+        def __init__(self, **_):
+            self.at = None
+
+        def record(self, stream=None):
+            self.at = time.perf_counter()
+
+        def query(self):
+            return True
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1000.0
+
+    on_gpu_calls: list[int] = []
+
+    def gpu(batch, device):
+        on_gpu_calls.append(len(batch))
+        return [J._decode_on_cpu(data) for data in batch]
+
+    monkeypatch.setattr(J, "_decode_on_gpu", gpu)
+    monkeypatch.setattr(J, "_decode_on_host_to", lambda data, device, stream: J._decode_on_cpu(data))
+    monkeypatch.setattr(J.nvjpeg, "drain", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    names = [n for n in NAMES if n != "cmyk"]
+    datas = [_t(VARIANTS[n][0]) for n in names] * 2
+    assert len(datas) >= J.ShareBalance.MIN_BATCH
+    balance = J.ShareBalance(0.3)
+    recorded = []
+    monkeypatch.setattr(balance, "record", lambda start, end, share, seconds: recorded.append((share, seconds)))
+    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), balance=balance, cpu_decoder_threads=2)
+    sizes = [len(d) for d in datas]
+    rest, host = J.split_by_bytes(sizes, 0.3, smallest_first=True)
+    assert on_gpu_calls == [len(rest)] and host
+    ((share, seconds),) = recorded
+    assert share == pytest.approx(sum(sizes[i] for i in host) / sum(sizes)) and seconds > 0
+    for data, image in zip(datas, results):
+        assert torch.equal(image, J._decode_on_cpu(data))
+
+    on_gpu_calls.clear()
+    small = datas[: J.ShareBalance.MIN_BATCH - 1]
+    results = J.decode_jpeg_tensor(small, torch.device("cuda"), balance=balance, cpu_decoder_threads=2)
+    assert on_gpu_calls == [len(small)] and len(recorded) == 1 and balance.share == 0.3
+    assert all(torch.equal(image, J._decode_on_cpu(data)) for data, image in zip(small, results))
 
 
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
