@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from ..spec import ENCODED_IMAGE, SpecError, TensorSpec
 from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, cpu_threads, register
 
 log = logging.getLogger("tritonpipe")
+#: cpu_decoder_balance logs its share when it has moved by 0.05 or more, at most once in this many seconds
+SHARE_LOG_SECONDS = 30.0
 
 _SIDE = dict(low=1, high=geometry.MAX_SIDE)
 _COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of the output")
@@ -229,7 +232,7 @@ class DecodeTensor(Stage):
         self.balance = None
         if params["cpu_decoder_balance"] and self.device.type == "cuda":
             self.balance = jpeg.ShareBalance(self.cpu_decoder_share or jpeg.BALANCE_START)
-            self._shown_share = self.balance.share
+            self._shown_share = (self.balance.share, float("-inf"))  # (share last logged, when)
         if (self.decoder == "nvimgcodec" or self.cuda_decoder_share) and not nvimgcodec.available():
             wants = "decoder=nvimgcodec" if self.decoder == "nvimgcodec" else "cuda_decoder_share"
             raise ConfigError(
@@ -272,8 +275,9 @@ class DecodeTensor(Stage):
             decoded = decode_all([d for _, d in todo])
         else:  # libjpeg-turbo decodes one image per call: the instance's threads take one each
             decoded = [image for (image,) in pool.map(lambda data: decode_all([data]), [d for _, d in todo])]
-        if self.balance is not None and abs(self.balance.share - self._shown_share) >= 0.05:
-            self._shown_share = self.balance.share
+        if self.balance is not None and abs(self.balance.share - self._shown_share[0]) >= 0.05 \
+                and time.monotonic() - self._shown_share[1] >= SHARE_LOG_SECONDS:
+            self._shown_share = (self.balance.share, time.monotonic())
             log.info("DecodeTensor on %s: cpu_decoder_balance moved the host's share to %.2f of the bytes", self.device,
                      self.balance.share)
         for (item, _), image in zip(todo, decoded):

@@ -342,3 +342,30 @@ def test_a_balanced_host_share_starts_where_asked_on_a_gpu_and_is_off_on_the_cpu
         assert build_stage(tree, "cpu").balance is None
         gpu_stage = build_stage(tree, "cuda:0")
         assert gpu_stage.balance.share == start and gpu_stage.cpu_decoder_threads == 3
+
+
+def test_the_balanced_share_is_logged_when_it_has_moved_and_not_more_often(monkeypatch, caplog):
+    from tritonpipe.kernels import jpeg, nvjpeg
+    from tritonpipe.stages import image
+
+    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=1: "no engines here")
+    stage = build_stage(load_graph({"backend": "DecodeTensor", "cpu_decoder_balance": True}).entry.tree, "cuda:0")
+    moves = iter([0.06, 0.2, 0.3])
+
+    def decode(datas, **kw):
+        kw["balance"].share = next(moves)
+        return [jpeg.DecodeError("x", reason="corrupt")]
+
+    monkeypatch.setattr(jpeg, "decode_jpeg_tensor", decode)
+    caplog.set_level("INFO", logger="tritonpipe")
+    said = lambda: [r.getMessage() for r in caplog.records if "cpu_decoder_balance moved" in r.getMessage()]  # noqa: E731
+    batch = lambda: [{"data": torch.tensor([0xFF, 0xD8], dtype=torch.uint8)}]  # noqa: E731
+    stage.forward(batch())  # 0.05 -> 0.06: too small a move to say
+    stage.forward(batch())  # -> 0.2: said
+    assert said() == ["DecodeTensor on cuda:0: cpu_decoder_balance moved the host's share to 0.20 of the bytes"]
+    stage.forward(batch())  # -> 0.3: a move, but within SHARE_LOG_SECONDS of the last line
+    assert len(said()) == 1
+    monkeypatch.setattr(image, "SHARE_LOG_SECONDS", 0.0)
+    moves = iter([0.4])
+    stage.forward(batch())
+    assert said()[-1].endswith("moved the host's share to 0.40 of the bytes")
