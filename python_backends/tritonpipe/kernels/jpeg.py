@@ -616,11 +616,9 @@ def decode_jpeg_tensor(
                 sizes = [len(datas[i]) for i in on_gpu]
                 host_bytes = sum(sizes[p] for p in split_by_bytes(sizes, share, smallest_first=True)[1])
                 balance.record(events[0], events[1], host_bytes / sum(sizes), took[0])
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" and on_cpu else None
     for i in on_cpu:
-        try:
-            results[i] = _decode_on_cpu(datas[i]).to(device)
-        except DecodeError as exc:
-            results[i] = exc
+        results[i] = _decode_on_host_to(datas[i], device, stream)
 
     if apply_exif:
         for i in valid:
