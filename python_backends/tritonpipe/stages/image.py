@@ -170,9 +170,9 @@ class DecodeTensor(Stage):
         ),
         "cpu_decoder_share": Param(
             float, 0.0, low=0.0, high=1.0,
-            doc="share of each batch's bytes that host threads decode with libjpeg-turbo and copy to the GPU, each image "
-                "as soon as it is decoded, while the decoder above decodes the rest (host cores the GPU's decoders leave "
-                "idle); not with cuda_decoder_share",
+            doc="share of each batch's bytes (the smallest images first) that host threads decode with libjpeg-turbo and "
+                "copy to the GPU, each image as soon as it is decoded, while the decoder above decodes the rest (host "
+                "cores the GPU's decoders leave idle); not with cuda_decoder_share",
         ),
         "cpu_decoder_threads": Param(
             int, 1, low=1, high=64,
