@@ -492,7 +492,11 @@ def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torc
     if stream is None:
         return image.to(device)
     with torch.cuda.stream(stream):
-        return image.pin_memory().to(device, non_blocking=True)
+        try:
+            staged = image.pin_memory()
+        except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits, still delivers
+            return image.to(device)
+        return staged.to(device, non_blocking=True)
 
 
 def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor | DecodeError, float]:

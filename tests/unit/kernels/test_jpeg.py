@@ -418,6 +418,21 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     assert all(torch.equal(image, J._decode_on_cpu(data)) for data, image in zip(small, results))
 
 
+def test_a_host_image_still_reaches_the_device_when_no_page_locked_memory_is_left(monkeypatch):
+    """The host share's copy stages each image in page-locked memory; where none can be had, the image goes by
+    the plain copy instead of failing its batch."""
+    import contextlib
+
+    def no_pinned_memory(self):
+        raise RuntimeError("CUDA error: out of memory (pinned host memory)")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinned_memory)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    data, info = VARIANTS["420"]
+    image = J._decode_on_host_to(_t(data), torch.device("cpu"), object())
+    assert isinstance(image, torch.Tensor) and torch.equal(image, J._decode_on_cpu(_t(data)))
+
+
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
     class Event:
         def __init__(self, done, ms=0.0):
