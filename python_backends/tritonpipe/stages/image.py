@@ -24,7 +24,7 @@ from .base import DATA, ERROR, RESULT, MapStage, Param, Stage, cpu_threads, regi
 
 log = logging.getLogger("tritonpipe")
 #: cpu_decoder_balance logs its share when it has moved by 0.05 or more, at most once in this many seconds
-SHARE_LOG_SECONDS = 30.0
+SHARE_LOG_SECONDS = 10.0
 
 _SIDE = dict(low=1, high=geometry.MAX_SIDE)
 _COLOR = Param(str, "rgb", choices=color_kernels.COLORS, doc="channel order of the output")
