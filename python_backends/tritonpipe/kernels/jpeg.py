@@ -7,6 +7,7 @@ pixel memory is allocated.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -404,7 +405,8 @@ class ShareBalance:
 
     def __init__(self, start: float) -> None:
         self.share = min(max(start, 0.0), self.HIGH)
-        self._pending = None  # (start event, end event, host share, host seconds) of the last batch
+        # (start event, end event, host share, host seconds) of the batches not read yet, oldest first
+        self._pending: collections.deque = collections.deque(maxlen=8)
 
     def observe(self, host_share: float, host_seconds: float, gpu_seconds: float) -> None:
         if not 0.0 < host_share < 1.0 or host_seconds <= 0.0 or gpu_seconds <= 0.0:
@@ -418,16 +420,15 @@ class ShareBalance:
         self.share = min(self.share + self.CREEP, self.HIGH)
 
     def record(self, start: torch.cuda.Event, end: torch.cuda.Event, host_share: float, host_seconds: float) -> None:
-        """Keep a batch's events, to be read by :meth:`settle` once the GPU has passed them."""
-        self._pending = (start, end, host_share, host_seconds)
+        """Keep a batch's events, to be read by :meth:`settle` once the GPU has passed them (the last few
+        batches' are kept, for a caller that does not wait for the GPU between batches)."""
+        self._pending.append((start, end, host_share, host_seconds))
 
     def settle(self) -> None:
-        """Observe the last batch, if the GPU has finished its decode (never waits for it)."""
-        if self._pending is None or not self._pending[1].query():
-            return
-        start, end, host_share, host_seconds = self._pending
-        self._pending = None
-        self.observe(host_share, host_seconds, start.elapsed_time(end) / 1000.0)
+        """Observe, oldest first, the batches whose decode the GPU has finished (never waits for one)."""
+        while self._pending and self._pending[0][1].query():
+            start, end, host_share, host_seconds = self._pending.popleft()
+            self.observe(host_share, host_seconds, start.elapsed_time(end) / 1000.0)
 
 
 _side_thread: ThreadPoolExecutor | None = None

@@ -455,6 +455,19 @@ def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
     moved = balance.share
     balance.settle()
     assert balance.share == moved  # read once
+    # batches queued faster than the GPU decodes them: each is read, in order, once the GPU has passed it
+    first, second = Event(False, ms=10.0), Event(False, ms=10.0)
+    balance.record(Event(True), first, 0.1, 0.010)
+    balance.record(Event(True), second, 0.1, 0.010)
+    second.done = True
+    balance.settle()
+    assert balance.share == moved  # the older one holds the newer one back
+    first.done = True
+    balance.settle()
+    twice = J.ShareBalance(moved)
+    twice.observe(0.1, 0.010, 0.010)
+    twice.observe(0.1, 0.010, 0.010)
+    assert balance.share == pytest.approx(twice.share)
 
 
 # --------------------------------------------------------------------------- decoding on GPU
