@@ -520,7 +520,7 @@ class HostDecoderSide:
             self.shares.append(self.share)
         sizes = [len(data) for data in datas]
         rest, side = jpeg.split_by_bytes(sizes, self.share, smallest_first=True)
-        took: list[float] = []
+        took: list[tuple[float, int]] = []
         wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads, took)(list(range(len(side))))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -531,7 +531,8 @@ class HostDecoderSide:
         for i, image in zip(side, wait()):
             images[i] = image.permute(1, 2, 0) if isinstance(image, torch.Tensor) else None
         if self.balance is not None and took:
-            self.balance.record(start, end, sum(sizes[i] for i in side) / sum(sizes), took[0])
+            seconds, side_bytes = took[0]
+            self.balance.record(start, end, side_bytes / sum(sizes), seconds)
         elif self.balance is not None:
             self.balance.nothing_taken()
         return images

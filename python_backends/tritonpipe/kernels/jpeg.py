@@ -504,12 +504,12 @@ def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream) -> t
     return _decode_on_host_to(data, device, stream), time.perf_counter()
 
 
-def _host_side(datas, device: torch.device, threads: int, took: list[float] | None = None):
+def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float, int]] | None = None):
     """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU on the
     caller's stream as soon as it is decoded, so that the stages after the decode find it there in order.
     Its share is best filled with the smallest images (``smallest_first``): one core decodes a large image
     in longer than the engines take for a batch, and the engines pay most per byte for the small ones.
-    ``took``, where given, gets the host's seconds for each batch."""
+    ``took``, where given, gets (the host's seconds, the bytes it took) for each batch."""
     def start(side: list[int]):
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         pool, began = _host_executor(threads), time.perf_counter()
@@ -517,8 +517,8 @@ def _host_side(datas, device: torch.device, threads: int, took: list[float] | No
 
         def wait() -> list[torch.Tensor | DecodeError]:
             done = [future.result() for future in pending]
-            if took is not None:  # the host's seconds, split to last image (``took`` gets one entry per batch)
-                took.append(max(at for _, at in done) - began)
+            if took is not None:  # seconds from the split to the last image, and the share's bytes
+                took.append((max(at for _, at in done) - began, sum(len(datas[i]) for i in side)))
             return [image for image, _ in done]
         return wait
     return start
@@ -599,7 +599,7 @@ def decode_jpeg_tensor(
             # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
             nvjpeg.drain(torch.cuda.current_stream(device))
             on_host = balance is not None or cpu_decoder_share > 0
-            took: list[float] = []
+            took: list[tuple[float, int]] = []
             if balance is not None:
                 balance.settle()
                 share = balance.share if len(on_gpu) >= balance.MIN_BATCH else 0.0
@@ -618,9 +618,8 @@ def decode_jpeg_tensor(
             if balance is not None and share > 0 and not took:
                 balance.nothing_taken()
             elif balance is not None and took and events:
-                sizes = [len(datas[i]) for i in on_gpu]
-                host_bytes = sum(sizes[p] for p in split_by_bytes(sizes, share, smallest_first=True)[1])
-                balance.record(events[0], events[1], host_bytes / sum(sizes), took[0])
+                seconds, host_bytes = took[0]
+                balance.record(events[0], events[1], host_bytes / sum(len(datas[i]) for i in on_gpu), seconds)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" and on_cpu else None
     for i in on_cpu:
         results[i] = _decode_on_host_to(datas[i], device, stream)
