@@ -5,7 +5,8 @@ dtype and floating outputs back to their declared type, so the served types do n
 every per-request dimension is fixed, each batch size is captured once as a CUDA graph and replayed
 afterwards.  On the CPU the model runs eagerly in FP32.
 
-Two options, off by default until measured on a GPU: ``freeze`` freezes a TorchScript module
+Two options, off by default (served on an H100, ``freeze`` was within 1-2% of the unfrozen model;
+``channels_last`` is not measured yet): ``freeze`` freezes a TorchScript module
 (BatchNorm folded into the convolutions; on a GPU also ``optimize_for_inference``, which fuses
 conv+add+relu through cuDNN), and ``channels_last`` runs the module and its 4-D floating inputs in
 channels_last memory format on a GPU.
