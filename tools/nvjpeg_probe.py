@@ -521,7 +521,8 @@ class HostDecoderSide:
         sizes = [len(data) for data in datas]
         rest, side = jpeg.split_by_bytes(sizes, self.share, smallest_first=True)
         took: list[tuple[float, int]] = []
-        wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads, took)(list(range(len(side))))
+        wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads, took,
+                               [shapes[i] for i in side])(list(range(len(side))))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         images: list = [None] * len(datas)

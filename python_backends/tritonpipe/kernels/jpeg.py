@@ -480,8 +480,10 @@ def _cuda_decoder_side(datas, infos, device: torch.device, settings: nvimgcodec.
     return start
 
 
-def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torch.Tensor | DecodeError:
-    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed.
+def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None
+                       ) -> torch.Tensor | DecodeError:
+    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed; into
+    ``into`` (a 3xHxW slot on the device) where given and of the image's shape.
 
     The copy leaves from page-locked memory without the host waiting: a plain copy of pageable memory
     synchronises the stream, so the thread would wait for the GPU decoder's part of the batch, queued on
@@ -497,23 +499,48 @@ def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torc
             staged = image.pin_memory()
         except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits, still delivers
             return image.to(device)
+        if into is not None and into.shape == staged.shape:
+            return into.copy_(staged, non_blocking=True)
         return staged.to(device, non_blocking=True)
 
 
-def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor | DecodeError, float]:
-    return _decode_on_host_to(data, device, stream), time.perf_counter()
+#: the host share's images of a batch land in one device allocation, made on the caller's thread before
+#: the threads start, rather than one allocation per image from whichever thread decoded it
+HOST_ONE_BUFFER = True
 
 
-def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float, int]] | None = None):
+def _device_slots(shapes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
+    """A 3xHxW uint8 view for each (height, width), all in one allocation on ``device`` (the current stream's)."""
+    sizes = [3 * height * width for height, width in shapes]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    slots, offset = [], 0
+    for (height, width), size in zip(shapes, sizes):
+        slots.append(buffer[offset : offset + size].view(3, height, width))
+        offset += size
+    return slots
+
+
+def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None
+                          ) -> tuple[torch.Tensor | DecodeError, float]:
+    return _decode_on_host_to(data, device, stream, into), time.perf_counter()
+
+
+def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float, int]] | None = None,
+               shapes: list[tuple[int, int]] | None = None):
     """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU on the
     caller's stream as soon as it is decoded, so that the stages after the decode find it there in order.
     Its share is best filled with the smallest images (``smallest_first``): one core decodes a large image
     in longer than the engines take for a batch, and the engines pay most per byte for the small ones.
-    ``took``, where given, gets (the host's seconds, the bytes it took) for each batch."""
+    ``took``, where given, gets (the host's seconds, the bytes it took) for each batch.  With ``shapes``, the
+    (height, width) of every image of ``datas``, the share's images land in one allocation (see
+    :data:`HOST_ONE_BUFFER`): the caching allocator then sees one block per batch instead of one per image,
+    cut from whichever thread got there first."""
     def start(side: list[int]):
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        one_buffer = stream is not None and shapes is not None and HOST_ONE_BUFFER
+        slots = _device_slots([shapes[i] for i in side], device) if one_buffer else [None] * len(side)
         pool, began = _host_executor(threads), time.perf_counter()
-        pending = [pool.submit(_decode_on_host_timed, datas[i], device, stream) for i in side]
+        pending = [pool.submit(_decode_on_host_timed, datas[i], device, stream, slot) for i, slot in zip(side, slots)]
 
         def wait() -> list[torch.Tensor | DecodeError]:
             done = [future.result() for future in pending]
@@ -599,13 +626,14 @@ def decode_jpeg_tensor(
             # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
             nvjpeg.drain(torch.cuda.current_stream(device))
             on_host = balance is not None or cpu_decoder_share > 0
+            shapes = [(info.height, info.width) if info is not None else (0, 0) for info in infos]
             took: list[tuple[float, int]] = []
             if balance is not None:
                 balance.settle()
                 share = balance.share if len(on_gpu) >= balance.MIN_BATCH else 0.0
-                start_side = _host_side(datas, device, cpu_decoder_threads, took)
+                start_side = _host_side(datas, device, cpu_decoder_threads, took, shapes)
             elif on_host:
-                share, start_side = cpu_decoder_share, _host_side(datas, device, cpu_decoder_threads)
+                share, start_side = cpu_decoder_share, _host_side(datas, device, cpu_decoder_threads, shapes=shapes)
             else:
                 share, start_side = cuda_decoder_share, _cuda_decoder_side(datas, infos, device, settings)
             events: list[torch.cuda.Event] = []

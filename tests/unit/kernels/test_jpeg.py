@@ -392,7 +392,9 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
         return [J._decode_on_cpu(data) for data in batch]
 
     monkeypatch.setattr(J, "_decode_on_gpu", gpu)
-    monkeypatch.setattr(J, "_decode_on_host_to", lambda data, device, stream: J._decode_on_cpu(data))
+    monkeypatch.setattr(J, "_decode_on_host_to", lambda data, device, stream, into: J._decode_on_cpu(data))
+    slots_for: list[int] = []
+    monkeypatch.setattr(J, "_device_slots", lambda shapes, device: slots_for.append(len(shapes)) or [None] * len(shapes))
     monkeypatch.setattr(J.nvjpeg, "drain", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
     monkeypatch.setattr(torch.cuda, "Event", Event)
@@ -405,7 +407,7 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     results = J.decode_jpeg_tensor(datas, torch.device("cuda"), balance=balance, cpu_decoder_threads=2)
     sizes = [len(d) for d in datas]
     rest, host = J.split_by_bytes(sizes, 0.3, smallest_first=True)
-    assert on_gpu_calls == [len(rest)] and host
+    assert on_gpu_calls == [len(rest)] and host and slots_for == [len(host)]
     ((share, seconds),) = recorded
     assert share == pytest.approx(sum(sizes[i] for i in host) / sum(sizes)) and seconds > 0
     for data, image in zip(datas, results):
@@ -431,6 +433,31 @@ def test_a_host_image_still_reaches_the_device_when_no_page_locked_memory_is_lef
     data, info = VARIANTS["420"]
     image = J._decode_on_host_to(_t(data), torch.device("cpu"), object())
     assert isinstance(image, torch.Tensor) and torch.equal(image, J._decode_on_cpu(_t(data)))
+
+
+def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
+    """The host share's images go into views of one buffer, made before the threads start: each image in its own
+    slot, none overlapping, with PIL's pixels; an image whose slot does not fit it gets a tensor of its own."""
+    import contextlib
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # page-locked memory needs a GPU
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    names = [n for n in NAMES if n != "cmyk"]
+    shapes = [(VARIANTS[n][1].height, VARIANTS[n][1].width) for n in names]
+    slots = J._device_slots(shapes, torch.device("cpu"))
+    storage = slots[0].untyped_storage()
+    assert all(slot.untyped_storage().data_ptr() == storage.data_ptr() for slot in slots)
+    assert storage.nbytes() == sum(3 * h * w for h, w in shapes)
+    spans = sorted((slot.data_ptr(), slot.data_ptr() + slot.numel()) for slot in slots)
+    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
+    for name, slot, (height, width) in zip(names, slots, shapes):
+        assert slot.shape == (3, height, width) and slot.is_contiguous()
+        image = J._decode_on_host_to(_t(VARIANTS[name][0]), torch.device("cpu"), object(), into=slot)
+        assert image.data_ptr() == slot.data_ptr()
+        _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
+    wrong = J._device_slots([(shapes[0][0] + 1, shapes[0][1])], torch.device("cpu"))[0]
+    image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), object(), into=wrong)
+    assert image.data_ptr() != wrong.data_ptr() and image.shape == (3, *shapes[0])
 
 
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
@@ -562,6 +589,10 @@ def test_a_host_share_beside_the_gpu_decoder_keeps_pixels_and_order(decoder):
     names = NAMES * 3
     datas = [_t(VARIANTS[n][0]) for n in names]
     results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder=decoder, cpu_decoder_share=0.4, cpu_decoder_threads=2)
+    on_gpu = [i for i, n in enumerate(names) if n != "cmyk"]
+    _, host = J.split_by_bytes([len(datas[i]) for i in on_gpu], 0.4, smallest_first=True)
+    buffers = {results[on_gpu[p]].untyped_storage().data_ptr() for p in host}
+    assert len(host) >= 2 and len(buffers) == 1, "the host's images are not in one allocation"
     for name, image in zip(names, results):
         assert isinstance(image, torch.Tensor) and image.device.type == "cuda", name
         data, info = VARIANTS[name]
