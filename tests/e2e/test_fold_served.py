@@ -8,6 +8,7 @@ checked against PIL, torch's interpolate and ONNX Runtime, computed apart from t
 import concurrent.futures
 import io
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -55,6 +56,19 @@ def reference_logits(session, jpeg: bytes) -> np.ndarray:
     return session.run(None, {"x": (bgr - MEAN) / STD})[0]
 
 
+def settled_statistics(server, model: str, inferences: int, seconds: float = 10.0) -> dict:
+    """The model's statistics once they count ``inferences`` successes and some execution: Triton records a
+    batch's statistics after its responses are sent, so a client may see its answers first."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    deadline = time.monotonic() + seconds
+    while True:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        counted = int(stats.get("inference_count", 0)) >= inferences and int(stats.get("execution_count", 0)) > 0
+        if counted or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
 def test_a_served_batch_is_folded_and_answers_as_the_stages_would(server, tiny_onnx, jpeg_factory):
     session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
     goods = [jpeg_factory(h, w, seed=i) for i, (h, w) in enumerate([(48, 64), (120, 90), (33, 77), (64, 64), (90, 120)])]
@@ -74,8 +88,8 @@ def test_a_served_batch_is_folded_and_answers_as_the_stages_would(server, tiny_o
     assert isinstance(bad, InferError) and bad.status == "INVALID_ARG" and "truncated" in str(bad), bad
     for jpeg, got in zip(goods, results):
         np.testing.assert_allclose(got, reference_logits(session, jpeg), atol=LOGIT_ATOL, rtol=0)
-    entry = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("folded", as_json=True)
-    stats = entry["model_stats"][0]
-    assert int(stats["execution_count"]) < int(stats["inference_count"]), "the requests were expected to share batches"
+    stats = settled_statistics(server, "folded", len(goods))
+    executions, inferences = int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
+    assert inferences == len(goods) and 0 < executions < inferences, f"the requests were expected to share batches: {stats}"
     log = server.logs()
     assert "ResizeTensor on cpu does colour order bgr, the model's mean and std, float32 output in its one launch" in log
