@@ -122,6 +122,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.batches)), flush=True)
         return
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; this host has none")
     names = args.variants.split(",")
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
