@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
+from tests.e2e.statistics import settled_statistics
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tritonpipe import load_graph
@@ -97,8 +98,8 @@ def infer(url: str, model: str, array: np.ndarray, input_name: str = "INPUT"):
     return client.infer(model, [tensor], client_timeout=60).as_numpy("OUTPUT")
 
 
-def stats(server, model: str) -> tuple[int, int]:
-    entry = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)["model_stats"][0]
+def stats(server, model: str, inferences: int = 0) -> tuple[int, int]:
+    entry = settled_statistics(server, model, inferences)
     return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
 
 
@@ -132,7 +133,8 @@ def test_bad_requests_fail_alone_in_shared_batches(server, jpeg_factory, model, 
     for index in range(len(cases)):
         np.testing.assert_array_equal(results[f"good {index}"], reference(model, goods[index]))
 
-    inferences, executions = (after - earlier for after, earlier in zip(stats(server, batched_model), before))
+    settled = stats(server, batched_model, before[0] + len(requests) + 1)
+    inferences, executions = (after - earlier for after, earlier in zip(settled, before))
     assert inferences == len(requests) + 1  # the two-image request counts twice
     assert executions < inferences, "the requests were expected to share batches"
     assert server.is_alive()

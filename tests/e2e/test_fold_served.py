@@ -8,15 +8,14 @@ checked against PIL, torch's interpolate and ONNX Runtime, computed apart from t
 import concurrent.futures
 import io
 import threading
-import time
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-import tritonclient.grpc as grpcclient
 from PIL import Image
+from tests.e2e.statistics import settled_statistics
 
 from tritonpipe import load_graph
 from tritonpipe.client.client import InferError, PipelineClient
@@ -54,19 +53,6 @@ def reference_logits(session, jpeg: bytes) -> np.ndarray:
     rgb = torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))).permute(2, 0, 1)[None].float()
     bgr = F.interpolate(rgb, size=(32, 32), mode="bilinear", align_corners=False).flip(1).numpy()
     return session.run(None, {"x": (bgr - MEAN) / STD})[0]
-
-
-def settled_statistics(server, model: str, inferences: int, seconds: float = 10.0) -> dict:
-    """The model's statistics once they count ``inferences`` successes and some execution: Triton records a
-    batch's statistics after its responses are sent, so a client may see its answers first."""
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    deadline = time.monotonic() + seconds
-    while True:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        counted = int(stats.get("inference_count", 0)) >= inferences and int(stats.get("execution_count", 0)) > 0
-        if counted or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
 
 
 def test_a_served_batch_is_folded_and_answers_as_the_stages_would(server, tiny_onnx, jpeg_factory):
