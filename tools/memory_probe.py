@@ -37,8 +37,6 @@ VARIANTS = {
     "bal-exp": ({"balance": 0.05, "cpu_decoder_threads": 4}, False, "expandable_segments:True"),
     "bal-1buf-exp": ({"balance": 0.05, "cpu_decoder_threads": 4}, True, "expandable_segments:True"),
 }
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 MIB = 1 << 20
 
 
@@ -46,6 +44,7 @@ def one(name: str, batches: int) -> dict:
     """Run one variant here and return its figures (the allocator settings are already in the environment)."""
     import torch
 
+    from preprocess_probe import MEAN, SIDE, STD
     from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
     from tritonpipe.kernels import batch_resize, jpeg
 
@@ -83,7 +82,7 @@ def one(name: str, batches: int) -> dict:
             while (item := handed.get()) is not None:
                 k, images = item
                 good = [image for image in images if isinstance(image, torch.Tensor)]
-                batch_resize.resize_batch(good, 224, 224, mean=MEAN, std=STD, dtype=torch.float16)
+                batch_resize.resize_batch(good, SIDE, SIDE, mean=MEAN, std=STD, dtype=torch.float16)
                 del images, good
                 stream.synchronize()
                 if k == len(plan) // 10:

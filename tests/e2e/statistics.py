@@ -18,7 +18,8 @@ def settled_statistics(server, model: str, inferences: int = 0, seconds: float =
     deadline = time.monotonic() + seconds
     while True:
         stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        counted = int(stats.get("inference_count", 0))
-        if (counted >= inferences and (counted == 0 or int(stats.get("execution_count", 0)) > 0)) or time.monotonic() > deadline:
+        counted, executed = int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+        settled = counted >= inferences and (counted == 0 or executed > 0)
+        if settled or time.monotonic() > deadline:
             return stats
         time.sleep(0.05)
