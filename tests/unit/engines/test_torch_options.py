@@ -1,6 +1,8 @@
-"""The torch engine's opt-in speed options: ``freeze`` and ``channels_last``.
+"""The torch engine's speed options: ``freeze`` and ``channels_last``.
 
-Outputs are checked against the eager module; GPU tests run only where CUDA is present.
+Outputs are checked against the eager module; GPU tests run only where CUDA is present.  channels_last's choices
+(which modules take it, and the way back to the default layout) are checked on the CPU too, with the engine told
+that the layout applies there.
 """
 
 import logging
@@ -9,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from tritonpipe.engines import torch_engine
 from tritonpipe.engines.torch_engine import TorchEngine, load_module, prepare_module
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.stages import build_stage
@@ -210,6 +213,108 @@ def test_channels_last_changes_nothing_on_the_cpu(bn_model, caplog):
     got = engine.run([x])[0]
     assert torch.equal(got, TorchEngine(ts, CPU, INPUTS).run([x])[0])
     torch.testing.assert_close(got, eager(model, x), rtol=1e-4, atol=1e-4)
+
+
+class FlatByView(torch.nn.Module):
+    """A conv net that flattens its feature map with view, as older classifiers do: channels_last refuses that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+class NoConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([0.5, 2.0, 3.0]))
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) * self.scale
+
+
+@pytest.fixture
+def layout_on_cpu(monkeypatch):
+    """The engine takes the GPU's channels_last path on the CPU."""
+    monkeypatch.setattr(torch_engine, "_layout_applies", lambda device: True)
+
+
+@pytest.mark.parametrize("given, used", [({}, True), ({"channels_last": "false"}, False)])
+def test_the_stage_runs_channels_last_unless_told_not_to(bn_model, layout_on_cpu, given, used):
+    model, ts = bn_model
+    stage = build_stage(load_graph({"backend": "TensorrtTensor", "model": str(ts), "inputs": INPUTS, "max": 4,
+                                    **given}).entry.tree, "cpu")
+    assert stage.engine.channels_last is used
+    assert stage.engine.module.conv.weight.is_contiguous(memory_format=torch.channels_last) is used
+
+
+def test_a_conv_net_runs_channels_last_with_the_same_outputs(bn_model, layout_on_cpu):
+    model, ts = bn_model
+    engine = TorchEngine(ts, CPU, INPUTS, channels_last=True)
+    assert engine.channels_last and "channels_last" in engine.description
+    assert engine.module.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = batch()
+    fed = engine._feed(x, engine.inputs[0])
+    assert fed.is_contiguous(memory_format=torch.channels_last) and not fed.is_contiguous()
+    torch.testing.assert_close(engine.run([x])[0], eager(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_4d_weights_keeps_the_default_layout(tmp_path, layout_on_cpu, caplog):
+    ts = script(NoConv().eval(), tmp_path / "noconv.ts")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        engine = TorchEngine(ts, CPU, INPUTS, channels_last=True)
+    assert "has no 4-D weights" in caplog.text
+    assert not engine.channels_last and "channels_last" not in engine.description
+    assert engine._feed(batch(), engine.inputs[0]).is_contiguous()
+
+
+def test_a_fixed_shape_model_that_fails_in_channels_last_is_found_at_load(tmp_path, layout_on_cpu, caplog):
+    torch.manual_seed(0)
+    model = FlatByView().eval()
+    ts = script(model, tmp_path / "flat.ts")
+    with pytest.raises(RuntimeError, match="view"):  # why the fallback exists: the layout itself breaks this model
+        load_module(ts, CPU).to(memory_format=torch.channels_last)(batch().contiguous(memory_format=torch.channels_last))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        engine = TorchEngine(ts, CPU, INPUTS, channels_last=True)
+    assert "runs in the default layout: it failed in channels_last" in caplog.text
+    assert not engine.channels_last and "channels_last" not in engine.description
+    assert engine.module.conv.weight.is_contiguous()
+    x = batch()
+    torch.testing.assert_close(engine.run([x])[0], eager(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_free_dims_model_that_fails_in_channels_last_falls_back_at_its_first_batch(tmp_path, layout_on_cpu, caplog):
+    torch.manual_seed(0)
+    model = FlatByView().eval()
+    ts = script(model, tmp_path / "flat.ts")
+    engine = TorchEngine(ts, CPU, "x:FP32:3x-1x-1", outputs_text="y:FP32:5", channels_last=True)
+    assert engine.channels_last and not engine.use_graphs  # free dims: nothing to check at load
+    x = batch()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        got = engine.run([x])[0]
+    assert "runs in the default layout: it failed in channels_last" in caplog.text
+    torch.testing.assert_close(got, eager(model, x), rtol=1e-4, atol=1e-4)
+    assert not engine.channels_last and "channels_last" not in engine.description
+    caplog.clear()
+    torch.testing.assert_close(engine.run([batch(2, seed=4)])[0], eager(model, batch(2, seed=4)), rtol=1e-4, atol=1e-4)
+    assert not caplog.records  # built once, then kept
+
+
+def test_a_batch_that_fails_in_both_layouts_keeps_channels_last_and_its_own_error(bn_model, tmp_path, layout_on_cpu):
+    model, _ = bn_model
+    ts = script(model, tmp_path / "bn_free.ts")
+    engine = TorchEngine(ts, CPU, "x:FP32:-1x-1x-1", outputs_text="y:FP32:5", channels_last=True)
+    assert engine.channels_last
+    module = engine.module
+    with pytest.raises(RuntimeError, match="channels"):  # 4 channels into a 3-channel conv, in any layout
+        engine.run([torch.zeros(2, 4, 16, 16)])
+    assert engine.channels_last and engine.module is module and "channels_last" in engine.description
+    x = batch()
+    torch.testing.assert_close(engine.run([x])[0], eager(model, x), rtol=1e-4, atol=1e-4)
 
 
 # --- GPU ----------------------------------------------------------------------------------------
