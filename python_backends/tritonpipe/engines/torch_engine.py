@@ -7,12 +7,11 @@ afterwards.  On the CPU the model runs eagerly in FP32.
 
 Two layout and graph options. ``channels_last`` runs the module and its 4-D floating inputs in
 channels_last memory format on a GPU; the stage turns it on by default, since served on an H100 it was
-1.02-1.12x as fast.  It applies only to a module with 4-D weights (convolutions).  A module that fails in that
-layout runs in the default one, with a warning: found by one run at load when every per-request dim is fixed,
-else at the first batch that fails (run again in the default layout; if that fails too, the error is the
-batch's and the layout stays).  ``freeze``, off by default (served, it was within 1-2% of the unfrozen model),
-freezes a TorchScript module (BatchNorm folded into the convolutions; on a GPU also ``optimize_for_inference``,
-which fuses conv+add+relu through cuDNN).
+1.02-1.12x as fast.  It applies only to a module with 4-D weights (convolutions), and is tried at load on a
+batch of one of zeros (free dims ``TRIAL_SIDE`` long): a module that fails that trial in channels_last (one that
+flattens a feature map with ``view``, say) runs in the default layout, with a warning.  ``freeze``, off by
+default (served, it was within 1-2% of the unfrozen model), freezes a TorchScript module (BatchNorm folded into
+the convolutions; on a GPU also ``optimize_for_inference``, which fuses conv+add+relu through cuDNN).
 
 Inputs and outputs: a ``torch.export`` file describes itself (names and shapes from its signature
 and example values; outputs are called ``output0``, ``output1``...).  A TorchScript file cannot,
@@ -41,6 +40,9 @@ log = logging.getLogger(__name__)
 TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".pth", ".jit")
 EXPORT_SUFFIXES = (".pt2",)
 TORCH_SUFFIXES = TORCHSCRIPT_SUFFIXES + EXPORT_SUFFIXES
+#: a free dim's length in the trial batch that checks channels_last at load: large enough that a feature map
+#: downsampled 32x keeps more than one pixel, where a view across channels and pixels fails in that layout
+TRIAL_SIDE = 256
 
 
 def parse_io(what: str, text: str) -> list[TensorIO]:
@@ -219,66 +221,40 @@ class TorchEngine:
         if half and precision in ("int8", "best"):
             log.info("the torch engine has no INT8; %s runs in FP16", path.name)
         self.compute = torch.float16 if half else torch.float32
-        self.path, self.half, self.freeze = path, half, freeze
         self.channels_last = channels_last and _layout_applies(device)
         if channels_last and not self.channels_last:
             log.info("channels_last applies on a GPU only; %s runs in the default layout on the CPU", path.name)
         static = all(d >= 0 for io in self.inputs for d in io.spec.shape[1:])
-        self.check = self._dry_run if static else None
+        check = self._dry_run if static else None
         module = load_module(path, device)
         if self.channels_last and not _has_4d_weights(module):
             log.info("channels_last: %s has no 4-D weights, so it runs in the default layout", path.name)
             self.channels_last = False
-        self.module, self.done = prepare_module(module, path, device, half, self.channels_last, freeze, self.check)
-        if self.channels_last and static:
+        self.module, done = prepare_module(module, path, device, half, self.channels_last, freeze, check)
+        if self.channels_last:
             try:
                 self._dry_run(self.module)
             except Exception as exc:  # noqa: BLE001 - e.g. a view across channels and pixels
-                self._layout_failed(exc)
+                log.warning("%s runs in the default layout: a trial batch failed in channels_last (%s)", path.name, _first_line(exc))
                 self.channels_last = False
-                self.module, self.done = self._build(channels_last=False)
+                self.module, done = prepare_module(load_module(path, device), path, device, half, False, freeze, check)
         self.use_graphs = cuda_graph and device.type == "cuda" and static
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.kind = "torch.export" if path.suffix.lower() in EXPORT_SUFFIXES else "TorchScript"
-
-    @property
-    def description(self) -> str:
-        graphs = ["CUDA graphs"] if self.use_graphs else []
-        return f"torch ({', '.join([self.kind, str(self.device), 'fp16' if self.half else 'fp32', *self.done, *graphs])})"
-
-    def _build(self, channels_last: bool) -> tuple[Any, list[str]]:
-        """The module loaded again and prepared as configured, in the layout asked for; what was done."""
-        module = load_module(self.path, self.device)
-        return prepare_module(module, self.path, self.device, self.half, channels_last, self.freeze, self.check)
-
-    def _layout_failed(self, exc: Exception) -> None:
-        log.warning("%s runs in the default layout: it failed in channels_last (%s)", self.path.name, _first_line(exc))
+        kind = "torch.export" if path.suffix.lower() in EXPORT_SUFFIXES else "TorchScript"
+        done += ["CUDA graphs"] if self.use_graphs else []
+        self.description = f"torch ({', '.join([kind, str(device), 'fp16' if half else 'fp32', *done])})"
 
     def _dry_run(self, module: Any) -> None:
-        """``module`` called once on a batch of one of zeros, waited for."""
-        zeros = [torch.zeros((1, *io.spec.shape[1:]), dtype=TRITON_TO_TORCH[io.spec.dtype]) for io in self.inputs]
+        """``module`` called once on a batch of one of zeros (free dims ``TRIAL_SIDE`` long), waited for."""
+        zeros = [
+            torch.zeros((1, *(d if d >= 0 else TRIAL_SIDE for d in io.spec.shape[1:])), dtype=TRITON_TO_TORCH[io.spec.dtype])
+            for io in self.inputs
+        ]
         with torch.no_grad():
             module(*(self._feed(t, io) for t, io in zip(zeros, self.inputs)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _retry_in_default_layout(self, inputs: list[torch.Tensor], exc: RuntimeError) -> list[torch.Tensor]:
-        """``inputs`` run again by the module in the default layout, after its channels_last call raised ``exc``.
-        If that works, the default layout stays for good; if not, the batch itself was at fault: ``exc`` is raised
-        and channels_last stays."""
-        module, done = self._build(channels_last=False)
-        self.channels_last = False
-        try:
-            feeds = [self._feed(t, io) for t, io in zip(inputs, self.inputs)]
-            with torch.no_grad():
-                results = _as_list(module(*feeds))
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            self.channels_last = True
-            raise exc from None
-        self._layout_failed(exc)
-        self.module, self.done = module, done
-        return results
 
     def _layout(self, tensor: torch.Tensor) -> torch.memory_format:
         """The memory format the module is fed ``tensor`` in."""
@@ -333,13 +309,8 @@ class TorchEngine:
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         feeds = [self._feed(t, io) for t, io in zip(inputs, self.inputs)]
-        try:
-            with torch.no_grad():
-                results = self._replay(feeds) if self.use_graphs else self._call(feeds)
-        except RuntimeError as exc:
-            if not self.channels_last or self.use_graphs:  # static dims were checked at load
-                raise
-            results = self._retry_in_default_layout(inputs, exc)
+        with torch.no_grad():
+            results = self._replay(feeds) if self.use_graphs else self._call(feeds)
         if len(results) != len(self.outputs):
             raise InternalError(f"the model returned {len(results)} tensors but {len(self.outputs)} outputs are declared")
         outputs = []
