@@ -364,3 +364,23 @@ def test_freeze_and_channels_last_match_the_plain_fp16_engine(resnet18, freeze, 
     for _, (static_in,), _ in engine.graphs.values():
         assert static_in.is_contiguous(memory_format=torch.channels_last) is channels_last
         assert static_in.is_contiguous() is not channels_last
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_on_the_gpu_the_stage_runs_a_conv_net_channels_last_and_a_view_net_as_it_is(bn_model, tmp_path, caplog):
+    model, ts = bn_model
+    stage = build_stage(load_graph({"backend": "TensorrtTensor", "model": str(ts), "inputs": INPUTS,
+                                    "max": 4}).entry.tree, "cuda:0")
+    assert stage.engine.channels_last and "channels_last" in stage.engine.description
+    x = batch(2)
+    items = [{"data": x[:1].cuda()}, {"data": x[1:].cuda()}]
+    stage.forward(items)
+    # FP16 on the GPU against FP32 eager on the CPU
+    torch.testing.assert_close(torch.cat([i["result"] for i in items]).cpu(), eager(model, x), rtol=0, atol=2e-2)
+    torch.manual_seed(0)
+    flat = script(FlatByView().eval(), tmp_path / "flat.ts")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        stage = build_stage(load_graph({"backend": "TensorrtTensor", "model": str(flat), "inputs": INPUTS,
+                                        "max": 4}).entry.tree, "cuda:0")
+    assert "a trial batch failed in channels_last" in caplog.text and not stage.engine.channels_last
