@@ -1,8 +1,8 @@
 """The torch engine's speed options: ``freeze`` and ``channels_last``.
 
-Outputs are checked against the eager module; GPU tests run only where CUDA is present.  channels_last's choices
-(which modules take it, and the trial at load that sends a module back to the default layout) are checked on the CPU too, with the engine told
-that the layout applies there.
+Outputs are checked against the eager module; GPU tests run only where CUDA is present.  channels_last's
+choices (which modules take it, and the trial at load that sends a module back to the default layout) are
+checked on the CPU too, with the engine told that the layout applies there.
 """
 
 import logging
