@@ -626,7 +626,7 @@ def decode_jpeg_tensor(
             # every GPU decoder here drives the hardware engines, which write when called (see nvjpeg.drain)
             nvjpeg.drain(torch.cuda.current_stream(device))
             on_host = balance is not None or cpu_decoder_share > 0
-            shapes = [(info.height, info.width) if info else (0, 0) for info in infos] if on_host else None
+            shapes = [(info.height, info.width) if info is not None else (0, 0) for info in infos] if on_host else None
             took: list[tuple[float, int]] = []
             if balance is not None:
                 balance.settle()
