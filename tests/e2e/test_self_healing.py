@@ -29,6 +29,7 @@ from tritonpipe.server.procs import python_stubs
 pytestmark = pytest.mark.server
 
 HANG_TIMEOUT_S = 5
+RETIRE_AFTER_S = 10  # stubs of a healed model's earlier load that still run this long after the heal are ended
 STALL_HEIGHT = 13  # a picture this high makes the Stall stage sleep for an hour
 STALL_PLUGIN = f'''
 import time
@@ -74,7 +75,7 @@ def server(tmp_path_factory, tiny_onnx):
     ]
     # CPU instances everywhere: answers are compared with PIL and ONNX Runtime exactly, also on a GPU host
     repos = [generate_repository(g, root / g.name, device="cpu").path for g in graphs]
-    with TritonServer(repos, heal=HealPolicy(hang_timeout_s=HANG_TIMEOUT_S)) as running:
+    with TritonServer(repos, heal=HealPolicy(hang_timeout_s=HANG_TIMEOUT_S, retire_after_s=RETIRE_AFTER_S)) as running:
         yield running
 
 
@@ -130,6 +131,45 @@ def _heal_or_restart(server, model, restarts, before, timeout=180):
     raise AssertionError(f"no heal of {model!r} within {timeout} s; heals so far: {server.supervisor.heals}")
 
 
+def _kill_until_healed(server, model):
+    """SIGKILL one stub of ``model`` and wait for its heal: (the heal, the stub killed, when, since when requests
+    count).  Triton 2.51 itself now and then aborts (SIGABRT) when a stub is killed under load; its supervisor
+    starts it again, which is not what these tests are about: a stub of the new server is killed once more, and
+    requests started before that are not counted."""
+    since = 0.0
+    for attempt in range(2):
+        restarts, before = server.supervisor.restarts, _heals(server, model)
+        (victim, *_) = _serving_stubs(server, model)
+        killed = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        heal = _heal_or_restart(server, model, restarts, before)
+        if heal is not None:
+            return heal, victim, killed, since
+        assert attempt == 0, "tritonserver exited twice when a stub was killed"
+        since = time.monotonic()
+    raise AssertionError("unreachable")
+
+
+def _serving_stubs(server, model, timeout=RETIRE_AFTER_S + 60):
+    """The model's stubs, once those of its earlier load are gone: a reload swaps the new instances in first,
+    then unloads the old ones, whose stubs may run on a while (one instance name then shows twice)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stubs = [s for s in python_stubs(server.process.pid) if s.model == model]
+        names = [s.instance for s in stubs]
+        if len(set(names)) == len(names) or time.monotonic() > deadline:
+            return stubs
+        time.sleep(0.2)
+
+
+def _assert_replaced(server, model, heal, victim, instances):
+    """The heal brought up fresh stubs, and the earlier load's stubs are gone: unloaded by Triton, or (where a stub
+    died under load, after which Triton 2.51 never finishes unloading that load) ended by the supervisor."""
+    assert heal.ok and heal.reason == "exited" and heal.pid == victim.pid and heal.instance == victim.instance
+    assert len(heal.new_pids) == instances and victim.pid not in heal.new_pids
+    assert {s.pid for s in _serving_stubs(server, model)} == set(heal.new_pids)
+
+
 def _jpeg_for_probe() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (16, 16), (90, 120, 150)).save(out, "JPEG")
@@ -159,22 +199,9 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
     threads = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
     for thread in threads:
         thread.start()
-    since = 0.0  # outcomes of requests started before this are not counted
     try:
         time.sleep(2)
-        for attempt in range(2):
-            restarts, before = server.supervisor.restarts, _heals(server, "mat")
-            (victim, *_) = [s for s in python_stubs(server.process.pid) if s.model == "mat"]
-            killed = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
-            heal = _heal_or_restart(server, "mat", restarts, before)
-            if heal is not None:
-                break
-            # Triton 2.51 itself now and then aborts (SIGABRT) when a stub is killed under load; its supervisor
-            # started it again, which is not what this test is about: the stub is killed once more, and the
-            # requests of the first try (some of them refused while no server ran) are not counted
-            assert attempt == 0, "tritonserver exited twice when a stub was killed"
-            since = time.monotonic()
+        heal, victim, killed, since = _kill_until_healed(server, "mat")
         healed = time.monotonic()
         time.sleep(3)
     finally:
@@ -183,9 +210,7 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
             thread.join(timeout=150)  # the client's own timeout is 120 s
 
     outcomes = [o for o in outcomes if o[0] >= since]
-    assert heal.ok and heal.reason == "exited" and heal.pid == victim.pid and heal.instance == victim.instance
-    stubs = {s.pid for s in python_stubs(server.process.pid) if s.model == "mat"}
-    assert len(heal.new_pids) == 2 and set(heal.new_pids) <= stubs and victim.pid not in stubs
+    _assert_replaced(server, "mat", heal, victim, instances=2)
     failed = [o for o in outcomes if o[2] != "OK"]
     after = [o for o in outcomes if o[0] >= healed]
     print(f"\nkilled stub replaced in {heal.took_s:.2f} s (detected and reloaded; {healed - killed:.2f} s after the kill); "
@@ -195,16 +220,36 @@ def test_a_killed_stub_is_replaced_under_load_and_every_later_answer_is_right(se
     assert after and all(o[2] == "OK" for o in after)
 
 
+def test_a_model_healed_before_gets_fresh_stubs_again(server, jpeg_factory):
+    # the same files and config: Triton would keep the dead stub unless the heal marks the folders as changed
+    for _ in range(2):
+        heal, victim, _, _ = _kill_until_healed(server, "mat")
+        _assert_replaced(server, "mat", heal, victim, instances=2)
+    jpeg = jpeg_factory(45, 61, seed=5)
+    client = PipelineClient(server.grpc_url, protocol="grpc", model="mat")
+    for _ in range(4):  # over its instances
+        np.testing.assert_array_equal(client.infer(jpeg)["OUTPUT"][0], reference_mat(jpeg))
+
+
+def test_a_model_whose_folders_cannot_be_marked_is_unloaded_and_loaded_again(server, jpeg_factory, monkeypatch):
+    from tritonpipe.server import heal as heal_module
+
+    monkeypatch.setattr(heal_module, "_mark_changed", lambda folders: False)  # as a read-only repository answers
+    heal, victim, _, _ = _kill_until_healed(server, "mat")
+    _assert_replaced(server, "mat", heal, victim, instances=2)
+    jpeg = jpeg_factory(52, 70, seed=6)
+    client = PipelineClient(server.grpc_url, protocol="grpc", model="mat")
+    for _ in range(4):
+        np.testing.assert_array_equal(client.infer(jpeg)["OUTPUT"][0], reference_mat(jpeg))
+
+
 def test_an_ensemble_keeps_working_after_its_composing_model_is_reloaded(server, tiny_onnx, jpeg_factory):
     session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
     client = PipelineClient(server.grpc_url, protocol="grpc", model="cls")
     jpeg = jpeg_factory(77, 55, seed=9)
     np.testing.assert_allclose(client.infer(jpeg)["scores"], reference_logits(session, jpeg), atol=2e-3, rtol=0)
-    (victim,) = [s for s in python_stubs(server.process.pid) if s.model == "cls_model"]
-    before = _heals(server, "cls_model")  # an earlier test's server restart may have left one
-    os.kill(victim.pid, signal.SIGKILL)
-    heal = _wait_for_heal(server, "cls_model", before + 1)
-    assert heal.ok and heal.new_pids and victim.pid not in heal.new_pids
+    heal, victim, _, _ = _kill_until_healed(server, "cls_model")
+    _assert_replaced(server, "cls_model", heal, victim, instances=1)
     for seed in range(3):
         jpeg = jpeg_factory(60 + seed, 80, seed=seed)
         np.testing.assert_allclose(client.infer(jpeg)["scores"], reference_logits(session, jpeg), atol=2e-3, rtol=0)
@@ -212,7 +257,7 @@ def test_an_ensemble_keeps_working_after_its_composing_model_is_reloaded(server,
 
 def test_a_hung_stub_is_replaced_and_nothing_waits_forever(server, jpeg_factory):
     client = PipelineClient(server.grpc_url, protocol="grpc", model="stall", timeout=300)
-    (victim,) = [s for s in python_stubs(server.process.pid) if s.model == "stall"]
+    (victim,) = _serving_stubs(server, "stall")
     before = _heals(server, "stall")
     results = {}
 
@@ -232,7 +277,7 @@ def test_a_hung_stub_is_replaced_and_nothing_waits_forever(server, jpeg_factory)
     heal = _wait_for_heal(server, "stall", before + 1)
     for thread in calls:
         thread.join(timeout=60)
-    assert heal.ok and heal.reason == "hung" and heal.pid == victim.pid and victim.pid not in heal.new_pids
+    assert heal.ok and heal.reason == "hung" and heal.pid == victim.pid and heal.new_pids and victim.pid not in heal.new_pids
     print(f"\nhung stub replaced: {results}; heal took {heal.took_s:.2f} s after {HANG_TIMEOUT_S} s without progress")
     assert results["stuck"][0] == "INTERNAL" and results["queued"][0] in ("INTERNAL", "OK")
     got = client.infer(jpeg_factory(30, 20, seed=2))["OUTPUT"]

@@ -2,9 +2,13 @@
 
 Triton 2.51's Python backend does not restart a stub that died: the instance stays in rotation and
 its batches fail with ``Stub process ... is not healthy`` while the model reports READY. In explicit
-model-control mode a ``load`` request for a loaded model builds fresh instances (fresh stubs) beside
-the old ones and swaps them in, so the model's other instances and every other model keep serving;
-an ensemble keeps calling the reloaded model by name.
+model-control mode a ``load`` request for a loaded model whose files changed builds fresh instances
+(fresh stubs) beside the old ones and swaps them in, so the model's other instances and every other
+model keep serving; an ensemble keeps calling the reloaded model by name.  Where neither the files
+nor the config changed, the load only updates the instance group and keeps every instance, dead
+stubs included (the first heal of a model may still work: its first load wrote ``__pycache__`` into
+its folder).  So a heal first sets the modification time of the model's version folders to now;
+where it cannot (a read-only repository), it unloads the model before loading it again.
 
 Each heal is one WARNING line on the ``tritonpipe.server`` logger, in this form::
 
@@ -61,6 +65,9 @@ class HealPolicy:
         hang_timeout_s: a model with requests pending and none finished for this long is hung;
             ``None`` turns hang detection off.
         reload_attempts: loads tried for one heal, with ``backoff_s`` doubling between them.
+        retire_after_s: stubs of a healed model's earlier load that still run this long after the heal are
+            ended (Triton 2.51 never finishes unloading a model one of whose stubs died under load, and its
+            other stubs would run on, holding their memory, until the server stops).
         max_restarts, restart_window_s: a crashed ``tritonserver`` is started again, after ``backoff_s``
             doubling with each crash in the window, unless it crashed more than ``max_restarts`` times
             within the last ``restart_window_s`` seconds (then it is crash-looping, and the supervisor
@@ -70,6 +77,7 @@ class HealPolicy:
     poll_s: float = 0.5
     hang_timeout_s: float | None = 60.0
     reload_attempts: int = 3
+    retire_after_s: float = 30.0
     backoff_s: float = 1.0
     max_restarts: int = 5
     restart_window_s: float = 60.0
@@ -167,6 +175,7 @@ class Supervisor:
         self._crashes: list[float] = []
         self.failed_models: set[str] = set()
         self._stubs: dict[str, list[Stub]] = {}
+        self._retired: list[tuple[float, str, list[Stub]]] = []  # when to end them, the model, an earlier load's stubs
         self._progress: dict[str, _Progress] = {}
         self._stop = threading.Event()
         self._not_ready = False
@@ -204,6 +213,7 @@ class Supervisor:
                 if self._going_down():
                     continue
                 self._check_models()
+                self._end_retired()
                 self._not_ready, self._failing = False, None
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad check
                 if not _is_not_ready(exc):
@@ -256,6 +266,7 @@ class Supervisor:
         for stub in python_stubs(self.server.process.pid):
             self._stubs.setdefault(stub.model, []).append(stub)
         self._progress = {}
+        self._retired = []
 
     def _check_models(self) -> None:
         states = self._model_states()
@@ -272,6 +283,21 @@ class Supervisor:
                 for stub in stubs:  # its in-flight requests fail with INTERNAL instead of waiting forever
                     _kill(stub.pid)
                 self._heal(model, stubs[0], "hung")
+
+    def _end_retired(self) -> None:
+        """End the stubs of a healed model's earlier load that still run :attr:`HealPolicy.retire_after_s` after
+        the heal: that load no longer serves, and Triton 2.51 may never unload it."""
+        now = time.monotonic()
+        due = [r for r in self._retired if r[0] <= now]
+        self._retired = [r for r in self._retired if r[0] > now]
+        for _, model, stubs in due:
+            pids = {s.pid for s in stubs}
+            left = [s for s in python_stubs(self.server.process.pid) if s.pid in pids and s.model == model]
+            for stub in left:
+                _kill(stub.pid)
+            if left:
+                log.info("ended %d stub(s) of model=%s's earlier load, still running %.0f s after its heal: pids=%s",
+                         len(left), model, self.policy.retire_after_s, ",".join(str(s.pid) for s in left))
 
     def _model_states(self) -> dict[str, str]:
         index = self.server.control().get_model_repository_index(
@@ -293,7 +319,8 @@ class Supervisor:
 
     def _heal(self, model: str, culprit: Stub, reason: str) -> None:
         started = time.monotonic()
-        old = {s.pid for s in self._stubs[model]}
+        previous = self._stubs[model]
+        old = {s.pid for s in previous}
         ok = self._reload(model)
         fresh = [s for s in python_stubs(self.server.process.pid) if s.model == model and s.pid not in old]
         if self._server_went_down(wait=ok and not fresh):
@@ -307,6 +334,7 @@ class Supervisor:
         self._progress.pop(model, None)
         if ok:
             self._stubs[model] = fresh
+            self._retired.append((time.monotonic() + self.policy.retire_after_s, model, previous))
             log.warning("heal model=%s instance=%s pid=%d reason=%s new_pids=%s took=%.2fs", model, culprit.instance,
                         culprit.pid, reason, ",".join(map(str, heal.new_pids)), took)
             return
@@ -341,6 +369,14 @@ class Supervisor:
     def _reload(self, model: str) -> bool:
         client, headers = self.server.control(), self.server.control_headers
         delay = self.policy.backoff_s
+        if not _mark_changed(self._version_folders(model)):
+            # a load of a model whose files and config are unchanged keeps its instances, dead stubs included
+            log.warning("the folders of model=%s cannot be marked as changed (a read-only repository?): it is unloaded "
+                        "before its reload, and its requests fail until the reload is done", model)
+            try:
+                client.unload_model(model, headers=headers)
+            except Exception as exc:  # noqa: BLE001 - the load below says whether the model comes back
+                log.warning("unloading %s before its reload failed: %s", model, exc)
         for attempt in range(1, self.policy.reload_attempts + 1):
             try:
                 client.load_model(model, headers=headers)
@@ -356,6 +392,11 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001
             log.error("unloading %s after its failed reload failed too: %s", model, exc)
         return False
+
+    def _version_folders(self, model: str) -> list[Any]:
+        """The model's version folders, in the server's repositories."""
+        return [v for repository in getattr(self.server, "repositories", ()) if (repository / model).is_dir()
+                for v in (repository / model).iterdir() if v.name.isdigit() and v.is_dir()]
 
     def _restart_server(self) -> bool:
         code = self.server.process.returncode
@@ -385,6 +426,17 @@ class Supervisor:
         self._rebase()
         log.warning("restart of tritonserver done pid=%d took=%.2fs", self.server.process.pid, time.monotonic() - started)
         return True
+
+
+def _mark_changed(folders: list[Any]) -> bool:
+    """Set the folders' modification times to now, so that Triton takes the model's files as changed and its load
+    builds fresh instances; False where there is no folder, or one cannot be changed."""
+    try:
+        for folder in folders:
+            os.utime(folder)
+    except OSError:
+        return False
+    return bool(folders)
 
 
 def _kill(pid: int) -> None:
