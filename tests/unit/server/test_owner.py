@@ -448,3 +448,22 @@ def test_a_check_that_keeps_failing_alike_is_summed_up_once_a_while_and_a_new_er
     lines = [(r.getMessage(), r.exc_info is not None) for r in caplog.records]
     assert [traced for _, traced in lines] == [True, True, False, False]
     assert lines[2][0].startswith("supervisor check: the same failure 1 more time(s)") and "RuntimeError: timed out" in lines[2][0]
+
+
+def test_an_earlier_loads_stubs_are_ended_once_due_and_only_while_they_still_serve_the_model(monkeypatch):
+    from tritonpipe.server import heal as heal_module
+    from tritonpipe.server.procs import Stub
+
+    old_a, old_b, new = Stub(101, "mat", "mat_0_0"), Stub(102, "mat", "mat_0_1"), Stub(202, "mat", "mat_0_0")
+    # 102 has exited and its pid now serves another model: it must be left alone
+    running = [old_a, Stub(102, "cls_model", "cls_model_0_0"), new]
+    monkeypatch.setattr(heal_module, "python_stubs", lambda pid: list(running))
+    killed = []
+    monkeypatch.setattr(heal_module, "_kill", killed.append)
+    supervisor = heal_module.Supervisor(_Reloading(dies=False), heal_module.HealPolicy(retire_after_s=60))
+    supervisor._retired = [(time.monotonic() + 60, "mat", [old_a, old_b])]
+    supervisor._end_retired()
+    assert killed == [] and len(supervisor._retired) == 1  # not due yet
+    supervisor._retired = [(time.monotonic() - 1, "mat", [old_a, old_b])]
+    supervisor._end_retired()
+    assert killed == [101] and supervisor._retired == []
