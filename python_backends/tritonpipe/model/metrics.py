@@ -124,13 +124,18 @@ class StageMetrics:
 
         Each update keeps the GIL for its round trip, and a flush is a hundred or more of them (on an H200
         host 4-7 ms of a stub's CPU per flush): the thread lets the GIL go between updates (``_yield``), so
-        that ``execute`` waits for one update at most, not for the interpreter's 5 ms switch interval."""
+        that ``execute`` waits for one update at most, not for the interpreter's 5 ms switch interval.
+
+        The batch counts (``..._batch_duration_seconds_count``) go last: a reader that sees a stage's count
+        reach N sees everything else of those N batches too (their images, rejects, durations and buckets)."""
         with self._lock:
             counts, self._counts = self._counts, {}
             histograms, self._histograms = self._histograms, {}
+        last = [(key, amount) for key, amount in counts.items() if key[0] is self._batch_count]
         for (family, stage, extra), amount in counts.items():
-            self._metric(family, stage, extra).increment(amount)
-            self._yield()
+            if family is not self._batch_count:
+                self._metric(family, stage, extra).increment(amount)
+                self._yield()
         for stage, bins in histograms.items():
             below = 0
             for label, count in zip(BUCKET_LABELS, bins):
@@ -140,6 +145,9 @@ class StageMetrics:
                     self._metric(self._buckets, stage, (("le", label),)).increment(below)
                     self._yield()
             self._bucketed.add(stage)
+        for (family, stage, extra), amount in last:
+            self._metric(family, stage, extra).increment(amount)
+            self._yield()
         if self._cache is not None:
             with contextlib.suppress(Exception):  # a reading: never worth failing anything for
                 self._cache.set(float(self._gpu_cache()))

@@ -5,7 +5,8 @@ import threading
 
 
 class _Metric:
-    def __init__(self, module):
+    def __init__(self, module, name):
+        self.name = name
         self.total = 0.0
         self.observed = []
         self.module = module
@@ -14,6 +15,7 @@ class _Metric:
     def increment(self, amount):
         self.callers.add(threading.current_thread().name)
         self.module.updates += 1
+        self.module.order.append(self.name)
         self.total += amount
 
     def observe(self, seconds):
@@ -31,6 +33,7 @@ class FakeMetricsModule:
         self.kinds: dict[str, str] = {}  # family name -> its kind
         self.callers: set[str] = set()  # threads that updated a metric
         self.updates = 0  # increments, each a round trip to the server in the stub
+        self.order: list[str] = []  # the family of each increment, in turn
         module = self
 
         class MetricFamily:
@@ -41,7 +44,7 @@ class FakeMetricsModule:
                 module.kinds[name] = kind
 
             def Metric(self, labels, buckets=None):  # noqa: N802 - the stub's spelling
-                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module))
+                return module.metrics.setdefault((self.name, frozenset(labels.items())), _Metric(module, self.name))
 
         self.MetricFamily = MetricFamily
 

@@ -208,3 +208,18 @@ def test_a_flush_lets_a_thread_that_waits_for_the_gil_run_between_updates(monkey
     assert len(seen) == 3 * (4 + len(BUCKET_LABELS))  # a stage's first flush gives every bucket its series
     moved = sum(b != a for a, b in zip(seen, seen[1:]))
     assert moved >= len(seen) // 2, (moved, len(seen))
+
+
+def test_a_flush_hands_over_the_batch_counts_last():
+    module = FakeMetricsModule()
+    metrics = StageMetrics(module, "m", flush_seconds=3600)  # its thread would flush in an hour: flushed below
+    metrics.record("DecodeMat", 0.002, 1, [])
+    metrics.record("ResizeMat", 0.001, 1, [])
+    # a reason first seen after the counts' series were tallied
+    metrics.record("DecodeMat", 0.003, 1, [RequestError("too big", reason="too_large")])
+    metrics.flush()
+    metrics.close()
+    counts = [i for i, name in enumerate(module.order) if name == f"{BATCH_SECONDS}_count"]
+    assert len(counts) == 2 and counts == list(range(len(module.order) - 2, len(module.order)))
+    assert module.value(REJECTS, model="m", stage="DecodeMat", reason="too_large") == 1
+    assert module.value(f"{BATCH_SECONDS}_count", model="m", stage="DecodeMat") == 2
