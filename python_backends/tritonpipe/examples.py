@@ -1,6 +1,6 @@
 """The shipped examples' models and sample JPEG, made locally.
 
-- ``resnet18``: a ResNet-18 ONNX classifier;
+- ``resnet18``: a ResNet-18 ONNX classifier (and, asked for, the same as TorchScript);
 - ``detect_classify``: a detector (torchvision's FCOS head on a MobileNetV3 FPN, answering a
   YOLO-style head that ``Yolo11Post`` decodes) and the same classifier for its crops.
 
@@ -39,6 +39,22 @@ def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
         opset_version=opset,
         dynamo=False,
     )
+    return path
+
+
+def export_classifier_torchscript(path: str | Path, seed: int = 0) -> Path:
+    """Save :func:`export_classifier`'s ResNet-18 (the same weights for the same ``seed``) as TorchScript, for the
+    torch engine."""
+    import torch
+    import torchvision
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.10 and later call TorchScript deprecated
+        torch.jit.script(model).save(str(path))
     return path
 
 
