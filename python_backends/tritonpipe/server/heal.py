@@ -394,9 +394,12 @@ class Supervisor:
         return False
 
     def _version_folders(self, model: str) -> list[Any]:
-        """The model's version folders, in the server's repositories."""
-        return [v for repository in getattr(self.server, "repositories", ()) if (repository / model).is_dir()
-                for v in (repository / model).iterdir() if v.name.isdigit() and v.is_dir()]
+        """The model's version folders, in the server's repositories (none where they cannot be listed)."""
+        try:
+            return [v for repository in getattr(self.server, "repositories", ()) if (repository / model).is_dir()
+                    for v in (repository / model).iterdir() if v.name.isdigit() and v.is_dir()]
+        except OSError:
+            return []
 
     def _restart_server(self) -> bool:
         code = self.server.process.returncode
