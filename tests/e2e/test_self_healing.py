@@ -105,9 +105,10 @@ def _wait_for_heal(server, model, count, timeout=180):
     raise AssertionError(f"no heal of {model!r} within {timeout} s; heals so far: {server.supervisor.heals}")
 
 
-def _heal_or_restart(server, model, restarts, before, timeout=180):
+def _heal_or_restart(server, model, restarts, before, timeout=180, entry=None):
     """The first heal of ``model`` after its ``before`` ones, or None where tritonserver itself exited meanwhile
-    and its supervisor started it again (and it answers once more).  A heal that brought up no new stub is given
+    and its supervisor started it again (and ``entry``, the model that takes JPEGs, ``model`` itself by default,
+    answers once more).  A heal that brought up no new stub is given
     a minute to turn out as the server going down."""
     first_seen = None  # when a heal of the model first showed
     deadline = time.monotonic() + timeout
@@ -121,7 +122,7 @@ def _heal_or_restart(server, model, restarts, before, timeout=180):
             probe = _jpeg_for_probe()
             while time.monotonic() < deadline:
                 try:
-                    PipelineClient(server.grpc_url, protocol="grpc", model=model, timeout=10).infer(probe)
+                    PipelineClient(server.grpc_url, protocol="grpc", model=entry or model, timeout=10).infer(probe)
                     time.sleep(1)  # the supervisor has taken the new server's stubs by now
                     return None
                 except (InferError, InferenceServerException):  # the latter: no server to connect to yet
@@ -131,7 +132,7 @@ def _heal_or_restart(server, model, restarts, before, timeout=180):
     raise AssertionError(f"no heal of {model!r} within {timeout} s; heals so far: {server.supervisor.heals}")
 
 
-def _kill_until_healed(server, model):
+def _kill_until_healed(server, model, entry=None):
     """SIGKILL one stub of ``model`` and wait for its heal: (the heal, the stub killed, when, since when requests
     count).  Triton 2.51 itself now and then aborts (SIGABRT) when a stub is killed under load; its supervisor
     starts it again, which is not what these tests are about: a stub of the new server is killed once more, and
@@ -142,7 +143,7 @@ def _kill_until_healed(server, model):
         (victim, *_) = _serving_stubs(server, model)
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
-        heal = _heal_or_restart(server, model, restarts, before)
+        heal = _heal_or_restart(server, model, restarts, before, entry=entry)
         if heal is not None:
             return heal, victim, killed, since
         assert attempt == 0, "tritonserver exited twice when a stub was killed"
@@ -248,7 +249,7 @@ def test_an_ensemble_keeps_working_after_its_composing_model_is_reloaded(server,
     client = PipelineClient(server.grpc_url, protocol="grpc", model="cls")
     jpeg = jpeg_factory(77, 55, seed=9)
     np.testing.assert_allclose(client.infer(jpeg)["scores"], reference_logits(session, jpeg), atol=2e-3, rtol=0)
-    heal, victim, _, _ = _kill_until_healed(server, "cls_model")
+    heal, victim, _, _ = _kill_until_healed(server, "cls_model", entry="cls")
     _assert_replaced(server, "cls_model", heal, victim, instances=1)
     for seed in range(3):
         jpeg = jpeg_factory(60 + seed, 80, seed=seed)

@@ -27,11 +27,11 @@ def children(pid: int) -> list[int]:
     found: list[int] = []
     tasks = Path(f"/proc/{pid}/task")
     try:
-        for task in tasks.iterdir():
+        for task in sorted(tasks.iterdir()):
             found += [int(p) for p in (task / "children").read_text().split()]
         return sorted(set(found))
     except OSError:
-        pass
+        found = []  # a thread that ended mid-walk: what it found so far is found again below
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:

@@ -467,3 +467,19 @@ def test_an_earlier_loads_stubs_are_ended_once_due_and_only_while_they_still_ser
     supervisor._retired = [(time.monotonic() - 1, "mat", [old_a, old_b])]
     supervisor._end_retired()
     assert killed == [101] and supervisor._retired == []
+
+
+def test_children_lists_each_child_once_when_a_thread_ends_mid_walk(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tritonpipe.server import procs
+
+    proc = tmp_path / "proc"
+    (proc / "10" / "task" / "10").mkdir(parents=True)
+    (proc / "10" / "task" / "10" / "children").write_text("21 22")
+    (proc / "10" / "task" / "99").mkdir()  # a thread that ended after the others were read: no children file
+    for child, parent in ((21, 10), (22, 10), (23, 99)):
+        (proc / str(child)).mkdir()
+        (proc / str(child) / "stat").write_text(f"{child} (stub) S {parent} 0 0")
+    monkeypatch.setattr(procs, "Path", lambda path: proc / Path(path).relative_to("/proc"))
+    assert procs.children(10) == [21, 22]
