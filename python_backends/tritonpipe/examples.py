@@ -19,15 +19,22 @@ DETECTOR_SIDE = 320
 DETECTOR_CLASSES = 8
 
 
-def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
-    """Export torchvision's ResNet-18 (random weights from ``seed``) to ONNX, batch axis dynamic."""
+def _classifier(seed: int):
+    """torchvision's ResNet-18 with random weights from ``seed``, in eval mode: the examples' classifier."""
     import torch
     import torchvision
 
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=1000).eval()
+
+
+def export_classifier(path: str | Path, seed: int = 0, opset: int = 17) -> Path:
+    """Export torchvision's ResNet-18 (random weights from ``seed``) to ONNX, batch axis dynamic."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=1000).eval()
+    model = _classifier(seed)
     example = torch.randn(1, 3, 224, 224)
     torch.onnx.export(
         model,
@@ -46,12 +53,10 @@ def export_classifier_torchscript(path: str | Path, seed: int = 0) -> Path:
     """Save :func:`export_classifier`'s ResNet-18 (the same weights for the same ``seed``) as TorchScript, for the
     torch engine."""
     import torch
-    import torchvision
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=1000).eval()
+    model = _classifier(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.10 and later call TorchScript deprecated
         torch.jit.script(model).save(str(path))
