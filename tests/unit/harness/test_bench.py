@@ -192,6 +192,21 @@ def test_fused_pipeline_gets_its_unfused_model_stage_and_nothing_else(tmp_path, 
     assert graph.entry.settings.fuse and graph.name == "cls", "the graph itself is not changed"
 
 
+def test_a_fused_pipelines_preprocessing_is_timed_from_its_stages(tmp_path, tiny_onnx):
+    """Fused, no model of the chain runs the preprocessing alone: its in-process row adds the stage times of every
+    stage before the model stage, and is faster than the whole chain (which the model stage is part of)."""
+    graph = load_graph(model_chain(tiny_onnx, fuse=True), name="cls")
+    options = bench_options(tmp_path, systems=("inprocess",), inprocess_batch=4, inprocess_seconds=0.2, progress=False)
+    repo, _ = runner.build_bench_repository(graph, tmp_path / "repo", options)
+    rows, steps, stages = runner._measure_inprocess(repo, corpus.synthetic_corpus(4, sizes=((48, 64),)), options, print)
+    (pre,) = runner._inprocess_pre(repo, rows, steps, stages)
+    per_image = {s.stage: s.ms_per_image for s in stages}
+    assert {"DecodeTensor", "ResizeTensor", "cvtColorTensor", "TensorrtTensor"} <= set(per_image)
+    want = 1000.0 / (per_image["DecodeTensor"] + per_image["ResizeTensor"] + per_image["cvtColorTensor"])
+    assert pre.system == "inprocess-pre" and pre.concurrency == 4 and pre.throughput == pytest.approx(want)
+    assert pre.throughput > rows[0].throughput and "fused" in pre.note
+
+
 def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
     graph = load_graph(model_chain(tiny_onnx), name="cls")
     repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path, systems=("ensemble",)))
@@ -211,7 +226,7 @@ def test_dali_served_shares_the_model_stage_with_the_baseline(tmp_path, tiny_onn
     pre, model = on_disk["dali_served_pre"], on_disk["cls_unfused_model"]
     # the same instances, batch size and batching as the shared model stage, on the GPU, any JPEG length per batch
     assert pre.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    assert pre.instance_group[0].count == model.instance_group[0].count == 3
+    assert pre.instance_group[0].count == sum(g.count for g in model.instance_group) == 3
     assert pre.max_batch_size == model.max_batch_size == 8
     assert pre.dynamic_batching == model.dynamic_batching and pre.HasField("dynamic_batching")
     assert pre.input[0].allow_ragged_batch and list(pre.output[0].dims) == [3, 32, 32]

@@ -13,6 +13,7 @@ from tritonpipe.deploy.layout import build_manifests
 from tritonpipe.errors import ConfigError
 from tritonpipe.pipeline.files import compose_config, parse_overrides
 from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository import configs as configs_module
 from tritonpipe.repository.configs import RATE_LIMIT_FLAG, RESPONSE_CACHE_FLAG, server_flags
 from tritonpipe.repository.generate import build_repository, generate_repository
 from tritonpipe.server.owner import TritonServer
@@ -89,13 +90,13 @@ def test_bad_scheduling_keys_are_refused_before_anything_is_written(tmp_path, ex
 
 
 def test_instances_per_gpu_gives_one_group_per_gpu():
-    groups = only({**TENSOR, "instances_per_gpu": "0:2,1:1"}, device="gpu").instance_group
+    groups = only({**TENSOR, "instances_per_gpu": "0:2,1:1", "instance_affinity": False}, device="gpu").instance_group
     assert [(g.count, list(g.gpus), g.kind) for g in groups] == [
         (2, [0], mc.ModelInstanceGroup.KIND_GPU), (1, [1], mc.ModelInstanceGroup.KIND_GPU)]
 
 
 def test_instance_num_is_per_listed_gpu_and_cpu_models_ignore_instances_per_gpu():
-    (group,) = only({**TENSOR, "instance_num": 2, "device_id": "0,1"}, device="gpu").instance_group
+    (group,) = only({**TENSOR, "instance_num": 2, "device_id": "0,1", "instance_affinity": "false"}, device="gpu").instance_group
     assert (group.count, list(group.gpus)) == (2, [0, 1])  # Triton starts 2 on each: 4 instances
     (group,) = only({**MAT, "instance_num": 3, "instances_per_gpu": "0:2"}).instance_group
     assert (group.count, group.kind, list(group.gpus)) == (3, mc.ModelInstanceGroup.KIND_CPU, [])
@@ -185,6 +186,21 @@ def test_instance_affinity_puts_one_instance_first_and_keeps_the_count(keys, wan
     assert _groups(config) == want
     assert _per_gpu(config) == _per_gpu(plain)  # the same instances on the same GPUs
     assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+
+
+def test_instance_affinity_by_default_is_on_for_gpu_instances_only(monkeypatch):
+    on_gpu = [(1, [], 1), (2, [], 1000)]
+    assert _groups(only({**TENSOR, "instance_num": 3}, device="gpu")) == on_gpu
+    assert _groups(only({**TENSOR, "instance_num": 3}, device="cpu")) == [(3, [], 0)]
+    assert _groups(only({**MAT, "instance_num": 3}, device="gpu")) == [(3, [], 0)]  # a CPU model
+    # device auto leaves the kind to Triton: on where this host has a GPU
+    monkeypatch.setattr(configs_module, "_gpu_visible", lambda: False)
+    assert _groups(only({**TENSOR, "instance_num": 3})) == [(3, [], 0)]
+    monkeypatch.setattr(configs_module, "_gpu_visible", lambda: True)
+    assert _groups(only({**TENSOR, "instance_num": 3})) == on_gpu
+    assert _groups(only({**TENSOR, "instance_num": 3, "instance_affinity": "false"})) == [(3, [], 0)]
+    with pytest.raises(ConfigError, match="instance_affinity.*auto, true, false"):
+        only({**TENSOR, "instance_affinity": "sometimes"})
 
 
 def test_instance_affinity_on_a_cpu_model_and_the_flag_the_server_needs(tmp_path):

@@ -27,6 +27,7 @@ from ...pipeline.graph import Graph, load_graph, set_node_keys
 from ...repository.configs import validate_repository
 from ...repository.generate import GeneratedRepository, build_repository, write_repository
 from ...stages import load_builtin_stages
+from ...stages.base import Role, find_stage
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
 from ..probe import gpu_memory_mb
 from .peers import FLOOR, Peer, add_baseline, add_dali_served, add_floor
@@ -503,16 +504,30 @@ def _without_missing_dali(options: BenchOptions, header: dict[str, str], say) ->
     return dataclasses.replace(options, systems=tuple(s for s in options.systems if not s.startswith("dali")))
 
 
-def _inprocess_pre(repo, rows: list[Row], steps: list[StepTimes]) -> list[Row]:
-    """tritonpipe's preprocessing alone, from the in-process run's per-model times (none when fused)."""
-    stage_models = _model_stage_models(repo)
-    pre = [s for s in steps if s.system == "inprocess" and s.model not in stage_models]
+def _inprocess_pre(repo, rows: list[Row], steps: list[StepTimes], stages: list[StageTimes]) -> list[Row]:
+    """tritonpipe's preprocessing alone: from the in-process run's per-model times, or, where the model stage is
+    fused into the preprocessing model, from its stage times (every stage but the model stage)."""
     whole = next((r for r in rows if r.system == "inprocess" and r.throughput), None)
-    if whole is None or not pre or not stage_models:
+    if whole is None:
         return []
-    per_image_ms = sum(s.total_ms for s in pre)
-    return [Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms if per_image_ms else None,
-                note="tritonpipe's preprocessing model alone, from the in-process run's per-model times")]
+    stage_models = _model_stage_models(repo)
+    if stage_models:
+        pre = [s.total_ms for s in steps if s.system == "inprocess" and s.model not in stage_models]
+        note = "tritonpipe's preprocessing model alone, from the in-process run's per-model times"
+    else:
+        pre = [s.ms_per_image for s in stages if s.system == "inprocess" and _is_preprocessing(s.stage)]
+        note = ("the fused model's stages before the model stage, from the in-process run's stage times: one batch at "
+                "a time, each stage waited for")
+    per_image_ms = sum(pre)
+    if not per_image_ms:
+        return []
+    return [Row("inprocess-pre", whole.concurrency, 1000.0 / per_image_ms, note=note)]
+
+
+def _is_preprocessing(stage: str) -> bool:
+    """Whether the stage named ``stage`` is a processing step (not the model stage, a wrapper or a timing row)."""
+    cls = find_stage(stage)
+    return cls is not None and cls.role == Role.PROCESS
 
 
 def _measure_dali(repo, baseline: Peer | None, corpus: Corpus, options: BenchOptions, say) -> list[Row]:
@@ -642,7 +657,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             header["server log"] = "server.log (the models' warnings and errors, if any)"
         if "inprocess" in options.systems:
             more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
-            rows += more_rows + _inprocess_pre(repo, more_rows, more_steps)
+            rows += more_rows + _inprocess_pre(repo, more_rows, more_steps, more_stages)
             steps += more_steps
             stages += more_stages
         if "dali" in options.systems:
