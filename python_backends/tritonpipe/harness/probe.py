@@ -1,4 +1,5 @@
-"""Readings of the host a served repository runs on: GPU memory, and the server's memory.
+"""Readings of the host a served repository runs on: GPU memory, the server's memory, and the cores the host,
+the server and its stubs keep busy.
 
 The benchmark and the soak both report them; process discovery comes from the server owner's
 own :mod:`tritonpipe.server.procs`.
@@ -6,11 +7,14 @@ own :mod:`tritonpipe.server.procs`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..server.procs import is_running, python_stubs, rss_mb
+from ..server.procs import cpu_seconds, is_running, python_stubs, rss_mb
 
 
 def gpu_memory_mb() -> float | None:
@@ -53,3 +57,53 @@ def sample_memory(server_pid: int | None) -> Memory:
     memory.stubs_mb = sum(rss_mb(s.pid) for s in stubs)
     memory.stubs = len(stubs)
     return memory
+
+
+def host_busy_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU time the host's cores have spent busy since boot (every state but idle and iowait), or None where
+    ``/proc/stat`` cannot be read."""
+    try:
+        first = stat.read_text().split("\n", 1)[0].split()
+        ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    if first[0] != "cpu" or len(ticks) < 5:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far, at one moment: by the host's cores, the server process and each of its stubs."""
+
+    wall: float
+    host: float | None
+    server: float = 0.0
+    stubs: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CoresBusy:
+    """Cores kept busy on average between two samples: the whole host, the server process (all its threads) and
+    its Python stubs together."""
+
+    host: float | None
+    server: float
+    stubs: float
+
+
+def sample_cpu(server_pid: int | None) -> CpuSample:
+    if server_pid is None or not is_running(server_pid):
+        return CpuSample(time.monotonic(), host_busy_seconds())
+    stubs = {stub.pid: cpu_seconds(stub.pid) for stub in python_stubs(server_pid)}
+    return CpuSample(time.monotonic(), host_busy_seconds(), cpu_seconds(server_pid), stubs)
+
+
+def cores_busy(before: CpuSample, after: CpuSample) -> CoresBusy | None:
+    """What was busy between two samples; a stub that started in between counts from its start."""
+    wall = after.wall - before.wall
+    if wall <= 0:
+        return None
+    host = None if before.host is None or after.host is None else (after.host - before.host) / wall
+    stubs = sum(max(seconds - before.stubs.get(pid, 0.0), 0.0) for pid, seconds in after.stubs.items())
+    return CoresBusy(host, max(after.server - before.server, 0.0) / wall, stubs / wall)

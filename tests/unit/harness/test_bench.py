@@ -3,8 +3,10 @@
 import base64
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,43 @@ def test_gpu_memory_sums_every_gpu(monkeypatch):
     monkeypatch.setattr(probe.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     monkeypatch.setattr(probe.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "1024\n512\n", ""))
     assert probe.gpu_memory_mb() == 1536.0
+
+
+def test_host_busy_seconds_reads_every_busy_state_of_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
+    stat.write_text("cpu  700 10 200 5000 90 30 40 20 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert probe.host_busy_seconds(stat) == pytest.approx(1000 / os.sysconf("SC_CLK_TCK"))
+    stat.write_text("garbage\n")
+    assert probe.host_busy_seconds(stat) is None
+    assert probe.host_busy_seconds(tmp_path / "missing") is None
+
+
+def test_cores_busy_matches_the_process_clock_of_a_spinning_process():
+    """A process that spins is measured as the server would be: its cores times the wall time are its CPU time by
+    Python's own clock (to the kernel's tick), and the host was at least that busy."""
+    before, clock = probe.sample_cpu(os.getpid()), time.process_time()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        pass
+    after, used = probe.sample_cpu(os.getpid()), time.process_time() - clock
+    busy = probe.cores_busy(before, after)
+    wall = after.wall - before.wall
+    assert busy.server * wall == pytest.approx(used, abs=0.05)
+    assert busy.stubs == 0.0 and busy.host * wall >= used - 0.05
+    # a stub that started between the samples counts from its start; one that ended counts nothing
+    stubs = probe.cores_busy(probe.CpuSample(0.0, 1.0, 0.0, {1: 2.0, 2: 5.0}), probe.CpuSample(2.0, 5.0, 1.0, {1: 3.0, 3: 1.0}))
+    assert (stubs.host, stubs.server, stubs.stubs) == (2.0, 0.5, 1.0)
+    assert probe.cores_busy(after, before) is None
+
+
+def test_markdown_gives_the_cores_each_level_kept_busy():
+    rows = [report.Row("ensemble", 1, 100.0, 1.0, 1.0, 1.0, 2.0, host_cores=3.5, server_cores=0.5, stub_cores=2.25),
+            report.Row("ensemble", 8, 300.0, 2.0, 2.0, 2.0, 4.0)]
+    lines = report.markdown(rows, [], {}).splitlines()
+    assert "| ensemble | 1 | 3.50 | 0.50 | 2.25 | 0.75 |" in lines
+    assert not [line for line in lines if line.startswith("| ensemble | 8 | —")]
+    assert "Host CPU" not in report.markdown(rows[1:], [], {})
 
 
 # --- corpus and input data ------------------------------------------------------------------
@@ -537,7 +576,7 @@ def test_csv_files_have_the_expected_columns(tmp_path):
     path = report.write_rows(_rows(), tmp_path / "results.csv")
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["system", "concurrency", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "gpu_mem_before_mb", "gpu_mem_mb",
-                            "torch_cache_before_mb", "torch_cache_mb", "note"]
+                            "torch_cache_before_mb", "torch_cache_mb", "note", "host_cores", "server_cores", "stub_cores"]
     assert rows[0]["throughput"] == "200.0000" and rows[3]["throughput"] == "" and rows[0]["gpu_mem_mb"] == ""
     steps = [stats.StepTimes("inprocess", "cls_pre", 64, 1, 3.5)]
     rows = list(csv.DictReader(report.write_breakdown(steps, tmp_path / "b.csv").open()))

@@ -14,6 +14,7 @@ UNSTABLE = PerfError("Failed to obtain stable measurement within 10 measurement 
 
 class Server:
     grpc_url, metrics_url = "127.0.0.1:1", "http://127.0.0.1:1/metrics"
+    process = None  # no server process: the host's cores are still read
 
 
 def sweep(monkeypatch, tmp_path, outcomes):

@@ -40,6 +40,10 @@ class Row:
     torch_cache_before_mb: float | None = None
     torch_cache_mb: float | None = None
     note: str = ""
+    # cores busy on average over the level: the whole host, the server process, its Python stubs together
+    host_cores: float | None = None
+    server_cores: float | None = None
+    stub_cores: float | None = None
 
 
 ROW_COLUMNS = [f.name for f in fields(Row)]
@@ -71,6 +75,10 @@ def fmt_ms(value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def fmt_cores(value: float | None) -> str:
+    return "—" if value is None else f"{max(value, 0.0):.2f}"
 
 
 def fmt_mem(before: float | None, after: float | None, cache_before: float | None = None, cache_after: float | None = None) -> str:
@@ -231,6 +239,15 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
             out += ["", "GPU MiB is the GPU's memory in use before and after the level (nvidia-smi); in brackets, what torch's "
                     "caching allocators held in tritonpipe's GPU instances then (the `tritonpipe_gpu_cache_bytes` gauges), so "
                     "that a rise reads apart into torch's cache and the rest (the decoders' own buffers, CUDA contexts, the server)."]
+    busy = [r for r in rows if r.host_cores is not None or r.server_cores is not None]
+    if busy:
+        out += ["", "Host CPU over each level (cores busy on average, warm-up windows included; `the rest` is the load "
+                "generator, the benchmark and whatever else runs on the host):", ""]
+        out += _table(
+            ["system", "concurrency", "host", "tritonserver", "its stubs", "the rest"],
+            [[r.system, str(r.concurrency), fmt_cores(r.host_cores), fmt_cores(r.server_cores), fmt_cores(r.stub_cores),
+              fmt_cores(_minus(_minus(r.host_cores, r.server_cores), r.stub_cores))] for r in busy],
+        )
     if inproc is not None:
         out += ["", f"In-process limit ({inproc.note or 'no server'}):", ""]
         out += _table(

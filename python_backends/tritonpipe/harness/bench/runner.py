@@ -29,7 +29,7 @@ from ...repository.generate import GeneratedRepository, build_repository, write_
 from ...stages import load_builtin_stages
 from ...stages.base import Role, find_stage
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
-from ..probe import gpu_memory_mb
+from ..probe import cores_busy, gpu_memory_mb, sample_cpu
 from .peers import FLOOR, Peer, add_baseline, add_dali_served, add_floor
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
@@ -228,6 +228,7 @@ def _sweep(
         say(f"[{system}] concurrency {concurrency}: perf_analyzer on {model!r} ...")
         log = options.output / "perf_logs" / f"{system}_c{concurrency}.log"
         mem_before, cache_before = gpu_memory_mb(), cache  # the page read after the level before, or at the start
+        cpu_before = sample_cpu(_pid(server))
         settings = options.perf
         profiler = _profiler(system, concurrency, server, models, options) if profiles is not None else None
         try:
@@ -252,13 +253,14 @@ def _sweep(
                             torch_cache_before_mb=cache_before, torch_cache_mb=cache, note=str(exc).splitlines()[0][:200]))
             say(f"[{system}] concurrency {concurrency}: FAILED: {exc}")
             continue
+        busy = cores_busy(cpu_before, sample_cpu(_pid(server)))
         mem_after = gpu_memory_mb()
         counters, page = fetch_stats(server.grpc_url), _metrics_page(server, say)
         stages, cache = _parsed(page, parse_stage_metrics), _parsed(page, parse_gpu_cache_mb)
         row = Row(
             system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
             gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after, torch_cache_before_mb=cache_before, torch_cache_mb=cache,
-            note=note,
+            note=note, host_cores=busy and busy.host, server_cores=busy and busy.server, stub_cores=busy and busy.stubs,
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
@@ -268,6 +270,11 @@ def _sweep(
     levels.close()
     ensemble = models[0] if len(models) > 1 else None
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+
+
+def _pid(server) -> int | None:
+    """The server's process id; None for a server this process did not start."""
+    return server.process.pid if server.process is not None else None
 
 
 def _tries(settings: PerfSettings) -> list[tuple[PerfSettings, str, str]]:
