@@ -199,6 +199,10 @@ def test_instance_affinity_by_default_is_on_for_gpu_instances_only(monkeypatch):
     monkeypatch.setattr(configs_module, "_gpu_visible", lambda: True)
     assert _groups(only({**TENSOR, "instance_num": 3})) == on_gpu
     assert _groups(only({**TENSOR, "instance_num": 3, "instance_affinity": "false"})) == [(3, [], 0)]
+    for no in (False, "0", "off", "No"):
+        assert _groups(only({**TENSOR, "instance_num": 3, "instance_affinity": no})) == [(3, [], 0)]
+    for yes in (True, "1", "yes", "ON"):
+        assert _groups(only({**TENSOR, "instance_num": 3, "instance_affinity": yes}, device="cpu")) == on_gpu
     with pytest.raises(ConfigError, match="instance_affinity.*auto, true, false"):
         only({**TENSOR, "instance_affinity": "sometimes"})
 
