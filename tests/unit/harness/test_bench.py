@@ -233,7 +233,7 @@ def test_fused_pipeline_gets_its_unfused_model_stage_and_nothing_else(tmp_path, 
 
 def test_a_fused_pipelines_preprocessing_is_timed_from_its_stages(tmp_path, tiny_onnx):
     """Fused, no model of the chain runs the preprocessing alone: its in-process row adds the stage times of every
-    stage before the model stage, and is faster than the whole chain (which the model stage is part of)."""
+    stage before the model stage, and leaves the model stage's out."""
     graph = load_graph(model_chain(tiny_onnx, fuse=True), name="cls")
     options = bench_options(tmp_path, systems=("inprocess",), inprocess_batch=4, inprocess_seconds=0.2, progress=False)
     repo, _ = runner.build_bench_repository(graph, tmp_path / "repo", options)
@@ -243,7 +243,7 @@ def test_a_fused_pipelines_preprocessing_is_timed_from_its_stages(tmp_path, tiny
     assert {"DecodeTensor", "ResizeTensor", "cvtColorTensor", "TensorrtTensor"} <= set(per_image)
     want = 1000.0 / (per_image["DecodeTensor"] + per_image["ResizeTensor"] + per_image["cvtColorTensor"])
     assert pre.system == "inprocess-pre" and pre.concurrency == 4 and pre.throughput == pytest.approx(want)
-    assert pre.throughput > rows[0].throughput and "fused" in pre.note
+    assert per_image["TensorrtTensor"] > 0 and "fused" in pre.note
 
 
 def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
