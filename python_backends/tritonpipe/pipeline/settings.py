@@ -18,7 +18,7 @@ from typing import Any
 from ..contract import GPU_WAITS, parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
-from ..stages.base import Param
+from ..stages.base import FALSE_WORDS, TRUE_WORDS, Param
 
 _METADATA = "setting"
 #: instance_affinity's values; auto: on where the model's instances are on a GPU
@@ -103,12 +103,12 @@ def _batch_dim(value: Any) -> Any:
 
 
 def _affinity(value: Any) -> Any:
-    """A yes/no as any boolean key takes it (true, 1, yes, on; false, 0, no, off) -> ``true`` / ``false``;
-    ``auto`` and anything else go on to the choices' check."""
+    """A yes/no as any boolean key takes it -> ``true`` / ``false``; ``auto`` and anything else go on to the
+    choices' check."""
     if isinstance(value, bool):
         return "true" if value else "false"
     lowered = str(value).strip().lower()
-    return "true" if lowered in ("1", "yes", "on") else "false" if lowered in ("0", "no", "off") else value
+    return "true" if lowered in TRUE_WORDS else "false" if lowered in FALSE_WORDS else value
 
 
 @dataclass

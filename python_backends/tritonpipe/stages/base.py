@@ -38,6 +38,9 @@ RESULT = "result"
 ERROR = "error"
 
 _REQUIRED = object()
+#: the words a boolean parameter takes for true, and for false (any case)
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 #: ``Stage.max()`` of a stage that takes batches of any size
 UNBOUNDED = 1 << 30
 
@@ -65,9 +68,9 @@ class Param:
             if self.kind is bool:
                 if isinstance(value, str):
                     lowered = value.strip().lower()
-                    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    if lowered not in TRUE_WORDS + FALSE_WORDS:
                         raise ValueError
-                    value = lowered in ("1", "true", "yes", "on")
+                    value = lowered in TRUE_WORDS
                 else:
                     value = bool(value)
             elif self.kind is int:
