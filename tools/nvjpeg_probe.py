@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,hostshare]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -36,6 +36,8 @@ import argparse
 import ctypes
 import itertools
 import os
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,6 +356,158 @@ def ex_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Bu
     report.append((name, f"nvjpegDecodeBatchedEx: refused calls by nvjpeg status, all rows: {ex.refused or 'none'}", "", "", ""))
 
 
+class Feeder:
+    """The engines fed the way DALI's decoder feeds them: caller threads check, order and allocate each
+    batch ahead, and one thread of the feeder's own does nothing but call nvjpeg, batch after batch, on
+    ``states`` decoder states in turn (a state is reused once its previous batch is off the engines).  So
+    the engines wait only for nvjpeg's own host work, never for the callers' Python."""
+
+    def __init__(self, nv: Nvjpeg, states: int, lib=None) -> None:
+        self.nv, self.lib = nv, lib or nv.lib
+        self.stream = torch.cuda.Stream()
+        self.slots: list[list] = []  # [state, the batch size it was initialised for, its last batch's event]
+        for _ in range(states):
+            state = ctypes.c_void_p()
+            nv.check(nv.lib.nvjpegJpegStateCreate(nv.handle, ctypes.byref(state)), "nvjpegJpegStateCreate")
+            if hasattr(nv.lib, "nvjpegDecodeBatchedPreAllocate"):
+                nv.lib.nvjpegDecodeBatchedPreAllocate(nv.handle, state, 1, 1, 1, 0, OUTPUT_RGBI)
+            self.slots.append([state, None, None])
+        self.jobs: queue.Queue = queue.Queue()
+        self.calls, self.call_seconds, self.idle_seconds = 0, 0.0, 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        turn = 0
+        while True:
+            waited = time.perf_counter()
+            job = self.jobs.get()
+            self.idle_seconds += time.perf_counter() - waited
+            if job is None:
+                return
+            slot = self.slots[turn % len(self.slots)]
+            turn += 1
+            if slot[2] is not None:
+                slot[2].synchronize()
+            count = len(job["lengths"])
+            began = time.perf_counter()
+            status = 0
+            if slot[1] != count:
+                status = self.nv.lib.nvjpegDecodeBatchedInitialize(self.nv.handle, slot[0], count, 1, OUTPUT_RGBI)
+                slot[1] = count if status == 0 else None
+            if status == 0:
+                status = self.lib.nvjpegDecodeBatched(self.nv.handle, slot[0], job["pointers"], job["lengths"], job["images"],
+                                                      ctypes.c_void_p(self.stream.cuda_stream))
+            self.call_seconds += time.perf_counter() - began
+            self.calls += 1
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            slot[2] = event
+            job["result"] = (status, event)
+            job["ready"].set()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        torch.cuda.synchronize()
+
+    def decode(self, header: ctypes.c_void_p, datas: list[torch.Tensor], shapes: list[tuple[int, int]]):
+        """On the caller's thread: check each image as tritonpipe's decoder does, order a large batch largest
+        first, allocate the outputs on the caller's stream; then hand the call to the feeder and wait for it.
+        Returns (status, the decode's event, outputs in the caller's order)."""
+        lib, handle = self.nv.lib, self.nv.handle
+        supported = ctypes.c_int(-1)
+        for data in datas:
+            self.nv.check(lib.nvjpegJpegStreamParseHeader(handle, data.data_ptr(), data.numel(), header), "ParseHeader")
+            self.nv.check(lib.nvjpegDecodeBatchedSupported(handle, header, ctypes.byref(supported)), "Supported")
+        order = list(range(len(datas)))
+        if len(order) >= nvjpeg.SORT_FROM:
+            order.sort(key=lambda i: -shapes[i][0] * shapes[i][1])
+        count, starts, end = len(order), [], 0
+        for i in order:
+            starts.append(end)
+            end += -(-shapes[i][0] * shapes[i][1] * 3 // nvjpeg.ALIGN) * nvjpeg.ALIGN
+        buffer = torch.empty(end, dtype=torch.uint8, device="cuda")
+        images, outputs = (nvjpeg.Image * count)(), [None] * count
+        for image, i, start in zip(images, order, starts):
+            height, width = shapes[i]
+            outputs[i] = buffer[start : start + height * width * 3].view(height, width, 3)
+            image.channel[0], image.pitch[0] = outputs[i].data_ptr(), width * 3
+        job = {"pointers": (ctypes.c_void_p * count)(*[datas[i].data_ptr() for i in order]),
+               "lengths": (ctypes.c_size_t * count)(*[datas[i].numel() for i in order]),
+               "images": images, "ready": threading.Event()}
+        self.jobs.put(job)
+        job["ready"].wait()
+        status, event = job["result"]
+        return status, event, outputs
+
+
+def feed_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """Batches of 64 through a :class:`Feeder`: 2 or 3 caller threads (batches in flight), 1 to 3 states,
+    nvjpeg's batched call or its Ex call, with and without the resize and FP16 normalisation after each
+    decode; beside them, the ``inflight`` row tritonpipe's decoder gives now (2 batches in flight, a
+    decoder each).  Each row also gives the feeder's nvjpeg call time per batch and the share of the
+    run its thread sat waiting for work (near 0: nvjpeg's own calls set the pace)."""
+    tensors, shapes = accepted(nv, corpus)
+    probe = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1)
+    engines = probe.engines
+    report.append((name, "hardware JPEG engines x cores per engine (nvjpegGetHardwareDecoderInfo)",
+                   "not reported" if engines is None else f"{engines[0]} x {engines[1]}", "", ""))
+    print(" | ".join(report[-1]), flush=True)
+    # the resize kernel compiles on its first call: not inside a timed row
+    batch_resize.resize_batch(probe.decode(tensors[:4], shapes[:4]), SIDE, SIDE, channels_last=True, mean=MEAN, std=STD,
+                              dtype=torch.float16)
+    torch.cuda.synchronize()
+    thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2), (64, 3)), post=True, shared=True)
+    thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True)
+    plans = [(2, 2, False, True), (2, 1, False, True), (3, 2, False, True), (3, 3, False, True), (2, 2, True, True),
+             (2, 2, False, False)]
+    for callers, states, use_ex, post in plans:
+        feeder = Feeder(nv, states, ExLib(nv.lib) if use_ex else None)
+        done, refused, finished = [0] * callers, [0] * callers, [0.0] * callers
+        begin = time.perf_counter() + 0.5
+        stop = begin + seconds
+
+        def work(k: int, feeder=feeder, post=post) -> None:
+            header = ctypes.c_void_p()
+            nv.check(nv.lib.nvjpegJpegStreamCreate(nv.handle, ctypes.byref(header)), "nvjpegJpegStreamCreate")
+            order = itertools.cycle(range(k * 7, k * 7 + len(tensors)))
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                while (started := time.perf_counter()) < stop:
+                    chosen = [next(order) % len(tensors) for _ in range(64)]
+                    status, event, outputs = feeder.decode(header, [tensors[i] for i in chosen], [shapes[i] for i in chosen])
+                    counted = started >= begin
+                    if status != 0:
+                        refused[k] += 64 if counted else 0
+                        continue
+                    stream.wait_event(event)
+                    if post:
+                        batch_resize.resize_batch(outputs, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
+                    stream.synchronize()  # this thread's outputs are let go only once read: its next batch may reuse them
+                    done[k] += 64 if counted else 0
+            finished[k] = time.perf_counter()
+
+        calls0, call0, idle0 = feeder.calls, feeder.call_seconds, feeder.idle_seconds
+        cpu0 = os.times()
+        with ThreadPoolExecutor(callers) as pool:
+            list(pool.map(work, range(callers)))
+        cpu1 = os.times()
+        wall, total = max(finished) - begin, sum(done)
+        calls = max(feeder.calls - calls0, 1)
+        detail = (f"nvjpeg call {(feeder.call_seconds - call0) * 1000 / calls:.2f} ms per batch, feeder idle "
+                  f"{(feeder.idle_seconds - idle0) / max(wall + 0.5, 1e-9):.0%}")
+        feeder.close()
+        what = (f"batch 64: the engines fed by one thread, {callers} callers checking and allocating ahead, {states} "
+                f"state(s), {'nvjpegDecodeBatchedEx' if use_ex else 'nvjpegDecodeBatched'}, "
+                f"{'decode + one-launch post' if post else 'decode only'} [{detail}]")
+        if sum(refused):
+            what += f" ({sum(refused):,} images in refused calls, not counted)"
+        cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)
+        report.append((name, what, f"{total / wall:,.0f}", f"{cpu:.2f}", busy.between(begin, max(finished))))
+        print(" | ".join(report[-1]), flush=True)
+
+
 def accepted(nv: Nvjpeg, corpus: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """The corpus's JPEGs the engines take, as tensors, and their (height, width)."""
     infos = [nv.info(data) for data in corpus]
@@ -402,7 +556,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
-                host_threads: int = 0, balanced: bool = False) -> None:
+                host_threads: int = 0, balanced: bool = False, shared: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -427,7 +581,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     for batch, count in plan:
         sort_from = nvjpeg.SORT_FROM if post else None
         decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
-                    for _ in range(count)]
+                    for _ in range(1 if shared else count)] * (count if shared else 1)
         streams = [torch.cuda.Stream() for _ in range(count)]
         side = (lambda: HostDecoderSide(share, host_threads, balanced)) if host_threads else (lambda: CudaDecoderSide(share))
         sides = [side() for _ in range(count)] if share > 0 else []
@@ -460,7 +614,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         wall, total = max(finished) - begin, sum(done)
         where = f"libjpeg-turbo on {host_threads} host threads" if host_threads else "a CUDA decoder each"
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
-        what = (f"batch {batch}: {count} batch(es) in flight, a host thread, decoder and stream each, "
+        what = (f"batch {batch}: {count} batch(es) in flight, a host thread and stream each, "
+                f"{'one decoder for all (tritonpipe as it runs in one process)' if shared else 'a decoder each'}, "
                 f"{f'{share:.0%} of the bytes on {where}, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         if sum(refused):
@@ -675,7 +830,8 @@ def main() -> None:
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
                         "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found), inputs (pinned "
                         "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
-                        "nvImageCodec's call, against nvjpegDecodeBatched), hostshare (a share of each batch on libjpeg-turbo "
+                        "nvImageCodec's call, against nvjpegDecodeBatched), feed (one thread only calls nvjpeg while caller "
+                        "threads check and allocate ahead, as DALI feeds the engines), hostshare (a share of each batch on libjpeg-turbo "
                         "host threads beside the engines, as cpu_decoder_share splits it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -697,6 +853,8 @@ def main() -> None:
             size_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "inputs" in groups:
             input_rows(nv, name, corpus.images, args.seconds, busy, report)
+        if "feed" in groups:
+            feed_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "ex" in groups:
             ex_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "libraries" in groups:

@@ -13,6 +13,7 @@ import io
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -158,21 +159,41 @@ def _decode(decoder, images):
     return decoder.decode(images, [(int(i[4]), int(i[5])) for i in images])
 
 
-def test_a_batch_is_decoded_in_parts_on_states_initialised_once_per_size():
-    lib = FakeNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=2)
+class StatesNvjpeg(FakeNvjpeg):
+    """Records the state of each decode call."""
+
+    def __init__(self):
+        super().__init__()
+        self.used: list[int] = []
+
+    def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
+        self.used.append(state.value)
+        return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
+
+
+def test_the_calls_rotate_over_the_states_each_initialised_again_only_for_a_new_size():
+    lib = StatesNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, states=2)
     images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
     for _ in range(3):
         out = _decode(decoder, images)
         for image, result in zip(images, out):
             assert result.shape == (int(image[4]), int(image[5]), 3) and bool((result == image[3]).all())
-    # two parts per batch (4 and 3 images) on two states, each initialised once for its size and then reused
-    assert sorted(lib.submitted) == [3] * 3 + [4] * 3
-    first, second = decoder.lanes
-    assert sorted(lib.initialised) == sorted([(first.state.value, 4), (second.state.value, 3)])
-    _decode(decoder, images[:5])  # parts of 2 and 3: only the state that meets a new size is initialised again
-    assert sorted(lib.submitted[-2:]) == [2, 3]
-    assert lib.initialised[2:] == [(first.state.value, 2)]
+    first, second = (state.state.value for state in decoder.states)
+    assert lib.used == [first, second, first] and lib.submitted == [7, 7, 7]
+    assert lib.initialised == [(first, 7), (second, 7)]  # once each, then reused
+    _decode(decoder, images[:5])  # a new size: only the state whose turn it is is initialised again
+    assert lib.used[-1] == second and lib.initialised[2:] == [(second, 5)]
+
+
+def test_a_batch_in_parts_has_each_call_on_a_state_initialised_for_its_size():
+    lib = StatesNvjpeg()
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=2)
+    images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
+    for _ in range(3):
+        assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10 + i for i in range(7)]
+    # two parts per batch (4 and 3 images); the stand-in refuses a call on a state not initialised for its size
+    assert sorted(lib.submitted) == [3] * 3 + [4] * 3 and len(set(lib.used)) == nvjpeg.STATES
 
 
 @pytest.mark.parametrize("lanes, parts", [(1, [7]), (3, [2, 2, 3])])
@@ -181,7 +202,7 @@ def test_the_lane_count_sets_the_parts_of_a_batch(lanes, parts):
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes)
     images = [_fake_jpeg(10 + i, 2 + i, 3 + i) for i in range(7)]
     out = _decode(decoder, images)
-    assert sorted(lib.submitted) == parts and len(decoder.lanes) == lanes
+    assert sorted(lib.submitted) == parts and len(decoder.states) == nvjpeg.STATES
     assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(7)]
 
 
@@ -281,8 +302,8 @@ def test_pinned_input_hands_nvjpeg_one_buffer_of_the_parts_bitstreams_kept_acros
             return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
 
     lib = Addresses()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, pinned=True)
-    (lane,) = decoder.lanes
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, pinned=True, states=1)
+    (lane,) = decoder.states
     small = [_fake_jpeg(10 + i, 2 + i, 3) for i in range(3)]
     out = _decode(decoder, small)
     assert [int(r[0, 0, 0]) for r in out] == [10, 11, 12]
@@ -330,26 +351,80 @@ def test_without_a_pinned_buffer_to_be_had_the_bitstreams_are_read_where_they_ar
     assert sum("pinned buffer" in record.message for record in caplog.records) == 1 and not decoder.pinned
 
 
-def test_the_parts_are_submitted_side_by_side_from_a_thread_each():
-    class Rendezvous(FakeNvjpeg):
-        """Lets a part through only once the other part is inside nvjpeg too."""
+class OneCallAtATime(FakeNvjpeg):
+    """Counts the decode calls in progress at once (each takes a while), and lets a header check through
+    only once ``checkers`` threads are checking at the same time."""
 
-        def __init__(self):
-            super().__init__()
-            self.barrier = threading.Barrier(2, timeout=10)
-            self.threads: set[str] = set()
+    def __init__(self, checkers: int = 1):
+        super().__init__()
+        self.barrier = threading.Barrier(checkers, timeout=10) if checkers > 1 else None
+        self.checked_on: set[str] = set()
+        self.active = self.most = 0
+        self.guard = threading.Lock()
 
-        def nvjpegDecodeBatched(self, *args):
-            self.threads.add(threading.current_thread().name)
-            self.barrier.wait()  # broken (and the test failed) if the parts came one after the other
+    def nvjpegJpegStreamParseHeader(self, handle, data, length, stream):
+        self.checked_on.add(threading.current_thread().name)
+        if self.barrier is not None:
+            self.barrier.wait()  # broken (and the test failed) if the checks came one after the other
+        return super().nvjpegJpegStreamParseHeader(handle, data, length, stream)
+
+    def nvjpegDecodeBatched(self, *args):
+        with self.guard:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.02)
+        try:
             return super().nvjpegDecodeBatched(*args)
+        finally:
+            with self.guard:
+                self.active -= 1
 
-    lib = Rendezvous()
+
+def test_the_parts_are_checked_side_by_side_on_a_thread_each_and_their_calls_made_one_at_a_time():
+    lib = OneCallAtATime(checkers=2)
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 2)
-    images = [_fake_jpeg(10 + i, 3, 4) for i in range(6)]
-    for _ in range(2):
-        assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10 + i for i in range(6)]
-    assert len(lib.threads) == 2 and threading.current_thread().name not in lib.threads
+    images = [_fake_jpeg(10 + i, 3, 4) for i in range(2)]  # a part of one image each: one check per thread
+    for _ in range(3):
+        assert [int(r[0, 0, 0]) for r in _decode(decoder, images)] == [10, 11]
+    assert len(lib.checked_on) == 2 and threading.current_thread().name not in lib.checked_on
+    assert lib.most == 1 and lib.submitted == [1] * 6
+
+
+def test_callers_on_several_threads_check_at_once_and_take_turns_for_the_engines():
+    lib = OneCallAtATime(checkers=3)
+    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), 1)
+
+    def batch(k: int) -> list[int]:
+        return [int(r[0, 0, 0]) for r in _decode(decoder, [_fake_jpeg(10 * k + i, 3, 4) for i in range(1)])]
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(batch, range(1, 4))) == [[10], [20], [30]]
+    assert len(lib.checked_on) == 3 and lib.most == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decoders_naming_one_lock_file_take_turns_and_others_do_not(tmp_path, shared):
+    lib = OneCallAtATime()
+    path = str(tmp_path / "engines.lock")
+    # two decoders stand for two processes: an flock taken through one open file holds off the other
+    decoders = [nvjpeg.Decoder(lib, torch.device("cpu"), 1, shared_lock=path if shared else None) for _ in range(2)]
+    start = threading.Barrier(2, timeout=10)
+
+    def batches(decoder) -> None:
+        start.wait()
+        for k in range(5):
+            _decode(decoder, [_fake_jpeg(k, 3, 4)])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(batches, decoders))
+    assert lib.submitted == [1] * 10 and (lib.most == 1) == shared
+
+
+def test_a_lock_file_that_cannot_be_opened_is_said_and_the_decoder_runs_without_it(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        decoder = nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), shared_lock=str(tmp_path / "missing" / "engines.lock"))
+    assert "cannot open" in caplog.text and decoder.lock.fd is None
+    assert [int(r[0, 0, 0]) for r in _decode(decoder, [_fake_jpeg(7, 3, 4)])] == [7]
 
 
 def test_a_part_that_fails_outright_fails_the_call_only_once_every_lane_is_done():
@@ -418,24 +493,24 @@ class PoolingNvjpeg(FakeNvjpeg):
 def test_each_state_asks_for_nvjpegs_memory_pool_where_the_library_has_the_call():
     lib = PoolingNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
-    states = [lane.state.value for lane in decoder.lanes]
+    states = [lane.state.value for lane in decoder.states]
     assert [entry[0] for entry in lib.pooled] == states and all(entry[1:] == (1, 1, 1, 0, 5) for entry in lib.pooled)
-    assert all(lane.pooled for lane in decoder.lanes) and decoder.engines == (7, 5)
+    assert all(lane.pooled for lane in decoder.states) and decoder.engines == (7, 5)
     images = [_fake_jpeg(10 + i, 4, 5) for i in range(4)]
     images[1] = _fake_jpeg(99, 4, 5, flags=2)  # its part's state is replaced, and the new one pooled too
     _decode(decoder, images)
     assert len(lib.pooled) == len(states) + len(lib.destroyed) and lib.pooled[-1][0] not in states
     # without the call (an older library), or asked not to, the decoder runs as before
-    assert not any(lane.pooled for lane in nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).lanes)
+    assert not any(lane.pooled for lane in nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).states)
     assert nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu")).engines is None
     quiet = PoolingNvjpeg()
-    assert not any(lane.pooled for lane in nvjpeg.Decoder(quiet, torch.device("cpu"), pool=False).lanes) and not quiet.pooled
+    assert not any(lane.pooled for lane in nvjpeg.Decoder(quiet, torch.device("cpu"), pool=False).states) and not quiet.pooled
 
 
 def test_a_library_that_refuses_the_pool_still_decodes():
     lib = PoolingNvjpeg(pool_status=FakeNvjpeg.BAD_JPEG)
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
-    assert lib.pooled and not any(lane.pooled for lane in decoder.lanes)
+    assert lib.pooled and not any(lane.pooled for lane in decoder.states)
     out = _decode(decoder, [_fake_jpeg(10 + i, 3, 4) for i in range(3)])
     assert [int(image[0, 0, 0]) for image in out] == [10, 11, 12]
 
