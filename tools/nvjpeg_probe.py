@@ -22,7 +22,9 @@ what batches of changing sizes (as Triton hands an instance them) cost the decod
 rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
 handle's flags and the order of a batch, with the GPU time of each decode call; ``inputs`` rows hand nvjpeg
 its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first); ``ex``
-rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call; ``hostshare``
+rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call; ``feed`` rows have
+one thread make nothing but nvjpeg's decode calls while caller threads check and allocate the next batches (how
+DALI feeds the engines), beside tritonpipe's decoder shared by 2-3 callers and decoders calling side by side; ``hostshare``
 rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);

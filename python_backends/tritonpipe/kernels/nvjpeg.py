@@ -8,11 +8,12 @@ initialises its decoder state again on every call and makes the host wait for ea
   a state kept for each size decoded no faster);
 - a part's images are decoded into one allocation (:data:`ALIGN`), not one each;
 - nothing waits on the host for the engines: a batch is submitted on the caller's CUDA stream;
-- the decode calls are made one at a time (by every thread of the process, and where
-  :data:`SHARED_LOCK_ENV` names a file, by every process naming it), on decoder states in turn, while the
-  checks and allocations around them run on the callers' threads at once.  That is how DALI feeds the
-  engines: on an H100, two callers with a batch of 64 each decoded 10,705 img/s with the resize after it
-  (the engines 100% busy) where two decoders calling side by side made 8,199 (82%);
+- the decode calls of a process are made one at a time, on decoder states in turn, while the checks and
+  allocations around them run on the callers' threads at once.  That is how DALI feeds the engines: on an
+  H100, two callers with a batch of 64 each decoded and resized 10,208-10,533 img/s through one decoder
+  (the engines 96-100% busy), where two decoders calling side by side made 7,631-8,465 (79-90%).  Across
+  processes, turns taken on a lock file were slower served (0.82-0.83x, and 0.47-0.62x under MPS): each process
+  keeps its own calls;
 - a large batch goes to nvjpeg largest image first (:data:`SORT_FROM`), or grouped by chroma subsampling
   first, as DALI's decoder orders a batch (:data:`ORDER`);
 - the bitstreams may be copied into a pinned buffer of the state's before nvjpeg reads them
@@ -33,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import functools
 import glob
 import logging
@@ -52,9 +52,6 @@ LANES = 1
 #: decoder states the calls rotate over: a state is reused only once its last batch is off the engines.
 #: On an H100, two callers with batches of 64: 10,705 img/s on 2 states, 10,452 on one
 STATES = 2
-#: names a file (``/dev/shm/tritonpipe-nvjpeg.lock``, say) on which the decoders of every process naming it
-#: take turns for their decode calls (an exclusive ``flock``), as the threads of one process do
-SHARED_LOCK_ENV = "TRITONPIPE_NVJPEG_LOCK"
 #: a part of this many images or more goes to nvjpeg largest image first.  On an H200, one decoder alone at
 #: batch 64 then took 5.9 instead of 7.4 ms of GPU time per batch on the 3-size corpus and 8.6 instead of
 #: 15.8 ms on photos of distinct sizes; but 8 served instances, each sorting its batches of about 10,
@@ -283,36 +280,6 @@ class _Lane:
             self.done.record(stream)
 
 
-class _EngineLock:
-    """The engines' submissions taken one at a time: by the threads of this process (a lock), and, where
-    :data:`SHARED_LOCK_ENV` names a file, by every process that names the same file (an exclusive ``flock``
-    on it, taken after the thread lock, so that one thread per process waits on the file)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.threads = threading.Lock()
-        self.fd: int | None = None
-        if path:
-            try:
-                self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as exc:
-                log.warning("nvjpeg: cannot open %s to share the engines with other processes (%s); this process "
-                            "submits without it", path, exc)
-
-    def __enter__(self) -> None:
-        self.threads.acquire()
-        if self.fd is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            except OSError:
-                self.threads.release()
-                raise
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        self.threads.release()
-
-
 class Decoder:
     """The hardware JPEG decoder of one device.
 
@@ -339,20 +306,17 @@ class Decoder:
         pinned: copy each part's bitstreams into a pinned buffer of its state's before nvjpeg reads them.
             See :data:`PINNED_INPUT`.
         states: decoder states the calls rotate over.  See :data:`STATES`.
-        shared_lock: a file whose ``flock`` every process naming it takes around its decode calls; None:
-            this process's threads only.  See :data:`SHARED_LOCK_ENV`.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, flags: int = 0,
-                 sort_from: int | None = None, order: str = "area", pinned: bool = False, states: int = STATES,
-                 shared_lock: str | None = None):
+                 sort_from: int | None = None, order: str = "area", pinned: bool = False, states: int = STATES):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
         if lanes < 1 or states < 1:
             raise ValueError(f"lanes and states must be at least 1, got {lanes} and {states}")
         self.lib, self.device, self.pooling = lib, torch.device(device), pool
         self.sort_from, self.order, self.pinned, self.parts = sort_from, order, pinned, lanes
-        self.lock = _EngineLock(shared_lock)
+        self.lock = threading.Lock()  # one decode call at a time
         self.handle = ctypes.c_void_p()
         self.headers = threading.local()  # each thread's header stream, for the checks it makes
         with self._on_device():
@@ -425,8 +389,8 @@ class Decoder:
         return [buffer[start : start + h * w * 3].view(h, w, 3) for (h, w), start in zip(sizes, starts)]
 
     def _submit(self, datas: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], stream) -> None:
-        """One decode call, made while no other call of this decoder (or of a process sharing its lock) is
-        made, on the next state; a state nvjpeg refused is made afresh before the error goes on."""
+        """One decode call, made while no other call of this decoder is made, on the next state; a state
+        nvjpeg refused is made afresh before the error goes on."""
         with self.lock:
             lane = self.states[self.turn % len(self.states)]
             self.turn += 1
@@ -507,7 +471,7 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
             else:
                 try:
                     found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM, order=ORDER,
-                                    pinned=PINNED_INPUT, shared_lock=os.environ.get(SHARED_LOCK_ENV) or None)
+                                    pinned=PINNED_INPUT)
                     log.info("decoder=nvjpeg on cuda:%d: libnvjpeg %s (%s)", index, version(lib), getattr(lib, "_name", "?"))
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"

@@ -154,9 +154,9 @@ class DecodeTensor(Stage):
         ),
         "decode_depth": Param(
             int, 0, low=0, high=8,
-            doc=f"with decoder=dali: chunks in DALI at once; with decoder=nvjpeg (or auto, where it picks nvjpeg): parts each batch is cut into, each parsed "
-                f"and submitted to the engines on a host thread of its own, without waiting for the engines (1: the whole "
-                f"batch in one submission, on the model's thread); 0: the decoder's own ({dali_decode.DEPTH} for dali, "
+            doc=f"with decoder=dali: chunks in DALI at once; with decoder=nvjpeg (or auto, where it picks nvjpeg): parts each batch is cut into, each checked "
+                f"on a host thread of its own, then submitted to the engines, one call at a time and without waiting for "
+                f"them (1: the whole batch in one submission, on the model's thread); 0: the decoder's own ({dali_decode.DEPTH} for dali, "
                 f"{nvjpeg.LANES} for nvjpeg)",
         ),
         "decode_threads": Param(

@@ -402,31 +402,6 @@ def test_callers_on_several_threads_check_at_once_and_take_turns_for_the_engines
     assert len(lib.checked_on) == 3 and lib.most == 1
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_decoders_naming_one_lock_file_take_turns_and_others_do_not(tmp_path, shared):
-    lib = OneCallAtATime()
-    path = str(tmp_path / "engines.lock")
-    # two decoders stand for two processes: an flock taken through one open file holds off the other
-    decoders = [nvjpeg.Decoder(lib, torch.device("cpu"), 1, shared_lock=path if shared else None) for _ in range(2)]
-    start = threading.Barrier(2, timeout=10)
-
-    def batches(decoder) -> None:
-        start.wait()
-        for k in range(5):
-            _decode(decoder, [_fake_jpeg(k, 3, 4)])
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(batches, decoders))
-    assert lib.submitted == [1] * 10 and (lib.most == 1) == shared
-
-
-def test_a_lock_file_that_cannot_be_opened_is_said_and_the_decoder_runs_without_it(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
-        decoder = nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), shared_lock=str(tmp_path / "missing" / "engines.lock"))
-    assert "cannot open" in caplog.text and decoder.lock.fd is None
-    assert [int(r[0, 0, 0]) for r in _decode(decoder, [_fake_jpeg(7, 3, 4)])] == [7]
-
-
 def test_a_part_that_fails_outright_fails_the_call_only_once_every_lane_is_done():
     class Broken(FakeNvjpeg):
         """The first part's header check fails with an error nvjpeg never returns; the second part is slow."""
