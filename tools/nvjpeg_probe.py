@@ -197,7 +197,7 @@ def host_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, report
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
     decoder = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1)
     for what, step in (("read_jpeg_info (tritonpipe's header check)", jpeg.read_jpeg_info),
-                       ("nvjpeg header parse + hardware support check", decoder.lanes[0].takes)):
+                       ("nvjpeg header parse + hardware support check", decoder.takes)):
         start, done = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 2:
             for tensor in tensors:
@@ -231,7 +231,7 @@ def lane_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: 
                    "not reported" if engines is None else f"{engines[0]} x {engines[1]}", "", ""))
     print(" | ".join(report[-1]), flush=True)
     rows_to_run = [(f"{lanes} lane{'s' * (lanes > 1)} (a host thread each), "
-                    f"{'memory pool' if decoder.lanes[0].pooled else 'no memory pool'}", decoder) for lanes, decoder in decoders.items()]
+                    f"{'memory pool' if decoder.states[0].pooled else 'no memory pool'}", decoder) for lanes, decoder in decoders.items()]
     rows_to_run += [(f"{lanes} lane{'s' * (lanes > 1)}, memory pool not asked for", decoder) for lanes, decoder in unpooled.items()]
     for label, decoder in rows_to_run:
         def step(decoder=decoder):

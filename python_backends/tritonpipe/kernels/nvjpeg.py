@@ -193,7 +193,7 @@ def drain(stream) -> None:
         stream.synchronize()
 
 
-class _Lane:
+class _State:
     """One decoder state, the batch size it was initialised for, and its last part's event and inputs.
     Used only under the decoder's engine lock."""
 
@@ -322,7 +322,7 @@ class Decoder:
         with self._on_device():
             self.call("nvjpegCreateEx", _BACKEND_HARDWARE, None, None, flags, ctypes.byref(self.handle))
             self.engines = self._engines()
-            self.states = [_Lane(self) for _ in range(states)]
+            self.states = [_State(self) for _ in range(states)]
         self.threads = ThreadPoolExecutor(lanes, thread_name_prefix="nvjpeg-lane") if lanes > 1 else None
         self.turn = 0
 
@@ -392,12 +392,12 @@ class Decoder:
         """One decode call, made while no other call of this decoder is made, on the next state; a state
         nvjpeg refused is made afresh before the error goes on."""
         with self.lock:
-            lane = self.states[self.turn % len(self.states)]
+            state = self.states[self.turn % len(self.states)]
             self.turn += 1
             try:
-                lane.submit(datas, outputs, stream)
+                state.submit(datas, outputs, stream)
             except NvjpegError:
-                lane.reset()
+                state.reset()
                 raise
 
     def _part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
