@@ -166,3 +166,89 @@ def test_the_tail_thread_watches_the_batch_it_is_on(chain, answers):
     answers.wait_for(1)
     overlap.close()
     assert watched == [("tritonpipe-tail", one)]
+
+
+# --- head threads (overlap_threads) ----------------------------------------------------------
+
+
+class MeetingChain(HeldChain):
+    """Its head lets a batch through only once ``meet`` heads run at the same time."""
+
+    def __init__(self, meet: int):
+        super().__init__()
+        self.barrier = threading.Barrier(meet, timeout=WAIT)
+        self.head_threads: set[str] = set()
+
+    def run_head(self, items):
+        self.head_threads.add(threading.current_thread().name)
+        self.barrier.wait()  # broken (and the batch failed) if the heads ran one after the other
+        super().run_head(items)
+
+
+def test_head_threads_run_several_batches_at_once_and_answer_each_request_once(answers):
+    chain = MeetingChain(3)
+    overlap = Overlap(chain, None, answers, threads=3)
+    for start in range(0, 9, 3):
+        assert overlap.hand(flight(start, start + 1, start + 2)) < WAIT  # execute returns without running the head
+    answers.wait_for(9)
+    overlap.close()
+    assert answers.got == {f"r{v}": {"y": 2 * v + 1} for v in range(9)}
+    assert len(chain.head_threads) == 3 and all(name.startswith("tritonpipe-head") for name in chain.head_threads)
+    assert not overlap.in_flight
+
+
+def test_with_head_threads_execute_waits_while_threads_plus_one_batches_are_in_flight(chain, answers):
+    overlap = Overlap(chain, None, answers, threads=2)
+    chain.tail_gate.clear()
+    for value in range(3):  # one held in the tail, two done with their heads and waiting for it
+        overlap.hand(flight(value))
+    assert chain.in_tail.acquire(timeout=WAIT)
+    waiting = threading.Thread(target=overlap.hand, args=(flight(3),))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and len(overlap.in_flight) == 3
+    chain.tail_gate.set()
+    waiting.join(WAIT)
+    answers.wait_for(4)
+    overlap.close()
+    assert sorted(answers.got) == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_head_thread_whose_head_fails_answers_its_whole_batch_and_the_next_is_served(chain, answers):
+    overlap = Overlap(chain, None, answers, threads=2)
+    chain.fail_head = True
+    overlap.hand(flight(1, 2))
+    answers.wait_for(2)
+    assert all(isinstance(answers.got[f"r{v}"], RuntimeError) for v in (1, 2))
+    chain.fail_head = False
+    overlap.hand(flight(5, -1))
+    answers.wait_for(4)
+    overlap.close()
+    assert answers.got["r5"] == {"y": 11} and isinstance(answers.got["r-1"], ValueError)
+
+
+def test_each_head_thread_has_a_watchdog_of_its_own(chain, answers):
+    made, watched = [], []
+
+    class Guard:
+        def __init__(self):
+            made.append(threading.current_thread().name)
+
+        def watch(self, context):
+            watched.append((threading.current_thread().name, context))
+            return threading.Lock()  # any context manager
+
+    overlap = Overlap(chain, None, answers, threads=2, watchdogs=Guard)
+    batches = [flight(v) for v in range(4)]
+    for one in batches:
+        overlap.hand(one)
+    answers.wait_for(4)
+    overlap.close()
+    assert len(made) == len(set(made)) and set(made) == {name for name, _ in watched}
+    assert sorted(id(one) for _, one in watched) == sorted(id(one) for one in batches)
+    assert all(name.startswith("tritonpipe-head") for name in made)
+
+
+def test_head_threads_are_at_least_one(chain, answers):
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        Overlap(chain, None, answers, threads=0)
