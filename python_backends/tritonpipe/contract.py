@@ -24,7 +24,6 @@ PARAM_HOST_OUTPUTS = "tritonpipe.host_outputs"
 PARAM_EXECUTION_TIMEOUT = "tritonpipe.execution_timeout"
 PARAM_CORES = "tritonpipe.cores"
 PARAM_OVERLAP = "tritonpipe.overlap"
-PARAM_OVERLAP_THREADS = "tritonpipe.overlap_threads"
 PARAM_GPU_WAIT = "tritonpipe.gpu_wait"
 PARAM_PIN_INPUTS = "tritonpipe.pin_inputs"
 
@@ -111,7 +110,6 @@ class ModelParams:
         cores: the threads and cores of each CPU instance; None: the instance decides.
         overlap: keep two batches in flight in each instance, the chain's last step and the
             answers of one on a thread of their own while the steps before it take the next.
-        overlap_threads: with ``overlap``, threads that run the steps before the last one, a batch each.
         gpu_wait: how a GPU instance waits for its batch's GPU work, one of :data:`GPU_WAITS`.
         pin_inputs: a GPU instance page-locks the stub's shared memory, where its inputs arrive.
     """
@@ -125,7 +123,6 @@ class ModelParams:
     execution_timeout: float = 0.0
     cores: CpuCores | None = None
     overlap: bool = False
-    overlap_threads: int = 1
     gpu_wait: str = "spin"
     pin_inputs: bool = False
 
@@ -148,8 +145,6 @@ class ModelParams:
             params[PARAM_CORES] = self.cores.encode()
         if self.overlap:
             params[PARAM_OVERLAP] = "yes"
-        if self.overlap_threads > 1:
-            params[PARAM_OVERLAP_THREADS] = str(self.overlap_threads)
         if self.gpu_wait != "spin":
             params[PARAM_GPU_WAIT] = self.gpu_wait
         if self.pin_inputs:
@@ -176,9 +171,6 @@ class ModelParams:
                 f"parameter {PARAM_EXECUTION_TIMEOUT!r} must be a number of seconds, "
                 f"got {params[PARAM_EXECUTION_TIMEOUT]!r}"
             ) from None
-        threads = params.get(PARAM_OVERLAP_THREADS, "1")
-        if not threads.isdigit() or int(threads) < 1:
-            raise ConfigError(f"parameter {PARAM_OVERLAP_THREADS!r} must be a whole number of threads, at least 1, got {threads!r}")
         gpu_wait = params.get(PARAM_GPU_WAIT, "spin")
         if gpu_wait not in GPU_WAITS:
             raise ConfigError(f"parameter {PARAM_GPU_WAIT!r} must be one of {', '.join(GPU_WAITS)}, got {gpu_wait!r}")
@@ -192,7 +184,6 @@ class ModelParams:
             execution_timeout=execution_timeout,
             cores=CpuCores.decode(params[PARAM_CORES]) if PARAM_CORES in params else None,
             overlap=params.get(PARAM_OVERLAP) == "yes",
-            overlap_threads=int(threads),
             gpu_wait=gpu_wait,
             pin_inputs=params.get(PARAM_PIN_INPUTS) == "yes",
         )

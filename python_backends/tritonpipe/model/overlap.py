@@ -10,17 +10,9 @@ on a CUDA stream of its own, waits for the GPU and answers every request through
 sender, while Triton hands ``execute`` the next batch.
 
 At most two batches are in flight: one in ``execute``, one in the tail.  ``execute`` waits for
-the tail to take its batch, and Triton's queue meanwhile gathers a larger one.
-
-With ``threads`` above one (the ``overlap_threads`` key), the head runs on that many threads of the
-instance instead, each with a CUDA stream of its own: ``execute`` reads the requests, keeps copies of
-their inputs (Triton frees its own once ``execute`` returns), hands the batch over and returns, so that
-several batches are decoded and resized at once in one process, and its decoder's calls to the JPEG
-engines follow one another (see :mod:`..kernels.nvjpeg`).  Then up to ``threads`` batches are in the
-head and one in the tail; ``execute`` waits while that many are in flight.
-
-Every request is answered exactly once, with its result or its own error; a batch whose step fails
-as a whole answers each of its requests with that error.  Nothing here imports Triton: ``answer`` sends.
+the tail to take its batch, and Triton's queue meanwhile gathers a larger one.  Every request is
+answered exactly once, with its result or its own error; a batch whose step fails as a whole
+answers each of its requests with that error.  Nothing here imports Triton: ``answer`` sends.
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +79,6 @@ class Overlap:
         record: called on the tail thread with each answered flight's :class:`TailTimes`.
         watchdog: a watchdog for the tail thread (its ``watch(context)`` block gets the flight),
             or None for no execution timeout.
-        threads: threads that run the head; 1: the caller's (``execute``'s) thread runs it.
-        watchdogs: makes a watchdog for each head thread (called on that thread), or None.
     """
 
     def __init__(
@@ -99,13 +88,8 @@ class Overlap:
         answer: Callable[[Flight, Results], None],
         record: Callable[[Flight, TailTimes], None] | None = None,
         watchdog: Any = None,
-        threads: int = 1,
-        watchdogs: Callable[[], Any] | None = None,
     ):
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
         self.runtime = runtime
-        self.threads = threads
         self.head_stream = stream
         self.tail_stream = torch.cuda.Stream(stream.device) if stream is not None else None
         self.answer = answer
@@ -114,12 +98,8 @@ class Overlap:
         self.head, self.tail = runtime.halves()
         #: batches from the start of their head to their last answer (at most two)
         self.in_flight: set[Flight] = set()
-        # the batch in the tail holds the one slot: execute, the next batch's head done, waits for it; with
-        # head threads, a slot is taken before the head and let go once the tail has answered
-        self.slots = threading.Semaphore(DEPTH - 1 if threads == 1 else threads + 1)
-        self.watchdogs = watchdogs
-        self.local = threading.local()  # each head thread's stream and watchdog
-        self.heads = ThreadPoolExecutor(threads, thread_name_prefix="tritonpipe-head") if threads > 1 else None
+        # the batch in the tail holds the one slot: execute, the next batch's head done, waits for it
+        self.slots = threading.Semaphore(DEPTH - 1)
         self.ready: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="tritonpipe-tail", daemon=True)
         self.thread.start()
@@ -131,42 +111,13 @@ class Overlap:
         out of reach of any GPU work still queued; the tail's model meanwhile runs on.
         """
         self.in_flight.add(flight)
-        self._head(flight, self.head_stream)
-
-    def _head(self, flight: Flight, stream: torch.cuda.Stream | None) -> None:
         try:
-            with _on(stream):
+            with _on(self.head_stream):
                 self._timed(flight, lambda: self.runtime.run_head(flight.items))
             if flight.events:
                 flight.events[-1].synchronize()
         except BaseException as exc:  # noqa: BLE001 - the tail answers every request of the batch with it
             flight.failed = exc
-
-    def hand(self, flight: Flight) -> float:
-        """With head threads: hand a batch, its inputs already copied, to a head thread; returns the seconds
-        spent waiting for room (while ``threads`` + 1 batches are in flight)."""
-        started = time.perf_counter()
-        self.slots.acquire()
-        waited = time.perf_counter() - started
-        self.in_flight.add(flight)
-        self.heads.submit(self._head_thread, flight)
-        return waited
-
-    def _head_thread(self, flight: Flight) -> None:
-        """A head thread's work on one batch: the head on the thread's own stream, then the tail's queue."""
-        local = self.local
-        try:
-            if not hasattr(local, "stream"):
-                if self.head_stream is not None:
-                    torch.cuda.set_device(self.head_stream.device)
-                local.stream = torch.cuda.Stream(self.head_stream.device) if self.head_stream is not None else None
-                local.watchdog = self.watchdogs() if self.watchdogs is not None else None
-            with local.watchdog.watch(flight) if local.watchdog is not None else contextlib.nullcontext():
-                self._head(flight, local.stream)
-        except BaseException as exc:  # noqa: BLE001 - the tail answers every request of the batch with it
-            flight.failed = exc
-        finally:
-            self.ready.put(flight)  # the tail answers it, and gives its slot back
 
     def submit(self, flight: Flight) -> float:
         """Hand a batch to the tail; returns the seconds spent waiting for the tail to have room."""
@@ -231,15 +182,8 @@ class Overlap:
 
     def close(self) -> None:
         """Answer the batch in the tail (waiting up to :data:`CLOSE_SECONDS`), then end the thread."""
-        held = 0
-        deadline = time.monotonic() + CLOSE_SECONDS
-        for _ in range(1 if self.threads == 1 else self.threads + 1):  # every slot back: nothing left in flight
-            if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                log.warning("a batch was still being answered after %.0f s; it is dropped", CLOSE_SECONDS)
-                break
-            held += 1
-        if self.heads is not None:
-            self.heads.shutdown(wait=held == self.threads + 1)
+        if not self.slots.acquire(timeout=CLOSE_SECONDS):
+            log.warning("a batch was still being answered after %.0f s; it is dropped", CLOSE_SECONDS)
         self.ready.put(None)
 
 

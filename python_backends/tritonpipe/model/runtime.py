@@ -127,12 +127,6 @@ class ModelRuntime:
         for line in fold_post_decode(self.root):
             log.info("%s", line)
         self.last_stage = _last_leaf(self.root).name
-        self.overlap_threads = params.overlap_threads
-        unsafe = sorted({stage.name for stage in _stages(self.root) if not getattr(stage, "thread_safe", lambda: True)()})
-        if self.overlap_threads > 1 and unsafe:
-            log.warning("overlap_threads = %d: %s cannot run on several batches at once as configured; this model "
-                        "keeps one thread for the steps before its last", self.overlap_threads, ", ".join(unsafe))
-            self.overlap_threads = 1
 
     def run(self, items: list[dict[str, Any]]) -> None:
         """Run the chain; each item ends with its result under its output keys, or an ``error``."""
@@ -295,13 +289,6 @@ class ModelRuntime:
 def _describe(dtype: torch.dtype | None, dims: list[int]) -> str:
     name = TORCH_TO_TRITON.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else "any type"
     return f"{name}[{'x'.join('?' if d < 0 else str(d) for d in dims)}]"
-
-
-def _stages(stage: Any) -> Iterator[Any]:
-    """``stage`` and every stage it wraps."""
-    yield stage
-    for child in getattr(stage, "children", None) or []:
-        yield from _stages(child)
 
 
 def _last_leaf(stage: Any) -> Any:

@@ -131,13 +131,9 @@ class TritonPythonModel:
         if self.runtime.overlap:
             # the tail thread's own watchdog: it watches the batch the tail is on
             watchdog = Watchdog(timeout, self._give_up) if timeout > 0 else None
-            threads = self.runtime.overlap_threads
-            watchdogs = (lambda: Watchdog(timeout, self._give_up)) if timeout > 0 else None
-            self.overlap = Overlap(self.runtime, self.stream, self._answer, self._record_tail, watchdog, threads, watchdogs)
-            log.info("%s: %d batches in flight (%s on %s, then %s)", args["model_name"], 2 if threads == 1 else threads + 1,
-                     ", ".join(s.name for s in self.overlap.head) or "-",
-                     "execute's thread" if threads == 1 else f"{threads} threads",
-                     ", ".join(s.name for s in self.overlap.tail) or "-")
+            self.overlap = Overlap(self.runtime, self.stream, self._answer, self._record_tail, watchdog)
+            log.info("%s: two batches in flight (%s, then %s)", args["model_name"],
+                     ", ".join(s.name for s in self.overlap.head) or "-", ", ".join(s.name for s in self.overlap.tail) or "-")
 
     def _warm_up(self, name: str) -> None:
         try:
@@ -223,17 +219,6 @@ class TritonPythonModel:
             started = time.perf_counter()
             flight = Flight([self._read(request) for request in requests], [r.get_response_sender() for r in requests])
             self._pin(flight.items)
-            if self.overlap.threads > 1:
-                # a head thread reads the inputs after execute has returned and Triton has freed its own
-                for item in flight.items:
-                    for key in self.runtime.inputs.values():
-                        if isinstance(item.get(key), torch.Tensor):
-                            item[key] = item[key].clone()
-                read = time.perf_counter()
-                waited = self.overlap.hand(flight)
-                self.metrics.record(STEP_PREFIX + STEPS[0], read - started, len(requests), [])
-                self.metrics.record(STEP_PREFIX + WAIT_STEP, waited, len(requests), [])
-                return
             read = time.perf_counter()
             self.overlap.run_head(flight)
             for item in flight.items:

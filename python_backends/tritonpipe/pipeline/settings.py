@@ -153,14 +153,6 @@ class NodeSettings:
         "instance's own runs the last step (the model) and sends the answers while execute takes the next batch; "
         "a GPU model whose outputs feed another model keeps one batch at a time",
     ))
-    overlap_threads: int = setting(Param(
-        int, 1, low=1, high=8,
-        doc="with overlap: threads of each instance that run the steps before the last one, a batch each, so that "
-        "several batches are decoded and resized at once in one process (its nvjpeg decoder's calls to the JPEG "
-        "engines then follow one another); execute only reads the requests and hands them over; 1: execute runs "
-        "those steps itself. A model whose stages cannot run on several threads at once (decoder = dali or "
-        "nvimgcodec, cpu_decoder_balance) keeps 1, with a warning",
-    ))
     gpu_wait: str = setting(Param(
         str, "spin", choices=GPU_WAITS,
         doc="how a GPU instance waits for its batch's GPU work before it answers: spin (CUDA's default: the waiting "
@@ -271,11 +263,6 @@ def node_settings(where: str, raw: Mapping[str, Any]) -> NodeSettings:
         raise ConfigError(
             f"{where}: pin_inputs and overlap cannot be used together: an overlapping instance returns before the GPU "
             "has read a batch's inputs, and page-locked inputs are read after the call that queued the copy; drop one"
-        )
-    if settings.overlap_threads > 1 and not settings.overlap:
-        raise ConfigError(
-            f"{where}: overlap_threads = {settings.overlap_threads} needs overlap = true (the threads run the steps before "
-            "the last one while a thread of the instance's own runs the last); set both, or drop overlap_threads"
         )
     _check_workers(where, raw)
     return settings

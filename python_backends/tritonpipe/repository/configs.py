@@ -86,7 +86,6 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         cores=share_cores(model.peers, device, host_cores()).get(model.name),
         # the tail thread answers through response senders; GPU tensors for the next model stay on execute's return
         overlap=model.settings.overlap and (terminal or not on_gpu),
-        overlap_threads=model.settings.overlap_threads if model.settings.overlap and (terminal or not on_gpu) else 1,
         gpu_wait=model.settings.gpu_wait if on_gpu else "spin",
         pin_inputs=model.settings.pin_inputs and on_gpu,
     )

@@ -166,11 +166,6 @@ class Stage:
     def forward(self, batch: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
-    def thread_safe(self) -> bool:
-        """Whether ``forward`` may run on several batches at once, each on a thread of its own
-        (``overlap_threads``).  Yes by default; a stage that keeps state across one call says no."""
-        return True
-
     def max(self) -> int:
         """The most items one ``forward`` call takes; a chain splits larger batches to fit.
 

@@ -240,10 +240,6 @@ class DecodeTensor(Stage):
                 "(or -cu13) and nvidia-nvjpeg for the same CUDA, or leave it out"
             )
 
-    def thread_safe(self) -> bool:
-        """DALI's chunk pipelines, nvImageCodec's decoders and the balance's share are one batch's at a time."""
-        return self.decoder not in ("dali", "nvimgcodec") and not self.cuda_decoder_share and self.balance is None
-
     def _pick_decoder(self, wanted: str) -> str:
         """The GPU decoder to use.  ``auto``: nvjpeg's hardware decoder driven directly where the GPU has JPEG
         engines (served on an H200 it was 1.02-1.06x torchvision's, with the lower latency at concurrency 1,

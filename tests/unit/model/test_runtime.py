@@ -202,42 +202,6 @@ def test_overlap_reaches_models_that_answer_clients(tiny_onnx):
     assert "tritonpipe.overlap" not in configs["cls"].parameters  # off unless asked
 
 
-def test_overlap_threads_reach_the_overlapping_models_only_and_need_overlap(tiny_onnx):
-    _, configs, _ = build_repository(load_graph(chain(tiny_onnx, overlap=True, overlap_threads=3), name="cls"), "gpu")
-    assert configs["cls"].parameters["tritonpipe.overlap_threads"].string_value == "3"
-    split = dict(chain(tiny_onnx), fuse=False, overlap=True, overlap_threads=3)
-    _, configs, _ = build_repository(load_graph(split, name="cls"), "gpu")
-    assert "tritonpipe.overlap_threads" not in configs["cls_pre"].parameters  # one batch at a time there
-    assert configs["cls_model"].parameters["tritonpipe.overlap_threads"].string_value == "3"
-    _, configs, _ = build_repository(load_graph(chain(tiny_onnx, overlap=True), name="cls"), "gpu")
-    assert "tritonpipe.overlap_threads" not in configs["cls"].parameters  # one: execute runs the head
-    with pytest.raises(ConfigError, match="overlap_threads = 2 needs overlap = true"):
-        load_graph(chain(tiny_onnx, overlap_threads=2), name="cls")
-    with pytest.raises(ConfigError, match="overlap_threads"):
-        load_graph(chain(tiny_onnx, overlap=True, overlap_threads=9), name="cls")
-
-
-def test_overlap_threads_are_read_back_and_a_malformed_count_is_refused():
-    from tritonpipe.contract import ModelParams
-
-    params = ModelParams(pipeline="S[Identity]", inputs={"a": "data"}, outputs={"b": "result"}, overlap=True, overlap_threads=4)
-    assert ModelParams.decode(params.encode()).overlap_threads == 4
-    assert ModelParams.decode(dict(params.encode(), **{"tritonpipe.overlap_threads": "1"})).overlap_threads == 1
-    for bad in ("0", "two", "-1", ""):
-        with pytest.raises(ConfigError, match="overlap_threads"):
-            ModelParams.decode(dict(params.encode(), **{"tritonpipe.overlap_threads": bad}))
-
-
-def test_a_stage_that_cannot_share_its_batches_keeps_one_head_thread(tmp_path, tiny_onnx, monkeypatch, caplog):
-    from tritonpipe.stages.image import DecodeTensor
-
-    assert runtime_for(tmp_path / "a", tiny_onnx, warmup="off", overlap=True, overlap_threads=3).overlap_threads == 3
-    monkeypatch.setattr(DecodeTensor, "thread_safe", lambda self: False)
-    with caplog.at_level("WARNING", logger="tritonpipe"):
-        runtime = runtime_for(tmp_path / "b", tiny_onnx, warmup="off", overlap=True, overlap_threads=3)
-    assert runtime.overlap_threads == 1 and "DecodeTensor cannot run on several batches at once" in caplog.text
-
-
 def _jpeg_items(key, count, bad=()):
     import cv2
     import numpy as np
