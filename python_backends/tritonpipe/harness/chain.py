@@ -8,6 +8,7 @@ tensors pass between models along the ensemble's own input and output maps.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..errors import ConfigError, RequestError
 from ..model.fanout import gather, item_rows
 from ..model.runtime import ModelRuntime, pick_device
 from ..repository.generate import VERSION, GeneratedRepository
+from ..stages.base import ERROR
 from ..stages.control import set_stage_sink
 
 #: a request's tensors by name, or the error the chain failed it with
@@ -292,6 +294,94 @@ def run_inprocess(
     return InprocessResult(
         str(target), batch, images_done, elapsed, batch_ms, per_image, chain.chunks(), before, after, stages
     )
+
+
+#: decoders whose stage takes one batch at a time (their pipelines or states are the stage's own)
+_ONE_BATCH_DECODERS = ("dali", "nvimgcodec")
+
+
+def _one_batch_at_a_time(stages: list[Any]) -> str | None:
+    """Why these stages cannot work on two batches at once (one line), or None."""
+    for stage in _leaves(stages):
+        if getattr(stage, "decoder", None) in _ONE_BATCH_DECODERS:
+            return f"{stage.name}(decoder={stage.decoder}) takes one batch at a time"
+        if getattr(stage, "cuda_decoder_share", 0) or getattr(stage, "balance", None) is not None:
+            return f"{stage.name}'s share of each batch for a second decoder is one batch's at a time"
+    return None
+
+
+def _leaves(stages: list[Any]) -> list[Any]:
+    found = []
+    for stage in stages:
+        children = getattr(stage, "children", None) or []
+        found += _leaves(children) if children else [stage]
+    return found
+
+
+def run_preprocessing_in_flight(
+    repo: GeneratedRepository, images: list[bytes], *, device: str = "auto", batch: int = 64, seconds: float = 5.0,
+    threads: int = 2,
+) -> tuple[float, str]:
+    """tritonpipe's preprocessing alone (the stages before the model stage) with ``threads`` batches in flight,
+    each on a host thread and CUDA stream of its own, as DALI's pipeline keeps two at prefetch 2: (img/s, what
+    ran).  Raises ConfigError where the repository has no such part to run alone, or stages that take one
+    batch at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = pick_device(device, strict=True)
+    with torch.inference_mode():
+        chain = Chain.of_repository(repo, target)
+    if chain.fan_out is not None:
+        raise ConfigError("a graph that fans out has no one preprocessing model to run alone")
+    model_stages = {m.name for m in repo.plan.models if m.is_model_stage}
+    first = chain.steps[0]
+    if first.name in model_stages:
+        raise ConfigError(f"the first model, {first.name!r}, is the model stage: there is no preprocessing to run")
+    runtime = first.runtime
+    if len(chain.steps) > 1:
+        stages, run, what = [runtime.root], runtime.run, f"the {first.name} model"
+    else:
+        head, tail = runtime.halves()
+        if not tail:
+            raise ConfigError(f"{first.name!r} is one step: there is no preprocessing apart from it")
+        stages, run, what = head, runtime.run_head, f"{first.name}'s stages before the model stage"
+    why = _one_batch_at_a_time(stages)
+    if why is not None:
+        raise ConfigError(why)
+    tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
+    (key,) = runtime.inputs.values() if len(runtime.inputs) == 1 else (None,)
+    if key is None:
+        raise ConfigError(f"{first.name!r} takes {len(runtime.inputs)} inputs; only one (the image) is fed here")
+    done, lock = [0], threading.Lock()
+
+    def work(index: int, stop: float, counted_from: float) -> None:
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        stream = torch.cuda.Stream(target) if target.type == "cuda" else None
+        start = index * batch
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            while (began := time.perf_counter()) < stop:
+                items = [{key: tensors[(start + i) % len(tensors)]} for i in range(batch)]
+                start += threads * batch
+                run(items)
+                failed = next((item[ERROR] for item in items if ERROR in item), None)
+                if failed is not None:
+                    raise RuntimeError(f"the preprocessing failed a corpus image: {failed}") from failed
+                if stream is not None:
+                    stream.synchronize()
+                if began >= counted_from:
+                    with lock:
+                        done[0] += batch
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="tritonpipe-pre") as pool:
+        now = time.perf_counter()
+        list(pool.map(work, range(threads), [now + 0.5] * threads, [now + 1.0] * threads))  # warm: compiles, caches
+        counted_from = time.perf_counter()
+        stop = counted_from + seconds
+        list(pool.map(work, range(threads), [stop] * threads, [counted_from] * threads))
+        elapsed = time.perf_counter() - counted_from
+    return done[0] / elapsed, what
 
 
 def _stage_times(chain: Chain, run: Callable[[int], None], batches: int) -> list[StageTime]:

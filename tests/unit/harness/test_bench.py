@@ -246,6 +246,32 @@ def test_a_fused_pipelines_preprocessing_is_timed_from_its_stages(tmp_path, tiny
     assert per_image["TensorrtTensor"] > 0 and "fused" in pre.note
 
 
+@pytest.mark.parametrize("fuse, what", [(True, "cls's stages before the model stage"), (False, "the cls_pre model")])
+def test_the_preprocessing_alone_runs_with_two_batches_in_flight(tmp_path, tiny_onnx, fuse, what):
+    graph = load_graph(model_chain(tiny_onnx, fuse=fuse), name="cls")
+    options = bench_options(tmp_path, systems=("inprocess",), inprocess_batch=4, inprocess_seconds=0.3, progress=False)
+    repo, _ = runner.build_bench_repository(graph, tmp_path / "repo", options)
+    (row,) = runner._measure_pre_in_flight(repo, corpus.synthetic_corpus(6, sizes=((48, 64),)), options, print)
+    assert row.system == "inprocess-pre-2" and row.concurrency == 4 and row.throughput > 0
+    assert row.note.startswith(what) and "2 batches in flight" in row.note
+
+
+def test_stages_that_take_one_batch_at_a_time_are_not_run_two_at_once():
+    from types import SimpleNamespace
+
+    from tritonpipe.harness.chain import _one_batch_at_a_time
+
+    def decode(**keys):
+        return SimpleNamespace(name="DecodeTensor", children=[], **keys)
+
+    wrapped = lambda stage: SimpleNamespace(name="S", children=[SimpleNamespace(name="ResizeTensor", children=[]), stage])  # noqa: E731
+    assert _one_batch_at_a_time([wrapped(decode(decoder="nvjpeg", cuda_decoder_share=0.0, balance=None))]) is None
+    assert "decoder=dali" in _one_batch_at_a_time([wrapped(decode(decoder="dali"))])
+    assert "decoder=nvimgcodec" in _one_batch_at_a_time([decode(decoder="nvimgcodec")])
+    assert "share" in _one_batch_at_a_time([decode(decoder="nvjpeg", cuda_decoder_share=0.25, balance=None)])
+    assert "share" in _one_batch_at_a_time([decode(decoder="nvjpeg", cuda_decoder_share=0.0, balance=object())])
+
+
 def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
     graph = load_graph(model_chain(tiny_onnx), name="cls")
     repo, peers = runner.build_bench_repository(graph, tmp_path / "repo", bench_options(tmp_path, systems=("ensemble",)))

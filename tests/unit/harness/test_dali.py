@@ -19,6 +19,7 @@ def test_report_gives_ratios_to_dali_in_the_same_run():
         Row("ensemble", 128, 6000.0, 20.0, 25.0, 26.0, 30.0),
         Row("inprocess", 64, 5000.0, 12.0),
         Row("inprocess-pre", 64, 7500.0, note="tritonpipe's preprocessing model alone"),
+        Row("inprocess-pre-2", 64, 10300.0, note="the same, 2 batches in flight"),
         Row("dali", 64, 10000.0, note="decoders.image mixed"),
         Row("dali-hw-only", 64, 9000.0, note="hw 1.0"),
     ]
@@ -26,6 +27,7 @@ def test_report_gives_ratios_to_dali_in_the_same_run():
     assert "ensemble/DALI" in text and "0.60×" in text
     table = text[text.index("Preprocessing in one process") :]
     assert "inprocess-pre" in table and "0.75" in table and "dali-hw-only" in table and "0.90" in table
+    assert "| inprocess-pre-2 | 64 | 10,300.0 | 1.03× |" in table  # beside DALI, not among the served levels
 
 
 def test_no_dali_row_means_no_dali_ratio():

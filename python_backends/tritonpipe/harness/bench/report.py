@@ -22,7 +22,7 @@ TITLES = {
 #: the served systems, in the report's column order
 SERVED = ("ensemble", "baseline", "dali-served", "floor")
 #: the in-process rows: tritonpipe's own chain and DALI's, with and without the model stage
-INPROCESS_ROWS = ("inprocess", "inprocess-pre", "dali", "dali-hw-only", "dali+model")
+INPROCESS_ROWS = ("inprocess", "inprocess-pre", "inprocess-pre-2", "dali", "dali-hw-only", "dali+model")
 
 
 @dataclass

@@ -489,6 +489,25 @@ def _measure_inprocess(
     return [row], steps, stages
 
 
+def _measure_pre_in_flight(repo, corpus: Corpus, options: BenchOptions, say) -> list[Row]:
+    """tritonpipe's preprocessing alone with two batches in flight (DALI's pipeline keeps two at prefetch 2)."""
+    from ..chain import run_preprocessing_in_flight
+
+    batch = options.inprocess_batch
+    say(f"[inprocess-pre-2] the preprocessing alone, 2 batches of {batch} in flight, for {options.inprocess_seconds:g} s ...")
+    try:
+        rate, what = run_preprocessing_in_flight(repo, corpus.images, device=options.device, batch=batch,
+                                                 seconds=options.inprocess_seconds)
+    except ConfigError as exc:  # nothing to run alone, or stages that take one batch at a time: said, not failed
+        say(f"[inprocess-pre-2] not measured: {exc}")
+        return []
+    except Exception as exc:  # noqa: BLE001 - the other systems' results still count
+        say(f"[inprocess-pre-2] FAILED: {exc}")
+        return [Row("inprocess-pre-2", batch, None, note=f"{type(exc).__name__}: {exc}"[:200])]
+    say(f"[inprocess-pre-2] {rate:,.1f} img/s")
+    return [Row("inprocess-pre-2", batch, rate, note=f"{what}, 2 batches in flight, a host thread and CUDA stream each")]
+
+
 def _dali_missing(options: BenchOptions) -> str | None:
     """Why DALI cannot be measured here (one line), or None."""
     from .dali import dali_available
@@ -665,6 +684,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         if "inprocess" in options.systems:
             more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
             rows += more_rows + _inprocess_pre(repo, more_rows, more_steps, more_stages)
+            rows += _measure_pre_in_flight(repo, corpus, options, say)
             steps += more_steps
             stages += more_stages
         if "dali" in options.systems:
