@@ -296,18 +296,9 @@ def run_inprocess(
     )
 
 
-#: decoders whose stage takes one batch at a time (their pipelines or states are the stage's own)
-_ONE_BATCH_DECODERS = ("dali", "nvimgcodec")
-
-
 def _one_batch_at_a_time(stages: list[Any]) -> str | None:
-    """Why these stages cannot work on two batches at once (one line), or None."""
-    for stage in _leaves(stages):
-        if getattr(stage, "decoder", None) in _ONE_BATCH_DECODERS:
-            return f"{stage.name}(decoder={stage.decoder}) takes one batch at a time"
-        if getattr(stage, "cuda_decoder_share", 0) or getattr(stage, "balance", None) is not None:
-            return f"{stage.name}'s share of each batch for a second decoder is one batch's at a time"
-    return None
+    """Why these stages cannot work on two batches at once (the first stage's reason), or None."""
+    return next((why for stage in _leaves(stages) if (why := stage.one_batch_at_a_time()) is not None), None)
 
 
 def _leaves(stages: list[Any]) -> list[Any]:
@@ -350,9 +341,9 @@ def run_preprocessing_in_flight(
     if why is not None:
         raise ConfigError(why)
     tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
-    (key,) = runtime.inputs.values() if len(runtime.inputs) == 1 else (None,)
-    if key is None:
+    if len(runtime.inputs) != 1:
         raise ConfigError(f"{first.name!r} takes {len(runtime.inputs)} inputs; only one (the image) is fed here")
+    (key,) = runtime.inputs.values()
     done, lock = [0], threading.Lock()
 
     def work(index: int, stop: float, counted_from: float) -> None:

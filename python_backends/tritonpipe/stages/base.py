@@ -166,6 +166,11 @@ class Stage:
     def forward(self, batch: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def one_batch_at_a_time(self) -> str | None:
+        """Why ``forward`` cannot run on two batches at once, each on a thread of its own (one line), or None:
+        it can, unless the stage keeps state across one call."""
+        return None
+
     def max(self) -> int:
         """The most items one ``forward`` call takes; a chain splits larger batches to fit.
 

@@ -240,6 +240,14 @@ class DecodeTensor(Stage):
                 "(or -cu13) and nvidia-nvjpeg for the same CUDA, or leave it out"
             )
 
+    def one_batch_at_a_time(self) -> str | None:
+        """DALI's chunk pipelines and nvImageCodec's decoders are the stage's own, as is a second decoder's share."""
+        if self.decoder in ("dali", "nvimgcodec"):
+            return f"{self.name}(decoder={self.decoder}) takes one batch at a time"
+        if self.cuda_decoder_share or self.balance is not None:
+            return f"{self.name}'s share of each batch for a second decoder is one batch's at a time"
+        return None
+
     def _pick_decoder(self, wanted: str) -> str:
         """The GPU decoder to use.  ``auto``: nvjpeg's hardware decoder driven directly where the GPU has JPEG
         engines (served on an H200 it was 1.02-1.06x torchvision's, with the lower latency at concurrency 1,

@@ -256,20 +256,23 @@ def test_the_preprocessing_alone_runs_with_two_batches_in_flight(tmp_path, tiny_
     assert row.note.startswith(what) and "2 batches in flight" in row.note
 
 
-def test_stages_that_take_one_batch_at_a_time_are_not_run_two_at_once():
-    from types import SimpleNamespace
-
+def test_stages_that_take_one_batch_at_a_time_are_not_run_two_at_once(monkeypatch):
     from tritonpipe.harness.chain import _one_batch_at_a_time
+    from tritonpipe.pipeline.grammar import parse_backend
+    from tritonpipe.stages import build_stage
+    from tritonpipe.stages.base import Stage
+    from tritonpipe.stages.image import DecodeTensor
 
-    def decode(**keys):
-        return SimpleNamespace(name="DecodeTensor", children=[], **keys)
-
-    wrapped = lambda stage: SimpleNamespace(name="S", children=[SimpleNamespace(name="ResizeTensor", children=[]), stage])  # noqa: E731
-    assert _one_batch_at_a_time([wrapped(decode(decoder="nvjpeg", cuda_decoder_share=0.0, balance=None))]) is None
-    assert "decoder=dali" in _one_batch_at_a_time([wrapped(decode(decoder="dali"))])
-    assert "decoder=nvimgcodec" in _one_batch_at_a_time([decode(decoder="nvimgcodec")])
-    assert "share" in _one_batch_at_a_time([decode(decoder="nvjpeg", cuda_decoder_share=0.25, balance=None)])
-    assert "share" in _one_batch_at_a_time([decode(decoder="nvjpeg", cuda_decoder_share=0.0, balance=object())])
+    root = build_stage(parse_backend("S[DecodeTensor,cvtColorTensor]"), "cpu", None)
+    decode = next(child for child in root.children if isinstance(child, DecodeTensor))
+    assert _one_batch_at_a_time([root]) is None
+    for keys, said in (({"decoder": "dali"}, "decoder=dali"), ({"decoder": "nvimgcodec"}, "decoder=nvimgcodec"),
+                       ({"cuda_decoder_share": 0.25}, "share"), ({"balance": object()}, "share")):
+        with monkeypatch.context() as patch:
+            for name, value in keys.items():
+                patch.setattr(decode, name, value)
+            assert said in _one_batch_at_a_time([root])  # found inside the sequence, on the stage that says so
+    assert Stage.one_batch_at_a_time(decode) is None  # any other stage can take two at once
 
 
 def test_without_the_baseline_only_the_pipeline_is_written(tmp_path, tiny_onnx):
