@@ -9,9 +9,10 @@ Two layout and graph options. ``channels_last`` runs the module and its 4-D floa
 channels_last memory format on a GPU; the stage turns it on by default, since served on an H100 it was
 1.02-1.12x as fast.  It applies only to a module with 4-D weights (convolutions), and is tried at load on a
 batch of one of zeros (free dims ``TRIAL_SIDE`` long): a module that fails that trial in channels_last (one that
-flattens a feature map with ``view``, say) runs in the default layout, with a warning.  ``freeze``, off by
-default (served, it was within 1-2% of the unfrozen model), freezes a TorchScript module (BatchNorm folded into
-the convolutions; on a GPU also ``optimize_for_inference``, which fuses conv+add+relu through cuDNN).
+flattens a feature map with ``view``, say) runs in the default layout, with a warning.  ``freeze`` (the stage
+turns it on for a GPU by default: ResNet-18 FP16 at batch 1 took 0.30 instead of 0.40 ms of GPU time on an H100)
+freezes a TorchScript module (BatchNorm folded into the convolutions; on a GPU also ``optimize_for_inference``,
+which fuses conv+add+relu through cuDNN).
 
 Inputs and outputs: a ``torch.export`` file describes itself (names and shapes from its signature
 and example values; outputs are called ``output0``, ``output1``...).  A TorchScript file cannot,
@@ -185,7 +186,8 @@ def prepare_module(
         try:
             frozen = torch.jit.freeze(module)  # a frozen copy: the module itself is left as it was
         except Exception as exc:  # noqa: BLE001 - a model that cannot be frozen still runs
-            log.warning("%s runs unfrozen: torch.jit.freeze refused it (%s)", path.name, _first_line(exc))
+            log.warning("%s runs unfrozen: torch.jit.freeze refused it (%s); freeze = false skips the attempt",
+                        path.name, _first_line(exc))
             return module, done
         done.append("frozen")
         if device.type == "cuda":  # on the CPU it would convert to MKLDNN layouts

@@ -18,7 +18,7 @@ from typing import Any
 from ..contract import GPU_WAITS, parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
-from ..stages.base import FALSE_WORDS, TRUE_WORDS, Param
+from ..stages.base import Param
 
 _METADATA = "setting"
 #: instance_affinity's values; auto: on where the model's instances are on a GPU
@@ -102,15 +102,6 @@ def _batch_dim(value: Any) -> Any:
     return value
 
 
-def _affinity(value: Any) -> Any:
-    """A yes/no as any boolean key takes it -> ``true`` / ``false``; ``auto`` and anything else go on to the
-    choices' check."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    lowered = str(value).strip().lower()
-    return "true" if lowered in TRUE_WORDS else "false" if lowered in FALSE_WORDS else value
-
-
 @dataclass
 class NodeSettings:
     """A node's Triton settings; each field is declared by the node key that sets it."""
@@ -177,7 +168,7 @@ class NodeSettings:
         "longest; Triton's rate limiter with instance priorities: tritonserver needs --rate-limit=execution_count, "
         "which tritonpipe serve, bench and generate --k8s add; auto: on for a model of several GPU instances "
         "(--device gpu, or auto on a host that has a GPU), off on the CPU",
-    ), prepare=_affinity)
+    ))
     preferred_batch_sizes: tuple[int, ...] = setting(
         Param(str, "", doc="batch sizes the dynamic batcher forms as soon as it can, e.g. 4 or 4,8; each at most max"),
         key="preferred_batch_size", parse=_parse_batch_sizes,

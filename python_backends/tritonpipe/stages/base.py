@@ -45,6 +45,14 @@ FALSE_WORDS = ("0", "false", "no", "off")
 UNBOUNDED = 1 << 30
 
 
+def _yes_no(value: Any) -> str:
+    """A boolean or a yes/no word as ``true`` / ``false``; any other value as its stripped text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    lowered = str(value).strip().lower()
+    return "true" if lowered in TRUE_WORDS else "false" if lowered in FALSE_WORDS else str(value).strip()
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter a stage accepts, with its type, default and valid range."""
@@ -83,6 +91,8 @@ class Param:
                 value = float(value)
                 if value != value:  # NaN passes every range check
                     raise ValueError
+            elif self.choices is not None and "true" in self.choices and "false" in self.choices:
+                value = _yes_no(value)  # auto/true/false keys take a yes/no as a boolean key does
             else:
                 value = str(value).strip()
         except (TypeError, ValueError):

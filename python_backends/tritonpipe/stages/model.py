@@ -131,6 +131,11 @@ def _mismatch_hint(wanted: TensorSpec, given: TensorSpec) -> str:
     return "; resize or reshape before the model to match its input"
 
 
+def _freezes(setting: str, device: torch.device) -> bool:
+    """``freeze`` for a model on ``device``: true, false, or auto (on a GPU only)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
 def _beside_model(params: dict[str, Any], key: str) -> Path | None:
     """A path parameter; relative paths are taken from the model file's folder."""
     text = str(params[key]).strip()
@@ -175,10 +180,11 @@ class TensorrtTensor(Stage):
         "calibrate_cache": Param(str, "", doc="INT8 calibration cache file, read if present and written after calibrating"),
         "postprocessor": Param(str, "", doc="none, cpu, SoftmaxCpu, SoftmaxMax, or a registered name"),
         "cuda_graph": Param(bool, True, doc="torch engine: replay CUDA graphs when shapes are static"),
-        "freeze": Param(bool, False, doc=(
+        "freeze": Param(str, "auto", choices=("auto", "true", "false"), doc=(
             "torch engine only: freeze a TorchScript model (BatchNorm folded into the convolutions; on a GPU "
-            "conv+add+relu fused too); one that cannot be frozen runs as it is, with a warning; served on an H100 it was "
-            "within 1-2% of the unfrozen model, so it stays off"
+            "conv+add+relu fused too); one that cannot be frozen runs as it is, with a warning; auto: on a GPU only "
+            "(on an H100, ResNet-18 FP16 took 0.30 instead of 0.40 ms of GPU time at batch 1, and served p50 at "
+            "concurrency 1 fell 0.09 ms with the same throughput at 128 and 256)"
         )),
         "channels_last": Param(bool, True, doc=(
             "torch engine only: on a GPU, run a model with convolutions and its 4-D floating inputs in channels_last "
@@ -278,7 +284,7 @@ class TensorrtTensor(Stage):
         else:
             self.engine = torch_engine.TorchEngine(
                 path, self.device, params["inputs"], params["outputs"], params["precision"], params["cuda_graph"],
-                freeze=params["freeze"], channels_last=params["channels_last"],
+                freeze=_freezes(params["freeze"], self.device), channels_last=params["channels_last"],
             )
         log.info("TensorrtTensor runs %s with %s", path.name, self.engine.description)
         self.post = lookup_postprocessor(params["postprocessor"])

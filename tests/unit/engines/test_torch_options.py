@@ -13,6 +13,7 @@ import torch
 
 from tritonpipe.engines import torch_engine
 from tritonpipe.engines.torch_engine import TorchEngine, load_module, prepare_module
+from tritonpipe.errors import ConfigError
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.stages import build_stage
 
@@ -384,3 +385,39 @@ def test_on_the_gpu_the_stage_runs_a_conv_net_channels_last_and_a_view_net_as_it
         stage = build_stage(load_graph({"backend": "TensorrtTensor", "model": str(flat), "inputs": INPUTS,
                                         "max": 4}).entry.tree, "cuda:0")
     assert "a trial batch failed in channels_last" in caplog.text and not stage.engine.channels_last
+
+
+def stage_with(ts, device, **given):
+    return build_stage(load_graph({"backend": "TensorrtTensor", "model": str(ts), "inputs": INPUTS, "max": 4,
+                                   **given}).entry.tree, device)
+
+
+@pytest.mark.parametrize("given, frozen", [({}, False), ({"freeze": "auto"}, False), ({"freeze": True}, True),
+                                           ({"freeze": "yes"}, True), ({"freeze": "off"}, False)])
+def test_freeze_is_off_on_the_cpu_unless_asked_for(bn_model, given, frozen):
+    model, ts = bn_model
+    stage = stage_with(ts, "cpu", **given)
+    assert ("frozen" in stage.engine.description) is frozen
+    assert bool(stage.engine.module.inlined_graph.findAllNodes("aten::batch_norm")) is not frozen
+    x = batch()
+    torch.testing.assert_close(stage.engine.run([x])[0], eager(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", ""])
+def test_freeze_refuses_a_value_that_is_not_auto_or_a_yes_or_no(bn_model, value):
+    _, ts = bn_model
+    with pytest.raises(ConfigError, match="'freeze' must be one of auto, true, false"):
+        stage_with(ts, "cpu", freeze=value)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("given, frozen", [({}, True), ({"freeze": "false"}, False)])
+def test_on_the_gpu_the_stage_freezes_unless_told_not_to(bn_model, given, frozen):
+    model, ts = bn_model
+    stage = stage_with(ts, "cuda:0", **given)
+    assert ("frozen" in stage.engine.description) is frozen
+    x = batch(2)
+    items = [{"data": x[:1].cuda()}, {"data": x[1:].cuda()}]
+    stage.forward(items)
+    torch.testing.assert_close(torch.cat([i["result"] for i in items]).cpu(), eager(model, x), rtol=0, atol=2e-2)
