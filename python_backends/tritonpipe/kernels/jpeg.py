@@ -259,13 +259,19 @@ def _reason(exc: Exception) -> str:
     return re.sub(r"^.*\.cpp:\d+, ", "", lines[0])
 
 
-def _decode_on_cpu(data: torch.Tensor) -> torch.Tensor:
-    """CHW RGB through torchvision's libjpeg-turbo decoder (handles grayscale, CMYK and YCCK)."""
+def _decode_hwc(data: torch.Tensor) -> torch.Tensor:
+    """HWC RGB through torchvision's libjpeg-turbo decoder (handles grayscale, CMYK and YCCK), nothing copied."""
     try:
-        # torchvision hands back a CHW view of an HWC buffer; callers expect dense CHW.
-        return tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB).contiguous()
+        # torchvision hands back a CHW view of an HWC buffer
+        image = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB).permute(1, 2, 0)
     except RuntimeError as exc:
         raise DecodeError(f"JPEG data is corrupt: {_reason(exc)}", reason="corrupt") from None
+    return image if image.is_contiguous() else image.contiguous()
+
+
+def _decode_on_cpu(data: torch.Tensor) -> torch.Tensor:
+    """Dense CHW RGB through torchvision's libjpeg-turbo decoder (see :func:`_decode_hwc`)."""
+    return _decode_hwc(data).permute(2, 0, 1).contiguous()
 
 
 def _decode_on_gpu(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -480,28 +486,37 @@ def _cuda_decoder_side(datas, infos, device: torch.device, settings: nvimgcodec.
     return start
 
 
+def _staged(image: torch.Tensor) -> torch.Tensor:
+    """``image`` copied into page-locked memory by the calling thread alone.  torch's own copy of an image
+    (``pin_memory``, ``contiguous``) runs as a parallel region over every core, and the host share's threads,
+    each starting one per image beside a GPU instance's full-size torch thread count, swamped the host."""
+    staged = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+    np.copyto(staged.numpy(), image.numpy())
+    return staged
+
+
 def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None
                        ) -> torch.Tensor | DecodeError:
-    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed; into
-    ``into`` (a 3xHxW slot on the device) where given and of the image's shape.
+    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed: a 3xHxW
+    view of an HxWx3 image there (as nvjpeg's images are), in ``into`` (an HxWx3 slot on the device) where given
+    and of the image's shape.  Off CUDA (``stream`` None), a dense 3xHxW image.
 
     The copy leaves from page-locked memory without the host waiting: a plain copy of pageable memory
     synchronises the stream, so the thread would wait for the GPU decoder's part of the batch, queued on
     the same stream, before it decoded its next image."""
     try:
-        image = _decode_on_cpu(data)
+        image = _decode_hwc(data)
     except DecodeError as exc:
         return exc
     if stream is None:
-        return image.to(device)
+        return image.permute(2, 0, 1).contiguous().to(device)
     with torch.cuda.stream(stream):
         try:
-            staged = image.pin_memory()
+            staged = _staged(image)
         except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits, still delivers
-            return image.to(device)
-        if into is not None and into.shape == staged.shape:
-            return into.copy_(staged, non_blocking=True)
-        return staged.to(device, non_blocking=True)
+            return image.to(device).permute(2, 0, 1)
+        target = into if into is not None and into.shape == staged.shape else torch.empty(staged.shape, dtype=staged.dtype, device=device)
+        return target.copy_(staged, non_blocking=True).permute(2, 0, 1)
 
 
 #: the host share's images of a batch land in one device allocation, made on the caller's thread before
@@ -510,12 +525,12 @@ HOST_ONE_BUFFER = True
 
 
 def _device_slots(shapes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
-    """A 3xHxW uint8 view for each (height, width), all in one allocation on ``device`` (the current stream's)."""
+    """An HxWx3 uint8 view for each (height, width), all in one allocation on ``device`` (the current stream's)."""
     sizes = [3 * height * width for height, width in shapes]
     buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     slots, offset = [], 0
     for (height, width), size in zip(shapes, sizes):
-        slots.append(buffer[offset : offset + size].view(3, height, width))
+        slots.append(buffer[offset : offset + size].view(height, width, 3))
         offset += size
     return slots
 

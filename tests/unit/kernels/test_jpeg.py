@@ -310,13 +310,13 @@ def test_the_host_share_is_decoded_on_its_threads_in_order_and_a_bad_image_fails
     names = [n for n in NAMES if n != "cmyk"]
     datas = [_t(VARIANTS[n][0]) for n in names] + [_t(_bad_huffman())]
     threads: set[str] = set()
-    decode_on_cpu = J._decode_on_cpu
+    decode_hwc = J._decode_hwc
 
     def spied(data):
         threads.add(threading.current_thread().name)
-        return decode_on_cpu(data)
+        return decode_hwc(data)
 
-    monkeypatch.setattr(J, "_decode_on_cpu", spied)
+    monkeypatch.setattr(J, "_decode_hwc", spied)
     to_gpu: list[int] = []
 
     def on_gpu(indices):
@@ -425,10 +425,10 @@ def test_a_host_image_still_reaches_the_device_when_no_page_locked_memory_is_lef
     the plain copy instead of failing its batch."""
     import contextlib
 
-    def no_pinned_memory(self):
+    def no_pinned_memory(image):
         raise RuntimeError("CUDA error: out of memory (pinned host memory)")
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinned_memory)
+    monkeypatch.setattr(J, "_staged", no_pinned_memory)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     data, info = VARIANTS["420"]
     image = J._decode_on_host_to(_t(data), torch.device("cpu"), object())
@@ -440,7 +440,7 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
     slot, none overlapping, with PIL's pixels; an image whose slot does not fit it gets a tensor of its own."""
     import contextlib
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # page-locked memory needs a GPU
+    monkeypatch.setattr(J, "_staged", lambda image: image.clone())  # page-locked memory needs a GPU
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     names = [n for n in NAMES if n != "cmyk"]
     shapes = [(VARIANTS[n][1].height, VARIANTS[n][1].width) for n in names]
@@ -451,9 +451,9 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
     spans = sorted((slot.data_ptr(), slot.data_ptr() + slot.numel()) for slot in slots)
     assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
     for name, slot, (height, width) in zip(names, slots, shapes):
-        assert slot.shape == (3, height, width) and slot.is_contiguous()
+        assert slot.shape == (height, width, 3) and slot.is_contiguous()
         image = J._decode_on_host_to(_t(VARIANTS[name][0]), torch.device("cpu"), object(), into=slot)
-        assert image.data_ptr() == slot.data_ptr()
+        assert image.data_ptr() == slot.data_ptr() and image.shape == (3, height, width)
         _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
     wrong = J._device_slots([(shapes[0][0] + 1, shapes[0][1])], torch.device("cpu"))[0]
     image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), object(), into=wrong)
