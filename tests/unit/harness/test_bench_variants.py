@@ -27,7 +27,7 @@ def fake_runs(throughputs):
     def run(options, say):
         seen.append(options)
         rows = [Row("ensemble", c, next(figures), p50_ms=10.0 * c, p99_ms=20.0 * c, gpu_mem_before_mb=100.0,
-                    gpu_mem_mb=100.0 + c) for c in (1, 8)] + [Row("inprocess", 64, 999.0)]
+                    gpu_mem_mb=100.0 + c) for c in (1, 8)] + [Row("inprocess", 64, 999.0), Row("inprocess-pre-2", 64, 1999.0)]
         return BenchResult(rows, [], "", {})
 
     return run, seen
@@ -59,6 +59,9 @@ def test_variants_run_in_turn_with_their_keys_over_the_shared_ones(tmp_path, con
     assert "| b | ensemble | 1 | 150 / 160 / 140 | 150.0 | 1.36× |" in result.markdown  # 150 against a's median 110
     assert "| a | ensemble | 8 | 200 / 220 / 240 | 220.0 | 1.00× |" in result.markdown
     assert "| b | inprocess | 64 |" in result.markdown and result.complete
+    # the in-process run's side rows are compared too, after the served ones
+    assert "| b | inprocess-pre-2 | 64 | 1,999 / 1,999 / 1,999 | 1,999.0 | 1.00× |" in result.markdown
+    assert result.markdown.index("| a | ensemble") < result.markdown.index("| a | inprocess-pre-2")
     with open(result.files["variants_csv"]) as handle:
         table = list(csv.DictReader(handle))
     assert list(table[0]) == SUMMARY_COLUMNS

@@ -19,7 +19,7 @@ from ...errors import ConfigError
 from ...pipeline.files import parse_overrides
 from ...server.mps import find_control
 from ...stages.base import Param
-from .report import SERVED, Row
+from .report import INPROCESS_ROWS, SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -199,7 +199,8 @@ def _summary(options: BenchOptions, runs: dict[str, list[list[Row]]], variants: 
              done: int) -> tuple[list[VariantRow], str, dict[str, Path]]:
     """Summarise the runs so far into ``options.output`` (``variants.md`` and ``variants.csv``)."""
     served = tuple(s for s in options.systems if s in SERVED)
-    rows = summarise(runs, served + tuple(s for s in options.systems if s not in served))
+    # the in-process run's side rows (the two-in-flight preprocessing, DALI's engines alone) come with it
+    rows = summarise(runs, served + INPROCESS_ROWS + tuple(s for s in options.systems if s not in served + INPROCESS_ROWS))
     text = markdown(rows, variants, rounds, options.command, done)
     options.output.mkdir(parents=True, exist_ok=True)
     files = {"variants": options.output / "variants.md", "variants_csv": write_csv(rows, options.output / "variants.csv")}
