@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,small]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -25,7 +25,10 @@ its bitstreams from pageable or page-locked memory, and in DALI's order (by chro
 rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call; ``feed`` rows have
 one thread make nothing but nvjpeg's decode calls while caller threads check and allocate the next batches (how
 DALI feeds the engines), beside tritonpipe's decoder shared by 2-3 callers and decoders calling side by side; ``hostshare``
-rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines.
+rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines;
+``small`` rows decode served-size batches (8 callers with 16 images each, 4 with 32) through one decoder shared by
+the callers, its calls in turn, and through a decoder each calling side by side (as 8 served instances' processes
+do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -834,7 +837,8 @@ def main() -> None:
                         "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
                         "nvImageCodec's call, against nvjpegDecodeBatched), feed (one thread only calls nvjpeg while caller "
                         "threads check and allocate ahead, as DALI feeds the engines), hostshare (a share of each batch on libjpeg-turbo "
-                        "host threads beside the engines, as cpu_decoder_share splits it)")
+                        "host threads beside the engines, as cpu_decoder_share splits it), small (served-size batches from 4-8 callers, "
+                        "one decoder for all or a decoder each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -870,6 +874,10 @@ def main() -> None:
                     thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=share)
             else:
                 report.append((name, "batches in flight with a CUDA decoder's share", "nvImageCodec not installed", ""))
+        if "small" in groups:  # served-size batches: calls in turn through one decoder, or side by side
+            for shared in (True, False):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((16, 8), (32, 4)), post=True,
+                            shared=shared)
         if "hostshare" in groups:  # libjpeg-turbo on host threads beside the engines: cpu_decoder_share in one process
             thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 1), (64, 2)), post=True)
             for share, threads in ((0.05, 4), (0.05, 8), (0.1, 8), (0.1, 12), (0.15, 14)):
