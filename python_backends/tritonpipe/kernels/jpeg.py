@@ -488,8 +488,8 @@ def _cuda_decoder_side(datas, infos, device: torch.device, settings: nvimgcodec.
 
 def _staged(image: torch.Tensor) -> torch.Tensor:
     """``image`` copied into page-locked memory by the calling thread alone.  torch's own copy of an image
-    (``pin_memory``, ``contiguous``) runs as a parallel region over every core, and the host share's threads,
-    each starting one per image beside a GPU instance's full-size torch thread count, swamped the host."""
+    (``pin_memory``, ``contiguous``) runs as a parallel region over all of torch's threads (every core in a GPU
+    instance), so the host share's threads started one such region per image each, side by side."""
     staged = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
     np.copyto(staged.numpy(), image.numpy())
     return staged
