@@ -9,8 +9,10 @@ tensors pass between models along the ensemble's own input and output maps.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,9 +319,6 @@ def run_preprocessing_in_flight(
     each on a host thread and CUDA stream of its own, as DALI's pipeline keeps two at prefetch 2: (img/s, what
     ran).  Raises ConfigError where the repository has no such part to run alone, or stages that take one
     batch at a time."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     target = pick_device(device, strict=True)
     with torch.inference_mode():
         chain = Chain.of_repository(repo, target)
@@ -340,10 +339,10 @@ def run_preprocessing_in_flight(
     why = _one_batch_at_a_time(stages)
     if why is not None:
         raise ConfigError(why)
-    tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
     if len(runtime.inputs) != 1:
         raise ConfigError(f"{first.name!r} takes {len(runtime.inputs)} inputs; only one (the image) is fed here")
     (key,) = runtime.inputs.values()
+    tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
     done, lock = [0], threading.Lock()
 
     def work(index: int, stop: float, counted_from: float) -> None:
