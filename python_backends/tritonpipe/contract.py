@@ -26,6 +26,7 @@ PARAM_CORES = "tritonpipe.cores"
 PARAM_OVERLAP = "tritonpipe.overlap"
 PARAM_GPU_WAIT = "tritonpipe.gpu_wait"
 PARAM_PIN_INPUTS = "tritonpipe.pin_inputs"
+PARAM_SHARED_HEAD = "tritonpipe.shared_head"
 
 #: how a GPU instance waits for its batch's GPU work: see :func:`tritonpipe.model.runtime.wait_for_gpu`
 GPU_WAITS = ("spin", "yield", "block")
@@ -112,6 +113,8 @@ class ModelParams:
             answers of one on a thread of their own while the steps before it take the next.
         gpu_wait: how a GPU instance waits for its batch's GPU work, one of :data:`GPU_WAITS`.
         pin_inputs: a GPU instance page-locks the stub's shared memory, where its inputs arrive.
+        shared_head: the chain's steps before its last run in one process for all the model's
+            instances on a device (see :mod:`tritonpipe.model.shared_head`).
     """
 
     pipeline: str
@@ -125,6 +128,7 @@ class ModelParams:
     overlap: bool = False
     gpu_wait: str = "spin"
     pin_inputs: bool = False
+    shared_head: bool = False
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -149,6 +153,8 @@ class ModelParams:
             params[PARAM_GPU_WAIT] = self.gpu_wait
         if self.pin_inputs:
             params[PARAM_PIN_INPUTS] = "yes"
+        if self.shared_head:
+            params[PARAM_SHARED_HEAD] = "yes"
         return params
 
     @classmethod
@@ -186,6 +192,7 @@ class ModelParams:
             overlap=params.get(PARAM_OVERLAP) == "yes",
             gpu_wait=gpu_wait,
             pin_inputs=params.get(PARAM_PIN_INPUTS) == "yes",
+            shared_head=params.get(PARAM_SHARED_HEAD) == "yes",
         )
 
     @classmethod

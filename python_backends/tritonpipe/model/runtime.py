@@ -122,16 +122,24 @@ class ModelRuntime:
         self.overlap = params.overlap
         self.gpu_wait = params.gpu_wait
         self.pin_inputs = params.pin_inputs
+        self.shared_head = params.shared_head
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         for line in fold_post_decode(self.root):
             log.info("%s", line)
         self.last_stage = _last_leaf(self.root).name
 
-    def run(self, items: list[dict[str, Any]]) -> None:
-        """Run the chain; each item ends with its result under its output keys, or an ``error``."""
+    def run(self, items: list[dict[str, Any]], head: Callable[[list[dict[str, Any]]], bool] | None = None) -> None:
+        """Run the chain; each item ends with its result under its output keys, or an ``error``.
+
+        ``head``, where given, is asked to run the steps before the last (:meth:`halves`) elsewhere: it
+        returns False where it did not, and the whole chain then runs here.
+        """
         self._count_rows(items)
-        run_chain([self.root], items)
+        if head is not None and head(items):
+            run_chain(self.halves()[1], items)
+        else:
+            run_chain([self.root], items)
 
     def halves(self) -> tuple[list[Stage], list[Stage]]:
         """The chain cut before its last step: an overlapping instance runs the first part in execute, the last on its tail thread.
@@ -160,7 +168,7 @@ class ModelRuntime:
             if self.max_batch > 0 and isinstance(data, torch.Tensor) and data.dim() > 0:
                 item[REQUEST_ROWS] = data.shape[0]
 
-    def warm_up(self) -> tuple[int, str | None]:
+    def warm_up(self, head_only: bool = False) -> tuple[int, str | None]:
         """Run the chain on sample requests at load, once per batch bucket, largest first.
 
         Every allocation a full batch needs (decoder buffers, the caching allocator's blocks, one
@@ -168,7 +176,8 @@ class ModelRuntime:
         flat while traffic grows and no request pays for a graph capture.  Encoded-image inputs get
         a synthetic JPEG of the configured size and, for the allocator's pool of small blocks, one
         just under 1 MiB decoded; other inputs get zeros.  Returns the number of sample requests
-        run and, if the chain refused the samples, why (the model still serves).
+        run and, if the chain refused the samples, why (the model still serves).  ``head_only``: the
+        steps before the last only (:meth:`run_head`), as the shared head process runs them.
         """
         size = self.warmup
         if size is None:
@@ -186,7 +195,7 @@ class ModelRuntime:
         for batch in batches:
             for sample in samples:
                 items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
-                self.run(items)
+                (self.run_head if head_only else self.run)(items)
                 count += batch
                 failed = next((item[ERROR] for item in items if ERROR in item), None)
                 if failed is not None:

@@ -156,6 +156,12 @@ class NodeSettings:
         "that the GPU reads the JPEG bytes without a staging copy (cudaHostRegister; 1.06x decode in one process); "
         "not with overlap",
     ))
+    shared_head: bool = setting(Param(
+        bool, False,
+        doc="the steps before the model (decode, resize, ...) of all this model's instances on one GPU run in one "
+        "process of their own, which merges the instances' batches and takes the JPEG engines' calls in turn; each "
+        "instance sends its requests' bytes there and runs the model on what comes back (CUDA IPC); not with overlap",
+    ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(
         Param(str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id"),
@@ -254,6 +260,11 @@ def node_settings(where: str, raw: Mapping[str, Any]) -> NodeSettings:
         raise ConfigError(
             f"{where}: pin_inputs and overlap cannot be used together: an overlapping instance returns before the GPU "
             "has read a batch's inputs, and page-locked inputs are read after the call that queued the copy; drop one"
+        )
+    if settings.shared_head and settings.overlap:
+        raise ConfigError(
+            f"{where}: shared_head and overlap cannot be used together: the shared process writes a batch's "
+            "preprocessed images where the instance's model reads the one before; drop one"
         )
     _check_workers(where, raw)
     return settings

@@ -1,0 +1,288 @@
+"""The head process's service: merges the batches of the connected instances, runs the head on them and
+writes each instance's results where it reads them.
+
+``python -m tritonpipe.head_process --key K --config FILE --version-dir DIR --device cuda:0 --server-pid PID``;
+the instances start it (:class:`tritonpipe.model.shared_head.SharedHead`), nobody else needs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.runtime import REQUEST_ROWS, ModelRuntime
+from ..model.shared_head import (
+    GROWTH,
+    IDLE_SECONDS,
+    Segment,
+    address,
+    aligned,
+    alive,
+    dtype_name,
+    dtype_of,
+    error_record,
+    view,
+)
+from ..stages.base import ERROR
+from ..stages.control import run_chain
+
+log = logging.getLogger("tritonpipe")
+
+#: batches in flight at once, each on a thread and CUDA stream of its own: the decoder's calls take turns,
+#: and the next batch's checks and allocations run meanwhile (two batches of 64 in flight decoded and resized
+#: 1.5x as fast as one at a time on an H100)
+WORKERS = 2
+#: seconds between looks at whether the server still runs
+POLL_SECONDS = 1.0
+
+
+class Instance:
+    """One connected instance: its socket, its input segments and the output region it reads results from."""
+
+    def __init__(self, conn: Connection, device: torch.device):
+        self.conn = conn
+        self.device = device
+        self.segment: Segment | None = None
+        self.region: torch.Tensor | None = None
+        self._region_segment: Segment | None = None
+        self._send_lock = threading.Lock()
+
+    def open(self, name: str) -> Segment:
+        if self.segment is None or self.segment.name != name:
+            if self.segment is not None:
+                self.segment.close()
+            self.segment = Segment(name)
+        return self.segment
+
+    def room(self, size: int) -> Any:
+        """An output region of at least ``size`` bytes; what the instance maps it by where it is new, else None."""
+        if self.region is not None and self.region.numel() >= size:
+            return None
+        size = max(size, GROWTH * (self.region.numel() if self.region is not None else 0))
+        if self.device.type == "cuda":
+            self.region = torch.empty(size, dtype=torch.uint8, device=self.device)
+            return self.region  # pickled by torch as a CUDA IPC handle
+        if self._region_segment is not None:
+            self._region_segment.close()
+        self._region_segment = Segment.new(size)  # the instance unlinks it once it has it open
+        self.region = self._region_segment.tensor
+        return ("shm", self._region_segment.name)
+
+    def send(self, answer: tuple) -> None:
+        with self._send_lock:
+            try:
+                self.conn.send(answer)
+            except (OSError, EOFError):
+                pass  # the instance has gone; its reader thread finds out
+            except Exception as exc:  # noqa: BLE001 - an answer that cannot be pickled fails the batch, not the process
+                with contextlib.suppress(Exception):
+                    self.conn.send(("failed", f"the answer could not be sent: {type(exc).__name__}: {exc}"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        for segment in (self.segment, self._region_segment):
+            if segment is not None:
+                segment.close()
+
+
+@dataclass(eq=False)
+class Job:
+    """One instance's batch: its items, their places in the instance's batch, and the inputs as they came."""
+
+    instance: Instance
+    indexes: list[int]
+    items: list[dict[str, Any]]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class HeadService:
+    """Runs ``runtime``'s head for every connected instance, at most ``max_batch`` images per merged batch."""
+
+    def __init__(self, runtime: ModelRuntime, device: torch.device, workers: int = WORKERS):
+        self.head = runtime.halves()[0]
+        self.device = device
+        self.max_batch = max(1, runtime.max_batch)
+        self.pending: collections.deque[Job] = collections.deque()
+        self.ready = threading.Condition()
+        self.connected = 0
+        self.idle_since = time.monotonic()
+        for index in range(workers):
+            threading.Thread(target=self._work, name=f"tritonpipe-head-{index}", daemon=True).start()
+
+    # -- instances
+
+    def serve(self, listener: Listener, server_pid: int) -> None:
+        """Take instances until the server is gone or none has been connected for :data:`IDLE_SECONDS`."""
+        threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-head-accept", daemon=True).start()
+        while alive(server_pid):
+            time.sleep(POLL_SECONDS)
+            with self.ready:
+                if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
+                    log.info("no instance connected for %g s; the head process ends", IDLE_SECONDS)
+                    return
+        log.info("the server (pid %d) has ended; so does the head process", server_pid)
+
+    def _accept(self, listener: Listener) -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError as exc:
+                log.warning("an instance could not connect: %s", exc)
+                continue
+            threading.Thread(target=self._serve_instance, args=(conn,), name="tritonpipe-head-instance", daemon=True).start()
+
+    def _serve_instance(self, conn: Connection) -> None:
+        instance = Instance(conn, self.device)
+        with self.ready:
+            self.connected += 1
+        try:
+            greeting = conn.recv()
+            if greeting[0] != "hello":
+                return
+            instance.open(greeting[1])
+            conn.send(("ready",))
+            while True:
+                message = conn.recv()
+                if message[0] == "run":
+                    self._queue(instance, message[1], message[2])
+        except (OSError, EOFError):
+            pass  # the instance has gone (unloaded, or its stub was killed)
+        finally:
+            with self.ready:
+                self.connected -= 1
+                self.idle_since = time.monotonic()
+            instance.close()
+
+    def _queue(self, instance: Instance, segment_name: str, layout: list) -> None:
+        try:
+            segment = instance.open(segment_name)
+            job = Job(instance, [index for index, _ in layout], [])
+            for _, placed in layout:
+                item = {key: view(segment.tensor, offset, dtype_of(dtype), tuple(shape)) for key, dtype, shape, offset in placed}
+                job.items.append(item)
+                job.inputs.append(dict(item))
+        except Exception as exc:  # noqa: BLE001 - a batch that cannot be read goes back to its instance
+            instance.send(("failed", f"its inputs could not be read: {type(exc).__name__}: {exc}"))
+            return
+        with self.ready:
+            self.pending.append(job)
+            self.ready.notify()
+
+    # -- batches
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting batch and those after it that fit one merged batch with it."""
+        with self.ready:
+            while not self.pending:
+                self.ready.wait()
+            jobs = [self.pending.popleft()]
+            count = len(jobs[0].items)
+            while self.pending and count + len(self.pending[0].items) <= self.max_batch:
+                count += len(self.pending[0].items)
+                jobs.append(self.pending.popleft())
+        return jobs
+
+    def _work(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        while True:
+            jobs = self._take()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                try:
+                    run_chain(self.head, [item for job in jobs for item in job.items])
+                    answers = [self._pack(job) for job in jobs]
+                    if stream is not None:
+                        stream.synchronize()
+                except Exception as exc:  # noqa: BLE001 - the instances run this batch's head themselves
+                    log.warning("a merged batch of %d failed in the head process: %s: %s",
+                                sum(len(job.items) for job in jobs), type(exc).__name__, exc)
+                    answers = [("failed", f"{type(exc).__name__}: {exc}")] * len(jobs)
+            for job, answer in zip(jobs, answers):
+                job.instance.send(answer)
+
+    def _pack(self, job: Job) -> tuple:
+        """Copy the job's result tensors into its instance's region; the answer that says where each lies."""
+        results, placed, offset, last = [], [], 0, None
+        for index, item, inputs in zip(job.indexes, job.items, job.inputs):
+            if ERROR in item:
+                results.append((index, error_record(item[ERROR])))
+                continue
+            out = {}
+            for key, value in item.items():
+                if key == REQUEST_ROWS or value is inputs.get(key):
+                    continue
+                if isinstance(value, torch.Tensor) and value.device == self.device:
+                    signature = (value.dtype, tuple(value.shape))
+                    if signature != last:  # a run of equal tensors lies back to back, copied in one launch
+                        offset, last = aligned(offset), signature
+                    placed.append((value, offset))
+                    out[key] = ("tensor", offset, dtype_name(value.dtype), tuple(value.shape))
+                    offset += value.numel() * value.element_size()
+                elif isinstance(value, torch.Tensor):
+                    out[key] = ("host", value.detach().cpu().numpy())
+                else:
+                    out[key] = ("value", value)
+            results.append((index, ("ok", out)))
+        region = job.instance.room(offset)
+        self._copy(job.instance.region, placed)
+        return ("done", region, results)
+
+    @staticmethod
+    def _copy(region: torch.Tensor, placed: list[tuple[torch.Tensor, int]]) -> None:
+        start = 0
+        while start < len(placed):
+            first, offset = placed[start]
+            end = start + 1
+            size = first.numel() * first.element_size()
+            while (end < len(placed) and placed[end][0].dtype == first.dtype and placed[end][0].shape == first.shape
+                   and placed[end][1] == offset + (end - start) * size):
+                end += 1
+            run = [tensor for tensor, _ in placed[start:end]]
+            torch.stack(run, out=view(region, offset, first.dtype, (len(run), *first.shape)))
+            start = end
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tritonpipe.head_process", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--key", required=True, help="the head process's name, from the instances")
+    parser.add_argument("--config", required=True, help="the model's config in Triton's JSON form (a file)")
+    parser.add_argument("--version-dir", required=True, help="the model's version folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N, where the instances run")
+    parser.add_argument("--server-pid", type=int, default=os.getppid(), help="the process to end with")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="batches in flight at once")
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tritonpipe head process %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        config = json.loads(Path(args.config).read_text())
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        runtime = ModelRuntime(config, Path(args.version_dir), device)
+        count, problem = runtime.warm_up(head_only=True)
+        if problem is not None:
+            log.warning("warm-up stopped after %d sample requests (%s)", count, problem)
+        listener = Listener(address(args.key), family="AF_UNIX")
+    except Exception as exc:  # noqa: BLE001 - the instances run their heads themselves
+        log.error("could not start: %s: %s", type(exc).__name__, exc)
+        return 1
+    log.info("%s on %s: the head (%s) of every instance, merged batches of up to %d, %d in flight (pid %d)",
+             config.get("name", "?"), device, ", ".join(stage.name for stage in runtime.halves()[0]),
+             max(1, runtime.max_batch), args.workers, os.getpid())
+    HeadService(runtime, device, args.workers).serve(listener, args.server_pid)
+    return 0

@@ -1,0 +1,365 @@
+"""The steps before a chain's last one, run in one process for all of a model's instances on a device (``shared_head``).
+
+Every GPU instance is a process of its own, with a JPEG decoder of its own: 8 instances under load make 8
+decode calls side by side on batches of 10-20 images each.  One decoder taking batches of that size in
+turn got 1.12-1.22x their rate out of the JPEG engines (in one process, on an H100), and larger merged
+batches more.  With ``shared_head`` the instances of a model on one device send their requests' inputs to
+one *head process*, which merges the batches of all of them, runs the chain's *head* (decode, resize, ...:
+:meth:`ModelRuntime.halves`) on two batches in flight, and writes each instance's results where that
+instance reads them; the instance then runs the *tail* (the model) itself.
+
+How one batch goes:
+
+- the instance copies its requests' input tensors into a shared-memory segment of its own (in
+  ``/dev/shm``) and sends where each lies over a Unix socket;
+- the head process reads them there, runs the head on the merged batch, copies each request's results
+  into an output region of that instance's (GPU memory that the instance maps once, through CUDA IPC; a
+  shared-memory segment on the CPU), waits for the GPU and answers with where each result lies, or with
+  each failed request's error;
+- a request's bad input fails that request alone, as in the instance's own chain.
+
+The first instance to load starts the head process (``python -m tritonpipe.head_process``, taking turns
+on a lock file with the others) and waits for it to warm up.  An instance whose head process has gone
+(killed, crashed, or not answering) runs its batch's head itself, starts another head process and goes
+on on its own until that one answers.  The head process ends with the server that started it, or once no
+instance has been connected for :data:`IDLE_SECONDS`.  A segment's name is unlinked as soon as both
+sides have it open, so that nothing is left in ``/dev/shm`` when either side is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InternalError, RequestError, is_bad_input
+from ..stages.base import ERROR
+
+log = logging.getLogger("tritonpipe")
+
+#: names of the head process's socket (abstract: no file), its lock file and the segments
+PREFIX = "tritonpipe-head-"
+SHM_FOLDER = "/dev/shm/"
+#: seconds an instance waits at load for a head process to warm up and answer
+START_SECONDS = 300.0
+#: seconds an instance waits for one batch's answer before it runs that batch's head itself
+ANSWER_SECONDS = 60.0
+#: seconds between an instance's attempts to reach a head process once it has lost one
+RETRY_SECONDS = 5.0
+#: seconds a head process stays up with no instance connected
+IDLE_SECONDS = 60.0
+#: where each group of results starts in an output region: a multiple of this many bytes
+ALIGN = 256
+#: a new input segment or output region is this many times the size that was too small
+GROWTH = 2
+
+
+def head_key(config_text: str, version_dir: str, device: str, server_pid: int) -> str:
+    """What tells one head process from another: the model's config and files, the device and the server."""
+    text = json.dumps([config_text, version_dir, device, server_pid])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def address(key: str) -> str:
+    """The head process's socket: in Linux's abstract namespace, so that a killed process leaves no file."""
+    return "\0" + PREFIX + key
+
+
+def aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+class Segment:
+    """A shared-memory file in ``/dev/shm``, mapped here, with a flat uint8 tensor over it.
+
+    ``size`` given: a new file of that size; else the existing file ``name``.  Whoever opens a
+    segment second unlinks its name (:meth:`unlink`); the memory stays until both sides unmap it.
+    """
+
+    def __init__(self, name: str, size: int | None = None):
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
+        fd = os.open(SHM_FOLDER + name, flags, 0o600)
+        try:
+            if size is not None:
+                os.ftruncate(fd, size)
+            self.size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self.name = name
+        self.array = np.frombuffer(self._map, dtype=np.uint8)
+        self.tensor = torch.from_numpy(self.array)
+
+    @classmethod
+    def new(cls, size: int) -> Segment:
+        return cls(f"{PREFIX}{os.getpid()}-{secrets.token_hex(6)}", max(size, ALIGN))
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(SHM_FOLDER + self.name)
+
+    def close(self) -> None:
+        self.array = self.tensor = None
+        with contextlib.suppress(BufferError):  # a view still in use keeps the mapping until it goes
+            self._map.close()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InternalError(f"the head process named an unknown dtype {name!r}")
+    return dtype
+
+
+def view(region: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` over the bytes of ``region`` (flat uint8) from ``offset``."""
+    count = int(np.prod(shape, dtype=np.int64))
+    size = count * torch.empty((), dtype=dtype).element_size()
+    return region[offset:offset + size].view(dtype).view(shape)
+
+
+def error_record(exc: BaseException) -> tuple:
+    """A request's error as it crosses the socket: whether the input is to blame, the message, the reason."""
+    if is_bad_input(exc):
+        return ("error", True, str(exc), getattr(exc, "reason", "bad_input"))
+    return ("error", False, f"{type(exc).__name__}: {exc}", "")
+
+
+def error_from(record: tuple) -> BaseException:
+    _, bad_input, message, reason = record
+    return RequestError(message, reason=reason or "bad_input") if bad_input else InternalError(message)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, which nobody has reaped yet, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def python_executable() -> str:
+    """The interpreter of this environment (inside Triton's stub, ``sys.executable`` is the stub)."""
+    candidate = Path(sys.prefix) / "bin" / "python3"
+    return str(candidate) if candidate.exists() else shutil.which("python3") or "python3"
+
+
+class SharedHead:
+    """An instance's side of the head process: sends a batch's inputs, maps the results.
+
+    Args:
+        config_text: the model's config in Triton's JSON form (what the stub was given).
+        version_dir: the model's version folder.
+        device: where the instance runs; the head process runs on the same device.
+        inputs: the item keys of the model's inputs.
+        server_pid: the process the head process ends with (the server, the stub's parent).
+        start_seconds: how long to wait at load for a head process to answer.
+    """
+
+    def __init__(self, config_text: str, version_dir: Path, device: torch.device, inputs: list[str],
+                 server_pid: int, start_seconds: float = START_SECONDS):
+        self.config_text = config_text
+        self.version_dir = str(version_dir)
+        self.device = torch.device(device)
+        self.inputs = inputs
+        self.server_pid = server_pid
+        self.key = head_key(config_text, self.version_dir, str(self.device), server_pid)
+        self.conn: Connection | None = None
+        self.segment: Segment | None = None
+        self.region: torch.Tensor | None = None
+        self._region_segment: Segment | None = None
+        self._retry_at = 0.0
+        self._connect(start_seconds)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    # -- reaching the head process
+
+    def _connect(self, wait: float) -> bool:
+        """Reach the head process, starting one where there is none; wait up to ``wait`` s for it to answer."""
+        deadline = time.monotonic() + wait
+        if self._try_connect():
+            return True
+        self._start()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if self._try_connect():
+                return True
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        return False
+
+    def _try_connect(self) -> bool:
+        try:
+            conn = Client(address(self.key), family="AF_UNIX")
+        except OSError:
+            return False
+        segment = Segment.new(1 << 20)
+        try:
+            conn.send(("hello", segment.name, os.getpid()))
+            if not conn.poll(ANSWER_SECONDS) or conn.recv()[0] != "ready":
+                raise EOFError("no answer")
+        except (OSError, EOFError) as exc:
+            log.warning("the head process did not answer its greeting (%s); the instance runs its own head", exc)
+            conn.close()
+            segment.unlink()
+            segment.close()
+            return False
+        segment.unlink()  # both sides have it open
+        self._drop()
+        self.conn, self.segment = conn, segment
+        log.info("the instance's head runs in the shared head process (%s)", self.key)
+        return True
+
+    def _start(self) -> None:
+        """Start the head process unless another instance has started one that still runs."""
+        lock_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.lock"
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.seek(0)
+            text = lock.read().strip()
+            if text.isdigit() and alive(int(text)):
+                return
+            config_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.json"
+            config_path.write_text(self.config_text)
+            command = [
+                python_executable(), "-m", "tritonpipe.head_process", "--key", self.key, "--config", str(config_path),
+                "--version-dir", self.version_dir, "--device", str(self.device), "--server-pid", str(self.server_pid),
+            ]
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(process.pid))
+            lock.flush()
+            log.info("started the shared head process (pid %d) for %s", process.pid, self.key)
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.close()
+        for segment in (self.segment, self._region_segment):
+            if segment is not None:
+                segment.close()
+        self.conn = self.segment = self._region_segment = self.region = None
+
+    def _lost(self, why: str) -> None:
+        log.warning("the shared head process is gone (%s); the instance runs its own head until another answers", why)
+        self._drop()
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        with contextlib.suppress(OSError):
+            self._start()
+
+    def close(self) -> None:
+        self._drop()
+
+    # -- one batch
+
+    def run(self, items: list[dict[str, Any]]) -> bool:
+        """Have the head process run the head on ``items``; False where the caller must run it itself."""
+        if self.conn is None:
+            if time.monotonic() < self._retry_at:
+                return False
+            if not self._try_connect():
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                return False
+        sent = [(index, item) for index, item in enumerate(items) if ERROR not in item]
+        if not sent:
+            return True
+        try:
+            layout = self._write(sent)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            log.warning("a batch's inputs cannot go to the head process (%s); the instance runs its head", exc)
+            return False
+        try:
+            self.conn.send(("run", self.segment.name, layout))
+            if not self.conn.poll(ANSWER_SECONDS):
+                self._lost(f"no answer in {ANSWER_SECONDS:g} s")
+                return False
+            answer = self.conn.recv()
+        except (OSError, EOFError) as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+            return False
+        if answer[0] != "done":
+            log.warning("the head process could not run a batch (%s); the instance runs its head", answer[1])
+            return False
+        _, region, results = answer
+        if region is not None:
+            self._map_region(region)
+        self._read(items, results)
+        return True
+
+    def _write(self, sent: list[tuple[int, dict[str, Any]]]) -> list:
+        """Copy the inputs of the sent items into the segment (grown if need be); where each lies."""
+        tensors = []
+        for _, item in sent:
+            for key in self.inputs:
+                value = item.get(key)
+                if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+                    raise TypeError(f"input {key!r} is not a tensor in host memory")
+                tensors.append(value)
+        needed = sum(aligned(t.numel() * t.element_size()) for t in tensors)
+        if needed > self.segment.size:
+            grown = Segment.new(max(needed, GROWTH * self.segment.size))
+            self.segment.close()
+            self.segment = grown  # the head process opens it on the next batch; unlinked once it has answered
+        layout, offset = [], 0
+        values = iter(tensors)
+        for index, _ in sent:
+            placed = []
+            for key in self.inputs:
+                tensor = next(values)
+                flat = tensor.contiguous().numpy().reshape(-1).view(np.uint8)
+                self.segment.array[offset:offset + flat.size] = flat
+                placed.append((key, dtype_name(tensor.dtype), tuple(tensor.shape), offset))
+                offset += aligned(flat.size)
+            layout.append((index, placed))
+        return layout
+
+    def _map_region(self, region: Any) -> None:
+        if isinstance(region, torch.Tensor):  # GPU memory, mapped by torch's CUDA IPC when it was unpickled
+            self.region = region
+            return
+        _, name = region
+        if self._region_segment is not None:
+            self._region_segment.close()
+        self._region_segment = Segment(name)
+        self._region_segment.unlink()
+        self.region = self._region_segment.tensor
+
+    def _read(self, items: list[dict[str, Any]], results: list) -> None:
+        self.segment.unlink()  # a grown segment: the head process has it open now
+        for index, result in results:
+            item = items[index]
+            if result[0] == "error":
+                item[ERROR] = error_from(result)
+                continue
+            for key, (kind, *spec) in result[1].items():
+                if kind == "tensor":
+                    offset, dtype, shape = spec
+                    item[key] = view(self.region, offset, dtype_of(dtype), tuple(shape))
+                elif kind == "host":
+                    item[key] = torch.from_numpy(spec[0])
+                else:
+                    item[key] = spec[0]
