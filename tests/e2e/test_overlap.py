@@ -60,21 +60,7 @@ def test_every_request_gets_its_own_answer(server, tiny_onnx, jpeg_factory, prot
     before = settled_statistics(server, "ovl")
     handed_before = handed_over(server, until=0)
 
-    def call(jpeg):
-        try:
-            return client.infer(jpeg)["scores"]
-        except InferError as exc:
-            return exc
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(call, jpegs))
-    for i, (jpeg, got) in enumerate(zip(jpegs, answers)):
-        if i in corrupt:
-            assert isinstance(got, InferError) and got.status == "INVALID_ARG", (i, got)
-            assert "JPEG" in str(got)
-        else:
-            assert not isinstance(got, InferError), (i, got)
-            np.testing.assert_allclose(got, reference(session, jpeg), atol=LOGIT_ATOL, rtol=0)
+    check_answers(client, session, jpegs, corrupt, threads=16)
 
     count = lambda stats, key: int(stats.get(key, 0))  # noqa: E731
     after = settled_statistics(server, "ovl", count(before, "inference_count") + len(jpegs))
@@ -84,6 +70,27 @@ def test_every_request_gets_its_own_answer(server, tiny_onnx, jpeg_factory, prot
     assert batches < requests  # the corrupt ones shared batches with good ones
     # the requests went the overlapping way: execute counted them as handed over
     assert handed_over(server, until=handed_before + len(jpegs)) == handed_before + len(jpegs)
+
+
+def check_answers(client, session, jpegs: list[bytes], corrupt, threads: int) -> None:
+    """Send every JPEG at once from ``threads`` threads: each corrupt one must fail alone with INVALID_ARG, and
+    every other answer match ONNX Runtime on Pillow's pixels."""
+
+    def call(jpeg):
+        try:
+            return client.infer(jpeg)["scores"]
+        except InferError as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(call, jpegs))
+    for i, (jpeg, got) in enumerate(zip(jpegs, answers)):
+        if i in corrupt:
+            assert isinstance(got, InferError) and got.status == "INVALID_ARG", (i, got)
+            assert "JPEG" in str(got)
+        else:
+            assert not isinstance(got, InferError), (i, got)
+            np.testing.assert_allclose(got, reference(session, jpeg), atol=LOGIT_ATOL, rtol=0)
 
 
 def handed_over(server, until: int) -> int:

@@ -6,21 +6,19 @@ every corrupt one must fail alone with INVALID_ARG.  The head process is then ki
 answering (running their heads themselves) and start another; and it ends with the server.
 """
 
-import concurrent.futures
 import os
 import re
 import signal
 import time
 import urllib.request
 
-import numpy as np
 import onnxruntime as ort
 import pytest
-from tests.e2e.test_overlap import LOGIT_ATOL, reference
+from tests.e2e.test_overlap import check_answers
 from tests.unit.model.test_shared_head import head_processes
 
 from tritonpipe import load_graph
-from tritonpipe.client.client import InferError, PipelineClient
+from tritonpipe.client.client import PipelineClient
 from tritonpipe.model import shared_head
 from tritonpipe.model.metrics import IMAGES
 from tritonpipe.repository.generate import generate_repository
@@ -52,23 +50,7 @@ def ask(server, tiny_onnx, jpeg_factory, count=40, corrupt=(3, 17, 30)):
     jpegs = [jpeg_factory(30 + 7 * (i % 9), 40 + 5 * (i % 11), seed=i) for i in range(count)]
     for i in corrupt:
         jpegs[i] = jpegs[i][: len(jpegs[i]) // 3]
-    client = PipelineClient(server.grpc_url, protocol="grpc", model="shh")
-
-    def call(jpeg):
-        try:
-            return client.infer(jpeg)["scores"]
-        except InferError as exc:
-            return exc
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(call, jpegs))
-    for i, (jpeg, got) in enumerate(zip(jpegs, answers)):
-        if i in corrupt:
-            assert isinstance(got, InferError) and got.status == "INVALID_ARG", (i, got)
-            assert "JPEG" in str(got)
-        else:
-            assert not isinstance(got, InferError), (i, got)
-            np.testing.assert_allclose(got, reference(session, jpeg), atol=LOGIT_ATOL, rtol=0)
+    check_answers(PipelineClient(server.grpc_url, protocol="grpc", model="shh"), session, jpegs, corrupt, threads=12)
 
 
 def shared_images(server) -> int:
