@@ -47,6 +47,8 @@ log = logging.getLogger("tritonpipe")
 WORKERS = 2
 #: seconds between looks at whether the server still runs
 POLL_SECONDS = 1.0
+#: seconds between the log lines that say how the merged batches went (where any ran)
+STATS_SECONDS = 10.0
 
 
 class Instance:
@@ -73,7 +75,8 @@ class Instance:
             return None
         size = max(size, GROWTH * (self.region.numel() if self.region is not None else 0))
         if self.device.type == "cuda":
-            self.region = torch.empty(size, dtype=torch.uint8, device=self.device)
+            with torch.inference_mode(False):  # a plain tensor, as torch's CUDA IPC shares them
+                self.region = torch.empty(size, dtype=torch.uint8, device=self.device)
             return self.region  # pickled by torch as a CUDA IPC handle
         if self._region_segment is not None:
             self._region_segment.close()
@@ -109,6 +112,29 @@ class Job:
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Tally:
+    """How the merged batches went since the last log line: counts, and seconds summed over the workers."""
+
+    batches: int = 0
+    images: int = 0
+    jobs: int = 0
+    waiting: float = 0.0  # a worker with nothing to take
+    head: float = 0.0  # the head's stages (their Python calls; GPU work only queued)
+    copy: float = 0.0  # results into the instances' regions
+    gpu: float = 0.0  # waiting for the GPU
+    answer: float = 0.0  # sending the answers
+
+    def line(self, seconds: float, workers: int) -> str:
+        per = lambda total: total / self.batches * 1e3  # noqa: E731
+        return (
+            f"last {seconds:.0f} s: {self.images / seconds:,.0f} img/s in {self.batches} merged batches of "
+            f"{self.images / self.batches:.1f} images from {self.jobs / self.batches:.1f} instance batches each; per "
+            f"merged batch: stages {per(self.head):.2f} ms, copies {per(self.copy):.2f}, waiting for the GPU "
+            f"{per(self.gpu):.2f}, answers {per(self.answer):.2f}; workers idle {self.waiting / (seconds * workers):.0%}"
+        )
+
+
 class HeadService:
     """Runs ``runtime``'s head for every connected instance, at most ``max_batch`` images per merged batch."""
 
@@ -120,6 +146,10 @@ class HeadService:
         self.ready = threading.Condition()
         self.connected = 0
         self.idle_since = time.monotonic()
+        self.workers = workers
+        self.tally = Tally()
+        self._tally_lock = threading.Lock()
+        self._warned_host = False
         for index in range(workers):
             threading.Thread(target=self._work, name=f"tritonpipe-head-{index}", daemon=True).start()
 
@@ -128,8 +158,15 @@ class HeadService:
     def serve(self, listener: Listener, server_pid: int) -> None:
         """Take instances until the server is gone or none has been connected for :data:`IDLE_SECONDS`."""
         threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-head-accept", daemon=True).start()
+        counted_from = time.monotonic()
         while alive(server_pid):
             time.sleep(POLL_SECONDS)
+            if time.monotonic() - counted_from >= STATS_SECONDS:
+                with self._tally_lock:
+                    tally, self.tally = self.tally, Tally()
+                if tally.batches:
+                    log.info("%s", tally.line(time.monotonic() - counted_from, self.workers))
+                counted_from = time.monotonic()
             with self.ready:
                 if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
                     log.info("no instance connected for %g s; the head process ends", IDLE_SECONDS)
@@ -199,19 +236,33 @@ class HeadService:
     def _work(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
+            idle = time.perf_counter()
             jobs = self._take()
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            started = time.perf_counter()
+            images = sum(len(job.items) for job in jobs)
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 try:
                     run_chain(self.head, [item for job in jobs for item in job.items])
+                    ran = time.perf_counter()
                     answers = [self._pack(job) for job in jobs]
+                    copied = time.perf_counter()
                     if stream is not None:
                         stream.synchronize()
                 except Exception as exc:  # noqa: BLE001 - the instances run this batch's head themselves
-                    log.warning("a merged batch of %d failed in the head process: %s: %s",
-                                sum(len(job.items) for job in jobs), type(exc).__name__, exc)
+                    log.warning("a merged batch of %d failed in the head process: %s: %s", images, type(exc).__name__, exc)
                     answers = [("failed", f"{type(exc).__name__}: {exc}")] * len(jobs)
+                    ran = copied = time.perf_counter()
+            synchronized = time.perf_counter()
             for job, answer in zip(jobs, answers):
                 job.instance.send(answer)
+            with self._tally_lock:
+                tally = self.tally
+                tally.batches, tally.images, tally.jobs = tally.batches + 1, tally.images + images, tally.jobs + len(jobs)
+                tally.waiting += started - idle
+                tally.head += ran - started
+                tally.copy += copied - ran
+                tally.gpu += synchronized - copied
+                tally.answer += time.perf_counter() - synchronized
 
     def _pack(self, job: Job) -> tuple:
         """Copy the job's result tensors into its instance's region; the answer that says where each lies."""
@@ -232,6 +283,10 @@ class HeadService:
                     out[key] = ("tensor", offset, dtype_name(value.dtype), tuple(value.shape))
                     offset += value.numel() * value.element_size()
                 elif isinstance(value, torch.Tensor):
+                    if not self._warned_host:
+                        self._warned_host = True
+                        log.warning("the head leaves %r on %s, not on %s: such results cross as pickled copies",
+                                    key, value.device, self.device)
                     out[key] = ("host", value.detach().cpu().numpy())
                 else:
                     out[key] = ("value", value)
