@@ -211,3 +211,11 @@ def test_views_and_errors_cross_as_they_were():
     assert type(error) is RequestError and str(error) == "bad bytes" and error.reason == "truncated"
     error = shared_head.error_from(shared_head.error_record(KeyError("x")))
     assert "KeyError" in str(error) and not isinstance(error, RequestError)
+
+
+def test_the_head_process_says_how_its_merged_batches_went():
+    from tritonpipe.head_process.service import Tally
+
+    line = Tally(batches=2, images=100, jobs=6, waiting=1.0, head=0.02, copy=0.002, gpu=0.01, answer=0.001).line(10.0, 2)
+    assert line == ("last 10 s: 10 img/s in 2 merged batches of 50.0 images from 3.0 instance batches each; per merged "
+                    "batch: stages 10.00 ms, copies 1.00, waiting for the GPU 5.00, answers 0.50; workers idle 5%")
