@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -265,49 +266,52 @@ class HeadService:
                 tally.answer += time.perf_counter() - synchronized
 
     def _pack(self, job: Job) -> tuple:
-        """Copy the job's result tensors into its instance's region; the answer that says where each lies."""
-        results, placed, offset, last = [], [], 0, None
+        """Copy the job's result tensors into its instance's region; the answer that says where they lie.
+
+        The answer is ``("done", region, errors, runs, values)``: each failed item's error; each run of one key's
+        tensors of one dtype and shape, back to back from an offset (copied in one launch, read as one view); and
+        every other result, equal neighbours together.
+        """
+        errors, tensors, values = [], {}, []
         for index, item, inputs in zip(job.indexes, job.items, job.inputs):
             if ERROR in item:
-                results.append((index, error_record(item[ERROR])))
+                errors.append((index, error_record(item[ERROR])))
                 continue
-            out = {}
             for key, value in item.items():
                 if key == REQUEST_ROWS or value is inputs.get(key):
                     continue
                 if isinstance(value, torch.Tensor) and value.device == self.device:
-                    signature = (value.dtype, tuple(value.shape))
-                    if signature != last:  # a run of equal tensors lies back to back, copied in one launch
-                        offset, last = aligned(offset), signature
-                    placed.append((value, offset))
-                    out[key] = ("tensor", offset, dtype_name(value.dtype), tuple(value.shape))
-                    offset += value.numel() * value.element_size()
+                    tensors.setdefault(key, []).append((index, value))
                 elif isinstance(value, torch.Tensor):
                     if not self._warned_host:
                         self._warned_host = True
                         log.warning("the head leaves %r on %s, not on %s: such results cross as pickled copies",
                                     key, value.device, self.device)
-                    out[key] = ("host", value.detach().cpu().numpy())
+                    values.append((key, "host", value.detach().cpu().numpy(), [index]))
+                elif values and values[-1][0] == key and values[-1][1] == "value" and _same(values[-1][2], value):
+                    values[-1][3].append(index)
                 else:
-                    out[key] = ("value", value)
-            results.append((index, ("ok", out)))
+                    values.append((key, "value", value, [index]))
+        runs, placed, offset = [], [], 0
+        for key, found in tensors.items():
+            for signature, group in itertools.groupby(found, key=lambda pair: (pair[1].dtype, tuple(pair[1].shape))):
+                group = list(group)
+                offset = aligned(offset)
+                runs.append((key, dtype_name(signature[0]), signature[1], offset, [index for index, _ in group]))
+                placed.append((offset, [tensor for _, tensor in group]))
+                offset += sum(tensor.numel() * tensor.element_size() for _, tensor in group)
         region = job.instance.room(offset)
-        self._copy(job.instance.region, placed)
-        return ("done", region, results)
+        for start, group in placed:
+            first = group[0]
+            torch.stack(group, out=view(job.instance.region, start, first.dtype, (len(group), *first.shape)))
+        return ("done", region, errors, runs, values)
 
-    @staticmethod
-    def _copy(region: torch.Tensor, placed: list[tuple[torch.Tensor, int]]) -> None:
-        start = 0
-        while start < len(placed):
-            first, offset = placed[start]
-            end = start + 1
-            size = first.numel() * first.element_size()
-            while (end < len(placed) and placed[end][0].dtype == first.dtype and placed[end][0].shape == first.shape
-                   and placed[end][1] == offset + (end - start) * size):
-                end += 1
-            run = [tensor for tensor, _ in placed[start:end]]
-            torch.stack(run, out=view(region, offset, first.dtype, (len(run), *first.shape)))
-            start = end
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared go apart
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

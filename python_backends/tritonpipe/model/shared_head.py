@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -133,9 +134,8 @@ def dtype_of(name: str) -> torch.dtype:
 
 def view(region: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor of ``dtype`` and ``shape`` over the bytes of ``region`` (flat uint8) from ``offset``."""
-    count = int(np.prod(shape, dtype=np.int64))
-    size = count * torch.empty((), dtype=dtype).element_size()
-    return region[offset:offset + size].view(dtype).view(shape)
+    flat = region[offset:offset + math.prod(shape) * dtype.itemsize]
+    return (flat if dtype == torch.uint8 else flat.view(dtype)).view(shape)
 
 
 def error_record(exc: BaseException) -> tuple:
@@ -304,10 +304,9 @@ class SharedHead:
         if answer[0] != "done":
             log.warning("the head process could not run a batch (%s); the instance runs its head", answer[1])
             return False
-        _, region, results = answer
-        if region is not None:
-            self._map_region(region)
-        self._read(items, results)
+        if answer[1] is not None:
+            self._map_region(answer[1])
+        self._read(items, answer)
         return True
 
     def _write(self, sent: list[tuple[int, dict[str, Any]]]) -> list:
@@ -348,18 +347,16 @@ class SharedHead:
         self._region_segment.unlink()
         self.region = self._region_segment.tensor
 
-    def _read(self, items: list[dict[str, Any]], results: list) -> None:
+    def _read(self, items: list[dict[str, Any]], answer: tuple) -> None:
+        """Each item's results from the answer (see ``tritonpipe.head_process.service``), the tensors as views of the region."""
         self.segment.unlink()  # a grown segment: the head process has it open now
-        for index, result in results:
-            item = items[index]
-            if result[0] == "error":
-                item[ERROR] = error_from(result)
-                continue
-            for key, (kind, *spec) in result[1].items():
-                if kind == "tensor":
-                    offset, dtype, shape = spec
-                    item[key] = view(self.region, offset, dtype_of(dtype), tuple(shape))
-                elif kind == "host":
-                    item[key] = torch.from_numpy(spec[0])
-                else:
-                    item[key] = spec[0]
+        _, _, errors, runs, values = answer
+        for index, record in errors:
+            items[index][ERROR] = error_from(record)
+        for key, dtype, shape, offset, indexes in runs:
+            rows = view(self.region, offset, dtype_of(dtype), (len(indexes), *shape)).unbind(0)
+            for index, row in zip(indexes, rows):
+                items[index][key] = row
+        for key, kind, value, indexes in values:
+            for index in indexes:
+                items[index][key] = torch.from_numpy(value) if kind == "host" else value
