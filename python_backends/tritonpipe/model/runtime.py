@@ -122,22 +122,24 @@ class ModelRuntime:
         self.overlap = params.overlap
         self.gpu_wait = params.gpu_wait
         self.pin_inputs = params.pin_inputs
-        self.shared_head = params.shared_head
+        self.shared_process = params.shared_process
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         for line in fold_post_decode(self.root):
             log.info("%s", line)
         self.last_stage = _last_leaf(self.root).name
 
-    def run(self, items: list[dict[str, Any]], head: Callable[[list[dict[str, Any]]], bool] | None = None) -> None:
+    def run(self, items: list[dict[str, Any]], shared: Callable[[list[dict[str, Any]]], bool] | None = None) -> None:
         """Run the chain; each item ends with its result under its output keys, or an ``error``.
 
-        ``head``, where given, is asked to run the steps before the last (:meth:`halves`) elsewhere: it
-        returns False where it did not, and the whole chain then runs here.
+        ``shared``, where given, is asked to run the shared process's part of the chain (``shared_process``: the
+        steps before the last, :meth:`halves`, or all of them); it returns False where it did not, and the whole
+        chain then runs here.
         """
         self._count_rows(items)
-        if head is not None and head(items):
-            run_chain(self.halves()[1], items)
+        if shared is not None and shared(items):
+            if self.shared_process != "chain":
+                run_chain(self.halves()[1], items)
         else:
             run_chain([self.root], items)
 
@@ -177,7 +179,7 @@ class ModelRuntime:
         a synthetic JPEG of the configured size and, for the allocator's pool of small blocks, one
         just under 1 MiB decoded; other inputs get zeros.  Returns the number of sample requests
         run and, if the chain refused the samples, why (the model still serves).  ``head_only``: the
-        steps before the last only (:meth:`run_head`), as the shared head process runs them.
+        steps before the last only (:meth:`run_head`), as the shared process runs them in ``head`` mode.
         """
         size = self.warmup
         if size is None:

@@ -29,7 +29,7 @@ from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
 from .overlap import Flight, Overlap, Results, TailTimes
 from .pinned import PinnedPool, stub_pool
 from .runtime import ModelRuntime, Watchdog, pick_device, wait_for_gpu
-from .shared_head import SharedHead
+from .shared_client import SHARED_STAGE, SharedClient
 
 log = logging.getLogger("tritonpipe")
 
@@ -99,7 +99,7 @@ class TritonPythonModel:
         if plan is not None:
             # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
             self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
-            self.overlap, self.pinned, self.shared_head = None, None, None
+            self.overlap, self.pinned, self.shared = None, None, None
             log.info("%s: fans out %s -> %s per item of %r", args["model_name"], plan.first, plan.each, plan.items)
             return
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -117,11 +117,11 @@ class TritonPythonModel:
         if self.stream is not None:
             self._warm_up(args["model_name"])
         self.instance_name = args.get("model_instance_name", args["model_name"])
-        self.shared_head = None
-        if self.runtime.shared_head:
-            # the stub's parent is the server, which the head process ends with
-            self.shared_head = SharedHead(args["model_config"], version_dir, self.device, list(self.runtime.inputs.values()),
-                                          os.getppid())
+        self.shared = None
+        if self.runtime.shared_process != "off":
+            # the stub's parent is the server, which the shared process ends with
+            self.shared = SharedClient(args["model_config"], version_dir, self.device, list(self.runtime.inputs.values()),
+                                       os.getppid())
         # after the warm-up, so that /metrics counts requests only
         device = self.device
         cache = (lambda: torch.cuda.memory_reserved(device)) if device.type == "cuda" else None
@@ -199,7 +199,7 @@ class TritonPythonModel:
             with self._on_stream():
                 if self.events is not None:
                     self.events[0].record()
-                self.runtime.run(items, self._shared_head if self.shared_head is not None else None)
+                self.runtime.run(items, self._shared if self.shared is not None else None)
                 if self.events is not None:
                     self.events[1].record()
                 chained = time.perf_counter()
@@ -219,12 +219,12 @@ class TritonPythonModel:
                                                time.perf_counter() - synchronized))
             return responses
 
-    def _shared_head(self, items: list[dict[str, Any]]) -> bool:
-        """The head in the shared head process; its time and rejects count as the stage ``SharedHead``."""
+    def _shared(self, items: list[dict[str, Any]]) -> bool:
+        """The shared process's part of the chain; its time and rejects count as the stage ``SharedProcess``."""
         started = time.perf_counter()
-        if not self.shared_head.run(items):
+        if not self.shared.run(items):
             return False
-        self.metrics.record("SharedHead", time.perf_counter() - started, len(items), [i[ERROR] for i in items if ERROR in i])
+        self.metrics.record(SHARED_STAGE, time.perf_counter() - started, len(items), [i[ERROR] for i in items if ERROR in i])
         return True
 
     def _hand_over(self, requests) -> None:
@@ -299,8 +299,8 @@ class TritonPythonModel:
         os._exit(1)
 
     def finalize(self) -> None:
-        if self.shared_head is not None:
-            self.shared_head.close()
+        if self.shared is not None:
+            self.shared.close()
         if self.overlap is not None:
             self.overlap.close()
         if self.pinned is not None:

@@ -1,8 +1,8 @@
-"""The head process's service: merges the batches of the connected instances, runs the head on them and
-writes each instance's results where it reads them.
+"""The shared process's service: merges the batches of the connected instances, runs its part of the chain on
+them and writes each instance's results where it reads them.
 
-``python -m tritonpipe.head_process --key K --config FILE --version-dir DIR --device cuda:0 --server-pid PID``;
-the instances start it (:class:`tritonpipe.model.shared_head.SharedHead`), nobody else needs to.
+``python -m tritonpipe.shared_process --key K --config FILE --version-dir DIR --device cuda:0 --server-pid PID``;
+the instances start it (:class:`tritonpipe.model.shared_client.SharedClient`), nobody else needs to.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..model.runtime import REQUEST_ROWS, ModelRuntime
-from ..model.shared_head import (
+from ..model.shared_client import (
     GROWTH,
     IDLE_SECONDS,
     Segment,
@@ -121,7 +121,7 @@ class Tally:
     images: int = 0
     jobs: int = 0
     waiting: float = 0.0  # a worker with nothing to take
-    head: float = 0.0  # the head's stages (their Python calls; GPU work only queued)
+    stages: float = 0.0  # the stages (their Python calls; GPU work only queued)
     copy: float = 0.0  # results into the instances' regions
     gpu: float = 0.0  # waiting for the GPU
     answer: float = 0.0  # sending the answers
@@ -131,16 +131,23 @@ class Tally:
         return (
             f"last {seconds:.0f} s: {self.images / seconds:,.0f} img/s in {self.batches} merged batches of "
             f"{self.images / self.batches:.1f} images from {self.jobs / self.batches:.1f} instance batches each; per "
-            f"merged batch: stages {per(self.head):.2f} ms, copies {per(self.copy):.2f}, waiting for the GPU "
+            f"merged batch: stages {per(self.stages):.2f} ms, copies {per(self.copy):.2f}, waiting for the GPU "
             f"{per(self.gpu):.2f}, answers {per(self.answer):.2f}; workers idle {self.waiting / (seconds * workers):.0%}"
         )
 
 
-class HeadService:
-    """Runs ``runtime``'s head for every connected instance, at most ``max_batch`` images per merged batch."""
+class SharedService:
+    """Runs ``runtime``'s shared part for every connected instance, at most ``max_batch`` images per merged batch.
+
+    The steps before the model run on ``workers`` merged batches at once; in ``chain`` mode the model (the
+    chain's last step, which may hold one batch at a time: CUDA graphs replay into fixed buffers) then runs on one
+    merged batch at a time.
+    """
 
     def __init__(self, runtime: ModelRuntime, device: torch.device, workers: int = WORKERS):
-        self.head = runtime.halves()[0]
+        self.head, tail = runtime.halves()
+        self.tail = tail if runtime.shared_process == "chain" else []
+        self._tail_lock = threading.Lock()
         self.device = device
         self.max_batch = max(1, runtime.max_batch)
         self.pending: collections.deque[Job] = collections.deque()
@@ -152,13 +159,13 @@ class HeadService:
         self._tally_lock = threading.Lock()
         self._warned_host = False
         for index in range(workers):
-            threading.Thread(target=self._work, name=f"tritonpipe-head-{index}", daemon=True).start()
+            threading.Thread(target=self._work, name=f"tritonpipe-shared-{index}", daemon=True).start()
 
     # -- instances
 
     def serve(self, listener: Listener, server_pid: int) -> None:
         """Take instances until the server is gone or none has been connected for :data:`IDLE_SECONDS`."""
-        threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-head-accept", daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-shared-accept", daemon=True).start()
         counted_from = time.monotonic()
         while alive(server_pid):
             time.sleep(POLL_SECONDS)
@@ -170,9 +177,9 @@ class HeadService:
                 counted_from = time.monotonic()
             with self.ready:
                 if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
-                    log.info("no instance connected for %g s; the head process ends", IDLE_SECONDS)
+                    log.info("no instance connected for %g s; the shared process ends", IDLE_SECONDS)
                     return
-        log.info("the server (pid %d) has ended; so does the head process", server_pid)
+        log.info("the server (pid %d) has ended; so does the shared process", server_pid)
 
     def _accept(self, listener: Listener) -> None:
         while True:
@@ -181,7 +188,7 @@ class HeadService:
             except OSError as exc:
                 log.warning("an instance could not connect: %s", exc)
                 continue
-            threading.Thread(target=self._serve_instance, args=(conn,), name="tritonpipe-head-instance", daemon=True).start()
+            threading.Thread(target=self._serve_instance, args=(conn,), name="tritonpipe-shared-instance", daemon=True).start()
 
     def _serve_instance(self, conn: Connection) -> None:
         instance = Instance(conn, self.device)
@@ -243,14 +250,18 @@ class HeadService:
             images = sum(len(job.items) for job in jobs)
             with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 try:
-                    run_chain(self.head, [item for job in jobs for item in job.items])
+                    merged = [item for job in jobs for item in job.items]
+                    run_chain(self.head, merged)
+                    if self.tail:
+                        with self._tail_lock:
+                            run_chain(self.tail, merged)
                     ran = time.perf_counter()
                     answers = [self._pack(job) for job in jobs]
                     copied = time.perf_counter()
                     if stream is not None:
                         stream.synchronize()
-                except Exception as exc:  # noqa: BLE001 - the instances run this batch's head themselves
-                    log.warning("a merged batch of %d failed in the head process: %s: %s", images, type(exc).__name__, exc)
+                except Exception as exc:  # noqa: BLE001 - the instances run this batch themselves
+                    log.warning("a merged batch of %d failed in the shared process: %s: %s", images, type(exc).__name__, exc)
                     answers = [("failed", f"{type(exc).__name__}: {exc}")] * len(jobs)
                     ran = copied = time.perf_counter()
             synchronized = time.perf_counter()
@@ -260,7 +271,7 @@ class HeadService:
                 tally = self.tally
                 tally.batches, tally.images, tally.jobs = tally.batches + 1, tally.images + images, tally.jobs + len(jobs)
                 tally.waiting += started - idle
-                tally.head += ran - started
+                tally.stages += ran - started
                 tally.copy += copied - ran
                 tally.gpu += synchronized - copied
                 tally.answer += time.perf_counter() - synchronized
@@ -285,7 +296,7 @@ class HeadService:
                 elif isinstance(value, torch.Tensor):
                     if not self._warned_host:
                         self._warned_host = True
-                        log.warning("the head leaves %r on %s, not on %s: such results cross as pickled copies",
+                        log.warning("the chain leaves %r on %s, not on %s: such results cross as pickled copies",
                                     key, value.device, self.device)
                     values.append((key, "host", value.detach().cpu().numpy(), [index]))
                 elif values and values[-1][0] == key and values[-1][1] == "value" and _same(values[-1][2], value):
@@ -315,8 +326,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritonpipe.head_process", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--key", required=True, help="the head process's name, from the instances")
+    parser = argparse.ArgumentParser(prog="python -m tritonpipe.shared_process", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--key", required=True, help="the shared process's name, from the instances")
     parser.add_argument("--config", required=True, help="the model's config in Triton's JSON form (a file)")
     parser.add_argument("--version-dir", required=True, help="the model's version folder")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N, where the instances run")
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=WORKERS, help="batches in flight at once")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("tritonpipe head process %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("tritonpipe shared process %(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
@@ -333,15 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         runtime = ModelRuntime(config, Path(args.version_dir), device)
-        count, problem = runtime.warm_up(head_only=True)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():  # as an instance warms up
+            count, problem = runtime.warm_up(head_only=runtime.shared_process != "chain")
+        if stream is not None:
+            stream.synchronize()
         if problem is not None:
             log.warning("warm-up stopped after %d sample requests (%s)", count, problem)
         listener = Listener(address(args.key), family="AF_UNIX")
-    except Exception as exc:  # noqa: BLE001 - the instances run their heads themselves
+    except Exception as exc:  # noqa: BLE001 - the instances run their chains themselves
         log.error("could not start: %s: %s", type(exc).__name__, exc)
         return 1
-    log.info("%s on %s: the head (%s) of every instance, merged batches of up to %d, %d in flight (pid %d)",
-             config.get("name", "?"), device, ", ".join(stage.name for stage in runtime.halves()[0]),
+    service = SharedService(runtime, device, args.workers)
+    log.info("%s on %s: %s of every instance, merged batches of up to %d, %d in flight (pid %d)",
+             config.get("name", "?"), device, ", ".join(stage.name for stage in service.head + service.tail),
              max(1, runtime.max_batch), args.workers, os.getpid())
-    HeadService(runtime, device, args.workers).serve(listener, args.server_pid)
+    service.serve(listener, args.server_pid)
     return 0

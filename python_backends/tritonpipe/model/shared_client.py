@@ -1,27 +1,32 @@
-"""The steps before a chain's last one, run in one process for all of a model's instances on a device (``shared_head``).
+"""An instance's side of the shared process (``shared_process``): one process per device runs a part of the
+chain for all of a model's instances there.
 
-Every GPU instance is a process of its own, with a JPEG decoder of its own: 8 instances under load make 8
-decode calls side by side on batches of 10-20 images each.  One decoder taking batches of that size in
-turn got 1.12-1.22x their rate out of the JPEG engines (in one process, on an H100), and larger merged
-batches more.  With ``shared_head`` the instances of a model on one device send their requests' inputs to
-one *head process*, which merges the batches of all of them, runs the chain's *head* (decode, resize, ...:
-:meth:`ModelRuntime.halves`) on two batches in flight, and writes each instance's results where that
-instance reads them; the instance then runs the *tail* (the model) itself.
+Every GPU instance is a process of its own, with a JPEG decoder and a CUDA context of its own: 8 instances under
+load make 8 decode calls side by side on batches of 10-20 images each, and the GPU switches between 8 contexts.
+One decoder taking batches of that size in turn got 1.12-1.22x their rate out of the JPEG engines (in one process,
+on an H100), and larger merged batches more.  With ``shared_process`` the instances of a model on one device send
+their requests' inputs to one *shared process*, which merges the batches of all of them, runs its part of the
+chain on two merged batches in flight, and writes each instance's results where that instance reads them:
+
+- ``head``: the steps before the model (decode, resize, ...: :meth:`ModelRuntime.halves`); each instance runs
+  the model itself on what comes back;
+- ``chain``: the whole chain, the model too (one at a time), so that one CUDA context does all the device's work;
+  the instances pass requests and answers.
 
 How one batch goes:
 
 - the instance copies its requests' input tensors into a shared-memory segment of its own (in
   ``/dev/shm``) and sends where each lies over a Unix socket;
-- the head process reads them there, runs the head on the merged batch, copies each request's results
+- the shared process reads them there, runs its part on the merged batch, copies each request's results
   into an output region of that instance's (GPU memory that the instance maps once, through CUDA IPC; a
   shared-memory segment on the CPU), waits for the GPU and answers with where each result lies, or with
   each failed request's error;
 - a request's bad input fails that request alone, as in the instance's own chain.
 
-The first instance to load starts the head process (``python -m tritonpipe.head_process``, taking turns
-on a lock file with the others) and waits for it to warm up.  An instance whose head process has gone
-(killed, crashed, or not answering) runs its batch's head itself, starts another head process and goes
-on on its own until that one answers.  The head process ends with the server that started it, or once no
+The first instance to load starts the shared process (``python -m tritonpipe.shared_process``, taking turns
+on a lock file with the others) and waits for it to warm up.  An instance whose shared process has gone
+(killed, crashed, or not answering) runs its whole chain itself, starts another shared process and goes
+on on its own until that one answers.  The shared process ends with the server that started it, or once no
 instance has been connected for :data:`IDLE_SECONDS`.  A segment's name is unlinked as soon as both
 sides have it open, so that nothing is left in ``/dev/shm`` when either side is killed.
 """
@@ -54,16 +59,18 @@ from ..stages.base import ERROR
 
 log = logging.getLogger("tritonpipe")
 
-#: names of the head process's socket (abstract: no file), its lock file and the segments
-PREFIX = "tritonpipe-head-"
+#: the stage name an instance's metrics give the time it waits for the shared process
+SHARED_STAGE = "SharedProcess"
+#: names of the shared process's socket (abstract: no file), its lock file and the segments
+PREFIX = "tritonpipe-shared-"
 SHM_FOLDER = "/dev/shm/"
-#: seconds an instance waits at load for a head process to warm up and answer
+#: seconds an instance waits at load for a shared process to warm up and answer
 START_SECONDS = 300.0
-#: seconds an instance waits for one batch's answer before it runs that batch's head itself
+#: seconds an instance waits for one batch's answer before it runs that batch itself
 ANSWER_SECONDS = 60.0
-#: seconds between an instance's attempts to reach a head process once it has lost one
+#: seconds between an instance's attempts to reach a shared process once it has lost one
 RETRY_SECONDS = 5.0
-#: seconds a head process stays up with no instance connected
+#: seconds a shared process stays up with no instance connected
 IDLE_SECONDS = 60.0
 #: where each group of results starts in an output region: a multiple of this many bytes
 ALIGN = 256
@@ -71,14 +78,14 @@ ALIGN = 256
 GROWTH = 2
 
 
-def head_key(config_text: str, version_dir: str, device: str, server_pid: int) -> str:
-    """What tells one head process from another: the model's config and files, the device and the server."""
+def process_key(config_text: str, version_dir: str, device: str, server_pid: int) -> str:
+    """What tells one shared process from another: the model's config and files, the device and the server."""
     text = json.dumps([config_text, version_dir, device, server_pid])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def address(key: str) -> str:
-    """The head process's socket: in Linux's abstract namespace, so that a killed process leaves no file."""
+    """The shared process's socket: in Linux's abstract namespace, so that a killed process leaves no file."""
     return "\0" + PREFIX + key
 
 
@@ -128,7 +135,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_of(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise InternalError(f"the head process named an unknown dtype {name!r}")
+        raise InternalError(f"the shared process named an unknown dtype {name!r}")
     return dtype
 
 
@@ -165,16 +172,16 @@ def python_executable() -> str:
     return str(candidate) if candidate.exists() else shutil.which("python3") or "python3"
 
 
-class SharedHead:
-    """An instance's side of the head process: sends a batch's inputs, maps the results.
+class SharedClient:
+    """An instance's side of the shared process: sends a batch's inputs, maps the results.
 
     Args:
         config_text: the model's config in Triton's JSON form (what the stub was given).
         version_dir: the model's version folder.
-        device: where the instance runs; the head process runs on the same device.
+        device: where the instance runs; the shared process runs on the same device.
         inputs: the item keys of the model's inputs.
-        server_pid: the process the head process ends with (the server, the stub's parent).
-        start_seconds: how long to wait at load for a head process to answer.
+        server_pid: the process the shared process ends with (the server, the stub's parent).
+        start_seconds: how long to wait at load for a shared process to answer.
     """
 
     def __init__(self, config_text: str, version_dir: Path, device: torch.device, inputs: list[str],
@@ -184,7 +191,7 @@ class SharedHead:
         self.device = torch.device(device)
         self.inputs = inputs
         self.server_pid = server_pid
-        self.key = head_key(config_text, self.version_dir, str(self.device), server_pid)
+        self.key = process_key(config_text, self.version_dir, str(self.device), server_pid)
         self.conn: Connection | None = None
         self.segment: Segment | None = None
         self.region: torch.Tensor | None = None
@@ -196,10 +203,10 @@ class SharedHead:
     def connected(self) -> bool:
         return self.conn is not None
 
-    # -- reaching the head process
+    # -- reaching the shared process
 
     def _connect(self, wait: float) -> bool:
-        """Reach the head process, starting one where there is none; wait up to ``wait`` s for it to answer."""
+        """Reach the shared process, starting one where there is none; wait up to ``wait`` s for it to answer."""
         deadline = time.monotonic() + wait
         if self._try_connect():
             return True
@@ -222,7 +229,7 @@ class SharedHead:
             if not conn.poll(ANSWER_SECONDS) or conn.recv()[0] != "ready":
                 raise EOFError("no answer")
         except (OSError, EOFError) as exc:
-            log.warning("the head process did not answer its greeting (%s); the instance runs its own head", exc)
+            log.warning("the shared process did not answer its greeting (%s); the instance runs its whole chain", exc)
             conn.close()
             segment.unlink()
             segment.close()
@@ -230,11 +237,11 @@ class SharedHead:
         segment.unlink()  # both sides have it open
         self._drop()
         self.conn, self.segment = conn, segment
-        log.info("the instance's head runs in the shared head process (%s)", self.key)
+        log.info("the instance's batches go to the shared process (%s)", self.key)
         return True
 
     def _start(self) -> None:
-        """Start the head process unless another instance has started one that still runs."""
+        """Start the shared process unless another instance has started one that still runs."""
         lock_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.lock"
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -245,7 +252,7 @@ class SharedHead:
             config_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.json"
             config_path.write_text(self.config_text)
             command = [
-                python_executable(), "-m", "tritonpipe.head_process", "--key", self.key, "--config", str(config_path),
+                python_executable(), "-m", "tritonpipe.shared_process", "--key", self.key, "--config", str(config_path),
                 "--version-dir", self.version_dir, "--device", str(self.device), "--server-pid", str(self.server_pid),
             ]
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
@@ -253,7 +260,7 @@ class SharedHead:
             lock.truncate()
             lock.write(str(process.pid))
             lock.flush()
-            log.info("started the shared head process (pid %d) for %s", process.pid, self.key)
+            log.info("started the shared process (pid %d) for %s", process.pid, self.key)
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -265,7 +272,7 @@ class SharedHead:
         self.conn = self.segment = self._region_segment = self.region = None
 
     def _lost(self, why: str) -> None:
-        log.warning("the shared head process is gone (%s); the instance runs its own head until another answers", why)
+        log.warning("the shared process is gone (%s); the instance runs its whole chain until another answers", why)
         self._drop()
         self._retry_at = time.monotonic() + RETRY_SECONDS
         with contextlib.suppress(OSError):
@@ -277,7 +284,7 @@ class SharedHead:
     # -- one batch
 
     def run(self, items: list[dict[str, Any]]) -> bool:
-        """Have the head process run the head on ``items``; False where the caller must run it itself."""
+        """Have the shared process run its part on ``items``; False where the caller must run the whole chain."""
         if self.conn is None:
             if time.monotonic() < self._retry_at:
                 return False
@@ -290,7 +297,7 @@ class SharedHead:
         try:
             layout = self._write(sent)
         except (TypeError, ValueError, RuntimeError) as exc:
-            log.warning("a batch's inputs cannot go to the head process (%s); the instance runs its head", exc)
+            log.warning("a batch's inputs cannot go to the shared process (%s); the instance runs it", exc)
             return False
         try:
             self.conn.send(("run", self.segment.name, layout))
@@ -302,7 +309,7 @@ class SharedHead:
             self._lost(f"{type(exc).__name__}: {exc}")
             return False
         if answer[0] != "done":
-            log.warning("the head process could not run a batch (%s); the instance runs its head", answer[1])
+            log.warning("the shared process could not run a batch (%s); the instance runs it", answer[1])
             return False
         if answer[1] is not None:
             self._map_region(answer[1])
@@ -322,7 +329,7 @@ class SharedHead:
         if needed > self.segment.size:
             grown = Segment.new(max(needed, GROWTH * self.segment.size))
             self.segment.close()
-            self.segment = grown  # the head process opens it on the next batch; unlinked once it has answered
+            self.segment = grown  # the shared process opens it on the next batch; unlinked once it has answered
         layout, offset = [], 0
         values = iter(tensors)
         for index, _ in sent:
@@ -348,8 +355,8 @@ class SharedHead:
         self.region = self._region_segment.tensor
 
     def _read(self, items: list[dict[str, Any]], answer: tuple) -> None:
-        """Each item's results from the answer (see ``tritonpipe.head_process.service``), the tensors as views of the region."""
-        self.segment.unlink()  # a grown segment: the head process has it open now
+        """Each item's results from the answer (see ``tritonpipe.shared_process.service``), the tensors as views of the region."""
+        self.segment.unlink()  # a grown segment: the shared process has it open now
         _, _, errors, runs, values = answer
         for index, record in errors:
             items[index][ERROR] = error_from(record)
