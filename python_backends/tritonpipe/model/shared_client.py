@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,12 @@ def process_key(config_text: str, version_dir: str, device: str, server_pid: int
     """What tells one shared process from another: the model's config and files, the device and the server."""
     text = json.dumps([config_text, version_dir, device, server_pid])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def authkey_path(key: str) -> Path:
+    """The file of the secret that the instances and their shared process prove to each other when they connect
+    (the socket, in the abstract namespace, is open to every local user); readable by the server's user only."""
+    return Path(tempfile.gettempdir()) / f"{PREFIX}{key}.auth"
 
 
 def address(key: str) -> str:
@@ -182,15 +189,17 @@ class SharedClient:
         inputs: the item keys of the model's inputs.
         server_pid: the process the shared process ends with (the server, the stub's parent).
         start_seconds: how long to wait at load for a shared process to answer.
+        answer_seconds: how long to wait for one batch's answer before running it here.
     """
 
     def __init__(self, config_text: str, version_dir: Path, device: torch.device, inputs: list[str],
-                 server_pid: int, start_seconds: float = START_SECONDS):
+                 server_pid: int, start_seconds: float = START_SECONDS, answer_seconds: float = ANSWER_SECONDS):
         self.config_text = config_text
         self.version_dir = str(version_dir)
         self.device = torch.device(device)
         self.inputs = inputs
         self.server_pid = server_pid
+        self.answer_seconds = answer_seconds
         self.key = process_key(config_text, self.version_dir, str(self.device), server_pid)
         self.conn: Connection | None = None
         self.segment: Segment | None = None
@@ -220,8 +229,8 @@ class SharedClient:
 
     def _try_connect(self) -> bool:
         try:
-            conn = Client(address(self.key), family="AF_UNIX")
-        except OSError:
+            conn = Client(address(self.key), family="AF_UNIX", authkey=authkey_path(self.key).read_bytes())
+        except (OSError, EOFError, AuthenticationError):
             return False
         segment = Segment.new(1 << 20)
         try:
@@ -250,7 +259,11 @@ class SharedClient:
             if text.isdigit() and alive(int(text)):
                 return
             config_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.json"
-            config_path.write_text(self.config_text)
+            config_path.write_text(self.config_text)  # the shared process reads it, then removes it
+            if not authkey_path(self.key).exists():
+                fd = os.open(authkey_path(self.key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as secret:
+                    secret.write(secrets.token_bytes(32))
             command = [
                 python_executable(), "-m", "tritonpipe.shared_process", "--key", self.key, "--config", str(config_path),
                 "--version-dir", self.version_dir, "--device", str(self.device), "--server-pid", str(self.server_pid),
@@ -301,8 +314,8 @@ class SharedClient:
             return False
         try:
             self.conn.send(("run", self.segment.name, layout))
-            if not self.conn.poll(ANSWER_SECONDS):
-                self._lost(f"no answer in {ANSWER_SECONDS:g} s")
+            if not self.conn.poll(self.answer_seconds):
+                self._lost(f"no answer in {self.answer_seconds:g} s")
                 return False
             answer = self.conn.recv()
         except (OSError, EOFError) as exc:

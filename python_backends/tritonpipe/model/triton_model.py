@@ -29,7 +29,7 @@ from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
 from .overlap import Flight, Overlap, Results, TailTimes
 from .pinned import PinnedPool, stub_pool
 from .runtime import ModelRuntime, Watchdog, pick_device, wait_for_gpu
-from .shared_client import SHARED_STAGE, SharedClient
+from .shared_client import ANSWER_SECONDS, SHARED_STAGE, SharedClient
 
 log = logging.getLogger("tritonpipe")
 
@@ -120,8 +120,10 @@ class TritonPythonModel:
         self.shared = None
         if self.runtime.shared_process != "off":
             # the stub's parent is the server, which the shared process ends with
+            timeout = self.runtime.execution_timeout
+            # a shared process that does not answer is given up before the watchdog gives up on the batch
             self.shared = SharedClient(args["model_config"], version_dir, self.device, list(self.runtime.inputs.values()),
-                                       os.getppid())
+                                       os.getppid(), answer_seconds=timeout / 2 if timeout > 0 else ANSWER_SECONDS)
         # after the warm-up, so that /metrics counts requests only
         device = self.device
         cache = (lambda: torch.cuda.memory_reserved(device)) if device.type == "cuda" else None

@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..model.shared_client import (
     address,
     aligned,
     alive,
+    authkey_path,
     dtype_name,
     dtype_of,
     error_record,
@@ -144,7 +146,8 @@ class SharedService:
     merged batch at a time.
     """
 
-    def __init__(self, runtime: ModelRuntime, device: torch.device, workers: int = WORKERS):
+    def __init__(self, runtime: ModelRuntime, device: torch.device, authkey: bytes, workers: int = WORKERS):
+        self.authkey = authkey
         self.head, tail = runtime.halves()
         self.tail = tail if runtime.shared_process == "chain" else []
         self._tail_lock = threading.Lock()
@@ -191,6 +194,13 @@ class SharedService:
             threading.Thread(target=self._serve_instance, args=(conn,), name="tritonpipe-shared-instance", daemon=True).start()
 
     def _serve_instance(self, conn: Connection) -> None:
+        try:  # here, not in accept: a peer that never answers holds up its own thread only
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except (OSError, EOFError, AuthenticationError) as exc:
+            log.warning("refused a connection that did not prove the instances' secret: %s", exc)
+            conn.close()
+            return
         instance = Instance(conn, self.device)
         with self.ready:
             self.connected += 1
@@ -340,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         config = json.loads(Path(args.config).read_text())
+        Path(args.config).unlink(missing_ok=True)
+        authkey = authkey_path(args.key).read_bytes()
         device = torch.device(args.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the instances run their chains themselves
         log.error("could not start: %s: %s", type(exc).__name__, exc)
         return 1
-    service = SharedService(runtime, device, args.workers)
+    service = SharedService(runtime, device, authkey, args.workers)
     log.info("%s on %s: %s of every instance, merged batches of up to %d, %d in flight (pid %d)",
              config.get("name", "?"), device, ", ".join(stage.name for stage in service.head + service.tail),
              max(1, runtime.max_batch), args.workers, os.getpid())

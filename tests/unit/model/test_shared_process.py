@@ -157,6 +157,25 @@ def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory
             os.kill(pid, signal.SIGKILL)
 
 
+def test_only_the_instances_secret_connects(model, jpeg_factory):
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    head = instance(model)
+    try:
+        with pytest.raises(AuthenticationError):
+            Client(shared_client.address(head.key), family="AF_UNIX", authkey=b"a guess")
+        assert oct(shared_client.authkey_path(head.key).stat().st_mode & 0o777) == "0o600"
+        local, shared = requests(jpeg_factory), requests(jpeg_factory)
+        runtime = model[2]
+        runtime.run(local)
+        assert head.run(shared)  # the refused peer cost the instances nothing
+        runtime.run_tail(shared)
+        assert_same(local, shared)
+    finally:
+        head.close()
+
+
 def test_instances_side_by_side(model, jpeg_factory):
     runtime = model[2]
     heads = [instance(model) for _ in range(3)]
