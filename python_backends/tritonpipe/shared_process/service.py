@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ..model.runtime import REQUEST_ROWS, ModelRuntime
 from ..model.shared_client import (
     GROWTH,
     IDLE_SECONDS,
+    PREFIX,
     Segment,
     address,
     aligned,
@@ -166,8 +168,8 @@ class SharedService:
 
     # -- instances
 
-    def serve(self, listener: Listener, server_pid: int) -> None:
-        """Take instances until the server is gone or none has been connected for :data:`IDLE_SECONDS`."""
+    def serve(self, listener: Listener, server_pid: int) -> bool:
+        """Take instances until the server is gone (True) or none has been connected for :data:`IDLE_SECONDS`."""
         threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-shared-accept", daemon=True).start()
         counted_from = time.monotonic()
         while alive(server_pid):
@@ -181,8 +183,9 @@ class SharedService:
             with self.ready:
                 if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
                     log.info("no instance connected for %g s; the shared process ends", IDLE_SECONDS)
-                    return
+                    return False
         log.info("the server (pid %d) has ended; so does the shared process", server_pid)
+        return True
 
     def _accept(self, listener: Listener) -> None:
         while True:
@@ -371,5 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s on %s: %s of every instance, merged batches of up to %d, %d in flight (pid %d)",
              config.get("name", "?"), device, ", ".join(stage.name for stage in service.head + service.tail),
              max(1, runtime.max_batch), args.workers, os.getpid())
-    service.serve(listener, args.server_pid)
+    if service.serve(listener, args.server_pid):
+        # no instance of that server comes back: its lock and secret go (an idle end keeps them for a reload)
+        for path in (authkey_path(args.key), Path(tempfile.gettempdir()) / f"{PREFIX}{args.key}.lock"):
+            path.unlink(missing_ok=True)
     return 0

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -241,6 +242,9 @@ def test_the_head_process_ends_with_its_server(model):
         assert time.monotonic() < deadline, "the shared process outlived its server"
         time.sleep(0.1)
     head.close()
+    # nothing of that server's is left in the temporary folder
+    assert not shared_client.authkey_path(head.key).exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"{PREFIX}{head.key}.*"))
 
 
 def test_settings(tiny_onnx, tmp_path):
