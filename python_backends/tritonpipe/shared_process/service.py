@@ -76,8 +76,8 @@ class Instance:
 
     def room(self, size: int) -> Any:
         """An output region of at least ``size`` bytes; what the instance maps it by where it is new, else None."""
-        if self.region is not None and self.region.numel() >= size:
-            return None
+        if size == 0 or self.region is not None and self.region.numel() >= size:
+            return None  # (a batch whose every request failed needs none)
         size = max(size, GROWTH * (self.region.numel() if self.region is not None else 0))
         if self.device.type == "cuda":
             with torch.inference_mode(False):  # a plain tensor, as torch's CUDA IPC shares them
@@ -153,6 +153,7 @@ class SharedService:
         self.head, tail = runtime.halves()
         self.tail = tail if runtime.shared_process == "chain" else []
         self._tail_lock = threading.Lock()
+        self._tail_done: torch.cuda.Event | None = None
         self.device = device
         self.max_batch = max(1, runtime.max_batch)
         self.pending: collections.deque[Job] = collections.deque()
@@ -266,8 +267,7 @@ class SharedService:
                     merged = [item for job in jobs for item in job.items]
                     run_chain(self.head, merged)
                     if self.tail:
-                        with self._tail_lock:
-                            run_chain(self.tail, merged)
+                        self._run_tail(merged, stream)
                     ran = time.perf_counter()
                     answers = [self._pack(job) for job in jobs]
                     copied = time.perf_counter()
@@ -288,6 +288,17 @@ class SharedService:
                 tally.copy += copied - ran
                 tally.gpu += synchronized - copied
                 tally.answer += time.perf_counter() - synchronized
+
+    def _run_tail(self, items: list[dict[str, Any]], stream) -> None:
+        """The model on one merged batch at a time, on the GPU too: a replayed CUDA graph reads and writes fixed
+        buffers, so each worker's replay waits on its stream for the one before it, queued on another."""
+        with self._tail_lock:
+            if stream is not None and self._tail_done is not None:
+                stream.wait_event(self._tail_done)
+            run_chain(self.tail, items)
+            if stream is not None:
+                self._tail_done = torch.cuda.Event()
+                self._tail_done.record(stream)
 
     def _pack(self, job: Job) -> tuple:
         """Copy the job's result tensors into its instance's region; the answer that says where they lie.
