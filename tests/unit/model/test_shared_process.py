@@ -85,15 +85,22 @@ def assert_same(local: list[dict], shared: list[dict], atol: float = 0.0) -> Non
             torch.testing.assert_close(theirs["data"], mine["data"], atol=atol, rtol=0)
 
 
+def run_both(runtime: ModelRuntime, client: SharedClient, jpeg_factory, atol: float = 0.0) -> list[dict]:
+    """The same requests through the instance's own chain and through the shared process: the latter's items,
+    checked to match the former's."""
+    local, shared = requests(jpeg_factory), requests(jpeg_factory)
+    runtime.run(local)
+    runtime.run(shared, client.run)
+    assert_same(local, shared, atol)
+    return shared
+
+
 def test_answers_what_the_instance_computes(model, jpeg_factory):
     runtime = model[2]
     head = instance(model)
     try:
         assert head.connected
-        local, shared = requests(jpeg_factory), requests(jpeg_factory)
-        runtime.run(local)
-        runtime.run(shared, head.run)
-        assert_same(local, shared)
+        shared = run_both(runtime, head, jpeg_factory)
         assert sum("error" in item for item in shared) == 2
         # the head's other results cross too; the model ran here, not in the region the shared process wrote
         assert shared[0]["color"] == "rgb" and not in_region(head, shared[0]["data"])
@@ -121,11 +128,7 @@ def test_on_the_gpu_through_cuda_ipc(tmp_path, tiny_onnx, jpeg_factory, part):
     try:
         assert head.connected
         for _ in range(3):  # the region is mapped once, then reused
-            local, shared = requests(jpeg_factory), requests(jpeg_factory)
-            runtime.run(local)
-            runtime.run(shared, head.run)
-            torch.cuda.synchronize()
-            assert_same(local, shared, atol=1e-5)  # another process's kernels: the same ones, maybe not the same order
+            shared = run_both(runtime, head, jpeg_factory, atol=1e-5)  # another process's kernels, maybe in another order
             assert all(item["data"].device == device for item in shared if "error" not in item)
             assert all(in_region(head, item["data"]) == (part == "chain") for item in shared if "error" not in item)
     finally:
@@ -145,10 +148,7 @@ def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory
                           start_seconds=120)
     try:
         assert client.connected
-        local, shared = requests(jpeg_factory), requests(jpeg_factory)
-        runtime.run(local)
-        runtime.run(shared, client.run)
-        assert_same(local, shared)
+        shared = run_both(runtime, client, jpeg_factory)
         # the scores were computed there and lie in the region it wrote; the output checks still hold here
         assert all(in_region(client, item["data"]) for item in shared if "error" not in item)
         assert all(tuple(runtime.output(item, "scores").shape) == (1, 10) for item in shared if "error" not in item)
@@ -186,10 +186,7 @@ def test_instances_side_by_side(model, jpeg_factory):
     def serve(head):
         try:
             for _ in range(10):
-                local, shared = requests(jpeg_factory), requests(jpeg_factory)
-                runtime.run(local)
-                runtime.run(shared, head.run)
-                assert_same(local, shared)
+                run_both(runtime, head, jpeg_factory)
         except AssertionError as exc:
             failures.append(exc)
 
