@@ -329,6 +329,20 @@ class SharedClient:
         self._read(items, answer)
         return True
 
+    def copied_out(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``outputs`` with those that lie in the output region copied out of it: the next batch overwrites the
+        region, and Triton cannot hand GPU memory mapped from another process on to another model."""
+        if self.region is None:
+            return outputs
+        return {name: tensor.clone() if self.holds(tensor) else tensor for name, tensor in outputs.items()}
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lies in the output region."""
+        if self.region is None or tensor.device != self.region.device:
+            return False
+        start = self.region.data_ptr()
+        return start <= tensor.data_ptr() < start + self.region.numel()
+
     def _write(self, sent: list[tuple[int, dict[str, Any]]]) -> list:
         """Copy the inputs of the sent items into the segment (grown if need be); where each lies."""
         tensors = []

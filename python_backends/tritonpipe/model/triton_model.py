@@ -211,6 +211,8 @@ class TritonPythonModel:
                     wait_for_gpu(self.stream, self.runtime.gpu_wait)
                     waited = time.perf_counter() - chained
                 results = self.runtime.responses(items)
+                if self.shared is not None:
+                    results = [self.shared.copied_out(r) if isinstance(r, dict) else r for r in results]
             built = time.perf_counter()
             if self.stream is not None:
                 # one synchronisation per batch, after the whole chain (at once where gpu_wait waited above)

@@ -103,7 +103,7 @@ def test_answers_what_the_instance_computes(model, jpeg_factory):
         shared = run_both(runtime, head, jpeg_factory)
         assert sum("error" in item for item in shared) == 2
         # the head's other results cross too; the model ran here, not in the region the shared process wrote
-        assert shared[0]["color"] == "rgb" and not in_region(head, shared[0]["data"])
+        assert shared[0]["color"] == "rgb" and not head.holds(shared[0]["data"])
         # a batch larger than the first segment: it grows, and the answers stay right
         big = [{"data": torch.frombuffer(bytearray(jpeg_factory(900, 1200, seed=3, quality=100)), dtype=torch.uint8).reshape(1, -1)}
                for _ in range(3)]
@@ -130,16 +130,11 @@ def test_on_the_gpu_through_cuda_ipc(tmp_path, tiny_onnx, jpeg_factory, part):
         for _ in range(3):  # the region is mapped once, then reused
             shared = run_both(runtime, head, jpeg_factory, atol=1e-5)  # another process's kernels, maybe in another order
             assert all(item["data"].device == device for item in shared if "error" not in item)
-            assert all(in_region(head, item["data"]) == (part == "chain") for item in shared if "error" not in item)
+            assert all(head.holds(item["data"]) == (part == "chain") for item in shared if "error" not in item)
     finally:
         head.close()
         for pid in shared_processes(version):
             os.kill(pid, signal.SIGKILL)
-
-
-def in_region(client: SharedClient, tensor: torch.Tensor) -> bool:
-    start = client.region.data_ptr()
-    return start <= tensor.data_ptr() < start + client.region.numel()
 
 
 def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory):
@@ -150,8 +145,11 @@ def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory
         assert client.connected
         shared = run_both(runtime, client, jpeg_factory)
         # the scores were computed there and lie in the region it wrote; the output checks still hold here
-        assert all(in_region(client, item["data"]) for item in shared if "error" not in item)
+        assert all(client.holds(item["data"]) for item in shared if "error" not in item)
         assert all(tuple(runtime.output(item, "scores").shape) == (1, 10) for item in shared if "error" not in item)
+        # answered, they leave the region, which the next batch overwrites
+        answers = [client.copied_out(r) for r in runtime.responses(shared) if isinstance(r, dict)]
+        assert answers and not any(client.holds(tensor) for answer in answers for tensor in answer.values())
     finally:
         client.close()
         for pid in shared_processes(version):
