@@ -173,6 +173,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def is_shared_process(pid: int) -> bool:
+    """Whether process ``pid`` is a shared process (a pid in a lock file may have been reused since)."""
+    try:
+        return b"tritonpipe.shared_process" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 def python_executable() -> str:
     """The interpreter of this environment (inside Triton's stub, ``sys.executable`` is the stub)."""
     candidate = Path(sys.prefix) / "bin" / "python3"
@@ -219,11 +227,15 @@ class SharedClient:
         deadline = time.monotonic() + wait
         if self._try_connect():
             return True
-        self._start()
+        pid = self._start()
         while time.monotonic() < deadline:
             time.sleep(0.2)
             if self._try_connect():
                 return True
+            if pid is not None and not alive(pid):
+                log.warning("the shared process (pid %d) ended before it answered (its log lines say why); the "
+                            "instance runs its whole chain", pid)
+                break
         self._retry_at = time.monotonic() + RETRY_SECONDS
         return False
 
@@ -249,15 +261,15 @@ class SharedClient:
         log.info("the instance's batches go to the shared process (%s)", self.key)
         return True
 
-    def _start(self) -> None:
-        """Start the shared process unless another instance has started one that still runs."""
+    def _start(self) -> int | None:
+        """Start the shared process unless another instance has started one that still runs; its pid."""
         lock_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.lock"
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lock.seek(0)
             text = lock.read().strip()
-            if text.isdigit() and alive(int(text)):
-                return
+            if text.isdigit() and alive(int(text)) and is_shared_process(int(text)):
+                return int(text)
             config_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.json"
             config_path.write_text(self.config_text)  # the shared process reads it, then removes it
             if not authkey_path(self.key).exists():
@@ -274,6 +286,7 @@ class SharedClient:
             lock.write(str(process.pid))
             lock.flush()
             log.info("started the shared process (pid %d) for %s", process.pid, self.key)
+            return process.pid
 
     def _drop(self) -> None:
         if self.conn is not None:

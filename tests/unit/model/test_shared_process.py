@@ -271,3 +271,13 @@ def test_the_shared_process_says_how_its_merged_batches_went():
     line = Tally(batches=2, images=100, jobs=6, waiting=1.0, stages=0.02, copy=0.002, gpu=0.01, answer=0.001).line(10.0, 2)
     assert line == ("last 10 s: 10 img/s in 2 merged batches of 50.0 images from 3.0 instance batches each; per merged "
                     "batch: stages 10.00 ms, copies 1.00, waiting for the GPU 5.00, answers 0.50; workers idle 5%")
+
+
+def test_a_shared_process_that_cannot_start_is_not_waited_for(model, tmp_path):
+    config, _, runtime = model
+    started = time.monotonic()
+    client = SharedClient(json.dumps(config), tmp_path / "no model here", torch.device("cpu"), list(runtime.inputs.values()),
+                          os.getpid(), start_seconds=120)
+    assert not client.connected and time.monotonic() - started < 60
+    assert not client.run([{"data": torch.zeros(1, 4, dtype=torch.uint8)}])  # the caller runs its chain itself
+    client.close()
