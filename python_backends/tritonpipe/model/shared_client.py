@@ -214,6 +214,7 @@ class SharedClient:
         self.region: torch.Tensor | None = None
         self._region_segment: Segment | None = None
         self._retry_at = 0.0
+        self._warned_inputs = False
         self._connect(start_seconds)
 
     @property
@@ -323,7 +324,9 @@ class SharedClient:
         try:
             layout = self._write(sent)
         except (TypeError, ValueError, RuntimeError) as exc:
-            log.warning("a batch's inputs cannot go to the shared process (%s); the instance runs it", exc)
+            if not self._warned_inputs:
+                self._warned_inputs = True
+                log.warning("a batch's inputs cannot go to the shared process (%s); the instance runs such batches itself", exc)
             return False
         try:
             self.conn.send(("run", self.segment.name, layout))

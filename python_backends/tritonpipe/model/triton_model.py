@@ -93,13 +93,14 @@ def _show_info() -> None:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         _show_info()
+        self.shared: SharedClient | None = None
         config = json.loads(args["model_config"])
         self.fanout = None
         plan = FanOutParams.from_config(config)
         if plan is not None:
             # the orchestrator of a graph that fans out: no chain of its own, only calls to the two parts
             self.fanout, self.runtime, self.metrics, self.watchdog = FanOut(plan, bls_call(pb_utils)), None, None, None
-            self.overlap, self.pinned, self.shared = None, None, None
+            self.overlap, self.pinned = None, None
             log.info("%s: fans out %s -> %s per item of %r", args["model_name"], plan.first, plan.each, plan.items)
             return
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -117,7 +118,6 @@ class TritonPythonModel:
         if self.stream is not None:
             self._warm_up(args["model_name"])
         self.instance_name = args.get("model_instance_name", args["model_name"])
-        self.shared = None
         if self.runtime.shared_process != "off":
             # the stub's parent is the server, which the shared process ends with
             timeout = self.runtime.execution_timeout

@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            # started by a CPU instance pinned to its own cores, it does the work of every instance
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))
         runtime = ModelRuntime(config, Path(args.version_dir), device)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():  # as an instance warms up
