@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -362,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("tritonpipe shared process %(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # stopped (SIGTERM), it leaves nothing behind; its instances start another if they still run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return _run(args)
+    except SystemExit:
+        _remove_files(args.key)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         config = json.loads(Path(args.config).read_text())
         Path(args.config).unlink(missing_ok=True)
@@ -384,13 +395,18 @@ def main(argv: list[str] | None = None) -> int:
         listener = Listener(address(args.key), family="AF_UNIX")
     except Exception as exc:  # noqa: BLE001 - the instances run their chains themselves
         log.error("could not start: %s: %s", type(exc).__name__, exc)
+        _remove_files(args.key)
         return 1
     service = SharedService(runtime, device, authkey, args.workers)
     log.info("%s on %s: %s of every instance, merged batches of up to %d, %d in flight (pid %d)",
              config.get("name", "?"), device, ", ".join(stage.name for stage in service.head + service.tail),
              max(1, runtime.max_batch), args.workers, os.getpid())
     if service.serve(listener, args.server_pid):
-        # no instance of that server comes back: its lock and secret go (an idle end keeps them for a reload)
-        for path in (authkey_path(args.key), Path(tempfile.gettempdir()) / f"{PREFIX}{args.key}.lock"):
-            path.unlink(missing_ok=True)
+        _remove_files(args.key)  # no instance of that server comes back (an idle end keeps them for a reload)
     return 0
+
+
+def _remove_files(key: str) -> None:
+    """The lock and the secret of the instances of ``key``: an instance that still runs makes them again."""
+    for path in (authkey_path(key), Path(tempfile.gettempdir()) / f"{PREFIX}{key}.lock"):
+        path.unlink(missing_ok=True)

@@ -43,8 +43,18 @@ def served(root: Path, tiny_onnx, part: str, device: str = "cpu") -> tuple[dict,
 def model(tmp_path_factory, tiny_onnx):
     found = served(tmp_path_factory.mktemp("shared"), tiny_onnx, "head")
     yield found
-    for pid in shared_processes(found[1]):
-        os.kill(pid, signal.SIGKILL)
+    stop(found[1])
+
+
+def stop(version: Path) -> None:
+    """Stop the shared processes of the model in ``version`` as an operator would (SIGTERM), and wait for them."""
+    pids = shared_processes(version)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while any(shared_client.alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a shared process did not stop on SIGTERM"
+        time.sleep(0.05)
 
 
 def shared_processes(version: Path) -> list[int]:
@@ -133,8 +143,7 @@ def test_on_the_gpu_through_cuda_ipc(tmp_path, tiny_onnx, jpeg_factory, part):
             assert all(head.holds(item["data"]) == (part == "chain") for item in shared if "error" not in item)
     finally:
         head.close()
-        for pid in shared_processes(version):
-            os.kill(pid, signal.SIGKILL)
+        stop(version)
 
 
 def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory):
@@ -152,8 +161,9 @@ def test_the_whole_chain_in_the_shared_process(tmp_path, tiny_onnx, jpeg_factory
         assert answers and not any(client.holds(tensor) for answer in answers for tensor in answer.values())
     finally:
         client.close()
-        for pid in shared_processes(version):
-            os.kill(pid, signal.SIGKILL)
+        stop(version)
+    # stopped (SIGTERM), it left nothing behind
+    assert not list(Path(tempfile.gettempdir()).glob(f"{PREFIX}{client.key}.*"))
 
 
 def test_only_the_instances_secret_connects(model, jpeg_factory):
