@@ -215,6 +215,7 @@ class SharedClient:
         self._region_segment: Segment | None = None
         self._retry_at = 0.0
         self._warned_inputs = False
+        self._linked = False  # the segment's name is still in /dev/shm
         self._connect(start_seconds)
 
     @property
@@ -290,6 +291,9 @@ class SharedClient:
             return process.pid
 
     def _drop(self) -> None:
+        if self._linked:  # a grown segment that no answer came for
+            self.segment.unlink()
+            self._linked = False
         if self.conn is not None:
             with contextlib.suppress(OSError):
                 self.conn.close()
@@ -373,6 +377,7 @@ class SharedClient:
             grown = Segment.new(max(needed, GROWTH * self.segment.size))
             self.segment.close()
             self.segment = grown  # the shared process opens it on the next batch; unlinked once it has answered
+            self._linked = True
         layout, offset = [], 0
         values = iter(tensors)
         for index, _ in sent:
@@ -399,7 +404,9 @@ class SharedClient:
 
     def _read(self, items: list[dict[str, Any]], answer: tuple) -> None:
         """Each item's results from the answer (see ``tritonpipe.shared_process.service``), the tensors as views of the region."""
-        self.segment.unlink()  # a grown segment: the shared process has it open now
+        if self._linked:  # a grown segment: the shared process has it open now
+            self.segment.unlink()
+            self._linked = False
         _, _, errors, runs, values = answer
         for index, record in errors:
             items[index][ERROR] = error_from(record)

@@ -28,6 +28,7 @@ from tritonpipe.model.runtime import ModelRuntime
 from tritonpipe.model.shared_client import PREFIX, SharedClient
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import generate_repository
+from tritonpipe.server.procs import command_line, is_running
 
 
 def served(root: Path, tiny_onnx, part: str, device: str = "cpu") -> tuple[dict, Path, ModelRuntime]:
@@ -59,16 +60,9 @@ def stop(version: Path) -> None:
 
 def shared_processes(version: Path) -> list[int]:
     """The pids of the shared processes started for the model in ``version``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"tritonpipe.shared_process" in cmdline and str(version).encode() in cmdline and shared_client.alive(int(entry)):
-                found.append(int(entry))
-    return found
+    pids = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    return [pid for pid in pids
+            if shared_client.is_shared_process(pid) and str(version) in command_line(pid) and is_running(pid)]
 
 
 def instance(model, server_pid=None) -> SharedClient:
