@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..errors import InternalError, RequestError, is_bad_input
+from ..procfs import command_line, is_running
 from ..stages.base import ERROR
 
 log = logging.getLogger("tritonpipe")
@@ -164,21 +165,9 @@ def error_from(record: tuple) -> BaseException:
     return RequestError(message, reason=reason or "bad_input") if bad_input else InternalError(message)
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, which nobody has reaped yet, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def is_shared_process(pid: int) -> bool:
-    """Whether process ``pid`` is a shared process (a pid in a lock file may have been reused since)."""
-    try:
-        return b"tritonpipe.shared_process" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    """Whether process ``pid`` runs a shared process (a pid in a lock file may have been reused since)."""
+    return is_running(pid) and "tritonpipe.shared_process" in command_line(pid)
 
 
 def python_executable() -> str:
@@ -234,7 +223,7 @@ class SharedClient:
             time.sleep(0.2)
             if self._try_connect():
                 return True
-            if pid is not None and not alive(pid):
+            if pid is not None and not is_running(pid):
                 log.warning("the shared process (pid %d) ended before it answered (its log lines say why); the "
                             "instance runs its whole chain", pid)
                 break
@@ -270,7 +259,7 @@ class SharedClient:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lock.seek(0)
             text = lock.read().strip()
-            if text.isdigit() and alive(int(text)) and is_shared_process(int(text)):
+            if text.isdigit() and is_shared_process(int(text)):
                 return int(text)
             config_path = Path(tempfile.gettempdir()) / f"{PREFIX}{self.key}.json"
             config_path.write_text(self.config_text)  # the shared process reads it, then removes it

@@ -35,13 +35,13 @@ from ..model.shared_client import (
     Segment,
     address,
     aligned,
-    alive,
     authkey_path,
     dtype_name,
     dtype_of,
     error_record,
     view,
 )
+from ..procfs import is_running
 from ..stages.base import ERROR
 from ..stages.control import run_chain
 
@@ -174,7 +174,7 @@ class SharedService:
         """Take instances until the server is gone (True) or none has been connected for :data:`IDLE_SECONDS`."""
         threading.Thread(target=self._accept, args=(listener,), name="tritonpipe-shared-accept", daemon=True).start()
         counted_from = time.monotonic()
-        while alive(server_pid):
+        while is_running(server_pid):
             time.sleep(POLL_SECONDS)
             if time.monotonic() - counted_from >= STATS_SECONDS:
                 with self._tally_lock:

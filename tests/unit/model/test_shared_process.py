@@ -53,7 +53,7 @@ def stop(version: Path) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while any(shared_client.alive(pid) for pid in pids):
+    while any(is_running(pid) for pid in pids):
         assert time.monotonic() < deadline, "a shared process did not stop on SIGTERM"
         time.sleep(0.05)
 
@@ -209,7 +209,7 @@ def test_a_killed_head_process_is_replaced(model, jpeg_factory, monkeypatch):
     try:
         (first,) = shared_processes(model[1])
         os.kill(first, signal.SIGKILL)
-        while shared_client.alive(first):
+        while is_running(first):
             time.sleep(0.05)
         local, shared = requests(jpeg_factory), requests(jpeg_factory)
         runtime.run(local)
@@ -237,7 +237,7 @@ def test_the_head_process_ends_with_its_server(model):
         server.kill()
         server.wait()
     deadline = time.monotonic() + 20
-    while shared_client.alive(started):
+    while is_running(started):
         assert time.monotonic() < deadline, "the shared process outlived its server"
         time.sleep(0.1)
     head.close()
