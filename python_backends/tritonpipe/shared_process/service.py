@@ -176,12 +176,17 @@ class SharedService:
         counted_from = time.monotonic()
         while is_running(server_pid):
             time.sleep(POLL_SECONDS)
-            if time.monotonic() - counted_from >= STATS_SECONDS:
+            with self.ready:
+                nobody = self.connected == 0
+            # a line every STATS_SECONDS, and one when the last instance leaves (a model unloaded, a probe's row done)
+            if time.monotonic() - counted_from >= STATS_SECONDS or (nobody and self.tally.batches):
                 with self._tally_lock:
                     tally, self.tally = self.tally, Tally()
                 if tally.batches:
                     log.info("%s", tally.line(time.monotonic() - counted_from, self.workers))
                 counted_from = time.monotonic()
+            elif nobody:
+                counted_from = time.monotonic()  # idle time is not counted
             with self.ready:
                 if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
                     log.info("no instance connected for %g s; the shared process ends", IDLE_SECONDS)
