@@ -55,13 +55,16 @@ def wait_for_gpu(stream, how: str = "spin") -> None:
 
 
 def pick_device(kind: str, index: int = 0, *, strict: bool = False) -> torch.device:
-    """Where a chain runs for an instance kind: ``cpu``, or ``gpu`` / ``auto`` (the GPU when torch sees one).
+    """Where a chain runs for an instance kind: ``cpu``, or ``gpu`` (``cuda``) / ``auto`` (the GPU when torch sees one).
 
     Triton's spellings (``GPU``, ``KIND_GPU``, ``KIND_AUTO``) are accepted, so the served model,
     the soak's reference and the benchmark decide alike.  Without a GPU, ``gpu`` falls back to the
     CPU as Triton's ``KIND_AUTO`` does, unless ``strict``.
     """
     wanted = kind.lower().removeprefix("kind_")
+    wanted = "gpu" if wanted == "cuda" else wanted
+    if strict and wanted not in ("cpu", "gpu", "auto"):
+        raise ConfigError(f"unknown device {kind!r}: cpu, gpu (or cuda) or auto")
     if wanted in ("gpu", "auto") and torch.cuda.is_available():
         return torch.device("cuda", index)
     if wanted == "gpu" and strict:

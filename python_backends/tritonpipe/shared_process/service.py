@@ -130,6 +130,7 @@ class Tally:
     copy: float = 0.0  # results into the instances' regions
     gpu: float = 0.0  # waiting for the GPU
     answer: float = 0.0  # sending the answers
+    began: float = field(default_factory=time.perf_counter)  # waits before this count nothing
 
     def line(self, seconds: float, workers: int) -> str:
         per = lambda total: total / self.batches * 1e3  # noqa: E731
@@ -185,8 +186,10 @@ class SharedService:
                 if tally.batches:
                     log.info("%s", tally.line(time.monotonic() - counted_from, self.workers))
                 counted_from = time.monotonic()
-            elif nobody:
-                counted_from = time.monotonic()  # idle time is not counted
+            elif nobody:  # idle time is not counted
+                counted_from = time.monotonic()
+                with self._tally_lock:
+                    self.tally = Tally()
             with self.ready:
                 if self.connected == 0 and time.monotonic() - self.idle_since > IDLE_SECONDS:
                     log.info("no instance connected for %g s; the shared process ends", IDLE_SECONDS)
@@ -289,7 +292,7 @@ class SharedService:
             with self._tally_lock:
                 tally = self.tally
                 tally.batches, tally.images, tally.jobs = tally.batches + 1, tally.images + images, tally.jobs + len(jobs)
-                tally.waiting += started - idle
+                tally.waiting += started - max(idle, tally.began)
                 tally.stages += ran - started
                 tally.copy += copied - ran
                 tally.gpu += synchronized - copied

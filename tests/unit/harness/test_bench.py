@@ -698,6 +698,10 @@ def test_device_choice():
         assert pick_device("auto").type == pick_device("KIND_GPU").type == "cpu"
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             pick_device("gpu", strict=True)
+    # torch's spelling is the GPU too, never a silent CPU run; a kind nobody knows is refused where a user named it
+    assert pick_device("cuda") == pick_device("gpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        pick_device("tpu", strict=True)
 
 
 def test_cli_parses_lists_and_builds_options(tmp_path):
