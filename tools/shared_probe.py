@@ -1,7 +1,7 @@
 """The shared process (``shared_process``) measured without a server: instances are processes of their own,
 each sending batches of a served size, as Triton's stubs do.
 
-usage: python tools/shared_probe.py [--config examples/resnet18/fused8.toml] [--device cuda] [--instances 8]
+usage: python tools/shared_probe.py [--config examples/resnet18/fused8.toml] [--device cuda] [--instances 8] [--workers 2,4]
                                     [--batches 12,24] [--parts head,chain] [--seconds 5] [--corpus-sizes three]
                                     [--image-size HxW] [--out DIR]
 
@@ -45,7 +45,7 @@ from tritonpipe.stages.base import ERROR
 def instance(args: tuple) -> tuple[int, float]:
     """One instance process: its whole chain on batches of ``batch`` for ``seconds``, the shared process's part there
     where ``shared``.  Returns (images, seconds)."""
-    config_text, version, device, batch, seconds, images, shared, barrier = args
+    config_text, version, device, batch, seconds, images, shared, workers, barrier = args
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -54,7 +54,7 @@ def instance(args: tuple) -> tuple[int, float]:
         runtime = ModelRuntime(json.loads(config_text), Path(version), device)
         (key,) = runtime.inputs.values()
         tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
-        client = SharedClient(config_text, Path(version), device, [key], os.getppid()) if shared else None
+        client = SharedClient(config_text, Path(version), device, [key], os.getppid(), workers=workers) if shared else None
         offset = (os.getpid() * 7) % len(tensors)
         done = 0
 
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--batches", default="12,24", help="batch sizes of each instance, comma-separated")
     parser.add_argument("--parts", default="head,chain", help="shared_process values to measure, comma-separated")
+    parser.add_argument("--workers", default="", help="merged batches the shared process keeps in flight, "
+                        "comma-separated values to measure (default: its own)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--corpus-sizes", choices=("three", "distinct"), default="three")
     parser.add_argument("--image-size", default="", help="HxW: a corpus of this one size instead (small images show "
@@ -103,6 +105,7 @@ def main() -> None:
     else:
         corpus = synthetic_corpus(48, 0) if args.corpus_sizes == "three" else photo_corpus(64, 0)
     images = list(corpus.images)
+    worker_counts = [int(count) for count in args.workers.split(",")] if args.workers else [None]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tritonpipe-shared-probe-") as folder:
         repos = {}
@@ -121,13 +124,16 @@ def main() -> None:
                 for part, repo in repos.items():
                     entry = repo.plan.name
                     config_text = json.dumps(json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True))
-                    work = (config_text, str(repo.path / entry / "1"), str(device), batch, args.seconds, images, part != "off", barrier)
-                    runs = pool.map(instance, [work] * args.instances)
-                    rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
-                    label = f"{args.instances} instances, batches of {batch}, " + (
-                        "each its whole chain" if part == "off" else f"shared_process = {part}")
-                    rows.append((label, rate))
-                    print(f"{label}: {rate:,.0f} img/s", flush=True)
+                    for workers in [None] if part == "off" else worker_counts:
+                        work = (config_text, str(repo.path / entry / "1"), str(device), batch, args.seconds, images,
+                                part != "off", workers, barrier)
+                        runs = pool.map(instance, [work] * args.instances)
+                        rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
+                        label = f"{args.instances} instances, batches of {batch}, " + (
+                            "each its whole chain" if part == "off" else f"shared_process = {part}"
+                            + (f", {workers} in flight" if workers is not None else ""))
+                        rows.append((label, rate))
+                        print(f"{label}: {rate:,.0f} img/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

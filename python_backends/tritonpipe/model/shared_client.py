@@ -80,9 +80,10 @@ ALIGN = 256
 GROWTH = 2
 
 
-def process_key(config_text: str, version_dir: str, device: str, server_pid: int) -> str:
-    """What tells one shared process from another: the model's config and files, the device and the server."""
-    text = json.dumps([config_text, version_dir, device, server_pid])
+def process_key(config_text: str, version_dir: str, device: str, server_pid: int, workers: int | None = None) -> str:
+    """What tells one shared process from another: the model's config and files, the device, the server (and the
+    batches it keeps in flight, where they are not its default)."""
+    text = json.dumps([config_text, version_dir, device, server_pid] + ([workers] if workers is not None else []))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -190,14 +191,16 @@ class SharedClient:
     """
 
     def __init__(self, config_text: str, version_dir: Path, device: torch.device, inputs: list[str],
-                 server_pid: int, start_seconds: float = START_SECONDS, answer_seconds: float = ANSWER_SECONDS):
+                 server_pid: int, start_seconds: float = START_SECONDS, answer_seconds: float = ANSWER_SECONDS,
+                 workers: int | None = None):
         self.config_text = config_text
+        self.workers = workers  # merged batches in flight in the process (its default where None)
         self.version_dir = str(version_dir)
         self.device = torch.device(device)
         self.inputs = inputs
         self.server_pid = server_pid
         self.answer_seconds = answer_seconds
-        self.key = process_key(config_text, self.version_dir, str(self.device), server_pid)
+        self.key = process_key(config_text, self.version_dir, str(self.device), server_pid, workers)
         self.conn: Connection | None = None
         self.segment: Segment | None = None
         self.region: torch.Tensor | None = None
@@ -270,7 +273,7 @@ class SharedClient:
             command = [
                 python_executable(), "-m", "tritonpipe.shared_process", "--key", self.key, "--config", str(config_path),
                 "--version-dir", self.version_dir, "--device", str(self.device), "--server-pid", str(self.server_pid),
-            ]
+            ] + (["--workers", str(self.workers)] if self.workers is not None else [])
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
             lock.seek(0)
             lock.truncate()
