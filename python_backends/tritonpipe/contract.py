@@ -26,10 +26,6 @@ PARAM_CORES = "tritonpipe.cores"
 PARAM_OVERLAP = "tritonpipe.overlap"
 PARAM_GPU_WAIT = "tritonpipe.gpu_wait"
 PARAM_PIN_INPUTS = "tritonpipe.pin_inputs"
-PARAM_SHARED_PROCESS = "tritonpipe.shared_process"
-
-#: which part of a chain the shared process runs: none, the steps before the model, or all of them
-SHARED_PARTS = ("off", "head", "chain")
 
 #: how a GPU instance waits for its batch's GPU work: see :func:`tritonpipe.model.runtime.wait_for_gpu`
 GPU_WAITS = ("spin", "yield", "block")
@@ -116,8 +112,6 @@ class ModelParams:
             answers of one on a thread of their own while the steps before it take the next.
         gpu_wait: how a GPU instance waits for its batch's GPU work, one of :data:`GPU_WAITS`.
         pin_inputs: a GPU instance page-locks the stub's shared memory, where its inputs arrive.
-        shared_process: which part of the chain runs in one process for all the model's instances on a
-            device, one of :data:`SHARED_PARTS` (see :mod:`tritonpipe.model.shared_client`).
     """
 
     pipeline: str
@@ -131,7 +125,6 @@ class ModelParams:
     overlap: bool = False
     gpu_wait: str = "spin"
     pin_inputs: bool = False
-    shared_process: str = "off"
 
     def encode(self) -> dict[str, str]:
         """The ``parameters`` map of the config, as string values."""
@@ -156,8 +149,6 @@ class ModelParams:
             params[PARAM_GPU_WAIT] = self.gpu_wait
         if self.pin_inputs:
             params[PARAM_PIN_INPUTS] = "yes"
-        if self.shared_process != "off":
-            params[PARAM_SHARED_PROCESS] = self.shared_process
         return params
 
     @classmethod
@@ -180,9 +171,6 @@ class ModelParams:
                 f"parameter {PARAM_EXECUTION_TIMEOUT!r} must be a number of seconds, "
                 f"got {params[PARAM_EXECUTION_TIMEOUT]!r}"
             ) from None
-        shared_process = params.get(PARAM_SHARED_PROCESS, "off")
-        if shared_process not in SHARED_PARTS:
-            raise ConfigError(f"parameter {PARAM_SHARED_PROCESS!r} must be one of {', '.join(SHARED_PARTS)}, got {shared_process!r}")
         gpu_wait = params.get(PARAM_GPU_WAIT, "spin")
         if gpu_wait not in GPU_WAITS:
             raise ConfigError(f"parameter {PARAM_GPU_WAIT!r} must be one of {', '.join(GPU_WAITS)}, got {gpu_wait!r}")
@@ -198,7 +186,6 @@ class ModelParams:
             overlap=params.get(PARAM_OVERLAP) == "yes",
             gpu_wait=gpu_wait,
             pin_inputs=params.get(PARAM_PIN_INPUTS) == "yes",
-            shared_process=shared_process,
         )
 
     @classmethod

@@ -125,26 +125,16 @@ class ModelRuntime:
         self.overlap = params.overlap
         self.gpu_wait = params.gpu_wait
         self.pin_inputs = params.pin_inputs
-        self.shared_process = params.shared_process
         self.device = torch.device(device)
         self.root = build_stage(parse_backend(self.pipeline), device, version_dir)
         for line in fold_post_decode(self.root):
             log.info("%s", line)
         self.last_stage = _last_leaf(self.root).name
 
-    def run(self, items: list[dict[str, Any]], shared: Callable[[list[dict[str, Any]]], bool] | None = None) -> None:
-        """Run the chain; each item ends with its result under its output keys, or an ``error``.
-
-        ``shared``, where given, is asked to run the shared process's part of the chain (``shared_process``: the
-        steps before the last, :meth:`halves`, or all of them); it returns False where it did not, and the whole
-        chain then runs here.
-        """
+    def run(self, items: list[dict[str, Any]]) -> None:
+        """Run the chain; each item ends with its result under its output keys, or an ``error``."""
         self._count_rows(items)
-        if shared is not None and shared(items):
-            if self.shared_process != "chain":
-                run_chain(self.halves()[1], items)
-        else:
-            run_chain([self.root], items)
+        run_chain([self.root], items)
 
     def halves(self) -> tuple[list[Stage], list[Stage]]:
         """The chain cut before its last step: an overlapping instance runs the first part in execute, the last on its tail thread.
@@ -173,7 +163,7 @@ class ModelRuntime:
             if self.max_batch > 0 and isinstance(data, torch.Tensor) and data.dim() > 0:
                 item[REQUEST_ROWS] = data.shape[0]
 
-    def warm_up(self, head_only: bool = False) -> tuple[int, str | None]:
+    def warm_up(self) -> tuple[int, str | None]:
         """Run the chain on sample requests at load, once per batch bucket, largest first.
 
         Every allocation a full batch needs (decoder buffers, the caching allocator's blocks, one
@@ -181,8 +171,7 @@ class ModelRuntime:
         flat while traffic grows and no request pays for a graph capture.  Encoded-image inputs get
         a synthetic JPEG of the configured size and, for the allocator's pool of small blocks, one
         just under 1 MiB decoded; other inputs get zeros.  Returns the number of sample requests
-        run and, if the chain refused the samples, why (the model still serves).  ``head_only``: the
-        steps before the last only (:meth:`run_head`), as the shared process runs them in ``head`` mode.
+        run and, if the chain refused the samples, why (the model still serves).
         """
         size = self.warmup
         if size is None:
@@ -200,7 +189,7 @@ class ModelRuntime:
         for batch in batches:
             for sample in samples:
                 items = [{key: value.clone() for key, value in sample.items()} for _ in range(batch)]
-                (self.run_head if head_only else self.run)(items)
+                self.run(items)
                 count += batch
                 failed = next((item[ERROR] for item in items if ERROR in item), None)
                 if failed is not None:

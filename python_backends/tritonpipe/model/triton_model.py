@@ -29,7 +29,6 @@ from .metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP, StageMetrics
 from .overlap import Flight, Overlap, Results, TailTimes
 from .pinned import PinnedPool, stub_pool
 from .runtime import ModelRuntime, Watchdog, pick_device, wait_for_gpu
-from .shared_client import ANSWER_SECONDS, SHARED_STAGE, SharedClient
 
 log = logging.getLogger("tritonpipe")
 
@@ -93,7 +92,6 @@ def _show_info() -> None:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         _show_info()
-        self.shared: SharedClient | None = None
         config = json.loads(args["model_config"])
         self.fanout = None
         plan = FanOutParams.from_config(config)
@@ -118,12 +116,6 @@ class TritonPythonModel:
         if self.stream is not None:
             self._warm_up(args["model_name"])
         self.instance_name = args.get("model_instance_name", args["model_name"])
-        if self.runtime.shared_process != "off":
-            # the stub's parent is the server, which the shared process ends with
-            timeout = self.runtime.execution_timeout
-            # a shared process that does not answer is given up before the watchdog gives up on the batch
-            self.shared = SharedClient(args["model_config"], version_dir, self.device, list(self.runtime.inputs.values()),
-                                       os.getppid(), answer_seconds=timeout / 2 if timeout > 0 else ANSWER_SECONDS)
         # after the warm-up, so that /metrics counts requests only
         device = self.device
         cache = (lambda: torch.cuda.memory_reserved(device)) if device.type == "cuda" else None
@@ -201,7 +193,7 @@ class TritonPythonModel:
             with self._on_stream():
                 if self.events is not None:
                     self.events[0].record()
-                self.runtime.run(items, self._shared if self.shared is not None else None)
+                self.runtime.run(items)
                 if self.events is not None:
                     self.events[1].record()
                 chained = time.perf_counter()
@@ -211,8 +203,6 @@ class TritonPythonModel:
                     wait_for_gpu(self.stream, self.runtime.gpu_wait)
                     waited = time.perf_counter() - chained
                 results = self.runtime.responses(items)
-                if self.shared is not None:
-                    results = [self.shared.copied_out(r) if isinstance(r, dict) else r for r in results]
             built = time.perf_counter()
             if self.stream is not None:
                 # one synchronisation per batch, after the whole chain (at once where gpu_wait waited above)
@@ -222,14 +212,6 @@ class TritonPythonModel:
             self._record_steps(len(requests), (read - started, built - chained - waited, synchronized - built + waited,
                                                time.perf_counter() - synchronized))
             return responses
-
-    def _shared(self, items: list[dict[str, Any]]) -> bool:
-        """The shared process's part of the chain; its time and rejects count as the stage ``SharedProcess``."""
-        started = time.perf_counter()
-        if not self.shared.run(items):
-            return False
-        self.metrics.record(SHARED_STAGE, time.perf_counter() - started, len(items), [i[ERROR] for i in items if ERROR in i])
-        return True
 
     def _hand_over(self, requests) -> None:
         """Run the head here, then give the batch to the tail thread and return: the tail answers each request."""
@@ -303,8 +285,6 @@ class TritonPythonModel:
         os._exit(1)
 
     def finalize(self) -> None:
-        if self.shared is not None:
-            self.shared.close()
         if self.overlap is not None:
             self.overlap.close()
         if self.pinned is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..contract import GPU_WAITS, SHARED_PARTS, parse_warmup
+from ..contract import GPU_WAITS, parse_warmup
 from ..engines.profiles import largest_batch
 from ..errors import ConfigError
 from ..stages.base import Param
@@ -156,14 +156,6 @@ class NodeSettings:
         "that the GPU reads the JPEG bytes without a staging copy (cudaHostRegister; 1.06x decode in one process); "
         "not with overlap",
     ))
-    shared_process: str = setting(Param(
-        str, "off", choices=SHARED_PARTS,
-        doc="one process per device runs a part of the chain for all of this model's instances there, merging their "
-        "batches and taking the JPEG engines' calls in turn: head (the steps before the model: decode, resize, ...; "
-        "each instance runs the model on what comes back, through CUDA IPC) or chain (the model too, one batch at a "
-        "time, so that one CUDA context does the device's work; the instances pass requests and answers); off: each "
-        "instance runs its whole chain; not with overlap",
-    ))
     #: (gpu, count) pairs, each one instance group; empty: instance_num on each of ``gpus``
     gpu_instances: tuple[tuple[int, int], ...] = setting(
         Param(str, "", doc="GPU:count pairs, e.g. 0:2,1:1; GPU models take these instead of instance_num and device_id"),
@@ -262,11 +254,6 @@ def node_settings(where: str, raw: Mapping[str, Any]) -> NodeSettings:
         raise ConfigError(
             f"{where}: pin_inputs and overlap cannot be used together: an overlapping instance returns before the GPU "
             "has read a batch's inputs, and page-locked inputs are read after the call that queued the copy; drop one"
-        )
-    if settings.shared_process != "off" and settings.overlap:
-        raise ConfigError(
-            f"{where}: shared_process and overlap cannot be used together: the shared process writes a batch's "
-            "results where the instance reads the one before; drop one"
         )
     _check_workers(where, raw)
     return settings

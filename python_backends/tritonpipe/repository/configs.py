@@ -88,7 +88,6 @@ def python_model_config(model: ModelPlan, device: str, plugins: list[str], termi
         overlap=model.settings.overlap and (terminal or not on_gpu),
         gpu_wait=model.settings.gpu_wait if on_gpu else "spin",
         pin_inputs=model.settings.pin_inputs and on_gpu,
-        shared_process=model.settings.shared_process,
     )
     for key, value in params.encode().items():
         _set_param(config, key, value)

@@ -15,7 +15,7 @@ backend in its working folder, and their shared-memory regions carry a prefix th
 When the owner itself dies without cleaning up (SIGKILL, the OOM killer), its :class:`Watchdog` does:
 a small process that runs this file as a script and reads what the owner tells it on a pipe. When the
 pipe closes without a goodbye, the owner is gone. So that the script starts in milliseconds, this file
-and :mod:`tritonpipe.procfs` (which the script loads by its path) import the standard library only.
+and :mod:`.procs` import the standard library only.
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__:
-    from ..procfs import command_line, is_running
-else:  # run as the watchdog's script: the package's procfs.py, loaded by its path without the package
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("procfs", Path(__file__).resolve().parent.parent / "procfs.py")
-    _procfs = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_procfs)
-    command_line, is_running = _procfs.command_line, _procfs.is_running
+    from .procs import command_line, is_running
+else:  # run as the watchdog's script, from this folder
+    from procs import command_line, is_running
 
 SHM_DIR = Path("/dev/shm")
 #: Triton 2.51's Python backend makes this folder with mkdtemp("/tmp/python_env_XXXXXX"), whatever TMPDIR says
@@ -125,7 +120,7 @@ class Watchdog:
     def __init__(self, leftovers: Leftovers):
         read, self._pipe = os.pipe()
         try:
-            # -E -s: no PYTHON* variables nor user site
+            # -E -s: no PYTHON* variables nor user site; this folder stays first on sys.path for .procs
             self.process = subprocess.Popen(
                 [sys.executable, "-E", "-s", __file__], stdin=read, stdout=subprocess.DEVNULL, start_new_session=True,
             )

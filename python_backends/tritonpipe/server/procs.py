@@ -1,7 +1,7 @@
 """The server's processes, read from /proc: its Python stubs, their state and memory.
 
-The server owner uses these to watch its stubs; the harness uses them to measure. Whether a process runs and its
-command line come from :mod:`tritonpipe.procfs`, which the stubs share.
+The server owner uses these to watch its stubs; the harness uses them to measure. Standard library
+only: the watchdog of :mod:`.leftovers` imports this file as a script's neighbour, without the package.
 """
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..procfs import command_line, is_running, status
-
 STUB_NAME = "triton_python_backend_stub"
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
 def children(pid: int) -> list[int]:
@@ -37,8 +43,23 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie that nobody has reaped."""
+    state = _proc_status(pid).get("State", "").strip()
+    return bool(state) and not state.startswith(("Z", "X"))
+
+
+def command_line(pid: int) -> list[str]:
+    """``pid``'s argv; empty when it is gone or a kernel thread."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1] if raw else []
+
+
 def rss_mb(pid: int) -> float:
-    value = status(pid).get("VmRSS", "").split()
+    value = _proc_status(pid).get("VmRSS", "").split()
     return int(value[0]) / 1024 if value else 0.0
 
 
@@ -114,7 +135,7 @@ def port_holder(port: int) -> int | None:
 
 
 def process_name(pid: int) -> str:
-    return status(pid).get("Name", "").strip() or "?"
+    return _proc_status(pid).get("Name", "").strip() or "?"
 
 
 def find_server_pid(url: str) -> int | None:

@@ -735,7 +735,6 @@ def test_the_report_gives_what_the_models_said_in_the_servers_log_each_line_once
         + "tritonpipe INFO: decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13)\n" * 8
         + "tritonpipe INFO: ResizeTensor on cuda:0 does the model's mean and std, float16 output in its one launch\n" * 8
         + "tritonpipe WARNING: resnet18: warm-up stopped after 4 sample requests (x)\n"
-        + "tritonpipe shared process INFO: last 10 s: 7,000 img/s in 1,100 merged batches\n"
         + "not tritonpipe INFO: a line of something else\n"
     )
     said = report.model_lines(log)
@@ -743,11 +742,10 @@ def test_the_report_gives_what_the_models_said_in_the_servers_log_each_line_once
         ("decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13)", 8),
         ("ResizeTensor on cuda:0 does the model's mean and std, float16 output in its one launch", 8),
         ("WARNING: resnet18: warm-up stopped after 4 sample requests (x)", 1),
-        ("shared process: last 10 s: 7,000 img/s in 1,100 merged batches", 1),
     ]
     text = report.markdown([], [], {"date": "today"}, None, said)
     assert "## What the models said" in text
     assert "- decoder=nvjpeg on cuda:0: libnvjpeg 13.0.1 (libnvjpeg.so.13) (x8)" in text
-    assert text.rstrip().endswith("- shared process: last 10 s: 7,000 img/s in 1,100 merged batches")
+    assert text.rstrip().endswith("- WARNING: resnet18: warm-up stopped after 4 sample requests (x)")
     assert report.model_lines(tmp_path / "missing.log") == []
     assert "What the models said" not in report.markdown([], [], {"date": "today"}, None, [])

@@ -48,7 +48,7 @@ class Row:
 
 ROW_COLUMNS = [f.name for f in fields(Row)]
 #: a line the served models' stubs write to the server's log (the generic model's handler)
-_MODEL_LINE = re.compile(r"^tritonpipe (shared process )?(INFO|WARNING|ERROR): (.+)$")
+_MODEL_LINE = re.compile(r"^tritonpipe (INFO|WARNING|ERROR): (.+)$")
 BREAKDOWN_COLUMNS = [
     "system", "model", "requests", "executions", "avg_batch",
     "total_ms", "queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms", "other_ms",
@@ -170,14 +170,13 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
 
 
 def model_lines(server_log: Path) -> list[tuple[str, int]]:
-    """The lines the served models wrote to the server's log (what each instance chose at load, its warnings; a
-    shared process's, marked so, with its merged batches), each once, in the order they first came, with how
-    many times it came (once per instance, mostly)."""
+    """The lines the served models wrote to the server's log (what each instance chose at load, its warnings),
+    each once, in the order they first came, with how many times it came (once per instance, mostly)."""
     try:
         text = server_log.read_text(errors="replace")
     except OSError:
         return []
-    counts = Counter(("shared process: " if m[1] else "") + (f"{m[2]}: {m[3]}" if m[2] != "INFO" else m[3])
+    counts = Counter(f"{m[1]}: {m[2]}" if m[1] != "INFO" else m[2]
                      for m in map(_MODEL_LINE.match, text.splitlines()) if m)
     return list(counts.items())
 
