@@ -1,0 +1,140 @@
+"""A served configuration's chains with no server: what its instances' work gets out of the device by itself.
+
+Each instance is a process of its own, as Triton's stubs are, running the model's chain (or the part of it asked
+for) on batches of the sizes Triton forms under load, all at once. Set beside the bench's served rows and its
+``floor`` (Triton and the stubs with no work), it says which of the two holds the served rate; the parts say which
+step of the chain does, as the instances scale from one process to N.
+
+usage: python tools/chains_probe.py [--config examples/resnet18/fused8.toml] [--processes 1,8] [--batches 12,24]
+                                    [--parts decode,pre,chain] [--seconds 3] [--corpus-sizes three] [--out DIR]
+
+Parts: ``decode`` the chain's first step alone; ``pre`` every step before the model; ``chain`` all of it, the
+outputs to the host included, as a served instance answers. Each batch ends with its stream synchronised.
+The processes are not pinned to cores (served instances are, with ``instance_affinity``).
+Rows, in img/s, go to DIR/chains_probe.md. Runs on a GPU, or slowly on the CPU (``--device cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from google.protobuf import json_format
+
+from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+from tritonpipe.model.runtime import ModelRuntime
+from tritonpipe.pipeline.files import read_config_file
+from tritonpipe.pipeline.graph import load_graph
+from tritonpipe.repository.generate import generate_repository
+from tritonpipe.stages.base import ERROR
+from tritonpipe.stages.control import run_chain
+
+PARTS = ("decode", "pre", "chain")
+_instance: dict = {}  # each process's runtime, stream and corpus, built once by its pool's initializer
+
+
+def _start(config_text: str, version: str, device: str, images: list[bytes]) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        runtime = ModelRuntime(json.loads(config_text), Path(version), device)
+        runtime.warm_up()
+    (key,) = runtime.inputs.values()
+    tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
+    _instance.update(runtime=runtime, stream=stream, key=key, tensors=tensors)
+
+
+def _row(args: tuple) -> tuple[int, float]:
+    """This process's share of one row: ``part`` on batches of ``batch`` for ``seconds``; (images, seconds)."""
+    part, batch, seconds, barrier = args
+    runtime, stream, key, tensors = (_instance[name] for name in ("runtime", "stream", "key", "tensors"))
+    head, _ = runtime.halves()
+    offset = hash(multiprocessing.current_process().name) % len(tensors)
+
+    def one() -> None:
+        nonlocal offset
+        items = [{key: tensors[(offset + i) % len(tensors)]} for i in range(batch)]
+        offset += batch
+        if part == "chain":
+            runtime.run(items)
+            runtime.responses(items)
+        else:
+            run_chain(head[:1] if part == "decode" else head, items)
+        failed = next((item[ERROR] for item in items if ERROR in item), None)
+        if failed is not None:
+            raise RuntimeError(f"a corpus image failed: {failed}")
+        if stream is not None:
+            stream.synchronize()
+
+    done = 0
+    with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for _ in range(2):
+            one()
+        barrier.wait()  # every process of the row begins at once
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            one()
+            done += batch
+        elapsed = time.perf_counter() - began
+    return done, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="examples/resnet18/fused8.toml")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--processes", default="1,8", help="instance processes at once, comma-separated")
+    parser.add_argument("--batches", default="12,24", help="batch sizes, comma-separated (Triton's at c=128 / 256)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what each process runs, of {', '.join(PARTS)}")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--corpus-sizes", choices=("three", "distinct"), default="three")
+    parser.add_argument("--out", default="probe_out")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    counts = [int(count) for count in args.processes.split(",")]
+    batches = [int(batch) for batch in args.batches.split(",")]
+    device = torch.device("cuda", 0) if args.device.startswith("cuda") else torch.device("cpu")
+    corpus = synthetic_corpus(48, 0) if args.corpus_sizes == "three" else photo_corpus(64, 0)
+    config_path = Path(args.config).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tritonpipe-chains-probe-") as folder:
+        config = read_config_file(config_path)
+        graph = load_graph(config, name=config.get("name", "model"), base_dir=config_path.parent)
+        repo = generate_repository(graph, Path(folder) / "repo", device="gpu" if device.type == "cuda" else "cpu")
+        if len(repo.plan.models) != 1:
+            parser.error("the probe runs a configuration of one model (fuse = true)")
+        entry = repo.plan.name
+        config_text = json.dumps(json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True))
+        context = multiprocessing.get_context("spawn")
+        start = (config_text, str(repo.path / entry / "1"), str(device), list(corpus.images))
+        with context.Manager() as manager, context.Pool(max(counts), _start, start) as pool:
+            for count in counts:
+                for part in parts:
+                    for batch in batches:
+                        barrier = manager.Barrier(count)
+                        runs = pool.map(_row, [(part, batch, args.seconds, barrier)] * count, chunksize=1)
+                        rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
+                        rows.append((count, part, batch, rate))
+                        print(f"{count} processes, {part}, batches of {batch}: {rate:,.0f} img/s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"# chains probe, {name}, {config_path.name}, {corpus.description}", "",
+             "| processes | part | batch | img/s |", "|---:|---|---:|---:|"]
+    lines += [f"| {count} | {part} | {batch} | {rate:,.0f} |" for count, part, batch, rate in rows]
+    (out / "chains_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
