@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,small]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,hostcause,small]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -26,6 +26,8 @@ rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImage
 one thread make nothing but nvjpeg's decode calls while caller threads check and allocate the next batches (how
 DALI feeds the engines), beside tritonpipe's decoder shared by 2-3 callers and decoders calling side by side; ``hostshare``
 rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines;
+``hostcause`` rows take that share apart beside one decoder for two batches in flight (where it collapsed): the host
+threads' decoding alone, with the page-locked staging, the whole path, a decoder each, and torch on one thread;
 ``small`` rows decode served-size batches (8 callers with 16 images each, 4 with 32) through one decoder shared by
 the callers, its calls in turn, and through a decoder each calling side by side (as 8 served instances' processes
 do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
@@ -561,7 +563,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
-                host_threads: int = 0, balanced: bool = False, shared: bool = False) -> None:
+                host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy") -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -575,7 +577,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     the bitstreams already in page-locked memory, as if Triton's shared memory were.  With ``host_threads``, the
     share goes instead to libjpeg-turbo on that many host threads (one pool for all batches in flight, as
     ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU;
-    ``balanced``: that share moves batch by batch (``cpu_decoder_balance``), and the row gives where it went."""
+    ``balanced``: that share moves batch by batch (``cpu_decoder_balance``), and the row gives where it went;
+    ``host_mode`` ``decode`` or ``stage``: the host threads only decode (and stage) the share beside a whole batch on
+    the GPU decoder, so that what the host's work costs the engines' side reads apart from the copies."""
     tensors, shapes = accepted(nv, corpus)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
@@ -588,7 +592,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
                     for _ in range(1 if shared else count)] * (count if shared else 1)
         streams = [torch.cuda.Stream() for _ in range(count)]
-        side = (lambda: HostDecoderSide(share, host_threads, balanced)) if host_threads else (lambda: CudaDecoderSide(share))
+        side = (lambda: HostDecoderSide(share, host_threads, balanced, host_mode)) if host_threads else (lambda: CudaDecoderSide(share))
         sides = [side() for _ in range(count)] if share > 0 else []
         done, finished, refused = [0] * count, [0.0] * count, [0] * count
         begin = time.perf_counter() + 0.5  # half a second of warm-up: batches started before it are not counted
@@ -618,6 +622,10 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             cpu1 = os.times()
         wall, total = max(finished) - begin, sum(done)
         where = f"libjpeg-turbo on {host_threads} host threads" if host_threads else "a CUDA decoder each"
+        if host_threads and host_mode != "copy":
+            where += f" ({'decoded' if host_mode == 'decode' else 'decoded and staged'} only, thrown away: the GPU decodes all)"
+        if torch.get_num_threads() == 1:
+            where += ", torch on 1 thread"
         cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(total, 1)  # warm-up included
         what = (f"batch {batch}: {count} batch(es) in flight, a host thread and stream each, "
                 f"{'one decoder for all (tritonpipe as it runs in one process)' if shared else 'a decoder each'}, "
@@ -664,12 +672,24 @@ class HostDecoderSide:
     takes the rest; images come back HWC, in batch order.  With ``balanced``, the share starts at ``share``
     and moves batch by batch as ``cpu_decoder_balance`` moves it (the kernel's ``ShareBalance``)."""
 
-    def __init__(self, share: float, threads: int, balanced: bool = False) -> None:
+    def __init__(self, share: float, threads: int, balanced: bool = False, mode: str = "copy") -> None:
         from tritonpipe.kernels import jpeg
 
-        self.share, self.threads = share, threads
+        self.share, self.threads, self.mode = share, threads, mode
         self.balance = jpeg.ShareBalance(share) if balanced else None
         self.shares: list[float] = []
+
+    def _beside(self, datas: list[torch.Tensor]):
+        """The share's host work alone, its images thrown away (the GPU decoder decodes the whole batch):
+        libjpeg-turbo only (``decode``), or with each image staged in page-locked memory (``stage``)."""
+        from tritonpipe.kernels import jpeg
+
+        def one(data: torch.Tensor) -> None:
+            image = jpeg._decode_hwc(data)
+            if self.mode == "stage":
+                jpeg._staged(image)
+        pending = [jpeg._host_executor(self.threads).submit(one, data) for data in datas]
+        return lambda: [future.result() for future in pending]
 
     def decode(self, decoder: nvjpeg.Decoder, datas: list[torch.Tensor], shapes: list[tuple[int, int]], stream: int):
         from tritonpipe.kernels import jpeg
@@ -680,6 +700,11 @@ class HostDecoderSide:
             self.shares.append(self.share)
         sizes = [len(data) for data in datas]
         rest, side = jpeg.split_by_bytes(sizes, self.share, smallest_first=True)
+        if self.mode != "copy":  # the host's work beside a whole batch on the GPU decoder
+            finish = self._beside([datas[i] for i in side])
+            images = decoder.decode(datas, shapes)
+            finish()
+            return images
         took: list[tuple[float, int]] = []
         wait = jpeg._host_side([datas[i] for i in side], torch.device("cuda"), self.threads, took,
                                [shapes[i] for i in side])(list(range(len(side))))
@@ -837,8 +862,9 @@ def main() -> None:
                         "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
                         "nvImageCodec's call, against nvjpegDecodeBatched), feed (one thread only calls nvjpeg while caller "
                         "threads check and allocate ahead, as DALI feeds the engines), hostshare (a share of each batch on libjpeg-turbo "
-                        "host threads beside the engines, as cpu_decoder_share splits it), small (served-size batches from 4-8 callers, "
-                        "one decoder for all or a decoder each)")
+                        "host threads beside the engines, as cpu_decoder_share splits it), hostcause (that share taken apart beside one "
+                        "decoder: decoding only, staging, the whole path, torch on one thread), small (served-size batches "
+                        "from 4-8 callers, one decoder for all or a decoder each)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -886,6 +912,20 @@ def main() -> None:
             for threads in (4, 8, 14):  # the share found batch by batch (cpu_decoder_balance)
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=0.05,
                             host_threads=threads, balanced=True)
+        if "hostcause" in groups:  # where the host share's collapse beside one decoder comes from, a part at a time
+            plain = dict(plan=((64, 2),), post=True, shared=True)
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain)
+            for mode in ("decode", "stage", "copy"):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8,
+                            host_mode=mode)
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **dict(plain, shared=False), share=0.05,
+                        host_threads=8)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # torch's own parallel regions off: the share's threads alone on the host
+            try:
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8)
+            finally:
+                torch.set_num_threads(threads)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
