@@ -153,10 +153,12 @@ def test_a_pass_through_shm_prefix_is_refused(tmp_path):
 
 def test_the_server_gets_a_region_prefix_of_its_own(tmp_path):
     first, second = TritonServer(tmp_path), TritonServer(tmp_path)
-    for server in (first, second):
-        server.close()
+    second.close()
+    try:
+        assert f"--backend-config=python,shm-region-prefix-name={first.shm_prefix}" in first.command()
+    finally:
+        first.close()  # after command(), which copies the Python backend into the working folder close removes
     assert first.shm_prefix != second.shm_prefix
-    assert f"--backend-config=python,shm-region-prefix-name={first.shm_prefix}" in first.command()
 
 
 @pytest.mark.parametrize("argv", [

@@ -56,7 +56,12 @@ def test_given_ports_keep_their_values_and_must_differ(tmp_path):
 
 
 def _flags(server):
-    return dict(arg.split("=", 1) for arg in server.command()[1:])
+    """The server's flags, then the server closed: its command copies the Python backend into a working folder,
+    which close removes (a command asked for after close would leave that copy behind)."""
+    try:
+        return dict(arg.split("=", 1) for arg in server.command()[1:])
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize(
@@ -70,10 +75,8 @@ def _flags(server):
 def test_hosts_are_resolved_and_ipv6_addresses_bracketed(tmp_path, host, web, grpc, url):
     if host == "::1" and not socket.has_ipv6:
         pytest.skip("no IPv6 here")
-    server = TritonServer(tmp_path)
-    server.close()
+    TritonServer(tmp_path).close()
     server = TritonServer(tmp_path, host=host)
-    server.close()
     flags = _flags(server)
     assert flags["--http-address"] == flags["--metrics-address"] == web and flags["--grpc-address"] == grpc
     assert server.grpc_url == f"{url}{server.grpc_port}" and server.metrics_url.startswith(f"http://{url}")
@@ -89,7 +92,6 @@ def test_remote_hosts_still_need_allow_remote(tmp_path):
 
 def test_no_http_closes_the_http_port_and_pass_through_flags_cannot_override_the_owner(tmp_path):
     server = TritonServer(tmp_path, http=False, extra_args=("--http-thread-count=2",))
-    server.close()
     flags = _flags(server)
     assert flags["--allow-http"] == "false" and "--http-address" not in flags and flags["--http-thread-count"] == "2"
     with pytest.raises(ConfigError, match="--grpc-port"):
@@ -98,7 +100,6 @@ def test_no_http_closes_the_http_port_and_pass_through_flags_cannot_override_the
 
 def test_healing_runs_the_server_in_explicit_mode_with_the_control_api_kept_to_the_owner(tmp_path):
     server = TritonServer(tmp_path)
-    server.close()
     flags = _flags(server)
     ((header, token),) = server.control_headers.items()
     assert flags["--model-control-mode"] == "explicit" and flags["--load-model"] == "*"
