@@ -189,5 +189,6 @@ def test_model_load_failure_names_the_model(tmp_path):
     config = repo / "broken" / "config.pbtxt"
     config.write_text(config.read_text().replace("DecodeMat(", "DecodeMatt("))
     with pytest.raises(ServerError) as info:
-        TritonServer(repo).start(timeout=120)
+        # the failed start keeps its log, here in the test's own folder
+        TritonServer(repo, log_file=tmp_path / "server.log").start(timeout=120)
     assert "broken" in str(info.value) and "DecodeMatt" in str(info.value)

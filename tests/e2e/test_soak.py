@@ -75,13 +75,13 @@ def test_cli_against_a_running_server(server, tmp_path, capsys):
 TRITON_LOCK_ABORT = "boost::interprocess::lock_exception"
 
 
-def test_killed_stub_fails_its_requests_without_hanging(repository, jpeg_factory):
+def test_killed_stub_fails_its_requests_without_hanging(repository, jpeg_factory, tmp_path):
     timeout = 15.0
     options = SoakOptions(
         requests=800, concurrency=16, bad_fraction=0.05, warmup=50, timeout=timeout, kill_stub_after=200, progress=False
     )
     # Triton cannot unload a model whose stub died under load: stopping waits out the exit timeout
-    with TritonServer(repository, exit_timeout=5) as server:
+    with TritonServer(repository, exit_timeout=5, log_file=tmp_path / "server.log") as server:  # kept: the stop times out
         first = server.process.pid
         started = time.monotonic()
         report = run_soak(options, server)
@@ -119,11 +119,11 @@ def test_killed_stub_fails_its_requests_without_hanging(repository, jpeg_factory
     assert isinstance(fault.stub_restarted, bool)
 
 
-def test_stop_under_load_drains_in_flight_requests(repository):
+def test_stop_under_load_drains_in_flight_requests(repository, tmp_path):
     options = SoakOptions(
         requests=1500, concurrency=16, bad_fraction=0.05, warmup=50, timeout=30, stop_server_after=400, progress=False
     )
-    with TritonServer(repository, exit_timeout=15) as server:
+    with TritonServer(repository, exit_timeout=15, log_file=tmp_path / "server.log") as server:
         report = run_soak(options, server)
     print(format_report(report))
 
