@@ -75,7 +75,9 @@ def server(tmp_path_factory, tiny_onnx):
     ]
     # CPU instances everywhere: answers are compared with PIL and ONNX Runtime exactly, also on a GPU host
     repos = [generate_repository(g, root / g.name, device="cpu").path for g in graphs]
-    with TritonServer(repos, heal=HealPolicy(hang_timeout_s=HANG_TIMEOUT_S, retire_after_s=RETIRE_AFTER_S)) as running:
+    # a server that heals keeps its log: here, in the test's folder
+    policy = HealPolicy(hang_timeout_s=HANG_TIMEOUT_S, retire_after_s=RETIRE_AFTER_S)
+    with TritonServer(repos, heal=policy, log_file=root / "server.log") as running:
         yield running
 
 
