@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import tempfile
 import time
@@ -39,13 +38,13 @@ PARTS = ("decode", "pre", "chain")
 _instance: dict = {}  # each process's runtime, stream and corpus, built once by its pool's initializer
 
 
-def _start(config_text: str, version: str, device: str, images: list[bytes]) -> None:
+def _start(config: dict, version: str, device: str, images: list[bytes]) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        runtime = ModelRuntime(json.loads(config_text), Path(version), device)
+        runtime = ModelRuntime(config, Path(version), device)
         runtime.warm_up()
     (key,) = runtime.inputs.values()
     tensors = [torch.frombuffer(bytearray(image), dtype=torch.uint8)[None] for image in images]
@@ -114,9 +113,9 @@ def main() -> None:
         if len(repo.plan.models) != 1:
             parser.error("the probe runs a configuration of one model (fuse = true)")
         entry = repo.plan.name
-        config_text = json.dumps(json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True))
+        served = json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True)
         context = multiprocessing.get_context("spawn")
-        start = (config_text, str(repo.path / entry / "1"), str(device), list(corpus.images))
+        start = (served, str(repo.path / entry / "1"), str(device), list(corpus.images))
         with context.Manager() as manager, context.Pool(max(counts), _start, start) as pool:
             for count in counts:
                 for part in parts:
