@@ -177,6 +177,44 @@ def test_readiness_is_taken_only_from_the_servers_own_process(repo, monkeypatch)
     server.log_path.unlink()
 
 
+def _aborting_launches(monkeypatch, count: int) -> list[list[str]]:
+    """The owner's first ``count`` launches abort at once (SIGABRT, as tritonserver's gRPC server now and then
+    does as it comes up); the launches' commands, as the owner gave them, go into the list returned."""
+    from tritonpipe.server import owner
+
+    launched, real = [], owner._LAUNCHER.popen
+
+    def popen(command, **kwargs):
+        launched.append(command)
+        if len(launched) <= count:
+            command = ["sh", "-c", "echo 'starting, then aborting'; kill -ABRT $$"]
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(owner._LAUNCHER, "popen", popen)
+    return launched
+
+
+def test_a_server_killed_by_a_signal_before_ready_is_started_once_more(repo, monkeypatch, caplog, tmp_path):
+    launched = _aborting_launches(monkeypatch, 1)
+    with caplog.at_level("WARNING", logger="tritonpipe.server"), \
+            TritonServer(repo, log_file=tmp_path / "server.log", heal=False) as server:
+        status, answer = post(server.http_url, infer_body([5, 6]))
+        assert status == 200 and b'"data":[5,6]' in answer
+    assert len(launched) == 2 and launched[0] == launched[1]
+    said = [r.getMessage() for r in caplog.records if "before it was ready" in r.getMessage()]
+    assert len(said) == 1 and "SIGABRT" in said[0] and str(tmp_path / "server.log") in said[0]
+    assert "starting, then aborting" in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_signal_before_ready_fails_the_start_with_the_log(repo, monkeypatch, tmp_path):
+    launched = _aborting_launches(monkeypatch, 2)
+    server = TritonServer(repo, log_file=tmp_path / "server.log", heal=False)
+    with pytest.raises(ServerError) as info:
+        server.start(timeout=60)
+    assert len(launched) == 2 and "exited with code -6" in str(info.value)
+    assert "starting, then aborting" in str(info.value) and not server.is_alive()
+
+
 # --- signals and stops of tritonpipe serve ------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from ..choices import MODEL_CONTROL, read_marker
 from ..contract import READY_PATH
 from ..errors import ConfigError, TritonpipeError
 from ..repository.configs import from_text, server_flags
-from .heal import HealPolicy, Supervisor, read_progress
+from .heal import HealPolicy, Supervisor, log, read_progress
 from .install import TritonInstall, locate_triton
 from .leftovers import Leftovers, Watchdog, new_python_env, python_env_folders
 from .mps import MpsDaemon, find_control
@@ -99,6 +99,13 @@ class _Launcher:
 
 
 _LAUNCHER = _Launcher()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class ServerError(TritonpipeError):
@@ -397,14 +404,31 @@ class TritonServer:
         """Start the server again after it exited, with the same ports and log (appended)."""
         self._run_server(self._start_timeout)
 
-    def _run_server(self, timeout: float) -> None:
+    def _run_server(self, timeout: float, again_after_signal: bool = True) -> None:
         self.check_ports()
         envs_before, launched = python_env_folders(), time.time()
         self._launch()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except ServerError:
+            code = self.process.returncode
+            if not (again_after_signal and code is not None and code < 0 and not (self._stopping or self.stop_requested)):
+                raise
+            # killed by a signal while it started (tritonserver 2.51's gRPC server aborts now and then as it
+            # comes up): the same launch once more, after the first one's stubs and files are gone
+            self._keep_python_env(envs_before, launched)
+            self.clean_up_after_exit()
+            log.warning("tritonserver died of %s before it was ready; starting it once more (its log: %s)",
+                        _signal_name(-code), self.log_path)
+            self._run_server(timeout, again_after_signal=False)
+            return
         self._confirm_own_ports()
-        made = new_python_env(envs_before, launched)
-        if made is not None:
+        self._keep_python_env(envs_before, launched)
+
+    def _keep_python_env(self, before: set, launched: float) -> None:
+        """Remember the Python backend's folder the launch made, so that closing removes it."""
+        made = new_python_env(before, launched)
+        if made is not None and made not in self.leftovers.python_envs:
             self.leftovers.python_envs.append(made)
             self._remember()
 
