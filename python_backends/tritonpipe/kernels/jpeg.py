@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import re
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -495,28 +496,65 @@ def _staged(image: torch.Tensor) -> torch.Tensor:
     return staged
 
 
-def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None
-                       ) -> torch.Tensor | DecodeError:
-    """One image by libjpeg-turbo, copied to ``device`` on ``stream`` (the caller's), or why it failed: a 3xHxW
-    view of an HxWx3 image there (as nvjpeg's images are), in ``into`` (an HxWx3 slot on the device) where given
-    and of the image's shape.  Off CUDA (``stream`` None), a dense 3xHxW image.
+_copy_streams = threading.local()
 
-    The copy leaves from page-locked memory without the host waiting: a plain copy of pageable memory
-    synchronises the stream, so the thread would wait for the GPU decoder's part of the batch, queued on
-    the same stream, before it decoded its next image."""
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's own stream for the host share's copies to ``device``."""
+    streams = getattr(_copy_streams, "by_device", None)
+    if streams is None:
+        streams = _copy_streams.by_device = {}
+    key = torch.cuda.current_device() if device.index is None else device.index
+    if key not in streams:
+        streams[key] = torch.cuda.Stream(torch.device("cuda", key))
+    return streams[key]
+
+
+def _host_copy(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None,
+               ready: torch.cuda.Event | None = None) -> tuple[torch.Tensor | DecodeError, torch.cuda.Event | None]:
+    """One image by libjpeg-turbo, on its way to ``device``, or why it failed; and the event ``stream`` (the
+    caller's) must wait for before it reads the image (None: nothing to wait for).  The image is a 3xHxW view of an
+    HxWx3 image there (as nvjpeg's images are), in ``into`` (an HxWx3 slot on the device, which ``stream``
+    allocated before ``ready``) where given and of the image's shape.  Off CUDA (``stream`` None), a dense 3xHxW image.
+
+    The copy leaves from page-locked memory at once, on a stream of the calling thread's own: on ``stream`` it
+    would wait behind the GPU decoder's part of the batch queued there, each staged image's page-locked block
+    held until then (so that torch's pool took new ones from the driver meanwhile), and the copies would sit
+    between the decoder's calls in that stream's queue."""
     try:
         image = _decode_hwc(data)
     except DecodeError as exc:
-        return exc
+        return exc, None
     if stream is None:
-        return image.permute(2, 0, 1).contiguous().to(device)
-    with torch.cuda.stream(stream):
-        try:
-            staged = _staged(image)
-        except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits, still delivers
-            return image.to(device).permute(2, 0, 1)
-        target = into if into is not None and into.shape == staged.shape else torch.empty(staged.shape, dtype=staged.dtype, device=device)
-        return target.copy_(staged, non_blocking=True).permute(2, 0, 1)
+        return image.permute(2, 0, 1).contiguous().to(device), None
+    try:
+        staged = _staged(image)
+    except RuntimeError:  # no page-locked memory to be had: the plain copy, which waits, still delivers
+        with torch.cuda.stream(stream):
+            return image.to(device).permute(2, 0, 1), None
+    fits = into is not None and into.shape == staged.shape
+    if fits and ready is None:  # the slot's memory is the caller stream's from where that stream now is
+        ready = stream.record_event()
+    side = _copy_stream(device)
+    with torch.cuda.stream(side):
+        if fits:
+            side.wait_event(ready)
+            target = into
+        else:
+            target = torch.empty(staged.shape, dtype=staged.dtype, device=device)
+            target.record_stream(stream)  # read there next: not handed to this stream's allocations before
+        target.copy_(staged, non_blocking=True)
+        done = side.record_event()
+    return target.permute(2, 0, 1), done
+
+
+def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None
+                       ) -> torch.Tensor | DecodeError:
+    """:func:`_host_copy`, with ``stream`` made to wait for the copy: the image, or why it failed."""
+    image, done = _host_copy(data, device, stream, into)
+    if done is not None:
+        stream.wait_event(done)
+    return image
 
 
 #: the host share's images of a batch land in one device allocation, made on the caller's thread before
@@ -535,15 +573,16 @@ def _device_slots(shapes: list[tuple[int, int]], device: torch.device) -> list[t
     return slots
 
 
-def _decode_on_host_timed(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None
-                          ) -> tuple[torch.Tensor | DecodeError, float]:
-    return _decode_on_host_to(data, device, stream, into), time.perf_counter()
+def _host_copy_timed(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None,
+                     ready: torch.cuda.Event | None):
+    return *_host_copy(data, device, stream, into, ready), time.perf_counter()
 
 
 def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float, int]] | None = None,
                shapes: list[tuple[int, int]] | None = None):
-    """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU on the
-    caller's stream as soon as it is decoded, so that the stages after the decode find it there in order.
+    """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU as soon as it is
+    decoded (see :func:`_host_copy`); the caller's stream waits for the copies, so that the stages after the decode
+    find the images there in order.
     Its share is best filled with the smallest images (``smallest_first``): one core decodes a large image
     in longer than the engines take for a batch, and the engines pay most per byte for the small ones.
     ``took``, where given, gets (the host's seconds, the bytes it took) for each batch.  With ``shapes``, the
@@ -554,14 +593,18 @@ def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         one_buffer = stream is not None and shapes is not None and HOST_ONE_BUFFER
         slots = _device_slots([shapes[i] for i in side], device) if one_buffer else [None] * len(side)
+        ready = stream.record_event() if one_buffer else None  # the slots' memory is free from here on the stream
         pool, began = _host_executor(threads), time.perf_counter()
-        pending = [pool.submit(_decode_on_host_timed, datas[i], device, stream, slot) for i, slot in zip(side, slots)]
+        pending = [pool.submit(_host_copy_timed, datas[i], device, stream, slot, ready) for i, slot in zip(side, slots)]
 
         def wait() -> list[torch.Tensor | DecodeError]:
             done = [future.result() for future in pending]
+            for _, copied, _ in done:  # the caller's stream reads the images after their copies, nothing before
+                if copied is not None:
+                    stream.wait_event(copied)
             if took is not None:  # seconds from the split to the last image, and the share's bytes
-                took.append((max(at for _, at in done) - began, sum(len(datas[i]) for i in side)))
-            return [image for image, _ in done]
+                took.append((max(at for _, _, at in done) - began, sum(len(datas[i]) for i in side)))
+            return [image for image, _, _ in done]
         return wait
     return start
 

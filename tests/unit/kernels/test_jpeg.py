@@ -370,7 +370,6 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     host decodes the smallest images of the balance's share, the balance gets the batch's measurement (its
     events, the host's share of the bytes), every image comes back at its index, and a batch under MIN_BATCH
     images goes to the GPU decoder whole without moving the share."""
-    import types
 
     class Event:
         def __init__(self, **_):
@@ -392,11 +391,12 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
         return [J._decode_on_cpu(data) for data in batch]
 
     monkeypatch.setattr(J, "_decode_on_gpu", gpu)
-    monkeypatch.setattr(J, "_decode_on_host_to", lambda data, device, stream, into: J._decode_on_cpu(data))
+    monkeypatch.setattr(J, "_host_copy", lambda data, device, stream, into, ready: (J._decode_on_cpu(data), None))
     slots_for: list[int] = []
     monkeypatch.setattr(J, "_device_slots", lambda shapes, device: slots_for.append(len(shapes)) or [None] * len(shapes))
     monkeypatch.setattr(J.nvjpeg, "drain", lambda stream: None)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    stream = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     names = [n for n in NAMES if n != "cmyk"]
     datas = [_t(VARIANTS[n][0]) for n in names] * 2
@@ -408,6 +408,7 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     sizes = [len(d) for d in datas]
     rest, host = J.split_by_bytes(sizes, 0.3, smallest_first=True)
     assert on_gpu_calls == [len(rest)] and host and slots_for == [len(host)]
+    assert stream.recorded == 1  # where the slots' memory is free on the caller's stream, for the copies to wait on
     ((share, seconds),) = recorded
     assert share == pytest.approx(sum(sizes[i] for i in host) / sum(sizes)) and seconds > 0
     for data, image in zip(datas, results):
@@ -418,6 +419,22 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     results = J.decode_jpeg_tensor(small, torch.device("cuda"), balance=balance, cpu_decoder_threads=2)
     assert on_gpu_calls == [len(small)] and len(recorded) == 1 and balance.share == 0.3
     assert all(torch.equal(image, J._decode_on_cpu(data)) for data, image in zip(small, results))
+
+
+class _FakeStream:
+    """A CUDA stream's calls the host share makes, recorded, for the CPU: events are named by the stream's count."""
+
+    cuda_stream = 0
+
+    def __init__(self):
+        self.recorded, self.waited = 0, []
+
+    def record_event(self):
+        self.recorded += 1
+        return (id(self), self.recorded)
+
+    def wait_event(self, event):
+        self.waited.append(event)
 
 
 def test_a_host_image_still_reaches_the_device_when_no_page_locked_memory_is_left(monkeypatch):
@@ -431,7 +448,7 @@ def test_a_host_image_still_reaches_the_device_when_no_page_locked_memory_is_lef
     monkeypatch.setattr(J, "_staged", no_pinned_memory)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     data, info = VARIANTS["420"]
-    image = J._decode_on_host_to(_t(data), torch.device("cpu"), object())
+    image = J._decode_on_host_to(_t(data), torch.device("cpu"), _FakeStream())
     assert isinstance(image, torch.Tensor) and torch.equal(image, J._decode_on_cpu(_t(data)))
 
 
@@ -442,6 +459,9 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
 
     monkeypatch.setattr(J, "_staged", lambda image: image.clone())  # page-locked memory needs a GPU
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    copies = _FakeStream()
+    monkeypatch.setattr(J, "_copy_stream", lambda device: copies)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None)
     names = [n for n in NAMES if n != "cmyk"]
     shapes = [(VARIANTS[n][1].height, VARIANTS[n][1].width) for n in names]
     slots = J._device_slots(shapes, torch.device("cpu"))
@@ -452,12 +472,18 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
     assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
     for name, slot, (height, width) in zip(names, slots, shapes):
         assert slot.shape == (height, width, 3) and slot.is_contiguous()
-        image = J._decode_on_host_to(_t(VARIANTS[name][0]), torch.device("cpu"), object(), into=slot)
+        caller = _FakeStream()
+        image = J._decode_on_host_to(_t(VARIANTS[name][0]), torch.device("cpu"), caller, into=slot)
         assert image.data_ptr() == slot.data_ptr() and image.shape == (3, height, width)
+        # the copy, on the thread's own stream, waits for the caller's stream to have made the slot; the caller's
+        # stream then waits for the copy
+        assert copies.waited[-1] == (id(caller), caller.recorded) and caller.waited == [(id(copies), copies.recorded)]
         _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
     wrong = J._device_slots([(shapes[0][0] + 1, shapes[0][1])], torch.device("cpu"))[0]
-    image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), object(), into=wrong)
+    waits, caller = len(copies.waited), _FakeStream()
+    image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), caller, into=wrong)
     assert image.data_ptr() != wrong.data_ptr() and image.shape == (3, *shapes[0])
+    assert len(copies.waited) == waits and caller.waited == [(id(copies), copies.recorded)]
 
 
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
@@ -578,6 +604,25 @@ def test_the_host_share_copies_to_the_gpu_without_waiting_for_the_stream():
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copy
     image = J._decode_on_host_to(_t(data), torch.device("cuda"), stream)
     assert not stream.query(), "the host waited for the queued GPU work"
+    torch.cuda.synchronize()
+    assert tuple(image.shape) == (3, info.height, info.width)
+    _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), data, False, J.DECODER_TOLERANCE["cpu"])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_host_share_copy_does_not_queue_behind_the_callers_stream():
+    """The copy leaves on the thread's own stream: it is done while the caller's stream still has about a second
+    of work queued ahead (the GPU decoder's part of the batch, in an instance), and that stream reads it after."""
+    stream = torch.cuda.current_stream()
+    data, info = VARIANTS["420"]
+    J._host_copy(_t(data), torch.device("cuda"), stream)  # warm: torch's pinned pool, the thread's stream
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    image, done = J._host_copy(_t(data), torch.device("cuda"), stream)
+    done.synchronize()
+    assert not stream.query(), "the copy waited for the work queued on the caller's stream"
+    stream.wait_event(done)
     torch.cuda.synchronize()
     assert tuple(image.shape) == (3, info.height, info.width)
     _assert_matches_pil(image.permute(1, 2, 0).cpu().numpy(), data, False, J.DECODER_TOLERANCE["cpu"])
