@@ -27,7 +27,8 @@ one thread make nothing but nvjpeg's decode calls while caller threads check and
 DALI feeds the engines), beside tritonpipe's decoder shared by 2-3 callers and decoders calling side by side; ``hostshare``
 rows put a share of each batch in flight on libjpeg-turbo host threads (``cpu_decoder_share``) beside the engines;
 ``hostcause`` rows take that share apart beside one decoder for two batches in flight (where it collapsed): the host
-threads' decoding alone, with the page-locked staging, the whole path, a decoder each, and torch on one thread;
+threads' decoding alone, with the page-locked staging, the whole path (its copies on the threads' own streams, and on
+the batch's stream as they were), a decoder each, and torch on one thread;
 ``small`` rows decode served-size batches (8 callers with 16 images each, 4 with 32) through one decoder shared by
 the callers, its calls in turn, and through a decoder each calling side by side (as 8 served instances' processes
 do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
@@ -54,7 +55,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from preprocess_probe import MEAN, SIDE, STD, Busy, timed
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
-from tritonpipe.kernels import batch_resize, nvjpeg
+from tritonpipe.kernels import batch_resize, jpeg, nvjpeg
 from tritonpipe.optional import importable
 
 BACKEND_HYBRID, BACKEND_GPU_HYBRID, BACKEND_HARDWARE = 1, 2, 3  # nvjpegBackend_t
@@ -197,8 +198,6 @@ def rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy,
 def host_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, report: list) -> None:
     """What a batch of 64 costs the host before any pixel is decoded: tritonpipe's own header check, and
     nvjpeg's (the acceptance check the decoder makes per image)."""
-    from tritonpipe.kernels import jpeg
-
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in corpus]
     decoder = nvjpeg.Decoder(nv.lib, torch.device("cuda"), 1)
     for what, step in (("read_jpeg_info (tritonpipe's header check)", jpeg.read_jpeg_info),
@@ -673,8 +672,6 @@ class HostDecoderSide:
     and moves batch by batch as ``cpu_decoder_balance`` moves it (the kernel's ``ShareBalance``)."""
 
     def __init__(self, share: float, threads: int, balanced: bool = False, mode: str = "copy") -> None:
-        from tritonpipe.kernels import jpeg
-
         self.share, self.threads, self.mode = share, threads, mode
         self.balance = jpeg.ShareBalance(share) if balanced else None
         self.shares: list[float] = []
@@ -682,8 +679,6 @@ class HostDecoderSide:
     def _beside(self, datas: list[torch.Tensor]):
         """The share's host work alone, its images thrown away (the GPU decoder decodes the whole batch):
         libjpeg-turbo only (``decode``), or with each image staged in page-locked memory (``stage``)."""
-        from tritonpipe.kernels import jpeg
-
         def one(data: torch.Tensor) -> None:
             image = jpeg._decode_hwc(data)
             if self.mode == "stage":
@@ -692,8 +687,6 @@ class HostDecoderSide:
         return lambda: [future.result() for future in pending]
 
     def decode(self, decoder: nvjpeg.Decoder, datas: list[torch.Tensor], shapes: list[tuple[int, int]], stream: int):
-        from tritonpipe.kernels import jpeg
-
         if self.balance is not None:
             self.balance.settle()
             self.share = self.balance.share
@@ -918,6 +911,12 @@ def main() -> None:
             for mode in ("decode", "stage", "copy"):
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8,
                             host_mode=mode)
+            jpeg.HOST_COPY_OWN_STREAM = False  # the copies on the batch's stream, as they were, beside the row above
+            try:
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8,
+                            label=" [copies on the batch's stream]")
+            finally:
+                jpeg.HOST_COPY_OWN_STREAM = True
             thread_rows(nv, name, corpus.images, args.seconds, busy, report, **dict(plain, shared=False), share=0.05,
                         host_threads=8)
             threads = torch.get_num_threads()

@@ -496,6 +496,9 @@ def _staged(image: torch.Tensor) -> torch.Tensor:
     return staged
 
 
+#: the host share's copies leave on a stream of each host thread's own (False: on the caller's stream, behind
+#: the GPU decoder's part of the batch, as they did; kept for the probes' side-by-side rows)
+HOST_COPY_OWN_STREAM = True
 _copy_streams = threading.local()
 
 
@@ -535,7 +538,7 @@ def _host_copy(data: torch.Tensor, device: torch.device, stream, into: torch.Ten
     fits = into is not None and into.shape == staged.shape
     if fits and ready is None:  # the slot's memory is the caller stream's from where that stream now is
         ready = stream.record_event()
-    side = _copy_stream(device)
+    side = _copy_stream(device) if HOST_COPY_OWN_STREAM else stream
     with torch.cuda.stream(side):
         if fits:
             side.wait_event(ready)
