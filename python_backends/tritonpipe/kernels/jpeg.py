@@ -517,8 +517,9 @@ def _host_copy(data: torch.Tensor, device: torch.device, stream, into: torch.Ten
                ready: torch.cuda.Event | None = None) -> tuple[torch.Tensor | DecodeError, torch.cuda.Event | None]:
     """One image by libjpeg-turbo, on its way to ``device``, or why it failed; and the event ``stream`` (the
     caller's) must wait for before it reads the image (None: nothing to wait for).  The image is a 3xHxW view of an
-    HxWx3 image there (as nvjpeg's images are), in ``into`` (an HxWx3 slot on the device, which ``stream``
-    allocated before ``ready``) where given and of the image's shape.  Off CUDA (``stream`` None), a dense 3xHxW image.
+    HxWx3 image there (as nvjpeg's images are), in ``into`` where given and of the image's shape: an HxWx3 slot on
+    the device that ``stream`` allocated before ``ready``, an event on ``stream`` (given with ``into``).  Off CUDA
+    (``stream`` None), a dense 3xHxW image.
 
     The copy leaves from page-locked memory at once, on a stream of the calling thread's own: on ``stream`` it
     would wait behind the GPU decoder's part of the batch queued there, each staged image's page-locked block
@@ -536,8 +537,6 @@ def _host_copy(data: torch.Tensor, device: torch.device, stream, into: torch.Ten
         with torch.cuda.stream(stream):
             return image.to(device).permute(2, 0, 1), None
     fits = into is not None and into.shape == staged.shape
-    if fits and ready is None:  # the slot's memory is the caller stream's from where that stream now is
-        ready = stream.record_event()
     side = _copy_stream(device) if HOST_COPY_OWN_STREAM else stream
     with torch.cuda.stream(side):
         if fits:
@@ -551,10 +550,9 @@ def _host_copy(data: torch.Tensor, device: torch.device, stream, into: torch.Ten
     return target.permute(2, 0, 1), done
 
 
-def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None = None
-                       ) -> torch.Tensor | DecodeError:
+def _decode_on_host_to(data: torch.Tensor, device: torch.device, stream) -> torch.Tensor | DecodeError:
     """:func:`_host_copy`, with ``stream`` made to wait for the copy: the image, or why it failed."""
-    image, done = _host_copy(data, device, stream, into)
+    image, done = _host_copy(data, device, stream)
     if done is not None:
         stream.wait_event(done)
     return image

@@ -391,7 +391,7 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
         return [J._decode_on_cpu(data) for data in batch]
 
     monkeypatch.setattr(J, "_decode_on_gpu", gpu)
-    monkeypatch.setattr(J, "_host_copy", lambda data, device, stream, into, ready: (J._decode_on_cpu(data), None))
+    monkeypatch.setattr(J, "_host_copy", lambda data, device, stream, into, ready: (J._decode_on_cpu(data), ("copied", id(data))))
     slots_for: list[int] = []
     monkeypatch.setattr(J, "_device_slots", lambda shapes, device: slots_for.append(len(shapes)) or [None] * len(shapes))
     monkeypatch.setattr(J.nvjpeg, "drain", lambda stream: None)
@@ -409,6 +409,8 @@ def test_a_balanced_batch_is_split_smallest_first_and_measured_and_a_small_one_g
     rest, host = J.split_by_bytes(sizes, 0.3, smallest_first=True)
     assert on_gpu_calls == [len(rest)] and host and slots_for == [len(host)]
     assert stream.recorded == 1  # where the slots' memory is free on the caller's stream, for the copies to wait on
+    # the caller's stream waits for each of the host's copies before the stages after the decode read the images
+    assert stream.waited == [("copied", id(datas[i])) for i in host]
     ((share, seconds),) = recorded
     assert share == pytest.approx(sum(sizes[i] for i in host) / sum(sizes)) and seconds > 0
     for data, image in zip(datas, results):
@@ -470,20 +472,24 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
     assert storage.nbytes() == sum(3 * h * w for h, w in shapes)
     spans = sorted((slot.data_ptr(), slot.data_ptr() + slot.numel()) for slot in slots)
     assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
+    caller = _FakeStream()
+    ready = caller.record_event()  # where the slots' memory is free on the caller's stream
     for name, slot, (height, width) in zip(names, slots, shapes):
         assert slot.shape == (height, width, 3) and slot.is_contiguous()
-        caller = _FakeStream()
-        image = J._decode_on_host_to(_t(VARIANTS[name][0]), torch.device("cpu"), caller, into=slot)
+        image, done = J._host_copy(_t(VARIANTS[name][0]), torch.device("cpu"), caller, into=slot, ready=ready)
         assert image.data_ptr() == slot.data_ptr() and image.shape == (3, height, width)
         # the copy, on the thread's own stream, waits for the caller's stream to have made the slot; the caller's
-        # stream then waits for the copy
-        assert copies.waited[-1] == (id(caller), caller.recorded) and caller.waited == [(id(copies), copies.recorded)]
+        # stream is to wait for the copy
+        assert copies.waited[-1] == ready and done == (id(copies), copies.recorded)
         _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
     wrong = J._device_slots([(shapes[0][0] + 1, shapes[0][1])], torch.device("cpu"))[0]
-    waits, caller = len(copies.waited), _FakeStream()
-    image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), caller, into=wrong)
+    waits = len(copies.waited)
+    image, done = J._host_copy(_t(VARIANTS[names[0]][0]), torch.device("cpu"), caller, into=wrong, ready=ready)
     assert image.data_ptr() != wrong.data_ptr() and image.shape == (3, *shapes[0])
-    assert len(copies.waited) == waits and caller.waited == [(id(copies), copies.recorded)]
+    assert len(copies.waited) == waits and done == (id(copies), copies.recorded)
+    # without a slot, the caller's stream waits for the copy there and then
+    image = J._decode_on_host_to(_t(VARIANTS[names[0]][0]), torch.device("cpu"), caller)
+    assert image.shape == (3, *shapes[0]) and caller.waited == [(id(copies), copies.recorded)]
 
 
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
