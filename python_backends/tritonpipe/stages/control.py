@@ -60,6 +60,7 @@ def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
         if len(items) == 1:
             items[0][ERROR] = exc
             return
+        _say_batch_failed(stage, len(items), exc)
         for item, original, version in zip(items, before, versions):
             item.clear()
             item.update(original)
@@ -78,6 +79,19 @@ def run_isolated(stage: Stage, items: list[dict[str, Any]]) -> None:
         return
     if any(_versions(original) != version for original, version in zip(before, versions)):
         _caught_mutating(stage)
+
+
+_batch_failures_said: set[tuple[str, str]] = set()
+
+
+def _say_batch_failed(stage: Stage, size: int, exc: Exception) -> None:
+    """Log, once per stage and kind of error, that a batch failed whole and its requests are retried alone: each
+    then costs a call of its own, so a stage that fails every batch so serves, but slowly, and should be fixed."""
+    said = (stage.name, type(exc).__name__)
+    if said not in _batch_failures_said:
+        _batch_failures_said.add(said)
+        log.warning("stage %s failed a batch of %d (%s: %s); its requests are retried one at a time (logged once "
+                    "for this error)", stage.name, size, type(exc).__name__, str(exc)[:300])
 
 
 def _caught_mutating(stage: Stage) -> None:

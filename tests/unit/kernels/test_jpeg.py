@@ -492,6 +492,33 @@ def test_the_host_share_lands_in_one_allocation_per_batch(monkeypatch):
     assert image.shape == (3, *shapes[0]) and caller.waited == [(id(copies), copies.recorded)]
 
 
+def test_the_host_share_fills_slots_made_under_inference_mode(monkeypatch):
+    """A caller under ``torch.inference_mode`` (the in-process chain, any user's loop) makes the batch's slots as
+    inference tensors; the share's threads write into them in the caller's mode, not refused by torch (which used to
+    fail the whole batch, then every image retried alone).  The CUDA calls are the CPU's stand-ins."""
+    import contextlib
+
+    monkeypatch.setattr(J, "_staged", lambda image: image.clone())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    caller, copies = _FakeStream(), _FakeStream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(J, "_copy_stream", lambda device: copies)
+    make_slots = J._device_slots
+    monkeypatch.setattr(J, "_device_slots", lambda shapes, device: make_slots(shapes, torch.device("cpu")))
+    names = [n for n in NAMES if n != "cmyk"]
+    datas = [_t(VARIANTS[n][0]) for n in names]
+    shapes = [(VARIANTS[n][1].height, VARIANTS[n][1].width) for n in names]
+    with torch.inference_mode():
+        wait = J._host_side(datas, torch.device("cuda"), 2, shapes=shapes)(list(range(len(names))))
+        images = wait()
+    assert len(caller.waited) == len(names)  # the caller's stream waits for every copy
+    buffers = {image.untyped_storage().data_ptr() for image in images}
+    assert len(buffers) == 1, "the images are not in the batch's slots"
+    for name, image in zip(names, images):
+        assert isinstance(image, torch.Tensor), f"{name}: {image!r}"
+        _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
+
+
 def test_the_balance_reads_a_batch_only_once_the_gpu_has_passed_it():
     class Event:
         def __init__(self, done, ms=0.0):
@@ -637,10 +664,13 @@ def test_the_host_share_copy_does_not_queue_behind_the_callers_stream():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("decoder", ["nvjpeg", "torchvision"])
-def test_a_host_share_beside_the_gpu_decoder_keeps_pixels_and_order(decoder):
+@pytest.mark.parametrize("inference", [False, True], ids=["", "inference-mode"])
+def test_a_host_share_beside_the_gpu_decoder_keeps_pixels_and_order(decoder, inference):
     names = NAMES * 3
     datas = [_t(VARIANTS[n][0]) for n in names]
-    results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder=decoder, cpu_decoder_share=0.4, cpu_decoder_threads=2)
+    with torch.inference_mode(inference):
+        results = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder=decoder, cpu_decoder_share=0.4,
+                                       cpu_decoder_threads=2)
     on_gpu = [i for i, n in enumerate(names) if n != "cmyk"]
     _, host = J.split_by_bytes([len(datas[i]) for i in on_gpu], 0.4, smallest_first=True)
     buffers = {results[on_gpu[p]].untyped_storage().data_ptr() for p in host}

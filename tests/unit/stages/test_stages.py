@@ -1,6 +1,7 @@
 """Each stage against an independent reference: OpenCV, PIL, or torch directly."""
 
 import io
+import logging
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ from tritonpipe.errors import ConfigError, RequestError
 from tritonpipe.pipeline.grammar import parse_backend
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.stages import build_stage
-from tritonpipe.stages.control import run_chain
+from tritonpipe.stages.control import run_chain, run_isolated
 
 
 def run(backend: str, data, **params):
@@ -145,6 +146,27 @@ def test_fail_stage_and_batch_isolation(jpeg_factory):
     assert "error" not in items[0] and "error" not in items[2] and isinstance(items[1]["error"], RequestError)
     with pytest.raises(RequestError, match="C10Exception"):
         run("C10Exception", good)
+
+
+def test_a_batch_that_fails_whole_is_logged_once_before_its_requests_are_retried_alone(caplog):
+    """A batch-level error is otherwise invisible (each request then passes or fails on its own): it is said once
+    per stage and kind of error, so that a stage failing every batch, and serving a request at a time, shows."""
+
+    class BatchesFail:
+        name, mutates_inputs = "BatchesFail", False
+
+        def forward(self, batch):
+            if len(batch) > 1:
+                raise RuntimeError("no batches here")
+            batch[0]["result"] = batch[0]["data"] + 1
+
+    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
+        for _ in range(2):
+            items = [{"data": torch.zeros(1)}, {"data": torch.ones(1)}]
+            run_isolated(BatchesFail(), items)
+            assert [item["result"].item() for item in items] == [1.0, 2.0]
+    said = [r.getMessage() for r in caplog.records if "retried one at a time" in r.getMessage()]
+    assert len(said) == 1 and "BatchesFail failed a batch of 2 (RuntimeError: no batches here)" in said[0]
 
 
 def test_save_and_load_tensor(tmp_path):
