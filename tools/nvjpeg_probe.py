@@ -667,8 +667,8 @@ class CudaDecoderSide:
 
 class HostDecoderSide:
     """One batch in flight's share for libjpeg-turbo on host threads, through the kernel ``cpu_decoder_share``
-    uses (each image copied to the GPU on the batch's stream when decoded), while the batch's nvjpeg decoder
-    takes the rest; images come back HWC, in batch order.  With ``balanced``, the share starts at ``share``
+    uses (each image copied to the GPU when decoded, on the thread's own stream unless the row says otherwise), while
+    the batch's nvjpeg decoder takes the rest; images come back HWC, in batch order.  With ``balanced``, the share starts at ``share``
     and moves batch by batch as ``cpu_decoder_balance`` moves it (the kernel's ``ShareBalance``)."""
 
     def __init__(self, share: float, threads: int, balanced: bool = False, mode: str = "copy") -> None:
