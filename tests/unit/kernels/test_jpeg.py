@@ -664,7 +664,7 @@ def test_the_host_share_copy_does_not_queue_behind_the_callers_stream():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("decoder", ["nvjpeg", "torchvision"])
-@pytest.mark.parametrize("inference", [False, True], ids=["", "inference-mode"])
+@pytest.mark.parametrize("inference", [False, True], ids=["grad-mode", "inference-mode"])
 def test_a_host_share_beside_the_gpu_decoder_keeps_pixels_and_order(decoder, inference):
     names = NAMES * 3
     datas = [_t(VARIANTS[n][0]) for n in names]
