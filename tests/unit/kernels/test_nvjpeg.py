@@ -323,6 +323,20 @@ def test_pinned_input_hands_nvjpeg_one_buffer_of_the_parts_bitstreams_kept_acros
     assert plain.handed[-1] == [image.data_ptr() for image in small]
 
 
+def test_a_caller_under_inference_mode_has_its_parts_decoded_on_the_lanes_in_that_mode():
+    """A state's pinned buffer is made by whichever thread first needs it: here the caller's, under
+    ``torch.inference_mode`` (a batch of one image is one part, decoded on its thread); the lanes' threads then write
+    into it for a batch in two parts of one image each (the buffer fits them, so it is not made again), which torch
+    refuses a thread outside that mode."""
+    decoder = nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), lanes=2, pinned=True, states=1)
+    (state,) = decoder.states
+    with torch.inference_mode():
+        assert [int(r[0, 0, 0]) for r in _decode(decoder, [_fake_jpeg(10, 2, 3)])] == [10]
+        made = state.staging.data_ptr()
+        out = _decode(decoder, [_fake_jpeg(20 + i, 2, 3) for i in range(2)])
+    assert [int(r[0, 0, 0]) for r in out] == [20, 21] and state.staging.data_ptr() == made
+
+
 def test_without_a_pinned_buffer_to_be_had_the_bitstreams_are_read_where_they_are(monkeypatch, caplog):
     handed = []
 
