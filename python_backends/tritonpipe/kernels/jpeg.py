@@ -24,6 +24,7 @@ import torchvision.io as tvio
 
 from . import dali_decode, nvimgcodec, nvjpeg
 from .errors import DecodeError
+from .threads import submit_in_callers_mode
 
 log = logging.getLogger("tritonpipe")
 
@@ -575,12 +576,8 @@ def _device_slots(shapes: list[tuple[int, int]], device: torch.device) -> list[t
 
 
 def _host_copy_timed(data: torch.Tensor, device: torch.device, stream, into: torch.Tensor | None,
-                     ready: torch.cuda.Event | None, inference: bool):
-    """:func:`_host_copy` on a host thread, in the caller's inference mode (``inference``), and when it ended.
-    The mode is per thread: a slot the caller made under ``torch.inference_mode`` is an inference tensor, which a
-    thread outside that mode may not write into (torch refuses the copy, and the whole batch's decode with it)."""
-    with torch.inference_mode(inference):
-        return *_host_copy(data, device, stream, into, ready), time.perf_counter()
+                     ready: torch.cuda.Event | None):
+    return *_host_copy(data, device, stream, into, ready), time.perf_counter()
 
 
 def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float, int]] | None = None,
@@ -599,8 +596,9 @@ def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float
         one_buffer = stream is not None and shapes is not None and HOST_ONE_BUFFER
         slots = _device_slots([shapes[i] for i in side], device) if one_buffer else [None] * len(side)
         ready = stream.record_event() if one_buffer else None  # the slots' memory is free from here on the stream
-        pool, began, inference = _host_executor(threads), time.perf_counter(), torch.is_inference_mode_enabled()
-        pending = [pool.submit(_host_copy_timed, datas[i], device, stream, slot, ready, inference)
+        pool, began = _host_executor(threads), time.perf_counter()
+        # in the caller's inference mode: the slots were made in it (see submit_in_callers_mode)
+        pending = [submit_in_callers_mode(pool, _host_copy_timed, datas[i], device, stream, slot, ready)
                    for i, slot in zip(side, slots)]
 
         def wait() -> list[torch.Tensor | DecodeError]:

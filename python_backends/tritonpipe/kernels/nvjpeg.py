@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .threads import submit_in_callers_mode
+
 #: parts a batch is cut into, each checked on a host thread of its own.  One: on an H200 one part was faster
 #: than two served (8 instances, both corpora) and in one process at batch 64
 LANES = 1
@@ -400,13 +402,6 @@ class Decoder:
                 state.reset()
                 raise
 
-    def _part_in_mode(self, inference: bool, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream):
-        """:meth:`_part` on a lane's thread, in the caller's inference mode: a state's buffers are made by whichever
-        thread first needs them, and torch refuses a thread outside ``torch.inference_mode`` a write into one made
-        under it."""
-        with torch.inference_mode(inference):
-            return self._part(datas, sizes, stream)
-
     def _part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
         """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
         engines do not take it."""
@@ -448,11 +443,11 @@ class Decoder:
         # a batch of one part (a single image, say) is decoded on the caller's thread: handing it to a
         # thread of its own costs more than it saves (on an H200, c=1 p50 3.34 ms against 2.77 on one lane)
         threads = self.threads if len(cut) > 1 else None
-        inference = torch.is_inference_mode_enabled()  # per thread: the lanes take the caller's (see _part_in_mode)
         jobs = []
         for part in cut:
             args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
-            jobs.append((part, threads.submit(self._part_in_mode, inference, *args) if threads else self._part(*args)))
+            # a state's buffers are made by whichever thread first needs it: the lanes run in the caller's mode
+            jobs.append((part, submit_in_callers_mode(threads, self._part, *args) if threads else self._part(*args)))
         if threads:
             # every part is finished before the call returns, even where one of them failed
             futures.wait([job for _, job in jobs])
