@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,hostcause,small]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,hostcause,small,pre2]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -32,6 +32,9 @@ the batch's stream as they were), a decoder each, and torch on one thread;
 ``small`` rows decode served-size batches (8 callers with 16 images each, 4 with 32) through one decoder shared by
 the callers, its calls in turn, and through a decoder each calling side by side (as 8 served instances' processes
 do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
+``pre2`` rows run the kernels of the bench's ``inprocess-pre-2`` row without its stages (one decoder, two batches of
+64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
+row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -562,7 +565,8 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
-                host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy") -> None:
+                host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy",
+                wait_each: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -578,7 +582,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU;
     ``balanced``: that share moves batch by batch (``cpu_decoder_balance``), and the row gives where it went;
     ``host_mode`` ``decode`` or ``stage``: the host threads only decode (and stage) the share beside a whole batch on
-    the GPU decoder, so that what the host's work costs the engines' side reads apart from the copies."""
+    the GPU decoder, so that what the host's work costs the engines' side reads apart from the copies; ``wait_each``:
+    each thread waits for its batch's GPU work before it starts the next, as the bench's ``inprocess-pre-2`` row and
+    DALI's prefetch of 2 do, so that at most ``count`` batches are in flight."""
     tensors, shapes = accepted(nv, corpus)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
@@ -611,6 +617,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                     refused[k] += len(images) - len(decoded) if started >= begin else 0
                     if post and decoded:
                         batch_resize.resize_batch(decoded, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD, dtype=torch.float16)
+                    if wait_each:
+                        streams[k].synchronize()
                     done[k] += len(decoded) if started >= begin else 0
                 torch.cuda.current_stream().synchronize()
             finished[k] = time.perf_counter()
@@ -630,6 +638,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 f"{'one decoder for all (tritonpipe as it runs in one process)' if shared else 'a decoder each'}, "
                 f"{f'{share:.0%} of the bytes on {where}, ' if share else ''}decode + one-launch post"
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
+        if wait_each:
+            what += ", each batch waited for before the next"
         if sum(refused):
             what += f" ({sum(refused):,} images refused, not counted)"
         if balanced:
@@ -857,7 +867,8 @@ def main() -> None:
                         "threads check and allocate ahead, as DALI feeds the engines), hostshare (a share of each batch on libjpeg-turbo "
                         "host threads beside the engines, as cpu_decoder_share splits it), hostcause (that share taken apart beside one "
                         "decoder: decoding only, staging, the whole path, torch on one thread), small (served-size batches "
-                        "from 4-8 callers, one decoder for all or a decoder each)")
+                        "from 4-8 callers, one decoder for all or a decoder each), pre2 (the bench's inprocess-pre-2 kernels "
+                        "without its stages, each batch waited for or not)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -925,6 +936,10 @@ def main() -> None:
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8)
             finally:
                 torch.set_num_threads(threads)
+        if "pre2" in groups:  # the bench's inprocess-pre-2 shape without the stages: one decoder, two batches in flight
+            for wait_each in (False, True):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, shared=True,
+                            wait_each=wait_each)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
