@@ -66,6 +66,9 @@ BACKENDS = {BACKEND_HYBRID: "hybrid: Huffman on the host", BACKEND_GPU_HYBRID: "
             BACKEND_HARDWARE: "hardware"}
 OUTPUT_RGB, OUTPUT_RGBI = 3, 5  # nvjpegOutputFormat_t
 MAX_COMPONENT = 4
+#: thread_rows' settings for tritonpipe in one process as the bench's ``inprocess-pre-2`` row runs it: one decoder for
+#: two batches of 64 in flight, each with the one-launch resize and normalisation after its decode
+TWO_IN_FLIGHT = dict(plan=((64, 2),), post=True, shared=True)
 
 
 def loaded_nvjpeg() -> ctypes.CDLL:
@@ -917,29 +920,27 @@ def main() -> None:
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, share=0.05,
                             host_threads=threads, balanced=True)
         if "hostcause" in groups:  # where the host share's collapse beside one decoder comes from, a part at a time
-            plain = dict(plan=((64, 2),), post=True, shared=True)
-            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain)
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT)
             for mode in ("decode", "stage", "copy"):
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8,
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, share=0.05, host_threads=8,
                             host_mode=mode)
             jpeg.HOST_COPY_OWN_STREAM = False  # the copies on the batch's stream, as they were, beside the row above
             try:
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8,
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, share=0.05, host_threads=8,
                             label=" [copies on the batch's stream]")
             finally:
                 jpeg.HOST_COPY_OWN_STREAM = True
-            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **dict(plain, shared=False), share=0.05,
+            thread_rows(nv, name, corpus.images, args.seconds, busy, report, **dict(TWO_IN_FLIGHT, shared=False), share=0.05,
                         host_threads=8)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # torch's own parallel regions off: the share's threads alone on the host
             try:
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **plain, share=0.05, host_threads=8)
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, share=0.05, host_threads=8)
             finally:
                 torch.set_num_threads(threads)
         if "pre2" in groups:  # the bench's inprocess-pre-2 shape without the stages: one decoder, two batches in flight
             for wait_each in (False, True):
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, plan=((64, 2),), post=True, shared=True,
-                            wait_each=wait_each)
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
