@@ -77,6 +77,11 @@ _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _ORIENTATION_TAG = 0x0112
 
 
+#: chroma subsampling by the luma component's sampling factors (horizontal, vertical), where both chroma
+#: components sample (1, 1)
+_SUBSAMPLINGS = {(1, 1): "4:4:4", (2, 1): "4:2:2", (2, 2): "4:2:0", (1, 2): "4:4:0", (4, 1): "4:1:1", (4, 2): "4:1:0"}
+
+
 @dataclass(frozen=True)
 class JpegInfo:
     height: int
@@ -84,6 +89,12 @@ class JpegInfo:
     components: int
     progressive: bool
     orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
+    #: the frame's coding: baseline (SOF0, 8-bit samples), as every JPEG engine reads
+    baseline: bool = False
+    #: "4:4:4", "4:2:2", "4:2:0", "4:4:0", "4:1:1", "4:1:0", "gray", or None for any other sampling layout
+    subsampling: str | None = None
+    #: whether the first scan carries every component (one interleaved scan, as most writers make)
+    interleaved: bool = False
 
 
 def bytes_view(data) -> memoryview:
@@ -162,7 +173,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         raise _not_jpeg(view)
 
     orientation = 1
-    frame = None  # (SOF marker, height, width, components)
+    frame = None  # (SOF marker, precision, height, width, components, component specifications)
     pos = 2
     # Walk every header segment up to the first scan (SOS): a file whose headers
     # end without one has no pixels, and nvjpeg crashes the process on it.
@@ -198,16 +209,17 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         segment = view[pos + 2 : pos + length]
         pos += length
         if marker == 0xDA:
+            scan_components = segment[0] if len(segment) else 0
             break
         if marker == 0xE1 and orientation == 1:
             orientation = _exif_orientation(segment)
         elif marker in _SOF_MARKERS and frame is None:
             if len(segment) < 6:
                 raise DecodeError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
-            _precision, height, width, components = struct.unpack_from(">BHHB", segment)
-            frame = (marker, height, width, components)
+            precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            frame = (marker, precision, height, width, components, bytes(segment[6 : 6 + 3 * components]))
 
-    sof, height, width, components = frame
+    sof, precision, height, width, components, specs = frame
     if height == 0 or width == 0:
         raise DecodeError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})", reason="zero_size")
     pixels = height * width
@@ -222,7 +234,23 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         components=components,
         progressive=sof in _PROGRESSIVE_SOF,
         orientation=orientation,
+        baseline=sof == 0xC0 and precision == 8,
+        subsampling=_subsampling(components, specs),
+        interleaved=scan_components == components,
     )
+
+
+def _subsampling(components: int, specs: bytes) -> str | None:
+    """The chroma subsampling that a frame header's component specifications (3 bytes each: id, sampling
+    factors, quantisation table) describe, or None where it is none of the usual ones."""
+    if len(specs) != 3 * components:
+        return None
+    factors = [(specs[i + 1] >> 4, specs[i + 1] & 15) for i in range(0, len(specs), 3)]
+    if components == 1:
+        return "gray"
+    if components != 3 or factors[1] != (1, 1) or factors[2] != (1, 1):
+        return None
+    return _SUBSAMPLINGS.get(factors[0])
 
 
 def _orient(image: torch.Tensor, orientation: int, h_dim: int, w_dim: int) -> torch.Tensor:
@@ -337,7 +365,9 @@ def _decode_on_gpu_nvjpeg(
     datas = [data.contiguous() for data in datas]
     candidates = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive]
     results: list[torch.Tensor | None] = [None] * len(datas)
-    decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates]) if candidates else []
+    known = [nvjpeg.engines_read(infos[i].baseline, infos[i].interleaved, infos[i].subsampling) for i in candidates]
+    decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates],
+                           known) if candidates else []
     for i, image in zip(candidates, decoded):
         if isinstance(image, torch.Tensor):
             results[i] = image.permute(2, 0, 1)
