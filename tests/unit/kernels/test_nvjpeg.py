@@ -595,6 +595,22 @@ def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsampli
     assert nvjpeg.engines_read(baseline, interleaved, subsampling) is None
 
 
+@pytest.mark.parametrize("value, own, warned", [(None, True, False), ("own", True, False), ("nvjpeg", False, False),
+                                                ("NVJPEG ", False, False), ("off", True, True)])
+def test_the_environment_can_give_every_check_back_to_nvjpeg(value, own, warned):
+    import os
+    import subprocess
+    import sys
+
+    env = {key: item for key, item in os.environ.items() if key != nvjpeg.CHECK_ENV}
+    if value is not None:
+        env[nvjpeg.CHECK_ENV] = value
+    code = "from tritonpipe.kernels import nvjpeg; print(nvjpeg.OWN_HEADER_CHECK)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == str(own)
+    assert (nvjpeg.CHECK_ENV in done.stderr) == warned
+
+
 def test_the_engines_take_only_what_nvjpeg_says_they_take():
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
