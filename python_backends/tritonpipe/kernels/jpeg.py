@@ -89,7 +89,7 @@ class JpegInfo:
     components: int
     progressive: bool
     orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
-    #: the frame's coding: baseline (SOF0, 8-bit samples), as every JPEG engine reads
+    #: the frame's coding: baseline (SOF0, 8-bit samples and quantization tables), as every JPEG engine reads
     baseline: bool = False
     #: "4:4:4", "4:2:2", "4:2:0", "4:4:0", "4:1:1", "4:1:0", "gray", or None for any other sampling layout
     subsampling: str | None = None
@@ -173,6 +173,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         raise _not_jpeg(view)
 
     orientation = 1
+    wide_tables = False  # a quantization table of 16-bit entries, which baseline coding does not allow
     frame = None  # (SOF marker, precision, height, width, components, component specifications)
     pos = 2
     # Walk every header segment up to the first scan (SOS): a file whose headers
@@ -218,6 +219,8 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
                 raise DecodeError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
             precision, height, width, components = struct.unpack_from(">BHHB", segment)
             frame = (marker, precision, height, width, components, bytes(segment[6 : 6 + 3 * components]))
+        elif marker == 0xDB:
+            wide_tables = wide_tables or _has_wide_table(segment)
 
     sof, precision, height, width, components, specs = frame
     if height == 0 or width == 0:
@@ -234,10 +237,22 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         components=components,
         progressive=sof in _PROGRESSIVE_SOF,
         orientation=orientation,
-        baseline=sof == 0xC0 and precision == 8,
+        baseline=sof == 0xC0 and precision == 8 and not wide_tables,
         subsampling=_subsampling(components, specs),
         interleaved=scan_components == components,
     )
+
+
+def _has_wide_table(segment: memoryview) -> bool:
+    """Whether a DQT segment defines a table of 16-bit entries (each table: a byte of precision and id, then 64
+    entries of one or two bytes)."""
+    pos = 0
+    while pos < len(segment):
+        wide = segment[pos] >> 4
+        if wide:
+            return True
+        pos += 1 + 64
+    return False
 
 
 def _subsampling(components: int, specs: bytes) -> str | None:

@@ -72,10 +72,12 @@ PINNED_INPUT = False
 #: take the caller's own header parse for an image the engines surely read (baseline 8-bit, one interleaved scan,
 #: a subsampling of :data:`ENGINE_SUBSAMPLINGS`) instead of nvjpeg's header check of it (:meth:`Decoder.takes`); a
 #: part nvjpeg then refuses is decoded again one image at a time, each checked by nvjpeg.  On an H100, nvjpeg's
-#: check was 10.7% of the two in-process batches' host time, its decode calls 46.5%.  ``TRITONPIPE_NVJPEG_CHECK=nvjpeg``
-#: in the server's environment turns it off (nvjpeg checks every image); ``own``, or nothing, leaves it on
+#: check was 10.7% of the two in-process batches' host time, its decode calls 46.5%.  Off until measured on a GPU:
+#: ``TRITONPIPE_NVJPEG_CHECK=own`` in the server's environment turns it on; ``nvjpeg``, or nothing, leaves every
+#: check to nvjpeg
 CHECK_ENV = "TRITONPIPE_NVJPEG_CHECK"
-OWN_HEADER_CHECK = os.environ.get(CHECK_ENV, "own").strip().lower() != "nvjpeg"
+CHECKS = ("nvjpeg", "own")
+OWN_HEADER_CHECK = os.environ.get(CHECK_ENV, "nvjpeg").strip().lower() == "own"
 #: the chroma subsamplings every JPEG engine reads (those nvImageCodec's hardware decoder asks nvjpeg about), as
 #: nvjpegChromaSubsampling_t
 ENGINE_SUBSAMPLINGS = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2, "4:4:0": 3}
@@ -93,9 +95,8 @@ NO_PIPELINE, INTERPOLATED_UPSAMPLING = 1, 32
 
 
 log = logging.getLogger("tritonpipe")
-if os.environ.get(CHECK_ENV, "own").strip().lower() not in ("own", "nvjpeg"):
-    log.warning("%s=%s is neither own nor nvjpeg: tritonpipe's header parse vouches for the images it can (own)",
-                CHECK_ENV, os.environ[CHECK_ENV])
+if os.environ.get(CHECK_ENV, "nvjpeg").strip().lower() not in CHECKS:
+    log.warning("%s=%s is neither nvjpeg nor own: nvjpeg checks every image (nvjpeg)", CHECK_ENV, os.environ[CHECK_ENV])
 
 #: a libnvjpeg to use before any other (a path), e.g. a newer release than the one torchvision ships
 LIBRARY_ENV = "TRITONPIPE_NVJPEG_LIBRARY"

@@ -171,6 +171,10 @@ def test_the_frame_and_first_scan_say_what_coding_and_sampling_the_jpeg_has():
     # SOF1 (extended sequential) and 12-bit samples are not baseline, whatever the rest
     assert not J.read_jpeg_info(_patched(data, sof + 1, 0xC1)).baseline
     assert not J.read_jpeg_info(_patched(data, sof + 4, 12)).baseline
+    # nor is a quantization table of 16-bit entries (the precision nibble of a table in a DQT segment)
+    tables = [off for m, off, _ in _segments(data) if m == 0xDB]
+    assert tables and data[tables[-1] + 4] >> 4 == 0
+    assert not J.read_jpeg_info(_patched(data, tables[-1] + 4, 0x10 | data[tables[-1] + 4])).baseline
     # the luma sampling factors name the subsampling; chroma sampled other than 1x1 is none of the usual ones
     assert J.read_jpeg_info(_patched(data, sof + 11, 0x42)).subsampling == "4:1:0"
     assert J.read_jpeg_info(_patched(data, sof + 11, 0x33)).subsampling is None
@@ -179,6 +183,14 @@ def test_the_frame_and_first_scan_say_what_coding_and_sampling_the_jpeg_has():
     scan = next(off for m, off, _ in _segments(data) if m == 0xDA)
     assert data[scan + 4] == 3
     assert not J.read_jpeg_info(_patched(data, scan + 4, 1)).interleaved
+
+
+def test_a_dqt_segment_of_several_tables_is_read_table_by_table():
+    narrow = bytes([0x00]) + bytes(range(1, 65))
+    assert not J._has_wide_table(memoryview(narrow + bytes([0x01]) + bytes(64)))
+    assert J._has_wide_table(memoryview(narrow + bytes([0x11]) + bytes(128)))
+    # a narrow table whose entries look like a precision byte is not taken for one
+    assert not J._has_wide_table(memoryview(bytes([0x00]) + bytes([0x10]) * 64))
 
 
 @pytest.mark.parametrize("convert", [bytes, memoryview, bytearray, lambda d: np.frombuffer(d, np.uint8), _t])

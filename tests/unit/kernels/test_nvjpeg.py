@@ -590,14 +590,15 @@ def test_the_subsampling_order_takes_the_callers_subsampling_where_it_vouches():
 ])
 def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsamplings(baseline, interleaved, subsampling, code,
                                                                                      monkeypatch):
+    monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", True)
     assert nvjpeg.engines_read(baseline, interleaved, subsampling) == code
     monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", False)
     assert nvjpeg.engines_read(baseline, interleaved, subsampling) is None
 
 
-@pytest.mark.parametrize("value, own, warned", [(None, True, False), ("own", True, False), ("nvjpeg", False, False),
-                                                ("NVJPEG ", False, False), ("off", True, True)])
-def test_the_environment_can_give_every_check_back_to_nvjpeg(value, own, warned):
+@pytest.mark.parametrize("value, own, warned", [(None, False, False), ("nvjpeg", False, False), ("own", True, False),
+                                                ("OWN ", True, False), ("on", False, True)])
+def test_the_environment_can_leave_the_check_to_the_callers_parse(value, own, warned):
     import os
     import subprocess
     import sys
@@ -652,7 +653,9 @@ class StubDecoder:
         return out
 
 
-def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch):
+@pytest.mark.parametrize("own", [False, True])
+def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch, own):
+    monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", own)
     color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
     skipped = _jpeg(8, 12, 4)
     stub = StubDecoder(refuse=refused, skip=skipped)
@@ -668,7 +671,8 @@ def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_
     infos = [J.read_jpeg_info(d) for d in datas]
     out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
     assert stub.seen == [color, refused, skipped]
-    assert stub.known == [nvjpeg.ENGINE_SUBSAMPLINGS["4:2:0"]] * 3  # Pillow's default: the parse vouches for each
+    # Pillow's default 4:2:0: where it is asked to, the parse vouches for each
+    assert stub.known == [nvjpeg.ENGINE_SUBSAMPLINGS["4:2:0"] if own else None] * 3
     assert sorted(elsewhere) == sorted([len(gray), len(progressive), len(skipped)])
     # the engines' images come back as 3xHxW views of their interleaved pixels; a refusal as None
     assert out[0].shape == (3, 8, 12) and torch.equal(out[0], J._decode_on_cpu(datas[0]))
