@@ -380,7 +380,9 @@ def _decode_on_gpu_nvjpeg(
     datas = [data.contiguous() for data in datas]
     candidates = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive]
     results: list[torch.Tensor | None] = [None] * len(datas)
-    known = [nvjpeg.engines_read(infos[i].baseline, infos[i].interleaved, infos[i].subsampling) for i in candidates]
+    own = nvjpeg.OWN_HEADER_CHECK
+    known = [nvjpeg.engines_read(infos[i].baseline, infos[i].interleaved, infos[i].subsampling) if own else None
+             for i in candidates]
     decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates],
                            known) if candidates else []
     for i, image in zip(candidates, decoded):

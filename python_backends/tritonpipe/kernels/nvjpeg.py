@@ -512,9 +512,8 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
 
 def engines_read(baseline: bool, interleaved: bool, subsampling: str | None) -> int | None:
     """The nvjpegChromaSubsampling_t of a JPEG that a header parse shows every JPEG engine reads (baseline
-    8-bit, one interleaved scan, a subsampling of :data:`ENGINE_SUBSAMPLINGS`), or None: ask nvjpeg.  Always
-    None while :data:`OWN_HEADER_CHECK` is off."""
-    if not (OWN_HEADER_CHECK and baseline and interleaved):
+    8-bit, one interleaved scan, a subsampling of :data:`ENGINE_SUBSAMPLINGS`), or None: ask nvjpeg."""
+    if not (baseline and interleaved):
         return None
     return ENGINE_SUBSAMPLINGS.get(subsampling)
 

@@ -588,12 +588,8 @@ def test_the_subsampling_order_takes_the_callers_subsampling_where_it_vouches():
     (True, True, "4:1:1", None), (True, True, "gray", None), (True, True, None, None),
     (False, True, "4:2:0", None), (True, False, "4:2:0", None),
 ])
-def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsamplings(baseline, interleaved, subsampling, code,
-                                                                                     monkeypatch):
-    monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", True)
+def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsamplings(baseline, interleaved, subsampling, code):
     assert nvjpeg.engines_read(baseline, interleaved, subsampling) == code
-    monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", False)
-    assert nvjpeg.engines_read(baseline, interleaved, subsampling) is None
 
 
 @pytest.mark.parametrize("value, own, warned", [(None, False, False), ("nvjpeg", False, False), ("own", True, False),
