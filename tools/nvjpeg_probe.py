@@ -36,7 +36,7 @@ do): whether calls in turn keep the engines busy at the batch sizes a server see
 64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
 row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does; and each again
 with tritonpipe's own header parse vouching for the images it can, so that nvjpeg's header check of them is skipped
-(what `DecodeTensor` does under `TRITONPIPE_NVJPEG_CHECK=own`).
+(what ``DecodeTensor`` does under ``TRITONPIPE_NVJPEG_CHECK=own``).
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
