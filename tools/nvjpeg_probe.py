@@ -36,7 +36,7 @@ do): whether calls in turn keep the engines busy at the batch sizes a server see
 64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
 row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does; and each again
 with tritonpipe's own header parse vouching for the images it can, so that nvjpeg's header check of them is skipped
-(what ``DecodeTensor`` does under ``TRITONPIPE_NVJPEG_CHECK=own``).
+(what ``DecodeTensor`` does with ``header_check = "own"``).
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -591,7 +591,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     each thread waits for its batch's GPU work before it starts the next, as the bench's ``inprocess-pre-2`` row and
     DALI's prefetch of 2 do, so that at most ``count`` batches are in flight; ``own_parse``: tritonpipe's header parse
     (made once per image here, before the row) vouches for the images it can, so that nvjpeg checks only the rest, as
-    ``DecodeTensor`` hands them over under ``TRITONPIPE_NVJPEG_CHECK=own``."""
+    ``DecodeTensor`` hands them over with ``header_check = "own"``."""
     tensors, shapes = accepted(nv, corpus)
     vouched = [nvjpeg.engines_read(info.baseline, info.interleaved, info.subsampling)
                for info in map(jpeg.read_jpeg_info, tensors)] if own_parse else [None] * len(tensors)

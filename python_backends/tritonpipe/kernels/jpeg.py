@@ -368,11 +368,12 @@ def _decode_on_gpu_nvimgcodec(
 
 
 def _decode_on_gpu_nvjpeg(
-    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, lanes: int = nvjpeg.LANES
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, lanes: int = nvjpeg.LANES,
+    header_check: str = nvjpeg.HEADER_CHECK,
 ) -> list[torch.Tensor | None]:
     """nvjpeg's hardware decoder driven directly (see :mod:`.nvjpeg`), a batch in ``lanes`` parts in flight:
     3xHxW views of its interleaved images, nothing copied; torchvision decodes what the engines do not
-    take; None where either failed."""
+    take; None where either failed.  ``header_check``: see :data:`.nvjpeg.HEADER_CHECK`."""
     found = nvjpeg.decoder(device, lanes)
     if isinstance(found, str):
         _warn_once(f"decoder=nvjpeg cannot run here ({found}); torchvision decodes instead")
@@ -380,7 +381,7 @@ def _decode_on_gpu_nvjpeg(
     datas = [data.contiguous() for data in datas]
     candidates = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive]
     results: list[torch.Tensor | None] = [None] * len(datas)
-    own = nvjpeg.OWN_HEADER_CHECK
+    own = header_check == "own"
     known = [nvjpeg.engines_read(infos[i].baseline, infos[i].interleaved, infos[i].subsampling) if own else None
              for i in candidates]
     decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates],
@@ -684,6 +685,7 @@ def decode_jpeg_tensor(
     cuda_decoder_share: float = 0.0,
     dali_settings: dali_decode.Settings | None = None,
     nvjpeg_lanes: int = nvjpeg.LANES,
+    nvjpeg_header_check: str = nvjpeg.HEADER_CHECK,
     cpu_decoder_share: float = 0.0,
     cpu_decoder_threads: int = 1,
     balance: ShareBalance | None = None,
@@ -691,7 +693,8 @@ def decode_jpeg_tensor(
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
-    (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight), nvImageCodec (with ``settings``) or
+    (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight, each image's header checked as ``nvjpeg_header_check``
+    says), nvImageCodec (with ``settings``) or
     DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
@@ -704,6 +707,8 @@ def decode_jpeg_tensor(
         raise ValueError("give cuda_decoder_share or cpu_decoder_share, not both")
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
+    if nvjpeg_header_check not in nvjpeg.HEADER_CHECKS:
+        raise ValueError(f"nvjpeg_header_check must be one of {nvjpeg.HEADER_CHECKS}, got {nvjpeg_header_check!r}")
     device = torch.device(device)
     settings = settings or nvimgcodec.Settings()
     results: list[torch.Tensor | DecodeError | None] = [None] * len(datas)
@@ -720,7 +725,8 @@ def decode_jpeg_tensor(
             chosen = [infos[i] for i in indices]
             return _decode_on_gpu_dali([datas[i] for i in indices], chosen, device, dali_settings or dali_decode.Settings())
         if gpu_decoder == "nvjpeg":
-            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device, nvjpeg_lanes)
+            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device, nvjpeg_lanes,
+                                         nvjpeg_header_check)
         if gpu_decoder == "nvimgcodec":
             return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
         return _decode_on_gpu([datas[i] for i in indices], device)

@@ -69,15 +69,13 @@ ORDERS = ("area", "subsampling")
 #: caller's memory (Triton's shared memory, pageable) itself.  On an H200 the copy made two batches of 64 in
 #: flight 0.64x as fast (0.70 host ms per image), where bitstreams page-locked from the start were 1.06x
 PINNED_INPUT = False
-#: take the caller's own header parse for an image the engines surely read (baseline 8-bit, one interleaved scan,
-#: a subsampling of :data:`ENGINE_SUBSAMPLINGS`) instead of nvjpeg's header check of it (:meth:`Decoder.takes`); a
-#: part nvjpeg then refuses is decoded again one image at a time, each checked by nvjpeg.  On an H100, nvjpeg's
-#: check was 10.7% of the two in-process batches' host time, its decode calls 46.5%.  Off until measured on a GPU:
-#: ``TRITONPIPE_NVJPEG_CHECK=own`` in the server's environment turns it on; ``nvjpeg``, or nothing, leaves every
-#: check to nvjpeg
-CHECK_ENV = "TRITONPIPE_NVJPEG_CHECK"
-CHECKS = ("nvjpeg", "own")
-OWN_HEADER_CHECK = os.environ.get(CHECK_ENV, "nvjpeg").strip().lower() == "own"
+#: who checks each JPEG's header before a part goes to the engines: ``nvjpeg`` checks every image
+#: (:meth:`Decoder.takes`); ``own``: the caller's own header parse vouches for an image the engines surely read
+#: (baseline 8-bit, one interleaved scan, a subsampling of :data:`ENGINE_SUBSAMPLINGS`, see :func:`engines_read`), and
+#: nvjpeg checks only the rest, and any vouched-for image of a part it then refuses.  On an H100, nvjpeg's check was
+#: 10.7% of the two in-process batches' host time, its decode calls 46.5%.  ``nvjpeg`` until ``own`` is measured on a GPU
+HEADER_CHECKS = ("nvjpeg", "own")
+HEADER_CHECK = "nvjpeg"
 #: the chroma subsamplings every JPEG engine reads (those nvImageCodec's hardware decoder asks nvjpeg about), as
 #: nvjpegChromaSubsampling_t
 ENGINE_SUBSAMPLINGS = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2, "4:4:0": 3}
@@ -95,8 +93,6 @@ NO_PIPELINE, INTERPOLATED_UPSAMPLING = 1, 32
 
 
 log = logging.getLogger("tritonpipe")
-if os.environ.get(CHECK_ENV, "nvjpeg").strip().lower() not in CHECKS:
-    log.warning("%s=%s is neither nvjpeg nor own: nvjpeg checks every image (nvjpeg)", CHECK_ENV, os.environ[CHECK_ENV])
 
 #: a libnvjpeg to use before any other (a path), e.g. a newer release than the one torchvision ships
 LIBRARY_ENV = "TRITONPIPE_NVJPEG_LIBRARY"
@@ -461,7 +457,7 @@ class Decoder:
         """HxWx3 uint8 RGB images of contiguous 1-D uint8 CPU ``datas`` ((height, width) each in ``sizes``),
         ordered on the current CUDA stream; None where nvjpeg refused the image, False where the engines
         do not take it (see :meth:`takes`).  ``known``: for each image, its nvjpegChromaSubsampling_t where the
-        caller's own header parse shows the engines take it (see :data:`OWN_HEADER_CHECK`), else None: nvjpeg
+        caller's own header parse shows the engines take it (see :data:`HEADER_CHECK`), else None: nvjpeg
         checks it.  Safe to call from several threads at once."""
         results: list[torch.Tensor | None | bool] = [None] * len(datas)
         known = list(known) if known is not None else [None] * len(datas)

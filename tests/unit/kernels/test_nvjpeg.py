@@ -592,20 +592,23 @@ def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsampli
     assert nvjpeg.engines_read(baseline, interleaved, subsampling) == code
 
 
-@pytest.mark.parametrize("value, own, warned", [(None, False, False), ("nvjpeg", False, False), ("own", True, False),
-                                                ("OWN ", True, False), ("on", False, True)])
-def test_the_environment_can_leave_the_check_to_the_callers_parse(value, own, warned):
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("decoder", ["nvjpeg", "auto"])
+def test_header_check_reaches_the_decode_and_tunes_only_nvjpeg(monkeypatch, decoder):
+    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: None)
+    graph = {"backend": "DecodeTensor", "decoder": decoder, "header_check": "own"}
+    stage = build_stage(load_graph(graph).entry.tree, "cuda")
+    asked = {}
+    monkeypatch.setattr(J, "decode_jpeg_tensor", lambda datas, **kwargs: asked.update(kwargs) or [])
+    stage.forward([])
+    assert stage.header_check == "own" and asked["nvjpeg_header_check"] == "own"
+    assert build_stage(load_graph({"backend": "DecodeTensor"}).entry.tree, "cuda").header_check == nvjpeg.HEADER_CHECK == "nvjpeg"
 
-    env = {key: item for key, item in os.environ.items() if key != nvjpeg.CHECK_ENV}
-    if value is not None:
-        env[nvjpeg.CHECK_ENV] = value
-    code = "from tritonpipe.kernels import nvjpeg; print(nvjpeg.OWN_HEADER_CHECK)"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip() == str(own)
-    assert (nvjpeg.CHECK_ENV in done.stderr) == warned
+
+def test_header_check_with_a_decoder_that_does_not_read_it_is_refused():
+    with pytest.raises(ConfigError, match="header_check tunes decoder=nvjpeg or decoder=auto"):
+        build_stage(load_graph({"backend": "DecodeTensor", "decoder": "torchvision", "header_check": "own"}).entry.tree, "cpu")
+    with pytest.raises(ValueError, match="nvjpeg_header_check"):
+        J.decode_jpeg_tensor([], torch.device("cpu"), nvjpeg_header_check="libjpeg")
 
 
 def test_the_engines_take_only_what_nvjpeg_says_they_take():
@@ -651,7 +654,6 @@ class StubDecoder:
 
 @pytest.mark.parametrize("own", [False, True])
 def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch, own):
-    monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", own)
     color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
     skipped = _jpeg(8, 12, 4)
     stub = StubDecoder(refuse=refused, skip=skipped)
@@ -665,7 +667,7 @@ def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_
     monkeypatch.setattr(J, "_decode_on_gpu", torchvision)
     datas = [_tensor(d) for d in (color, gray, progressive, refused, skipped)]
     infos = [J.read_jpeg_info(d) for d in datas]
-    out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
+    out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"), header_check="own" if own else "nvjpeg")
     assert stub.seen == [color, refused, skipped]
     # Pillow's default 4:2:0: where it is asked to, the parse vouches for each
     assert stub.known == [nvjpeg.ENGINE_SUBSAMPLINGS["4:2:0"] if own else None] * 3
@@ -841,7 +843,7 @@ def test_lanes_orders_and_pinned_input_give_torchvisions_pixels_in_the_callers_o
 
 
 @_on_gpu
-def test_the_callers_parse_in_place_of_nvjpegs_check_changes_no_pixel_and_no_route(monkeypatch):
+def test_the_callers_parse_in_place_of_nvjpegs_check_changes_no_pixel_and_no_route():
     """Every sampling, coding and awkward size in one batch: decoded with nvjpeg's header check of each image
     and with tritonpipe's own parse vouching for the usual ones, the images are the same."""
     _engines()
@@ -861,10 +863,9 @@ def test_the_callers_parse_in_place_of_nvjpegs_check_changes_no_pixel_and_no_rou
              _jpeg(1, 1, 6), _jpeg(1, 3000, 7), _jpeg(3000, 2, 8), _jpeg(17, 9, 9, subsampling=0)]
     datas = [_tensor(d) for d in batch] * 3  # a batch from nvjpeg.SORT_FROM images is handed over largest first
     checked = {}
-    for own in (False, True):
-        monkeypatch.setattr(nvjpeg, "OWN_HEADER_CHECK", own)
-        checked[own] = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg")
-    for data, a, b in zip(datas, checked[False], checked[True], strict=True):
+    for check in nvjpeg.HEADER_CHECKS:
+        checked[check] = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg", nvjpeg_header_check=check)
+    for data, a, b in zip(datas, checked["nvjpeg"], checked["own"], strict=True):
         info = J.read_jpeg_info(data)
         assert isinstance(a, torch.Tensor) and tuple(a.shape) == (3, info.height, info.width)
         assert torch.equal(a, b), (info.subsampling, info.height, info.width)
