@@ -419,7 +419,7 @@ class Decoder:
         with self._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             results: list[torch.Tensor | None | bool] = []
             order = self.sort_from is not None and len(datas) >= self.sort_from
-            groups = []  # each image's chroma subsampling, where the order asks for it
+            groups = []  # each image's chroma subsampling where the caller vouched for it or the order asks for it, else 0
             for data, subsampling in zip(datas, known):
                 if subsampling is not None:
                     results.append(True)
