@@ -861,7 +861,7 @@ def test_the_callers_parse_in_place_of_nvjpegs_check_changes_no_pixel_and_no_rou
              cv(48, 80, sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411), cv(48, 80, sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440),
              cv(96, 128, cv2.IMWRITE_JPEG_RST_INTERVAL, 2), _jpeg(40, 60, 4, "L"), _jpeg(40, 60, 5, progressive=True),
              _jpeg(1, 1, 6), _jpeg(1, 3000, 7), _jpeg(3000, 2, 8), _jpeg(17, 9, 9, subsampling=0)]
-    datas = [_tensor(d) for d in batch] * 3  # a batch from nvjpeg.SORT_FROM images is handed over largest first
+    datas = [_tensor(d) for d in batch] * 4  # 40 for the engines: from nvjpeg.SORT_FROM images a part goes largest first
     checked = {}
     for check in nvjpeg.HEADER_CHECKS:
         checked[check] = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg", nvjpeg_header_check=check)
