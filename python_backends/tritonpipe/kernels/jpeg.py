@@ -491,11 +491,16 @@ _side_thread: ThreadPoolExecutor | None = None
 _host_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 
 
+_side_lock = threading.Lock()
+
+
 def _side_executor() -> ThreadPoolExecutor:
+    """The process's one thread for the CUDA decoder's share: two batches in flight queue their shares on it."""
     global _side_thread
-    if _side_thread is None:
-        _side_thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-decoder-share")
-    return _side_thread
+    with _side_lock:
+        if _side_thread is None:
+            _side_thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-decoder-share")
+        return _side_thread
 
 
 def _host_executor(threads: int) -> ThreadPoolExecutor:

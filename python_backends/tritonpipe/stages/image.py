@@ -249,11 +249,12 @@ class DecodeTensor(Stage):
             )
 
     def one_batch_at_a_time(self) -> str | None:
-        """DALI's chunk pipelines and nvImageCodec's decoders are the stage's own, as is a second decoder's share."""
+        """DALI's chunk pipelines and nvImageCodec's decoders are the stage's own, as is the host share's balance.
+        A share on nvImageCodec's CUDA decoder may be two batches': their side decodes take turns."""
         if self.decoder in ("dali", "nvimgcodec"):
             return f"{self.name}(decoder={self.decoder}) takes one batch at a time"
-        if self.cuda_decoder_share or self.balance is not None:
-            return f"{self.name}'s share of each batch for a second decoder is one batch's at a time"
+        if self.balance is not None:
+            return f"{self.name}'s balance of each batch's host share is one batch's at a time"
         return None
 
     def _pick_decoder(self, wanted: str) -> str:
