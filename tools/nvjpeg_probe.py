@@ -34,9 +34,7 @@ the callers, its calls in turn, and through a decoder each calling side by side 
 do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
 ``pre2`` rows run the kernels of the bench's ``inprocess-pre-2`` row without its stages (one decoder, two batches of
 64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
-row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does; and each again
-with tritonpipe's own header parse vouching for the images it can, so that nvjpeg's header check of them is skipped
-(what ``DecodeTensor`` does with ``header_check = "own"``).
+row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -571,7 +569,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
                 host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy",
-                wait_each: bool = False, own_parse: bool = False) -> None:
+                wait_each: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -589,12 +587,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     ``host_mode`` ``decode`` or ``stage``: the host threads only decode (and stage) the share beside a whole batch on
     the GPU decoder, so that what the host's work costs the engines' side reads apart from the copies; ``wait_each``:
     each thread waits for its batch's GPU work before it starts the next, as the bench's ``inprocess-pre-2`` row and
-    DALI's prefetch of 2 do, so that at most ``count`` batches are in flight; ``own_parse``: tritonpipe's header parse
-    (made once per image here, before the row) vouches for the images it can, so that nvjpeg checks only the rest, as
-    ``DecodeTensor`` hands them over with ``header_check = "own"``."""
+    DALI's prefetch of 2 do, so that at most ``count`` batches are in flight."""
     tensors, shapes = accepted(nv, corpus)
-    vouched = [nvjpeg.engines_read(info.baseline, info.interleaved, info.subsampling)
-               for info in map(jpeg.read_jpeg_info, tensors)] if own_parse else [None] * len(tensors)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
     if post:  # the resize kernel compiles on its first call: not inside a timed row
@@ -621,8 +615,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                         images = sides[k].decode(decoders[k], [tensors[i] for i in chosen], [shapes[i] for i in chosen],
                                                  streams[k].cuda_stream)
                     else:
-                        images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen],
-                                                    [vouched[i] for i in chosen])
+                        images = decoders[k].decode([tensors[i] for i in chosen], [shapes[i] for i in chosen])
                     decoded = [image for image in images if isinstance(image, torch.Tensor)]  # None: refused
                     refused[k] += len(images) - len(decoded) if started >= begin else 0
                     if post and decoded:
@@ -650,8 +643,6 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         if wait_each:
             what += ", each batch waited for before the next"
-        if own_parse:
-            what += f", nvjpeg's header check only where tritonpipe's parse does not vouch ({vouched.count(None)} of {len(vouched)})"
         if sum(refused):
             what += f" ({sum(refused):,} images refused, not counted)"
         if balanced:
@@ -880,7 +871,7 @@ def main() -> None:
                         "host threads beside the engines, as cpu_decoder_share splits it), hostcause (that share taken apart beside one "
                         "decoder: decoding only, staging, the whole path, torch on one thread), small (served-size batches "
                         "from 4-8 callers, one decoder for all or a decoder each), pre2 (the bench's inprocess-pre-2 kernels "
-                        "without its stages, each batch waited for or not, nvjpeg's header check of each image or tritonpipe's parse)")
+                        "without its stages, each batch waited for or not)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -948,9 +939,8 @@ def main() -> None:
             finally:
                 torch.set_num_threads(threads)
         if "pre2" in groups:  # the bench's inprocess-pre-2 shape without the stages: one decoder, two batches in flight
-            for wait_each, own_parse in ((False, False), (True, False), (True, True), (False, True)):
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each,
-                            own_parse=own_parse)
+            for wait_each in (False, True):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)

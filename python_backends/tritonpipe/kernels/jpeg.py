@@ -77,11 +77,6 @@ _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _ORIENTATION_TAG = 0x0112
 
 
-#: chroma subsampling by the luma component's sampling factors (horizontal, vertical), where both chroma
-#: components sample (1, 1)
-_SUBSAMPLINGS = {(1, 1): "4:4:4", (2, 1): "4:2:2", (2, 2): "4:2:0", (1, 2): "4:4:0", (4, 1): "4:1:1", (4, 2): "4:1:0"}
-
-
 @dataclass(frozen=True)
 class JpegInfo:
     height: int
@@ -89,12 +84,6 @@ class JpegInfo:
     components: int
     progressive: bool
     orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
-    #: the frame's coding: baseline (SOF0, 8-bit samples and quantization tables), as every JPEG engine reads
-    baseline: bool = False
-    #: "4:4:4", "4:2:2", "4:2:0", "4:4:0", "4:1:1", "4:1:0", "gray", or None for any other sampling layout
-    subsampling: str | None = None
-    #: whether the first scan carries every component (one interleaved scan, as most writers make)
-    interleaved: bool = False
 
 
 def bytes_view(data) -> memoryview:
@@ -173,8 +162,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         raise _not_jpeg(view)
 
     orientation = 1
-    wide_tables = False  # a quantization table of 16-bit entries, which baseline coding does not allow
-    frame = None  # (SOF marker, precision, height, width, components, component specifications)
+    frame = None  # (SOF marker, height, width, components)
     pos = 2
     # Walk every header segment up to the first scan (SOS): a file whose headers
     # end without one has no pixels, and nvjpeg crashes the process on it.
@@ -210,19 +198,16 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         segment = view[pos + 2 : pos + length]
         pos += length
         if marker == 0xDA:
-            scan_components = segment[0] if len(segment) else 0
             break
         if marker == 0xE1 and orientation == 1:
             orientation = _exif_orientation(segment)
         elif marker in _SOF_MARKERS and frame is None:
             if len(segment) < 6:
                 raise DecodeError(f"corrupt JPEG header: frame header FF {marker:02X} is only {len(segment)} bytes", reason="corrupt")
-            precision, height, width, components = struct.unpack_from(">BHHB", segment)
-            frame = (marker, precision, height, width, components, bytes(segment[6 : 6 + 3 * components]))
-        elif marker == 0xDB:
-            wide_tables = wide_tables or _has_wide_table(segment)
+            _precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            frame = (marker, height, width, components)
 
-    sof, precision, height, width, components, specs = frame
+    sof, height, width, components = frame
     if height == 0 or width == 0:
         raise DecodeError(f"invalid JPEG: frame header declares a zero dimension ({width}x{height})", reason="zero_size")
     pixels = height * width
@@ -237,35 +222,7 @@ def read_jpeg_info(data, *, max_pixels: int = MAX_PIXELS) -> JpegInfo:
         components=components,
         progressive=sof in _PROGRESSIVE_SOF,
         orientation=orientation,
-        baseline=sof == 0xC0 and precision == 8 and not wide_tables,
-        subsampling=_subsampling(components, specs),
-        interleaved=scan_components == components,
     )
-
-
-def _has_wide_table(segment: memoryview) -> bool:
-    """Whether a DQT segment defines a table of 16-bit entries (each table: a byte of precision and id, then 64
-    entries of one or two bytes)."""
-    pos = 0
-    while pos < len(segment):
-        wide = segment[pos] >> 4
-        if wide:
-            return True
-        pos += 1 + 64
-    return False
-
-
-def _subsampling(components: int, specs: bytes) -> str | None:
-    """The chroma subsampling that a frame header's component specifications (3 bytes each: id, sampling
-    factors, quantisation table) describe, or None where it is none of the usual ones."""
-    if len(specs) != 3 * components:
-        return None
-    factors = [(specs[i + 1] >> 4, specs[i + 1] & 15) for i in range(0, len(specs), 3)]
-    if components == 1:
-        return "gray"
-    if components != 3 or factors[1] != (1, 1) or factors[2] != (1, 1):
-        return None
-    return _SUBSAMPLINGS.get(factors[0])
 
 
 def _orient(image: torch.Tensor, orientation: int, h_dim: int, w_dim: int) -> torch.Tensor:
@@ -368,12 +325,11 @@ def _decode_on_gpu_nvimgcodec(
 
 
 def _decode_on_gpu_nvjpeg(
-    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, lanes: int = nvjpeg.LANES,
-    header_check: str = nvjpeg.HEADER_CHECK,
+    datas: list[torch.Tensor], infos: list[JpegInfo], device: torch.device, lanes: int = nvjpeg.LANES
 ) -> list[torch.Tensor | None]:
     """nvjpeg's hardware decoder driven directly (see :mod:`.nvjpeg`), a batch in ``lanes`` parts in flight:
     3xHxW views of its interleaved images, nothing copied; torchvision decodes what the engines do not
-    take; None where either failed.  ``header_check``: see :data:`.nvjpeg.HEADER_CHECK`."""
+    take; None where either failed."""
     found = nvjpeg.decoder(device, lanes)
     if isinstance(found, str):
         _warn_once(f"decoder=nvjpeg cannot run here ({found}); torchvision decodes instead")
@@ -381,11 +337,7 @@ def _decode_on_gpu_nvjpeg(
     datas = [data.contiguous() for data in datas]
     candidates = [i for i, info in enumerate(infos) if info.components == 3 and not info.progressive]
     results: list[torch.Tensor | None] = [None] * len(datas)
-    own = header_check == "own"
-    known = [nvjpeg.engines_read(infos[i].baseline, infos[i].interleaved, infos[i].subsampling) if own else None
-             for i in candidates]
-    decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates],
-                           known) if candidates else []
+    decoded = found.decode([datas[i] for i in candidates], [(infos[i].height, infos[i].width) for i in candidates]) if candidates else []
     for i, image in zip(candidates, decoded):
         if isinstance(image, torch.Tensor):
             results[i] = image.permute(2, 0, 1)
@@ -690,7 +642,6 @@ def decode_jpeg_tensor(
     cuda_decoder_share: float = 0.0,
     dali_settings: dali_decode.Settings | None = None,
     nvjpeg_lanes: int = nvjpeg.LANES,
-    nvjpeg_header_check: str = nvjpeg.HEADER_CHECK,
     cpu_decoder_share: float = 0.0,
     cpu_decoder_threads: int = 1,
     balance: ShareBalance | None = None,
@@ -698,8 +649,7 @@ def decode_jpeg_tensor(
     """Decode JPEGs into CHW uint8 RGB tensors on `device`; one tensor or DecodeError per input.
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
-    (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight, each image's header checked as ``nvjpeg_header_check``
-    says), nvImageCodec (with ``settings``) or
+    (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight), nvImageCodec (with ``settings``) or
     DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
@@ -712,8 +662,6 @@ def decode_jpeg_tensor(
         raise ValueError("give cuda_decoder_share or cpu_decoder_share, not both")
     if gpu_decoder not in GPU_DECODERS:
         raise ValueError(f"gpu_decoder must be one of {GPU_DECODERS}, got {gpu_decoder!r}")
-    if nvjpeg_header_check not in nvjpeg.HEADER_CHECKS:
-        raise ValueError(f"nvjpeg_header_check must be one of {nvjpeg.HEADER_CHECKS}, got {nvjpeg_header_check!r}")
     device = torch.device(device)
     settings = settings or nvimgcodec.Settings()
     results: list[torch.Tensor | DecodeError | None] = [None] * len(datas)
@@ -730,8 +678,7 @@ def decode_jpeg_tensor(
             chosen = [infos[i] for i in indices]
             return _decode_on_gpu_dali([datas[i] for i in indices], chosen, device, dali_settings or dali_decode.Settings())
         if gpu_decoder == "nvjpeg":
-            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device, nvjpeg_lanes,
-                                         nvjpeg_header_check)
+            return _decode_on_gpu_nvjpeg([datas[i] for i in indices], [infos[i] for i in indices], device, nvjpeg_lanes)
         if gpu_decoder == "nvimgcodec":
             return _decode_on_gpu_nvimgcodec([datas[i] for i in indices], [infos[i] for i in indices], device, settings)
         return _decode_on_gpu([datas[i] for i in indices], device)

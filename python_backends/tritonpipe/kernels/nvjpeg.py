@@ -69,16 +69,6 @@ ORDERS = ("area", "subsampling")
 #: caller's memory (Triton's shared memory, pageable) itself.  On an H200 the copy made two batches of 64 in
 #: flight 0.64x as fast (0.70 host ms per image), where bitstreams page-locked from the start were 1.06x
 PINNED_INPUT = False
-#: who checks each JPEG's header before a part goes to the engines: ``nvjpeg`` checks every image
-#: (:meth:`Decoder.takes`); ``own``: the caller's own header parse vouches for an image the engines surely read
-#: (baseline 8-bit, one interleaved scan, a subsampling of :data:`ENGINE_SUBSAMPLINGS`, see :func:`engines_read`), and
-#: nvjpeg checks only the rest, and any vouched-for image of a part it then refuses.  On an H100, nvjpeg's check was
-#: 10.7% of the two in-process batches' host time, its decode calls 46.5%.  ``nvjpeg`` until ``own`` is measured on a GPU
-HEADER_CHECKS = ("nvjpeg", "own")
-HEADER_CHECK = "nvjpeg"
-#: the chroma subsamplings every JPEG engine reads (those nvImageCodec's hardware decoder asks nvjpeg about), as
-#: nvjpegChromaSubsampling_t
-ENGINE_SUBSAMPLINGS = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2, "4:4:0": 3}
 #: where each decoded image of a part starts in the part's one output allocation: a multiple of this many bytes,
 #: as every image had its own allocation before (the caching allocator aligns its blocks to 512 bytes)
 ALIGN = 512
@@ -412,30 +402,22 @@ class Decoder:
                 state.reset()
                 raise
 
-    def _part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], known: Sequence[int | None],
-              stream) -> list[torch.Tensor | None | bool]:
+    def _part(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], stream) -> list[torch.Tensor | None | bool]:
         """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
-        engines do not take it.  ``known``: each image's subsampling where the caller's parse vouches for it."""
+        engines do not take it."""
         with self._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             results: list[torch.Tensor | None | bool] = []
             order = self.sort_from is not None and len(datas) >= self.sort_from
-            groups = []  # each image's chroma subsampling where the caller vouched for it or the order asks for it, else 0
-            for data, subsampling in zip(datas, known):
-                if subsampling is not None:
-                    results.append(True)
-                    groups.append(subsampling)
-                    continue
+            groups = []  # each image's chroma subsampling, where the order asks for it
+            for data in datas:
                 results.append(self.takes(data))
                 if order and self.order == "subsampling":
                     groups.append(self._subsampling() if results[-1] else _UNKNOWN_ORDER)
-                else:
-                    groups.append(0)
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
             if order and len(taken) >= self.sort_from:
-                by_subsampling = self.order == "subsampling"
-                taken.sort(key=lambda i: (groups[i] if by_subsampling else 0, -sizes[i][0] * sizes[i][1]))
+                taken.sort(key=lambda i: (groups[i] if groups else 0, -sizes[i][0] * sizes[i][1]))
             outputs = self._outputs([sizes[i] for i in taken])
             decoded: list[torch.Tensor | None] = list(outputs)
             try:
@@ -446,21 +428,16 @@ class Decoder:
                     try:
                         self._submit([datas[i]], [outputs[k]], stream)
                     except NvjpegError:
-                        # not checked by nvjpeg before: the engines may not take it, rather than it being damaged
-                        decoded[k] = None if known[i] is None or self.takes(datas[i]) else False
+                        decoded[k] = None
             for i, image in zip(taken, decoded):
                 results[i] = image
             return results
 
-    def decode(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
-               known: Sequence[int | None] | None = None) -> list[torch.Tensor | None | bool]:
+    def decode(self, datas: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | None | bool]:
         """HxWx3 uint8 RGB images of contiguous 1-D uint8 CPU ``datas`` ((height, width) each in ``sizes``),
         ordered on the current CUDA stream; None where nvjpeg refused the image, False where the engines
-        do not take it (see :meth:`takes`).  ``known``: for each image, its nvjpegChromaSubsampling_t where the
-        caller's own header parse shows the engines take it (see :data:`HEADER_CHECK`), else None: nvjpeg
-        checks it.  Safe to call from several threads at once."""
+        do not take it (see :meth:`takes`).  Safe to call from several threads at once."""
         results: list[torch.Tensor | None | bool] = [None] * len(datas)
-        known = list(known) if known is not None else [None] * len(datas)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         cut = parts(len(datas), self.parts)
         # a batch of one part (a single image, say) is decoded on the caller's thread: handing it to a
@@ -468,7 +445,7 @@ class Decoder:
         threads = self.threads if len(cut) > 1 else None
         jobs = []
         for part in cut:
-            args = ([datas[i] for i in part], [sizes[i] for i in part], [known[i] for i in part], stream)
+            args = ([datas[i] for i in part], [sizes[i] for i in part], stream)
             # a state's buffers are made by whichever thread first needs it: the lanes run in the caller's mode
             jobs.append((part, submit_in_callers_mode(threads, self._part, *args) if threads else self._part(*args)))
         if threads:
@@ -504,14 +481,6 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
                              if exc.status == _ARCH_MISMATCH else f"nvjpeg's hardware decoder could not start: {exc}")
             _decoders[(index, lanes)] = found
         return found
-
-
-def engines_read(baseline: bool, interleaved: bool, subsampling: str | None) -> int | None:
-    """The nvjpegChromaSubsampling_t of a JPEG that a header parse shows every JPEG engine reads (baseline
-    8-bit, one interleaved scan, a subsampling of :data:`ENGINE_SUBSAMPLINGS`), or None: ask nvjpeg."""
-    if not (baseline and interleaved):
-        return None
-    return ENGINE_SUBSAMPLINGS.get(subsampling)
 
 
 def problem(device: torch.device, lanes: int = LANES) -> str | None:

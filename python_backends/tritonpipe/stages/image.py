@@ -159,13 +159,6 @@ class DecodeTensor(Stage):
                 f"them (1: the whole batch in one submission, on the model's thread); 0: the decoder's own ({dali_decode.DEPTH} for dali, "
                 f"{nvjpeg.LANES} for nvjpeg)",
         ),
-        "header_check": Param(
-            str, nvjpeg.HEADER_CHECK, choices=nvjpeg.HEADER_CHECKS,
-            doc="with decoder=nvjpeg (or auto, where it picks nvjpeg): who checks each JPEG's header before a batch goes "
-                "to the engines: nvjpeg, every image; or own: tritonpipe's header parse (made for every image anyway) "
-                "vouches for baseline 8-bit JPEGs in one scan with 4:4:4, 4:2:2, 4:2:0 or 4:4:0 chroma, and nvjpeg "
-                "checks the rest, and any image it refuses all the same",
-        ),
         "decode_threads": Param(
             int, 1, low=1, high=nvimgcodec.MAX_THREADS,
             doc="with decoder=nvimgcodec: decoders that share out each batch and work on it at once, one thread each",
@@ -213,7 +206,6 @@ class DecodeTensor(Stage):
         self.color = params["color"]
         self.hwc = params["data_format"] == "hwc"
         self.nvjpeg_lanes = params["decode_depth"] or nvjpeg.LANES
-        self.header_check = params["header_check"]
         self.decoder = self._pick_decoder(params["decoder"])
         self.settings = nvimgcodec.Settings(
             hw_load=params["hw_decoder_load"],
@@ -284,7 +276,7 @@ class DecodeTensor(Stage):
         decode_all = functools.partial(
             jpeg.decode_jpeg_tensor, device=self.device, apply_exif=self.apply_exif, max_pixels=self.max_pixels,
             gpu_decoder=self.decoder, settings=self.settings, cuda_decoder_share=self.cuda_decoder_share,
-            dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes, nvjpeg_header_check=self.header_check,
+            dali_settings=self.dali_settings, nvjpeg_lanes=self.nvjpeg_lanes,
             cpu_decoder_share=self.cpu_decoder_share, cpu_decoder_threads=self.cpu_decoder_threads, balance=self.balance,
         )
         pool = cpu_threads() if self.device.type == "cpu" and len(todo) > 1 else None
@@ -313,7 +305,7 @@ class DecodeTensor(Stage):
                 "on the CPU every decoder already interpolates it"
             )
         # auto picks nvjpeg where the GPU has JPEG engines, so nvjpeg's keys are auto's too
-        tuned = {"decode_chunk": ("dali",), "decode_depth": ("dali", "nvjpeg", "auto"), "header_check": ("nvjpeg", "auto")}
+        tuned = {"decode_chunk": ("dali",), "decode_depth": ("dali", "nvjpeg", "auto")}
         for key, decoders in tuned.items():
             if params[key] != DecodeTensor.params[key].default and params["decoder"] not in decoders:
                 users = " or ".join(f"decoder={name}" for name in decoders)

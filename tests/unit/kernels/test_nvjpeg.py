@@ -147,7 +147,7 @@ class FakeNvjpeg:
         assert (state.value, len(pointers)) in self.initialised, "a state used for a batch size it was not initialised for"
         datas = [ctypes.string_at(pointers[i], lengths[i]) for i in range(len(pointers))]
         self.submitted.append(len(datas))
-        if any(data[2] in (1, 2) for data in datas):  # what the engines do not take, handed over all the same
+        if any(data[2] == 2 for data in datas):
             return self.BAD_JPEG
         for data, image in zip(datas, images):
             assert image.pitch[0] == data[5] * 3
@@ -536,81 +536,6 @@ def test_a_refused_part_is_decoded_again_one_image_at_a_time():
     assert [int(r[0, 0, 0]) for r in again] == [10, 12, 13]
 
 
-class CountingNvjpeg(FakeNvjpeg):
-    """Counts nvjpeg's header checks."""
-
-    def __init__(self):
-        super().__init__()
-        self.checks = 0
-
-    def nvjpegJpegStreamParseHeader(self, handle, data, length, stream):
-        self.checks += 1
-        return super().nvjpegJpegStreamParseHeader(handle, data, length, stream)
-
-
-def test_images_the_callers_parse_vouches_for_are_not_checked_by_nvjpeg_again():
-    lib = CountingNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1)
-    images = [_fake_jpeg(10 + i, 3 + i, 4) for i in range(5)]
-    known = [2, None, 0, 2, None]
-    out = decoder.decode(images, [(3 + i, 4) for i in range(5)], known)
-    assert [int(r[0, 0, 0]) for r in out] == [10 + i for i in range(5)]
-    assert lib.checks == 2 and lib.submitted == [5]  # only the two it had no word on
-    _decode(decoder, images)  # without the caller's word, nvjpeg checks each
-    assert lib.checks == 7
-
-
-def test_a_vouched_for_image_nvjpeg_refuses_is_checked_then_and_fails_or_goes_elsewhere_alone():
-    lib = CountingNvjpeg()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1)
-    images = [_fake_jpeg(10 + i, 4, 5) for i in range(5)]
-    images[1] = _fake_jpeg(99, 4, 5, flags=1)  # the engines do not take it after all
-    images[3] = _fake_jpeg(98, 4, 5, flags=2)  # damaged
-    out = decoder.decode(images, [(4, 5)] * 5, [0] * 5)
-    assert out[1] is False and out[3] is None  # False: torchvision decodes it; None: refused
-    assert [int(out[i][0, 0, 0]) for i in (0, 2, 4)] == [10, 12, 14]
-    assert lib.submitted == [5, 1, 1, 1, 1, 1] and lib.checks == 2  # the part, then one at a time; checked where refused
-
-
-def test_the_subsampling_order_takes_the_callers_subsampling_where_it_vouches():
-    lib = PartsNvjpeg()  # cannot name a subsampling itself
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, sort_from=1, order="subsampling")
-    cases = [(2, 3, 4), (0, 2, 2), (2, 9, 9), (1, 8, 8), (0, 7, 5)]  # (subsampling, height, width)
-    images = [_with_subsampling(30 + i, h, w, css) for i, (css, h, w) in enumerate(cases)]
-    out = decoder.decode(images, [(h, w) for _, h, w in cases], [css for css, _, _ in cases])
-    assert [int(r[0, 0, 0]) for r in out] == [30 + i for i in range(len(cases))]
-    (handed,) = lib.parts
-    assert handed == sorted(((css, h * w) for css, h, w in cases), key=lambda c: (c[0], -c[1]))
-
-
-@pytest.mark.parametrize("baseline, interleaved, subsampling, code", [
-    (True, True, "4:4:4", 0), (True, True, "4:2:2", 1), (True, True, "4:2:0", 2), (True, True, "4:4:0", 3),
-    (True, True, "4:1:1", None), (True, True, "gray", None), (True, True, None, None),
-    (False, True, "4:2:0", None), (True, False, "4:2:0", None),
-])
-def test_the_engines_read_only_baseline_single_scan_jpegs_of_the_usual_subsamplings(baseline, interleaved, subsampling, code):
-    assert nvjpeg.engines_read(baseline, interleaved, subsampling) == code
-
-
-@pytest.mark.parametrize("decoder", ["nvjpeg", "auto"])
-def test_header_check_reaches_the_decode_and_tunes_only_nvjpeg(monkeypatch, decoder):
-    monkeypatch.setattr(nvjpeg, "problem", lambda device, lanes=nvjpeg.LANES: None)
-    graph = {"backend": "DecodeTensor", "decoder": decoder, "header_check": "own"}
-    stage = build_stage(load_graph(graph).entry.tree, "cuda")
-    asked = {}
-    monkeypatch.setattr(J, "decode_jpeg_tensor", lambda datas, **kwargs: asked.update(kwargs) or [])
-    stage.forward([])
-    assert stage.header_check == "own" and asked["nvjpeg_header_check"] == "own"
-    assert build_stage(load_graph({"backend": "DecodeTensor"}).entry.tree, "cuda").header_check == nvjpeg.HEADER_CHECK == "nvjpeg"
-
-
-def test_header_check_with_a_decoder_that_does_not_read_it_is_refused():
-    with pytest.raises(ConfigError, match="header_check tunes decoder=nvjpeg or decoder=auto"):
-        build_stage(load_graph({"backend": "DecodeTensor", "decoder": "torchvision", "header_check": "own"}).entry.tree, "cpu")
-    with pytest.raises(ValueError, match="nvjpeg_header_check"):
-        J.decode_jpeg_tensor([], torch.device("cpu"), nvjpeg_header_check="libjpeg")
-
-
 def test_the_engines_take_only_what_nvjpeg_says_they_take():
     lib = FakeNvjpeg()
     decoder = nvjpeg.Decoder(lib, torch.device("cpu"))
@@ -639,8 +564,7 @@ class StubDecoder:
         self.seen: list[bytes] = []
         self.refuse, self.skip = refuse, skip
 
-    def decode(self, datas, sizes, known=None):
-        self.known = list(known) if known is not None else None
+    def decode(self, datas, sizes):
         out = []
         for data in datas:
             raw = data.numpy().tobytes()
@@ -652,8 +576,7 @@ class StubDecoder:
         return out
 
 
-@pytest.mark.parametrize("own", [False, True])
-def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch, own):
+def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_torchvision(monkeypatch):
     color, gray, progressive, refused = _jpeg(8, 12, 0), _jpeg(8, 12, 1, "L"), _jpeg(8, 12, 2, progressive=True), _jpeg(6, 10, 3)
     skipped = _jpeg(8, 12, 4)
     stub = StubDecoder(refuse=refused, skip=skipped)
@@ -667,10 +590,8 @@ def test_the_jpeg_decode_sends_3_component_baseline_jpegs_there_and_the_rest_to_
     monkeypatch.setattr(J, "_decode_on_gpu", torchvision)
     datas = [_tensor(d) for d in (color, gray, progressive, refused, skipped)]
     infos = [J.read_jpeg_info(d) for d in datas]
-    out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"), header_check="own" if own else "nvjpeg")
+    out = J._decode_on_gpu_nvjpeg(datas, infos, torch.device("cpu"))
     assert stub.seen == [color, refused, skipped]
-    # Pillow's default 4:2:0: where it is asked to, the parse vouches for each
-    assert stub.known == [nvjpeg.ENGINE_SUBSAMPLINGS["4:2:0"] if own else None] * 3
     assert sorted(elsewhere) == sorted([len(gray), len(progressive), len(skipped)])
     # the engines' images come back as 3xHxW views of their interleaved pixels; a refusal as None
     assert out[0].shape == (3, 8, 12) and torch.equal(out[0], J._decode_on_cpu(datas[0]))
@@ -840,33 +761,3 @@ def test_lanes_orders_and_pinned_input_give_torchvisions_pixels_in_the_callers_o
     for _ in range(3):
         ours = decoder.decode(datas, shapes)
         assert all(torch.equal(a.permute(2, 0, 1), b) for a, b in zip(ours, theirs, strict=True))
-
-
-@_on_gpu
-def test_the_callers_parse_in_place_of_nvjpegs_check_changes_no_pixel_and_no_route():
-    """Every sampling, coding and awkward size in one batch: decoded with nvjpeg's header check of each image
-    and with tritonpipe's own parse vouching for the usual ones, the images are the same."""
-    _engines()
-    import cv2
-
-    rng = np.random.default_rng(3)
-
-    def cv(height, width, *params):
-        ok, encoded = cv2.imencode(".jpg", rng.integers(0, 256, (height, width, 3), dtype=np.uint8), list(params))
-        assert ok
-        return encoded.tobytes()
-
-    sampling = cv2.IMWRITE_JPEG_SAMPLING_FACTOR
-    batch = [_jpeg(48, 64, 0, subsampling=0), _jpeg(45, 70, 1, subsampling=1), _jpeg(64, 96, 2),
-             cv(48, 80, sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411), cv(48, 80, sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440),
-             cv(96, 128, cv2.IMWRITE_JPEG_RST_INTERVAL, 2), _jpeg(40, 60, 4, "L"), _jpeg(40, 60, 5, progressive=True),
-             _jpeg(1, 1, 6), _jpeg(1, 3000, 7), _jpeg(3000, 2, 8), _jpeg(17, 9, 9, subsampling=0)]
-    datas = [_tensor(d) for d in batch] * 4  # 40 for the engines: from nvjpeg.SORT_FROM images a part goes largest first
-    checked = {}
-    for check in nvjpeg.HEADER_CHECKS:
-        checked[check] = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="nvjpeg", nvjpeg_header_check=check)
-    for data, a, b in zip(datas, checked["nvjpeg"], checked["own"], strict=True):
-        info = J.read_jpeg_info(data)
-        assert isinstance(a, torch.Tensor) and tuple(a.shape) == (3, info.height, info.width)
-        assert torch.equal(a, b), (info.subsampling, info.height, info.width)
-
