@@ -474,7 +474,7 @@ def _with_side_share(
 
     The smallest first, for either side: the engines pay most per byte for small images, one core decodes a large
     image in longer than the engines take for a batch, and nvImageCodec's CUDA decoder decodes the Huffman codes of
-    large images on the GPU (above its hybrid threshold), where a share of the largest images was 0.85-0.90x as fast
+    large images on the GPU (above its hybrid threshold), where a share of the largest images was 0.84-0.90x as fast
     on an H100 with two batches in flight."""
     if share <= 0:
         return list(zip(indices, decode_on_gpu(indices)))
