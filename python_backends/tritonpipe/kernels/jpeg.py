@@ -466,19 +466,14 @@ def _host_executor(threads: int) -> ThreadPoolExecutor:
 
 
 def _with_side_share(
-    indices: list[int], datas: list[torch.Tensor], share: float, start_side, decode_on_gpu,
+    indices: list[int], datas: list[torch.Tensor], share: float, start_side, decode_on_gpu, smallest_first: bool = False,
 ) -> list[tuple[int, torch.Tensor | DecodeError | None]]:
-    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes, the smallest images, which another decoder
-    decodes meanwhile: ``start_side(side_indices)`` starts it and returns a call that waits for its images.
-    (index, image, a DecodeError or None) pairs.
-
-    The smallest first, for either side: the engines pay most per byte for small images, one core decodes a large
-    image in longer than the engines take for a batch, and nvImageCodec's CUDA decoder decodes the Huffman codes of
-    large images on the GPU (above its hybrid threshold), where a share of the largest images was 0.84-0.90x as fast
-    on an H100 with two batches in flight."""
+    """``decode_on_gpu`` of ``indices``, but for ``share`` of their bytes (the largest images, or with
+    ``smallest_first`` the smallest), which another decoder decodes meanwhile: ``start_side(side_indices)`` starts
+    it and returns a call that waits for its images.  (index, image, a DecodeError or None) pairs."""
     if share <= 0:
         return list(zip(indices, decode_on_gpu(indices)))
-    rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share, smallest_first=True)
+    rest_positions, side_positions = split_by_bytes([len(datas[i]) for i in indices], share, smallest_first)
     rest, side = [indices[p] for p in rest_positions], [indices[p] for p in side_positions]
     wait = start_side(side) if side else list
     try:
@@ -595,7 +590,8 @@ def _host_side(datas, device: torch.device, threads: int, took: list[tuple[float
     """``start_side`` for libjpeg-turbo on ``threads`` host threads, each image copied to the GPU as soon as it is
     decoded (see :func:`_host_copy`); the caller's stream waits for the copies, so that the stages after the decode
     find the images there in order.
-    Its share is the smallest images (see :func:`_with_side_share`).
+    Its share is best filled with the smallest images (``smallest_first``): one core decodes a large image
+    in longer than the engines take for a batch, and the engines pay most per byte for the small ones.
     ``took``, where given, gets (the host's seconds, the bytes it took) for each batch.  With ``shapes``, the
     (height, width) of every image of ``datas``, the share's images land in one allocation (see
     :data:`HOST_ONE_BUFFER`): the caching allocator then sees one block per batch instead of one per image,
@@ -654,7 +650,7 @@ def decode_jpeg_tensor(
 
     ``gpu_decoder`` picks nvjpeg through torchvision, nvjpeg's hardware decoder driven directly
     (:mod:`.nvjpeg`, a batch in ``nvjpeg_lanes`` parts in flight), nvImageCodec (with ``settings``) or
-    DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes (its smallest images) goes to nvImageCodec's CUDA decoder
+    DALI (with ``dali_settings``) on CUDA devices.  ``cuda_decoder_share`` of the batch's bytes goes to nvImageCodec's CUDA decoder
     (Huffman decoding on host threads, ``settings.cpu_threads`` of them), on a thread of its own,
     while ``gpu_decoder`` decodes the rest: the hardware engines and the CUDA decoder then work at
     the same time.  ``cpu_decoder_share`` of the bytes goes instead to libjpeg-turbo on ``cpu_decoder_threads``
@@ -709,7 +705,7 @@ def decode_jpeg_tensor(
                 share, start_side = cuda_decoder_share, _cuda_decoder_side(datas, infos, device, settings)
             events: list[torch.cuda.Event] = []
             decode_rest = _timed_on_gpu(decode_on_gpu, device, events) if balance is not None else decode_on_gpu
-            for i, image in _with_side_share(on_gpu, datas, share, start_side, decode_rest):
+            for i, image in _with_side_share(on_gpu, datas, share, start_side, decode_rest, on_host):
                 if image is None:
                     on_cpu.append(i)  # nvjpeg refused it; libjpeg-turbo may be more lenient
                 else:

@@ -165,7 +165,7 @@ class DecodeTensor(Stage):
         ),
         "cuda_decoder_share": Param(
             float, 0.0, low=0.0, high=1.0,
-            doc="share of each batch's bytes (its smallest images) that nvImageCodec's CUDA decoder takes, on a thread of its own, while the "
+            doc="share of each batch's bytes that nvImageCodec's CUDA decoder takes, on a thread of its own, while the "
                 "decoder above decodes the rest (the hardware engines and the CUDA decoder at once); needs nvImageCodec",
         ),
         "cpu_decoder_share": Param(

@@ -336,7 +336,7 @@ def test_the_host_share_is_decoded_on_its_threads_in_order_and_a_bad_image_fails
         _assert_matches_pil(image.permute(1, 2, 0).numpy(), VARIANTS[name][0], False, J.DECODER_TOLERANCE["cpu"])
     assert threads and all(t.startswith("cpu-decoder-share") for t in threads)
 
-    decoded = dict(J._with_side_share(everything, datas, 0.4, side, on_gpu))
+    decoded = dict(J._with_side_share(everything, datas, 0.4, side, on_gpu, smallest_first=True))
     rest, host = J.split_by_bytes([len(d) for d in datas], 0.4, smallest_first=True)
     assert host and sorted(to_gpu) == rest and all(decoded[i] == ("gpu", i) for i in rest)
     assert max(len(datas[i]) for i in host) <= min(len(datas[i]) for i in rest)
