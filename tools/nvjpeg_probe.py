@@ -21,7 +21,7 @@ nvImageCodec CUDA decoder of each batch's own (DALI's ``hw_decoder_load`` split)
 what batches of changing sizes (as Triton hands an instance them) cost the decoder's state; ``libraries``
 rows run the decoder on each libnvjpeg found (torchvision's copy, the wheels').  ``handle`` rows try the
 handle's flags and the order of a batch, with the GPU time of each decode call; ``inputs`` rows hand nvjpeg
-its bitstreams from pageable or page-locked memory, and in DALI's order (by chroma subsampling first); ``ex``
+its bitstreams from pageable or page-locked memory; ``ex``
 rows decode through ``nvjpegDecodeBatchedEx`` with per-image parameters, nvImageCodec's call; ``feed`` rows have
 one thread make nothing but nvjpeg's decode calls while caller threads check and allocate the next batches (how
 DALI feeds the engines), beside tritonpipe's decoder shared by 2-3 callers and decoders calling side by side; ``hostshare``
@@ -567,7 +567,7 @@ def sync_rows(nv: Nvjpeg, name: str, corpus: list[bytes], report: list) -> None:
 
 def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list,
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
-                share: float = 0.0, lib=None, label: str = "", options: dict | None = None, pin: bool = False,
+                share: float = 0.0, lib=None, label: str = "", pin: bool = False,
                 host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy",
                 wait_each: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
@@ -579,7 +579,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     With ``share``, that share of each batch's bytes (largest images first, as ``cuda_decoder_share`` splits
     a batch) goes to an nvImageCodec CUDA decoder of the thread's own, on a side thread, while its nvjpeg
     decoder takes the rest.  ``lib``: the libnvjpeg the decoders use (by default the one tritonpipe loads),
-    named in each row by ``label``; ``options``: more of the decoders' settings (``order``, ``pinned``); ``pin``:
+    named in each row by ``label``; ``pin``:
     the bitstreams already in page-locked memory, as if Triton's shared memory were.  With ``host_threads``, the
     share goes instead to libjpeg-turbo on that many host threads (one pool for all batches in flight, as
     ``cpu_decoder_share`` and ``cpu_decoder_threads`` decode it in an instance), each image copied to the GPU;
@@ -597,7 +597,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
         torch.cuda.synchronize()
     for batch, count in plan:
         sort_from = nvjpeg.SORT_FROM if post else None
-        decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from, **(options or {}))
+        decoders = [nvjpeg.Decoder(lib or nv.lib, torch.device("cuda"), 1, sort_from=sort_from)
                     for _ in range(1 if shared else count)] * (count if shared else 1)
         streams = [torch.cuda.Stream() for _ in range(count)]
         side = (lambda: HostDecoderSide(share, host_threads, balanced, host_mode)) if host_threads else (lambda: CudaDecoderSide(share))
@@ -752,18 +752,10 @@ def library_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, bus
 
 def input_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
     """How nvjpeg is handed a batch: 2 batches of 64 in flight with the resize and normalisation after
-    each (the ``inflight`` rows' fastest shape), with the bitstreams where the caller keeps them (pageable),
-    copied into a pinned buffer of the decoder's per batch (``nvjpeg.PINNED_INPUT``), or in page-locked
-    memory from the start; and each part ordered largest first or by chroma subsampling and then largest
-    first (``nvjpeg.ORDER``, DALI's order)."""
-    for label, options, pin in (
-        (" [pageable input, largest first]", {}, False),
-        (" [input copied to a pinned buffer per batch]", {"pinned": True}, False),
-        (" [input page-locked from the start]", {}, True),
-        (" [ordered by chroma subsampling, then largest first]", {"order": "subsampling"}, False),
-        (" [pinned copy + subsampling order]", {"pinned": True, "order": "subsampling"}, False),
-    ):
-        thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, label=label, options=options, pin=pin)
+    each (the ``inflight`` rows' fastest shape), with the bitstreams where the caller keeps them (pageable) or
+    in page-locked memory from the start (what ``pin_inputs`` makes of Triton's shared memory)."""
+    for label, pin in ((" [pageable input]", False), (" [input page-locked from the start]", True)):
+        thread_rows(nv, name, corpus, seconds, busy, report, plan=((64, 2),), post=True, label=label, pin=pin)
 
 
 def size_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
@@ -865,7 +857,7 @@ def main() -> None:
                         "own, none waiting for another), inflight (the same with the resize and normalisation: 1 to 3 batches of 64 in "
                         "flight, to set beside DALI's prefetch depth), handle (the handle's flags and a batch's order), sizes (batches of "
                         "changing sizes, as an instance gets them, against one size), libraries (each libnvjpeg found), inputs (pinned "
-                        "or pageable bitstreams, and the order of a batch, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
+                        "or pageable bitstreams, with 2 batches in flight), ex (nvjpegDecodeBatchedEx, "
                         "nvImageCodec's call, against nvjpegDecodeBatched), feed (one thread only calls nvjpeg while caller "
                         "threads check and allocate ahead, as DALI feeds the engines), hostshare (a share of each batch on libjpeg-turbo "
                         "host threads beside the engines, as cpu_decoder_share splits it), hostcause (that share taken apart beside one "

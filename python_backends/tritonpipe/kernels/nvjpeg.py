@@ -14,10 +14,9 @@ initialises its decoder state again on every call and makes the host wait for ea
   (the engines 96-100% busy), where two decoders calling side by side made 7,631-8,465 (79-90%).  Across
   processes, turns taken on a lock file were slower served (0.82-0.83x, and 0.47-0.62x under MPS): each process
   keeps its own calls;
-- a large batch goes to nvjpeg largest image first (:data:`SORT_FROM`), or grouped by chroma subsampling
-  first, as DALI's decoder orders a batch (:data:`ORDER`);
-- the bitstreams may be copied into a pinned buffer of the state's before nvjpeg reads them
-  (:data:`PINNED_INPUT`): DALI's decoders read theirs from page-locked memory.
+- a large batch goes to nvjpeg largest image first (:data:`SORT_FROM`).  DALI's order (grouped by chroma
+  subsampling first) and a copy of the bitstreams into a pinned buffer before each call (DALI's decoders read
+  page-locked memory) were slower on an H200, two batches of 64 in flight: 0.96x and 0.64x.
 
 On an H200 that decoded 1.26x torchvision's rate at batch 64 and 1.54x at batch 10, with identical
 pixels (docs/BENCHMARKS.md, "nvjpeg driven directly").
@@ -59,16 +58,6 @@ STATES = 2
 #: 15.8 ms on photos of distinct sizes; but 8 served instances, each sorting its batches of about 10,
 #: decoded distinct sizes 22% slower than unsorted, so small parts keep the caller's order
 SORT_FROM = 32
-#: how a part from :data:`SORT_FROM` images is ordered: "area" (largest first) or "subsampling" (by chroma
-#: subsampling, 4:4:4 first and grey last, then largest first: the order of DALI's and nvImageCodec's decoder).
-#: On an H200, two batches of 64 in flight: 0.96x with DALI's order
-ORDER = "area"
-ORDERS = ("area", "subsampling")
-#: copy each part's bitstreams into one pinned host buffer of its state's (kept and grown as needed) before
-#: the decode call, so that the engines' input is read from page-locked memory; False: nvjpeg reads the
-#: caller's memory (Triton's shared memory, pageable) itself.  On an H200 the copy made two batches of 64 in
-#: flight 0.64x as fast (0.70 host ms per image), where bitstreams page-locked from the start were 1.06x
-PINNED_INPUT = False
 #: where each decoded image of a part starts in the part's one output allocation: a multiple of this many bytes,
 #: as every image had its own allocation before (the caching allocator aligns its blocks to 512 bytes)
 ALIGN = 512
@@ -77,7 +66,6 @@ _OUTPUT_RGBI = 5  # nvjpegOutputFormat_t: interleaved RGB
 _CSS_444 = 0  # nvjpegChromaSubsampling_t
 _MAX_COMPONENT = 4
 _ARCH_MISMATCH = 7  # nvjpegStatus_t: no hardware decoder on this GPU
-_UNKNOWN_ORDER = 99  # a subsampling nvjpeg cannot name sorts after every one it can
 #: nvjpegCreateEx flags: no buffering of images across the engines' batches; chroma upsampling interpolated
 NO_PIPELINE, INTERPOLATED_UPSAMPLING = 1, 32
 
@@ -207,7 +195,6 @@ class _State:
         self.size: int | None = None
         self.done: torch.cuda.Event | None = None
         self.inputs: list[torch.Tensor] = []  # what the engines may still read
-        self.staging: torch.Tensor | None = None  # the pinned copy of a part's bitstreams (PINNED_INPUT)
 
     def pool(self) -> bool:
         """Ask nvjpeg to keep this state's buffers in a memory pool across batches (what nvImageCodec's
@@ -220,30 +207,6 @@ class _State:
         except NvjpegError:
             return False  # an optimisation only: the state decodes without it
         return True
-
-    def _addresses(self, datas: Sequence[torch.Tensor]) -> list[int]:
-        """Where nvjpeg reads the part's bitstreams: copied, one after another, into this state's pinned buffer
-        where the decoder asks for it (and the buffer can be had), else where the caller keeps them."""
-        if not self.decoder.pinned:
-            return [data.data_ptr() for data in datas]
-        lengths = [data.numel() for data in datas]
-        total = sum(lengths)
-        if self.staging is None or self.staging.numel() < total:
-            self.staging = None
-            try:
-                # grown by a quarter beyond the need, so that a slowly growing batch does not allocate each time
-                self.staging = torch.empty(total + total // 4, dtype=torch.uint8, pin_memory=self.decoder.device.type == "cuda")
-            except RuntimeError as exc:  # no page-locked memory to be had: nvjpeg reads the caller's, as without the option
-                log.warning("nvjpeg: no pinned buffer of %d bytes for the bitstreams (%s); from now on they are read where "
-                            "they are", total, exc)
-                self.decoder.pinned = False
-                return [data.data_ptr() for data in datas]
-        torch.cat([data.reshape(-1) for data in datas], out=self.staging[:total])
-        base, addresses = self.staging.data_ptr(), []
-        for length in lengths:
-            addresses.append(base)
-            base += length
-        return addresses
 
     def wait(self) -> None:
         if self.done is not None:
@@ -271,7 +234,7 @@ class _State:
         images = (Image * count)()
         for image, out in zip(images, outputs):
             image.channel[0], image.pitch[0] = out.data_ptr(), out.shape[1] * 3
-        pointers = (ctypes.c_void_p * count)(*self._addresses(datas))
+        pointers = (ctypes.c_void_p * count)(*[data.data_ptr() for data in datas])
         lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
         self.inputs = list(datas)
         handle = stream.cuda_stream if stream is not None else 0
@@ -301,23 +264,17 @@ class Decoder:
         pool: keep each state's buffers in nvjpeg's memory pool (``nvjpegDecodeBatchedPreAllocate``) where
             the library has the call.
         flags: ``nvjpegCreateEx``'s flags for the handle (``NO_PIPELINE``, ``INTERPOLATED_UPSAMPLING``).
-        sort_from: hand a part of at least this many images to nvjpeg in ``order`` (the results keep the
-            caller's order); None: never.  See :data:`SORT_FROM`.
-        order: ``"area"``, largest image first, or ``"subsampling"``, by chroma subsampling and then largest
-            first.  See :data:`ORDER`.
-        pinned: copy each part's bitstreams into a pinned buffer of its state's before nvjpeg reads them.
-            See :data:`PINNED_INPUT`.
+        sort_from: hand a part of at least this many images to nvjpeg largest image first (the results keep
+            the caller's order); None: never.  See :data:`SORT_FROM`.
         states: decoder states the calls rotate over.  See :data:`STATES`.
     """
 
     def __init__(self, lib, device: torch.device, lanes: int = LANES, pool: bool = True, flags: int = 0,
-                 sort_from: int | None = None, order: str = "area", pinned: bool = False, states: int = STATES):
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
+                 sort_from: int | None = None, states: int = STATES):
         if lanes < 1 or states < 1:
             raise ValueError(f"lanes and states must be at least 1, got {lanes} and {states}")
         self.lib, self.device, self.pooling = lib, torch.device(device), pool
-        self.sort_from, self.order, self.pinned, self.parts = sort_from, order, pinned, lanes
+        self.sort_from, self.parts = sort_from, lanes
         self.lock = threading.Lock()  # one decode call at a time
         self.handle = ctypes.c_void_p()
         self.headers = threading.local()  # each thread's header stream, for the checks it makes
@@ -367,18 +324,6 @@ class Decoder:
             return False
         return supported.value == 0
 
-    def _subsampling(self) -> int:
-        """The chroma subsampling of the JPEG this thread's :meth:`takes` last parsed (nvjpegChromaSubsampling_t:
-        4:4:4 is 0, grey 6), or a value after all of them where the library cannot say."""
-        css = ctypes.c_int(-1)
-        if not hasattr(self.lib, "nvjpegJpegStreamGetChromaSubsampling"):
-            return _UNKNOWN_ORDER
-        try:
-            self.call("nvjpegJpegStreamGetChromaSubsampling", self._header(), ctypes.byref(css))
-        except NvjpegError:
-            return _UNKNOWN_ORDER
-        return css.value if css.value >= 0 else _UNKNOWN_ORDER
-
     def _outputs(self, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """HxWx3 uint8 images for a part, in one allocation (each starting on an ALIGN boundary): one call to
         the caching allocator instead of one per image, and a single block to reuse where images of many
@@ -406,18 +351,12 @@ class Decoder:
         """Decode one part of a batch: an image each, None where nvjpeg refused it, False where the
         engines do not take it."""
         with self._on_device(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-            results: list[torch.Tensor | None | bool] = []
-            order = self.sort_from is not None and len(datas) >= self.sort_from
-            groups = []  # each image's chroma subsampling, where the order asks for it
-            for data in datas:
-                results.append(self.takes(data))
-                if order and self.order == "subsampling":
-                    groups.append(self._subsampling() if results[-1] else _UNKNOWN_ORDER)
+            results: list[torch.Tensor | None | bool] = [self.takes(data) for data in datas]
             taken = [i for i, ok in enumerate(results) if ok]
             if not taken:
                 return results
-            if order and len(taken) >= self.sort_from:
-                taken.sort(key=lambda i: (groups[i] if groups else 0, -sizes[i][0] * sizes[i][1]))
+            if self.sort_from is not None and len(taken) >= self.sort_from:
+                taken.sort(key=lambda i: -sizes[i][0] * sizes[i][1])
             outputs = self._outputs([sizes[i] for i in taken])
             decoded: list[torch.Tensor | None] = list(outputs)
             try:
@@ -473,8 +412,7 @@ def decoder(device: torch.device, lanes: int = LANES) -> Decoder | str:
                 found = lib
             else:
                 try:
-                    found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM, order=ORDER,
-                                    pinned=PINNED_INPUT)
+                    found = Decoder(lib, torch.device("cuda", index), lanes, sort_from=SORT_FROM)
                     log.info("decoder=nvjpeg on cuda:%d: libnvjpeg %s (%s)", index, version(lib), getattr(lib, "_name", "?"))
                 except NvjpegError as exc:
                     found = ("this GPU has no hardware JPEG decoder (A100, H100, H200 and later have one)"

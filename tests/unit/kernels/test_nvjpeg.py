@@ -242,129 +242,6 @@ def test_a_part_from_sort_from_images_goes_to_nvjpeg_largest_image_first_and_eve
     assert areas == (sorted(as_given, reverse=True) if largest_first else as_given)
 
 
-class PartsNvjpeg(FakeNvjpeg):
-    """Records each part's (subsampling, area) in the order it was handed over; the subsampling is byte 6
-    of the stand-in's JPEG.  Like an older library, it cannot say what an image's subsampling is."""
-
-    def __init__(self):
-        super().__init__()
-        self.parts: list[list[tuple[int, int]]] = []
-
-    def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
-        headers = [ctypes.string_at(pointers[i], lengths[i]) for i in range(len(pointers))]
-        self.parts.append([(header[6], header[4] * header[5]) for header in headers])
-        return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
-
-
-class SubsamplingNvjpeg(PartsNvjpeg):
-    """A library that names each JPEG's chroma subsampling."""
-
-    def nvjpegJpegStreamGetChromaSubsampling(self, stream, subsampling):
-        self._set(subsampling, self.headers[stream.value][6])
-        return 0
-
-
-def _with_subsampling(value: int, height: int, width: int, subsampling: int) -> torch.Tensor:
-    jpeg = _fake_jpeg(value, height, width)
-    jpeg[6] = subsampling
-    return jpeg
-
-
-@pytest.mark.parametrize("library", [SubsamplingNvjpeg, PartsNvjpeg])
-def test_the_subsampling_order_groups_a_part_by_chroma_subsampling_then_largest_first(library):
-    lib = library()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, sort_from=1, order="subsampling")
-    cases = [(2, 3, 4), (0, 2, 2), (2, 9, 9), (6, 8, 8), (0, 7, 5), (1, 1, 6)]  # (subsampling, height, width)
-    images = [_with_subsampling(30 + i, h, w, css) for i, (css, h, w) in enumerate(cases)]
-    out = _decode(decoder, images)
-    assert [int(r[0, 0, 0]) for r in out] == [30 + i for i in range(len(cases))]  # every image keeps its place
-    (handed,) = lib.parts
-    given = [(css, h * w) for css, h, w in cases]
-    if library is SubsamplingNvjpeg:
-        assert handed == sorted(given, key=lambda c: (c[0], -c[1]))
-    else:  # the library cannot say: largest first, as the area order
-        assert [area for _, area in handed] == sorted((area for _, area in given), reverse=True)
-
-
-def test_an_order_the_decoder_does_not_know_is_refused():
-    with pytest.raises(ValueError, match="subsampling"):
-        nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), order="size")
-
-
-def test_pinned_input_hands_nvjpeg_one_buffer_of_the_parts_bitstreams_kept_across_batches():
-    class Addresses(FakeNvjpeg):
-        def __init__(self):
-            super().__init__()
-            self.handed: list[list[int]] = []
-
-        def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
-            self.handed.append([pointers[i] for i in range(len(pointers))])
-            return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
-
-    lib = Addresses()
-    decoder = nvjpeg.Decoder(lib, torch.device("cpu"), lanes=1, pinned=True, states=1)
-    (lane,) = decoder.states
-    small = [_fake_jpeg(10 + i, 2 + i, 3) for i in range(3)]
-    out = _decode(decoder, small)
-    assert [int(r[0, 0, 0]) for r in out] == [10, 11, 12]
-    first = lane.staging.data_ptr()
-    # the bitstreams lie one after another in the lane's buffer, not where the caller keeps them
-    assert lib.handed[-1] == [first + 8 * i for i in range(3)]
-    assert all(address != image.data_ptr() for address, image in zip(lib.handed[-1], small))
-    _decode(decoder, small[:2])  # a smaller part reuses the buffer
-    assert lane.staging.data_ptr() == first and lib.handed[-1] == [first, first + 8]
-    large = [_fake_jpeg(40 + i, 2, 2) for i in range(9)]
-    out = _decode(decoder, large)  # a larger one grows it
-    assert [int(r[0, 0, 0]) for r in out] == [40 + i for i in range(9)]
-    assert lane.staging.numel() >= 9 * 8 and lib.handed[-1][0] == lane.staging.data_ptr()
-    # without the option, nvjpeg reads the caller's memory
-    plain = Addresses()
-    _decode(nvjpeg.Decoder(plain, torch.device("cpu"), lanes=1), small)
-    assert plain.handed[-1] == [image.data_ptr() for image in small]
-
-
-def test_a_caller_under_inference_mode_has_its_parts_decoded_on_the_lanes_in_that_mode():
-    """A state's pinned buffer is made by whichever thread first needs it: here the caller's, under
-    ``torch.inference_mode`` (a batch of one image is one part, decoded on its thread); the lanes' threads then write
-    into it for a batch in two parts of one image each (the buffer fits them, so it is not made again), which torch
-    refuses a thread outside that mode."""
-    decoder = nvjpeg.Decoder(FakeNvjpeg(), torch.device("cpu"), lanes=2, pinned=True, states=1)
-    (state,) = decoder.states
-    with torch.inference_mode():
-        assert [int(r[0, 0, 0]) for r in _decode(decoder, [_fake_jpeg(10, 2, 3)])] == [10]
-        made = state.staging.data_ptr()
-        out = _decode(decoder, [_fake_jpeg(20 + i, 2, 3) for i in range(2)])
-    assert [int(r[0, 0, 0]) for r in out] == [20, 21] and state.staging.data_ptr() == made
-
-
-def test_without_a_pinned_buffer_to_be_had_the_bitstreams_are_read_where_they_are(monkeypatch, caplog):
-    handed = []
-
-    class Addresses(FakeNvjpeg):
-        def nvjpegDecodeBatched(self, handle, state, pointers, lengths, images, stream):
-            handed.append([pointers[i] for i in range(len(pointers))])
-            return super().nvjpegDecodeBatched(handle, state, pointers, lengths, images, stream)
-
-    decoder = nvjpeg.Decoder(Addresses(), torch.device("cpu"), lanes=1, pinned=True)
-    real_empty = torch.empty
-
-    def no_memory(*args, **kwargs):
-        if "pin_memory" in kwargs:  # the staging buffer, not the decoded images
-            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
-        return real_empty(*args, **kwargs)
-
-    monkeypatch.setattr(nvjpeg.torch, "empty", no_memory)
-    images = [_fake_jpeg(10 + i, 2, 3) for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
-        out = _decode(decoder, images)
-    assert [int(r[0, 0, 0]) for r in out] == [10, 11, 12]  # decoded all the same
-    assert handed[-1] == [image.data_ptr() for image in images]
-    assert sum("pinned buffer" in record.message for record in caplog.records) == 1
-    with caplog.at_level(logging.WARNING, logger="tritonpipe"):
-        _decode(decoder, images)  # said once: later batches go without
-    assert sum("pinned buffer" in record.message for record in caplog.records) == 1 and not decoder.pinned
-
-
 class OneCallAtATime(FakeNvjpeg):
     """Counts the decode calls in progress at once (each takes a while), and lets a header check through
     only once ``checkers`` threads are checking at the same time."""
@@ -749,12 +626,10 @@ def test_a_damaged_file_among_good_ones_fails_alone_and_every_image_keeps_its_pl
 
 
 @_on_gpu
-@pytest.mark.parametrize("lanes, sort_from, order, pinned", [
-    (1, 1, "area", False), (2, 1, "area", False), (3, None, "area", False), (1, 1, "subsampling", True), (2, 1, "subsampling", False),
-])
-def test_lanes_orders_and_pinned_input_give_torchvisions_pixels_in_the_callers_order(lanes, sort_from, order, pinned):
+@pytest.mark.parametrize("lanes, sort_from", [(1, 1), (2, 1), (3, None)])
+def test_lanes_and_the_largest_first_order_give_torchvisions_pixels_in_the_callers_order(lanes, sort_from):
     _engines()
-    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, sort_from=sort_from, order=order, pinned=pinned)
+    decoder = nvjpeg.Decoder(nvjpeg.library(), torch.device("cuda"), lanes, sort_from=sort_from)
     shapes = [(64 + 8 * i, 48 + 4 * i) for i in range(10)]
     datas = [_tensor(_jpeg(h, w, 30 + i, subsampling=i % 3)) for i, (h, w) in enumerate(shapes)]
     theirs = J.decode_jpeg_tensor(datas, torch.device("cuda"), gpu_decoder="torchvision")
