@@ -6,7 +6,7 @@ interleaved RGB.  Here libnvjpeg (the copy torchvision loaded) is called through
 planar or interleaved output, pageable or pinned input, one batch at a time or two states in flight (on one
 CUDA stream or two), at batch 64 and at a served-size batch of 10, beside torchvision on the same images.
 
-usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,hostcause,small,pre2]
+usage: python tools/nvjpeg_probe.py [--out DIR] [--seconds 2] [--photos 64] [--rows levers,lanes,host,sync,threads,inflight,handle,sizes,libraries,inputs,ex,feed,hostshare,hostcause,small,pre2,yuv]
 
 ``lanes`` rows run tritonpipe's own decoder at 1 to 4 lanes (a host thread each), with and without nvjpeg's
 memory pool for its states (``nvjpegDecodeBatchedPreAllocate``), and nvjpeg's two other
@@ -35,6 +35,9 @@ do): whether calls in turn keep the engines busy at the batch sizes a server see
 ``pre2`` rows run the kernels of the bench's ``inprocess-pre-2`` row without its stages (one decoder, two batches of
 64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
 row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does.
+``yuv`` rows decode two batches of 64 in flight (a state and stream each, decode only) into interleaved RGB, what
+tritonpipe's decoder asks for, into the YUV planes as coded (no colour conversion, chroma left subsampled: the
+conversion would then move into the resize kernel) and into luma alone: what the conversion costs the engines' side.
 
 Each row prints img/s, host CPU ms per image, and the JPEG engines' and SMs' busy share (nvidia-smi dmon);
 the table goes to DIR/nvjpeg_probe.md.  Only images the hardware decoder accepts are decoded (the count of
@@ -64,7 +67,7 @@ from tritonpipe.optional import importable
 BACKEND_HYBRID, BACKEND_GPU_HYBRID, BACKEND_HARDWARE = 1, 2, 3  # nvjpegBackend_t
 BACKENDS = {BACKEND_HYBRID: "hybrid: Huffman on the host", BACKEND_GPU_HYBRID: "GPU hybrid: Huffman on the SMs",
             BACKEND_HARDWARE: "hardware"}
-OUTPUT_RGB, OUTPUT_RGBI = 3, 5  # nvjpegOutputFormat_t
+OUTPUT_YUV, OUTPUT_Y, OUTPUT_RGB, OUTPUT_RGBI = 1, 2, 3, 5  # nvjpegOutputFormat_t
 MAX_COMPONENT = 4
 #: thread_rows' settings for tritonpipe in one process as the bench's ``inprocess-pre-2`` row runs it: one decoder for
 #: two batches of 64 in flight, each with the one-launch resize and normalisation after its decode
@@ -107,6 +110,14 @@ class Nvjpeg:
                    "nvjpegDecodeBatchedSupported")
         return heights[0], widths[0], supported.value == 0
 
+    def planes(self, data: bytes) -> list[tuple[int, int]]:
+        """(height, width) of each component's plane as coded (chroma subsampled)."""
+        components, subsampling = ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * MAX_COMPONENT)(), (ctypes.c_int * MAX_COMPONENT)()
+        self.check(self.lib.nvjpegGetImageInfo(self.handle, data, ctypes.c_size_t(len(data)), ctypes.byref(components),
+                                               ctypes.byref(subsampling), widths, heights), "nvjpegGetImageInfo")
+        return [(heights[c], widths[c]) for c in range(components.value)]
+
 
 class Lane:
     """One decoder state, initialised once for a fixed batch size and output format, and its last batch's event."""
@@ -141,6 +152,62 @@ class Lane:
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
         return outputs
+
+
+class PlaneLane(Lane):
+    """A lane that decodes into each image's planes as nvjpeg writes them for its output format."""
+
+    def decode_planes(self, datas: list[torch.Tensor], planes: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+        """Submit one batch; ``planes``: each image's (height, width) per component, as coded."""
+        if self.done is not None:
+            self.done.synchronize()
+        count = len(datas)
+        images, outputs = (nvjpeg.Image * count)(), []
+        with torch.cuda.stream(self.stream):
+            for image, sizes in zip(images, planes):
+                if self.output == OUTPUT_RGBI:
+                    height, width = sizes[0]
+                    out = torch.empty(height * width * 3, dtype=torch.uint8, device="cuda")
+                    image.channel[0], image.pitch[0] = out.data_ptr(), width * 3
+                else:
+                    used = sizes[:1] if self.output == OUTPUT_Y else sizes[:3]
+                    out = torch.empty(sum(h * w for h, w in used), dtype=torch.uint8, device="cuda")
+                    offset = 0
+                    for c, (height, width) in enumerate(used):
+                        image.channel[c], image.pitch[c] = out.data_ptr() + offset, width
+                        offset += height * width
+                outputs.append(out)
+            pointers = (ctypes.c_void_p * count)(*[data.data_ptr() for data in datas])
+            lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
+            self.nv.check(self.nv.lib.nvjpegDecodeBatched(self.nv.handle, self.state, pointers, lengths, images,
+                                                          ctypes.c_void_p(self.stream.cuda_stream)), "nvjpegDecodeBatched")
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return outputs
+
+
+def yuv_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
+    """Two batches of 64 in flight, decode only, into interleaved RGB, the YUV planes as coded, or luma alone."""
+    kept = [data for data in corpus if nv.info(data)[2]]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in kept]
+    planes = [nv.planes(data) for data in kept]
+    order, batch = itertools.cycle(range(len(kept))), 64
+    for output, label in ((OUTPUT_RGBI, "interleaved RGB"), (OUTPUT_YUV, "YUV planes as coded, no conversion"),
+                          (OUTPUT_Y, "luma alone")):
+        what = f"batch {batch}: nvjpeg, two states in flight, a stream each, decode only, {label}"
+        try:
+            turn = itertools.cycle([PlaneLane(nv, batch, output, torch.cuda.Stream()) for _ in range(2)])
+
+            def step(turn=turn):
+                chosen = [next(order) for _ in range(batch)]
+                next(turn).decode_planes([tensors[i] for i in chosen], [planes[i] for i in chosen])
+
+            rate, cpu = timed(step, batch, seconds)
+            now = time.perf_counter()
+            report.append((name, what, f"{rate:,.0f}", f"{cpu:.2f}", busy.between(now - seconds, now)))
+        except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
+            report.append((name, what, f"FAILED {type(exc).__name__}: {str(exc)[:120]}", "", ""))
+        print(" | ".join(report[-1]), flush=True)
 
 
 def rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy: Busy, report: list) -> None:
@@ -863,7 +930,8 @@ def main() -> None:
                         "host threads beside the engines, as cpu_decoder_share splits it), hostcause (that share taken apart beside one "
                         "decoder: decoding only, staging, the whole path, torch on one thread), small (served-size batches "
                         "from 4-8 callers, one decoder for all or a decoder each), pre2 (the bench's inprocess-pre-2 kernels "
-                        "without its stages, each batch waited for or not)")
+                        "without its stages, each batch waited for or not), yuv (two batches in flight decoded into "
+                        "interleaved RGB, the YUV planes as coded, or luma alone)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -933,6 +1001,8 @@ def main() -> None:
         if "pre2" in groups:  # the bench's inprocess-pre-2 shape without the stages: one decoder, two batches in flight
             for wait_each in (False, True):
                 thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each)
+        if "yuv" in groups:
+            yuv_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:
             rows(nv, name, corpus.images, args.seconds, busy, report)
     out = Path(args.out)
