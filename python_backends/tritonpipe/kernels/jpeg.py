@@ -440,10 +440,8 @@ class ShareBalance:
 
 
 _side_thread: ThreadPoolExecutor | None = None
-_host_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
-
-
 _side_lock = threading.Lock()
+_host_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 
 
 def _side_executor() -> ThreadPoolExecutor:
