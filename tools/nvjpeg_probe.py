@@ -99,16 +99,13 @@ class Nvjpeg:
 
     def info(self, data: bytes) -> tuple[int, int, bool]:
         """(height, width, whether the hardware decoder takes it)."""
-        components, subsampling = ctypes.c_int(), ctypes.c_int()
-        widths, heights = (ctypes.c_int * MAX_COMPONENT)(), (ctypes.c_int * MAX_COMPONENT)()
-        self.check(self.lib.nvjpegGetImageInfo(self.handle, data, ctypes.c_size_t(len(data)), ctypes.byref(components),
-                                               ctypes.byref(subsampling), widths, heights), "nvjpegGetImageInfo")
+        height, width = self.planes(data)[0]
         self.check(self.lib.nvjpegJpegStreamParseHeader(self.handle, data, ctypes.c_size_t(len(data)), self.stream_header),
                    "nvjpegJpegStreamParseHeader")
         supported = ctypes.c_int(-1)
         self.check(self.lib.nvjpegDecodeBatchedSupported(self.handle, self.stream_header, ctypes.byref(supported)),
                    "nvjpegDecodeBatchedSupported")
-        return heights[0], widths[0], supported.value == 0
+        return height, width, supported.value == 0
 
     def planes(self, data: bytes) -> list[tuple[int, int]]:
         """(height, width) of each component's plane as coded (chroma subsampled)."""
@@ -129,10 +126,21 @@ class Lane:
         nv.check(nv.lib.nvjpegDecodeBatchedInitialize(nv.handle, self.state, batch, 1, output), "nvjpegDecodeBatchedInitialize")
         self.done: torch.cuda.Event | None = None
 
+    def _call(self, images, inputs: list[tuple[int, int]]) -> None:
+        """nvjpeg's batched decode of (pointer, length) bitstreams into ``images``, on this lane's stream, once the
+        lane's last batch is off the engines (the state's buffers are free again)."""
+        if self.done is not None:
+            self.done.synchronize()
+        count = len(inputs)
+        pointers = (ctypes.c_void_p * count)(*[pointer for pointer, _ in inputs])
+        lengths = (ctypes.c_size_t * count)(*[length for _, length in inputs])
+        self.nv.check(self.nv.lib.nvjpegDecodeBatched(self.nv.handle, self.state, pointers, lengths, images,
+                                                      ctypes.c_void_p(self.stream.cuda_stream)), "nvjpegDecodeBatched")
+        self.done = torch.cuda.Event()
+        self.done.record(self.stream)
+
     def decode(self, inputs: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
         """Submit one batch of (pointer, length, height, width); returns its outputs, ordered on this lane's stream."""
-        if self.done is not None:
-            self.done.synchronize()  # the state's buffers are free again
         count = len(inputs)
         images, outputs = (nvjpeg.Image * count)(), []
         with torch.cuda.stream(self.stream):
@@ -145,12 +153,7 @@ class Lane:
                     for c in range(3):
                         image.channel[c], image.pitch[c] = out[c].data_ptr(), width
                 outputs.append(out)
-            pointers = (ctypes.c_void_p * count)(*[p for p, _, _, _ in inputs])
-            lengths = (ctypes.c_size_t * count)(*[n for _, n, _, _ in inputs])
-            self.nv.check(self.nv.lib.nvjpegDecodeBatched(self.nv.handle, self.state, pointers, lengths, images,
-                                                          ctypes.c_void_p(self.stream.cuda_stream)), "nvjpegDecodeBatched")
-            self.done = torch.cuda.Event()
-            self.done.record(self.stream)
+            self._call(images, [(pointer, length) for pointer, length, _, _ in inputs])
         return outputs
 
 
@@ -159,8 +162,6 @@ class PlaneLane(Lane):
 
     def decode_planes(self, datas: list[torch.Tensor], planes: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
         """Submit one batch; ``planes``: each image's (height, width) per component, as coded."""
-        if self.done is not None:
-            self.done.synchronize()
         count = len(datas)
         images, outputs = (nvjpeg.Image * count)(), []
         with torch.cuda.stream(self.stream):
@@ -177,12 +178,7 @@ class PlaneLane(Lane):
                         image.channel[c], image.pitch[c] = out.data_ptr() + offset, width
                         offset += height * width
                 outputs.append(out)
-            pointers = (ctypes.c_void_p * count)(*[data.data_ptr() for data in datas])
-            lengths = (ctypes.c_size_t * count)(*[data.numel() for data in datas])
-            self.nv.check(self.nv.lib.nvjpegDecodeBatched(self.nv.handle, self.state, pointers, lengths, images,
-                                                          ctypes.c_void_p(self.stream.cuda_stream)), "nvjpegDecodeBatched")
-            self.done = torch.cuda.Event()
-            self.done.record(self.stream)
+            self._call(images, [(data.data_ptr(), data.numel()) for data in datas])
         return outputs
 
 
