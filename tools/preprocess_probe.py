@@ -120,16 +120,26 @@ def stage_post(images: list[torch.Tensor]) -> torch.Tensor:
     return ((torch.cat(rows) - mean) / std).half()
 
 
-def nvimgcodec_decoders(count: int, hw_load: float, layout: str = "P_RGB"):
+def nvimgcodec_decoders(count: int, hw_load: float, layout: str = "P_RGB", cpu_threads: int = 0, batch: int = 0):
+    """``count`` nvImageCodec decoders (the engines' share ``hw_load``, the rest on its CUDA decoder), their decode
+    parameters and the code-stream type; ``cpu_threads`` host threads each (0: nvImageCodec's own default).
+
+    ``batch`` > 0 sets the decoders up as DALI's mixed decoder does: a GPU-only backend between the engines and the
+    hybrid one, and the engines' buffers preallocated for batches of that size."""
     from nvidia import nvimgcodec
 
     kinds = nvimgcodec.BackendKind
     backends = [nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=hw_load), nvimgcodec.Backend(kinds.HYBRID_CPU_GPU)]
+    options = ""
+    if batch > 0:
+        backends.insert(1, nvimgcodec.Backend(kinds.GPU_ONLY))
+        options = f"nvjpeg_hw_decoder:preallocate_batch_size={batch}"
     params = nvimgcodec.DecodeParams(
         apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
         sample_format=getattr(nvimgcodec.SampleFormat, layout),
     )
-    decoders = [nvimgcodec.Decoder(backends=backends) for _ in range(count)]
+    decoders = [nvimgcodec.Decoder(max_num_cpu_threads=cpu_threads, backends=backends, options=options)
+                for _ in range(count)]
     return decoders, params, nvimgcodec.CodeStream
 
 
@@ -295,6 +305,53 @@ def share_rows(name: str, corpus: list[bytes], batch: int, seconds: float, repor
         add(f"torchvision decode, cuda_decoder_share {share} + one-launch post", step)
 
 
+def split_rows(name: str, corpus: list[bytes], batch: int, seconds: float, report: list) -> None:
+    """nvImageCodec's own split of each batch between the engines and its CUDA decoder, in one call (what DALI's
+    ``hw_decoder_load`` asks of it), one batch at a time and two batches in flight on two decoders (a host thread
+    each), interleaved output + the one-launch post reading it in place. Run beside ``dali`` for DALI's rate."""
+    add = adder(name, batch, seconds, report)
+    next_arrays = nvimgcodec_arrays(name, corpus, batch, report)
+    if next_arrays is None:
+        return
+    stream = torch.cuda.current_stream().cuda_stream
+    threads = min(16, os.cpu_count() or 4)  # DALI's rows run 16 host threads
+    for load, like_dali in ((1.0, False), (0.8, False), (0.65, False), (1.0, True), (0.8, True), (0.65, True)):
+        setup = ", set up as DALI's" if like_dali else ""
+        try:
+            decoders, params, code_stream = nvimgcodec_decoders(2, load, "I_RGB", cpu_threads=threads,
+                                                                batch=batch if like_dali else 0)
+        except Exception as exc:  # noqa: BLE001 - a probe row, reported and skipped
+            report.append((name, f"nvImageCodec split{setup}, engines' load {load}", f"FAILED {exc!r}"[:160], ""))
+            print(" | ".join(report[-1]), flush=True)
+            continue
+
+        def decode(decoder, arrays, params=params, code_stream=code_stream):
+            images = decoder.decode([code_stream(a) for a in arrays], params=params, cuda_stream=stream)
+            return [torch.from_dlpack(image) for image in images]
+
+        def post(images):
+            return batch_resize.resize_batch(images, SIDE, SIDE, channels_last=True, mean=MEAN, std=STD,
+                                             dtype=torch.float16)
+
+        add(f"nvImageCodec split{setup}, engines' load {load}, one decoder, decode alone",
+            lambda decoders=decoders, decode=decode: decode(decoders[0], next_arrays()))
+        lanes = [(decoder, ThreadPoolExecutor(1)) for decoder in decoders]  # a decoder is called from one thread
+        pending = [lanes[0][1].submit(decode, lanes[0][0], next_arrays())]
+        turn = itertools.count(1)
+
+        def overlapped(pending=pending, turn=turn, lanes=lanes, decode=decode, post=post):
+            lane = lanes[next(turn) % 2]
+            pending.append(lane[1].submit(decode, lane[0], next_arrays()))
+            return post(pending.pop(0).result())
+
+        add(f"nvImageCodec split{setup}, engines' load {load}, 2 batches in flight on 2 decoders + one-launch post",
+            overlapped)
+        for future in pending:
+            future.result()
+        for _, pool in lanes:
+            pool.shutdown()
+
+
 def launch_rows(report: list) -> None:
     """Host time of one batch resize (a batch of 1 and of 8), and of its parts, with the GPU idle before each."""
     image = torch.randint(0, 256, (3, 720, 1280), dtype=torch.uint8, device="cuda")
@@ -391,7 +448,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--photos", type=int, default=64, help="images (and distinct sizes) of the second corpus")
     parser.add_argument("--rows", default="dali,dali-decoder,kernels,nvimgcodec,layouts,decoders,share,launch",
-                        help="groups of rows to run")
+                        help="groups of rows to run (split, not in the default: nvImageCodec's own engines/CUDA "
+                        "split, one batch at a time and two in flight)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -411,6 +469,8 @@ def main() -> None:
             decoder_rows(name, corpus.images, args.batch, args.seconds, report)
         if "share" in groups:
             share_rows(name, corpus.images, args.batch, args.seconds, report)
+        if "split" in groups:
+            split_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali" in groups:
             dali_rows(name, corpus.images, args.batch, args.seconds, report)
         if "dali-decoder" in groups:
