@@ -34,7 +34,8 @@ the callers, its calls in turn, and through a decoder each calling side by side 
 do): whether calls in turn keep the engines busy at the batch sizes a server sees, or only at 64.
 ``pre2`` rows run the kernels of the bench's ``inprocess-pre-2`` row without its stages (one decoder, two batches of
 64 in flight, the one-launch resize and FP16 normalisation), with each batch waited for before the next, as that
-row and DALI's prefetch of 2 wait, and without: what the stages cost apart from what the waiting does.
+row and DALI's prefetch of 2 wait, and without, and waited for with each image's headers parsed first as the stage
+parses them: what the stages cost apart from what the waiting does, and what their parse costs of it.
 ``yuv`` rows decode two batches of 64 in flight (a state and stream each, decode only) into interleaved RGB, what
 tritonpipe's decoder asks for, into the YUV planes as coded (no colour conversion, chroma left subsampled: the
 conversion would then move into the resize kernel) and into luma alone: what the conversion costs the engines' side.
@@ -632,7 +633,7 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 plan=((64, 1), (64, 2), (64, 3), (64, 4), (16, 1), (16, 4), (16, 8)), post: bool = False,
                 share: float = 0.0, lib=None, label: str = "", pin: bool = False,
                 host_threads: int = 0, balanced: bool = False, shared: bool = False, host_mode: str = "copy",
-                wait_each: bool = False) -> None:
+                wait_each: bool = False, parse: bool = False) -> None:
     """How much engine work overlaps when nobody waits for a whole batch: 1 to 4 host threads, each with a
     decoder of its own (its own handle and one state), each decoding batches back to back on a stream of
     its own for ``seconds``; the rate is all threads' images together.  Batches of 64, and of 16 on up to
@@ -650,7 +651,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
     ``host_mode`` ``decode`` or ``stage``: the host threads only decode (and stage) the share beside a whole batch on
     the GPU decoder, so that what the host's work costs the engines' side reads apart from the copies; ``wait_each``:
     each thread waits for its batch's GPU work before it starts the next, as the bench's ``inprocess-pre-2`` row and
-    DALI's prefetch of 2 do, so that at most ``count`` batches are in flight."""
+    DALI's prefetch of 2 do, so that at most ``count`` batches are in flight; ``parse``: each image's headers are
+    also walked by the stage's own parse (``read_jpeg_info``) before its batch is decoded, as ``DecodeTensor`` does."""
     tensors, shapes = accepted(nv, corpus)
     if pin:
         tensors = [tensor.pin_memory() for tensor in tensors]
@@ -674,6 +676,9 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
             with torch.cuda.stream(streams[k]):
                 while (started := time.perf_counter()) < stop:
                     chosen = [next(order) % len(tensors) for _ in range(batch)]
+                    if parse:
+                        for i in chosen:
+                            jpeg.read_jpeg_info(tensors[i])
                     if sides:
                         images = sides[k].decode(decoders[k], [tensors[i] for i in chosen], [shapes[i] for i in chosen],
                                                  streams[k].cuda_stream)
@@ -706,6 +711,8 @@ def thread_rows(nv: Nvjpeg, name: str, corpus: list[bytes], seconds: float, busy
                 if post else f"batch {batch}: {count} host thread(s), a decoder and stream each, no waiting for each other")
         if wait_each:
             what += ", each batch waited for before the next"
+        if parse:
+            what += ", each image's headers parsed first as the stage parses them"
         if sum(refused):
             what += f" ({sum(refused):,} images refused, not counted)"
         if balanced:
@@ -995,8 +1002,9 @@ def main() -> None:
             finally:
                 torch.set_num_threads(threads)
         if "pre2" in groups:  # the bench's inprocess-pre-2 shape without the stages: one decoder, two batches in flight
-            for wait_each in (False, True):
-                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each)
+            for wait_each, parse in ((False, False), (True, False), (True, True)):
+                thread_rows(nv, name, corpus.images, args.seconds, busy, report, **TWO_IN_FLIGHT, wait_each=wait_each,
+                            parse=parse)
         if "yuv" in groups:
             yuv_rows(nv, name, corpus.images, args.seconds, busy, report)
         if "levers" in groups:
