@@ -1,5 +1,5 @@
-"""Readings of the host a served repository runs on: GPU memory, the server's memory, and the cores the host,
-the server and its stubs keep busy.
+"""Readings of the host a served repository runs on: GPU memory, the server's memory, the cores the host,
+the server and its stubs keep busy, and how busy the GPU's SMs and JPEG engines are.
 
 The benchmark and the soak both report them; process discovery comes from the server owner's
 own :mod:`tritonpipe.server.procs`.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,3 +108,87 @@ def cores_busy(before: CpuSample, after: CpuSample) -> CoresBusy | None:
     host = None if before.host is None or after.host is None else (after.host - before.host) / wall
     stubs = sum(max(seconds - before.stubs.get(pid, 0.0), 0.0) for pid, seconds in after.stubs.items())
     return CoresBusy(host, max(after.server - before.server, 0.0) / wall, stubs / wall)
+
+
+@dataclass(frozen=True)
+class GpuBusy:
+    """The GPUs' SMs and hardware JPEG engines busy on average (%), over ``samples`` one-second samples; None for a
+    unit nvidia-smi does not report (the ``jpg`` column is missing on GPUs and drivers without it)."""
+
+    sm: float | None
+    jpeg: float | None
+    samples: int
+
+
+def parse_dmon(lines: list[str]) -> GpuBusy | None:
+    """The averages of ``nvidia-smi dmon -s u`` output (every GPU's rows together), or None without a sample."""
+    columns: list[str] | None = None
+    sums: dict[str, float] = {"sm": 0.0, "jpg": 0.0}
+    counts: dict[str, int] = {"sm": 0, "jpg": 0}
+    rows = 0
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0].startswith("#"):
+            names = [name.lower() for name in (fields[1:] if fields[0] == "#" else [fields[0][1:], *fields[1:]])]
+            if columns is None and "sm" in names:
+                columns = names
+            continue
+        if columns is None or len(fields) != len(columns):
+            continue
+        rows += 1
+        for name in sums:
+            if name in columns:
+                try:
+                    sums[name] += float(fields[columns.index(name)])
+                    counts[name] += 1
+                except ValueError:  # "-": nothing reported for this unit
+                    pass
+    if not rows:
+        return None
+    sm, jpeg = (sums[name] / counts[name] if counts[name] else None for name in ("sm", "jpg"))
+    return GpuBusy(sm, jpeg, rows)
+
+
+class GpuBusyMeter:
+    """``with GpuBusyMeter() as meter: ...`` samples the GPUs once a second (``nvidia-smi dmon -s u``) while the
+    block runs; ``meter.result`` is then its :class:`GpuBusy`, or None where there is no nvidia-smi, it fails, or the
+    block ran under a second."""
+
+    def __init__(self, smi: str | None = None) -> None:
+        self.smi = smi if smi is not None else shutil.which("nvidia-smi")
+        self.result: GpuBusy | None = None
+        self._lines: list[str] = []
+        self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> GpuBusyMeter:
+        if self.smi is None:
+            return self
+        try:
+            self._process = subprocess.Popen([self.smi, "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+        self._reader = threading.Thread(target=self._read, name="gpu-busy", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            self._lines.append(line)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self.result = parse_dmon(list(self._lines))

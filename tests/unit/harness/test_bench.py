@@ -125,6 +125,46 @@ def test_markdown_gives_the_cores_each_level_kept_busy():
     assert "Host CPU" not in report.markdown(rows[1:], [], {})
 
 
+DMON = """# gpu     sm    mem    enc    dec    jpg    ofa
+# Idx      %      %      %      %      %      %
+    0     20     10      0      0     98      0
+    0     30     12      0      0     94      0
+    1      -      -      -      -      -      -
+"""
+
+
+def test_dmon_output_averages_the_sms_and_the_jpeg_engines_over_every_sample():
+    found = probe.parse_dmon(DMON.splitlines())
+    assert (found.sm, found.jpeg, found.samples) == (25.0, 96.0, 3)  # the third row reports nothing, but is a sample
+    old_driver = ["# gpu   sm   mem   enc   dec", "# Idx    %     %     %     %", "    0   40    5    0    0"]
+    assert probe.parse_dmon(old_driver) == probe.GpuBusy(40.0, None, 1)
+    assert probe.parse_dmon(DMON.splitlines()[:2]) is None and probe.parse_dmon([]) is None
+    assert probe.parse_dmon(["#gpu sm jpg", "0 50 60"]) == probe.GpuBusy(50.0, 60.0, 1)
+
+
+def test_the_gpu_meter_reads_nvidia_smi_while_its_block_runs_and_nothing_without_it(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    lines = "".join(f"echo '{line}'\n" for line in DMON.splitlines()[:3])
+    smi.write_text(f"#!/bin/sh\n[ \"$1 $2 $3\" = 'dmon -s u' ] || exit 3\n{lines}while true; do echo '    0     40     1      0      0     90      0'; sleep 0.05; done\n")
+    smi.chmod(0o755)
+    with probe.GpuBusyMeter(str(smi)) as meter:
+        time.sleep(0.5)
+    assert meter.result is not None and meter.result.samples >= 2 and 20.0 <= meter.result.sm <= 40.0
+    assert 90.0 <= meter.result.jpeg <= 98.0
+    with probe.GpuBusyMeter(str(tmp_path / "missing")) as missing:
+        pass
+    assert missing.result is None
+
+
+def test_markdown_says_how_busy_the_sms_and_jpeg_engines_were():
+    rows = [report.Row("ensemble", 128, 7000.0, 16.0, 20.0, 30.0, 40.0, sm_busy=33.4, jpeg_busy=87.6),
+            report.Row("inprocess-pre-2", 64, 10000.0, jpeg_busy=98.0), report.Row("ensemble", 1, 400.0, 2.0, 2.0, 2.0, 3.0)]
+    lines = report.markdown(rows, [], {}).splitlines()
+    assert "| ensemble | 128 | 33 | 88 |" in lines and "| inprocess-pre-2 | 64 | — | 98 |" in lines
+    assert not [line for line in lines if line.startswith("| ensemble | 1 | —")]
+    assert "GPU busy" not in report.markdown(rows[2:], [], {})
+
+
 # --- corpus and input data ------------------------------------------------------------------
 
 
@@ -608,7 +648,8 @@ def test_csv_files_have_the_expected_columns(tmp_path):
     path = report.write_rows(_rows(), tmp_path / "results.csv")
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["system", "concurrency", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "gpu_mem_before_mb", "gpu_mem_mb",
-                            "torch_cache_before_mb", "torch_cache_mb", "note", "host_cores", "server_cores", "stub_cores"]
+                            "torch_cache_before_mb", "torch_cache_mb", "note", "host_cores", "server_cores", "stub_cores",
+                            "sm_busy", "jpeg_busy"]
     assert rows[0]["throughput"] == "200.0000" and rows[3]["throughput"] == "" and rows[0]["gpu_mem_mb"] == ""
     steps = [stats.StepTimes("inprocess", "cls_pre", 64, 1, 3.5)]
     rows = list(csv.DictReader(report.write_breakdown(steps, tmp_path / "b.csv").open()))

@@ -44,6 +44,9 @@ class Row:
     host_cores: float | None = None
     server_cores: float | None = None
     stub_cores: float | None = None
+    # the GPUs' SMs and hardware JPEG engines busy on average over the level or in-process run (%, nvidia-smi dmon)
+    sm_busy: float | None = None
+    jpeg_busy: float | None = None
 
 
 ROW_COLUMNS = [f.name for f in fields(Row)]
@@ -79,6 +82,10 @@ def fmt_ms(value: float | None) -> str:
 
 def fmt_cores(value: float | None) -> str:
     return "—" if value is None else f"{max(value, 0.0):.2f}"
+
+
+def fmt_percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def fmt_mem(before: float | None, after: float | None, cache_before: float | None = None, cache_after: float | None = None) -> str:
@@ -248,6 +255,12 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
             [[r.system, str(r.concurrency), fmt_cores(r.host_cores), fmt_cores(r.server_cores), fmt_cores(r.stub_cores),
               fmt_cores(_minus(_minus(r.host_cores, r.server_cores), r.stub_cores))] for r in busy],
         )
+    gpu_busy = [r for r in rows if r.sm_busy is not None or r.jpeg_busy is not None]
+    if gpu_busy:
+        out += ["", "GPU busy over each level and in-process row (`nvidia-smi dmon`, one-second samples, warm-up included; "
+                "for an in-process row the concurrency column is its batch): a unit near 100% is what set the pace.", ""]
+        out += _table(["system", "concurrency", "SMs %", "JPEG engines %"],
+                      [[r.system, str(r.concurrency), fmt_percent(r.sm_busy), fmt_percent(r.jpeg_busy)] for r in gpu_busy])
     if inproc is not None:
         out += ["", f"In-process limit ({inproc.note or 'no server'}):", ""]
         out += _table(

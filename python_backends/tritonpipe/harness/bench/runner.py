@@ -29,7 +29,7 @@ from ...repository.generate import GeneratedRepository, build_repository, write_
 from ...stages import load_builtin_stages
 from ...stages.base import Role, find_stage
 from ..corpus import Corpus, load_corpus, photo_corpus, synthetic_corpus, write_input_data
-from ..probe import cores_busy, gpu_memory_mb, sample_cpu
+from ..probe import GpuBusyMeter, cores_busy, gpu_memory_mb, sample_cpu
 from .peers import FLOOR, Peer, add_baseline, add_dali_served, add_floor
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
@@ -231,18 +231,20 @@ def _sweep(
         cpu_before = sample_cpu(_pid(server))
         settings = options.perf
         profiler = _profiler(system, concurrency, server, models, options) if profiles is not None else None
+        meter = GpuBusyMeter()
         try:
             try:
                 tries = _tries(settings)
-                for number, (tried, retry_line, note) in enumerate(tries, 1):
-                    if retry_line:
-                        say(f"[{system}] concurrency {concurrency}: {retry_line}")
-                    try:
-                        measured = run_perf(install, model, server.grpc_url, input_json, concurrency, tried, workdir, log)
-                        break
-                    except PerfError as exc:
-                        if not is_unstable(exc) or number == len(tries):
-                            raise
+                with meter:
+                    for number, (tried, retry_line, note) in enumerate(tries, 1):
+                        if retry_line:
+                            say(f"[{system}] concurrency {concurrency}: {retry_line}")
+                        try:
+                            measured = run_perf(install, model, server.grpc_url, input_json, concurrency, tried, workdir, log)
+                            break
+                        except PerfError as exc:
+                            if not is_unstable(exc) or number == len(tries):
+                                raise
             finally:
                 if profiler is not None:
                     profiles.append(profiler.finish())
@@ -261,6 +263,7 @@ def _sweep(
             system, concurrency, measured.throughput, measured.p50_ms, measured.p90_ms, measured.p95_ms, measured.p99_ms,
             gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after, torch_cache_before_mb=cache_before, torch_cache_mb=cache,
             note=note, host_cores=busy and busy.host, server_cores=busy and busy.server, stub_cores=busy and busy.stubs,
+            **_gpu_busy(meter),
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
@@ -270,6 +273,12 @@ def _sweep(
     levels.close()
     ensemble = models[0] if len(models) > 1 else None
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+
+
+def _gpu_busy(meter: GpuBusyMeter) -> dict[str, float | None]:
+    """A row's SM and JPEG-engine busy shares from ``meter`` (None where it had nothing to read)."""
+    found = meter.result
+    return {"sm_busy": found and found.sm, "jpeg_busy": found and found.jpeg}
 
 
 def _pid(server) -> int | None:
@@ -463,11 +472,13 @@ def _measure_inprocess(
     from ..chain import run_inprocess
 
     say(f"[inprocess] batch {options.inprocess_batch} for {options.inprocess_seconds:g} s ...")
+    meter = GpuBusyMeter()
     try:
-        result = run_inprocess(
-            repo, corpus.images, device=options.device, batch=options.inprocess_batch,
-            seconds=options.inprocess_seconds, progress=options.progress, gpu_memory=gpu_memory_mb,
-        )
+        with meter:
+            result = run_inprocess(
+                repo, corpus.images, device=options.device, batch=options.inprocess_batch,
+                seconds=options.inprocess_seconds, progress=options.progress, gpu_memory=gpu_memory_mb,
+            )
     except Exception as exc:  # noqa: BLE001 - the other systems' results still count
         say(f"[inprocess] FAILED: {exc}")
         return [Row("inprocess", options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200])], [], []
@@ -478,6 +489,7 @@ def _measure_inprocess(
     row = Row(
         "inprocess", result.batch, result.throughput, result.percentile_ms(50), result.percentile_ms(90),
         result.percentile_ms(95), result.percentile_ms(99), result.gpu_mem_before_mb, result.gpu_mem_after_mb, note,
+        **_gpu_busy(meter),
     )
     say(f"[inprocess] {result.throughput:,.1f} img/s on {result.device}")
     steps = [StepTimes("inprocess", name, result.images, len(result.batch_ms), ms) for name, ms in result.model_ms.items()]
@@ -495,9 +507,11 @@ def _measure_pre_in_flight(repo, corpus: Corpus, options: BenchOptions, say) -> 
 
     batch = options.inprocess_batch
     say(f"[inprocess-pre-2] the preprocessing alone, 2 batches of {batch} in flight, for {options.inprocess_seconds:g} s ...")
+    meter = GpuBusyMeter()
     try:
-        rate, what = run_preprocessing_in_flight(repo, corpus.images, device=options.device, batch=batch,
-                                                 seconds=options.inprocess_seconds)
+        with meter:
+            rate, what = run_preprocessing_in_flight(repo, corpus.images, device=options.device, batch=batch,
+                                                     seconds=options.inprocess_seconds)
     except ConfigError as exc:  # nothing to run alone, or stages that take one batch at a time: said, not failed
         say(f"[inprocess-pre-2] not measured: {exc}")
         return []
@@ -505,7 +519,8 @@ def _measure_pre_in_flight(repo, corpus: Corpus, options: BenchOptions, say) -> 
         say(f"[inprocess-pre-2] FAILED: {exc}")
         return [Row("inprocess-pre-2", batch, None, note=f"{type(exc).__name__}: {exc}"[:200])]
     say(f"[inprocess-pre-2] {rate:,.1f} img/s")
-    return [Row("inprocess-pre-2", batch, rate, note=f"{what}, 2 batches in flight, a host thread and CUDA stream each")]
+    return [Row("inprocess-pre-2", batch, rate, note=f"{what}, 2 batches in flight, a host thread and CUDA stream each",
+                **_gpu_busy(meter))]
 
 
 def _dali_missing(options: BenchOptions) -> str | None:
@@ -574,15 +589,17 @@ def _measure_dali(repo, baseline: Peer | None, corpus: Corpus, options: BenchOpt
         if name == "dali+model" and model is None:
             continue
         say(f"[{name}] batch {options.inprocess_batch} for {options.inprocess_seconds:g} s ...")
+        meter = GpuBusyMeter()
         try:
-            result = run_dali(corpus.images, batch=options.inprocess_batch, hw_decoder_load=load, size=size,
-                              seconds=options.inprocess_seconds, model=model, name=name)
+            with meter:
+                result = run_dali(corpus.images, batch=options.inprocess_batch, hw_decoder_load=load, size=size,
+                                  seconds=options.inprocess_seconds, model=model, name=name)
         except Exception as exc:  # noqa: BLE001 - the other systems' results still count
             say(f"[{name}] FAILED: {exc}")
             rows.append(Row(name, options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200]))
             continue
         say(f"[{name}] {result.throughput:,.1f} img/s")
-        rows.append(Row(name, result.batch, result.throughput, note=what))
+        rows.append(Row(name, result.batch, result.throughput, note=what, **_gpu_busy(meter)))
     return rows
 
 
