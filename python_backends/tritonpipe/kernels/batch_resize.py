@@ -39,26 +39,46 @@ FP_FUSION = True
 def _as_chw(image: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A 1xCxHxW or CxHxW image (HxWxC when ``channels_last``) as a CxHxW view, nothing copied."""
     if channels_last:
-        if image.dim() != 3:
-            raise ValueError(f"resize_batch: a channels-last image must be HxWxC, got shape {tuple(image.shape)}")
         return image.permute(2, 0, 1)
-    if image.dim() == 4 and image.shape[0] == 1:
-        return image[0]
-    if image.dim() != 3:
-        raise ValueError(f"resize_batch needs 1xCxHxW or CxHxW images, got shape {tuple(image.shape)}")
-    return image
+    return image[0] if image.dim() == 4 else image
 
 
-def _check_batch(views: list[torch.Tensor]) -> None:
-    first = views[0]
-    for view in views:
-        if view.shape[0] != first.shape[0] or view.dtype != first.dtype or view.device != first.device:
+#: an image as the kernel reads it: address, channels, height, width, then the channel, row and column strides
+Geometry = tuple[int, int, int, int, int, int, int]
+
+
+def _geometry(image: torch.Tensor, channels_last: bool) -> Geometry:
+    """Where a 1xCxHxW or CxHxW image (HxWxC when ``channels_last``) lies, read from its shape and strides: no
+    view is made (on the host, a view of each image cost more than the rest of a batch's launch)."""
+    shape, stride = image.shape, image.stride()
+    if channels_last:
+        if len(shape) != 3:
+            raise ValueError(f"resize_batch: a channels-last image must be HxWxC, got shape {tuple(shape)}")
+        (height, width, channels), (stride_h, stride_w, stride_c) = shape, stride
+    elif len(shape) == 4 and shape[0] == 1:
+        (_, channels, height, width), (_, stride_c, stride_h, stride_w) = shape, stride
+    elif len(shape) == 3:
+        (channels, height, width), (stride_c, stride_h, stride_w) = shape, stride
+    else:
+        raise ValueError(f"resize_batch needs 1xCxHxW or CxHxW images, got shape {tuple(shape)}")
+    return image.data_ptr(), channels, height, width, stride_c, stride_h, stride_w
+
+
+def _check_batch(images: Sequence[torch.Tensor], geometries: list[Geometry]) -> None:
+    first, (_, channels, *_rest) = images[0], geometries[0]
+    dtype, device = first.dtype, first.device
+    for image, (_, c, h, w, *_strides) in zip(images, geometries):
+        if c != channels or image.dtype != dtype or image.device != device:
             raise ValueError(
                 "resize_batch needs images of one channel count, dtype and device; got "
-                f"{tuple(first.shape)} {first.dtype} {first.device} and {tuple(view.shape)} {view.dtype} {view.device}"
+                f"{_chw(geometries[0])} {dtype} {device} and {(c, h, w)} {image.dtype} {image.device}"
             )
-        if view.shape[1] == 0 or view.shape[2] == 0:
-            raise ValueError(f"resize_batch got an empty image of shape {tuple(view.shape)}")
+        if h == 0 or w == 0:
+            raise ValueError(f"resize_batch got an empty image of shape {(c, h, w)}")
+
+
+def _chw(geometry: Geometry) -> tuple[int, int, int]:
+    return geometry[1], geometry[2], geometry[3]
 
 
 def resize_batch_reference(images: Sequence[torch.Tensor], out_h: int, out_w: int, **options) -> torch.Tensor:
@@ -86,17 +106,17 @@ def _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype):
         raise ValueError("resize_batch needs at least one image")
     if dtype not in OUTPUTS:
         raise ValueError(f"resize_batch writes {', '.join(map(str, OUTPUTS))}, not {dtype}")
-    views = [_as_chw(image, channels_last) for image in images]
-    _check_batch(views)
-    channels = views[0].shape[0]
-    swaps = [bool(swap_rb)] * len(views) if isinstance(swap_rb, bool) else [bool(s) for s in swap_rb]
-    if len(swaps) != len(views):
-        raise ValueError(f"resize_batch: swap_rb has {len(swaps)} flags for {len(views)} images")
+    geometries = [_geometry(image, channels_last) for image in images]
+    _check_batch(images, geometries)
+    channels = geometries[0][1]
+    swaps = [bool(swap_rb)] * len(images) if isinstance(swap_rb, bool) else [bool(s) for s in swap_rb]
+    if len(swaps) != len(images):
+        raise ValueError(f"resize_batch: swap_rb has {len(swaps)} flags for {len(images)} images")
     if any(swaps) and channels != 3:
         raise ValueError(f"resize_batch: swapping red and blue needs 3 channels, got {channels}")
     mean = None if mean is None else fill_values("mean", [float(v) for v in mean], channels)
     std = None if std is None else fill_values("std", [float(v) for v in std], channels)
-    return views, swaps, mean, std
+    return geometries, swaps, mean, std
 
 
 @functools.cache
@@ -121,11 +141,11 @@ def kernel_available(device: torch.device) -> bool:
 _broken: str | None = None
 
 
-def _scales(views, out_h: int, out_w: int) -> np.ndarray:
+def _scales(geometries: list[Geometry], out_h: int, out_w: int) -> np.ndarray:
     """Each image's H / out_h and W / out_w, divided in IEEE float32 as PyTorch's host code divides them (Triton's
     "/" is approximate)."""
-    sides = np.array([side for v in views for side in (v.shape[1], v.shape[2])], dtype=np.float32)
-    return sides / np.array([out_h, out_w] * len(views), dtype=np.float32)
+    sides = np.array([side for g in geometries for side in (g[2], g[3])], dtype=np.float32)
+    return sides / np.array([out_h, out_w] * len(geometries), dtype=np.float32)
 
 
 def _norm_values(mean, std, channels: int) -> list[float]:
@@ -139,19 +159,19 @@ def _norm_on(device: torch.device, values: tuple[float, ...]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device):
+def _launch_tables(geometries: list[Geometry], swaps, out_h, out_w, mean, std, channels, device):
     """The kernel's three tables (per image: address, sides, strides, swap; per image: scales; per channel:
     mean and std) as views of one buffer, so that a GPU gets them in one copy from pinned memory.  Each
     table starts 16 bytes into line, as separate tensors would, so that Triton compiles one variant.
     Filled in numpy: a batch of one costs a fifth of the host time of filling it with torch's small ops."""
-    count, head = len(views), 7 * len(views)
+    count, head = len(geometries), 7 * len(geometries)
     start = head + head % 2  # the float32 tables start 16-byte aligned
     norm_at = -(-2 * count // 4) * 4  # and so does mean/std after the scales
     floats = norm_at + 2 * channels
     host = np.zeros(start + (floats + 1) // 2, dtype=np.int64)
-    host[:head] = [x for v, s in zip(views, swaps) for x in (v.data_ptr(), v.shape[1], v.shape[2], *v.stride(), int(s))]
+    host[:head] = [x for (address, _, h, w, *strides), s in zip(geometries, swaps) for x in (address, h, w, *strides, int(s))]
     values = host[start:].view(np.float32)
-    values[: 2 * count] = _scales(views, out_h, out_w)
+    values[: 2 * count] = _scales(geometries, out_h, out_w)
     values[norm_at:floats] = _norm_values(mean, std, channels)
     packed = torch.from_numpy(host)
     if device.type == "cuda":
@@ -180,28 +200,28 @@ def resize_batch(
     On a GPU this is one kernel launch; elsewhere (or with ``use_kernel=False``) it is one
     ``F.interpolate`` per image, :func:`resize_batch_reference`.
     """
-    views, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
-    device = views[0].device
-    if not use_kernel or views[0].dtype not in KERNEL_INPUTS or not kernel_available(device):
-        return _reference(views, swaps, out_h, out_w, mean, std, dtype)
+    geometries, swaps, mean, std = _prepare(images, out_h, out_w, channels_last, swap_rb, mean, std, dtype)
+    first = images[0]
+    device, channels = first.device, geometries[0][1]
+    if not use_kernel or first.dtype not in KERNEL_INPUTS or not kernel_available(device):
+        return _reference([_as_chw(image, channels_last) for image in images], swaps, out_h, out_w, mean, std, dtype)
     kernel, one_kernel, types, cdiv = _kernel()
-    channels = views[0].shape[0]
-    options = dict(C=channels, IN_TYPE=types[views[0].dtype], NORMALISE=mean is not None or std is not None,
+    options = dict(C=channels, IN_TYPE=types[first.dtype], NORMALISE=mean is not None or std is not None,
                    BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
-    out = torch.empty((len(views), channels, out_h, out_w), dtype=dtype, device=device)
+    out = torch.empty((len(images), channels, out_h, out_w), dtype=dtype, device=device)
     blocks = cdiv(out_h * out_w, _BLOCK)
     try:
-        if len(views) == 1:
-            view, (scale_y, scale_x) = views[0], _scales(views, out_h, out_w)
+        if len(images) == 1:
+            (address, _, height, width, *strides), (scale_y, scale_x) = geometries[0], _scales(geometries, out_h, out_w)
             norm = _norm_on(device, tuple(_norm_values(mean, std, channels)))
-            one_kernel[(blocks,)](view.data_ptr(), view.shape[1], view.shape[2], *view.stride(), int(swaps[0]),
+            one_kernel[(blocks,)](address, height, width, *strides, int(swaps[0]),
                                   float(scale_y), float(scale_x), norm, out, out_h, out_w, **options)
         else:
-            table, scales, norm = _launch_tables(views, swaps, out_h, out_w, mean, std, channels, device)
-            kernel[(blocks, len(views))](table, scales, norm, out, out_h, out_w, **options)
+            table, scales, norm = _launch_tables(geometries, swaps, out_h, out_w, mean, std, channels, device)
+            kernel[(blocks, len(images))](table, scales, norm, out, out_h, out_w, **options)
     except Exception as exc:  # noqa: BLE001 - the kernel, not the images: every later batch takes the torch path
         global _broken
         _broken = f"{type(exc).__name__}: {str(exc)[:300]}"
         log.warning("the one-launch batch resize cannot run here (%s); resizing one image at a time", _broken)
-        return _reference(views, swaps, out_h, out_w, mean, std, dtype)
+        return _reference([_as_chw(image, channels_last) for image in images], swaps, out_h, out_w, mean, std, dtype)
     return out

@@ -204,7 +204,9 @@ def test_a_kernel_that_cannot_launch_falls_back_once_and_for_all(monkeypatch, ca
 def test_the_launch_tables_share_one_buffer_each_16_byte_aligned_with_the_right_values(count):
     views = [torch.zeros(3, 10 + i, 20 + i, dtype=torch.uint8)[:, 1:, :] for i in range(count)]
     swaps = [i % 2 == 1 for i in range(count)]
-    table, scales, norm = batch_resize._launch_tables(views, swaps, 7, 9, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 3, torch.device("cpu"))
+    geometries = [batch_resize._geometry(v, channels_last=False) for v in views]
+    table, scales, norm = batch_resize._launch_tables(geometries, swaps, 7, 9, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 3,
+                                                      torch.device("cpu"))
     assert table.untyped_storage().data_ptr() == scales.untyped_storage().data_ptr() == norm.untyped_storage().data_ptr()
     assert all(t.data_ptr() % 16 == 0 for t in (table, scales, norm))  # one compiled variant whatever the count
     rows = table.view(count, 7).tolist()
