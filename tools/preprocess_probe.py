@@ -130,16 +130,15 @@ def nvimgcodec_decoders(count: int, hw_load: float, layout: str = "P_RGB", cpu_t
 
     kinds = nvimgcodec.BackendKind
     backends = [nvimgcodec.Backend(kinds.HW_GPU_ONLY, load_hint=hw_load), nvimgcodec.Backend(kinds.HYBRID_CPU_GPU)]
-    options = ""
+    extra = {}  # nvImageCodec's own defaults otherwise
     if batch > 0:
         backends.insert(1, nvimgcodec.Backend(kinds.GPU_ONLY))
-        options = f"nvjpeg_hw_decoder:preallocate_batch_size={batch}"
+        extra["options"] = f"nvjpeg_hw_decoder:preallocate_batch_size={batch}"
     params = nvimgcodec.DecodeParams(
         apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
         sample_format=getattr(nvimgcodec.SampleFormat, layout),
     )
-    decoders = [nvimgcodec.Decoder(max_num_cpu_threads=cpu_threads, backends=backends, options=options)
-                for _ in range(count)]
+    decoders = [nvimgcodec.Decoder(max_num_cpu_threads=cpu_threads, backends=backends, **extra) for _ in range(count)]
     return decoders, params, nvimgcodec.CodeStream
 
 
