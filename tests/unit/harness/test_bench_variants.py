@@ -27,7 +27,8 @@ def fake_runs(throughputs):
     def run(options, say):
         seen.append(options)
         rows = [Row("ensemble", c, next(figures), p50_ms=10.0 * c, p99_ms=20.0 * c, gpu_mem_before_mb=100.0,
-                    gpu_mem_mb=100.0 + c) for c in (1, 8)] + [Row("inprocess", 64, 999.0), Row("inprocess-pre-2", 64, 1999.0)]
+                    gpu_mem_mb=100.0 + c, sm_busy=30.0 + len(seen), jpeg_busy=None if c == 8 else 80.0)
+                for c in (1, 8)] + [Row("inprocess", 64, 999.0), Row("inprocess-pre-2", 64, 1999.0)]
         return BenchResult(rows, [], "", {})
 
     return run, seen
@@ -66,7 +67,11 @@ def test_variants_run_in_turn_with_their_keys_over_the_shared_ones(tmp_path, con
         table = list(csv.DictReader(handle))
     assert list(table[0]) == SUMMARY_COLUMNS
     assert table[0] == {"variant": "a", "system": "ensemble", "concurrency": "1", "runs": "3", "median": "110",
-                        "low": "100", "high": "120", "p50_ms": "10.0", "p99_ms": "20.0", "gpu_rise_mb": "1.0"}
+                        "low": "100", "high": "120", "p50_ms": "10.0", "p99_ms": "20.0", "gpu_rise_mb": "1.0",
+                        "sm_busy": "33.0", "jpeg_busy": "80.0"}
+    # the busy readings' medians over the rounds (a's runs were the 1st, 3rd and 5th), "—" where there were none
+    assert "| 10.00 | 20.00 | 1 | 33 / 80 |" in result.markdown and "| a | inprocess | 64 | 999 / 999 / 999 | 999.0 | 1.00× | — | — | — | — |" \
+        in result.markdown
     assert (tmp_path / "out" / "variants.md").read_text() == result.markdown
 
 

@@ -23,7 +23,8 @@ from .report import INPROCESS_ROWS, SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
-SUMMARY_COLUMNS = ["variant", "system", "concurrency", "runs", "median", "low", "high", "p50_ms", "p99_ms", "gpu_rise_mb"]
+SUMMARY_COLUMNS = ["variant", "system", "concurrency", "runs", "median", "low", "high", "p50_ms", "p99_ms", "gpu_rise_mb",
+                   "sm_busy", "jpeg_busy"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class VariantRow:
     p50_ms: float | None
     p99_ms: float | None
     gpu_rise_mb: float | None
+    sm_busy: float | None = None  # medians over the rounds, % (the bench's GPU busy readings)
+    jpeg_busy: float | None = None
 
     @property
     def measured(self) -> list[float]:
@@ -98,12 +101,18 @@ def summarise(runs: dict[str, list[list[Row]]], systems: tuple[str, ...]) -> lis
                 _median([r.p50_ms for r in good if r.p50_ms is not None]),
                 _median([r.p99_ms for r in good if r.p99_ms is not None]),
                 _median(rises),
+                _median([r.sm_busy for r in good if r.sm_busy is not None]),
+                _median([r.jpeg_busy for r in good if r.jpeg_busy is not None]),
             ))
     return out
 
 
 def _number(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _busy(sm: float | None, jpeg: float | None) -> str:
+    return "—" if sm is None and jpeg is None else f"{_number(sm, 0)} / {_number(jpeg, 0)}"
 
 
 def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str, done: int | None = None) -> str:
@@ -118,8 +127,9 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
     first = variants[0].name
     lines += [
         "",
-        f"| variant | system | concurrency | img/s by round | median img/s | / {first} | p50 ms | p99 ms | GPU MiB rise |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        f"| variant | system | concurrency | img/s by round | median img/s | / {first} | p50 ms | p99 ms | GPU MiB rise | "
+        "SMs / JPEG engines busy % |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = {(r.system, r.concurrency): _median(r.measured) for r in rows if r.variant == first}
     for r in rows:
@@ -128,7 +138,8 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
         ratio = f"{median / reference:.2f}×" if median and reference else "—"
         by_round = " / ".join(_number(t, 0) for t in r.throughputs)
         lines.append(f"| {r.variant} | {r.system} | {r.concurrency} | {by_round} | {_number(median)} | {ratio} | "
-                     f"{_number(r.p50_ms, 2)} | {_number(r.p99_ms, 2)} | {_number(r.gpu_rise_mb, 0)} |")
+                     f"{_number(r.p50_ms, 2)} | {_number(r.p99_ms, 2)} | {_number(r.gpu_rise_mb, 0)} | "
+                     f"{_busy(r.sm_busy, r.jpeg_busy)} |")
     lines += ["", "Each run has a server of its own and its own results folder (`NAME-ROUND/`, with its report). "
               "Read a difference between medians against the spread of each variant's rounds."]
     return "\n".join(lines) + "\n"
@@ -141,7 +152,8 @@ def write_csv(rows: list[VariantRow], path: Path) -> Path:
         for r in rows:
             measured = r.measured
             writer.writerow([r.variant, r.system, r.concurrency, len(measured), _median(measured),
-                             min(measured, default=None), max(measured, default=None), r.p50_ms, r.p99_ms, r.gpu_rise_mb])
+                             min(measured, default=None), max(measured, default=None), r.p50_ms, r.p99_ms, r.gpu_rise_mb,
+                             r.sm_busy, r.jpeg_busy])
     return path
 
 
