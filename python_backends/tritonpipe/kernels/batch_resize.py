@@ -65,20 +65,15 @@ def _geometry(image: torch.Tensor, channels_last: bool) -> Geometry:
 
 
 def _check_batch(images: Sequence[torch.Tensor], geometries: list[Geometry]) -> None:
-    first, (_, channels, *_rest) = images[0], geometries[0]
-    dtype, device = first.dtype, first.device
+    first, first_chw = images[0], geometries[0][1:4]
     for image, (_, c, h, w, *_strides) in zip(images, geometries):
-        if c != channels or image.dtype != dtype or image.device != device:
+        if c != first_chw[0] or image.dtype != first.dtype or image.device != first.device:
             raise ValueError(
                 "resize_batch needs images of one channel count, dtype and device; got "
-                f"{_chw(geometries[0])} {dtype} {device} and {(c, h, w)} {image.dtype} {image.device}"
+                f"{first_chw} {first.dtype} {first.device} and {(c, h, w)} {image.dtype} {image.device}"
             )
         if h == 0 or w == 0:
             raise ValueError(f"resize_batch got an empty image of shape {(c, h, w)}")
-
-
-def _chw(geometry: Geometry) -> tuple[int, int, int]:
-    return geometry[1], geometry[2], geometry[3]
 
 
 def resize_batch_reference(images: Sequence[torch.Tensor], out_h: int, out_w: int, **options) -> torch.Tensor:

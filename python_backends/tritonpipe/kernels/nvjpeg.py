@@ -146,7 +146,6 @@ def load(path: str) -> ctypes.CDLL:
         "nvjpegDecodeBatchedPreAllocate": [void, void, integer, integer, integer, integer, integer],
         "nvjpegGetHardwareDecoderInfo": [void, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint)],
         "nvjpegGetProperty": [integer, ctypes.POINTER(integer)],
-        "nvjpegJpegStreamGetChromaSubsampling": [void, ctypes.POINTER(integer)],
     }
     for name, argtypes in optional.items():
         if hasattr(lib, name):
