@@ -6,12 +6,18 @@ for) on batches of the sizes Triton forms under load, all at once. Set beside th
 step of the chain does, as the instances scale from one process to N.
 
 usage: python tools/chains_probe.py [--config examples/resnet18/fused8.toml] [--processes 1,8] [--batches 12,24]
-                                    [--parts decode,pre,chain] [--seconds 3] [--corpus-sizes three] [--out DIR]
+                                    [--parts decode,pre,model,chain] [--seconds 3] [--corpus-sizes three] [--mps]
+                                    [--out DIR]
 
-Parts: ``decode`` the chain's first step alone; ``pre`` every step before the model; ``chain`` all of it, the
-outputs to the host included, as a served instance answers. Each batch ends with its stream synchronised.
-The processes are not pinned to cores (served instances are, with ``instance_affinity``).
-Rows, in img/s, go to DIR/chains_probe.md. Runs on a GPU, or slowly on the CPU (``--device cpu``).
+Parts: ``decode`` the chain's first step alone; ``pre`` every step before the model; ``model`` the model's step
+alone, on the outputs of the steps before it, made once for each batch size and fed again every batch; ``chain`` all
+of it, the outputs to the host included, as a served instance answers. Each batch ends with its stream synchronised.
+The processes are not pinned to cores (served instances are, with ``instance_affinity``). With ``--mps`` the
+processes share the GPU through an MPS daemon of the probe's own (one GPU context for all, as the bench's ``--mps``
+serves), instead of each taking it in time slices with a context of its own.
+Rows, in img/s, with the SMs' and the JPEG engines' busy share over each row (``nvidia-smi dmon``, one-second
+samples, the row's two warm-up batches included), go to DIR/chains_probe.md. Runs on a GPU, or slowly on the CPU
+(``--device cpu``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,15 +33,18 @@ from pathlib import Path
 import torch
 from google.protobuf import json_format
 
+from tritonpipe.errors import TritonpipeError
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+from tritonpipe.harness.probe import GpuBusyMeter
 from tritonpipe.model.runtime import ModelRuntime
 from tritonpipe.pipeline.files import read_config_file
 from tritonpipe.pipeline.graph import load_graph
 from tritonpipe.repository.generate import generate_repository
-from tritonpipe.stages.base import ERROR
+from tritonpipe.server.mps import MpsDaemon
+from tritonpipe.stages.base import DATA, ERROR
 from tritonpipe.stages.control import run_chain
 
-PARTS = ("decode", "pre", "chain")
+PARTS = ("decode", "pre", "model", "chain")
 _instance: dict = {}  # each process's runtime, stream and corpus, built once by its pool's initializer
 
 
@@ -55,17 +65,22 @@ def _row(args: tuple) -> tuple[int, float]:
     """This process's share of one row: ``part`` on batches of ``batch`` for ``seconds``; (images, seconds)."""
     part, batch, seconds, barrier = args
     runtime, stream, key, tensors = (_instance[name] for name in ("runtime", "stream", "key", "tensors"))
-    head, _ = runtime.halves()
+    head, tail = runtime.halves()
     offset = hash(multiprocessing.current_process().name) % len(tensors)
+    fed: list[dict] = []  # the model part's inputs: the steps before it, run once
 
     def one() -> None:
         nonlocal offset
-        items = [{key: tensors[(offset + i) % len(tensors)]} for i in range(batch)]
-        offset += batch
+        if part == "model":
+            items = [dict(item) for item in fed]
+            run_chain(tail, items)
+        else:
+            items = [{key: tensors[(offset + i) % len(tensors)]} for i in range(batch)]
+            offset += batch
         if part == "chain":
             runtime.run(items)
             runtime.responses(items)
-        else:
+        elif part != "model":
             run_chain(head[:1] if part == "decode" else head, items)
         failed = next((item[ERROR] for item in items if ERROR in item), None)
         if failed is not None:
@@ -75,6 +90,14 @@ def _row(args: tuple) -> tuple[int, float]:
 
     done = 0
     with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if part == "model":
+            if not tail:
+                raise RuntimeError("the model part needs a chain of more than one step")
+            fed[:] = [{key: tensors[(offset + i) % len(tensors)]} for i in range(batch)]
+            run_chain(head, fed)
+            if failed := next((item[ERROR] for item in fed if ERROR in item), None):
+                raise RuntimeError(f"a corpus image failed: {failed}")
+            fed[:] = [{DATA: item[DATA], **({"color": item["color"]} if "color" in item else {})} for item in fed]
         for _ in range(2):
             one()
         barrier.wait()  # every process of the row begins at once
@@ -86,6 +109,30 @@ def _row(args: tuple) -> tuple[int, float]:
     return done, elapsed
 
 
+@contextlib.contextmanager
+def _mps(wanted: bool, folder: Path):
+    """An MPS daemon of the probe's own while the block runs, its pipe folder in this process's environment for the
+    processes it starts (``--mps``); nothing without it."""
+    if not wanted:
+        yield
+        return
+    try:
+        daemon = MpsDaemon(folder / "mps").start()
+    except TritonpipeError as exc:
+        raise SystemExit(f"chains_probe.py: --mps: {exc}") from None
+    saved = {name: os.environ.get(name) for name in daemon.environment()}
+    os.environ.update(daemon.environment())
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        daemon.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="examples/resnet18/fused8.toml")
@@ -95,6 +142,7 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what each process runs, of {', '.join(PARTS)}")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--corpus-sizes", choices=("three", "distinct"), default="three")
+    parser.add_argument("--mps", action="store_true", help="the processes share the GPU through an MPS daemon of the probe's own")
     parser.add_argument("--out", default="probe_out")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -116,21 +164,27 @@ def main() -> None:
         served = json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True)
         context = multiprocessing.get_context("spawn")
         start = (served, str(repo.path / entry / "1"), str(device), list(corpus.images))
-        with context.Manager() as manager, context.Pool(max(counts), _start, start) as pool:
+        with _mps(args.mps, Path(folder)), context.Manager() as manager, context.Pool(max(counts), _start, start) as pool:
             for count in counts:
                 for part in parts:
                     for batch in batches:
                         barrier = manager.Barrier(count)
-                        runs = pool.map(_row, [(part, batch, args.seconds, barrier)] * count, chunksize=1)
+                        with GpuBusyMeter() as meter:
+                            runs = pool.map(_row, [(part, batch, args.seconds, barrier)] * count, chunksize=1)
                         rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
-                        rows.append((count, part, batch, rate))
-                        print(f"{count} processes, {part}, batches of {batch}: {rate:,.0f} img/s", flush=True)
+                        busy = meter.result
+                        sm, jpeg = (f"{value:.0f}" if value is not None else "—"
+                                    for value in ((busy.sm, busy.jpeg) if busy is not None else (None, None)))
+                        rows.append((count, part, batch, rate, sm, jpeg))
+                        print(f"{count} processes, {part}, batches of {batch}: {rate:,.0f} img/s (busy: SMs {sm}, JPEG "
+                              f"engines {jpeg}, %)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"# chains probe, {name}, {config_path.name}, {corpus.description}", "",
-             "| processes | part | batch | img/s |", "|---:|---|---:|---:|"]
-    lines += [f"| {count} | {part} | {batch} | {rate:,.0f} |" for count, part, batch, rate in rows]
+    shared = ", the processes under MPS" if args.mps else ""
+    lines = [f"# chains probe, {name}, {config_path.name}, {corpus.description}{shared}", "",
+             "| processes | part | batch | img/s | SMs busy % | JPEG engines busy % |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {count} | {part} | {batch} | {rate:,.0f} | {sm} | {jpeg} |" for count, part, batch, rate, sm, jpeg in rows]
     (out / "chains_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
