@@ -84,6 +84,8 @@ class InprocessResult:
     gpu_mem_after_mb: float | None = None
     #: each leaf stage's time with its GPU work, from separate batches with a synchronisation after every stage
     stages: list[StageTime] = field(default_factory=list)
+    #: when the timed batches began (``time.perf_counter()``); they ran for ``seconds`` from there
+    started: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -294,7 +296,7 @@ def run_inprocess(
     images_done = batch * len(batch_ms)
     per_image = {name: total / images_done * 1000.0 for name, total in timings.items()}
     return InprocessResult(
-        str(target), batch, images_done, elapsed, batch_ms, per_image, chain.chunks(), before, after, stages
+        str(target), batch, images_done, elapsed, batch_ms, per_image, chain.chunks(), before, after, stages, started
     )
 
 
@@ -314,11 +316,11 @@ def _leaves(stages: list[Any]) -> list[Any]:
 def run_preprocessing_in_flight(
     repo: GeneratedRepository, images: list[bytes], *, device: str = "auto", batch: int = 64, seconds: float = 5.0,
     threads: int = 2,
-) -> tuple[float, str]:
+) -> tuple[float, str, tuple[float, float]]:
     """tritonpipe's preprocessing alone (the stages before the model stage) with ``threads`` batches in flight,
     each on a host thread and CUDA stream of its own, as DALI's pipeline keeps two at prefetch 2: (img/s, what
-    ran).  Raises ConfigError where the repository has no such part to run alone, or stages that take one
-    batch at a time."""
+    ran, when the timed part began and ended as ``time.perf_counter()`` values).  Raises ConfigError where the
+    repository has no such part to run alone, or stages that take one batch at a time."""
     target = pick_device(device, strict=True)
     with torch.inference_mode():
         chain = Chain.of_repository(repo, target)
@@ -371,7 +373,7 @@ def run_preprocessing_in_flight(
         stop = counted_from + seconds
         list(pool.map(work, range(threads), [stop] * threads, [counted_from] * threads))
         elapsed = time.perf_counter() - counted_from
-    return done[0] / elapsed, what
+    return done[0] / elapsed, what, (counted_from, counted_from + elapsed)
 
 
 def _stage_times(chain: Chain, run: Callable[[int], None], batches: int) -> list[StageTime]:

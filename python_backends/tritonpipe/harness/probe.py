@@ -154,12 +154,17 @@ def parse_dmon(lines: list[str]) -> GpuBusy | None:
 class GpuBusyMeter:
     """``with GpuBusyMeter() as meter: ...`` samples the GPUs once a second (``nvidia-smi dmon -s u``) while the
     block runs; ``meter.result`` is then its :class:`GpuBusy`, or None where there is no nvidia-smi, it fails, or the
-    block ran under a second."""
+    block ran under a second.  :meth:`between` reads only the samples of a timed part of the block (its warm-up
+    left out)."""
+
+    #: a sample reports the second before it is printed: one that arrives this long after a window opens covers
+    #: only the window, and one that arrives up to ``_LATE`` seconds after it closes still mostly does
+    _SAMPLE, _LATE = 1.0, 0.25
 
     def __init__(self, smi: str | None = None) -> None:
         self.smi = smi if smi is not None else shutil.which("nvidia-smi")
         self.result: GpuBusy | None = None
-        self._lines: list[str] = []
+        self._lines: list[tuple[float, str]] = []  # (when it arrived, time.perf_counter(); the line)
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
@@ -178,7 +183,7 @@ class GpuBusyMeter:
     def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
         for line in self._process.stdout:
-            self._lines.append(line)
+            self._lines.append((time.perf_counter(), line))
 
     def __exit__(self, *exc_info) -> None:
         if self._process is None:
@@ -191,4 +196,11 @@ class GpuBusyMeter:
             self._process.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
-        self.result = parse_dmon(list(self._lines))
+        self.result = parse_dmon([line for _, line in self._lines])
+
+    def between(self, start: float, end: float) -> GpuBusy | None:
+        """The averages of the samples taken inside ``start`` to ``end`` (``time.perf_counter()`` values), or None
+        where none was (a window under about a second, or no nvidia-smi)."""
+        inside = [line for at, line in self._lines
+                  if line.lstrip().startswith("#") or start + self._SAMPLE <= at <= end + self._LATE]
+        return parse_dmon(inside)

@@ -156,6 +156,23 @@ def test_the_gpu_meter_reads_nvidia_smi_while_its_block_runs_and_nothing_without
     assert missing.result is None
 
 
+def test_the_gpu_meter_reads_a_timed_window_apart_from_the_warm_up(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    header = "".join(f"echo '{line}'\n" for line in DMON.splitlines()[:2])
+    warm, timed = "    0     10     1      0      0     20      0", "    0     70     1      0      0     90      0"
+    smi.write_text(f"#!/bin/sh\n{header}for i in 1 2 3 4 5 6 7 8 9 10; do echo '{warm}'; sleep 0.05; done\n"
+                   f"while true; do echo '{timed}'; sleep 0.05; done\n")
+    smi.chmod(0o755)
+    with probe.GpuBusyMeter(str(smi)) as meter:
+        opened = time.perf_counter()
+        time.sleep(2.0)
+        closed = time.perf_counter()
+    # the warm-up's samples (the first half second) count in the whole block, not in the window a second after it
+    assert meter.result is not None and 10.0 < meter.result.sm < 70.0
+    assert meter.between(opened, closed) == probe.GpuBusy(70.0, 90.0, meter.between(opened, closed).samples)
+    assert meter.between(closed, closed + 5.0) is None  # nothing came a second after the block's end
+
+
 def test_markdown_says_how_busy_the_sms_and_jpeg_engines_were():
     rows = [report.Row("ensemble", 128, 7000.0, 16.0, 20.0, 30.0, 40.0, sm_busy=33.4, jpeg_busy=87.6),
             report.Row("inprocess-pre-2", 64, 10000.0, jpeg_busy=98.0), report.Row("ensemble", 1, 400.0, 2.0, 2.0, 2.0, 3.0)]

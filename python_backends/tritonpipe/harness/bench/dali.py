@@ -38,6 +38,8 @@ class DaliResult:
     batch: int
     images: int
     seconds: float
+    #: when the timed batches began (``time.perf_counter()``); they ran for ``seconds`` from there
+    started: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -108,4 +110,4 @@ def run_dali(
         step()
         count += batch
     torch.cuda.synchronize(device_id)
-    return DaliResult(name, batch, count, time.perf_counter() - start)
+    return DaliResult(name, batch, count, time.perf_counter() - start, start)

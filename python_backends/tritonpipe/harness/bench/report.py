@@ -257,8 +257,9 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         )
     gpu_busy = [r for r in rows if r.sm_busy is not None or r.jpeg_busy is not None]
     if gpu_busy:
-        out += ["", "GPU busy over each level and in-process row (`nvidia-smi dmon`, one-second samples, warm-up included; "
-                "for an in-process row the concurrency column is its batch): a unit near 100% is what set the pace.", ""]
+        out += ["", "GPU busy over each level and in-process row (`nvidia-smi dmon`, one-second samples; a level's with "
+                "perf_analyzer's warm-up included, an in-process row's over its timed batches only, the concurrency column "
+                "then its batch): a unit near 100% is what set the pace.", ""]
         out += _table(["system", "concurrency", "SMs %", "JPEG engines %"],
                       [[r.system, str(r.concurrency), fmt_percent(r.sm_busy), fmt_percent(r.jpeg_busy)] for r in gpu_busy])
     if inproc is not None:

@@ -275,9 +275,11 @@ def _sweep(
     return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
 
 
-def _gpu_busy(meter: GpuBusyMeter) -> dict[str, float | None]:
-    """A row's SM and JPEG-engine busy shares from ``meter`` (None where it had nothing to read)."""
-    found = meter.result
+def _gpu_busy(meter: GpuBusyMeter, window: tuple[float, float] | None = None) -> dict[str, float | None]:
+    """A row's SM and JPEG-engine busy shares from ``meter`` (None where it had nothing to read): over the timed
+    ``window`` where one is given (an in-process row's, its model loads and warm-up left out), else over the
+    whole block."""
+    found = meter.between(*window) if window is not None else meter.result
     return {"sm_busy": found and found.sm, "jpeg_busy": found and found.jpeg}
 
 
@@ -489,7 +491,7 @@ def _measure_inprocess(
     row = Row(
         "inprocess", result.batch, result.throughput, result.percentile_ms(50), result.percentile_ms(90),
         result.percentile_ms(95), result.percentile_ms(99), result.gpu_mem_before_mb, result.gpu_mem_after_mb, note,
-        **_gpu_busy(meter),
+        **_gpu_busy(meter, (result.started, result.started + result.seconds)),
     )
     say(f"[inprocess] {result.throughput:,.1f} img/s on {result.device}")
     steps = [StepTimes("inprocess", name, result.images, len(result.batch_ms), ms) for name, ms in result.model_ms.items()]
@@ -510,8 +512,8 @@ def _measure_pre_in_flight(repo, corpus: Corpus, options: BenchOptions, say) -> 
     meter = GpuBusyMeter()
     try:
         with meter:
-            rate, what = run_preprocessing_in_flight(repo, corpus.images, device=options.device, batch=batch,
-                                                     seconds=options.inprocess_seconds)
+            rate, what, window = run_preprocessing_in_flight(repo, corpus.images, device=options.device, batch=batch,
+                                                             seconds=options.inprocess_seconds)
     except ConfigError as exc:  # nothing to run alone, or stages that take one batch at a time: said, not failed
         say(f"[inprocess-pre-2] not measured: {exc}")
         return []
@@ -520,7 +522,7 @@ def _measure_pre_in_flight(repo, corpus: Corpus, options: BenchOptions, say) -> 
         return [Row("inprocess-pre-2", batch, None, note=f"{type(exc).__name__}: {exc}"[:200])]
     say(f"[inprocess-pre-2] {rate:,.1f} img/s")
     return [Row("inprocess-pre-2", batch, rate, note=f"{what}, 2 batches in flight, a host thread and CUDA stream each",
-                **_gpu_busy(meter))]
+                **_gpu_busy(meter, window))]
 
 
 def _dali_missing(options: BenchOptions) -> str | None:
@@ -599,7 +601,8 @@ def _measure_dali(repo, baseline: Peer | None, corpus: Corpus, options: BenchOpt
             rows.append(Row(name, options.inprocess_batch, None, note=f"{type(exc).__name__}: {exc}"[:200]))
             continue
         say(f"[{name}] {result.throughput:,.1f} img/s")
-        rows.append(Row(name, result.batch, result.throughput, note=what, **_gpu_busy(meter)))
+        rows.append(Row(name, result.batch, result.throughput, note=what,
+                        **_gpu_busy(meter, (result.started, result.started + result.seconds))))
     return rows
 
 
