@@ -34,6 +34,7 @@ import torch
 from google.protobuf import json_format
 
 from tritonpipe.errors import TritonpipeError
+from tritonpipe.harness.bench.report import fmt_percent
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
 from tritonpipe.harness.probe import GpuBusyMeter
 from tritonpipe.model.runtime import ModelRuntime
@@ -173,8 +174,7 @@ def main() -> None:
                             runs = pool.map(_row, [(part, batch, args.seconds, barrier)] * count, chunksize=1)
                         rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
                         busy = meter.result
-                        sm, jpeg = (f"{value:.0f}" if value is not None else "—"
-                                    for value in ((busy.sm, busy.jpeg) if busy is not None else (None, None)))
+                        sm, jpeg = (fmt_percent(busy.sm), fmt_percent(busy.jpeg)) if busy else (fmt_percent(None),) * 2
                         rows.append((count, part, batch, rate, sm, jpeg))
                         print(f"{count} processes, {part}, batches of {batch}: {rate:,.0f} img/s (busy: SMs {sm}, JPEG "
                               f"engines {jpeg}, %)", flush=True)

@@ -11,9 +11,9 @@ Rows whose library is missing say so and the rest go on.  Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import os
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from tritonpipe.harness.corpus import photo_corpus, synthetic_corpus
+from tritonpipe.harness.probe import GpuBusyMeter
 from tritonpipe.kernels import batch_resize, geometry
 
 MEAN = (123.675, 116.28, 103.53)
@@ -49,39 +50,20 @@ OUT = Path("probe_out")
 
 
 class Busy:
-    """The JPEG engines' and the SMs' busy share, from ``nvidia-smi dmon`` sampled once a second."""
+    """The JPEG engines' and the SMs' busy share, from ``nvidia-smi dmon`` sampled once a second for the whole probe
+    (the bench's :class:`GpuBusyMeter`, stopped when the probe exits)."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float, float]] = []  # (time, sm %, jpg %)
-        try:
-            self.process = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            self.process = None
-            return
-        import threading
-
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        columns: list[str] = []
-        for line in self.process.stdout:
-            fields = line.split()
-            if line.startswith("#") and "sm" in fields:
-                columns = fields[1:]
-            elif columns and fields and not line.startswith("#") and "jpg" in columns:
-                values = dict(zip(columns, fields))
-                try:
-                    self.samples.append((time.perf_counter(), float(values["sm"]), float(values["jpg"])))
-                except ValueError:
-                    continue
+        self.meter = GpuBusyMeter().__enter__()
+        atexit.register(self.meter.__exit__, None, None, None)
 
     def between(self, start: float, end: float) -> str:
-        """'jpg % / sm %' averaged over the samples taken between ``start`` and ``end``, or ''."""
-        inside = [(sm, jpg) for t, sm, jpg in self.samples if start + 0.5 <= t <= end + 0.5]
-        if not inside:
+        """'jpg % / sm %' averaged over the samples taken between half a second after ``start`` and half a second
+        after ``end``, or ''."""
+        found = self.meter.between(start - 0.5, end + 0.25)  # the meter's window opens a second in, closes 0.25 s late
+        if found is None or found.sm is None or found.jpeg is None:
             return ""
-        return f"{sum(j for _, j in inside) / len(inside):.0f} / {sum(s for s, _ in inside) / len(inside):.0f}"
+        return f"{found.jpeg:.0f} / {found.sm:.0f}"
 
 
 BUSY: Busy | None = None
