@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from google.protobuf import json_format
@@ -121,16 +122,10 @@ def _mps(wanted: bool, folder: Path):
         daemon = MpsDaemon(folder / "mps").start()
     except TritonpipeError as exc:
         raise SystemExit(f"chains_probe.py: --mps: {exc}") from None
-    saved = {name: os.environ.get(name) for name in daemon.environment()}
-    os.environ.update(daemon.environment())
     try:
-        yield
+        with mock.patch.dict(os.environ, daemon.environment()):
+            yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         daemon.stop()
 
 
