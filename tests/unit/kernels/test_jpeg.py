@@ -162,6 +162,26 @@ def test_read_jpeg_info_input_types(convert):
     assert J.read_jpeg_info(convert(data)) == expected
 
 
+def test_fill_bytes_and_lone_markers_between_segments_read_as_without_them():
+    """Fill bytes and standalone markers before a segment leave the one-call segment read for the byte-by-byte one,
+    which reads what PIL and libjpeg-turbo read."""
+    data, expected = VARIANTS["420"]
+    dqt = next(off for m, off, _ in _segments(data) if m == 0xDB)
+    padded = data[:dqt] + b"\xff\xff\xff" + data[dqt:]  # fill bytes before a marker
+    assert J.read_jpeg_info(padded) == expected
+    assert Image.open(io.BytesIO(padded)).size == (expected.width, expected.height)
+    assert tuple(J.decode_jpeg_cpu(_t(padded)).shape) == (expected.height, expected.width, 3)
+    assert J.read_jpeg_info(data[:dqt] + b"\xff\x01" + data[dqt:]) == expected  # TEM: a marker with no length field
+
+
+def test_a_segment_longer_than_the_file_is_named():
+    data, _ = VARIANTS["420"]
+    dht = next(off for m, off, _ in _segments(data) if m == 0xC4)
+    cut = data[: dht + 10]  # the table's length field says more than is left
+    with pytest.raises(DecodeError, match=f"segment FF C4 at byte {dht} needs .* but the {len(cut)}-byte input ends first"):
+        J.read_jpeg_info(cut)
+
+
 def test_trailing_padding_is_accepted():
     data, expected = VARIANTS["420"]
     assert J.read_jpeg_info(data + b"\x00" * 32) == expected
