@@ -28,17 +28,19 @@ def check_side(name: str, value: object) -> int:
 
 
 def check_nchw(image: torch.Tensor, what: str) -> None:
-    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3, 4):
-        raise ValueError(f"{what} needs a 1xCxHxW tensor, got shape {tuple(image.shape)}")
-    if image.shape[2] == 0 or image.shape[3] == 0:
-        raise ValueError(f"{what} got an empty image of shape {tuple(image.shape)}")
+    shape = image.shape  # read once: each read makes a new torch.Size, and this runs for every image and stage
+    if len(shape) != 4 or shape[0] != 1 or shape[1] not in (1, 3, 4):
+        raise ValueError(f"{what} needs a 1xCxHxW tensor, got shape {tuple(shape)}")
+    if shape[2] == 0 or shape[3] == 0:
+        raise ValueError(f"{what} got an empty image of shape {tuple(shape)}")
 
 
 def check_hwc(image: torch.Tensor, what: str) -> None:
-    if image.dim() != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{what} needs an HxWxC mat, got shape {tuple(image.shape)}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{what} got an empty image of shape {tuple(image.shape)}")
+    shape = image.shape
+    if len(shape) != 3 or shape[2] not in (1, 3, 4):
+        raise ValueError(f"{what} needs an HxWxC mat, got shape {tuple(shape)}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{what} got an empty image of shape {tuple(shape)}")
 
 
 def resize_bilinear(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
