@@ -50,8 +50,9 @@ PARTS = ("decode", "pre", "model", "chain")
 _instance: dict = {}  # each process's runtime, stream and corpus, built once by its pool's initializer
 
 
-def _start(config: dict, version: str, device: str, images: list[bytes]) -> None:
+def _start(config: dict, version: str, device: str, images: list[bytes], slots: dict) -> None:
     device = torch.device(device)
+    _limit_decode_calls(slots)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -63,9 +64,27 @@ def _start(config: dict, version: str, device: str, images: list[bytes]) -> None
     _instance.update(runtime=runtime, stream=stream, key=key, tensors=tensors)
 
 
+def _limit_decode_calls(slots: dict) -> None:
+    """nvjpeg's decode calls made through one of the row's slots (a semaphore shared by the processes), where the
+    row has a limit (``--decode-slots``): at most that many processes are inside a decode call at once."""
+    from tritonpipe.kernels import nvjpeg
+
+    submit = nvjpeg.Decoder._submit
+
+    def limited(self, *args, **kwargs):
+        slot = slots.get(_instance.get("slots_now", 0))
+        if slot is None:
+            return submit(self, *args, **kwargs)
+        with slot:
+            return submit(self, *args, **kwargs)
+
+    nvjpeg.Decoder._submit = limited
+
+
 def _row(args: tuple) -> tuple[int, float]:
     """This process's share of one row: ``part`` on batches of ``batch`` for ``seconds``; (images, seconds)."""
-    part, batch, seconds, barrier = args
+    part, batch, seconds, barrier, slots = args
+    _instance["slots_now"] = slots
     runtime, stream, key, tensors = (_instance[name] for name in ("runtime", "stream", "key", "tensors"))
     head, tail = runtime.halves()
     offset = hash(multiprocessing.current_process().name) % len(tensors)
@@ -138,6 +157,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what each process runs, of {', '.join(PARTS)}")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--corpus-sizes", choices=("three", "distinct"), default="three")
+    parser.add_argument("--decode-slots", default="0",
+                        help="at most this many processes inside nvjpeg's decode call at once, comma-separated; 0: no limit")
     parser.add_argument("--mps", action="store_true", help="the processes share the GPU through an MPS daemon of the probe's own")
     parser.add_argument("--out", default="probe_out")
     args = parser.parse_args()
@@ -146,6 +167,7 @@ def main() -> None:
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
     counts = [int(count) for count in args.processes.split(",")]
     batches = [int(batch) for batch in args.batches.split(",")]
+    limits = [int(slots) for slots in args.decode_slots.split(",")]
     device = torch.device("cuda", 0) if args.device.startswith("cuda") else torch.device("cpu")
     corpus = synthetic_corpus(48, 0) if args.corpus_sizes == "three" else photo_corpus(64, 0)
     config_path = Path(args.config).resolve()
@@ -159,27 +181,32 @@ def main() -> None:
         entry = repo.plan.name
         served = json_format.MessageToDict(repo.configs[entry], preserving_proto_field_name=True)
         context = multiprocessing.get_context("spawn")
-        start = (served, str(repo.path / entry / "1"), str(device), list(corpus.images))
+        slots = {limit: context.Semaphore(limit) for limit in limits if limit > 0}
+        start = (served, str(repo.path / entry / "1"), str(device), list(corpus.images), slots)
         with _mps(args.mps, Path(folder)), context.Manager() as manager, context.Pool(max(counts), _start, start) as pool:
             for count in counts:
                 for part in parts:
                     for batch in batches:
-                        barrier = manager.Barrier(count)
-                        with GpuBusyMeter() as meter:
-                            runs = pool.map(_row, [(part, batch, args.seconds, barrier)] * count, chunksize=1)
-                        rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
-                        busy = meter.result
-                        sm, jpeg = (fmt_percent(busy.sm), fmt_percent(busy.jpeg)) if busy else (fmt_percent(None),) * 2
-                        rows.append((count, part, batch, rate, sm, jpeg))
-                        print(f"{count} processes, {part}, batches of {batch}: {rate:,.0f} img/s (busy: SMs {sm}, JPEG "
-                              f"engines {jpeg}, %)", flush=True)
+                        for limit in limits:
+                            barrier = manager.Barrier(count)
+                            with GpuBusyMeter() as meter:
+                                runs = pool.map(_row, [(part, batch, args.seconds, barrier, limit)] * count, chunksize=1)
+                            rate = sum(done for done, _ in runs) / max(elapsed for _, elapsed in runs)
+                            busy = meter.result
+                            sm, jpeg = (fmt_percent(busy.sm), fmt_percent(busy.jpeg)) if busy else (fmt_percent(None),) * 2
+                            slots_shown = str(limit) if limit > 0 else "any"
+                            rows.append((count, part, batch, slots_shown, rate, sm, jpeg))
+                            print(f"{count} processes, {part}, batches of {batch}, decode calls at once: {slots_shown}: "
+                                  f"{rate:,.0f} img/s (busy: SMs {sm}, JPEG engines {jpeg}, %)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     shared = ", the processes under MPS" if args.mps else ""
     lines = [f"# chains probe, {name}, {config_path.name}, {corpus.description}{shared}", "",
-             "| processes | part | batch | img/s | SMs busy % | JPEG engines busy % |", "|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {count} | {part} | {batch} | {rate:,.0f} | {sm} | {jpeg} |" for count, part, batch, rate, sm, jpeg in rows]
+             "| processes | part | batch | decode calls at once | img/s | SMs busy % | JPEG engines busy % |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {count} | {part} | {batch} | {slots} | {rate:,.0f} | {sm} | {jpeg} |"
+              for count, part, batch, slots, rate, sm, jpeg in rows]
     (out / "chains_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
