@@ -7,14 +7,15 @@ step of the chain does, as the instances scale from one process to N.
 
 usage: python tools/chains_probe.py [--config examples/resnet18/fused8.toml] [--processes 1,8] [--batches 12,24]
                                     [--parts decode,pre,model,chain] [--seconds 3] [--corpus-sizes three] [--mps]
-                                    [--out DIR]
+                                    [--decode-slots 0,2,4] [--out DIR]
 
 Parts: ``decode`` the chain's first step alone; ``pre`` every step before the model; ``model`` the model's step
 alone, on the outputs of the steps before it, made once for each batch size and fed again every batch; ``chain`` all
 of it, the outputs to the host included, as a served instance answers. Each batch ends with its stream synchronised.
 The processes are not pinned to cores (served instances are, with ``instance_affinity``). With ``--mps`` the
 processes share the GPU through an MPS daemon of the probe's own (one GPU context for all, as the bench's ``--mps``
-serves), instead of each taking it in time slices with a context of its own.
+serves), instead of each taking it in time slices with a context of its own. ``--decode-slots`` repeats each row
+with at most N processes inside nvjpeg's decode call at once (0: no limit), for the decoder nvjpeg drives directly.
 Rows, in img/s, with the SMs' and the JPEG engines' busy share over each row (``nvidia-smi dmon``, one-second
 samples, the row's two warm-up batches included), go to DIR/chains_probe.md. Runs on a GPU, or slowly on the CPU
 (``--device cpu``).
