@@ -73,10 +73,8 @@ def _limit_decode_calls(slots: dict) -> None:
     submit = nvjpeg.Decoder._submit
 
     def limited(self, *args, **kwargs):
-        slot = slots.get(_instance.get("slots_now", 0))
-        if slot is None:
-            return submit(self, *args, **kwargs)
-        with slot:
+        slot = slots.get(_instance.get("limit", 0))
+        with slot if slot is not None else contextlib.nullcontext():
             return submit(self, *args, **kwargs)
 
     nvjpeg.Decoder._submit = limited
@@ -84,8 +82,8 @@ def _limit_decode_calls(slots: dict) -> None:
 
 def _row(args: tuple) -> tuple[int, float]:
     """This process's share of one row: ``part`` on batches of ``batch`` for ``seconds``; (images, seconds)."""
-    part, batch, seconds, barrier, slots = args
-    _instance["slots_now"] = slots
+    part, batch, seconds, barrier, limit = args
+    _instance["limit"] = limit  # the row's --decode-slots value, which _limit_decode_calls reads
     runtime, stream, key, tensors = (_instance[name] for name in ("runtime", "stream", "key", "tensors"))
     head, tail = runtime.halves()
     offset = hash(multiprocessing.current_process().name) % len(tensors)
