@@ -488,14 +488,15 @@ def _stats(entries, batches=None):
     }
 
 
-def test_breakdown_is_per_request_over_the_sweep_only():
+def test_breakdown_is_per_request_over_the_level_only():
     before = stats.parse_stats(_stats([("e", 10, 10, 10e6, 0, 0, 0, 0), ("pre", 10, 5, 5e6, 1e6, 0, 3e6, 0)]))
     after = stats.parse_stats(_stats([
         ("e", 110, 110, 10e6 + 100 * 9e6, 0, 0, 0, 0),
         ("pre", 110, 30, 5e6 + 100 * 8e6, 1e6 + 100 * 2e6, 100 * 0.5e6, 3e6 + 100 * 5e6, 100 * 0.25e6),
     ]))
-    rows = stats.breakdown("ensemble", ["e", "pre"], before, after, ensemble="e")
+    rows = stats.breakdown("ensemble", ["e", "pre"], before, after, ensemble="e", concurrency=16)
     e, pre = rows
+    assert e.concurrency == pre.concurrency == 16
     assert (pre.requests, pre.executions, pre.avg_batch) == (100, 25, 4.0)
     assert (pre.total_ms, pre.queue_ms, pre.compute_input_ms, pre.compute_infer_ms, pre.compute_output_ms) == pytest.approx((8, 2, 0.5, 5, 0.25))
     assert pre.other_ms == pytest.approx(0.25)
@@ -590,7 +591,9 @@ def test_ratios_and_formatting():
 
 
 def test_markdown_has_header_ratios_and_breakdown():
-    steps = [stats.StepTimes("ensemble", "e", 100, 100, 9.0, other_ms=1.0), stats.StepTimes("ensemble", "pre", 100, 25, 8.0, 2.0, 0.5, 5.0, 0.25, 0.25)]
+    steps = [stats.StepTimes("ensemble", "e", 100, 100, 9.0, other_ms=1.0, concurrency=8),
+             stats.StepTimes("ensemble", "pre", 100, 25, 8.0, 2.0, 0.5, 5.0, 0.25, 0.25, concurrency=8),
+             stats.StepTimes("inprocess", "pre", 64, 1, 3.5)]
     text = report.markdown(_rows(), steps, {"device": "CPU only", "command": "`tritonpipe bench`"})
     lines = text.splitlines()
     assert "- device: CPU only" in lines and "- command: `tritonpipe bench`" in lines
@@ -603,8 +606,9 @@ def test_markdown_has_header_ratios_and_breakdown():
     assert table[2] == "| 8 | 800.0 | 10.0 | 150 | — | — | — | — | 0.80× |"
     assert "- baseline at 8: perf_analyzer exited with code 2" in lines
     assert "| 64 | 1,000.0 | 60.0 | 63.0 |" in lines
-    assert "| ensemble | e | 100 | 1.0 | 9.00 | — | — | — | — | 1.00 |" in lines
-    assert "| ensemble | pre | 100 | 4.0 | 8.00 | 2.00 | 0.50 | 5.00 | 0.25 | 0.25 |" in lines
+    assert "| ensemble | 8 | e | 100 | 1.0 | 9.00 | — | — | — | — | 1.00 |" in lines
+    assert "| ensemble | 8 | pre | 100 | 4.0 | 8.00 | 2.00 | 0.50 | 5.00 | 0.25 | 0.25 |" in lines
+    assert "| inprocess | — | pre | 64 | 64.0 | 3.50 | — | — | — | — | — |" in lines  # no level in one process
     assert "GPU MiB" not in text
 
 

@@ -53,7 +53,7 @@ ROW_COLUMNS = [f.name for f in fields(Row)]
 #: a line the served models' stubs write to the server's log (the generic model's handler)
 _MODEL_LINE = re.compile(r"^tritonpipe (INFO|WARNING|ERROR): (.+)$")
 BREAKDOWN_COLUMNS = [
-    "system", "model", "requests", "executions", "avg_batch",
+    "system", "concurrency", "model", "requests", "executions", "avg_batch",
     "total_ms", "queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms", "other_ms",
 ]
 
@@ -108,7 +108,7 @@ def write_rows(rows: list[Row], path: Path) -> Path:
 
 def _breakdown_values(step: StepTimes) -> list:
     return [
-        step.system, step.model, step.requests, step.executions, step.avg_batch,
+        step.system, step.concurrency, step.model, step.requests, step.executions, step.avg_batch,
         step.total_ms, step.queue_ms, step.compute_input_ms, step.compute_infer_ms, step.compute_output_ms, step.other_ms,
     ]  # None stays empty in the CSV
 
@@ -285,15 +285,18 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         out += ["", "Measured more loosely:", ""] + [f"- {r.system} at {r.concurrency}: {r.note}" for r in loose]
     if steps:
         out += [
-            "", "## Where the time goes (ms per request, averaged over each system's whole sweep)", "",
-            "Server rows come from Triton's model statistics. An ensemble's row is its end-to-end server time, "
-            "and its `other` is the ensemble's own overhead (total minus its steps' totals); a model's `other` "
-            "is time no phase accounts for. In-process rows are wall time per image of each model's stage tree.", "",
+            "", "## Where the time goes (ms per request, by concurrency level)", "",
+            "Server rows come from Triton's model statistics over each level. An ensemble's row is its end-to-end server "
+            "time, and its `other` is the ensemble's own overhead (total minus its steps' totals); a model's `other` "
+            "is time no phase accounts for. Triton gives each request of a batch that batch's compute input, infer and "
+            "output, so those read per batch too: the model instance is busy with all three, while the stub's "
+            "`execute` runs only in compute infer. In-process rows are wall time per image of each model's stage tree.", "",
         ]
         out += _table(
-            ["system", "model", "requests", "avg batch", "total", "queue", "compute input", "compute infer", "compute output", "other"],
+            ["system", "concurrency", "model", "requests", "avg batch", "total", "queue", "compute input", "compute infer",
+             "compute output", "other"],
             [
-                [s.system, s.model, str(s.requests), f"{s.avg_batch:.1f}", fmt_ms(s.total_ms), fmt_ms(s.queue_ms),
+                [s.system, "—" if s.concurrency is None else str(s.concurrency), s.model, str(s.requests), f"{s.avg_batch:.1f}", fmt_ms(s.total_ms), fmt_ms(s.queue_ms),
                  fmt_ms(s.compute_input_ms), fmt_ms(s.compute_infer_ms), fmt_ms(s.compute_output_ms), fmt_ms(s.other_ms)]
                 for s in steps
             ],

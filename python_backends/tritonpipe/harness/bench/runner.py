@@ -218,10 +218,11 @@ def _sweep(
     from tqdm import tqdm
 
     rows = []
+    step_rows: list[StepTimes] = []
     stage_rows: list[StageTimes] = []
-    before = fetch_stats(server.grpc_url)
+    ensemble = models[0] if len(models) > 1 else None
     page = _metrics_page(server, say)
-    level_counters, level_stages, cache = before, _parsed(page, parse_stage_metrics), _parsed(page, parse_gpu_cache_mb)
+    level_counters, level_stages, cache = fetch_stats(server.grpc_url), _parsed(page, parse_stage_metrics), _parsed(page, parse_gpu_cache_mb)
     levels = tqdm(options.concurrency, desc=system, unit="level", disable=not options.progress, leave=False)
     for concurrency in levels:
         levels.set_postfix_str(f"concurrency {concurrency}")
@@ -254,6 +255,8 @@ def _sweep(
             rows.append(Row(system, concurrency, None, gpu_mem_before_mb=mem_before, gpu_mem_mb=mem_after,
                             torch_cache_before_mb=cache_before, torch_cache_mb=cache, note=str(exc).splitlines()[0][:200]))
             say(f"[{system}] concurrency {concurrency}: FAILED: {exc}")
+            # the next level's figures start after this one's traffic
+            level_counters, level_stages = fetch_stats(server.grpc_url), _parsed(page, parse_stage_metrics)
             continue
         busy = cores_busy(cpu_before, sample_cpu(_pid(server)))
         mem_after = gpu_memory_mb()
@@ -267,12 +270,12 @@ def _sweep(
         )
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
+        step_rows += breakdown(system, models, level_counters, counters, ensemble, concurrency)
         if stages is not None and level_stages is not None:
             stage_rows += stage_breakdown(system, concurrency, models, level_stages, stages, (level_counters, counters), order)
         level_counters, level_stages = counters, stages
     levels.close()
-    ensemble = models[0] if len(models) > 1 else None
-    return rows, breakdown(system, models, before, fetch_stats(server.grpc_url), ensemble), stage_rows
+    return rows, step_rows, stage_rows
 
 
 def _gpu_busy(meter: GpuBusyMeter, window: tuple[float, float] | None = None) -> dict[str, float | None]:

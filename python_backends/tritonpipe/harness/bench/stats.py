@@ -42,7 +42,8 @@ class Counters:
 
 @dataclass
 class StepTimes:
-    """Average per successful request, in ms.
+    """Average per successful request, in ms, over one concurrency level (``concurrency``; None: an in-process
+    row).  Triton gives each request of a batch that batch's compute phases, so they read per batch too.
 
     For an ensemble the phases are left out (Triton sums its steps' compute there) and
     ``other_ms`` is its own overhead: end-to-end time minus its steps' times.  For a model,
@@ -59,6 +60,7 @@ class StepTimes:
     compute_infer_ms: float | None = None
     compute_output_ms: float | None = None
     other_ms: float | None = None
+    concurrency: int | None = None
 
     @property
     def avg_batch(self) -> float:
@@ -98,16 +100,18 @@ def breakdown(
     before: dict[str, Counters],
     after: dict[str, Counters],
     ensemble: str | None = None,
+    concurrency: int | None = None,
 ) -> list[StepTimes]:
-    """Per-request times of ``models`` over the interval between two snapshots."""
+    """Per-request times of ``models`` over the interval between two snapshots (the level at ``concurrency``)."""
     rows = []
     for model in models:
         delta = after.get(model, Counters()) - before.get(model, Counters())
         total, *phases = [ns / delta.requests / 1e6 if delta.requests else 0.0 for ns in delta.ns]
         if model == ensemble:
-            rows.append(StepTimes(system, model, delta.requests, delta.executions, total))
+            rows.append(StepTimes(system, model, delta.requests, delta.executions, total, concurrency=concurrency))
         else:
-            rows.append(StepTimes(system, model, delta.requests, delta.executions, total, *phases, total - sum(phases)))
+            rows.append(StepTimes(system, model, delta.requests, delta.executions, total, *phases, total - sum(phases),
+                                  concurrency=concurrency))
     if ensemble is not None:
         head = next(r for r in rows if r.model == ensemble)
         head.other_ms = head.total_ms - sum(r.total_ms for r in rows if r.model != ensemble)
