@@ -36,8 +36,9 @@ examples:
       --variant plain: --variant pinned:pin_inputs=true  # plain, pinned, plain, pinned, plain, pinned
   tritonpipe bench --systems ensemble --concurrency 1,128 --profile  # where the stubs' CPU time goes (py-spy)
 
-Writes results.csv, breakdown.csv, report.md and throughput_p99.png (with matplotlib) into --output, and
-profile.md with --profile; with --variant, one such folder per run (NAME-ROUND/) and variants.md /
+Writes results.csv, breakdown.csv (Triton's times per request), stages.csv (each stage's time per batch),
+batches.csv (Triton's times per batch, by batch size), report.md and throughput_p99.png (with matplotlib) into
+--output, and profile.md with --profile; with --variant, one such folder per run (NAME-ROUND/) and variants.md /
 variants.csv beside them."""
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tritonpipe.harness.bench.profile import find_pyspy
-from tritonpipe.harness.bench.report import BREAKDOWN_COLUMNS, ROW_COLUMNS, STAGE_COLUMNS
+from tritonpipe.harness.bench.report import BATCH_COLUMNS, BREAKDOWN_COLUMNS, ROW_COLUMNS, STAGE_COLUMNS
 
 pytestmark = pytest.mark.server
 
@@ -50,9 +50,27 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     with open(out / "breakdown.csv") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == BREAKDOWN_COLUMNS
-        models = {(r["system"], r["model"]) for r in reader if int(r["requests"]) > 0}
+        steps = [r for r in reader if int(r["requests"]) > 0]
+    models = {(r["system"], r["model"]) for r in steps}
     assert {("ensemble", "cls_pre"), ("ensemble", "cls_model"), ("baseline", "baseline_pre"), ("baseline", "cls_model")} <= models
     assert ("inprocess", "cls_pre") in models
+    assert {r["concurrency"] for r in steps if r["system"] == "ensemble"} == {"1", "2"}  # each level apart
+
+    # the batches by size, from Triton's per-batch-size statistics: at each level they hold the requests that
+    # Triton's per-request statistics count, and at concurrency 1 every batch holds one request
+    with open(out / "batches.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == BATCH_COLUMNS
+        batches = list(reader)
+    served_models = [step for step in steps if step["system"] != "inprocess" and step["queue_ms"]]  # an ensemble has no phases
+    assert len(served_models) >= 8  # cls_pre, cls_model, baseline_pre, cls_model, floor: each at 1 and 2
+    for step in served_models:
+        held = [r for r in batches if (r["system"], r["concurrency"], r["model"]) == (step["system"], step["concurrency"], step["model"])]
+        assert sum(int(r["batch_size"]) * int(r["batches"]) for r in held) == int(step["requests"]), (step, held)
+        assert sum(int(r["batches"]) for r in held) == int(step["executions"]), (step, held)
+        if step["concurrency"] == "1":
+            assert {r["batch_size"] for r in held} == {"1"}, held
+    assert not [r for r in batches if r["model"] == "cls"]  # the ensemble has no instance to be busy
 
     # inside each model: its stages per level, against Triton's own compute-infer time of the model
     with open(out / "stages.csv") as handle:
@@ -74,6 +92,7 @@ def test_bench_measures_all_three_systems(tmp_path, tiny_onnx):
     assert "| concurrency | ensemble img/s |" in report and "ensemble/baseline" in report and "ensemble/in-process" in report
     assert "ensemble p50 over floor" in report and "ensemble/floor" not in report
     assert "## Where the time goes" in report and "- corpus: 3 synthetic JPEGs" in report
+    assert "## The batches Triton formed" in report
     # DALI is not installed here: the report says so once, and it is not a failed measurement
     assert "- DALI: not measured: " in report and "Failed measurements" not in report
     assert report.strip() in done.stdout

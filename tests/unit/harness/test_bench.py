@@ -468,7 +468,8 @@ def test_model_override_without_a_model_stage_is_an_error():
 
 
 def _stats(entries, batches=None):
-    """Triton's statistics JSON; ``batches``: model -> [(batch size, executions, compute infer ns)]."""
+    """Triton's statistics JSON; ``batches``: model -> [(batch size, executions, compute infer ns[, compute input ns,
+    compute output ns])]."""
     return {
         "model_stats": [
             {
@@ -479,8 +480,10 @@ def _stats(entries, batches=None):
                     "compute_output": {"count": str(n), "ns": str(int(co))}, "fail": {},
                 },
                 "batch_stats": [
-                    {"batch_size": str(size), "compute_infer": {"count": str(count), "ns": str(int(ns))}}
-                    for size, count, ns in (batches or {}).get(name, [])
+                    {"batch_size": str(size), "compute_infer": {"count": str(count), "ns": str(int(ns))},
+                     "compute_input": {"count": str(count), "ns": str(int(io[0] if io else 0))},
+                     "compute_output": {"count": str(count), "ns": str(int(io[1] if io else 0))}}
+                    for size, count, ns, *io in (batches or {}).get(name, [])
                 ],
             }
             for name, n, e, total, q, ci, cf, co in entries
@@ -567,6 +570,49 @@ def test_compute_infer_per_batch_counts_each_batch_once_where_per_request_counts
     assert decode.ms_per_batch == pytest.approx(3.0)
     lines = report.markdown(_rows(), [], {}, [decode]).splitlines()
     assert "| ensemble | 8 | pre | 11.0 | 7.00 | 3.00 | — | 4.00 | — |" in lines  # unexplained: 7 - 3, per batch
+
+
+def test_batches_by_size_are_differenced_over_the_level_and_fitted():
+    before = stats.parse_stats(_stats([("pre", 5, 3, 0, 0, 0, 0, 0)], {"pre": [(1, 1, 2e6, 1e6, 1e6), (2, 2, 8e6)]}))
+    after = stats.parse_stats(_stats(
+        [("pre", 45, 9, 0, 0, 0, 0, 0), ("e", 40, 40, 0, 0, 0, 0, 0)],
+        {"pre": [(1, 3, 2e6 + 2 * 3e6, 1e6 + 2 * 0.5e6, 1e6 + 2 * 0.5e6), (2, 2, 8e6), (8, 2, 2 * 8e6, 2 * 1e6, 2 * 2e6),
+                 (16, 2, 2 * 15e6, 2 * 1.5e6, 2 * 2.5e6)]},
+    ))
+    rows = stats.batch_times("ensemble", 32, ["e", "pre"], before, after)
+    # only what ran over the level: size 2 ran before it and not in it; the ensemble has no batch statistics
+    assert [(r.model, r.batch_size, r.batches) for r in rows] == [("pre", 1, 2), ("pre", 8, 2), ("pre", 16, 2)]
+    assert sum(r.batch_size * r.batches for r in rows) == 50
+    one, eight, sixteen = rows
+    assert (one.compute_input_ms, one.compute_infer_ms, one.compute_output_ms) == pytest.approx((0.5, 3.0, 0.5))
+    assert (sixteen.compute_input_ms, sixteen.compute_infer_ms, sixteen.compute_output_ms) == pytest.approx((1.5, 15, 2.5))
+    assert eight.compute_infer_ms == pytest.approx(8)
+    # the whole times 4, 11 and 19 ms lie on 3 + 1 x size, which numpy's weighted fit agrees with
+    fixed, per_image = stats.per_batch_fit(rows)
+    assert (fixed, per_image) == pytest.approx((3.0, 1.0))
+    numpy = pytest.importorskip("numpy")
+    sizes = [r.batch_size for r in rows]
+    times = [r.compute_input_ms + r.compute_infer_ms + r.compute_output_ms for r in rows]
+    slope, intercept = numpy.polyfit(sizes, [t + d for t, d in zip(times, (0.5, -1.0, 0.25))], 1,
+                                     w=[numpy.sqrt(r.batches) for r in rows])
+    off = [stats.BatchTimes("e", 1, "m", r.batch_size, r.batches, r.compute_input_ms + d, r.compute_infer_ms,
+                            r.compute_output_ms) for r, d in zip(rows, (0.5, -1.0, 0.25))]
+    assert stats.per_batch_fit(off) == pytest.approx((intercept, slope))
+    assert stats.per_batch_fit(rows[:1]) is None  # one size fits no line
+
+    lines = report.markdown(_rows(), [], {}, batches=rows).splitlines()
+    assert "| ensemble | 32 | pre | 1 | 2 | 4% | 1.0 | 0.50 | 3.00 | 0.50 |" in lines
+    assert "| ensemble | 32 | pre | 16-31 | 2 | 64% | 16.0 | 1.50 | 15.0 | 2.50 |" in lines
+    assert "| ensemble | 32 | pre | 3.00 | 1.00 |" in lines
+    assert "The batches Triton formed" not in report.markdown(_rows(), [], {})
+
+
+def test_batches_csv_has_every_size(tmp_path):
+    rows = [stats.BatchTimes("ensemble", 8, "pre", size, 3, 0.25, 1.5, 0.125) for size in (1, 5)]
+    with open(report.write_batches(rows, tmp_path / "batches.csv")) as handle:
+        read = list(csv.DictReader(handle))
+    assert [(r["concurrency"], r["batch_size"], r["batches"], r["compute_infer_ms"]) for r in read] == [
+        ("8", "1", "3", "1.5000"), ("8", "5", "3", "1.5000")]
 
 
 # --- report ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP
-from .stats import StageTimes, StepTimes
+from .stats import BatchTimes, StageTimes, StepTimes, per_batch_fit
 
 TITLES = {
     "ensemble": "tritonpipe ensemble",
@@ -176,6 +176,66 @@ def _stage_lines(stages: list[StageTimes]) -> list[str]:
     return out
 
 
+BATCH_COLUMNS = [f.name for f in fields(BatchTimes)]
+
+
+def write_batches(batches: list[BatchTimes], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BATCH_COLUMNS)
+        for row in batches:
+            writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in asdict(row).values()])
+    return path
+
+
+def _size_range(size: int) -> tuple[int, int]:
+    """The power-of-two range a batch size falls in: 1, 2-3, 4-7, 8-15, ..."""
+    low = 1 << (size.bit_length() - 1)
+    return low, 2 * low - 1
+
+
+def _per_batch(rows: list[BatchTimes], name: str) -> float:
+    """``name``'s mean over every batch of ``rows`` (each row stands for its ``batches``)."""
+    return sum(getattr(row, name) * row.batches for row in rows) / sum(row.batches for row in rows)
+
+
+def _batch_lines(batches: list[BatchTimes]) -> list[str]:
+    """The batches each model ran at each level, by size range, and the line that fits their times."""
+    out = [
+        "", "## The batches Triton formed (ms per batch, from Triton's per-batch-size statistics, per concurrency level)", "",
+        "An instance is busy with a batch through its compute input (Triton putting the requests where the stub reads "
+        "them), its compute infer (the stub's `execute`) and its compute output (Triton taking the responses); each batch "
+        "counts once here, where the per-request figures above count it once per request it holds. `images` is the "
+        "share of the level's images that came in batches of that range. `fixed + per image` is the straight line closest "
+        "to each batch's whole time (input + infer + output) against its size: what a batch costs whatever its size, and "
+        "what each image adds. `batches.csv` has every size.", "",
+    ]
+    groups: dict[tuple[str, int, str], list[BatchTimes]] = {}
+    for row in batches:
+        groups.setdefault((row.system, row.concurrency, row.model), []).append(row)
+    lines, fits = [], []
+    for (system, concurrency, model), group in groups.items():
+        images = sum(row.batch_size * row.batches for row in group)
+        ranges: dict[tuple[int, int], list[BatchTimes]] = {}
+        for row in group:
+            ranges.setdefault(_size_range(row.batch_size), []).append(row)
+        for (low, high), members in sorted(ranges.items()):
+            input_ms, infer_ms, output_ms, size = (_per_batch(members, name) for name in (
+                "compute_input_ms", "compute_infer_ms", "compute_output_ms", "batch_size"))
+            count = sum(row.batches for row in members)
+            lines.append([system, str(concurrency), model, str(low) if low == high else f"{low}-{high}", str(count),
+                          f"{100 * size * count / images:.0f}%", f"{size:.1f}", fmt_ms(input_ms), fmt_ms(infer_ms),
+                          fmt_ms(output_ms)])
+        fit = per_batch_fit(group)
+        if fit is not None:
+            fits.append([system, str(concurrency), model, fmt_ms(fit[0]), fmt_ms(fit[1])])
+    out += _table(["system", "concurrency", "model", "batch sizes", "batches", "images", "avg batch", "compute input",
+                   "compute infer", "compute output"], lines)
+    if fits:
+        out += ["", *_table(["system", "concurrency", "model", "fixed per batch", "per image"], fits)]
+    return out
+
+
 def model_lines(server_log: Path) -> list[tuple[str, int]]:
     """The lines the served models wrote to the server's log (what each instance chose at load, its warnings),
     each once, in the order they first came, with how many times it came (once per instance, mostly)."""
@@ -195,7 +255,7 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], stages: list[StageTimes] | None = None,
-             said: list[tuple[str, int]] | None = None) -> str:
+             said: list[tuple[str, int]] | None = None, batches: list[BatchTimes] | None = None) -> str:
     by = {(r.system, r.concurrency): r for r in rows if r.system not in INPROCESS_ROWS}
     present = [s for s in SERVED if any(r.system == s for r in rows)]
     inproc = next((r for r in rows if r.system == "inprocess"), None)
@@ -303,6 +363,8 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
         )
     if stages:
         out += _stage_lines(stages)
+    if batches:
+        out += _batch_lines(batches)
     if said:
         out += ["", "## What the models said", "",
                 "The served models' lines in the server's log, each once, with how many times it came (each instance says "

@@ -33,10 +33,12 @@ from ..probe import GpuBusyMeter, cores_busy, gpu_memory_mb, sample_cpu
 from .peers import FLOOR, Peer, add_baseline, add_dali_served, add_floor
 from .perf import PerfError, PerfSettings, is_unstable, run_perf
 from .profile import LevelProfiler, Profile, find_pyspy, write_profiles
-from .report import SERVED, Row, markdown, model_lines, plot, write_breakdown, write_rows, write_stages
+from .report import SERVED, Row, markdown, model_lines, plot, write_batches, write_breakdown, write_rows, write_stages
 from .stats import (
+    BatchTimes,
     StageTimes,
     StepTimes,
+    batch_times,
     breakdown,
     fetch_metrics_page,
     fetch_stats,
@@ -102,6 +104,7 @@ class BenchResult:
     markdown: str
     files: dict[str, Path]
     stages: list[StageTimes] = field(default_factory=list)
+    batches: list[BatchTimes] = field(default_factory=list)
 
 
 def apply_overrides(config: dict[str, Any], /, *, base_dir: Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -214,7 +217,10 @@ def _sweep(
     say: Callable[[str], None],
     order: dict[str, list[str]] | None = None,
     profiles: list[Profile] | None = None,
+    batches: list[BatchTimes] | None = None,
 ) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
+    """One system's levels: its rows, Triton's per-request times and its stages' times by level; each level's
+    batches by size go into ``batches`` where given."""
     from tqdm import tqdm
 
     rows = []
@@ -271,6 +277,9 @@ def _sweep(
         rows.append(row)
         say(f"[{system}] concurrency {concurrency}: {row.throughput:,.1f} img/s, p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms")
         step_rows += breakdown(system, models, level_counters, counters, ensemble, concurrency)
+        if batches is not None:
+            # an ensemble's batch statistics add up its steps': it has no instance of its own
+            batches += batch_times(system, concurrency, [m for m in models if m != ensemble], level_counters, counters)
         if stages is not None and level_stages is not None:
             stage_rows += stage_breakdown(system, concurrency, models, level_stages, stages, (level_counters, counters), order)
         level_counters, level_stages = counters, stages
@@ -422,6 +431,7 @@ def _instances(config: mc.ModelConfig) -> str:
 
 def _measure_served(
     repo, served, corpus: Corpus, options: BenchOptions, workdir: Path, say, profiles: list[Profile] | None = None,
+    batches: list[BatchTimes] | None = None,
 ) -> tuple[list[Row], list[StepTimes], list[StageTimes]]:
     from ...server.install import locate_triton
     from ...server.owner import TritonServer
@@ -440,7 +450,7 @@ def _measure_served(
         order = _stage_order(repo.configs)
         for system, (model, models) in served.items():
             system_rows, system_steps, system_stages = _sweep(
-                system, model, models, server, install, input_json, options, workdir, say, order, profiles
+                system, model, models, server, install, input_json, options, workdir, say, order, profiles, batches
             )
             rows += system_rows
             steps += system_steps
@@ -689,6 +699,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     rows: list[Row] = []
     steps: list[StepTimes] = []
     stages: list[StageTimes] = []
+    batches: list[BatchTimes] = []
     profiles: list[Profile] | None = [] if options.profile else None
     if options.profile:
         shutil.rmtree(output / "profile", ignore_errors=True)  # an earlier run's raw stacks
@@ -702,7 +713,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
             say(f"fan-out: {header['items per image']}")
         served = _served_systems(repo, peers, options, say)
         if served:
-            rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say, profiles)
+            rows, steps, stages = _measure_served(repo, served, corpus, options, workdir, say, profiles, batches)
             header["server log"] = "server.log (the models' warnings and errors, if any)"
         if "inprocess" in options.systems:
             more_rows, more_steps, more_stages = _measure_inprocess(repo, corpus, options, say)
@@ -716,11 +727,12 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
     header["host load"] = f"1-minute load average {load_at_start} at start, {_load()} at end ({os.cpu_count()} cores)"
     if profiles:
         header["profile"] = f"{write_profiles(profiles, output / 'profile.md').name} (py-spy samples of the stubs at every level)"
-    text = markdown(rows, steps, header, stages, model_lines(output / "server.log") if served else None)
+    text = markdown(rows, steps, header, stages, model_lines(output / "server.log") if served else None, batches)
     files = {
         "csv": write_rows(rows, output / "results.csv"),
         "breakdown": write_breakdown(steps, output / "breakdown.csv"),
         "stages": write_stages(stages, output / "stages.csv"),
+        "batches": write_batches(batches, output / "batches.csv"),
         "markdown": output / "report.md",
     }
     if profiles:
@@ -731,4 +743,4 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> Benc
         say("matplotlib is not importable: no plot (pip install matplotlib, or the 'bench' extra)")
     else:
         files["plot"] = png
-    return BenchResult(rows, steps, text, files, stages)
+    return BenchResult(rows, steps, text, files, stages, batches)

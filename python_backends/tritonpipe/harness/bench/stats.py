@@ -1,5 +1,5 @@
-"""Where a request's time goes: Triton's per-model statistics, differenced over one sweep, and
-inside each model, tritonpipe's own stage metrics, differenced over each concurrency level."""
+"""Where a request's time goes: Triton's per-model statistics (per request, and per batch by batch size) and,
+inside each model, tritonpipe's own stage metrics, each differenced over each concurrency level."""
 
 from __future__ import annotations
 
@@ -23,8 +23,16 @@ class Counters:
     # count it once per request, so a large batch weighs in them as many times as it holds requests
     infer_batches: int = 0
     infer_batch_ns: int = 0
+    # by batch size: (size, executions, compute input ns, compute infer ns, compute output ns), each batch once
+    sizes: tuple[tuple[int, int, int, int, int], ...] = ()
 
     def __sub__(self, other: Counters) -> Counters:
+        earlier = {size[0]: size for size in other.sizes}
+        sizes = []
+        for size in self.sizes:
+            before = earlier.get(size[0], (size[0], 0, 0, 0, 0))
+            if size[1] > before[1]:
+                sizes.append((size[0], *(a - b for a, b in zip(size[1:], before[1:]))))
         return Counters(
             self.inferences - other.inferences,
             self.executions - other.executions,
@@ -32,6 +40,7 @@ class Counters:
             tuple(a - b for a, b in zip(self.ns, other.ns)),
             self.infer_batches - other.infer_batches,
             self.infer_batch_ns - other.infer_batch_ns,
+            tuple(sizes),
         )
 
     @property
@@ -73,6 +82,11 @@ def parse_stats(stats: dict) -> dict[str, Counters]:
     for entry in stats.get("model_stats", []):
         phases = entry.get("inference_stats", {})
         per_size = [size.get("compute_infer", {}) for size in entry.get("batch_stats", [])]
+        sizes = sorted(
+            (int(size.get("batch_size", 0)), int(size.get("compute_infer", {}).get("count", 0)),
+             *(int(size.get(phase, {}).get("ns", 0)) for phase in PHASES[2:]))
+            for size in entry.get("batch_stats", [])
+        )
         out[entry["name"]] = Counters(
             inferences=int(entry.get("inference_count", 0)),
             executions=int(entry.get("execution_count", 0)),
@@ -80,6 +94,7 @@ def parse_stats(stats: dict) -> dict[str, Counters]:
             ns=tuple(int(phases.get(phase, {}).get("ns", 0)) for phase in PHASES),
             infer_batches=sum(int(infer.get("count", 0)) for infer in per_size),
             infer_batch_ns=sum(int(infer.get("ns", 0)) for infer in per_size),
+            sizes=tuple(size for size in sizes if size[1] > 0),
         )
     return out
 
@@ -116,6 +131,49 @@ def breakdown(
         head = next(r for r in rows if r.model == ensemble)
         head.other_ms = head.total_ms - sum(r.total_ms for r in rows if r.model != ensemble)
     return rows
+
+
+@dataclass
+class BatchTimes:
+    """The batches of one size that one model ran over one concurrency level, in ms per batch."""
+
+    system: str
+    concurrency: int
+    model: str
+    batch_size: int
+    batches: int
+    compute_input_ms: float
+    compute_infer_ms: float
+    compute_output_ms: float
+
+
+def batch_times(system: str, concurrency: int, models: list[str], before: dict[str, Counters],
+                after: dict[str, Counters]) -> list[BatchTimes]:
+    """Each model's batches over the level between two snapshots, by size (Triton's ``batch_stats``): what an
+    instance is busy with per batch, outside the stub's ``execute`` (compute input and output) and in it."""
+    rows = []
+    for model in models:
+        delta = after.get(model, Counters()) - before.get(model, Counters())
+        for size, count, *ns in delta.sizes:
+            rows.append(BatchTimes(system, concurrency, model, size, count, *(total / count / 1e6 for total in ns)))
+    return rows
+
+
+def per_batch_fit(rows: list[BatchTimes]) -> tuple[float, float] | None:
+    """``(fixed, per image)`` ms of the line ``fixed + per image x size`` closest to every batch's whole time in an
+    instance (compute input + infer + output; least squares over the batches), or None with fewer than two sizes."""
+    weights = [row.batches for row in rows]
+    total = sum(weights)
+    if len(rows) < 2 or total <= 0:
+        return None
+    times = [row.compute_input_ms + row.compute_infer_ms + row.compute_output_ms for row in rows]
+    mean_size = sum(w * row.batch_size for w, row in zip(weights, rows)) / total
+    mean_time = sum(w * t for w, t in zip(weights, times)) / total
+    spread = sum(w * (row.batch_size - mean_size) ** 2 for w, row in zip(weights, rows))
+    if spread <= 0:
+        return None
+    slope = sum(w * (row.batch_size - mean_size) * (t - mean_time) for w, row, t in zip(weights, rows, times)) / spread
+    return mean_time - slope * mean_size, slope
 
 
 # --- inside a model: tritonpipe's stage metrics ----------------------------------------------
