@@ -599,6 +599,9 @@ def test_batches_by_size_are_differenced_over_the_level_and_fitted():
                             r.compute_output_ms) for r, d in zip(rows, (0.5, -1.0, 0.25))]
     assert stats.per_batch_fit(off) == pytest.approx((intercept, slope))
     assert stats.per_batch_fit(rows[:1]) is None  # one size fits no line
+    # nor do batches nearly all of one size: 99 of 16 and one of 15 say nothing of the cost per image
+    nearly = [stats.BatchTimes("e", 1, "m", 16, 99, 0.0, 20.0, 0.0), stats.BatchTimes("e", 1, "m", 15, 1, 0.0, 30.0, 0.0)]
+    assert stats.per_batch_fit(nearly) is None
 
     lines = report.markdown(_rows(), [], {}, batches=rows).splitlines()
     assert "| ensemble | 32 | pre | 1 | 2 | 4% | 1.0 | 0.50 | 3.00 | 0.50 |" in lines

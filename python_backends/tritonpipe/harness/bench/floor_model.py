@@ -5,9 +5,14 @@ entry model's inputs and outputs and the instances and batching of the model tha
 requests first.  It reads each request's inputs as tritonpipe's own model does (DLPack into torch)
 and answers zeros of the declared outputs, so its latency is the part of the pipeline's that no
 stage can remove.  It uses no tritonpipe code.
+
+``tools/batching_probe.py`` serves it with a stand-in for work: the config parameters ``fixed_ms`` and
+``per_request_ms`` make each batch take ``fixed_ms + per_request_ms x its requests`` before it answers,
+asleep, so that Triton's batcher can be watched on its own with a pipeline's costs.
 """
 
 import json
+import time
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -30,8 +35,13 @@ class TritonPythonModel:
             (spec["name"], torch.zeros(batched + [max(1, int(d)) for d in spec["dims"]], dtype=DTYPES[spec["data_type"]]))
             for spec in config["output"]
         ]
+        parameters = config.get("parameters", {})
+        self.fixed_ms, self.per_request_ms = (float(parameters.get(key, {}).get("string_value", 0) or 0)
+                                              for key in ("fixed_ms", "per_request_ms"))
 
     def execute(self, requests):
+        if self.fixed_ms or self.per_request_ms:
+            time.sleep((self.fixed_ms + self.per_request_ms * len(requests)) / 1000)
         responses = []
         for request in requests:
             for name in self.inputs:

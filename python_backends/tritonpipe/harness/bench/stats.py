@@ -161,7 +161,8 @@ def batch_times(system: str, concurrency: int, models: list[str], before: dict[s
 
 def per_batch_fit(rows: list[BatchTimes]) -> tuple[float, float] | None:
     """``(fixed, per image)`` ms of the line ``fixed + per image x size`` closest to every batch's whole time in an
-    instance (compute input + infer + output; least squares over the batches), or None with fewer than two sizes."""
+    instance (compute input + infer + output; least squares over the batches), or None where the sizes spread too
+    little to fit a line (a standard deviation under one image: nearly every batch of one size)."""
     weights = [row.batches for row in rows]
     total = sum(weights)
     if len(rows) < 2 or total <= 0:
@@ -170,7 +171,7 @@ def per_batch_fit(rows: list[BatchTimes]) -> tuple[float, float] | None:
     mean_size = sum(w * row.batch_size for w, row in zip(weights, rows)) / total
     mean_time = sum(w * t for w, t in zip(weights, times)) / total
     spread = sum(w * (row.batch_size - mean_size) ** 2 for w, row in zip(weights, rows))
-    if spread <= 0:
+    if spread < total:
         return None
     slope = sum(w * (row.batch_size - mean_size) * (t - mean_time) for w, row, t in zip(weights, rows, times)) / spread
     return mean_time - slope * mean_size, slope

@@ -1,0 +1,134 @@
+"""Triton's dynamic batcher under a closed loop, on its own: which batches N instances get, and what that costs.
+
+Each served model is the bench's ``floor`` (the Python stub reading each request and answering zeros) with a
+stand-in for a pipeline's work: every batch sleeps ``--fixed-ms + --per-image-ms x its requests`` before it
+answers. Set those from a bench report's "fixed per batch" and "per image" on your GPU host (scaled up on a
+small host with ``--scale``, so that Triton's own time stays small beside them). perf_analyzer then keeps
+``--concurrency`` requests in flight against each ``--max`` (max_batch_size), one after another on one server.
+
+Under a closed loop a batcher that takes everything queued makes uneven batches: a large batch answers many
+clients at once, they come back together, and the next free instance takes them all. Time is then spent on small
+batches, each paying the fixed cost, while most requests wait in large ones. A smaller ``max`` evens the batches out,
+up to the point where it caps them below what the load fills. The table says which ``max`` served most, with the
+mean batch, the size-biased mean (the batch the average request sits in) and the line fitted to the batches' times.
+
+usage: python tools/batching_probe.py [--fixed-ms 4.9] [--per-image-ms 0.66] [--scale 20] [--instances 8]
+                                      [--max 64,32,24,16] [--concurrency 128,256] [--seconds 4] [--out DIR]
+
+Rows go to DIR/batching_probe.md; the figures are requests/s and ms of the scaled model, divided back by
+``--scale`` (read them as the unscaled pipeline's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tritonpipe.errors import TritonpipeError
+from tritonpipe.harness.bench.peers import FLOOR_SOURCE
+from tritonpipe.harness.bench.perf import PerfError, PerfSettings, run_perf
+from tritonpipe.harness.bench.stats import batch_times, fetch_stats, per_batch_fit
+from tritonpipe.harness.corpus import synthetic_corpus, write_input_data
+from tritonpipe.repository.configs import to_text
+
+INPUT, OUTPUT = "INPUT", "OUTPUT"
+
+
+def probe_config(name: str, cap: int, instances: int, fixed_ms: float, per_image_ms: float) -> mc.ModelConfig:
+    """The floor with ``cap`` as its max_batch_size, ``instances`` CPU instances, Triton's dynamic batcher with no
+    delay (as the generator's ``batching_timeout = 0``), and the stand-in work."""
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=cap)
+    config.input.add(name=INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
+    config.output.add(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[1])
+    config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.dynamic_batching.SetInParent()
+    for key, value in (("fixed_ms", fixed_ms), ("per_request_ms", per_image_ms)):
+        config.parameters[key].string_value = f"{value:g}"
+    return config
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--fixed-ms", type=float, default=4.9, help="each batch's cost whatever its size (ms)")
+    parser.add_argument("--per-image-ms", type=float, default=0.66, help="what each request adds to its batch (ms)")
+    parser.add_argument("--scale", type=float, default=20.0,
+                        help="times the model is slowed by, so that Triton's own costs stay small beside its sleep")
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--max", type=_ints, default=[64, 32, 24, 16], help="max_batch_size values, comma-separated")
+    parser.add_argument("--concurrency", type=_ints, default=[128, 256], help="requests in flight, comma-separated")
+    parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer's measurement window")
+    parser.add_argument("--out", default="probe_out")
+    args = parser.parse_args()
+    if args.fixed_ms < 0 or args.per_image_ms < 0 or args.scale <= 0 or args.instances < 1:
+        parser.error("--fixed-ms and --per-image-ms must be at least 0, --scale above 0, --instances at least 1")
+    try:
+        rows = _measure(args)
+    except (TritonpipeError, PerfError) as exc:
+        sys.exit(f"batching probe: {exc}")
+    lines = [f"# batching probe: {args.instances} instances, each batch {args.fixed_ms:g} ms + {args.per_image_ms:g} ms "
+             f"a request (run {args.scale:g}x slower, figures scaled back)", "",
+             "| concurrency | max | req/s | p50 ms | mean batch | size-biased batch | fitted fixed ms | fitted ms a request |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c} | {cap} | {rate:,.0f} | {p50:.1f} | {mean:.1f} | {biased:.1f} | {fixed} | {per} |"
+              for c, cap, rate, p50, mean, biased, fixed, per in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batching_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _measure(args) -> list[tuple]:
+    from tritonpipe.server.install import locate_triton
+    from tritonpipe.server.owner import TritonServer
+
+    install = locate_triton(None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tritonpipe-batching-probe-") as folder:
+        work = Path(folder)
+        names = {cap: f"probe_max{cap}" for cap in args.max}
+        for cap, name in names.items():
+            (work / "repo" / name / "1").mkdir(parents=True)
+            (work / "repo" / name / "1" / "model.py").write_text(FLOOR_SOURCE.read_text())
+            config = probe_config(name, cap, args.instances, args.fixed_ms * args.scale, args.per_image_ms * args.scale)
+            (work / "repo" / name / "config.pbtxt").write_text(to_text(config))
+        input_json = write_input_data(synthetic_corpus(3, 0).images, work / "input.json", INPUT)
+        settings = PerfSettings(measurement_interval_ms=int(args.seconds * 1000), stability_percentage=100.0)
+        server = TritonServer(work / "repo", install=install, log_file=work / "server.log")
+        try:
+            server.start()
+            for concurrency in args.concurrency:
+                for cap, name in names.items():
+                    before = fetch_stats(server.grpc_url)
+                    measured = run_perf(install, name, server.grpc_url, input_json, concurrency, settings, work,
+                                        work / f"perf_{name}_{concurrency}.log")
+                    batches = batch_times("probe", concurrency, [name], before, fetch_stats(server.grpc_url))
+                    count = sum(b.batches for b in batches)
+                    images = sum(b.batch_size * b.batches for b in batches)
+                    if not count:
+                        raise PerfError(f"Triton counted no batches of {name} at concurrency {concurrency}")
+                    fit = per_batch_fit(batches)
+                    fixed, per = (f"{fit[0] / args.scale:.2f}", f"{fit[1] / args.scale:.3f}") if fit else ("—", "—")
+                    row = (concurrency, cap, measured.throughput * args.scale, measured.p50_ms / args.scale,
+                           images / count, sum(b.batch_size ** 2 * b.batches for b in batches) / images, fixed, per)
+                    print(f"concurrency {concurrency}, max {cap}: {row[2]:,.0f} req/s, mean batch {row[4]:.1f}", flush=True)
+                    rows.append(row)
+        finally:
+            server.close()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
