@@ -113,25 +113,25 @@ def _breakdown_values(step: StepTimes) -> list:
     ]  # None stays empty in the CSV
 
 
-def write_breakdown(steps: list[StepTimes], path: Path) -> Path:
+def _write_csv(path: Path, columns: list[str], lines) -> Path:
+    """``lines`` (lists of values, in ``columns``' order) as CSV: None empty, floats to four places."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(BREAKDOWN_COLUMNS)
-        for step in steps:
-            writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in _breakdown_values(step)])
+        writer.writerow(columns)
+        for values in lines:
+            writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in values])
     return path
+
+
+def write_breakdown(steps: list[StepTimes], path: Path) -> Path:
+    return _write_csv(path, BREAKDOWN_COLUMNS, map(_breakdown_values, steps))
 
 
 STAGE_COLUMNS = [f.name for f in fields(StageTimes)]
 
 
 def write_stages(stages: list[StageTimes], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(STAGE_COLUMNS)
-        for stage in stages:
-            writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in asdict(stage).values()])
-    return path
+    return _write_csv(path, STAGE_COLUMNS, (asdict(stage).values() for stage in stages))
 
 
 def _stage_lines(stages: list[StageTimes]) -> list[str]:
@@ -180,12 +180,7 @@ BATCH_COLUMNS = [f.name for f in fields(BatchTimes)]
 
 
 def write_batches(batches: list[BatchTimes], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(BATCH_COLUMNS)
-        for row in batches:
-            writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in asdict(row).values()])
-    return path
+    return _write_csv(path, BATCH_COLUMNS, (asdict(row).values() for row in batches))
 
 
 def _size_range(size: int) -> tuple[int, int]:
