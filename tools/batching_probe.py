@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer's measurement window")
     parser.add_argument("--out", default="probe_out")
     args = parser.parse_args()
-    if args.fixed_ms < 0 or args.per_image_ms < 0 or args.scale <= 0 or args.instances < 1:
-        parser.error("--fixed-ms and --per-image-ms must be at least 0, --scale above 0, --instances at least 1")
+    if args.fixed_ms < 0 or args.per_image_ms < 0 or args.scale <= 0 or args.instances < 1 or args.seconds <= 0:
+        parser.error("--fixed-ms and --per-image-ms must be at least 0, --scale and --seconds above 0, --instances at least 1")
     try:
         rows = _measure(args)
     except (TritonpipeError, PerfError) as exc:

@@ -34,4 +34,4 @@ def test_bad_settings_are_refused_before_a_server_starts():
     done = subprocess.run([sys.executable, str(TOOL), "--max", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "positive integers" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, str(TOOL), "--scale", "0"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "--scale above 0" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--scale and --seconds above 0" in done.stderr and "Traceback" not in done.stderr

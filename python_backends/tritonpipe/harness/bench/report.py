@@ -344,15 +344,17 @@ def markdown(rows: list[Row], steps: list[StepTimes], header: dict[str, str], st
             "Server rows come from Triton's model statistics over each level. An ensemble's row is its end-to-end server "
             "time, and its `other` is the ensemble's own overhead (total minus its steps' totals); a model's `other` "
             "is time no phase accounts for. Triton gives each request of a batch that batch's compute input, infer and "
-            "output, so those read per batch too: the model instance is busy with all three, while the stub's "
-            "`execute` runs only in compute infer. In-process rows are wall time per image of each model's stage tree.", "",
+            "output: they are the times of the batches the requests were in, a large batch weighing as many times as "
+            "it holds requests (the batch table below counts each batch once). In-process rows are wall time per image "
+            "of each model's stage tree.", "",
         ]
         out += _table(
             ["system", "concurrency", "model", "requests", "avg batch", "total", "queue", "compute input", "compute infer",
              "compute output", "other"],
             [
-                [s.system, "—" if s.concurrency is None else str(s.concurrency), s.model, str(s.requests), f"{s.avg_batch:.1f}", fmt_ms(s.total_ms), fmt_ms(s.queue_ms),
-                 fmt_ms(s.compute_input_ms), fmt_ms(s.compute_infer_ms), fmt_ms(s.compute_output_ms), fmt_ms(s.other_ms)]
+                [s.system, "—" if s.concurrency is None else str(s.concurrency), s.model, str(s.requests),
+                 f"{s.avg_batch:.1f}", fmt_ms(s.total_ms), fmt_ms(s.queue_ms), fmt_ms(s.compute_input_ms),
+                 fmt_ms(s.compute_infer_ms), fmt_ms(s.compute_output_ms), fmt_ms(s.other_ms)]
                 for s in steps
             ],
         )

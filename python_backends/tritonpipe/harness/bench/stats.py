@@ -52,7 +52,8 @@ class Counters:
 @dataclass
 class StepTimes:
     """Average per successful request, in ms, over one concurrency level (``concurrency``; None: an in-process
-    row).  Triton gives each request of a batch that batch's compute phases, so they read per batch too.
+    row).  Triton gives each request of a batch that batch's compute phases, so a large batch weighs in them as
+    many times as it holds requests (:func:`batch_times` counts each batch once).
 
     For an ensemble the phases are left out (Triton sums its steps' compute there) and
     ``other_ms`` is its own overhead: end-to-end time minus its steps' times.  For a model,
