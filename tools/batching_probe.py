@@ -13,7 +13,8 @@ up to the point where it caps them below what the load fills. The table says whi
 mean batch, the size-biased mean (the batch the average request sits in) and the line fitted to the batches' times.
 
 usage: python tools/batching_probe.py [--fixed-ms 4.9] [--per-image-ms 0.66] [--scale 20] [--instances 8]
-                                      [--max 64,32,24,16] [--concurrency 128,256] [--seconds 4] [--out DIR]
+                                      [--max 64,32,24,16] [--concurrency 128,256] [--batching-timeout 0]
+                                      [--preferred 32,64] [--seconds 4] [--out DIR]
 
 Rows go to DIR/batching_probe.md; the figures are requests/s and ms of the scaled model, divided back by
 ``--scale`` (read them as the unscaled pipeline's).
@@ -38,14 +39,17 @@ from tritonpipe.repository.configs import to_text
 INPUT, OUTPUT = "INPUT", "OUTPUT"
 
 
-def probe_config(name: str, cap: int, instances: int, fixed_ms: float, per_image_ms: float) -> mc.ModelConfig:
-    """The floor with ``cap`` as its max_batch_size, ``instances`` CPU instances, Triton's dynamic batcher with no
-    delay (as the generator's ``batching_timeout = 0``), and the stand-in work."""
+def probe_config(name: str, cap: int, instances: int, fixed_ms: float, per_image_ms: float, delay_us: int = 0,
+                 preferred: tuple[int, ...] = ()) -> mc.ModelConfig:
+    """The floor with ``cap`` as its max_batch_size, ``instances`` CPU instances, Triton's dynamic batcher (waiting up
+    to ``delay_us`` for a batch of a ``preferred`` size, those of them up to ``cap``), and the stand-in work."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=cap)
     config.input.add(name=INPUT, data_type=mc.TYPE_UINT8, dims=[-1], allow_ragged_batch=True)
     config.output.add(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[1])
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.dynamic_batching.SetInParent()
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    config.dynamic_batching.preferred_batch_size.extend(size for size in preferred if size <= cap)
     for key, value in (("fixed_ms", fixed_ms), ("per_request_ms", per_image_ms)):
         config.parameters[key].string_value = f"{value:g}"
     return config
@@ -69,17 +73,24 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--max", type=_ints, default=[64, 32, 24, 16], help="max_batch_size values, comma-separated")
     parser.add_argument("--concurrency", type=_ints, default=[128, 256], help="requests in flight, comma-separated")
+    parser.add_argument("--batching-timeout", type=float, default=0.0,
+                        help="how long Triton's batcher may wait for a fuller batch (ms, of the unscaled pipeline)")
+    parser.add_argument("--preferred", type=_ints, default=[],
+                        help="Triton's preferred_batch_size values, comma-separated (those up to each --max)")
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer's measurement window")
     parser.add_argument("--out", default="probe_out")
     args = parser.parse_args()
-    if args.fixed_ms < 0 or args.per_image_ms < 0 or args.scale <= 0 or args.instances < 1 or args.seconds <= 0:
-        parser.error("--fixed-ms and --per-image-ms must be at least 0, --scale and --seconds above 0, --instances at least 1")
+    if min(args.fixed_ms, args.per_image_ms, args.batching_timeout) < 0 or min(args.scale, args.seconds) <= 0 or args.instances < 1:
+        parser.error("--fixed-ms, --per-image-ms and --batching-timeout must be at least 0, --scale and --seconds above 0, "
+                     "--instances at least 1")
     try:
         rows = _measure(args)
     except (TritonpipeError, PerfError) as exc:
         sys.exit(f"batching probe: {exc}")
+    batcher = (f", preferred batches {','.join(map(str, args.preferred))}" if args.preferred else "") + (
+        f", batching timeout {args.batching_timeout:g} ms" if args.batching_timeout else "")
     lines = [f"# batching probe: {args.instances} instances, each batch {args.fixed_ms:g} ms + {args.per_image_ms:g} ms "
-             f"a request (run {args.scale:g}x slower, figures scaled back)", "",
+             f"a request{batcher} (run {args.scale:g}x slower, figures scaled back)", "",
              "| concurrency | max | req/s | p50 ms | mean batch | size-biased batch | fitted fixed ms | fitted ms a request |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {c} | {cap} | {rate:,.0f} | {p50:.1f} | {mean:.1f} | {biased:.1f} | {fixed} | {per} |"
@@ -102,7 +113,8 @@ def _measure(args) -> list[tuple]:
         for cap, name in names.items():
             (work / "repo" / name / "1").mkdir(parents=True)
             (work / "repo" / name / "1" / "model.py").write_text(FLOOR_SOURCE.read_text())
-            config = probe_config(name, cap, args.instances, args.fixed_ms * args.scale, args.per_image_ms * args.scale)
+            config = probe_config(name, cap, args.instances, args.fixed_ms * args.scale, args.per_image_ms * args.scale,
+                                  round(args.batching_timeout * args.scale * 1000), tuple(args.preferred))
             (work / "repo" / name / "config.pbtxt").write_text(to_text(config))
         input_json = write_input_data(synthetic_corpus(3, 0).images, work / "input.json", INPUT)
         settings = PerfSettings(measurement_interval_ms=int(args.seconds * 1000), stability_percentage=100.0)
