@@ -29,12 +29,12 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonpipe.errors import TritonpipeError
 from tritonpipe.harness.bench.peers import FLOOR_SOURCE
 from tritonpipe.harness.bench.perf import PerfError, PerfSettings, run_perf
 from tritonpipe.harness.bench.stats import batch_times, fetch_stats, per_batch_fit
 from tritonpipe.harness.corpus import synthetic_corpus, write_input_data
 from tritonpipe.repository.configs import to_text
+from tritonpipe_tools._cli import positive_ints, run
 
 INPUT, OUTPUT = "INPUT", "OUTPUT"
 
@@ -55,13 +55,6 @@ def probe_config(name: str, cap: int, instances: int, fixed_ms: float, per_image
     return config
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,11 +64,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=20.0,
                         help="times the model is slowed by, so that Triton's own costs stay small beside its sleep")
     parser.add_argument("--instances", type=int, default=8)
-    parser.add_argument("--max", type=_ints, default=[64, 32, 24, 16], help="max_batch_size values, comma-separated")
-    parser.add_argument("--concurrency", type=_ints, default=[128, 256], help="requests in flight, comma-separated")
+    parser.add_argument("--max", type=positive_ints, default=(64, 32, 24, 16), help="max_batch_size values, comma-separated")
+    parser.add_argument("--concurrency", type=positive_ints, default=(128, 256), help="requests in flight, comma-separated")
     parser.add_argument("--batching-timeout", type=float, default=0.0,
                         help="how long Triton's batcher may wait for a fuller batch (ms, of the unscaled pipeline)")
-    parser.add_argument("--preferred", type=_ints, default=[],
+    parser.add_argument("--preferred", type=positive_ints, default=(),
                         help="Triton's preferred_batch_size values, comma-separated (those up to each --max)")
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer's measurement window")
     parser.add_argument("--out", default="probe_out")
@@ -83,10 +76,12 @@ def main() -> None:
     if min(args.fixed_ms, args.per_image_ms, args.batching_timeout) < 0 or min(args.scale, args.seconds) <= 0 or args.instances < 1:
         parser.error("--fixed-ms, --per-image-ms and --batching-timeout must be at least 0, --scale and --seconds above 0, "
                      "--instances at least 1")
-    try:
-        rows = _measure(args)
-    except (TritonpipeError, PerfError) as exc:
-        sys.exit(f"batching probe: {exc}")
+    sys.exit(run(lambda: _report(args), expected=(PerfError,)))
+
+
+def _report(args) -> None:
+    """Measure, then print the table and write it to DIR/batching_probe.md."""
+    rows = _measure(args)
     batcher = (f", preferred batches {','.join(map(str, args.preferred))}" if args.preferred else "") + (
         f", batching timeout {args.batching_timeout:g} ms" if args.batching_timeout else "")
     lines = [f"# batching probe: {args.instances} instances, each batch {args.fixed_ms:g} ms + {args.per_image_ms:g} ms "

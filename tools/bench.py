@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tritonpipe.choices import DEFAULT_CONCURRENCY, DEVICES, ENGINES, MEASUREMENT_MODES, SHARED_MEMORY, SYSTEMS
 
-from ._cli import run
+from ._cli import positive_ints, run
 
 if TYPE_CHECKING:
     from tritonpipe.harness.bench import BenchOptions
@@ -40,16 +40,6 @@ Writes results.csv, breakdown.csv (Triton's times per request), stages.csv (each
 batches.csv (Triton's times per batch, by batch size), report.md and throughput_p99.png (with matplotlib) into
 --output, and profile.md with --profile; with --variant, one such folder per run (NAME-ROUND/) and variants.md /
 variants.csv beside them."""
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _systems(text: str) -> tuple[str, ...]:
@@ -96,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     perf = parser.add_argument_group("perf_analyzer")
     perf.add_argument(
-        "--concurrency", type=_ints, default=DEFAULT_CONCURRENCY,
+        "--concurrency", type=positive_ints, default=DEFAULT_CONCURRENCY,
         help=f"levels, e.g. 1,8,32 (default: {','.join(map(str, DEFAULT_CONCURRENCY))})",
     )
     perf.add_argument("--measurement-interval", type=int, default=5000, help="window in ms (default: %(default)s)")

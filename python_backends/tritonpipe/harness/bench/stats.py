@@ -19,11 +19,9 @@ class Counters:
     executions: int = 0
     requests: int = 0  # successful requests
     ns: tuple[int, ...] = (0,) * len(PHASES)  # summed time per phase, in PHASES order
-    # compute infer once per execution, whatever its batch (from ``batch_stats``): the phases above
-    # count it once per request, so a large batch weighs in them as many times as it holds requests
-    infer_batches: int = 0
-    infer_batch_ns: int = 0
-    # by batch size: (size, executions, compute input ns, compute infer ns, compute output ns), each batch once
+    # by batch size (``batch_stats``): (size, executions, compute input ns, compute infer ns, compute output ns),
+    # each batch once; the phases above count a batch once per request, so a large batch weighs in them as many
+    # times as it holds requests
     sizes: tuple[tuple[int, int, int, int, int], ...] = ()
 
     def __sub__(self, other: Counters) -> Counters:
@@ -38,15 +36,14 @@ class Counters:
             self.executions - other.executions,
             self.requests - other.requests,
             tuple(a - b for a, b in zip(self.ns, other.ns)),
-            self.infer_batches - other.infer_batches,
-            self.infer_batch_ns - other.infer_batch_ns,
             tuple(sizes),
         )
 
     @property
     def infer_ms_per_batch(self) -> float | None:
-        """Compute infer per execution, in ms, or None where no execution was counted."""
-        return self.infer_batch_ns / self.infer_batches / 1e6 if self.infer_batches > 0 else None
+        """Compute infer per execution, whatever its batch, in ms, or None where no execution was counted."""
+        batches = sum(size[1] for size in self.sizes)
+        return sum(size[3] for size in self.sizes) / batches / 1e6 if batches > 0 else None
 
 
 @dataclass
@@ -82,7 +79,6 @@ def parse_stats(stats: dict) -> dict[str, Counters]:
     out: dict[str, Counters] = {}
     for entry in stats.get("model_stats", []):
         phases = entry.get("inference_stats", {})
-        per_size = [size.get("compute_infer", {}) for size in entry.get("batch_stats", [])]
         sizes = sorted(
             (int(size.get("batch_size", 0)), int(size.get("compute_infer", {}).get("count", 0)),
              *(int(size.get(phase, {}).get("ns", 0)) for phase in PHASES[2:]))
@@ -93,8 +89,6 @@ def parse_stats(stats: dict) -> dict[str, Counters]:
             executions=int(entry.get("execution_count", 0)),
             requests=int(phases.get("success", {}).get("count", 0)),
             ns=tuple(int(phases.get(phase, {}).get("ns", 0)) for phase in PHASES),
-            infer_batches=sum(int(infer.get("count", 0)) for infer in per_size),
-            infer_batch_ns=sum(int(infer.get("ns", 0)) for infer in per_size),
             sizes=tuple(size for size in sizes if size[1] > 0),
         )
     return out
