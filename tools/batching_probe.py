@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonpipe.harness.bench.peers import FLOOR_SOURCE
 from tritonpipe.harness.bench.perf import PerfError, PerfSettings, run_perf
-from tritonpipe.harness.bench.stats import batch_times, fetch_stats, per_batch_fit
+from tritonpipe.harness.bench.stats import batch_means, batch_times, fetch_stats, per_batch_fit
 from tritonpipe.harness.corpus import synthetic_corpus, write_input_data
 from tritonpipe.repository.configs import to_text
 from tritonpipe_tools._cli import positive_ints, run
@@ -122,14 +122,13 @@ def _measure(args) -> list[tuple]:
                     measured = run_perf(install, name, server.grpc_url, input_json, concurrency, settings, work,
                                         work / f"perf_{name}_{concurrency}.log")
                     batches = batch_times("probe", concurrency, [name], before, fetch_stats(server.grpc_url))
-                    count = sum(b.batches for b in batches)
-                    images = sum(b.batch_size * b.batches for b in batches)
-                    if not count:
+                    means = batch_means(batches)
+                    if means is None:
                         raise PerfError(f"Triton counted no batches of {name} at concurrency {concurrency}")
                     fit = per_batch_fit(batches)
                     fixed, per = (f"{fit[0] / args.scale:.2f}", f"{fit[1] / args.scale:.3f}") if fit else ("—", "—")
                     row = (concurrency, cap, measured.throughput * args.scale, measured.p50_ms / args.scale,
-                           images / count, sum(b.batch_size ** 2 * b.batches for b in batches) / images, fixed, per)
+                           *means, fixed, per)
                     print(f"concurrency {concurrency}, max {cap}: {row[2]:,.0f} req/s, mean batch {row[4]:.1f}", flush=True)
                     rows.append(row)
         finally:

@@ -606,8 +606,18 @@ def test_batches_by_size_are_differenced_over_the_level_and_fitted():
     lines = report.markdown(_rows(), [], {}, batches=rows).splitlines()
     assert "| ensemble | 32 | pre | 1 | 2 | 4% | 1.0 | 0.50 | 3.00 | 0.50 |" in lines
     assert "| ensemble | 32 | pre | 16-31 | 2 | 64% | 16.0 | 1.50 | 15.0 | 2.50 |" in lines
-    assert "| ensemble | 32 | pre | 3.00 | 1.00 |" in lines
+    # 6 batches hold 50 images (mean 8.3); the average image sits in a batch of (2 + 2 x 64 + 2 x 256) / 50 = 12.8
+    assert stats.batch_means(rows) == pytest.approx((50 / 6, 642 / 50))
+    assert "| ensemble | 32 | pre | 8.3 | 12.8 | 3.00 | 1.00 |" in lines
+    assert any(line.startswith("**Uneven batches**") and "ensemble at concurrency 32 (pre: 12.8 against 8.3)" in line
+               for line in lines)
     assert "The batches Triton formed" not in report.markdown(_rows(), [], {})
+    # batches all of one size: no line to fit, and even (the size-biased batch is the mean)
+    even = [stats.BatchTimes("ensemble", 8, "pre", 16, 4, 1.0, 20.0, 1.0)]
+    assert stats.batch_means(even) == (16.0, 16.0) and stats.batch_means([]) is None
+    lines = report.markdown(_rows(), [], {}, batches=even).splitlines()
+    assert "| ensemble | 8 | pre | 16.0 | 16.0 | — | — |" in lines
+    assert not any(line.startswith("**Uneven batches**") for line in lines)
 
 
 def test_batches_csv_has_every_size(tmp_path):

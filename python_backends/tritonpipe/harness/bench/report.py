@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ...model.metrics import GPU_STEP, STEP_PREFIX, STEPS, WAIT_STEP
-from .stats import BatchTimes, StageTimes, StepTimes, per_batch_fit
+from .stats import BatchTimes, StageTimes, StepTimes, batch_means, per_batch_fit
 
 TITLES = {
     "ensemble": "tritonpipe ensemble",
@@ -194,6 +194,10 @@ def _per_batch(rows: list[BatchTimes], name: str) -> float:
     return sum(getattr(row, name) * row.batches for row in rows) / sum(row.batches for row in rows)
 
 
+UNEVEN = 1.5
+"""How far the size-biased batch may exceed the mean before the report calls a level's batches uneven."""
+
+
 def _batch_lines(batches: list[BatchTimes]) -> list[str]:
     """The batches each model ran at each level, by size range, and the line that fits their times."""
     out = [
@@ -208,7 +212,7 @@ def _batch_lines(batches: list[BatchTimes]) -> list[str]:
     groups: dict[tuple[str, int, str], list[BatchTimes]] = {}
     for row in batches:
         groups.setdefault((row.system, row.concurrency, row.model), []).append(row)
-    lines, fits = [], []
+    lines, fits, uneven = [], [], []
     for (system, concurrency, model), group in groups.items():
         images = sum(row.batch_size * row.batches for row in group)
         ranges: dict[tuple[int, int], list[BatchTimes]] = {}
@@ -221,13 +225,22 @@ def _batch_lines(batches: list[BatchTimes]) -> list[str]:
             lines.append([system, str(concurrency), model, str(low) if low == high else f"{low}-{high}", str(count),
                           f"{100 * size * count / images:.0f}%", f"{size:.1f}", fmt_ms(input_ms), fmt_ms(infer_ms),
                           fmt_ms(output_ms)])
+        mean, biased = batch_means(group)
         fit = per_batch_fit(group)
-        if fit is not None:
-            fits.append([system, str(concurrency), model, fmt_ms(fit[0]), fmt_ms(fit[1])])
+        fits.append([system, str(concurrency), model, f"{mean:.1f}", f"{biased:.1f}",
+                     *((fmt_ms(fit[0]), fmt_ms(fit[1])) if fit else ("—", "—"))])
+        if biased >= UNEVEN * mean:
+            uneven.append(f"{system} at concurrency {concurrency} ({model}: {biased:.1f} against {mean:.1f})")
     out += _table(["system", "concurrency", "model", "batch sizes", "batches", "images", "avg batch", "compute input",
                    "compute infer", "compute output"], lines)
-    if fits:
-        out += ["", *_table(["system", "concurrency", "model", "fixed per batch", "per image"], fits)]
+    out += ["", *_table(["system", "concurrency", "model", "mean batch", "size-biased batch", "fixed per batch",
+                         "per image"], fits), "",
+            "`size-biased batch` is the batch the average image sits in. Well above the mean batch, the batches are "
+            "uneven: under a closed loop a large batch answers its clients together, they come back together and the "
+            "next free instance takes them all, while the other instances run small batches that each pay the fixed "
+            "cost. A lower `max` can even them out; compare with `--variant NAME:max=N`."]
+    if uneven:
+        out += ["", f"**Uneven batches** (size-biased at least {UNEVEN}× the mean): " + "; ".join(uneven) + "."]
     return out
 
 

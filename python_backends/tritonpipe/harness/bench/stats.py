@@ -154,6 +154,17 @@ def batch_times(system: str, concurrency: int, models: list[str], before: dict[s
     return rows
 
 
+def batch_means(rows: list[BatchTimes]) -> tuple[float, float] | None:
+    """``(mean batch, size-biased mean batch)`` of ``rows``: the average batch, and the batch the average image sits
+    in (each batch weighted by its size). Far apart, the batches are uneven: most images wait in large batches while
+    many small ones each pay a batch's fixed cost. None where no batch ran."""
+    count = sum(row.batches for row in rows)
+    images = sum(row.batch_size * row.batches for row in rows)
+    if count <= 0 or images <= 0:
+        return None
+    return images / count, sum(row.batch_size ** 2 * row.batches for row in rows) / images
+
+
 def per_batch_fit(rows: list[BatchTimes]) -> tuple[float, float] | None:
     """``(fixed, per image)`` ms of the line ``fixed + per image x size`` closest to every batch's whole time in an
     instance (compute input + infer + output; least squares over the batches), or None where the sizes spread too
