@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a setting to compare (repeatable): its keys, space-separated, on top of --set; 'NAME:' alone is the "
              "configuration as given; mps=true serves that variant under MPS (mps=false without, whatever --mps says). "
              "The variants run in turn, each with a server of its own, --rounds times over, "
-             "and variants.md gives each run's img/s beside each variant's median against the first variant's",
+             "and variants.md gives each run's img/s beside each variant's median against the first variant's, "
+             "with the batches Triton formed (mean and size-biased)",
     )
     turns.add_argument("--rounds", type=int, default=1, help="runs of each variant, taken in turn (default: %(default)s)")
 

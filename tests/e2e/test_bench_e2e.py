@@ -142,4 +142,9 @@ def test_bench_compares_variants_by_turns(tmp_path, tiny_onnx):
     assert [(r["variant"], r["system"], r["concurrency"], r["runs"]) for r in rows] == [
         ("plain", "ensemble", "2", "1"), ("small", "ensemble", "2", "1")]
     assert all(float(r["median"]) > 0 for r in rows)
+    # the batches Triton formed, per variant: under max=1 every batch held one request, so the average image sat in
+    # a batch of one too; with max 4 and 2 in flight, batches of 1 or 2
+    small = rows[1]
+    assert (float(small["mean_batch"]), float(small["biased_batch"])) == (1.0, 1.0)
+    assert 1.0 <= float(rows[0]["mean_batch"]) <= float(rows[0]["biased_batch"]) <= 2.0
     assert (out / "variants.md").read_text().strip() in done.stdout

@@ -7,6 +7,7 @@ import pytest
 
 from tritonpipe.errors import ConfigError
 from tritonpipe.harness.bench import BenchOptions, BenchResult, Row
+from tritonpipe.harness.bench.stats import BatchTimes
 from tritonpipe.harness.bench.variants import SUMMARY_COLUMNS, Variant, run_variants
 from tritonpipe_tools.bench import main
 
@@ -29,7 +30,11 @@ def fake_runs(throughputs):
         rows = [Row("ensemble", c, next(figures), p50_ms=10.0 * c, p99_ms=20.0 * c, gpu_mem_before_mb=100.0,
                     gpu_mem_mb=100.0 + c, sm_busy=30.0 + len(seen), jpeg_busy=None if c == 8 else 80.0)
                 for c in (1, 8)] + [Row("inprocess", 64, 999.0), Row("inprocess-pre-2", 64, 1999.0)]
-        return BenchResult(rows, [], "", {})
+        # at c=8: one batch of 8 every run, and 8 batches of 1 in the first run, 4 of 1 and 2 of 2 after it
+        small = [(1, 8)] if len(seen) == 1 else [(1, 4), (2, 2)]
+        batches = [BatchTimes("ensemble", 1, "pre", 1, 10, 0.1, 1.0, 0.1)] + [
+            BatchTimes("ensemble", 8, "pre", size, count, 0.1, 1.0, 0.1) for size, count in [*small, (8, 1)]]
+        return BenchResult(rows, [], "", {}, batches=batches)
 
     return run, seen
 
@@ -68,11 +73,16 @@ def test_variants_run_in_turn_with_their_keys_over_the_shared_ones(tmp_path, con
     assert list(table[0]) == SUMMARY_COLUMNS
     assert table[0] == {"variant": "a", "system": "ensemble", "concurrency": "1", "runs": "3", "median": "110",
                         "low": "100", "high": "120", "p50_ms": "10.0", "p99_ms": "20.0", "gpu_rise_mb": "1.0",
-                        "sm_busy": "33.0", "jpeg_busy": "80.0"}
+                        "sm_busy": "33.0", "jpeg_busy": "80.0", "mean_batch": "1.0", "biased_batch": "1.0"}
     # the busy readings' medians over the rounds (a's runs were the 1st, 3rd and 5th), "—" where there were none
     assert "| 10.00 | 20.00 | 1 | 33 / 80 |" in result.markdown and "| a | inprocess | 64 | 999 / 999 / 999 | 999.0 | 1.00× | — | — | — | — |" \
         in result.markdown
     assert (tmp_path / "out" / "variants.md").read_text() == result.markdown
+    # the batches at c=8: a's first run 9 batches of 16 images (mean 1.78; the average image in (8 + 64) / 16 = 4.5),
+    # its later runs 7 of 16 (2.29; (4 + 8 + 64) / 16 = 4.75): the medians over its three runs
+    assert (rows[("a", 8)].mean_batch, rows[("a", 8)].biased_batch) == pytest.approx((16 / 7, 4.75))
+    assert "| 2.3 / 4.8 |" in result.markdown
+    assert "| a | inprocess | 64 | 999 / 999 / 999 | 999.0 | 1.00× | — | — | — | — | — |" in result.markdown
 
 
 def test_a_failed_level_shows_as_a_gap_and_the_run_is_incomplete(tmp_path, config):

@@ -21,10 +21,11 @@ from ...server.mps import find_control
 from ...stages.base import Param
 from .report import INPROCESS_ROWS, SERVED, Row
 from .runner import BenchOptions, BenchResult, check_pipeline, default_model, run_bench
+from .stats import BatchTimes, batch_means
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 SUMMARY_COLUMNS = ["variant", "system", "concurrency", "runs", "median", "low", "high", "p50_ms", "p99_ms", "gpu_rise_mb",
-                   "sm_busy", "jpeg_busy"]
+                   "sm_busy", "jpeg_busy", "mean_batch", "biased_batch"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class VariantRow:
     gpu_rise_mb: float | None
     sm_busy: float | None = None  # medians over the rounds, % (the bench's GPU busy readings)
     jpeg_busy: float | None = None
+    # medians over the rounds of the batches Triton formed for the system's models at the level: the mean batch and
+    # the batch the average image sat in (stats.batch_means)
+    mean_batch: float | None = None
+    biased_batch: float | None = None
 
     @property
     def measured(self) -> list[float]:
@@ -86,8 +91,17 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarise(runs: dict[str, list[list[Row]]], systems: tuple[str, ...]) -> list[VariantRow]:
-    """Per variant, served system and concurrency: each round's img/s and the medians of the rest."""
+def _batch_medians(rounds: list[list[BatchTimes]], system: str, level: int) -> tuple[float | None, float | None]:
+    """The medians over the rounds of each round's mean and size-biased batch of ``system`` at ``level``."""
+    means = [m for m in (batch_means([b for b in batches if (b.system, b.concurrency) == (system, level)])
+                         for batches in rounds) if m is not None]
+    return _median([m[0] for m in means]), _median([m[1] for m in means])
+
+
+def summarise(runs: dict[str, list[list[Row]]], systems: tuple[str, ...],
+              batches: dict[str, list[list[BatchTimes]]] | None = None) -> list[VariantRow]:
+    """Per variant, served system and concurrency: each round's img/s and the medians of the rest; ``batches``: each
+    variant's runs' batches (``BenchResult.batches``), for the batch columns."""
     out = []
     for name, rounds in runs.items():
         levels = sorted({(r.system, r.concurrency) for rows in rounds for r in rows if r.system in systems},
@@ -103,6 +117,7 @@ def summarise(runs: dict[str, list[list[Row]]], systems: tuple[str, ...]) -> lis
                 _median(rises),
                 _median([r.sm_busy for r in good if r.sm_busy is not None]),
                 _median([r.jpeg_busy for r in good if r.jpeg_busy is not None]),
+                *_batch_medians((batches or {}).get(name, []), system, level),
             ))
     return out
 
@@ -111,8 +126,12 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def _pair(first: float | None, second: float | None, digits: int = 1) -> str:
+    return "—" if first is None and second is None else f"{_number(first, digits)} / {_number(second, digits)}"
+
+
 def _busy(sm: float | None, jpeg: float | None) -> str:
-    return "—" if sm is None and jpeg is None else f"{_number(sm, 0)} / {_number(jpeg, 0)}"
+    return _pair(sm, jpeg, 0)
 
 
 def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str, done: int | None = None) -> str:
@@ -128,8 +147,8 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
     lines += [
         "",
         f"| variant | system | concurrency | img/s by round | median img/s | / {first} | p50 ms | p99 ms | GPU MiB rise | "
-        "SMs / JPEG engines busy % |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "SMs / JPEG engines busy % | batch: mean / size-biased |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {(r.system, r.concurrency): _median(r.measured) for r in rows if r.variant == first}
     for r in rows:
@@ -139,9 +158,10 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
         by_round = " / ".join(_number(t, 0) for t in r.throughputs)
         lines.append(f"| {r.variant} | {r.system} | {r.concurrency} | {by_round} | {_number(median)} | {ratio} | "
                      f"{_number(r.p50_ms, 2)} | {_number(r.p99_ms, 2)} | {_number(r.gpu_rise_mb, 0)} | "
-                     f"{_busy(r.sm_busy, r.jpeg_busy)} |")
+                     f"{_busy(r.sm_busy, r.jpeg_busy)} | {_pair(r.mean_batch, r.biased_batch)} |")
     lines += ["", "Each run has a server of its own and its own results folder (`NAME-ROUND/`, with its report). "
-              "Read a difference between medians against the spread of each variant's rounds."]
+              "Read a difference between medians against the spread of each variant's rounds. `size-biased` is the batch "
+              "the average image sat in (over the system's models): far above the mean, the batches were uneven."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +173,7 @@ def write_csv(rows: list[VariantRow], path: Path) -> Path:
             measured = r.measured
             writer.writerow([r.variant, r.system, r.concurrency, len(measured), _median(measured),
                              min(measured, default=None), max(measured, default=None), r.p50_ms, r.p99_ms, r.gpu_rise_mb,
-                             r.sm_busy, r.jpeg_busy])
+                             r.sm_busy, r.jpeg_busy, r.mean_batch, r.biased_batch])
     return path
 
 
@@ -192,27 +212,30 @@ def run_variants(
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
     runs: dict[str, list[list[Row]]] = {v.name: [] for v in variants}
+    batches: dict[str, list[list[BatchTimes]]] = {v.name: [] for v in variants}
     complete, done = True, 0
     for round_ in range(1, rounds + 1):
         for v in variants:
             say(f"== round {round_}/{rounds}, variant {v.name}")
             result = run(options_for(options, v, round_), say)
             runs[v.name].append(result.rows)
+            batches[v.name].append(result.batches)
             complete = complete and all(r.throughput for r in result.rows)
             done += 1
             # the summary so far after every run, so that a comparison stopped part-way keeps what it measured
-            rows, text, files = _summary(options, runs, variants, rounds, done)
+            rows, text, files = _summary(options, runs, batches, variants, rounds, done)
             if done < rounds * len(variants):
                 say(f"so far ({done} of {rounds * len(variants)} runs): {files['variants']}")
     return VariantsResult(rows, text, files, complete)
 
 
-def _summary(options: BenchOptions, runs: dict[str, list[list[Row]]], variants: list[Variant], rounds: int,
-             done: int) -> tuple[list[VariantRow], str, dict[str, Path]]:
+def _summary(options: BenchOptions, runs: dict[str, list[list[Row]]], batches: dict[str, list[list[BatchTimes]]],
+             variants: list[Variant], rounds: int, done: int) -> tuple[list[VariantRow], str, dict[str, Path]]:
     """Summarise the runs so far into ``options.output`` (``variants.md`` and ``variants.csv``)."""
     served = tuple(s for s in options.systems if s in SERVED)
     # the in-process run's side rows (the two-in-flight preprocessing, DALI's engines alone) come with it
-    rows = summarise(runs, served + INPROCESS_ROWS + tuple(s for s in options.systems if s not in served + INPROCESS_ROWS))
+    rows = summarise(runs, served + INPROCESS_ROWS + tuple(s for s in options.systems if s not in served + INPROCESS_ROWS),
+                     batches)
     text = markdown(rows, variants, rounds, options.command, done)
     options.output.mkdir(parents=True, exist_ok=True)
     files = {"variants": options.output / "variants.md", "variants_csv": write_csv(rows, options.output / "variants.csv")}
