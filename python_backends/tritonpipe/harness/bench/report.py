@@ -214,6 +214,10 @@ def _batch_lines(batches: list[BatchTimes]) -> list[str]:
         groups.setdefault((row.system, row.concurrency, row.model), []).append(row)
     lines, fits, uneven = [], [], []
     for (system, concurrency, model), group in groups.items():
+        means = batch_means(group)
+        if means is None:  # no batch ran (Triton's counters differenced over the level hold none)
+            continue
+        mean, biased = means
         images = sum(row.batch_size * row.batches for row in group)
         ranges: dict[tuple[int, int], list[BatchTimes]] = {}
         for row in group:
@@ -225,7 +229,6 @@ def _batch_lines(batches: list[BatchTimes]) -> list[str]:
             lines.append([system, str(concurrency), model, str(low) if low == high else f"{low}-{high}", str(count),
                           f"{100 * size * count / images:.0f}%", f"{size:.1f}", fmt_ms(input_ms), fmt_ms(infer_ms),
                           fmt_ms(output_ms)])
-        mean, biased = batch_means(group)
         fit = per_batch_fit(group)
         fits.append([system, str(concurrency), model, f"{mean:.1f}", f"{biased:.1f}",
                      *((fmt_ms(fit[0]), fmt_ms(fit[1])) if fit else ("—", "—"))])
