@@ -130,10 +130,6 @@ def _pair(first: float | None, second: float | None, digits: int = 1) -> str:
     return "—" if first is None and second is None else f"{_number(first, digits)} / {_number(second, digits)}"
 
 
-def _busy(sm: float | None, jpeg: float | None) -> str:
-    return _pair(sm, jpeg, 0)
-
-
 def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, command: str, done: int | None = None) -> str:
     """The summary table; ``done``: how many runs it holds, where fewer than every round of every variant."""
     lines = ["# tritonpipe bench: variants by turns", ""]
@@ -158,7 +154,7 @@ def markdown(rows: list[VariantRow], variants: list[Variant], rounds: int, comma
         by_round = " / ".join(_number(t, 0) for t in r.throughputs)
         lines.append(f"| {r.variant} | {r.system} | {r.concurrency} | {by_round} | {_number(median)} | {ratio} | "
                      f"{_number(r.p50_ms, 2)} | {_number(r.p99_ms, 2)} | {_number(r.gpu_rise_mb, 0)} | "
-                     f"{_busy(r.sm_busy, r.jpeg_busy)} | {_pair(r.mean_batch, r.biased_batch)} |")
+                     f"{_pair(r.sm_busy, r.jpeg_busy, 0)} | {_pair(r.mean_batch, r.biased_batch)} |")
     lines += ["", "Each run has a server of its own and its own results folder (`NAME-ROUND/`, with its report). "
               "Read a difference between medians against the spread of each variant's rounds. `size-biased` is the batch "
               "the average image sat in (over the system's models): far above the mean, the batches were uneven."]
