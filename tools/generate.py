@@ -125,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warn_capacity(configs: dict) -> None:
-    from tritonpipe.repository.capacity import capacity_warning, host_capacity
+    """What the repository asks of this host that it cannot give, and GPU models left at torchpipe's defaults."""
+    from tritonpipe.repository.capacity import capacity_warning, gpu_shape_note, host_capacity
 
-    warning = capacity_warning(configs, *host_capacity())
-    if warning:
-        print(warning, file=sys.stderr)
+    available_mb, cores, gpu = host_capacity()
+    for line in (capacity_warning(configs, available_mb, cores, gpu), gpu_shape_note(configs, gpu)):
+        if line:
+            print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

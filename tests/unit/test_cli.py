@@ -153,6 +153,30 @@ def test_instances_past_the_hosts_memory_or_cores_are_warned_about():
     assert capacity_warning(_configs(9), available_mb=23 * 1024, cores=2, gpu=False) is not None
 
 
+def test_gpu_models_left_at_one_instance_and_one_request_get_a_note(tiny_onnx):
+    from tritonpipe.pipeline.graph import load_graph
+    from tritonpipe.repository.capacity import gpu_shape_note
+    from tritonpipe.repository.generate import build_repository
+
+    def note(device: str, gpu: bool, **keys):
+        config = {"backend": "S[DecodeTensor,ResizeTensor]", "resize_h": 8, "resize_w": 8, **keys}
+        return gpu_shape_note(build_repository(load_graph(config, name="p"), device)[1], gpu)
+
+    said = note("gpu", gpu=False)
+    assert said.startswith("note: p runs on the GPU as one instance taking one request at a time (torchpipe's defaults")
+    assert "set fuse = true, instance_num = 8 and max = 64" in said and "\n" not in said
+    # "auto" lands on the GPU only where there is one; the CPU and a chosen shape get no note
+    assert note("auto", gpu=True) == said and note("auto", gpu=False) is None and note("cpu", gpu=True) is None
+    assert note("gpu", gpu=True, max=8) is None and note("gpu", gpu=True, instance_num=2) is None
+    assert note("gpu", gpu=True, device_id="0,1") is None  # one instance on each of two GPUs
+    # a chain cut at its model stage: both models named, the ensemble not
+    split = gpu_shape_note(build_repository(load_graph(
+        {"backend": "S[DecodeTensor,ResizeTensor,SyncTensor[TensorrtTensor]]", "resize_h": 32, "resize_w": 32,
+         "model": str(tiny_onnx)},
+        name="c"), "gpu")[1], gpu=True)
+    assert split.startswith("note: c_model, c_pre run on the GPU")
+
+
 def test_generate_prints_the_warning_and_still_writes(tmp_path, capsys):
     from tritonpipe_tools.generate import main
 
@@ -162,3 +186,15 @@ def test_generate_prints_the_warning_and_still_writes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("WARNING: the repository starts 1024 Python instances") and err.count("\n") == 1
     assert (output / "pipeline" / "config.pbtxt").is_file()
+
+
+def test_generate_notes_a_gpu_model_left_at_torchpipes_defaults(tmp_path, capsys):
+    from tritonpipe_tools.generate import main
+
+    base = ["--backend", "S[DecodeTensor,ResizeTensor]", "--set", "resize_h=8", "--set", "resize_w=8", "--device", "gpu"]
+    assert main([*base, "-o", str(tmp_path / "one")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: pipeline runs on the GPU as one instance") and err.count("\n") == 1
+    assert (tmp_path / "one" / "pipeline" / "config.pbtxt").is_file()
+    assert main([*base, "--set", "max=64", "--set", "instance_num=8", "-o", str(tmp_path / "eight")]) == 0
+    assert capsys.readouterr().err == ""

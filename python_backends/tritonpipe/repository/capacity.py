@@ -1,4 +1,5 @@
-"""Whether a repository's instances fit the host that generates it, for the generator's warning."""
+"""Whether a repository's instances fit the host that generates it, and whether its GPU models are left at
+torchpipe's one-instance, one-request defaults: the generator's warning and note."""
 
 from __future__ import annotations
 
@@ -46,6 +47,31 @@ def capacity_warning(configs: dict, available_mb: float, cores: int, gpu: bool) 
     return (f"WARNING: the repository starts {total} Python instances ({biggest}); {'; '.join(problems)}. Lower "
             f"instance_num (worker_num) to at most {max(1, fits)} instances in all, unless the repository is meant "
             "for a larger host")
+
+
+def _gpu_instances(config, gpu: bool) -> int:
+    """How many instances of the model run on a GPU (``gpu``: whether KIND_AUTO finds one)."""
+    count = 0
+    for group in config.instance_group:
+        if group.kind == group.KIND_GPU or (group.kind == group.KIND_AUTO and gpu):
+            count += group.count * max(1, len(group.gpus))
+    return count
+
+
+def gpu_shape_note(configs: dict, gpu: bool) -> str | None:
+    """A one-line note when a model runs on the GPU as one instance taking one request at a time; None otherwise.
+
+    Those are torchpipe's defaults (``instance_num = 1``, ``max = 1``), kept so that its configurations read the
+    same here; on a GPU they leave one process feeding the device a request at a time.
+    """
+    alone = [name for name, config in sorted(configs.items())
+             if config.platform != "ensemble" and config.max_batch_size <= 1 and _gpu_instances(config, gpu) == 1]
+    if not alone:
+        return None
+    return (f"note: {', '.join(alone)} {'runs' if len(alone) == 1 else 'run'} on the GPU as one instance taking one "
+            "request at a time (torchpipe's defaults, instance_num = 1 and max = 1). For throughput under load set "
+            "fuse = true, instance_num = 8 and max = 64, the fastest GPU shape measured (README, Benchmarks; "
+            "examples/resnet18/fused8.toml)")
 
 
 def host_capacity() -> tuple[float, int, bool]:
