@@ -164,7 +164,7 @@ def test_gpu_models_left_at_one_instance_and_one_request_get_a_note(tiny_onnx):
 
     said = note("gpu", gpu=False)
     assert said.startswith("note: p runs on the GPU as one instance taking one request at a time (torchpipe's defaults")
-    assert "set fuse = true, instance_num = 8 and max = 64" in said and "\n" not in said
+    assert "set instance_num = 8 and max = 64, the fastest" in said and "\n" not in said
     # "auto" lands on the GPU only where there is one; the CPU and a chosen shape get no note
     assert note("auto", gpu=True) == said and note("auto", gpu=False) is None and note("cpu", gpu=True) is None
     assert note("gpu", gpu=True, max=8) is None and note("gpu", gpu=True, instance_num=2) is None
@@ -175,6 +175,7 @@ def test_gpu_models_left_at_one_instance_and_one_request_get_a_note(tiny_onnx):
          "model": str(tiny_onnx)},
         name="c"), "gpu")[1], gpu=True)
     assert split.startswith("note: c_model, c_pre run on the GPU")
+    assert "set fuse = true, instance_num = 8 and max = 64" in split
 
 
 def test_generate_prints_the_warning_and_still_writes(tmp_path, capsys):

@@ -68,9 +68,11 @@ def gpu_shape_note(configs: dict, gpu: bool) -> str | None:
              if config.platform != "ensemble" and config.max_batch_size <= 1 and _gpu_instances(config, gpu) == 1]
     if not alone:
         return None
+    # fuse only means something where a chain was cut at its model stage, into an ensemble
+    fuse = "fuse = true, " if any(config.platform == "ensemble" for config in configs.values()) else ""
     return (f"note: {', '.join(alone)} {'runs' if len(alone) == 1 else 'run'} on the GPU as one instance taking one "
             "request at a time (torchpipe's defaults, instance_num = 1 and max = 1). For throughput under load set "
-            "fuse = true, instance_num = 8 and max = 64, the fastest GPU shape measured (README, Benchmarks; "
+            f"{fuse}instance_num = 8 and max = 64, the fastest GPU shape measured (README, Benchmarks; "
             "examples/resnet18/fused8.toml)")
 
 
