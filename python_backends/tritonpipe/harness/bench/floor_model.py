@@ -8,9 +8,12 @@ stage can remove.  It uses no tritonpipe code.
 
 ``tools/batching_probe.py`` serves it with a stand-in for work: the config parameters ``fixed_ms`` and
 ``per_request_ms`` make each batch take ``fixed_ms + per_request_ms x its requests`` before it answers,
-asleep, so that Triton's batcher can be watched on its own with a pipeline's costs.
+asleep, so that Triton's batcher can be watched on its own with a pipeline's costs.  ``engine_ms`` and
+``engine_per_request_ms`` add a part that the instances take one at a time, as a GPU's JPEG engines take decode
+calls: each batch sleeps that long first while it holds an exclusive lock on the file ``engine_lock``.
 """
 
+import fcntl
 import json
 import time
 
@@ -36,10 +39,19 @@ class TritonPythonModel:
             for spec in config["output"]
         ]
         parameters = config.get("parameters", {})
-        self.fixed_ms, self.per_request_ms = (float(parameters.get(key, {}).get("string_value", 0) or 0)
-                                              for key in ("fixed_ms", "per_request_ms"))
+        self.fixed_ms, self.per_request_ms, self.engine_ms, self.engine_per_request_ms = (
+            float(parameters.get(key, {}).get("string_value", 0) or 0)
+            for key in ("fixed_ms", "per_request_ms", "engine_ms", "engine_per_request_ms"))
+        lock = parameters.get("engine_lock", {}).get("string_value", "")
+        self.engine = open(lock, "a") if lock and (self.engine_ms or self.engine_per_request_ms) else None  # noqa: SIM115
 
     def execute(self, requests):
+        if self.engine is not None:
+            fcntl.flock(self.engine, fcntl.LOCK_EX)
+            try:
+                time.sleep((self.engine_ms + self.engine_per_request_ms * len(requests)) / 1000)
+            finally:
+                fcntl.flock(self.engine, fcntl.LOCK_UN)
         if self.fixed_ms or self.per_request_ms:
             time.sleep((self.fixed_ms + self.per_request_ms * len(requests)) / 1000)
         responses = []
@@ -51,3 +63,7 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor.from_dlpack(name, to_dlpack(zeros)) for name, zeros in self.outputs]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
+
+    def finalize(self):
+        if self.engine is not None:
+            self.engine.close()
