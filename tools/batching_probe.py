@@ -127,7 +127,7 @@ def _measure(args) -> list[tuple]:
         engine = None
         if args.engine_ms or args.engine_per_image_ms:
             engine = (args.engine_ms * args.scale, args.engine_per_image_ms * args.scale, str(work / "engine.lock"))
-        for instances in args.instances:
+        for instances in dict.fromkeys(args.instances):  # a count given twice is measured once
             rows += _measure_instances(args, install, work / f"i{instances}", instances, input_json, engine)
     rows.sort(key=lambda row: row[:2])
     return rows
