@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         graph = load_graph(config, name=args.name, plugins=args.plugin, base_dir=base_dir)
         if args.dry_run:
             _, configs, _ = build_repository(graph, args.device, args.native)
-            _warn_capacity(configs)
+            _warn_host(configs)
             for name, config_proto in configs.items():
                 print(f"# {name}/config.pbtxt\n{to_text(config_proto)}")
             return 0
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             k8s.check_target(args.k8s, args.output, args.force)  # before anything is written
         repository = generate_repository(graph, args.output, device=args.device, overwrite=args.force, native=args.native)
-        _warn_capacity(repository.configs)
+        _warn_host(repository.configs)
         print(f"wrote {repository.path}")
         if args.k8s:
             manifests = k8s.build_manifests(repository.configs, repository.path, repository.entry)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(body)
 
 
-def _warn_capacity(configs: dict) -> None:
+def _warn_host(configs: dict) -> None:
     """What the repository asks of this host that it cannot give, and GPU models left at torchpipe's defaults."""
     from tritonpipe.repository.capacity import capacity_warning, gpu_shape_note, host_capacity
 

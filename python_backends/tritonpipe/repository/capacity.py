@@ -15,6 +15,22 @@ STUB_MB = 700
 INSTANCES_PER_CORE = 4
 
 
+def _instances(config, gpu: bool) -> tuple[int, int, int]:
+    """The model's instances: all of them, those on the CPU and those on a GPU (``gpu``: whether KIND_AUTO finds one).
+
+    Triton starts a group's ``count`` on each GPU it lists.
+    """
+    count = on_cpu = on_gpu = 0
+    for group in config.instance_group:
+        instances = group.count * max(1, len(group.gpus))
+        count += instances
+        if group.kind == group.KIND_CPU or (group.kind == group.KIND_AUTO and not gpu):
+            on_cpu += instances
+        elif group.kind == group.KIND_GPU or group.kind == group.KIND_AUTO:
+            on_gpu += instances
+    return count, on_cpu, on_gpu
+
+
 def capacity_warning(configs: dict, available_mb: float, cores: int, gpu: bool) -> str | None:
     """A one-line warning when the repository's instances clearly exceed this host; None when they fit.
 
@@ -26,11 +42,10 @@ def capacity_warning(configs: dict, available_mb: float, cores: int, gpu: bool) 
     for name, config in configs.items():
         if config.backend != "python":
             continue
-        for group in config.instance_group:
-            count = group.count * max(1, len(group.gpus))
-            stubs[name] = stubs.get(name, 0) + count
-            if group.kind == group.KIND_CPU or (group.kind == group.KIND_AUTO and not gpu):
-                cpu_instances += count
+        count, on_cpu, _ = _instances(config, gpu)
+        if count:
+            stubs[name] = count
+        cpu_instances += on_cpu
     total = sum(stubs.values())
     fits = int(available_mb // STUB_MB)
     problems = []
@@ -49,15 +64,6 @@ def capacity_warning(configs: dict, available_mb: float, cores: int, gpu: bool) 
             "for a larger host")
 
 
-def _gpu_instances(config, gpu: bool) -> int:
-    """How many instances of the model run on a GPU (``gpu``: whether KIND_AUTO finds one)."""
-    count = 0
-    for group in config.instance_group:
-        if group.kind == group.KIND_GPU or (group.kind == group.KIND_AUTO and gpu):
-            count += group.count * max(1, len(group.gpus))
-    return count
-
-
 def gpu_shape_note(configs: dict, gpu: bool) -> str | None:
     """A one-line note when a model runs on the GPU as one instance taking one request at a time; None otherwise.
 
@@ -65,7 +71,7 @@ def gpu_shape_note(configs: dict, gpu: bool) -> str | None:
     same here; on a GPU they leave one process feeding the device a request at a time.
     """
     alone = [name for name, config in sorted(configs.items())
-             if config.platform != "ensemble" and config.max_batch_size <= 1 and _gpu_instances(config, gpu) == 1]
+             if config.platform != "ensemble" and config.max_batch_size <= 1 and _instances(config, gpu)[2] == 1]
     if not alone:
         return None
     # fuse only means something where a chain was cut at its model stage, into an ensemble
